@@ -1,0 +1,288 @@
+//! A client session: startup, authentication, a server connection, the relay.
+//!
+//! Second step of the flow: the listener spawns [`serve`] per accepted socket, with the
+//! admission permit it got (or none, when `max_client_connections` is reached — the refusal
+//! is sent after the startup packet, before any authentication work). The session then asks
+//! the pool for a server connection, applies the client's parameters on it, and relays.
+
+mod auth;
+mod conn;
+mod params;
+mod relay;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+pub use conn::ClientConn;
+pub use params::parse_options;
+pub use relay::RelayEnd;
+
+use crate::admission::ClientPermit;
+use crate::cancel::CancelTarget;
+use crate::error::{sqlstate, PgError, Side};
+use crate::pool::CheckoutError;
+use crate::protocol::frame::FrameError;
+use crate::protocol::messages;
+use crate::protocol::startup::{InitialPacket, StartupError, StartupParams};
+use crate::proxy::Shared;
+use crate::server::ServerError;
+use crate::shutdown::Phase;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client closed or broke its connection.
+    #[error("client connection lost: {0}")]
+    ClientGone(#[source] io::Error),
+    /// A bad first packet.
+    #[error("{0}")]
+    Startup(StartupError),
+    /// A bad message header.
+    #[error("{0}")]
+    Frame(FrameError),
+    /// Any other protocol violation by the client.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The server broke the protocol.
+    #[error("server protocol violation: {0}")]
+    ServerProtocol(String),
+    /// Wrong password (or unknown user).
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    /// Unknown user under trust.
+    #[error("role \"{0}\" does not exist")]
+    UnknownRole(String),
+    /// The client wants an auth method we do not do.
+    #[error("{0}")]
+    UnsupportedAuth(String),
+    /// No such database.
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    /// `max_client_connections` reached.
+    #[error("too many client connections")]
+    TooManyClients(u32),
+    /// Startup plus authentication took too long.
+    #[error("client did not finish login within {0:?} (client_login_timeout)")]
+    LoginTimeout(Duration),
+    /// No server connection.
+    #[error("{0}")]
+    Checkout(#[from] CheckoutError),
+    /// The server refused the client's parameters, or failed.
+    #[error("{0}")]
+    Server(#[from] ServerError),
+    /// The proxy is shutting down.
+    #[error("pgvalve is shutting down")]
+    Shutdown,
+    /// A feature the proxy does not offer.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl SessionError {
+    /// Whose fault it is.
+    pub fn side(&self) -> Side {
+        use SessionError::*;
+        match self {
+            ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_)
+            | UnknownRole(_) | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_)
+            | Unsupported(_) => Side::Client,
+            ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
+            TooManyClients(_) | Checkout(_) | Shutdown => Side::Proxy,
+        }
+    }
+
+    /// What the client is told (None when it is gone).
+    pub fn client_error(&self) -> Option<PgError> {
+        use SessionError::*;
+        let fatal = |code, msg: String| Some(PgError::fatal(code, msg));
+        match self {
+            ClientGone(_) => None,
+            Startup(StartupError::UnsupportedProtocol { .. }) => {
+                fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string())
+            }
+            Startup(_) | Frame(_) | Protocol(_) => {
+                fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+            }
+            ServerProtocol(_) => fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
+            AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
+            UnknownRole(_) | UnsupportedAuth(_) => {
+                fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
+            }
+            UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string()),
+            TooManyClients(max) => Some(
+                PgError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!("pgvalve: too many client connections (max_client_connections={max})"),
+                )
+                .with_hint("Retry later, close idle connections, or raise max_client_connections."),
+            ),
+            LoginTimeout(_) => fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgvalve: {self}")),
+            Checkout(e) => Some(e.client_error()),
+            Server(e) => Some(e.client_error()),
+            Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN, "pgvalve is shutting down".into()),
+            Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string()),
+        }
+    }
+
+    fn log(&self) {
+        match self.side() {
+            Side::Client if matches!(self, SessionError::ClientGone(_)) => {
+                tracing::debug!(error = %self, "session ended")
+            }
+            Side::Client => tracing::info!(error = %self, "client refused"),
+            Side::Server => tracing::warn!(error = %self, "server failure"),
+            Side::Proxy => tracing::info!(error = %self, "client refused"),
+        }
+    }
+}
+
+/// Serves one client connection to its end.
+pub async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<ClientPermit>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut client = ClientConn::new(stream, peer);
+    let span = tracing::info_span!("client", addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
+    async {
+        if let Err(e) = session(&shared, &mut client, permit).await {
+            e.log();
+            if let Some(pg) = e.client_error() {
+                client.send_error(&pg).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+enum Opening {
+    Cancel,
+    Startup(StartupParams),
+}
+
+/// Reads the first packet(s): answers SSL/GSSENC with 'N', forwards a cancel, or returns the
+/// startup parameters.
+async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, SessionError> {
+    let max = shared.config.proxy.max_startup_packet_size;
+    for _ in 0..3 {
+        match client.read_initial(max).await? {
+            InitialPacket::SslRequest | InitialPacket::GssEncRequest => {
+                client.send_byte(b'N').await?
+            }
+            InitialPacket::Cancel { pid, secret } => {
+                shared.cancels.cancel(pid, &secret).await;
+                return Ok(Opening::Cancel);
+            }
+            InitialPacket::Startup(p) => return Ok(Opening::Startup(p)),
+        }
+    }
+    Err(SessionError::Protocol(
+        "too many encryption requests".into(),
+    ))
+}
+
+async fn login(
+    shared: &Shared,
+    client: &mut ClientConn,
+    permit_ok: bool,
+) -> Result<Option<StartupParams>, SessionError> {
+    let p = match opening(shared, client).await? {
+        Opening::Cancel => return Ok(None),
+        Opening::Startup(p) => p,
+    };
+    if !permit_ok {
+        return Err(SessionError::TooManyClients(
+            shared.config.proxy.max_client_connections,
+        ));
+    }
+    if *shared.phase.borrow() != Phase::Running {
+        return Err(SessionError::Shutdown);
+    }
+    if p.params.contains_key("replication") {
+        return Err(SessionError::Unsupported(
+            "pgvalve does not proxy replication connections".into(),
+        ));
+    }
+    tracing::Span::current()
+        .record("user", p.user())
+        .record("db", p.database());
+    if p.needs_negotiation() {
+        messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
+    }
+    auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
+    Ok(Some(p))
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    client: &mut ClientConn,
+    permit: Option<ClientPermit>,
+) -> Result<(), SessionError> {
+    let timeout = shared.config.proxy.client_login_timeout;
+    let login = tokio::time::timeout(timeout, login(shared, client, permit.is_some()));
+    let Some(p) = login
+        .await
+        .map_err(|_| SessionError::LoginTimeout(timeout))??
+    else {
+        return Ok(());
+    };
+    let route = shared
+        .config
+        .route(p.database(), p.user())
+        .ok_or_else(|| SessionError::UnknownDatabase(p.database().to_string()))?;
+    messages::auth_ok(&mut client.wbuf);
+    client.flush().await?;
+
+    let key = shared.cancels.register();
+    let mut server = shared.pools.checkout(&route).await?;
+    if let Some(sql) = params::apply_query(&p)? {
+        if let Err(e) = server.simple_query(&sql).await {
+            server
+                .release(
+                    &shared.config.pool.server_reset_query,
+                    Duration::from_secs(5),
+                )
+                .await;
+            return Err(e.into());
+        }
+    }
+    for (name, value) in &server.params {
+        messages::parameter_status(name, value, &mut client.wbuf);
+    }
+    messages::backend_key_data(key.pid, key.secret, &mut client.wbuf);
+    messages::ready_for_query(b'I', &mut client.wbuf);
+    client.flush().await?;
+    tracing::debug!(backend_pid = server.pid, "session started");
+
+    key.set_target(Some(CancelTarget {
+        addr: server.addr,
+        pid: server.pid,
+        secret: server.secret,
+    }))
+    .await;
+    let mut phase = shared.phase.clone();
+    let end = relay::run(
+        client,
+        &mut server,
+        &mut phase,
+        shared.config.proxy.max_message_size.0,
+    )
+    .await;
+    key.set_target(None).await;
+    server
+        .release(
+            &shared.config.pool.server_reset_query,
+            Duration::from_secs(5),
+        )
+        .await;
+    drop(permit);
+    end.map(|_| ())
+}

@@ -1,0 +1,126 @@
+//! Startup parameters a client sent, turned into what its server connection must run.
+//!
+//! Part of the client session: after a server connection is checked out, the client's
+//! session parameters (application_name, DateStyle, TimeZone, client_encoding, the `-c`
+//! settings in `options`, any other) are applied with `set_config`, in one round trip.
+//! The server's reset (`DISCARD ALL`) undoes them before the next client.
+
+use super::SessionError;
+use crate::protocol::startup::StartupParams;
+use crate::server::quote_literal;
+
+/// Splits libpq's `options` string: whitespace separates, backslash escapes.
+fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The `name=value` settings in an `options` string (`-c name=value`, `-cname=value`,
+/// `--name=value`).
+///
+/// # Errors
+/// [`SessionError::Unsupported`] for any other switch.
+pub fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
+    let mut out = Vec::new();
+    let mut tokens = split_options(s).into_iter();
+    while let Some(t) = tokens.next() {
+        let setting = if t == "-c" {
+            tokens.next()
+        } else {
+            t.strip_prefix("-c")
+                .or_else(|| t.strip_prefix("--"))
+                .map(str::to_string)
+        };
+        match setting.as_deref().and_then(|s| s.split_once('=')) {
+            Some((name, value)) => out.push((name.replace('-', "_"), value.to_string())),
+            None => {
+                return Err(SessionError::Unsupported(format!(
+                    "unsupported switch in startup option \"{t}\": pgvalve accepts only -c name=value and --name=value"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One query applying every session parameter of `p`, or None when there are none.
+///
+/// # Errors
+/// [`SessionError::Unsupported`] for an `options` switch other than a setting.
+pub fn apply_query(p: &StartupParams) -> Result<Option<String>, SessionError> {
+    let mut settings = Vec::new();
+    for (k, v) in p.session_params() {
+        if k == "options" {
+            settings.extend(parse_options(v)?);
+        } else {
+            settings.push((k.to_string(), v.to_string()));
+        }
+    }
+    if settings.is_empty() {
+        return Ok(None);
+    }
+    let calls: Vec<String> = settings
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(k),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    Ok(Some(format!("SELECT {}", calls.join(", "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_forms() {
+        let o = parse_options(
+            r"-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x=has\ space",
+        )
+        .unwrap();
+        assert_eq!(
+            o,
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("x".into(), "has space".into()),
+            ]
+        );
+        assert!(parse_options("-B 100").is_err());
+    }
+
+    #[test]
+    fn query_quotes_values() {
+        let mut p = StartupParams::default();
+        p.params.insert("user".into(), "u".into());
+        p.params.insert("application_name".into(), "it's".into());
+        let q = apply_query(&p).unwrap().unwrap();
+        assert_eq!(
+            q,
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
+        );
+        p.params.remove("application_name");
+        assert_eq!(apply_query(&p).unwrap(), None);
+    }
+}

@@ -1,0 +1,240 @@
+//! The relay: bytes between a client and its server connection, in both directions at once.
+//!
+//! Last stage of a client session. One loop per session, no extra tasks: it reads whichever
+//! side has data, walks message headers ([`MessageWalker`]) and writes what is ready to the
+//! other side, so a large DataRow or COPY stream passes in pieces and neither direction can
+//! block the other. Only headers are looked at, plus the one-byte body of ReadyForQuery.
+//! What it tracks decides whether the server connection can be reused afterwards.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::conn::ClientConn;
+use super::SessionError;
+use crate::error::{sqlstate, PgError};
+use crate::protocol::frame::{MessageWalker, Seen, Walk};
+use crate::server::ServerConn;
+use crate::shutdown::Phase;
+
+/// Stop reading a side once this much is waiting to be written to the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// Free space ensured before each read.
+const READ_RESERVE: usize = 16 * 1024;
+/// Largest server message: PostgreSQL's own limit on a field is 1 GB.
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + (64 << 20);
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client sent Terminate or closed its socket.
+    ClientDone,
+    /// The server connection failed; the client was told.
+    ServerGone,
+    /// Shutdown; the client was told (57P01).
+    Shutdown,
+}
+
+/// What the session knows of the server connection's state, from headers alone.
+#[derive(Debug, Clone, Copy)]
+struct Tracker {
+    /// Queries, Syncs and FunctionCalls sent and not yet answered by ReadyForQuery.
+    pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// Last ReadyForQuery status.
+    status: u8,
+    /// The client sent Terminate.
+    terminate: bool,
+    /// Type of the last message from the server.
+    last_server_tag: u8,
+}
+
+impl Tracker {
+    fn on_client(&mut self, s: &Seen) -> Walk {
+        match s.tag {
+            b'X' => {
+                self.terminate = true;
+                return Walk::StopBefore;
+            }
+            b'Q' | b'F' => self.pending += 1,
+            b'S' => {
+                self.pending += 1;
+                self.unsynced = false;
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
+            _ => {}
+        }
+        Walk::Continue
+    }
+
+    fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
+        if s.tag == b'Z' {
+            self.status = msg.get(5).copied().unwrap_or(b'?');
+            self.pending = self.pending.saturating_sub(1);
+        }
+        self.last_server_tag = s.tag;
+        Walk::Continue
+    }
+}
+
+fn move_ready(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let chunk = from.split_to(n);
+    if to.is_empty() {
+        *to = chunk;
+    } else {
+        to.unsplit(chunk);
+    }
+}
+
+fn ensure_space(b: &mut BytesMut) {
+    if b.capacity() - b.len() < 4096 {
+        b.reserve(READ_RESERVE);
+    }
+}
+
+fn consumed(b: &mut BytesMut, n: usize) {
+    b.advance(n);
+    if b.is_empty() {
+        // Drop the reference to the shared allocation so the read buffer can reuse it.
+        *b = BytesMut::new();
+    }
+}
+
+/// Relays until one side ends or shutdown says so. On return `server.status`, `server.rbuf`
+/// and `server.broken` say whether the server connection may be reused.
+///
+/// # Errors
+/// [`SessionError`] for a client protocol violation (the caller tells the client).
+pub async fn run(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    phase: &mut watch::Receiver<Phase>,
+    max_client_message: usize,
+) -> Result<RelayEnd, SessionError> {
+    let mut t = Tracker {
+        pending: 0,
+        unsynced: false,
+        status: server.status,
+        terminate: false,
+        last_server_tag: 0,
+    };
+    let mut c_in = std::mem::take(&mut client.rbuf);
+    let mut s_in = std::mem::take(&mut server.rbuf);
+    let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
+    let mut cwalk = MessageWalker::new(max_client_message);
+    let mut swalk = MessageWalker::new(MAX_SERVER_MESSAGE);
+    let (mut c_new, mut s_new) = (!c_in.is_empty(), !s_in.is_empty());
+    let mut now = *phase.borrow();
+    let (mut cr, mut cw) = client.stream.split();
+    let (mut sr, mut sw) = server.stream.split();
+
+    let end: Result<RelayEnd, SessionError> = loop {
+        if c_new {
+            c_new = false;
+            match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
+                Ok(n) => move_ready(&mut c_in, &mut c_out, n),
+                Err(e) => break Err(SessionError::Frame(e)),
+            }
+        }
+        if s_new {
+            s_new = false;
+            match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
+                Ok(n) => move_ready(&mut s_in, &mut s_out, n),
+                Err(e) => {
+                    server.broken = true;
+                    break Err(SessionError::ServerProtocol(e.to_string()));
+                }
+            }
+        }
+        if t.terminate && c_out.is_empty() {
+            break Ok(RelayEnd::ClientDone);
+        }
+        let at_rest = t.pending == 0
+            && !t.unsynced
+            && t.status == b'I'
+            && s_out.is_empty()
+            && s_in.is_empty()
+            && c_in.is_empty()
+            && c_out.is_empty()
+            && swalk.at_boundary()
+            && cwalk.at_boundary();
+        if now == Phase::Stopped || (now == Phase::Draining && at_rest) {
+            break Ok(RelayEnd::Shutdown);
+        }
+        ensure_space(&mut c_in);
+        ensure_space(&mut s_in);
+        tokio::select! {
+            r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
+                Ok(n) if n > 0 => c_new = true,
+                _ => break Ok(RelayEnd::ClientDone),
+            },
+            r = sw.write(&c_out), if !c_out.is_empty() => match r {
+                Ok(n) if n > 0 => consumed(&mut c_out, n),
+                _ => { server.broken = true; break Ok(RelayEnd::ServerGone) }
+            },
+            r = sr.read_buf(&mut s_in), if s_out.len() < HIGH_WATER => match r {
+                Ok(n) if n > 0 => s_new = true,
+                _ => { server.broken = true; break Ok(RelayEnd::ServerGone) }
+            },
+            r = cw.write(&s_out), if !s_out.is_empty() => match r {
+                Ok(n) if n > 0 => consumed(&mut s_out, n),
+                _ => break Ok(RelayEnd::ClientDone),
+            },
+            r = phase.changed(), if now != Phase::Stopped => {
+                now = if r.is_ok() { *phase.borrow_and_update() } else { Phase::Stopped };
+            },
+        }
+    };
+
+    // Record what the server connection's state is now known to be.
+    let clean = t.pending == 0
+        && !t.unsynced
+        && swalk.at_boundary()
+        && cwalk.at_boundary()
+        && c_out.is_empty()
+        && s_out.is_empty()
+        && s_in.is_empty();
+    // Unknown ('?') unless every request was answered and no message is half-relayed.
+    server.status = if clean { t.status } else { b'?' };
+    server.rbuf = s_in;
+    client.rbuf = c_in;
+    match end {
+        Ok(RelayEnd::ServerGone) => {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                client.stream.write_all(&s_out),
+            )
+            .await;
+            if t.last_server_tag != b'E' {
+                client
+                    .send_error(&PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "pgvalve: server closed the connection unexpectedly",
+                    ))
+                    .await;
+            }
+        }
+        Ok(RelayEnd::Shutdown) => {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                client.stream.write_all(&s_out),
+            )
+            .await;
+            client
+                .send_error(
+                    &PgError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection due to administrator command",
+                    )
+                    .with_detail("pgvalve is shutting down"),
+                )
+                .await;
+        }
+        _ => {}
+    }
+    end
+}

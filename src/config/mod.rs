@@ -1,0 +1,434 @@
+//! Configuration: load → parse → validate, and the quick-start mode without a file.
+//!
+//! Beside the flow: the listener, client sessions and pools read one validated [`Config`]
+//! (shared as `Arc<Config>`). Errors name the file, the line (for what serde reads) and the
+//! field (for what validation refuses). Secrets never appear in `Debug` output.
+
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+pub use types::{
+    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret,
+    UserConfig,
+};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong name or type.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The file (or "command line").
+        path: String,
+        /// Dotted field path, e.g. `databases.app.port`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A pg_authid-style SCRAM-SHA-256 verifier.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    /// PBKDF2 iterations.
+    pub iterations: usize,
+    /// Salt.
+    pub salt: Vec<u8>,
+    /// `SHA256(ClientKey)`.
+    pub stored_key: Vec<u8>,
+    /// `HMAC(SaltedPassword, "Server Key")`.
+    pub server_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramVerifier(<redacted>)")
+    }
+}
+
+impl FromStr for ScramVerifier {
+    type Err = String;
+
+    /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (see `pgvalve passwd`)".to_string()
+        };
+        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
+        let (params, keys) = rest.split_once('$').ok_or_else(bad)?;
+        let (iter, salt) = params.split_once(':').ok_or_else(bad)?;
+        let (stored, server) = keys.split_once(':').ok_or_else(bad)?;
+        let b64 = |p: &str| STANDARD.decode(p).map_err(|_| bad());
+        let v = ScramVerifier {
+            iterations: iter.parse().map_err(|_| bad())?,
+            salt: b64(salt)?,
+            stored_key: b64(stored)?,
+            server_key: b64(server)?,
+        };
+        if v.iterations == 0 || v.stored_key.len() != 32 || v.server_key.len() != 32 {
+            return Err(bad());
+        }
+        Ok(v)
+    }
+}
+
+impl ScramVerifier {
+    /// Derives a verifier from a password (4096 iterations, random salt), as PostgreSQL does.
+    pub fn from_password(password: &str) -> Self {
+        let s = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        s.parse()
+            .expect("invariant: postgres-protocol produces a valid verifier")
+    }
+}
+
+/// A validated user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Verifier checked against clients (None with auth_type = trust and no password).
+    pub client_verifier: Option<ScramVerifier>,
+    /// Password for logging in to PostgreSQL.
+    pub server_password: Option<Secret>,
+    /// Pool size override.
+    pub pool_size: Option<u32>,
+    /// Pool mode override.
+    pub pool_mode: Option<PoolMode>,
+}
+
+/// Where a client's (database, user) goes, with the pool settings that apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Database name the client asked for (the pool key).
+    pub database: String,
+    /// User name (the pool key).
+    pub user: String,
+    /// Server host.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Database name on the server.
+    pub server_dbname: String,
+    /// Server connections in this pool.
+    pub pool_size: u32,
+    /// Pool mode.
+    pub pool_mode: PoolMode,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[proxy]`.
+    pub proxy: ProxySettings,
+    /// `[pool]`.
+    pub pool: PoolSettings,
+    /// `[databases]`.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// `[users]`, validated.
+    pub users: BTreeMap<String, User>,
+    /// The listen address, parsed.
+    pub listen: SocketAddr,
+}
+
+/// Command-line and environment overrides, including the quick start without a file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--upstream postgres://USER:PASSWORD@HOST:PORT`.
+    pub upstream: Option<String>,
+    /// `--pool-mode`.
+    pub pool_mode: Option<PoolMode>,
+    /// `--pool-size`.
+    pub pool_size: Option<u32>,
+    /// `--max-client-connections`.
+    pub max_client_connections: Option<u32>,
+}
+
+/// Reads and validates a config file.
+///
+/// # Errors
+/// [`ConfigError`] naming the file, and the line or field.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(Some(path), &Overrides::default())
+}
+
+/// Reads a config file (or none) and applies overrides, then validates.
+///
+/// # Errors
+/// [`ConfigError`] naming the file, and the line or field.
+pub fn load_with(path: Option<&Path>, ov: &Overrides) -> Result<Config, ConfigError> {
+    let (name, file) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            (
+                p.display().to_string(),
+                parse_toml(&p.display().to_string(), &text)?,
+            )
+        }
+        None => ("command line".to_string(), FileConfig::default()),
+    };
+    let file = apply_overrides(file, ov, &name)?;
+    Config::validate(file, &name)
+}
+
+/// Parses TOML text into the file structure.
+///
+/// # Errors
+/// [`ConfigError::Parse`] with line and column.
+pub fn parse_toml(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: name.to_string(),
+            line,
+            column,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+fn apply_overrides(
+    mut f: FileConfig,
+    ov: &Overrides,
+    name: &str,
+) -> Result<FileConfig, ConfigError> {
+    if let Some(l) = &ov.listen {
+        f.proxy.listen = l.clone();
+    }
+    if let Some(m) = ov.pool_mode {
+        f.pool.pool_mode = m;
+    }
+    if let Some(n) = ov.pool_size {
+        f.pool.pool_size = n;
+    }
+    if let Some(n) = ov.max_client_connections {
+        f.proxy.max_client_connections = n;
+    }
+    if let Some(url) = &ov.upstream {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: name.to_string(),
+            field: "upstream".into(),
+            reason,
+        };
+        let pg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| invalid(format!("not a postgres:// URL: {e}")))?;
+        let user = pg
+            .get_user()
+            .ok_or_else(|| invalid("the URL names no user".into()))?
+            .to_string();
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(_) => return Err(invalid("only TCP hosts are supported".into())),
+            None => "127.0.0.1".into(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let password = pg
+            .get_password()
+            .map(|p| Secret(String::from_utf8_lossy(p).into_owned()));
+        if password.is_none() {
+            f.proxy.auth_type = AuthType::Trust;
+        }
+        f.databases.insert(
+            "*".into(),
+            DatabaseConfig {
+                host,
+                port,
+                dbname: None,
+                pool_size: None,
+                pool_mode: None,
+            },
+        );
+        f.users.insert(
+            user,
+            UserConfig {
+                password,
+                ..Default::default()
+            },
+        );
+    }
+    Ok(f)
+}
+
+impl Config {
+    /// Checks every field and cross-field rule and builds the validated config.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first field that cannot work.
+    pub fn validate(f: FileConfig, name: &str) -> Result<Config, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: name.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        let listen: SocketAddr = f.proxy.listen.parse().map_err(|_| {
+            invalid(
+                "proxy.listen",
+                format!("{:?} is not an address like 127.0.0.1:6432", f.proxy.listen),
+            )
+        })?;
+        if f.proxy.max_client_connections == 0 {
+            return Err(invalid(
+                "proxy.max_client_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if f.proxy.max_message_size.0 < 8192 || f.proxy.max_message_size.0 > (1 << 30) {
+            return Err(invalid(
+                "proxy.max_message_size",
+                "must be between 8kB and 1GB".into(),
+            ));
+        }
+        if !(64..=1 << 20).contains(&f.proxy.max_startup_packet_size) {
+            return Err(invalid(
+                "proxy.max_startup_packet_size",
+                "must be between 64 and 1MB".into(),
+            ));
+        }
+        check_pool_mode("pool.pool_mode", Some(f.pool.pool_mode), &invalid)?;
+        if f.pool.pool_size == 0 {
+            return Err(invalid("pool.pool_size", "must be at least 1".into()));
+        }
+        if f.databases.is_empty() {
+            return Err(invalid(
+                "databases",
+                "no database is configured: add [databases.NAME] (or \"*\"), or use --upstream"
+                    .into(),
+            ));
+        }
+        for (db, d) in &f.databases {
+            if d.pool_size == Some(0) {
+                return Err(invalid(
+                    &format!("databases.{db}.pool_size"),
+                    "must be at least 1".into(),
+                ));
+            }
+            check_pool_mode(&format!("databases.{db}.pool_mode"), d.pool_mode, &invalid)?;
+        }
+        if f.users.is_empty() {
+            return Err(invalid(
+                "users",
+                "no user is configured: add [users.NAME], or use --upstream".into(),
+            ));
+        }
+        let mut users = BTreeMap::new();
+        for (name, u) in f.users {
+            let field = format!("users.{name}");
+            check_pool_mode(&format!("{field}.pool_mode"), u.pool_mode, &invalid)?;
+            if u.pool_size == Some(0) {
+                return Err(invalid(
+                    &format!("{field}.pool_size"),
+                    "must be at least 1".into(),
+                ));
+            }
+            let client_verifier = match (&u.scram_verifier, &u.password) {
+                (Some(v), _) => Some(v.0.parse().map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?),
+                (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
+                (None, None) if f.proxy.auth_type == AuthType::Trust => None,
+                (None, None) => {
+                    return Err(invalid(&field, "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into()))
+                }
+            };
+            let server_password = u.server_password.or(u.password);
+            users.insert(
+                name,
+                User {
+                    client_verifier,
+                    server_password,
+                    pool_size: u.pool_size,
+                    pool_mode: u.pool_mode,
+                },
+            );
+        }
+        Ok(Config {
+            proxy: f.proxy,
+            pool: f.pool,
+            databases: f.databases,
+            users,
+            listen,
+        })
+    }
+
+    /// Where (database, user) goes, or None when no database of that name is configured.
+    pub fn route(&self, database: &str, user: &str) -> Option<Route> {
+        let (db, server_dbname) = match self.databases.get(database) {
+            Some(d) => (d, d.dbname.clone().unwrap_or_else(|| database.to_string())),
+            None => (self.databases.get("*")?, database.to_string()),
+        };
+        let u = self.users.get(user);
+        Some(Route {
+            database: database.to_string(),
+            user: user.to_string(),
+            host: db.host.clone(),
+            port: db.port,
+            server_dbname,
+            pool_size: u
+                .and_then(|u| u.pool_size)
+                .or(db.pool_size)
+                .unwrap_or(self.pool.pool_size),
+            pool_mode: u
+                .and_then(|u| u.pool_mode)
+                .or(db.pool_mode)
+                .unwrap_or(self.pool.pool_mode),
+        })
+    }
+
+    /// Wraps the config for sharing.
+    pub fn shared(self) -> Arc<Config> {
+        Arc::new(self)
+    }
+}
+
+fn check_pool_mode(
+    field: &str,
+    mode: Option<PoolMode>,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if mode == Some(PoolMode::Transaction) {
+        return Err(invalid(
+            field,
+            "transaction pooling is not available in this version; use \"session\"".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

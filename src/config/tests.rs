@@ -1,0 +1,108 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[databases.app]
+port = 5433
+
+[users.app]
+password = "secret"
+"#;
+
+#[test]
+fn minimal_config_validates_with_defaults() {
+    let c = Config::validate(parse_toml("t", MINIMAL).unwrap(), "t").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:6432");
+    let r = c.route("app", "app").unwrap();
+    assert_eq!(
+        (r.port, r.pool_size, r.server_dbname.as_str()),
+        (5433, 20, "app")
+    );
+    assert!(c.route("other", "app").is_none());
+    assert!(c.users["app"].client_verifier.is_some());
+}
+
+#[test]
+fn unknown_field_names_file_line_and_field() {
+    let text = "[pool]\npool_size = 5\nbogus = 1\n";
+    let e = parse_toml("pgvalve.toml", text).unwrap_err().to_string();
+    assert!(e.starts_with("pgvalve.toml:3:"), "{e}");
+    assert!(e.contains("bogus"), "{e}");
+    let e = parse_toml("f", "[databases.x]\nhots = \"a\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `hots`"), "{e}");
+}
+
+#[test]
+fn durations_and_sizes_parse() {
+    let text =
+        format!("{MINIMAL}\n[proxy]\nmax_message_size = \"1MiB\"\nshutdown_timeout = \"1500ms\"\n");
+    let c = Config::validate(parse_toml("t", &text).unwrap(), "t").unwrap();
+    assert_eq!(c.proxy.max_message_size.0, 1 << 20);
+    assert_eq!(c.proxy.shutdown_timeout.as_millis(), 1500);
+    let bad = format!("{MINIMAL}\n[pool]\nquery_wait_timeout = \"soon\"\n");
+    assert!(parse_toml("t", &bad).is_err());
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let text = "[databases.app]\n[users.app]\n";
+    let e = Config::validate(parse_toml("f", text).unwrap(), "f")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("users.app") && e.contains("neither password"),
+        "{e}"
+    );
+    let text = format!("{MINIMAL}\n[users.bob]\nscram_verifier = \"nope\"\n");
+    let e = Config::validate(parse_toml("f", &text).unwrap(), "f")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("users.bob.scram_verifier"), "{e}");
+    let text = format!("{MINIMAL}\n[proxy]\nlisten = \"here\"\n");
+    let e = Config::validate(parse_toml("f", &text).unwrap(), "f")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("proxy.listen"), "{e}");
+}
+
+#[test]
+fn verifier_roundtrip_and_redaction() {
+    let v = ScramVerifier::from_password("pw");
+    assert_eq!(v.iterations, 4096);
+    assert!(!format!("{v:?}").contains(&STANDARD.encode(&v.stored_key)));
+    let s = postgres_protocol::password::scram_sha_256(b"pw");
+    assert!(s.parse::<ScramVerifier>().is_ok());
+}
+
+#[test]
+fn quick_start_routes_any_database_to_upstream() {
+    let ov = Overrides {
+        upstream: Some("postgres://alice:s3cret@db.internal:5999".into()),
+        pool_size: Some(7),
+        ..Default::default()
+    };
+    let c = load_with(None, &ov).unwrap();
+    let r = c.route("anything", "alice").unwrap();
+    assert_eq!(
+        (
+            r.host.as_str(),
+            r.port,
+            r.server_dbname.as_str(),
+            r.pool_size
+        ),
+        ("db.internal", 5999, "anything", 7)
+    );
+    assert_eq!(
+        c.users["alice"].server_password,
+        Some(Secret("s3cret".into()))
+    );
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn example_config_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgvalve.toml");
+    let c = load(Path::new(path)).unwrap();
+    assert!(!c.databases.is_empty());
+}

@@ -1,0 +1,260 @@
+//! The configuration file's sections, as serde reads them: every struct denies unknown
+//! fields, durations are strings such as "5s", sizes are bytes or strings such as "64MiB".
+//!
+//! Part of config: [`super::load`] parses these, [`super::Config::validate`] checks them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Pool mode: how long a client keeps a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// The client keeps its server connection until it disconnects.
+    #[default]
+    Session,
+    /// The client holds a server connection only for one transaction.
+    Transaction,
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        })
+    }
+}
+
+/// How clients authenticate to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum AuthType {
+    /// SCRAM-SHA-256 against the user's verifier.
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// No password (local setups only).
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A size in bytes, written as an integer or as "64MiB", "512kB", "1GB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n as usize)),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses "123", "64kB", "64KiB", "10MB", "1GiB" (kB/MB/GB are 1024-based, as in PostgreSQL).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 65536 or \"64MiB\""))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "KiB" => 1 << 10,
+        "MB" | "MiB" => 1 << 20,
+        "GB" | "GiB" => 1 << 30,
+        u => {
+            return Err(format!(
+                "invalid size unit {u:?} in {s:?}: use B, kB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// `[proxy]`: the listener and the client side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Address clients connect to. Needs a restart to change.
+    pub listen: String,
+    /// Client connections admitted at once; the next one gets FATAL 53300 at once.
+    pub max_client_connections: u32,
+    /// Time a client has to finish startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// How clients authenticate: "scram-sha-256" or "trust".
+    pub auth_type: AuthType,
+    /// Largest message accepted from a client (the server's replies are streamed).
+    pub max_message_size: ByteSize,
+    /// Largest startup packet accepted (PostgreSQL's own limit is 10000).
+    pub max_startup_packet_size: usize,
+    /// On SIGTERM/SIGINT: how long clients in a transaction may take to finish it.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6432".into(),
+            max_client_connections: 1000,
+            client_login_timeout: Duration::from_secs(15),
+            auth_type: AuthType::ScramSha256,
+            max_message_size: ByteSize(256 << 20),
+            max_startup_packet_size: 10_000,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[pool]`: server connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Default pool mode ("session"; "transaction" arrives with transaction pooling).
+    pub pool_mode: PoolMode,
+    /// Default server connections per (database, user) pool.
+    pub pool_size: u32,
+    /// Server connections across all pools (0 = no global cap).
+    pub max_server_connections: u32,
+    /// How long a client waits for a server connection before FATAL 53300.
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// Time allowed to connect and log in to PostgreSQL.
+    #[serde(with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// Run on a server connection before another client gets it ("" = none).
+    pub server_reset_query: String,
+    /// Close server connections idle this long ("0s" = never).
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Close server connections this old once they are idle ("0s" = never).
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            pool_mode: PoolMode::Session,
+            pool_size: 20,
+            max_server_connections: 100,
+            query_wait_timeout: Duration::from_secs(120),
+            server_connect_timeout: Duration::from_secs(5),
+            server_reset_query: "DISCARD ALL".into(),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[databases.NAME]`: where a database name clients ask for is routed. The name `"*"`
+/// routes any database name to the database of the same name on that server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL host.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// PostgreSQL port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Database name on the server (default: the name clients use).
+    pub dbname: Option<String>,
+    /// Overrides `[pool] pool_size` for this database.
+    pub pool_size: Option<u32>,
+    /// Overrides `[pool] pool_mode` for this database.
+    pub pool_mode: Option<PoolMode>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+/// `[users.NAME]`: a user clients log in as, and how the proxy logs in to PostgreSQL.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Password: checked against clients (as SCRAM) and used to log in to PostgreSQL.
+    pub password: Option<Secret>,
+    /// pg_authid-style verifier (`SCRAM-SHA-256$4096:...`) checked against clients; see
+    /// `pgvalve passwd`. Takes precedence over `password` for client authentication.
+    pub scram_verifier: Option<Secret>,
+    /// Password for logging in to PostgreSQL (default: `password`; omit for trust servers).
+    pub server_password: Option<Secret>,
+    /// Overrides the pool size for this user's pools.
+    pub pool_size: Option<u32>,
+    /// Overrides the pool mode for this user's pools.
+    pub pool_mode: Option<PoolMode>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[proxy]`.
+    #[serde(default)]
+    pub proxy: ProxySettings,
+    /// `[pool]`.
+    #[serde(default)]
+    pub pool: PoolSettings,
+    /// `[databases.*]`.
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// `[users.*]`.
+    #[serde(default)]
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64kB"), Ok(64 << 10));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MB").is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let u = UserConfig {
+            password: Some(Secret("hunter2".into())),
+            ..Default::default()
+        };
+        assert!(!format!("{u:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,127 @@
+//! Errors that reach a client, classified by side and SQLSTATE.
+//!
+//! Every failure in the flow (client session, admission, pool, server connection) ends up as
+//! a [`PgError`]: what the client is told, as an ErrorResponse with the SQLSTATE PostgreSQL
+//! itself would use. [`Side`] says whose fault it was, which picks the log level.
+
+use std::fmt;
+
+/// SQLSTATE codes the proxy itself sends (PostgreSQL Appendix A).
+pub mod sqlstate {
+    /// too_many_connections: every refusal for lack of capacity.
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// invalid_password.
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// invalid_authorization_specification.
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// invalid_catalog_name: unknown database.
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    /// protocol_violation.
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// connection_failure: the server cannot be reached.
+    pub const CONNECTION_FAILURE: &str = "08006";
+    /// admin_shutdown.
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// feature_not_supported.
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// program_limit_exceeded: a message above max_message_size.
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    /// internal_error.
+    pub const INTERNAL_ERROR: &str = "XX000";
+}
+
+/// Whose fault a failure is: decides log level and whether the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client misbehaved or went away.
+    Client,
+    /// PostgreSQL failed or refused.
+    Server,
+    /// A limit of the proxy (capacity, timeout, shutdown) or a bug.
+    Proxy,
+}
+
+/// ErrorResponse severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends.
+    Fatal,
+}
+
+impl Severity {
+    /// The severity string on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// An error as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    /// ERROR or FATAL.
+    pub severity: Severity,
+    /// Five-character SQLSTATE.
+    pub code: String,
+    /// Primary message.
+    pub message: String,
+    /// Optional DETAIL.
+    pub detail: Option<String>,
+    /// Optional HINT.
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    /// A FATAL error with a code and message.
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Fatal,
+            code: code.to_string(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    /// An ERROR (statement-level) with a code and message.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            ..Self::fatal(code, message)
+        }
+    }
+
+    /// Adds a HINT.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Adds a DETAIL.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity.as_str(),
+            self.code,
+            self.message
+        )?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PgError {}

@@ -1,0 +1,42 @@
+//! pgvalve: a connection-limiting PostgreSQL proxy.
+//!
+//! # Layout (the flow of a client connection)
+//!
+//! ```text
+//! listener ─▶ client (startup, auth) ─▶ admission ─▶ pool (per database+user) ─▶ server ─▶ PostgreSQL
+//!                 │                                                                 ▲
+//!                 └──────────────── relay (bytes both ways, headers only) ──────────┘
+//! ```
+//!
+//! - [`listener`]: accepts sockets, takes an admission permit, spawns a session.
+//! - [`client`]: one session — first packet, authentication, parameters, relay.
+//! - [`admission`]: whether a client may proceed (`max_client_connections`).
+//! - [`pool`]: deadpool pools of server connections, global `max_server_connections`.
+//! - [`server`]: one PostgreSQL connection: login, reset, cancel.
+//! - [`protocol`]: header framing (hot path) and the messages the proxy says itself.
+//!
+//! Beside the flow: [`config`] (load, validate), [`cancel`] (cancel-key routing),
+//! [`shutdown`] (phases), [`proxy`] (the handle that owns it all), [`testkit`] (throwaway
+//! PostgreSQL for tests and the demo), [`demo`].
+//!
+//! No global mutable state: everything a task needs is passed in as a handle.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admission;
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod listener;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+pub mod testkit;
+
+pub use config::Config;
+pub use proxy::ProxyHandle;

@@ -1,0 +1,246 @@
+//! The `pgvalve` binary: a thin command line over the library.
+//!
+//! Validates configuration before binding anything (exit 64 on a bad config), maps
+//! SIGTERM/SIGINT to a graceful drain and a second signal to a fast stop.
+
+#![forbid(unsafe_code)]
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgvalve::config::{self, Overrides, PoolMode};
+use pgvalve::demo::{self, DemoOptions};
+use pgvalve::ProxyHandle;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// pgvalve: a connection-limiting PostgreSQL proxy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "PGVALVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the proxy.
+    Run {
+        /// Config file (TOML). Flags override its values.
+        #[arg(short, long, env = "PGVALVE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address, e.g. 127.0.0.1:6432.
+        #[arg(long, env = "PGVALVE_LISTEN")]
+        listen: Option<String>,
+        /// Quick start without a file: postgres://USER:PASSWORD@HOST:PORT. Clients log in as
+        /// that user with that password and may ask for any database on that server.
+        #[arg(long, env = "PGVALVE_UPSTREAM")]
+        upstream: Option<String>,
+        /// Pool mode.
+        #[arg(long, env = "PGVALVE_POOL_MODE", value_enum)]
+        pool_mode: Option<PoolMode>,
+        /// Server connections per (database, user) pool.
+        #[arg(long, env = "PGVALVE_POOL_SIZE")]
+        pool_size: Option<u32>,
+        /// Client connections admitted at once.
+        #[arg(long, env = "PGVALVE_MAX_CLIENT_CONNECTIONS")]
+        max_client_connections: Option<u32>,
+    },
+    /// Validate a config file and exit.
+    Check {
+        /// Config file (TOML).
+        #[arg(short, long, env = "PGVALVE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a SCRAM-SHA-256 verifier for a password (read from stdin when not given).
+    Passwd {
+        /// The password.
+        password: Option<String>,
+    },
+    /// Start a throwaway PostgreSQL and pgvalve, fire a surge at both, compare.
+    Demo {
+        /// Concurrent clients in the surge.
+        #[arg(long, default_value_t = 300)]
+        clients: usize,
+        /// PostgreSQL's max_connections.
+        #[arg(long, default_value_t = 20)]
+        max_connections: u32,
+        /// pgvalve's pool size.
+        #[arg(long, default_value_t = 15)]
+        pool_size: u32,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGVALVE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgvalve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Run {
+                config,
+                listen,
+                upstream,
+                pool_mode,
+                pool_size,
+                max_client_connections,
+            } => {
+                let ov = Overrides {
+                    listen,
+                    upstream,
+                    pool_mode,
+                    pool_size,
+                    max_client_connections,
+                };
+                run(config, ov).await
+            }
+            Cmd::Check { config } => match config::load(&config) {
+                Ok(c) => {
+                    println!(
+                        "{}: ok ({} databases, {} users, listen {})",
+                        config.display(),
+                        c.databases.len(),
+                        c.users.len(),
+                        c.listen
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pgvalve: {e}");
+                    ExitCode::from(64)
+                }
+            },
+            Cmd::Passwd { password } => passwd(password),
+            Cmd::Demo {
+                clients,
+                max_connections,
+                pool_size,
+            } => {
+                let opts = DemoOptions {
+                    clients,
+                    max_connections,
+                    pool_size,
+                    ..Default::default()
+                };
+                demo_main(opts).await
+            }
+        }
+    })
+}
+
+async fn run(path: Option<PathBuf>, ov: Overrides) -> ExitCode {
+    if path.is_none() && ov.upstream.is_none() {
+        eprintln!("pgvalve: give a config file (-c FILE) or an upstream (--upstream postgres://USER:PASSWORD@HOST:PORT)");
+        return ExitCode::from(64);
+    }
+    let config = match config::load_with(path.as_deref(), &ov) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgvalve: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let handle = match ProxyHandle::start(config).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("pgvalve: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("pgvalve: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested: draining (a second signal stops at once)");
+    let stop = handle.stop_signal();
+    let drain = handle.shutdown();
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            tracing::info!("second signal: fast shutdown");
+            stop.stop_now();
+            drain.await;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn passwd(password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().lock().read_line(&mut line).is_err() {
+                eprintln!("pgvalve: cannot read a password from stdin");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    println!(
+        "{}",
+        postgres_protocol::password::scram_sha_256(password.as_bytes())
+    );
+    ExitCode::SUCCESS
+}
+
+async fn demo_main(opts: DemoOptions) -> ExitCode {
+    println!(
+        "pgvalve demo: a throwaway PostgreSQL with max_connections={}, pgvalve in front with pool_size={}, and a surge of {} concurrent clients (each: connect, one short transaction, disconnect) at both.",
+        opts.max_connections, opts.pool_size, opts.clients
+    );
+    match demo::run(opts).await {
+        Ok(report) => {
+            println!("{}", report.render());
+            if report.proxy_held() {
+                println!("pgvalve absorbed the surge: nobody refused, PostgreSQL never saw more than {} connections.", report.opts.pool_size);
+                ExitCode::SUCCESS
+            } else {
+                println!("pgvalve did NOT hold the surge (see above).");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pgvalve demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

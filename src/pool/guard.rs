@@ -1,0 +1,98 @@
+//! The checkout guard: a server connection lent to one client session.
+//!
+//! Part of the pool. Returning a connection is explicit ([`PooledConn::release`] resets it with
+//! `server_reset_query` first); a guard dropped any other way — an error, a panic, a cancelled
+//! task — closes the connection instead, so a server connection in an unknown state is never
+//! handed to another client. A backend left mid-query also gets a cancel request.
+
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::Object;
+
+use super::manager::ServerManager;
+use crate::server::{send_cancel, ServerConn};
+
+/// A server connection checked out of a pool.
+#[derive(Debug)]
+pub struct PooledConn {
+    obj: Option<Object<ServerManager>>,
+}
+
+impl PooledConn {
+    pub(crate) fn new(obj: Object<ServerManager>) -> Self {
+        Self { obj: Some(obj) }
+    }
+
+    /// Returns the connection to its pool after running `reset_query` (bounded by `timeout`),
+    /// or closes it if it is not idle and clean or the reset fails.
+    pub async fn release(mut self, reset_query: &str, timeout: Duration) {
+        let Some(mut obj) = self.obj.take() else {
+            return;
+        };
+        if obj.is_clean() && !reset_query.is_empty() {
+            let reset = tokio::time::timeout(timeout, obj.simple_query(reset_query)).await;
+            if !matches!(reset, Ok(Ok(()))) {
+                tracing::warn!(
+                    pid = obj.pid,
+                    "server reset query failed; closing the server connection"
+                );
+                obj.broken = true;
+            }
+        }
+        if obj.is_clean() {
+            obj.idle_since = Instant::now();
+            drop(obj);
+        } else {
+            discard(obj);
+        }
+    }
+
+    /// Closes the connection (cancelling whatever it may still be running).
+    pub fn discard(mut self) {
+        if let Some(obj) = self.obj.take() {
+            discard(obj);
+        }
+    }
+}
+
+fn discard(obj: Object<ServerManager>) {
+    let conn = Object::take(obj);
+    if conn.status != b'I' || !conn.rbuf.is_empty() {
+        // The backend may be busy in a query: cancel it so its transaction ends now rather
+        // than when it next writes to the closed socket.
+        let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = send_cancel(addr, pid, secret).await;
+            });
+        }
+    }
+    tracing::debug!(pid = conn.pid, "server connection closed");
+    drop(conn);
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            discard(obj);
+        }
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.obj
+            .as_ref()
+            .expect("invariant: present until release/discard")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.obj
+            .as_mut()
+            .expect("invariant: present until release/discard")
+    }
+}

@@ -1,0 +1,135 @@
+//! The deadpool manager of raw server connections, and the global cap on them.
+//!
+//! Part of the pool: deadpool calls [`ServerManager::create`] when a pool needs a new
+//! connection and [`ServerManager::recycle`] before handing an idle one out. Every server
+//! connection holds one slot of [`ServerSlots`] (`max_server_connections`) for its whole life;
+//! when none is free, an idle connection of some pool is closed to make room.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::server::{self, ServerConn, ServerError, ServerTarget};
+
+/// A deadpool pool of server connections.
+pub type Pool = managed::Pool<ServerManager>;
+
+/// The `max_server_connections` budget shared by all pools.
+#[derive(Debug)]
+pub struct ServerSlots {
+    sem: Option<Arc<Semaphore>>,
+    max: u32,
+    pools: Mutex<Vec<managed::WeakPool<ServerManager>>>,
+}
+
+impl ServerSlots {
+    /// A budget of `max` connections (0 = unlimited).
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            sem: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
+            max,
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Registers a pool whose idle connections may be closed to free slots.
+    pub fn register(&self, pool: &Pool) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|w| w.upgrade().is_some());
+        pools.push(pool.weak());
+    }
+
+    /// Takes a slot, closing an idle connection of another pool if none is free.
+    async fn acquire(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, ServerError> {
+        let Some(sem) = &self.sem else {
+            return Ok(None);
+        };
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Ok(Some(p));
+        }
+        self.evict_one_idle();
+        match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(ServerError::NoSlot(self.max)),
+        }
+    }
+
+    fn evict_one_idle(&self) {
+        let pools: Vec<Pool> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            pools.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        for pool in pools {
+            let mut evicted = false;
+            pool.retain(|_, _| {
+                let keep = evicted;
+                evicted = true;
+                keep
+            });
+            if evicted {
+                tracing::debug!(
+                    "closed an idle server connection to free a max_server_connections slot"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Creates and checks server connections for one (database, user) pool.
+#[derive(Debug)]
+pub struct ServerManager {
+    /// Where and as whom to connect.
+    pub target: ServerTarget,
+    /// Global cap.
+    pub slots: Arc<ServerSlots>,
+    /// Close connections older than this when they come back (zero = never).
+    pub lifetime: Duration,
+    /// Connections refused by recycle (closed instead of reused).
+    pub recycle_rejections: Arc<AtomicU64>,
+    /// Connections created.
+    pub created: Arc<AtomicU64>,
+}
+
+impl managed::Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = ServerError;
+
+    async fn create(&self) -> Result<ServerConn, ServerError> {
+        let slot = self.slots.acquire(self.target.connect_timeout).await?;
+        let mut conn = server::connect(&self.target).await?;
+        conn.slot = slot;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(pid = conn.pid, db = %self.target.dbname, user = %self.target.user, "server connection opened");
+        Ok(conn)
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut ServerConn,
+        metrics: &Metrics,
+    ) -> RecycleResult<ServerError> {
+        let reject = |why: &'static str| {
+            self.recycle_rejections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(why, "server connection closed instead of reused");
+            Err(RecycleError::message(why))
+        };
+        if !conn.is_clean() {
+            return reject("not idle");
+        }
+        if !self.lifetime.is_zero() && metrics.age() > self.lifetime {
+            return reject("server_lifetime reached");
+        }
+        // An idle backend says nothing: any byte or EOF means it is gone or in trouble.
+        let mut probe = [0u8; 1];
+        match conn.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Ok(0) => reject("closed by server"),
+            Ok(_) => reject("unsolicited data from server"),
+            Err(_) => reject("socket error"),
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Messages the proxy itself says or must understand, off the hot path.
+//!
+//! Encoding of what the proxy originates (authentication requests, ParameterStatus,
+//! BackendKeyData, ErrorResponse, ReadyForQuery, NegotiateProtocolVersion) goes through
+//! pgwire's typed messages into the caller's `BytesMut`. Decoding is only ever done on one
+//! isolated, length-checked frame: SASL bodies from clients with pgwire after a layout check
+//! (its decoders panic on short bodies), server messages with postgres-protocol's
+//! bounds-checked parser.
+
+use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus,
+    PasswordMessageFamily, SecretKey,
+};
+use pgwire::messages::Message;
+use postgres_protocol::message::backend;
+
+use crate::error::{PgError, Severity};
+use crate::protocol::frame::Frame;
+
+fn put<M: Message>(m: M, out: &mut BytesMut) {
+    // Encoding into a BytesMut only fails for values over the protocol's size limits, which
+    // nothing the proxy says comes near.
+    if let Err(e) = m.encode(out) {
+        tracing::error!(error = %e, "encoding a proxy message failed");
+    }
+}
+
+/// AuthenticationOk.
+pub fn auth_ok(out: &mut BytesMut) {
+    put(Authentication::Ok, out);
+}
+
+/// AuthenticationSASL offering `mechanisms`.
+pub fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
+    put(
+        Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()),
+        out,
+    );
+}
+
+/// AuthenticationSASLContinue.
+pub fn auth_sasl_continue(data: &[u8], out: &mut BytesMut) {
+    put(
+        Authentication::SASLContinue(Bytes::copy_from_slice(data)),
+        out,
+    );
+}
+
+/// AuthenticationSASLFinal.
+pub fn auth_sasl_final(data: &[u8], out: &mut BytesMut) {
+    put(Authentication::SASLFinal(Bytes::copy_from_slice(data)), out);
+}
+
+/// ParameterStatus.
+pub fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
+    put(ParameterStatus::new(name.into(), value.into()), out);
+}
+
+/// BackendKeyData with a protocol 3.0 (i32) key.
+pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
+    put(BackendKeyData::new(pid, SecretKey::I32(secret)), out);
+}
+
+/// ReadyForQuery with the status byte `I`, `T` or `E`.
+pub fn ready_for_query(status: u8, out: &mut BytesMut) {
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    put(ReadyForQuery::new(status), out);
+}
+
+/// NegotiateProtocolVersion: we speak 3.0 and no `_pq_` options.
+pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
+    put(NegotiateProtocolVersion::new(0, unsupported), out);
+}
+
+fn fields(e: &PgError) -> Vec<(u8, String)> {
+    let mut f = vec![
+        (b'S', e.severity.as_str().to_string()),
+        (b'V', e.severity.as_str().to_string()),
+        (b'C', e.code.clone()),
+        (b'M', e.message.clone()),
+    ];
+    if let Some(d) = &e.detail {
+        f.push((b'D', d.clone()));
+    }
+    if let Some(h) = &e.hint {
+        f.push((b'H', h.clone()));
+    }
+    f
+}
+
+/// ErrorResponse.
+pub fn error_response(e: &PgError, out: &mut BytesMut) {
+    put(ErrorResponse::new(fields(e)), out);
+}
+
+/// NoticeResponse with severity NOTICE.
+pub fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
+    put(
+        NoticeResponse::new(vec![
+            (b'S', "NOTICE".into()),
+            (b'V', "NOTICE".into()),
+            (b'C', code.into()),
+            (b'M', message.into()),
+        ]),
+        out,
+    );
+}
+
+/// The SASL payload of a client's SASLInitialResponse: `(mechanism, data)`.
+///
+/// Returns `None` for a malformed body (checked here, before pgwire sees it).
+pub fn sasl_initial_response(frame: Frame) -> Option<(String, Bytes)> {
+    let body = frame.body();
+    let nul = body.iter().position(|&b| b == 0)?;
+    let rest = body.get(nul + 1..)?;
+    let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    if len < 0 || rest.len() - 4 != len as usize || frame.tag != b'p' {
+        return None;
+    }
+    let mut bytes = frame.bytes;
+    let msg = PasswordMessageFamily::decode(&mut bytes, &Default::default()).ok()??;
+    let init = msg.into_sasl_initial_response().ok()?;
+    Some((init.auth_method, init.data?))
+}
+
+/// The SASL payload of a client's SASLResponse.
+pub fn sasl_response(frame: Frame) -> Option<Bytes> {
+    if frame.tag != b'p' {
+        return None;
+    }
+    let mut bytes = frame.bytes;
+    let msg = PasswordMessageFamily::decode(&mut bytes, &Default::default()).ok()??;
+    msg.into_sasl_response().ok().map(|r| r.data)
+}
+
+/// Parses one whole ErrorResponse or NoticeResponse frame from a server.
+pub fn parse_server_error(frame: &Frame) -> Option<PgError> {
+    let mut bytes = frame.bytes.clone();
+    let body = match backend::Message::parse(&mut bytes).ok()?? {
+        backend::Message::ErrorResponse(b) => b,
+        _ => return None,
+    };
+    let mut e = PgError::error("XX000", "");
+    let mut it = body.fields();
+    while let Ok(Some(f)) = it.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' if v == "FATAL" || v == "PANIC" => e.severity = Severity::Fatal,
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    Some(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::split_frame;
+
+    #[test]
+    fn error_roundtrip_through_server_parser() {
+        let e = PgError::fatal("53300", "too many").with_hint("wait");
+        let mut out = BytesMut::new();
+        error_response(&e, &mut out);
+        let f = split_frame(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(parse_server_error(&f), Some(e));
+    }
+
+    #[test]
+    fn sasl_initial_rejects_short_bodies_without_panicking() {
+        for body in [
+            &b""[..],
+            b"SCRAM",
+            b"SCRAM\0",
+            b"SCRAM\0\0\0",
+            b"SCRAM\0\0\0\0\x09abc",
+        ] {
+            let mut b = BytesMut::new();
+            b.extend_from_slice(b"p");
+            b.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            b.extend_from_slice(body);
+            let f = split_frame(&mut b, 1000).unwrap().unwrap();
+            assert_eq!(sasl_initial_response(f), None);
+        }
+        let mut b = BytesMut::new();
+        let body = b"SCRAM-SHA-256\0\0\0\0\x03abc";
+        b.extend_from_slice(b"p");
+        b.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        b.extend_from_slice(body);
+        let f = split_frame(&mut b, 1000).unwrap().unwrap();
+        let (m, d) = sasl_initial_response(f).unwrap();
+        assert_eq!(m, "SCRAM-SHA-256");
+        assert_eq!(&d[..], b"abc");
+    }
+}

@@ -1,0 +1,259 @@
+//! The untagged first packet of a client connection: SSLRequest, GSSENCRequest, CancelRequest
+//! or StartupMessage (PostgreSQL protocol, "Start-up" and "Canceling Requests in Progress").
+//!
+//! First step of the client session: the listener hands the socket to the session, which reads
+//! this packet with a small size limit before anything else. The startup body is decoded by
+//! pgwire, but only as one isolated packet whose length was checked here first.
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, BytesMut};
+use pgwire::messages::startup::Startup;
+use pgwire::messages::{DecodeContext, Message};
+
+/// Request code of an SSLRequest.
+pub const SSL_REQUEST_CODE: i32 = 80877103;
+/// Request code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: i32 = 80877104;
+/// Request code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+
+/// The first packet of a connection, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitialPacket {
+    /// Client asks for TLS.
+    SslRequest,
+    /// Client asks for GSSAPI encryption.
+    GssEncRequest,
+    /// Cancel the query of the session with this key.
+    Cancel {
+        /// Process id from BackendKeyData.
+        pid: i32,
+        /// Secret key bytes from BackendKeyData (4 bytes in protocol 3.0).
+        secret: Vec<u8>,
+    },
+    /// A StartupMessage.
+    Startup(StartupParams),
+}
+
+/// Why a first packet was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartupError {
+    /// Length field outside 8..=limit.
+    #[error("invalid startup packet length {len} (limit {max})")]
+    BadLength {
+        /// Announced length.
+        len: i32,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A protocol major version other than 3, or an unknown request code.
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
+    UnsupportedProtocol {
+        /// Major version requested.
+        major: u16,
+        /// Minor version requested.
+        minor: u16,
+    },
+    /// The body could not be decoded.
+    #[error("invalid startup packet layout: {0}")]
+    Malformed(String),
+}
+
+/// Parameters of a StartupMessage, as sent by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StartupParams {
+    /// Protocol minor version requested (major is always 3).
+    pub minor: u16,
+    /// All parameters, including user and database.
+    pub params: BTreeMap<String, String>,
+}
+
+impl StartupParams {
+    /// The `user` parameter (required by the protocol; empty when missing).
+    pub fn user(&self) -> &str {
+        self.params.get("user").map(String::as_str).unwrap_or("")
+    }
+
+    /// The `database` parameter, defaulting to the user name as PostgreSQL does.
+    pub fn database(&self) -> &str {
+        match self.params.get("database") {
+            Some(db) if !db.is_empty() => db,
+            _ => self.user(),
+        }
+    }
+
+    /// The `application_name` parameter, if any.
+    pub fn application_name(&self) -> Option<&str> {
+        self.params.get("application_name").map(String::as_str)
+    }
+
+    /// Protocol options (`_pq_.*`) that this proxy does not support (it supports none).
+    pub fn protocol_options(&self) -> Vec<String> {
+        self.params
+            .keys()
+            .filter(|k| k.starts_with("_pq_."))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the client must be sent NegotiateProtocolVersion (PostgreSQL does it when the
+    /// minor version is above what it supports or `_pq_.` options are present).
+    pub fn needs_negotiation(&self) -> bool {
+        self.minor > 0 || self.params.keys().any(|k| k.starts_with("_pq_."))
+    }
+
+    /// Session parameters to apply on the server: everything except the connection keys
+    /// (`user`, `database`, `replication`, `_pq_.*`). `options` is returned as is.
+    pub fn session_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(k.as_str(), "user" | "database" | "replication")
+                    && !k.starts_with("_pq_.")
+            })
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Splits the first packet off the front of `buf`, or `Ok(None)` when it is not all there yet.
+///
+/// # Errors
+/// [`StartupError`] when the length is outside `8..=max` or the packet is not one we know.
+pub fn split_initial(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<InitialPacket>, StartupError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len < 8 || len as usize > max {
+        return Err(StartupError::BadLength { len, max });
+    }
+    let len = len as usize;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    let code = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+    match code {
+        SSL_REQUEST_CODE if len == 8 => Ok(Some(InitialPacket::SslRequest)),
+        GSSENC_REQUEST_CODE if len == 8 => Ok(Some(InitialPacket::GssEncRequest)),
+        CANCEL_REQUEST_CODE if (12..=12 + 256).contains(&len) => {
+            packet.advance(8);
+            let pid = packet.get_i32();
+            Ok(Some(InitialPacket::Cancel {
+                pid,
+                secret: packet.to_vec(),
+            }))
+        }
+        _ => decode_startup(packet, code).map(|s| Some(InitialPacket::Startup(s))),
+    }
+}
+
+fn decode_startup(mut packet: BytesMut, code: i32) -> Result<StartupParams, StartupError> {
+    let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+    if major != 3 {
+        return Err(StartupError::UnsupportedProtocol { major, minor });
+    }
+    if packet.last() != Some(&0) {
+        return Err(StartupError::Malformed("missing terminator".into()));
+    }
+    let ctx = DecodeContext::default();
+    let startup = Startup::decode(&mut packet, &ctx)
+        .map_err(|e| StartupError::Malformed(e.to_string()))?
+        .ok_or_else(|| StartupError::Malformed("incomplete".into()))?;
+    Ok(StartupParams {
+        minor,
+        params: startup.parameters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn startup(minor: u16, params: &[(&str, &str)]) -> BytesMut {
+        let mut body = BytesMut::new();
+        body.put_u16(3);
+        body.put_u16(minor);
+        for (k, v) in params {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut out = BytesMut::new();
+        out.put_i32(body.len() as i32 + 4);
+        out.put_slice(&body);
+        out
+    }
+
+    #[test]
+    fn parses_startup_and_defaults() {
+        let mut b = startup(0, &[("user", "app"), ("application_name", "web")]);
+        let Some(InitialPacket::Startup(p)) = split_initial(&mut b, 10000).unwrap() else {
+            panic!("not a startup")
+        };
+        assert_eq!(p.user(), "app");
+        assert_eq!(p.database(), "app");
+        assert_eq!(p.application_name(), Some("web"));
+        assert!(!p.needs_negotiation());
+        let s: Vec<_> = p.session_params().collect();
+        assert_eq!(s, vec![("application_name", "web")]);
+    }
+
+    #[test]
+    fn negotiation_needed_for_minor_and_pq_options() {
+        let mut b = startup(2, &[("user", "u"), ("_pq_.test", "1")]);
+        let Some(InitialPacket::Startup(p)) = split_initial(&mut b, 10000).unwrap() else {
+            panic!()
+        };
+        assert!(p.needs_negotiation());
+        assert_eq!(p.protocol_options(), vec!["_pq_.test".to_string()]);
+    }
+
+    #[test]
+    fn classifies_requests_and_rejects_junk() {
+        let mut b = BytesMut::new();
+        b.put_i32(8);
+        b.put_i32(SSL_REQUEST_CODE);
+        assert_eq!(
+            split_initial(&mut b, 10000),
+            Ok(Some(InitialPacket::SslRequest))
+        );
+        let mut b = BytesMut::new();
+        b.put_i32(16);
+        b.put_i32(CANCEL_REQUEST_CODE);
+        b.put_i32(42);
+        b.put_i32(7);
+        assert_eq!(
+            split_initial(&mut b, 10000),
+            Ok(Some(InitialPacket::Cancel {
+                pid: 42,
+                secret: 7i32.to_be_bytes().to_vec()
+            }))
+        );
+        let mut b = BytesMut::from(&[0x40u8, 0, 0, 0][..]);
+        assert!(split_initial(&mut b, 10000).is_err());
+        let mut b = BytesMut::from(&[0u8, 0, 0, 2][..]);
+        assert!(split_initial(&mut b, 10000).is_err());
+        let mut b = BytesMut::new();
+        b.put_i32(12);
+        b.put_i32(0x0002_0000);
+        b.put_i32(0);
+        assert!(matches!(
+            split_initial(&mut b, 10000),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
+        // truncated: not an error, just not there yet
+        let full = startup(0, &[("user", "u")]);
+        for cut in 0..full.len() {
+            let mut b = BytesMut::from(&full[..cut]);
+            assert_eq!(split_initial(&mut b, 10000), Ok(None));
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! A running proxy: its shared state and the handle to stop it.
+//!
+//! Owns the pieces of the flow — listener, admission, pools, cancel registry — and passes
+//! them to tasks as one `Arc<Shared>`; nothing is global, so a test can run several proxies
+//! in one process. [`ProxyHandle::shutdown`] drives the drain described in [`crate::shutdown`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::admission::Admission;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, ScramVerifier};
+use crate::pool::PoolSet;
+use crate::shutdown::Phase;
+
+/// State every session of one proxy shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Server connection pools.
+    pub pools: PoolSet,
+    /// Cancel keys.
+    pub cancels: Arc<CancelRegistry>,
+    /// Client admission.
+    pub admission: Admission,
+    /// Shutdown phase.
+    pub phase: watch::Receiver<Phase>,
+    /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
+    pub decoy_verifier: ScramVerifier,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    phase_tx: Arc<watch::Sender<Phase>>,
+    tracker: TaskTracker,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Binds `config.listen` and starts serving.
+    ///
+    /// # Errors
+    /// The bind error.
+    pub async fn start(config: Config) -> io::Result<ProxyHandle> {
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(Self::serve(listener, config))
+    }
+
+    /// Starts serving on an already bound listener.
+    pub fn serve(listener: TcpListener, config: Config) -> ProxyHandle {
+        let addr = listener.local_addr().unwrap_or(config.listen);
+        let config = Arc::new(config);
+        let (phase_tx, phase) = watch::channel(Phase::Running);
+        let decoy = hex_nonce();
+        let shared = Arc::new(Shared {
+            pools: PoolSet::new(config.clone()),
+            cancels: Arc::new(CancelRegistry::new()),
+            admission: Admission::new(config.proxy.max_client_connections),
+            phase: phase.clone(),
+            decoy_verifier: ScramVerifier::from_password(&decoy),
+            config,
+        });
+        let tracker = TaskTracker::new();
+        let accept = tokio::spawn(crate::listener::run(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+            phase.clone(),
+        ));
+        let reaper = tokio::spawn(reap_loop(shared.clone(), phase));
+        tracing::info!(%addr, "pgvalve listening");
+        ProxyHandle {
+            addr,
+            shared,
+            phase_tx: Arc::new(phase_tx),
+            tracker,
+            tasks: vec![accept, reaper],
+        }
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shared state (pools, admission) for inspection.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Watches the shutdown phase.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase_tx.subscribe()
+    }
+
+    /// Graceful stop: stop accepting, let transactions finish up to `shutdown_timeout`, then
+    /// close everything.
+    pub async fn shutdown(self) {
+        let grace = self.shared.config.proxy.shutdown_timeout;
+        self.stop(grace).await;
+    }
+
+    /// Fast stop: close everything now.
+    pub async fn shutdown_now(self) {
+        self.stop(Duration::ZERO).await;
+    }
+
+    /// A handle that can force a fast stop while a graceful one is under way.
+    pub fn stop_signal(&self) -> StopSignal {
+        StopSignal(self.phase_tx.clone())
+    }
+
+    /// Starts the drain without waiting (a later [`ProxyHandle::shutdown`] completes it).
+    pub fn begin_drain(&self) {
+        self.phase_tx.send_if_modified(|p| {
+            let change = *p == Phase::Running;
+            if change {
+                *p = Phase::Draining;
+            }
+            change
+        });
+    }
+
+    async fn stop(self, grace: Duration) {
+        self.begin_drain();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "shutdown_timeout reached; closing remaining sessions"
+            );
+        }
+        let _ = self.phase_tx.send(Phase::Stopped);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        self.shared.pools.close();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("pgvalve stopped");
+    }
+}
+
+/// Forces the Stopped phase (see [`ProxyHandle::stop_signal`]).
+#[derive(Debug, Clone)]
+pub struct StopSignal(Arc<watch::Sender<Phase>>);
+
+impl StopSignal {
+    /// Close all sessions now.
+    pub fn stop_now(&self) {
+        let _ = self.0.send(Phase::Stopped);
+    }
+}
+
+async fn reap_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let every = shared.pools.reap_interval();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {
+                let n = shared.pools.reap();
+                if n > 0 {
+                    tracing::debug!(closed = n, "closed idle or old server connections");
+                }
+            }
+            r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+        }
+    }
+}
+
+fn hex_nonce() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

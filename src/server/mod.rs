@@ -1,0 +1,397 @@
+//! One connection to PostgreSQL: connect, log in, run the proxy's own simple queries
+//! (parameter application, reset) and forward cancel requests.
+//!
+//! Last step of the flow: the pool creates these through its manager, a client session
+//! relays bytes over `stream` while it holds one. Login uses postgres-protocol's
+//! SCRAM-SHA-256 and MD5 client code; server messages are framed by header with a size
+//! limit and parsed only as isolated frames.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::Secret;
+use crate::error::{sqlstate, PgError};
+use crate::protocol::frame::{split_frame, Frame};
+use crate::protocol::messages::parse_server_error;
+
+/// Largest message the proxy reads whole from a server (during login and its own queries).
+pub const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
+
+/// What can go wrong talking to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TCP connect failed.
+    #[error("cannot connect to server {addr}: {source}")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// Connect plus login took longer than server_connect_timeout.
+    #[error("timed out connecting to server {addr} after {timeout:?} (server_connect_timeout)")]
+    ConnectTimeout {
+        /// host:port.
+        addr: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// An established connection failed.
+    #[error("server connection lost: {0}")]
+    Io(#[from] io::Error),
+    /// The server sent something that is not valid protocol.
+    #[error("server sent an invalid message: {0}")]
+    Protocol(String),
+    /// PostgreSQL refused with an ErrorResponse (login refused, bad parameter...).
+    #[error("{0}")]
+    Postgres(PgError),
+    /// The server asked for an authentication method the proxy cannot do.
+    #[error("server requested {0} authentication, which pgvalve does not support")]
+    UnsupportedAuth(&'static str),
+    /// The server asked for a password and none is configured.
+    #[error(
+        "server requested a password for user \"{0}\" but none is configured (server_password)"
+    )]
+    NoPassword(String),
+    /// The global cap on server connections is reached and nothing idle could be closed.
+    #[error("no server connection slot free (max_server_connections={0})")]
+    NoSlot(u32),
+}
+
+impl ServerError {
+    /// The error the client is told.
+    pub fn client_error(&self) -> PgError {
+        match self {
+            ServerError::Postgres(e) => PgError { severity: crate::error::Severity::Fatal, ..e.clone() },
+            ServerError::NoSlot(_) => PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgvalve: {self}"))
+                .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
+            _ => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
+        }
+    }
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database on the server.
+    pub dbname: String,
+    /// Role.
+    pub user: String,
+    /// Password, if the server asks for one.
+    pub password: Option<Secret>,
+    /// Time allowed for connect plus login.
+    pub connect_timeout: Duration,
+}
+
+/// An open, logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet consumed.
+    pub rbuf: BytesMut,
+    /// Backend process id (BackendKeyData).
+    pub pid: i32,
+    /// Backend cancel key (BackendKeyData).
+    pub secret: i32,
+    /// The server's address, for cancel requests.
+    pub addr: SocketAddr,
+    /// ParameterStatus values as the server last reported them.
+    pub params: Vec<(String, String)>,
+    /// Last ReadyForQuery status: `I`, `T` or `E`.
+    pub status: u8,
+    /// Set when the connection's state is unknown; it is then never reused.
+    pub broken: bool,
+    /// When it last went back to the pool.
+    pub idle_since: Instant,
+    /// Its slot under max_server_connections, released when the connection is dropped.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Connects and logs in, bounded by `target.connect_timeout`.
+///
+/// # Errors
+/// [`ServerError`]: connect failure, timeout, or PostgreSQL's refusal.
+pub async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
+    let addr = format!("{}:{}", target.host, target.port);
+    tokio::time::timeout(target.connect_timeout, connect_inner(target, &addr))
+        .await
+        .map_err(|_| ServerError::ConnectTimeout {
+            addr,
+            timeout: target.connect_timeout,
+        })?
+}
+
+async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
+    let stream = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|source| ServerError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let mut conn = ServerConn {
+        stream,
+        rbuf: BytesMut::with_capacity(8192),
+        pid: 0,
+        secret: 0,
+        addr: peer,
+        params: Vec::new(),
+        status: b'I',
+        broken: false,
+        idle_since: Instant::now(),
+        slot: None,
+    };
+    let mut w = BytesMut::new();
+    frontend::startup_message(
+        [
+            ("user", target.user.as_str()),
+            ("database", target.dbname.as_str()),
+        ],
+        &mut w,
+    )?;
+    conn.stream.write_all(&w).await?;
+    conn.login(target).await?;
+    Ok(conn)
+}
+
+fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
+    let mut b = frame.bytes.clone();
+    match backend::Message::parse(&mut b) {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(ServerError::Protocol("truncated message".into())),
+        Err(e) => Err(ServerError::Protocol(e.to_string())),
+    }
+}
+
+impl ServerConn {
+    /// Reads one whole message (bounded by [`MAX_SERVER_CONTROL_MESSAGE`]).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: partial data stays in `rbuf`.
+    pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
+        loop {
+            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)
+                .map_err(|e| ServerError::Protocol(e.to_string()))?
+            {
+                return Ok(f);
+            }
+            self.rbuf.reserve(8192);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                self.broken = true;
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                )
+                .into());
+            }
+        }
+    }
+
+    async fn send(&mut self, w: &[u8]) -> Result<(), ServerError> {
+        self.stream.write_all(w).await.map_err(|e| {
+            self.broken = true;
+            e.into()
+        })
+    }
+
+    async fn login(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
+        let mut scram: Option<sasl::ScramSha256> = None;
+        let password = || {
+            target
+                .password
+                .as_ref()
+                .map(|p| p.0.as_bytes())
+                .ok_or_else(|| ServerError::NoPassword(target.user.clone()))
+        };
+        loop {
+            let frame = self.read_frame().await?;
+            let mut w = BytesMut::new();
+            match parse(&frame)? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?, &mut w)?
+                }
+                backend::Message::AuthenticationMd5Password(b) => {
+                    let hash = md5_hash(target.user.as_bytes(), password()?, b.salt());
+                    frontend::password_message(hash.as_bytes(), &mut w)?;
+                }
+                backend::Message::AuthenticationSasl(b) => {
+                    let mut mechs = b.mechanisms();
+                    let mut ok = false;
+                    while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
+                        ok |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !ok {
+                        return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)"));
+                    }
+                    let s =
+                        sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut w)?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(b) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
+                    s.update(b.data())
+                        .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut w)?;
+                }
+                backend::Message::AuthenticationSaslFinal(b) => {
+                    let mut s = scram
+                        .take()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASLFinal".into()))?;
+                    s.finish(b.data())
+                        .map_err(|e| ServerError::Protocol(format!("server signature: {e}")))?;
+                }
+                backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
+                    return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"))
+                }
+                backend::Message::AuthenticationKerberosV5
+                | backend::Message::AuthenticationScmCredential => {
+                    return Err(ServerError::UnsupportedAuth("Kerberos/SCM"))
+                }
+                backend::Message::ParameterStatus(p) => self.set_param(
+                    p.name().map_err(|e| ServerError::Protocol(e.to_string()))?,
+                    p.value()
+                        .map_err(|e| ServerError::Protocol(e.to_string()))?,
+                ),
+                backend::Message::BackendKeyData(k) => {
+                    (self.pid, self.secret) = (k.process_id(), k.secret_key())
+                }
+                backend::Message::ErrorResponse(_) => return Err(self.error_of(&frame)),
+                backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(r) => {
+                    self.status = r.status();
+                    return Ok(());
+                }
+                _ => {
+                    return Err(ServerError::Protocol(format!(
+                        "unexpected message '{}' during login",
+                        char::from(frame.tag)
+                    )))
+                }
+            }
+            if !w.is_empty() {
+                self.send(&w).await?;
+            }
+        }
+    }
+
+    fn error_of(&self, frame: &Frame) -> ServerError {
+        parse_server_error(frame)
+            .map(ServerError::Postgres)
+            .unwrap_or_else(|| ServerError::Protocol("malformed ErrorResponse".into()))
+    }
+
+    fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(n, _)| n == name) {
+            Some(p) => p.1 = value.to_string(),
+            None => self.params.push((name.to_string(), value.to_string())),
+        }
+    }
+
+    /// Runs a simple query the proxy itself needs (reset, parameter application), ignoring its
+    /// rows and tracking ParameterStatus. Returns PostgreSQL's error, if any, after the
+    /// connection is back at ReadyForQuery.
+    ///
+    /// # Errors
+    /// [`ServerError::Postgres`] when the query failed (the connection is still usable);
+    /// anything else leaves the connection `broken`.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut w = BytesMut::new();
+        frontend::query(sql, &mut w)?;
+        self.send(&w).await?;
+        let mut failure = None;
+        loop {
+            let frame = match self.read_frame().await {
+                Ok(f) => f,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            };
+            match frame.tag {
+                b'E' => failure = Some(self.error_of(&frame)),
+                b'S' => {
+                    if let Ok(backend::Message::ParameterStatus(p)) = parse(&frame) {
+                        if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
+                            self.set_param(n, v);
+                        }
+                    }
+                }
+                b'Z' => {
+                    self.status = frame.body().first().copied().unwrap_or(b'?');
+                    return failure.map_or(Ok(()), Err);
+                }
+                b'G' | b'H' | b'W' => {
+                    self.broken = true;
+                    return Err(ServerError::Protocol("COPY in a proxy query".into()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// True when the connection can serve another client: idle, nothing unread, not broken.
+    pub fn is_clean(&self) -> bool {
+        !self.broken && self.status == b'I' && self.rbuf.is_empty()
+    }
+}
+
+/// Sends a CancelRequest for backend `pid` to `addr` and waits until the server has closed
+/// the cancel connection (so the signal has been sent when this returns).
+///
+/// # Errors
+/// The I/O error, or a timeout after 5 s.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> io::Result<()> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut w = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut w);
+        s.write_all(&w).await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel request timed out"))?
+}
+
+/// Quotes a string as an SQL literal (standard_conforming_strings on; `E''` when needed).
+pub fn quote_literal(s: &str) -> String {
+    let body = s.replace('\'', "''");
+    if body.contains('\\') {
+        format!("E'{}'", body.replace('\\', "\\\\"))
+    } else {
+        format!("'{body}'")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+        assert_eq!(quote_literal(r"a\b"), r"E'a\\b'");
+        assert_eq!(quote_literal("x"), "'x'");
+    }
+}
