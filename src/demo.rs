@@ -121,6 +121,9 @@ impl DemoReport {
         if let Some(e) = &d.example_error {
             s.push_str(&format!("\ndirect error, for example: {e}\n"));
         }
+        if let Some(e) = &p.example_error {
+            s.push_str(&format!("through pgvalve, error: {e}\n"));
+        }
         s
     }
 }

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# pgbench select-only against a throwaway PostgreSQL: directly, through pgvalve, and through
+# PgBouncer when it is installed, interleaved in one run; prints tps and ratios to direct.
+#
+#   benches/pgbench.sh                      # 8,32,128 clients, 10 s per run, 1 rep, session mode
+#   CLIENTS=32 DURATION=20 REPS=3 benches/pgbench.sh
+#   POOL_MODE=transaction POOL_SIZE=20 benches/pgbench.sh   # once transaction pooling exists
+#
+# Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
+# Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-8,32,128}
+DURATION=${DURATION:-10}
+REPS=${REPS:-1}
+SCALE=${SCALE:-10}
+POOL_MODE=${POOL_MODE:-session}
+MODE=${PGBENCH_MODE:-simple}
+IFS=, read -r -a CLIENT_LIST <<<"$CLIENTS"
+MAXC=0; for c in "${CLIENT_LIST[@]}"; do ((c > MAXC)) && MAXC=$c; done
+# Session mode keeps one server connection per client: size the pools to the largest run.
+POOL_SIZE=${POOL_SIZE:-$MAXC}
+
+find_bindir() {
+  if [[ -n "${PGVALVE_PG_BINDIR:-}" ]]; then echo "$PGVALVE_PG_BINDIR"; return; fi
+  if command -v pg_config >/dev/null && [[ -x "$(pg_config --bindir)/initdb" ]]; then pg_config --bindir; return; fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
+}
+BINDIR=$(find_bindir)
+[[ -x "$BINDIR/initdb" ]] || { echo "no PostgreSQL binaries (apt-get install -y postgresql)" >&2; exit 1; }
+PGBENCH="$BINDIR/pgbench"; PSQL="$BINDIR/psql"
+
+echo "building pgvalve (release)..." >&2
+cargo build --release --quiet --bin pgvalve
+PGVALVE="$PWD/target/release/pgvalve"
+
+WORK=$(mktemp -d /tmp/pgvalve-bench-XXXXXX)
+chmod 755 "$WORK"
+AS=()
+if [[ $(id -u) == 0 ]]; then chown postgres: "$WORK"; AS=(runuser -u postgres --); fi
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PGPORT=$(free_port); VPORT=$(free_port); BPORT=$(free_port)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
+"${AS[@]}" "$BINDIR/initdb" -D "$WORK/data" -U postgres --pwfile="$WORK/pw" --auth-local=trust \
+  --auth-host=scram-sha-256 -E UTF8 --locale=C --no-sync >/dev/null
+"${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o \
+  "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=$((MAXC * 3 + 20)) -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=256MB" \
+  start >/dev/null
+"${AS[@]}" "$PSQL" -qX -h "$WORK" -p "$PGPORT" -U postgres -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench" >/dev/null
+PGPASSWORD=bench "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
+
+"$PGVALVE" run --upstream "postgres://bench:bench@127.0.0.1:$PGPORT" --listen "127.0.0.1:$VPORT" \
+  --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 >"$WORK/pgvalve.log" 2>&1 &
+PIDS+=($!)
+
+TARGETS=(direct:$PGPORT pgvalve:$VPORT)
+if command -v pgbouncer >/dev/null; then
+  VERIFIER=$("${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench'")
+  printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/userlist.txt"
+  cat >"$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PGPORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BPORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = $POOL_MODE
+default_pool_size = $POOL_SIZE
+max_client_conn = 5000
+max_db_connections = 0
+log_connections = 0
+log_disconnections = 0
+INI
+  [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+  "${AS[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+  PIDS+=($!)
+  TARGETS+=(pgbouncer:$BPORT)
+else
+  echo "pgbouncer not installed: comparing direct and pgvalve only" >&2
+fi
+sleep 1
+
+declare -A TPS
+for ((rep = 1; rep <= REPS; rep++)); do
+  for c in "${CLIENT_LIST[@]}"; do
+    for t in "${TARGETS[@]}"; do
+      name=${t%%:*}; port=${t##*:}
+      out=$(PGPASSWORD=bench "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
+      [[ -n "$tps" ]] || { echo "run $name c=$c failed: $(tail -2 <<<"$out")" >&2; tps=0; }
+      TPS[$name,$c]="${TPS[$name,$c]:-} $tps"
+      echo "rep $rep clients $c $name: $tps tps" >&2
+    done
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+echo
+echo "pgbench -S -M $MODE, $DURATION s per run, median of $REPS, pool_mode=$POOL_MODE pool_size=$POOL_SIZE, $(nproc) cores"
+printf '%-8s %12s %12s %12s %14s %14s\n' clients direct pgvalve pgbouncer "pgvalve/direct" "pgvalve/pgbouncer"
+for c in "${CLIENT_LIST[@]}"; do
+  d=$(median <<<"${TPS[direct,$c]}"); v=$(median <<<"${TPS[pgvalve,$c]}")
+  b=$( [[ -n "${TPS[pgbouncer,$c]:-}" ]] && median <<<"${TPS[pgbouncer,$c]}" || echo "")
+  rd=$(awk -v a="$v" -v b="$d" 'BEGIN{printf (b>0 ? "%.2f" : "-"), (b>0 ? a/b : 0)}')
+  rb=$( [[ -n "$b" ]] && awk -v a="$v" -v b="$b" 'BEGIN{printf (b>0 ? "%.2f" : "-"), (b>0 ? a/b : 0)}' || echo "-")
+  printf '%-8s %12s %12s %12s %14s %14s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb"
+done

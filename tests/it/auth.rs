@@ -1,0 +1,132 @@
+//! Authentication to clients and to servers, routing errors, protocol negotiation.
+
+use std::time::Duration;
+
+use pgvalve::testkit::{HostAuth, PgOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_login_and_refusals() {
+    let s = Setup::new(|_| {}).await;
+    let c = s.client().await;
+    let user: String = c
+        .query_one("SELECT current_user", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "app");
+
+    let e = connect(&s.url_as("app", "wrong", "app")).await.unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("28P01"), "{e}");
+    // An unknown user gets the same answer as a wrong password.
+    let e = connect(&s.url_as("nobody", "x", "app")).await.unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("28P01"), "{e}");
+    let e = connect(&s.url_as("app", "app-secret", "nosuchdb"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("3D000"), "{e}");
+    assert!(
+        e.as_db_error().unwrap().message().contains("nosuchdb"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_leg_md5() {
+    let s = Setup::with(
+        PgOptions {
+            host_auth: HostAuth::Md5,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let c = s.client().await;
+    let v: i32 = c.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_leg_trust_and_client_trust() {
+    let s = Setup::with(
+        PgOptions {
+            host_auth: HostAuth::Trust,
+            ..Default::default()
+        },
+        |f| {
+            f.proxy.auth_type = pgvalve::config::AuthType::Trust;
+        },
+    )
+    .await;
+    let c = connect(&format!("postgres://app@{}/app", s.proxy.local_addr()))
+        .await
+        .unwrap();
+    let v: i32 = c.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+    let e = connect(&format!("postgres://stranger@{}/app", s.proxy.local_addr()))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("28000"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_refusal_is_forwarded() {
+    // The proxy accepts the client but PostgreSQL refuses the login (wrong server password).
+    let s = Setup::new(|f| {
+        let u = f.users.get_mut("app").unwrap();
+        u.server_password = Some(pgvalve::config::Secret("not-the-password".into()));
+    })
+    .await;
+    let e = connect(&s.url()).await.unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("28P01"), "{e}");
+}
+
+fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiate_protocol_version_for_newer_clients() {
+    let s = Setup::new(|_| {}).await;
+    let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr())
+        .await
+        .unwrap();
+    sock.write_all(&startup_packet(
+        2,
+        &[("user", "app"), ("database", "app"), ("_pq_.grease", "1")],
+    ))
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut got = Vec::new();
+    while got.len() < 5
+        || got.len() < 1 + i32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize
+    {
+        let n = within(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(
+        got[0], b'v',
+        "expected NegotiateProtocolVersion, got {got:?}"
+    );
+    assert_eq!(&got[5..9], &0i32.to_be_bytes(), "newest minor version 0");
+    assert_eq!(&got[9..13], &1i32.to_be_bytes(), "one unsupported option");
+    assert!(got[13..].starts_with(b"_pq_.grease\0"));
+}

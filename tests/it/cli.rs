@@ -1,0 +1,229 @@
+//! The real binary: check, passwd, quick start with --upstream, SIGTERM drain; and psql and
+//! pgbench through the proxy.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pgvalve::testkit::{find_bindir, PgOptions, TestPostgres};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgvalve");
+
+#[test]
+fn check_accepts_the_example_and_names_file_and_line_of_errors() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgvalve.toml");
+    let out = Command::new(BIN)
+        .args(["check", "-c", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[pool]\npool_size = 5\nbogus = 1\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:3:") && err.contains("bogus"),
+        "{err}"
+    );
+}
+
+#[test]
+fn passwd_prints_a_verifier() {
+    let out = Command::new(BIN)
+        .args(["passwd", "s3cret"])
+        .output()
+        .unwrap();
+    let v = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        v.trim().parse::<pgvalve::config::ScramVerifier>().is_ok(),
+        "{v}"
+    );
+    assert!(!v.contains("s3cret"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_binary_serves_and_drains_on_sigterm() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pool-size",
+            "4",
+        ])
+        .env(
+            "PGVALVE_UPSTREAM",
+            format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("postgres://app:app-secret@127.0.0.1:{port}/app");
+    eventually(
+        Duration::from_secs(10),
+        "the binary accepts clients",
+        || async { connect(&url).await.is_ok() },
+    )
+    .await;
+    let c = connect(&url).await.unwrap();
+    c.batch_execute("CREATE TABLE s (id int); BEGIN; INSERT INTO s VALUES (1)")
+        .await
+        .unwrap();
+    // Any database name is routed to the same server.
+    let e = connect(&format!(
+        "postgres://app:app-secret@127.0.0.1:{port}/nosuch"
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        code(&e).as_deref(),
+        Some("3D000"),
+        "PostgreSQL's own answer is forwarded: {e}"
+    );
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connect(&url).await.is_err(),
+        "accepting new clients while draining"
+    );
+    c.batch_execute("INSERT INTO s VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let status = within(Duration::from_secs(15), child.wait()).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    let direct = connect(&pg.url()).await.unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_exits_64_before_binding() {
+    let out = Command::new(BIN)
+        .args(["run", "--upstream", "mysql://nope"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_pgbench_through_the_proxy() {
+    // Session mode: each pgbench client keeps a server connection, so the pool fits all 8.
+    let s = Setup::new(|f| f.pool.pool_size = 8).await;
+    let bindir = find_bindir().unwrap();
+    let port = s.proxy.local_addr().port().to_string();
+    let out = Command::new(bindir.join("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-tAc",
+            "SELECT 40 + 2",
+        ])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let init = Command::new(bindir.join("pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.pg.port().to_string(),
+            "-U",
+            "app",
+            "app",
+        ])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    for mode in ["simple", "extended", "prepared"] {
+        let out = Command::new(bindir.join("pgbench"))
+            .args([
+                "-n",
+                "-S",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "2",
+                "-M",
+                mode,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "app",
+                "app",
+            ])
+            .env("PGPASSWORD", "app-secret")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("number of failed transactions: 0"), "{text}");
+    }
+}

@@ -1,0 +1,174 @@
+//! Caps: pool size seen from PostgreSQL, query_wait_timeout, max_client_connections,
+//! idle and lifetime limits, and the demo's surge.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_clients_share_ten_server_connections() {
+    let s = Setup::new(|f| f.pool.pool_size = 10).await;
+    let su = s.pg.superuser().await.unwrap();
+    let peak = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        let db = s.pg.opts.database.clone();
+        tokio::spawn(async move {
+            loop {
+                let n: i64 = su
+                    .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'", &[&db])
+                    .await
+                    .unwrap()
+                    .get(0);
+                peak.fetch_max(n, Ordering::Relaxed);
+                tokio::select! { _ = stop.notified() => return, _ = tokio::time::sleep(Duration::from_millis(5)) => {} }
+            }
+        })
+    };
+    let url = s.url();
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = connect(&url)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
+                let v: i32 = c
+                    .query_one("SELECT $1::int + 0 FROM pg_sleep(0.05)", &[&i])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(v, i);
+            })
+        })
+        .collect();
+    for c in clients {
+        within(Duration::from_secs(120), c).await.unwrap();
+    }
+    stop.notify_one();
+    sampler.await.unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= 10,
+        "PostgreSQL saw {peak} proxy backends, pool_size is 10"
+    );
+    assert!(
+        peak >= 2,
+        "sampler saw {peak}: the test did not load the pool"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_longer_than_query_wait_timeout_is_53300_with_hint() {
+    let s = Setup::new(|f| {
+        f.pool.pool_size = 1;
+        f.pool.query_wait_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let holder = s.client().await;
+    let e = connect(&s.url()).await.unwrap_err();
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300");
+    assert_eq!(db.severity(), "FATAL");
+    assert!(
+        db.message().contains("query_wait_timeout") && db.message().contains("pool_size=1"),
+        "{}",
+        db.message()
+    );
+    assert!(db.hint().is_some());
+    drop(holder);
+    // Once the holder leaves, the next client gets the connection.
+    eventually(
+        Duration::from_secs(5),
+        "a client gets the freed connection",
+        || async { connect(&s.url()).await.is_ok() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_connections_refuses_before_auth() {
+    let s = Setup::new(|f| f.proxy.max_client_connections = 2).await;
+    let _a = s.client().await;
+    let _b = s.client().await;
+    // Refused even with a wrong password: the decision comes before authentication.
+    let e = connect(&s.url_as("app", "wrong", "app")).await.unwrap_err();
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300");
+    assert!(
+        db.message().contains("max_client_connections=2"),
+        "{}",
+        db.message()
+    );
+    drop(_a);
+    eventually(Duration::from_secs(5), "a slot frees up", || async {
+        connect(&s.url()).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_are_closed_after_server_idle_timeout() {
+    let s = Setup::new(|f| f.pool.server_idle_timeout = Duration::from_secs(1)).await;
+    let su = s.pg.superuser().await.unwrap();
+    let c = s.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    drop(c);
+    eventually(
+        Duration::from_secs(3),
+        "the connection is back in the pool",
+        || async { s.proxy.shared().pools.stats().first().map(|p| p.idle) == Some(1) },
+    )
+    .await;
+    assert_eq!(s.backends(&su).await, 1);
+    eventually(
+        Duration::from_secs(5),
+        "the idle server connection is closed",
+        || async { s.backends(&su).await == 0 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lifetime_retires_old_connections() {
+    let s = Setup::new(|f| {
+        f.pool.server_idle_timeout = Duration::ZERO;
+        f.pool.server_lifetime = Duration::from_secs(1);
+        f.pool.pool_size = 1;
+    })
+    .await;
+    let c = s.client().await;
+    let pid1: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = s.client().await;
+    let pid2: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        pid1, pid2,
+        "a connection older than server_lifetime was reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_surge_is_absorbed() {
+    let report = pgvalve::demo::run(pgvalve::demo::DemoOptions {
+        clients: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    println!("{}", report.render());
+    assert!(report.proxy_held(), "{}", report.render());
+    assert_eq!(report.proxied.ok, 100);
+}

@@ -1,0 +1,10 @@
+//! Behaviour tests: real PostgreSQL clusters (from the test kit), pgvalve in process, real
+//! clients (tokio-postgres, raw sockets, psql, pgbench, the pgvalve binary).
+
+mod auth;
+mod cli;
+mod limits;
+mod queries;
+mod robustness;
+mod sessions;
+mod support;

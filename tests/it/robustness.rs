@@ -1,0 +1,118 @@
+//! Bad input gets an ErrorResponse or a clean close, and never disturbs other clients.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Sends `bytes` and reads until the proxy closes; returns what it said.
+async fn send_and_read(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match within(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn error_code(reply: &[u8]) -> Option<String> {
+    if reply.first() != Some(&b'E') {
+        return None;
+    }
+    let body = &reply[5..];
+    let i = body.windows(1).position(|w| w[0] == b'C')?;
+    let end = body[i + 1..].iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&body[i + 1..i + 1 + end]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_truncation_are_refused_cleanly() {
+    let s = Setup::new(|f| f.proxy.client_login_timeout = Duration::from_secs(1)).await;
+    let bystander = s.client().await;
+    let addr = s.proxy.local_addr();
+
+    // HTTP instead of PostgreSQL: the length field is huge.
+    let r = send_and_read(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(error_code(&r).as_deref(), Some("08P01"), "{r:?}");
+    // Length below the minimum.
+    let r = send_and_read(addr, &[0, 0, 0, 4, 0, 0, 0, 0]).await;
+    assert_eq!(error_code(&r).as_deref(), Some("08P01"), "{r:?}");
+    // A protocol version we do not speak.
+    let r = send_and_read(addr, &[0, 0, 0, 8, 0, 2, 0, 0]).await;
+    assert_eq!(error_code(&r).as_deref(), Some("0A000"), "{r:?}");
+    // Truncated startup packet, then silence: closed at client_login_timeout.
+    let t0 = std::time::Instant::now();
+    let r = send_and_read(addr, &[0, 0, 0, 40, 0, 3, 0, 0, b'u']).await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        r.is_empty() || error_code(&r).as_deref() == Some("08P01"),
+        "{r:?}"
+    );
+    // Random bytes.
+    let mut seed = 0x9e37_79b9_u32;
+    for _ in 0..50 {
+        let junk: Vec<u8> = (0..64)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        let r = send_and_read(addr, &junk).await;
+        assert!(r.is_empty() || r[0] == b'E' || r[0] == b'N', "{r:?}");
+    }
+    let v: i32 = bystander.query_one("SELECT 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5, "a bystander was disturbed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_message_header_after_login_is_refused() {
+    // Trust auth lets a raw socket log in with just a startup packet.
+    let t = Setup::new(|f| f.proxy.auth_type = pgvalve::config::AuthType::Trust).await;
+    let bystander = t.client().await;
+    let mut sock = TcpStream::connect(t.proxy.local_addr()).await.unwrap();
+    let mut startup = Vec::new();
+    let body = b"\0\x03\0\0user\0app\0database\0app\0\0";
+    startup.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    startup.extend_from_slice(body);
+    sock.write_all(&startup).await.unwrap();
+    // Read until ReadyForQuery.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = within(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed during login: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A Query announcing 1 GiB.
+    sock.write_all(&[b'Q', 0x40, 0, 0, 0, b's', b'e'])
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    loop {
+        match within(Duration::from_secs(10), sock.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
+    let v: i32 = bystander.query_one("SELECT 6", &[]).await.unwrap().get(0);
+    assert_eq!(v, 6, "a bystander was disturbed");
+    let v: i32 = t
+        .client()
+        .await
+        .query_one("SELECT 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 7, "new clients are still served");
+}

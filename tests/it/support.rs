@@ -1,0 +1,108 @@
+//! Shared helpers: a throwaway PostgreSQL with a pgvalve in front, clients, bounded waits.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use pgvalve::config::{Config, FileConfig};
+use pgvalve::testkit::{PgOptions, TestPostgres};
+use pgvalve::ProxyHandle;
+use tokio_postgres::{Client, NoTls};
+
+/// A cluster and a proxy in front of it.
+pub struct Setup {
+    pub pg: TestPostgres,
+    pub proxy: ProxyHandle,
+}
+
+impl Setup {
+    /// Default cluster, proxy config adjusted by `tweak`.
+    pub async fn new(tweak: impl FnOnce(&mut FileConfig)) -> Setup {
+        Self::with(PgOptions::default(), tweak).await
+    }
+
+    pub async fn with(opts: PgOptions, tweak: impl FnOnce(&mut FileConfig)) -> Setup {
+        let pg = TestPostgres::start(opts).await.expect("start PostgreSQL");
+        let mut f = pg.file_config();
+        tweak(&mut f);
+        let proxy = ProxyHandle::start(Config::validate(f, "test").expect("valid config"))
+            .await
+            .expect("start proxy");
+        Setup { pg, proxy }
+    }
+
+    /// URL of the application role through the proxy.
+    pub fn url(&self) -> String {
+        self.url_as(
+            &self.pg.opts.user,
+            &self.pg.opts.password,
+            &self.pg.opts.database,
+        )
+    }
+
+    pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@{}/{db}",
+            self.proxy.local_addr()
+        )
+    }
+
+    /// A client through the proxy.
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await.expect("connect through pgvalve")
+    }
+
+    /// Client backends of the application database, seen by PostgreSQL.
+    pub async fn backends(&self, su: &Client) -> i64 {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+            &[&self.pg.opts.database],
+        )
+        .await
+        .expect("count backends")
+        .get(0)
+    }
+}
+
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) =
+        within(Duration::from_secs(30), tokio_postgres::connect(url, NoTls)).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Connects and keeps the connection task's handle (to kill the client abruptly).
+pub async fn connect_killable(url: &str) -> (Client, tokio::task::JoinHandle<()>) {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, task)
+}
+
+/// Awaits `f` or panics after `d`.
+pub async fn within<T>(d: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {d:?}"))
+}
+
+/// Polls `check` until it returns true, or panics after `d`.
+pub async fn eventually<F, Fut>(d: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < d {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not true within {d:?}");
+}
+
+/// SQLSTATE of an error from tokio-postgres, if it came from the server side.
+pub fn code(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
