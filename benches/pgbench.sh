@@ -59,11 +59,13 @@ echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
 PGPASSWORD=bench "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 
 "$PGVALVE" run --upstream "postgres://bench:bench@127.0.0.1:$PGPORT" --listen "127.0.0.1:$VPORT" \
-  --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 >"$WORK/pgvalve.log" 2>&1 &
+  --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
+  --max-server-connections 0 ${PGVALVE_ARGS:-} >"$WORK/pgvalve.log" 2>&1 &
 PIDS+=($!)
 
 TARGETS=(direct:$PGPORT pgvalve:$VPORT)
-if command -v pgbouncer >/dev/null; then
+PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+if [[ -n "$PGBOUNCER" ]]; then
   VERIFIER=$("${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench'")
   printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/userlist.txt"
   cat >"$WORK/pgbouncer.ini" <<INI
@@ -83,7 +85,7 @@ log_connections = 0
 log_disconnections = 0
 INI
   [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-  "${AS[@]}" pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+  "${AS[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
   PIDS+=($!)
   TARGETS+=(pgbouncer:$BPORT)
 else
@@ -91,13 +93,25 @@ else
 fi
 sleep 1
 
-declare -A TPS
+declare -A TPS CPU
+proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
+  case $1 in
+    pgvalve) pgrep -f -- "--listen 127.0.0.1:$VPORT" | head -1 ;;
+    pgbouncer) pgrep -f -- "$WORK/pgbouncer.ini" | grep -v runuser | tail -1 ;;
+  esac
+}
+cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 for ((rep = 1; rep <= REPS; rep++)); do
   for c in "${CLIENT_LIST[@]}"; do
     for t in "${TARGETS[@]}"; do
       name=${t%%:*}; port=${t##*:}
+      pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
       out=$(PGPASSWORD=bench "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
+      xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)
+      # proxy CPU per transaction in microseconds (clock ticks are 1/100 s)
+      CPU[$name,$c]="${CPU[$name,$c]:-} $(awk -v d=$((t1 - t0)) -v x="${xacts:-0}" 'BEGIN{printf "%.1f", (x>0 ? d*10000/x : 0)}')"
       [[ -n "$tps" ]] || { echo "run $name c=$c failed: $(tail -2 <<<"$out")" >&2; tps=0; }
       TPS[$name,$c]="${TPS[$name,$c]:-} $tps"
       echo "rep $rep clients $c $name: $tps tps" >&2
@@ -108,11 +122,12 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 echo
 echo "pgbench -S -M $MODE, $DURATION s per run, median of $REPS, pool_mode=$POOL_MODE pool_size=$POOL_SIZE, $(nproc) cores"
-printf '%-8s %12s %12s %12s %14s %14s\n' clients direct pgvalve pgbouncer "pgvalve/direct" "pgvalve/pgbouncer"
+printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' clients direct pgvalve pgbouncer "pgvalve/direct" "pgvalve/pgbouncer" "pgvalve us/tx" "pgbouncer us/tx"
 for c in "${CLIENT_LIST[@]}"; do
   d=$(median <<<"${TPS[direct,$c]}"); v=$(median <<<"${TPS[pgvalve,$c]}")
   b=$( [[ -n "${TPS[pgbouncer,$c]:-}" ]] && median <<<"${TPS[pgbouncer,$c]}" || echo "")
   rd=$(awk -v a="$v" -v b="$d" 'BEGIN{printf (b>0 ? "%.2f" : "-"), (b>0 ? a/b : 0)}')
   rb=$( [[ -n "$b" ]] && awk -v a="$v" -v b="$b" 'BEGIN{printf (b>0 ? "%.2f" : "-"), (b>0 ? a/b : 0)}' || echo "-")
-  printf '%-8s %12s %12s %12s %14s %14s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb"
+  cv=$(median <<<"${CPU[pgvalve,$c]}"); cb=$( [[ -n "${CPU[pgbouncer,$c]:-}" ]] && median <<<"${CPU[pgbouncer,$c]}" || echo -)
+  printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb" "$cv" "$cb"
 done

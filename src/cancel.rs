@@ -7,19 +7,18 @@
 //! that server connection ("Canceling Requests in Progress" in the protocol docs).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::server::send_cancel;
+use crate::server::{send_cancel, ServerAddr};
 
 /// The backend a cancel should reach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
     /// Server address.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// Backend pid.
     pub pid: i32,
     /// Backend key.
@@ -88,9 +87,9 @@ impl CancelRegistry {
             }
         };
         let target = slot.lock().await;
-        match *target {
+        match &*target {
             Some(t) => {
-                if let Err(e) = send_cancel(t.addr, t.pid, t.secret).await {
+                if let Err(e) = send_cancel(&t.addr, t.pid, t.secret).await {
                     tracing::warn!(error = %e, "forwarding a cancel request failed");
                 }
                 true

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pgvalve::config::{self, Overrides, PoolMode};
+
 use pgvalve::demo::{self, DemoOptions};
 use pgvalve::ProxyHandle;
 use tokio::signal::unix::{signal, SignalKind};
@@ -55,6 +56,12 @@ enum Cmd {
         /// Client connections admitted at once.
         #[arg(long, env = "PGVALVE_MAX_CLIENT_CONNECTIONS")]
         max_client_connections: Option<u32>,
+        /// Server connections across all pools (0 = no cap).
+        #[arg(long, env = "PGVALVE_MAX_SERVER_CONNECTIONS")]
+        max_server_connections: Option<u32>,
+        /// Runtime worker threads (0 = one per CPU core).
+        #[arg(long, env = "PGVALVE_WORKER_THREADS")]
+        worker_threads: Option<usize>,
     },
     /// Validate a config file and exit.
     Check {
@@ -95,13 +102,65 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// One worker thread is a current-thread runtime (no cross-thread wakeups, like PgBouncer's
+/// single event loop); more use tokio's work-stealing scheduler.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    b.enable_all().build()
+}
+
+/// Validates `run`'s configuration before the runtime starts or anything is bound.
+fn load_run_config(cmd: &Cmd) -> Result<Option<pgvalve::Config>, ExitCode> {
+    let Cmd::Run {
+        config,
+        listen,
+        upstream,
+        pool_mode,
+        pool_size,
+        max_client_connections,
+        max_server_connections,
+        worker_threads,
+    } = cmd
+    else {
+        return Ok(None);
+    };
+    if config.is_none() && upstream.is_none() {
+        eprintln!("pgvalve: give a config file (-c FILE) or an upstream (--upstream postgres://USER:PASSWORD@HOST:PORT)");
+        return Err(ExitCode::from(64));
+    }
+    let ov = Overrides {
+        listen: listen.clone(),
+        upstream: upstream.clone(),
+        pool_mode: *pool_mode,
+        pool_size: *pool_size,
+        max_client_connections: *max_client_connections,
+        max_server_connections: *max_server_connections,
+        worker_threads: *worker_threads,
+    };
+    config::load_with(config.as_deref(), &ov)
+        .map(Some)
+        .map_err(|e| {
+            eprintln!("pgvalve: {e}");
+            ExitCode::from(64)
+        })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let loaded = match load_run_config(&cli.command) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime(loaded.as_ref().map_or(0, |c| c.proxy.worker_threads)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgvalve: cannot start the runtime: {e}");
@@ -110,23 +169,10 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Cmd::Run {
-                config,
-                listen,
-                upstream,
-                pool_mode,
-                pool_size,
-                max_client_connections,
-            } => {
-                let ov = Overrides {
-                    listen,
-                    upstream,
-                    pool_mode,
-                    pool_size,
-                    max_client_connections,
-                };
-                run(config, ov).await
-            }
+            Cmd::Run { .. } => match loaded {
+                Some(config) => run(config).await,
+                None => ExitCode::FAILURE,
+            },
             Cmd::Check { config } => match config::load(&config) {
                 Ok(c) => {
                     println!(
@@ -161,18 +207,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(path: Option<PathBuf>, ov: Overrides) -> ExitCode {
-    if path.is_none() && ov.upstream.is_none() {
-        eprintln!("pgvalve: give a config file (-c FILE) or an upstream (--upstream postgres://USER:PASSWORD@HOST:PORT)");
-        return ExitCode::from(64);
-    }
-    let config = match config::load_with(path.as_deref(), &ov) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pgvalve: {e}");
-            return ExitCode::from(64);
-        }
-    };
+async fn run(config: pgvalve::Config) -> ExitCode {
     let handle = match ProxyHandle::start(config).await {
         Ok(h) => h,
         Err(e) => {

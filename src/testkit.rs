@@ -254,6 +254,11 @@ impl TestPostgres {
         Ok(())
     }
 
+    /// The directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The TCP port.
     pub fn port(&self) -> u16 {
         self.port

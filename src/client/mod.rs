@@ -23,9 +23,9 @@ pub use params::parse_options;
 pub use relay::RelayEnd;
 
 use crate::admission::ClientPermit;
-use crate::cancel::CancelTarget;
+use crate::cancel::{CancelKey, CancelTarget};
 use crate::error::{sqlstate, PgError, Side};
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages;
 use crate::protocol::startup::{InitialPacket, StartupError, StartupParams};
@@ -151,16 +151,12 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, peer);
     let span = tracing::info_span!("client", addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
-    async {
-        if let Err(e) = session(&shared, &mut client, permit).await {
-            e.log();
-            if let Some(pg) = e.client_error() {
-                client.send_error(&pg).await;
-            }
+    if let Err(e) = session(&shared, &mut client, permit, &span).await {
+        span.in_scope(|| e.log());
+        if let Some(pg) = e.client_error() {
+            client.send_error(&pg).await;
         }
     }
-    .instrument(span)
-    .await;
 }
 
 enum Opening {
@@ -221,18 +217,58 @@ async fn login(
     Ok(Some(p))
 }
 
+/// The whole session. Login and setup run inside the session's tracing span; the relay does
+/// not enter it on every poll (it logs nothing on the hot path).
 async fn session(
     shared: &Arc<Shared>,
     client: &mut ClientConn,
     permit: Option<ClientPermit>,
+    span: &tracing::Span,
 ) -> Result<(), SessionError> {
+    let Some((mut server, key)) = setup(shared, client, permit.is_some())
+        .instrument(span.clone())
+        .await?
+    else {
+        return Ok(());
+    };
+    key.set_target(Some(CancelTarget {
+        addr: server.addr.clone(),
+        pid: server.pid,
+        secret: server.secret,
+    }))
+    .await;
+    let end = relay::run(
+        client,
+        &mut server,
+        shared.phase.clone(),
+        shared.config.proxy.max_message_size.0,
+    )
+    .await;
+    key.set_target(None).await;
+    server
+        .release(
+            &shared.config.pool.server_reset_query,
+            Duration::from_secs(5),
+        )
+        .await;
+    drop(permit);
+    end.map(|_| ())
+}
+
+/// Login, routing, a server connection with the client's parameters applied, and the
+/// welcome (ParameterStatus, BackendKeyData, ReadyForQuery). None for a cancel request.
+async fn setup(
+    shared: &Arc<Shared>,
+    client: &mut ClientConn,
+    permit_ok: bool,
+) -> Result<Option<(PooledConn, CancelKey)>, SessionError> {
     let timeout = shared.config.proxy.client_login_timeout;
-    let login = tokio::time::timeout(timeout, login(shared, client, permit.is_some()));
+    let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
     let Some(p) = login
         .await
         .map_err(|_| SessionError::LoginTimeout(timeout))??
     else {
-        return Ok(());
+        return Ok(None);
     };
     let route = shared
         .config
@@ -261,28 +297,5 @@ async fn session(
     messages::ready_for_query(b'I', &mut client.wbuf);
     client.flush().await?;
     tracing::debug!(backend_pid = server.pid, "session started");
-
-    key.set_target(Some(CancelTarget {
-        addr: server.addr,
-        pid: server.pid,
-        secret: server.secret,
-    }))
-    .await;
-    let mut phase = shared.phase.clone();
-    let end = relay::run(
-        client,
-        &mut server,
-        &mut phase,
-        shared.config.proxy.max_message_size.0,
-    )
-    .await;
-    key.set_target(None).await;
-    server
-        .release(
-            &shared.config.pool.server_reset_query,
-            Duration::from_secs(5),
-        )
-        .await;
-    drop(permit);
-    end.map(|_| ())
+    Ok(Some((server, key)))
 }

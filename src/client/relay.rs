@@ -7,14 +7,15 @@
 //! What it tracks decides whether the server connection can be reused afterwards.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::conn::ClientConn;
 use super::SessionError;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::frame::{MessageWalker, Seen, Walk};
-use crate::server::ServerConn;
+use crate::server::stream::TryWrite;
+use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -104,112 +105,75 @@ fn consumed(b: &mut BytesMut, n: usize) {
     }
 }
 
+/// Writes as much of `out` as the socket takes now, without waiting. `Err` when it failed.
+fn write_now(w: &impl TryWrite, out: &mut BytesMut) -> Result<(), ()> {
+    while !out.is_empty() {
+        match w.try_write_now(out) {
+            Ok(0) => return Err(()),
+            Ok(n) => consumed(out, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves at the next phase change (a closed channel means Stopped).
+async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
+    let p = match rx.changed().await {
+        Ok(()) => *rx.borrow_and_update(),
+        Err(_) => Phase::Stopped,
+    };
+    (p, rx)
+}
+
 /// Relays until one side ends or shutdown says so. On return `server.status`, `server.rbuf`
 /// and `server.broken` say whether the server connection may be reused.
+///
+/// Per round trip the loop waits twice (client readable, server readable): what is read is
+/// written to the other side at once when the socket takes it, and only waits otherwise.
 ///
 /// # Errors
 /// [`SessionError`] for a client protocol violation (the caller tells the client).
 pub async fn run(
     client: &mut ClientConn,
     server: &mut ServerConn,
-    phase: &mut watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
     max_client_message: usize,
 ) -> Result<RelayEnd, SessionError> {
-    let mut t = Tracker {
-        pending: 0,
-        unsynced: false,
+    let c_in = std::mem::take(&mut client.rbuf);
+    let s_in = std::mem::take(&mut server.rbuf);
+    let mut state = Relayed {
         status: server.status,
-        terminate: false,
+        server_broken: false,
+        c_in,
+        s_in,
         last_server_tag: 0,
+        s_out: BytesMut::new(),
     };
-    let mut c_in = std::mem::take(&mut client.rbuf);
-    let mut s_in = std::mem::take(&mut server.rbuf);
-    let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
-    let mut cwalk = MessageWalker::new(max_client_message);
-    let mut swalk = MessageWalker::new(MAX_SERVER_MESSAGE);
-    let (mut c_new, mut s_new) = (!c_in.is_empty(), !s_in.is_empty());
-    let mut now = *phase.borrow();
-    let (mut cr, mut cw) = client.stream.split();
-    let (mut sr, mut sw) = server.stream.split();
-
-    let end: Result<RelayEnd, SessionError> = loop {
-        if c_new {
-            c_new = false;
-            match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
-                Ok(n) => move_ready(&mut c_in, &mut c_out, n),
-                Err(e) => break Err(SessionError::Frame(e)),
-            }
+    let (cr, cw) = client.stream.split();
+    let end = match &mut server.stream {
+        ServerStream::Tcp(s) => {
+            let (sr, sw) = s.split();
+            relay(cr, cw, sr, sw, &mut state, phase, max_client_message).await
         }
-        if s_new {
-            s_new = false;
-            match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
-                Ok(n) => move_ready(&mut s_in, &mut s_out, n),
-                Err(e) => {
-                    server.broken = true;
-                    break Err(SessionError::ServerProtocol(e.to_string()));
-                }
-            }
-        }
-        if t.terminate && c_out.is_empty() {
-            break Ok(RelayEnd::ClientDone);
-        }
-        let at_rest = t.pending == 0
-            && !t.unsynced
-            && t.status == b'I'
-            && s_out.is_empty()
-            && s_in.is_empty()
-            && c_in.is_empty()
-            && c_out.is_empty()
-            && swalk.at_boundary()
-            && cwalk.at_boundary();
-        if now == Phase::Stopped || (now == Phase::Draining && at_rest) {
-            break Ok(RelayEnd::Shutdown);
-        }
-        ensure_space(&mut c_in);
-        ensure_space(&mut s_in);
-        tokio::select! {
-            r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
-                Ok(n) if n > 0 => c_new = true,
-                _ => break Ok(RelayEnd::ClientDone),
-            },
-            r = sw.write(&c_out), if !c_out.is_empty() => match r {
-                Ok(n) if n > 0 => consumed(&mut c_out, n),
-                _ => { server.broken = true; break Ok(RelayEnd::ServerGone) }
-            },
-            r = sr.read_buf(&mut s_in), if s_out.len() < HIGH_WATER => match r {
-                Ok(n) if n > 0 => s_new = true,
-                _ => { server.broken = true; break Ok(RelayEnd::ServerGone) }
-            },
-            r = cw.write(&s_out), if !s_out.is_empty() => match r {
-                Ok(n) if n > 0 => consumed(&mut s_out, n),
-                _ => break Ok(RelayEnd::ClientDone),
-            },
-            r = phase.changed(), if now != Phase::Stopped => {
-                now = if r.is_ok() { *phase.borrow_and_update() } else { Phase::Stopped };
-            },
+        ServerStream::Unix(s) => {
+            let (sr, sw) = s.split();
+            relay(cr, cw, sr, sw, &mut state, phase, max_client_message).await
         }
     };
-
-    // Record what the server connection's state is now known to be.
-    let clean = t.pending == 0
-        && !t.unsynced
-        && swalk.at_boundary()
-        && cwalk.at_boundary()
-        && c_out.is_empty()
-        && s_out.is_empty()
-        && s_in.is_empty();
-    // Unknown ('?') unless every request was answered and no message is half-relayed.
-    server.status = if clean { t.status } else { b'?' };
-    server.rbuf = s_in;
-    client.rbuf = c_in;
+    server.status = state.status;
+    server.broken |= state.server_broken;
+    server.rbuf = state.s_in;
+    client.rbuf = state.c_in;
     match end {
         Ok(RelayEnd::ServerGone) => {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
-                client.stream.write_all(&s_out),
+                client.stream.write_all(&state.s_out),
             )
             .await;
-            if t.last_server_tag != b'E' {
+            if state.last_server_tag != b'E' {
                 client
                     .send_error(&PgError::fatal(
                         sqlstate::CONNECTION_FAILURE,
@@ -221,7 +185,7 @@ pub async fn run(
         Ok(RelayEnd::Shutdown) => {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
-                client.stream.write_all(&s_out),
+                client.stream.write_all(&state.s_out),
             )
             .await;
             client
@@ -236,5 +200,137 @@ pub async fn run(
         }
         _ => {}
     }
+    end
+}
+
+/// What the relay hands back to [`run`].
+struct Relayed {
+    /// ReadyForQuery status, or `?` when the server connection's state is unknown.
+    status: u8,
+    /// The server connection failed.
+    server_broken: bool,
+    /// Unforwarded client bytes.
+    c_in: BytesMut,
+    /// Unforwarded server bytes.
+    s_in: BytesMut,
+    /// Server bytes read but not yet written to the client.
+    s_out: BytesMut,
+    /// Type of the last message from the server.
+    last_server_tag: u8,
+}
+
+async fn relay<CR, CW, SR, SW>(
+    mut cr: CR,
+    mut cw: CW,
+    mut sr: SR,
+    mut sw: SW,
+    out: &mut Relayed,
+    phase: watch::Receiver<Phase>,
+    max_client_message: usize,
+) -> Result<RelayEnd, SessionError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + TryWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + TryWrite + Unpin,
+{
+    let mut c_in = std::mem::take(&mut out.c_in);
+    let mut s_in = std::mem::take(&mut out.s_in);
+    let mut t = Tracker {
+        pending: 0,
+        unsynced: false,
+        status: out.status,
+        terminate: false,
+        last_server_tag: 0,
+    };
+    let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
+    let mut cwalk = MessageWalker::new(max_client_message);
+    let mut swalk = MessageWalker::new(MAX_SERVER_MESSAGE);
+    let (mut c_new, mut s_new) = (!c_in.is_empty(), !s_in.is_empty());
+    let mut now = *phase.borrow();
+    let mut phase_change = std::pin::pin!(next_phase(phase));
+
+    let end: Result<RelayEnd, SessionError> = loop {
+        if c_new {
+            c_new = false;
+            match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
+                Ok(n) => move_ready(&mut c_in, &mut c_out, n),
+                Err(e) => break Err(SessionError::Frame(e)),
+            }
+            if write_now(&sw, &mut c_out).is_err() {
+                out.server_broken = true;
+                break Ok(RelayEnd::ServerGone);
+            }
+        }
+        if s_new {
+            s_new = false;
+            match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
+                Ok(n) => move_ready(&mut s_in, &mut s_out, n),
+                Err(e) => {
+                    out.server_broken = true;
+                    break Err(SessionError::ServerProtocol(e.to_string()));
+                }
+            }
+            if write_now(&cw, &mut s_out).is_err() {
+                break Ok(RelayEnd::ClientDone);
+            }
+        }
+        if t.terminate && c_out.is_empty() {
+            break Ok(RelayEnd::ClientDone);
+        }
+        if now != Phase::Running {
+            let at_rest = t.pending == 0
+                && !t.unsynced
+                && t.status == b'I'
+                && s_out.is_empty()
+                && s_in.is_empty()
+                && c_in.is_empty()
+                && c_out.is_empty()
+                && swalk.at_boundary()
+                && cwalk.at_boundary();
+            if now == Phase::Stopped || at_rest {
+                break Ok(RelayEnd::Shutdown);
+            }
+        }
+        ensure_space(&mut c_in);
+        ensure_space(&mut s_in);
+        tokio::select! {
+            r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
+                Ok(n) if n > 0 => c_new = true,
+                _ => break Ok(RelayEnd::ClientDone),
+            },
+            r = sr.read_buf(&mut s_in), if s_out.len() < HIGH_WATER => match r {
+                Ok(n) if n > 0 => s_new = true,
+                _ => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
+            },
+            r = sw.write(&c_out), if !c_out.is_empty() => match r {
+                Ok(n) if n > 0 => consumed(&mut c_out, n),
+                _ => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
+            },
+            r = cw.write(&s_out), if !s_out.is_empty() => match r {
+                Ok(n) if n > 0 => consumed(&mut s_out, n),
+                _ => break Ok(RelayEnd::ClientDone),
+            },
+            (p, rx) = &mut phase_change, if now != Phase::Stopped => {
+                now = p;
+                phase_change.set(next_phase(rx));
+            },
+        }
+    };
+
+    // Record what the server connection's state is now known to be: unknown ('?') unless
+    // every request was answered and no message is half-relayed.
+    let clean = t.pending == 0
+        && !t.unsynced
+        && swalk.at_boundary()
+        && cwalk.at_boundary()
+        && c_out.is_empty()
+        && s_out.is_empty()
+        && s_in.is_empty();
+    out.status = if clean { t.status } else { b'?' };
+    out.last_server_tag = t.last_server_tag;
+    out.c_in = c_in;
+    out.s_in = s_in;
+    out.s_out = s_out;
     end
 }

@@ -170,6 +170,10 @@ pub struct Overrides {
     pub pool_size: Option<u32>,
     /// `--max-client-connections`.
     pub max_client_connections: Option<u32>,
+    /// `--max-server-connections`.
+    pub max_server_connections: Option<u32>,
+    /// `--worker-threads`.
+    pub worker_threads: Option<usize>,
 }
 
 /// Reads and validates a config file.
@@ -242,6 +246,12 @@ fn apply_overrides(
     if let Some(n) = ov.max_client_connections {
         f.proxy.max_client_connections = n;
     }
+    if let Some(n) = ov.max_server_connections {
+        f.pool.max_server_connections = n;
+    }
+    if let Some(n) = ov.worker_threads {
+        f.proxy.worker_threads = n;
+    }
     if let Some(url) = &ov.upstream {
         let invalid = |reason: String| ConfigError::Invalid {
             path: name.to_string(),
@@ -256,7 +266,7 @@ fn apply_overrides(
             .to_string();
         let host = match pg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(_) => return Err(invalid("only TCP hosts are supported".into())),
+            Some(tokio_postgres::config::Host::Unix(dir)) => dir.display().to_string(),
             None => "127.0.0.1".into(),
         };
         let port = pg.get_ports().first().copied().unwrap_or(5432);

@@ -116,6 +116,8 @@ pub struct ProxySettings {
     /// On SIGTERM/SIGINT: how long clients in a transaction may take to finish it.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Runtime worker threads (0 = one per CPU core). Needs a restart to change.
+    pub worker_threads: usize,
 }
 
 impl Default for ProxySettings {
@@ -128,6 +130,7 @@ impl Default for ProxySettings {
             max_message_size: ByteSize(256 << 20),
             max_startup_packet_size: 10_000,
             shutdown_timeout: Duration::from_secs(30),
+            worker_threads: 0,
         }
     }
 }
@@ -178,7 +181,8 @@ impl Default for PoolSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// PostgreSQL host.
+    /// PostgreSQL host, or a Unix-socket directory such as "/var/run/postgresql" (cheaper
+    /// for a server on the same machine).
     #[serde(default = "default_host")]
     pub host: String,
     /// PostgreSQL port.

@@ -61,10 +61,10 @@ fn discard(obj: Object<ServerManager>) {
     if conn.status != b'I' || !conn.rbuf.is_empty() {
         // The backend may be busy in a query: cancel it so its transaction ends now rather
         // than when it next writes to the closed socket.
-        let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
+        let (addr, pid, secret) = (conn.addr.clone(), conn.pid, conn.secret);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = send_cancel(addr, pid, secret).await;
+                let _ = send_cancel(&addr, pid, secret).await;
             });
         }
     }

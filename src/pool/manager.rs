@@ -42,18 +42,26 @@ impl ServerSlots {
         pools.push(pool.weak());
     }
 
-    /// Takes a slot, closing an idle connection of another pool if none is free.
+    /// Takes a slot, waiting up to `wait`. While none is free it keeps closing idle
+    /// connections of any pool, so idle connections never hold slots others wait for.
     async fn acquire(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, ServerError> {
         let Some(sem) = &self.sem else {
             return Ok(None);
         };
-        if let Ok(p) = sem.clone().try_acquire_owned() {
-            return Ok(Some(p));
-        }
-        self.evict_one_idle();
-        match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(Some(p)),
-            _ => Err(ServerError::NoSlot(self.max)),
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Ok(p) = sem.clone().try_acquire_owned() {
+                return Ok(Some(p));
+            }
+            self.evict_one_idle();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ServerError::NoSlot(self.max));
+            }
+            let step = left.min(Duration::from_millis(100));
+            if let Ok(Ok(p)) = tokio::time::timeout(step, sem.clone().acquire_owned()).await {
+                return Ok(Some(p));
+            }
         }
     }
 
@@ -86,6 +94,8 @@ pub struct ServerManager {
     pub target: ServerTarget,
     /// Global cap.
     pub slots: Arc<ServerSlots>,
+    /// How long to wait for a global slot (query_wait_timeout).
+    pub slot_wait: Duration,
     /// Close connections older than this when they come back (zero = never).
     pub lifetime: Duration,
     /// Connections refused by recycle (closed instead of reused).
@@ -99,7 +109,7 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
-        let slot = self.slots.acquire(self.target.connect_timeout).await?;
+        let slot = self.slots.acquire(self.slot_wait).await?;
         let mut conn = server::connect(&self.target).await?;
         conn.slot = slot;
         self.created.fetch_add(1, Ordering::Relaxed);

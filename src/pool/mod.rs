@@ -148,6 +148,7 @@ impl PoolSet {
                 connect_timeout: cfg.server_connect_timeout,
             },
             slots: self.slots.clone(),
+            slot_wait: cfg.query_wait_timeout,
             lifetime: cfg.server_lifetime,
             recycle_rejections: rejected.clone(),
             created: created.clone(),
@@ -157,7 +158,9 @@ impl PoolSet {
             .queue_mode(QueueMode::Lifo)
             .timeouts(Timeouts {
                 wait: Some(cfg.query_wait_timeout),
-                create: Some(cfg.server_connect_timeout + Duration::from_secs(1)),
+                // create() bounds itself: query_wait_timeout for a global slot, then
+                // server_connect_timeout for connect and login.
+                create: None,
                 recycle: Some(Duration::from_secs(5)),
             })
             .runtime(Runtime::Tokio1)

@@ -7,15 +7,16 @@
 //! limit and parsed only as isolated frames.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+
+pub mod stream;
+pub use stream::{ServerAddr, ServerStream};
 
 use crate::config::Secret;
 use crate::error::{sqlstate, PgError};
@@ -100,7 +101,7 @@ pub struct ServerTarget {
 #[derive(Debug)]
 pub struct ServerConn {
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server and not yet consumed.
     pub rbuf: BytesMut,
     /// Backend process id (BackendKeyData).
@@ -108,7 +109,7 @@ pub struct ServerConn {
     /// Backend cancel key (BackendKeyData).
     pub secret: i32,
     /// The server's address, for cancel requests.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// ParameterStatus values as the server last reported them.
     pub params: Vec<(String, String)>,
     /// Last ReadyForQuery status: `I`, `T` or `E`.
@@ -136,14 +137,12 @@ pub async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
 }
 
 async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
-    let stream = TcpStream::connect((target.host.as_str(), target.port))
+    let (stream, peer) = ServerStream::connect(&target.host, target.port)
         .await
         .map_err(|source| ServerError::Connect {
             addr: addr.to_string(),
             source,
         })?;
-    stream.set_nodelay(true)?;
-    let peer = stream.peer_addr()?;
     let mut conn = ServerConn {
         stream,
         rbuf: BytesMut::with_capacity(8192),
@@ -359,9 +358,9 @@ impl ServerConn {
 ///
 /// # Errors
 /// The I/O error, or a timeout after 5 s.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) -> io::Result<()> {
+pub async fn send_cancel(addr: &ServerAddr, pid: i32, secret: i32) -> io::Result<()> {
     let work = async {
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = ServerStream::connect_addr(addr).await?;
         let mut w = BytesMut::new();
         frontend::cancel_request(pid, secret, &mut w);
         s.write_all(&w).await?;

@@ -130,3 +130,40 @@ async fn negotiate_protocol_version_for_newer_clients() {
     assert_eq!(&got[9..13], &1i32.to_be_bytes(), "one unsupported option");
     assert!(got[13..].starts_with(b"_pq_.grease\0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_leg_over_unix_socket() {
+    let s = Setup::new(|_| {}).await;
+    // A second proxy that reaches the same server through its socket directory.
+    let mut f = s.pg.file_config();
+    let db = f.databases.get_mut("app").unwrap();
+    db.host = s.pg.socket_dir().display().to_string();
+    let proxy = pgvalve::ProxyHandle::start(pgvalve::Config::validate(f, "test").unwrap())
+        .await
+        .unwrap();
+    let c = connect(&format!(
+        "postgres://app:app-secret@{}/app",
+        proxy.local_addr()
+    ))
+    .await
+    .unwrap();
+    let row = c
+        .query_one("SELECT inet_client_addr() IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "the server connection should be a Unix-socket connection"
+    );
+    // Cancel goes over the socket too.
+    let token = c.cancel_token();
+    let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = within(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("57014"));
+    proxy.shutdown_now().await;
+}

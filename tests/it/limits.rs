@@ -172,3 +172,51 @@ async fn demo_surge_is_absorbed() {
     assert!(report.proxy_held(), "{}", report.render());
     assert_eq!(report.proxied.ok, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_server_connections_is_shared_across_pools() {
+    let s = Setup::new(|f| {
+        f.pool.max_server_connections = 2;
+        f.pool.pool_size = 2;
+        let app = f.databases["app"].clone();
+        f.databases.insert("other".into(), app);
+        f.pool.query_wait_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let su = s.pg.superuser().await.unwrap();
+    su.batch_execute("CREATE DATABASE other OWNER app")
+        .await
+        .unwrap();
+    let a1 = s.client().await;
+    let a2 = s.client().await;
+    let other_url = s.url_as("app", "app-secret", "other");
+    // Both slots are in use by pool "app": the client of pool "other" waits...
+    let waiting = tokio::spawn(async move {
+        let c = connect(&other_url).await?;
+        c.query_one("SELECT current_database()::text", &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third server connection was opened past max_server_connections=2"
+    );
+    // ...until one of pool "app"'s connections goes idle: it is closed to make room.
+    drop(a1);
+    let db = within(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(db, "other");
+    let total: i64 = su
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname IN ('app', 'other') AND backend_type = 'client backend'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        total <= 2,
+        "{total} server connections with max_server_connections=2"
+    );
+    drop(a2);
+}
