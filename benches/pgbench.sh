@@ -4,6 +4,8 @@
 #
 #   benches/pgbench.sh                      # 8,32,128 clients, 10 s per run, 1 rep, session mode
 #   CLIENTS=32 DURATION=20 REPS=3 benches/pgbench.sh
+#   SERVER_LEG=unix benches/pgbench.sh      # proxies reach PostgreSQL over its Unix socket
+#   PGVALVE_ARGS="--worker-threads 1" benches/pgbench.sh
 #   POOL_MODE=transaction POOL_SIZE=20 benches/pgbench.sh   # once transaction pooling exists
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
@@ -17,6 +19,9 @@ REPS=${REPS:-1}
 SCALE=${SCALE:-10}
 POOL_MODE=${POOL_MODE:-session}
 MODE=${PGBENCH_MODE:-simple}
+# How the proxies reach PostgreSQL: tcp (127.0.0.1) or unix (its socket directory). Clients
+# (pgbench) always connect over TCP, to PostgreSQL and to the proxies alike.
+SERVER_LEG=${SERVER_LEG:-tcp}
 IFS=, read -r -a CLIENT_LIST <<<"$CLIENTS"
 MAXC=0; for c in "${CLIENT_LIST[@]}"; do ((c > MAXC)) && MAXC=$c; done
 # Session mode keeps one server connection per client: size the pools to the largest run.
@@ -58,7 +63,8 @@ echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
 "${AS[@]}" "$PSQL" -qX -h "$WORK" -p "$PGPORT" -U postgres -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench" >/dev/null
 PGPASSWORD=bench "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 
-"$PGVALVE" run --upstream "postgres://bench:bench@127.0.0.1:$PGPORT" --listen "127.0.0.1:$VPORT" \
+SERVER_HOST=127.0.0.1; [[ $SERVER_LEG == unix ]] && SERVER_HOST=$WORK
+"$PGVALVE" run --upstream "postgres://bench:bench@$(python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SERVER_HOST"):$PGPORT" --listen "127.0.0.1:$VPORT" \
   --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
   --max-server-connections 0 ${PGVALVE_ARGS:-} >"$WORK/pgvalve.log" 2>&1 &
 PIDS+=($!)
@@ -70,7 +76,7 @@ if [[ -n "$PGBOUNCER" ]]; then
   printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/userlist.txt"
   cat >"$WORK/pgbouncer.ini" <<INI
 [databases]
-bench = host=127.0.0.1 port=$PGPORT dbname=bench
+bench = host=$SERVER_HOST port=$PGPORT dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BPORT
@@ -121,7 +127,7 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 echo
-echo "pgbench -S -M $MODE, $DURATION s per run, median of $REPS, pool_mode=$POOL_MODE pool_size=$POOL_SIZE, $(nproc) cores"
+echo "pgbench -S -M $MODE, $DURATION s per run, median of $REPS, pool_mode=$POOL_MODE pool_size=$POOL_SIZE, server leg $SERVER_LEG, $(nproc) cores"
 printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' clients direct pgvalve pgbouncer "pgvalve/direct" "pgvalve/pgbouncer" "pgvalve us/tx" "pgbouncer us/tx"
 for c in "${CLIENT_LIST[@]}"; do
   d=$(median <<<"${TPS[direct,$c]}"); v=$(median <<<"${TPS[pgvalve,$c]}")

@@ -118,6 +118,32 @@ fn write_now(w: &impl TryWrite, out: &mut BytesMut) -> Result<(), ()> {
     Ok(())
 }
 
+/// Sends the first `n` (scanned) bytes of `input` on: straight from `input` when nothing is
+/// queued before them, queuing in `out` whatever the socket does not take now.
+fn forward(
+    input: &mut BytesMut,
+    n: usize,
+    out: &mut BytesMut,
+    w: &impl TryWrite,
+) -> Result<(), ()> {
+    if !out.is_empty() {
+        move_ready(input, out, n);
+        return write_now(w, out);
+    }
+    let mut sent = 0;
+    while sent < n {
+        match w.try_write_now(&input[sent..n]) {
+            Ok(0) => return Err(()),
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(()),
+        }
+    }
+    input.advance(sent);
+    move_ready(input, out, n - sent);
+    Ok(())
+}
+
 /// Resolves at the next phase change (a closed channel means Stopped).
 async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
     let p = match rx.changed().await {
@@ -253,25 +279,25 @@ where
     let end: Result<RelayEnd, SessionError> = loop {
         if c_new {
             c_new = false;
-            match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
-                Ok(n) => move_ready(&mut c_in, &mut c_out, n),
+            let n = match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
+                Ok(n) => n,
                 Err(e) => break Err(SessionError::Frame(e)),
-            }
-            if write_now(&sw, &mut c_out).is_err() {
+            };
+            if forward(&mut c_in, n, &mut c_out, &sw).is_err() {
                 out.server_broken = true;
                 break Ok(RelayEnd::ServerGone);
             }
         }
         if s_new {
             s_new = false;
-            match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
-                Ok(n) => move_ready(&mut s_in, &mut s_out, n),
+            let n = match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
+                Ok(n) => n,
                 Err(e) => {
                     out.server_broken = true;
                     break Err(SessionError::ServerProtocol(e.to_string()));
                 }
-            }
-            if write_now(&cw, &mut s_out).is_err() {
+            };
+            if forward(&mut s_in, n, &mut s_out, &cw).is_err() {
                 break Ok(RelayEnd::ClientDone);
             }
         }
@@ -295,6 +321,12 @@ where
         ensure_space(&mut c_in);
         ensure_space(&mut s_in);
         tokio::select! {
+            // Shutdown first, so a session that streams without pause still sees it.
+            biased;
+            (p, rx) = &mut phase_change, if now != Phase::Stopped => {
+                now = p;
+                phase_change.set(next_phase(rx));
+            },
             r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
                 Ok(n) if n > 0 => c_new = true,
                 _ => break Ok(RelayEnd::ClientDone),
@@ -310,10 +342,6 @@ where
             r = cw.write(&s_out), if !s_out.is_empty() => match r {
                 Ok(n) if n > 0 => consumed(&mut s_out, n),
                 _ => break Ok(RelayEnd::ClientDone),
-            },
-            (p, rx) = &mut phase_change, if now != Phase::Stopped => {
-                now = p;
-                phase_change.set(next_phase(rx));
             },
         }
     };

@@ -227,3 +227,55 @@ async fn psql_and_pgbench_through_the_proxy() {
         assert!(text.contains("number of failed transactions: 0"), "{text}");
     }
 }
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gigabyte_copy_out_streams_through_the_binary_in_bounded_memory() {
+    use futures_util::StreamExt;
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .env(
+            "PGVALVE_UPSTREAM",
+            format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
+        )
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("postgres://app:app-secret@127.0.0.1:{port}/app");
+    eventually(
+        Duration::from_secs(10),
+        "the binary accepts clients",
+        || async { connect(&url).await.is_ok() },
+    )
+    .await;
+    let c = connect(&url).await.unwrap();
+    // 1,000,000 rows of 1,000 bytes (plus newline): 1.001 GB of COPY data.
+    let stream = c
+        .copy_out("COPY (SELECT repeat('x', 1000) FROM generate_series(1, 1000000)) TO STDOUT")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(stream);
+    let mut total = 0u64;
+    while let Some(chunk) = within(Duration::from_secs(60), stream.next()).await {
+        total += chunk.unwrap().len() as u64;
+    }
+    assert_eq!(total, 1_001_000_000);
+    let peak = peak_rss_kib(child.id().unwrap());
+    println!("pgvalve peak RSS while relaying 1 GB of COPY data: {peak} KiB");
+    assert!(
+        peak < 64 * 1024,
+        "pgvalve peaked at {peak} KiB while relaying 1 GB"
+    );
+    child.kill().await.unwrap();
+}
