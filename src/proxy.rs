@@ -35,6 +35,8 @@ pub struct Shared {
     pub phase: watch::Receiver<Phase>,
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
     pub decoy_verifier: ScramVerifier,
+    /// Sessions pinned to a server connection in transaction mode, so far.
+    pub pins: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A running proxy.
@@ -69,6 +71,7 @@ impl ProxyHandle {
             admission: Admission::new(config.proxy.max_client_connections),
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
+            pins: Arc::default(),
             config,
         });
         let tracker = TaskTracker::new();

@@ -43,7 +43,11 @@ impl ClientConn {
         }
     }
 
-    async fn read_more(&mut self) -> Result<(), SessionError> {
+    /// Reads whatever arrives next into `rbuf`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub(crate) async fn read_more(&mut self) -> Result<(), SessionError> {
         self.rbuf.reserve(8192);
         match self.stream.read_buf(&mut self.rbuf).await {
             Ok(0) => Err(SessionError::ClientGone(

@@ -9,6 +9,8 @@ mod auth;
 mod conn;
 mod params;
 mod relay;
+mod sql;
+mod txn;
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,10 +22,11 @@ use tracing::Instrument;
 
 pub use conn::ClientConn;
 pub use params::parse_options;
-pub use relay::RelayEnd;
+pub use relay::{Mode, RelayEnd};
 
 use crate::admission::ClientPermit;
 use crate::cancel::{CancelKey, CancelTarget};
+use crate::config::{PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
 use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::frame::FrameError;
@@ -217,6 +220,14 @@ async fn login(
     Ok(Some(p))
 }
 
+/// A logged-in client with its first server connection.
+struct Started {
+    server: PooledConn,
+    key: CancelKey,
+    params: StartupParams,
+    route: Route,
+}
+
 /// The whole session. Login and setup run inside the session's tracing span; the relay does
 /// not enter it on every poll (it logs nothing on the hot path).
 async fn session(
@@ -225,12 +236,32 @@ async fn session(
     permit: Option<ClientPermit>,
     span: &tracing::Span,
 ) -> Result<(), SessionError> {
-    let Some((mut server, key)) = setup(shared, client, permit.is_some())
+    let Some(Started {
+        mut server,
+        key,
+        params,
+        route,
+    }) = setup(shared, client, permit.is_some())
         .instrument(span.clone())
         .await?
     else {
         return Ok(());
     };
+    let mode = Mode {
+        transaction: route.pool_mode == PoolMode::Transaction,
+        pinned: None,
+        who: format!(
+            "user={} application_name={:?} addr={}",
+            route.user,
+            params.application_name().unwrap_or(""),
+            client.peer
+        ),
+        pins: shared.pins.clone(),
+    };
+    if mode.transaction {
+        return txn::serve(shared, client, server, &key, &params, &route, mode).await;
+    }
+    let mut mode = mode;
     key.set_target(Some(CancelTarget {
         addr: server.addr.clone(),
         pid: server.pid,
@@ -242,6 +273,7 @@ async fn session(
         &mut server,
         shared.phase.clone(),
         shared.config.proxy.max_message_size.0,
+        &mut mode,
     )
     .await;
     key.set_target(None).await;
@@ -261,7 +293,7 @@ async fn setup(
     shared: &Arc<Shared>,
     client: &mut ClientConn,
     permit_ok: bool,
-) -> Result<Option<(PooledConn, CancelKey)>, SessionError> {
+) -> Result<Option<Started>, SessionError> {
     let timeout = shared.config.proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
     let Some(p) = login
@@ -279,16 +311,14 @@ async fn setup(
 
     let key = shared.cancels.register();
     let mut server = shared.pools.checkout(&route).await?;
-    if let Some(sql) = params::apply_query(&p)? {
-        if let Err(e) = server.simple_query(&sql).await {
-            server
-                .release(
-                    &shared.config.pool.server_reset_query,
-                    Duration::from_secs(5),
-                )
-                .await;
-            return Err(e.into());
-        }
+    if let Err(e) = params::prepare_server(&mut server, &p).await {
+        server
+            .release(
+                &shared.config.pool.server_reset_query,
+                Duration::from_secs(5),
+            )
+            .await;
+        return Err(e);
     }
     for (name, value) in &server.params {
         messages::parameter_status(name, value, &mut client.wbuf);
@@ -296,6 +326,11 @@ async fn setup(
     messages::backend_key_data(key.pid, key.secret, &mut client.wbuf);
     messages::ready_for_query(b'I', &mut client.wbuf);
     client.flush().await?;
-    tracing::debug!(backend_pid = server.pid, "session started");
-    Ok(Some((server, key)))
+    tracing::debug!(backend_pid = server.pid, mode = %route.pool_mode, "session started");
+    Ok(Some(Started {
+        server,
+        key,
+        params: p,
+        route,
+    }))
 }

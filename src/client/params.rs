@@ -59,6 +59,48 @@ pub fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
     Ok(out)
 }
 
+/// A key for the set of parameters `p` applies: 0 when it applies none (a fresh or reset
+/// server connection needs nothing), else a nonzero hash.
+pub fn params_key(p: &StartupParams) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut any = false;
+    for kv in p.session_params() {
+        kv.hash(&mut h);
+        any = true;
+    }
+    if any {
+        h.finish() | 1
+    } else {
+        0
+    }
+}
+
+/// Makes `server` carry exactly the parameters of `p`: nothing when it already does, else
+/// `RESET ALL` (when it carries another client's) and `set_config` for each, in one round trip.
+///
+/// # Errors
+/// PostgreSQL's refusal of a parameter, or a failed connection.
+pub async fn prepare_server(
+    server: &mut crate::server::ServerConn,
+    p: &StartupParams,
+) -> Result<(), SessionError> {
+    let key = params_key(p);
+    if server.applied == key {
+        return Ok(());
+    }
+    let mut sql = String::new();
+    if server.applied != 0 {
+        sql.push_str("RESET ALL;");
+    }
+    if let Some(q) = apply_query(p)? {
+        sql.push_str(&q);
+    }
+    server.simple_query(&sql).await?;
+    server.applied = key;
+    Ok(())
+}
+
 /// One query applying every session parameter of `p`, or None when there are none.
 ///
 /// # Errors

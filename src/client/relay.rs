@@ -3,14 +3,16 @@
 //! Last stage of a client session. One loop per session, no extra tasks: it reads whichever
 //! side has data, walks message headers ([`MessageWalker`]) and writes what is ready to the
 //! other side, so a large DataRow or COPY stream passes in pieces and neither direction can
-//! block the other. Only headers are looked at, plus the one-byte body of ReadyForQuery.
-//! What it tracks decides whether the server connection can be reused afterwards.
+//! block the other. Only headers are looked at, plus the one-byte body of ReadyForQuery, and
+//! in transaction mode the text of Query and Parse (to pin sessions that change session
+//! state). What it tracks decides whether the server connection can be reused afterwards.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::conn::ClientConn;
+use super::sql::session_state_change;
 use super::SessionError;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::frame::{MessageWalker, Seen, Walk};
@@ -34,6 +36,45 @@ pub enum RelayEnd {
     ServerGone,
     /// Shutdown; the client was told (57P01).
     Shutdown,
+    /// Transaction mode: a transaction ended and nothing is outstanding; the server
+    /// connection is idle and clean and can go back to the pool.
+    Idle,
+}
+
+/// How the relay treats a session.
+#[derive(Debug, Clone, Default)]
+pub struct Mode {
+    /// Transaction pooling: end with [`RelayEnd::Idle`] after each transaction (unless
+    /// pinned), and look inside Query and Parse for statements that pin.
+    pub transaction: bool,
+    /// Why the session is tied to its server connection until it ends (transaction mode).
+    pub pinned: Option<&'static str>,
+    /// Who the client is, for the log line when it gets pinned.
+    pub who: String,
+    /// Counts pins.
+    pub pins: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The text of a C string at the start of `b`, and what follows it.
+fn cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
+    let nul = b.iter().position(|&c| c == 0)?;
+    Some((String::from_utf8_lossy(&b[..nul]), &b[nul + 1..]))
+}
+
+/// Why a whole Query ('Q') or Parse ('P') message pins the session, if it does.
+fn pin_reason(tag: u8, msg: &[u8]) -> Option<&'static str> {
+    let body = msg.get(5..)?;
+    match tag {
+        b'Q' => session_state_change(&cstr(body)?.0),
+        b'P' => {
+            let (name, rest) = cstr(body)?;
+            if !name.is_empty() {
+                return Some("named prepared statement");
+            }
+            session_state_change(&cstr(rest)?.0)
+        }
+        _ => None,
+    }
 }
 
 /// What the session knows of the server connection's state, from headers alone.
@@ -49,10 +90,20 @@ struct Tracker {
     terminate: bool,
     /// Type of the last message from the server.
     last_server_tag: u8,
+    /// Transaction mode and not (yet) pinned: Query and Parse are inspected.
+    inspect: bool,
+    /// Why the session got pinned.
+    pin: Option<&'static str>,
 }
 
 impl Tracker {
-    fn on_client(&mut self, s: &Seen) -> Walk {
+    fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
+        if self.inspect && s.complete {
+            if let Some(reason) = pin_reason(s.tag, msg) {
+                self.pin = Some(reason);
+                self.inspect = false;
+            }
+        }
         match s.tag {
             b'X' => {
                 self.terminate = true;
@@ -166,6 +217,7 @@ pub async fn run(
     server: &mut ServerConn,
     phase: watch::Receiver<Phase>,
     max_client_message: usize,
+    mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError> {
     let c_in = std::mem::take(&mut client.rbuf);
     let s_in = std::mem::take(&mut server.rbuf);
@@ -181,11 +233,27 @@ pub async fn run(
     let end = match &mut server.stream {
         ServerStream::Tcp(s) => {
             let (sr, sw) = s.split();
-            relay(cr, cw, sr, sw, &mut state, phase, max_client_message).await
+            relay(
+                (cr, cw),
+                (sr, sw),
+                &mut state,
+                phase,
+                max_client_message,
+                mode,
+            )
+            .await
         }
         ServerStream::Unix(s) => {
             let (sr, sw) = s.split();
-            relay(cr, cw, sr, sw, &mut state, phase, max_client_message).await
+            relay(
+                (cr, cw),
+                (sr, sw),
+                &mut state,
+                phase,
+                max_client_message,
+                mode,
+            )
+            .await
         }
     };
     server.status = state.status;
@@ -246,13 +314,12 @@ struct Relayed {
 }
 
 async fn relay<CR, CW, SR, SW>(
-    mut cr: CR,
-    mut cw: CW,
-    mut sr: SR,
-    mut sw: SW,
+    (mut cr, mut cw): (CR, CW),
+    (mut sr, mut sw): (SR, SW),
     out: &mut Relayed,
     phase: watch::Receiver<Phase>,
     max_client_message: usize,
+    mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError>
 where
     CR: AsyncRead + Unpin,
@@ -268,6 +335,8 @@ where
         status: out.status,
         terminate: false,
         last_server_tag: 0,
+        inspect: mode.transaction && mode.pinned.is_none(),
+        pin: mode.pinned,
     };
     let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
     let mut cwalk = MessageWalker::new(max_client_message);
@@ -279,10 +348,20 @@ where
     let end: Result<RelayEnd, SessionError> = loop {
         if c_new {
             c_new = false;
-            let n = match cwalk.scan(&c_in, |_| false, |s, _| t.on_client(s)) {
+            let inspect = t.inspect;
+            let n = match cwalk.scan(
+                &c_in,
+                |tag| inspect && (tag == b'Q' || tag == b'P'),
+                |s, m| t.on_client(s, m),
+            ) {
                 Ok(n) => n,
                 Err(e) => break Err(SessionError::Frame(e)),
             };
+            if t.pin.is_some() && mode.pinned.is_none() {
+                mode.pinned = t.pin;
+                mode.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(reason = t.pin, client = %mode.who, "session pinned to its server connection until it disconnects");
+            }
             if forward(&mut c_in, n, &mut c_out, &sw).is_err() {
                 out.server_broken = true;
                 break Ok(RelayEnd::ServerGone);
@@ -304,7 +383,8 @@ where
         if t.terminate && c_out.is_empty() {
             break Ok(RelayEnd::ClientDone);
         }
-        if now != Phase::Running {
+        let release_after_transaction = mode.transaction && t.pin.is_none();
+        if now != Phase::Running || release_after_transaction {
             let at_rest = t.pending == 0
                 && !t.unsynced
                 && t.status == b'I'
@@ -314,8 +394,11 @@ where
                 && c_out.is_empty()
                 && swalk.at_boundary()
                 && cwalk.at_boundary();
-            if now == Phase::Stopped || at_rest {
+            if now == Phase::Stopped || (now == Phase::Draining && at_rest) {
                 break Ok(RelayEnd::Shutdown);
+            }
+            if release_after_transaction && at_rest {
+                break Ok(RelayEnd::Idle);
             }
         }
         ensure_space(&mut c_in);

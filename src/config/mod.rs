@@ -332,7 +332,6 @@ impl Config {
                 "must be between 64 and 1MB".into(),
             ));
         }
-        check_pool_mode("pool.pool_mode", Some(f.pool.pool_mode), &invalid)?;
         if f.pool.pool_size == 0 {
             return Err(invalid("pool.pool_size", "must be at least 1".into()));
         }
@@ -350,7 +349,6 @@ impl Config {
                     "must be at least 1".into(),
                 ));
             }
-            check_pool_mode(&format!("databases.{db}.pool_mode"), d.pool_mode, &invalid)?;
         }
         if f.users.is_empty() {
             return Err(invalid(
@@ -361,7 +359,6 @@ impl Config {
         let mut users = BTreeMap::new();
         for (name, u) in f.users {
             let field = format!("users.{name}");
-            check_pool_mode(&format!("{field}.pool_mode"), u.pool_mode, &invalid)?;
             if u.pool_size == Some(0) {
                 return Err(invalid(
                     &format!("{field}.pool_size"),
@@ -424,20 +421,6 @@ impl Config {
     pub fn shared(self) -> Arc<Config> {
         Arc::new(self)
     }
-}
-
-fn check_pool_mode(
-    field: &str,
-    mode: Option<PoolMode>,
-    invalid: &impl Fn(&str, String) -> ConfigError,
-) -> Result<(), ConfigError> {
-    if mode == Some(PoolMode::Transaction) {
-        return Err(invalid(
-            field,
-            "transaction pooling is not available in this version; use \"session\"".into(),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -41,6 +41,22 @@ impl PooledConn {
             }
         }
         if obj.is_clean() {
+            obj.applied = 0;
+            obj.idle_since = Instant::now();
+            drop(obj);
+        } else {
+            discard(obj);
+        }
+    }
+
+    /// Transaction mode: returns the connection between two transactions of one client,
+    /// without a reset (the client's parameters stay applied, see `ServerConn::applied`), or
+    /// closes it if it is not idle and clean.
+    pub fn checkin(mut self) {
+        let Some(mut obj) = self.obj.take() else {
+            return;
+        };
+        if obj.is_clean() {
             obj.idle_since = Instant::now();
             drop(obj);
         } else {

@@ -120,6 +120,8 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// Its slot under max_server_connections, released when the connection is dropped.
     pub slot: Option<OwnedSemaphorePermit>,
+    /// Which client parameters are applied (a hash; 0 = none, as after a reset).
+    pub applied: u64,
 }
 
 /// Connects and logs in, bounded by `target.connect_timeout`.
@@ -154,6 +156,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         broken: false,
         idle_since: Instant::now(),
         slot: None,
+        applied: 0,
     };
     let mut w = BytesMut::new();
     frontend::startup_message(

@@ -8,3 +8,4 @@ mod queries;
 mod robustness;
 mod sessions;
 mod support;
+mod transaction;

@@ -1,0 +1,262 @@
+//! Finds statements that change session state, in SQL text a client sends (Query and Parse).
+//!
+//! Part of the client session in transaction mode: such a statement would leave state on a
+//! server connection that the next client would inherit, so the session is pinned to its
+//! server connection instead. A small lexer skips comments, string literals, quoted
+//! identifiers and dollar quotes, splits statements at `;` and looks at keywords only.
+
+/// Why a statement ties the client to its server connection, or None.
+pub fn session_state_change(sql: &str) -> Option<&'static str> {
+    let mut words: Vec<String> = Vec::new();
+    let mut reason = None;
+    let mut lexer = Lexer {
+        s: sql.as_bytes(),
+        i: 0,
+    };
+    while let Some(tok) = lexer.next() {
+        match tok {
+            Tok::Semicolon => {
+                reason = reason.or_else(|| statement_reason(&words));
+                words.clear();
+            }
+            Tok::Word(w) => {
+                if lexer.peek_open_paren() && is_session_function(&w) {
+                    reason =
+                        reason.or(Some("session-level function (advisory lock or set_config)"));
+                }
+                if words.len() < 12 {
+                    words.push(w);
+                }
+            }
+            Tok::Other => {
+                if words.len() < 12 {
+                    words.push(String::new());
+                }
+            }
+        }
+    }
+    reason.or_else(|| statement_reason(&words))
+}
+
+fn is_session_function(w: &str) -> bool {
+    matches!(
+        w,
+        "PG_ADVISORY_LOCK"
+            | "PG_ADVISORY_LOCK_SHARED"
+            | "PG_TRY_ADVISORY_LOCK"
+            | "PG_TRY_ADVISORY_LOCK_SHARED"
+            | "SET_CONFIG"
+    )
+}
+
+/// The reason for one statement, from its leading keywords (upper-cased).
+fn statement_reason(w: &[String]) -> Option<&'static str> {
+    let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
+    match at(0) {
+        "SET" => match at(1) {
+            "LOCAL" | "TRANSACTION" | "CONSTRAINTS" => None,
+            "SESSION" if at(2) == "CHARACTERISTICS" => Some("SET SESSION CHARACTERISTICS"),
+            _ => Some("SET"),
+        },
+        "RESET" => Some("RESET"),
+        "LISTEN" => Some("LISTEN"),
+        "LOAD" => Some("LOAD"),
+        "PREPARE" if at(1) != "TRANSACTION" => Some("PREPARE"),
+        "DECLARE" => {
+            let upto = w.iter().position(|x| x == "FOR").unwrap_or(w.len());
+            w[..upto]
+                .windows(2)
+                .any(|p| p[0] == "WITH" && p[1] == "HOLD")
+                .then_some("DECLARE ... WITH HOLD")
+        }
+        // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] {TABLE | VIEW | ...}
+        "CREATE" => w[1..]
+            .iter()
+            .take_while(|x| {
+                !matches!(
+                    x.as_str(),
+                    "TABLE" | "VIEW" | "SEQUENCE" | "RECURSIVE" | "FUNCTION" | "INDEX"
+                )
+            })
+            .any(|x| x == "TEMP" || x == "TEMPORARY")
+            .then_some("temporary object"),
+        _ => None,
+    }
+}
+
+enum Tok {
+    Word(String),
+    Semicolon,
+    Other,
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Lexer<'_> {
+    fn peek_open_paren(&self) -> bool {
+        self.s[self.i..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'(')
+    }
+
+    fn skip_until(&mut self, end: &[u8]) {
+        match self.s[self.i..].windows(end.len()).position(|w| w == end) {
+            Some(p) => self.i += p + end.len(),
+            None => self.i = self.s.len(),
+        }
+    }
+
+    fn skip_quoted(&mut self, q: u8, backslash: bool) {
+        while self.i < self.s.len() {
+            let b = self.s[self.i];
+            self.i += 1;
+            if backslash && b == b'\\' {
+                self.i += 1;
+            } else if b == q {
+                if self.s.get(self.i) == Some(&q) {
+                    self.i += 1;
+                } else {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn skip_block_comment(&mut self) {
+        let mut depth = 1;
+        while self.i < self.s.len() && depth > 0 {
+            if self.s[self.i..].starts_with(b"/*") {
+                depth += 1;
+                self.i += 2;
+            } else if self.s[self.i..].starts_with(b"*/") {
+                depth -= 1;
+                self.i += 2;
+            } else {
+                self.i += 1;
+            }
+        }
+    }
+
+    /// `$tag$ ... $tag$` starting at `self.i` (which is at `$`); false if not a dollar quote.
+    fn skip_dollar_quote(&mut self) -> bool {
+        let rest = &self.s[self.i + 1..];
+        let Some(end) = rest
+            .iter()
+            .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+        else {
+            return false;
+        };
+        if rest[end] != b'$' || rest.first().is_some_and(u8::is_ascii_digit) {
+            return false;
+        }
+        let tag = self.s[self.i..self.i + end + 2].to_vec();
+        self.i += tag.len();
+        self.skip_until(&tag);
+        true
+    }
+
+    fn next(&mut self) -> Option<Tok> {
+        loop {
+            let b = *self.s.get(self.i)?;
+            match b {
+                b if b.is_ascii_whitespace() => self.i += 1,
+                b'-' if self.s.get(self.i + 1) == Some(&b'-') => self.skip_until(b"\n"),
+                b'/' if self.s.get(self.i + 1) == Some(&b'*') => {
+                    self.i += 2;
+                    self.skip_block_comment();
+                }
+                b'\'' => {
+                    let escaped = self.i > 0 && matches!(self.s[self.i - 1], b'E' | b'e');
+                    self.i += 1;
+                    self.skip_quoted(b'\'', escaped);
+                    return Some(Tok::Other);
+                }
+                b'"' => {
+                    self.i += 1;
+                    self.skip_quoted(b'"', false);
+                    return Some(Tok::Other);
+                }
+                b'$' if self.skip_dollar_quote() => return Some(Tok::Other),
+                b';' => {
+                    self.i += 1;
+                    return Some(Tok::Semicolon);
+                }
+                b if b.is_ascii_alphabetic() || b == b'_' => {
+                    let start = self.i;
+                    while self
+                        .s
+                        .get(self.i)
+                        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'$')
+                    {
+                        self.i += 1;
+                    }
+                    let w = String::from_utf8_lossy(&self.s[start..self.i]).to_ascii_uppercase();
+                    // E'...' strings: the E is a prefix, not a word.
+                    if (w == "E") && self.s.get(self.i) == Some(&b'\'') {
+                        continue;
+                    }
+                    return Some(Tok::Word(w));
+                }
+                _ => {
+                    self.i += 1;
+                    return Some(Tok::Other);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_state_change as f;
+
+    #[test]
+    fn detects_session_state() {
+        for sql in [
+            "SET search_path = a",
+            "set statement_timeout to 5",
+            "SET SESSION work_mem = '1MB'",
+            "RESET ALL",
+            "LISTEN chan",
+            "SELECT pg_advisory_lock(1)",
+            "select PG_TRY_ADVISORY_LOCK (1, 2)",
+            "SELECT set_config('a.b', 'c', false)",
+            "CREATE TEMP TABLE t (x int)",
+            "create temporary table t (x int)",
+            "CREATE GLOBAL TEMPORARY TABLE t (x int)",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "PREPARE p AS SELECT 1",
+            "SELECT 1; SET x = 1",
+            "/* hi */ SET x = 1",
+            "BEGIN; SET work_mem = '2MB'; COMMIT",
+        ] {
+            assert!(f(sql).is_some(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn ignores_transaction_scoped_and_quoted() {
+        for sql in [
+            "SELECT 1",
+            "SET LOCAL work_mem = '1MB'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT 'SET x = 1'",
+            "SELECT $$ LISTEN x $$",
+            "SELECT $tag$ ; SET x $tag$",
+            "SELECT E'it\\'s; SET x = 1'",
+            "SELECT 1 -- ; SET x = 1",
+            "SELECT \"set\" FROM t",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "PREPARE TRANSACTION 'x'",
+            "CREATE TABLE temp (x int)",
+            "UPDATE t SET x = 1",
+            "INSERT INTO t VALUES ('pg_advisory_lock(1)')",
+            "",
+        ] {
+            assert_eq!(f(sql), None, "{sql}");
+        }
+    }
+}

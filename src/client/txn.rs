@@ -1,0 +1,107 @@
+//! Transaction pooling: a client holds a server connection only while a transaction (or a
+//! pipeline of requests) is in progress.
+//!
+//! Part of the client session, after login. Between transactions the client holds nothing;
+//! its next message checks a server connection out of the pool (waiting up to
+//! `query_wait_timeout`), re-applies the client's startup parameters if that connection
+//! carries others, and relays until ReadyForQuery 'I' with every request answered. A session
+//! that changes session state (see [`super::sql`]) is pinned to its server connection until it
+//! disconnects; that connection is then reset before anyone else gets it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::conn::ClientConn;
+use super::params::prepare_server;
+use super::relay::{self, Mode, RelayEnd};
+use super::SessionError;
+use crate::cancel::{CancelKey, CancelTarget};
+use crate::config::Route;
+use crate::pool::PooledConn;
+use crate::protocol::startup::StartupParams;
+use crate::proxy::Shared;
+use crate::shutdown::Phase;
+
+/// What an idle client (holding no server connection) does next.
+enum Next {
+    /// Sent a request: it needs a server connection.
+    Request,
+    /// Sent Terminate.
+    Terminate,
+    /// The proxy is shutting down.
+    Shutdown,
+}
+
+async fn next_request(
+    client: &mut ClientConn,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<Next, SessionError> {
+    loop {
+        if let Some(&tag) = client.rbuf.first() {
+            return Ok(if tag == b'X' {
+                Next::Terminate
+            } else {
+                Next::Request
+            });
+        }
+        if *phase.borrow_and_update() != Phase::Running {
+            return Ok(Next::Shutdown);
+        }
+        tokio::select! {
+            r = client.read_more() => r?,
+            r = phase.changed() => if r.is_err() { return Ok(Next::Shutdown) },
+        }
+    }
+}
+
+/// Serves a logged-in client in transaction mode. `first` is the server connection used for
+/// login; it goes back to the pool at once.
+///
+/// # Errors
+/// [`SessionError`] to tell the client (no server connection in time, shutdown, a protocol
+/// violation).
+pub async fn serve(
+    shared: &Arc<Shared>,
+    client: &mut ClientConn,
+    first: PooledConn,
+    key: &CancelKey,
+    p: &StartupParams,
+    route: &Route,
+    mut mode: Mode,
+) -> Result<(), SessionError> {
+    first.checkin();
+    let max = shared.config.proxy.max_message_size.0;
+    let reset = &shared.config.pool.server_reset_query;
+    let mut phase = shared.phase.clone();
+    loop {
+        match next_request(client, &mut phase).await? {
+            Next::Request => {}
+            Next::Terminate => return Ok(()),
+            Next::Shutdown => return Err(SessionError::Shutdown),
+        }
+        let mut server = shared.pools.checkout(route).await?;
+        if let Err(e) = prepare_server(&mut server, p).await {
+            server.checkin();
+            return Err(e);
+        }
+        let target = CancelTarget {
+            addr: server.addr.clone(),
+            pid: server.pid,
+            secret: server.secret,
+        };
+        key.set_target(Some(target)).await;
+        let end = relay::run(client, &mut server, shared.phase.clone(), max, &mut mode).await;
+        key.set_target(None).await;
+        match end {
+            Ok(RelayEnd::Idle) => server.checkin(),
+            other => {
+                // Client gone, server gone, shutdown, or the end of a pinned session: reset (or
+                // close, when not clean) before anyone else gets the connection.
+                server.release(reset, Duration::from_secs(5)).await;
+                return other.map(|_| ());
+            }
+        }
+    }
+}

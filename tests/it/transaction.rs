@@ -1,0 +1,316 @@
+//! Transaction pooling: many clients on few server connections, nothing leaks between them.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgvalve::config::PoolMode;
+use tokio_postgres::types::Type;
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::support::*;
+
+fn first_value(msgs: &[SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+fn txn_setup(pool_size: u32) -> impl FnOnce(&mut pgvalve::config::FileConfig) {
+    move |f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = pool_size;
+        f.pool.query_wait_timeout = Duration::from_secs(30);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_clients_share_three_server_connections() {
+    let s = Setup::new(txn_setup(3)).await;
+    s.client()
+        .await
+        .batch_execute("CREATE TABLE t (client int, n int)")
+        .await
+        .unwrap();
+    let su = s.pg.superuser().await.unwrap();
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let url = s.url();
+            tokio::spawn(async move {
+                let c = connect(&url).await.unwrap();
+                for j in 0..10 {
+                    let got = first_value(
+                        &c.simple_query(&format!("SELECT {i} * 1000 + {j}"))
+                            .await
+                            .unwrap(),
+                    );
+                    assert_eq!(
+                        got,
+                        (i * 1000 + j).to_string(),
+                        "client {i} got another client's result"
+                    );
+                    c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({i}, {j}); COMMIT"))
+                        .await
+                        .unwrap();
+                    // Extended protocol with an unnamed statement does not pin.
+                    let row = c
+                        .query_typed_one("SELECT $1::int + 1", &[(&(i * 1000 + j), Type::INT4)])
+                        .await
+                        .unwrap();
+                    assert_eq!(row.get::<_, i32>(0), i * 1000 + j + 1);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        within(Duration::from_secs(120), c).await.unwrap();
+    }
+    assert!(s.backends(&su).await <= 3);
+    assert!(s.proxy.shared().pools.stats().iter().all(|p| p.open <= 3));
+    let direct = connect(&s.pg.url()).await.unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 400);
+    assert_eq!(
+        s.proxy.shared().pins.load(Ordering::Relaxed),
+        0,
+        "nothing here should pin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_and_never_leaks() {
+    let s = Setup::new(txn_setup(2)).await;
+    let a = s.client().await;
+    a.batch_execute("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    let a_pid = first_value(&a.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_eq!(
+        first_value(&a.simple_query("SHOW statement_timeout").await.unwrap()),
+        "1234ms"
+    );
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+    // Another client runs on the other server connection and sees nothing of it.
+    let b = s.client().await;
+    for _ in 0..5 {
+        let msgs = b
+            .simple_query("SELECT pg_backend_pid()::text, current_setting('statement_timeout')")
+            .await
+            .unwrap();
+        let SimpleQueryMessage::Row(r) = &msgs[1] else {
+            panic!("{msgs:?}")
+        };
+        assert_ne!(
+            r.get(0).unwrap(),
+            a_pid,
+            "pinned connection handed to another client"
+        );
+        assert_eq!(r.get(1), Some("0"));
+    }
+    // A's connection is reset when A leaves, then serves others.
+    drop(a);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen_a = false;
+    for _ in 0..10 {
+        let c = s.client().await;
+        let msgs = c
+            .simple_query("SELECT pg_backend_pid()::text, current_setting('statement_timeout')")
+            .await
+            .unwrap();
+        let SimpleQueryMessage::Row(r) = &msgs[1] else {
+            panic!()
+        };
+        seen_a |= r.get(0) == Some(a_pid.as_str());
+        assert_eq!(
+            r.get(1),
+            Some("0"),
+            "SET leaked after the pinned session ended"
+        );
+    }
+    assert!(seen_a, "the pinned connection was not returned to the pool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_lock_and_temp_table_pin_and_are_cleaned_up() {
+    let s = Setup::new(txn_setup(1)).await;
+    let su = s.pg.superuser().await.unwrap();
+    let a = s.client().await;
+    a.batch_execute("SELECT pg_advisory_lock(7); CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    // Pinned: the temp table is still there in A's next transaction.
+    assert_eq!(
+        first_value(
+            &a.simple_query("SELECT count(*) FROM scratch")
+                .await
+                .unwrap()
+        ),
+        "1"
+    );
+    drop(a);
+    eventually(Duration::from_secs(5), "advisory lock released", || async {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let b = s.client().await;
+    assert_eq!(
+        first_value(
+            &b.simple_query("SELECT to_regclass('pg_temp.scratch') IS NULL")
+                .await
+                .unwrap()
+        ),
+        "t"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_parameters_follow_the_client_across_server_connections() {
+    let s = Setup::new(txn_setup(1)).await;
+    let a = connect(&format!(
+        "{}?application_name=alpha&options=-c%20work_mem%3D7MB",
+        s.url()
+    ))
+    .await
+    .unwrap();
+    let b = connect(&format!("{}?application_name=beta", s.url()))
+        .await
+        .unwrap();
+    let q = "SELECT current_setting('application_name') || ' ' || current_setting('work_mem') || ' ' || pg_backend_pid()";
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let va = first_value(&a.simple_query(q).await.unwrap());
+        let vb = first_value(&b.simple_query(q).await.unwrap());
+        assert!(va.starts_with("alpha 7MB "), "{va}");
+        assert!(vb.starts_with("beta 4MB "), "{vb}");
+        pids.insert(va.rsplit(' ').next().unwrap().to_string());
+        pids.insert(vb.rsplit(' ').next().unwrap().to_string());
+    }
+    assert_eq!(
+        pids.len(),
+        1,
+        "pool_size 1: one server connection served both"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_pin_and_work() {
+    let s = Setup::new(txn_setup(2)).await;
+    let c = s.client().await;
+    let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
+    for i in 0..5 {
+        let v: i32 = c.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(v, i * 2);
+    }
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transaction_in_transaction_mode() {
+    let s = Setup::new(txn_setup(1)).await;
+    s.client()
+        .await
+        .batch_execute("CREATE TABLE k (id int)")
+        .await
+        .unwrap();
+    let (victim, task) = connect_killable(&s.url()).await;
+    victim
+        .batch_execute("BEGIN; INSERT INTO k VALUES (1)")
+        .await
+        .unwrap();
+    let pid = first_value(
+        &victim
+            .simple_query("SELECT pg_backend_pid()")
+            .await
+            .unwrap(),
+    );
+    task.abort();
+    drop(victim);
+    let next = s.client().await;
+    let msgs = next
+        .simple_query("SELECT (SELECT count(*) FROM k)::text, pg_backend_pid()::text, (pg_current_xact_id_if_assigned() IS NULL)::text")
+        .await
+        .unwrap();
+    let SimpleQueryMessage::Row(r) = &msgs[1] else {
+        panic!()
+    };
+    assert_eq!(r.get(0), Some("0"), "an uncommitted insert became visible");
+    assert_ne!(
+        r.get(1),
+        Some(pid.as_str()),
+        "a connection left mid-transaction was reused"
+    );
+    assert_eq!(r.get(2), Some("true"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_simple_and_extended_in_transaction_mode() {
+    let s = Setup::new(txn_setup(2)).await;
+    let bindir = pgvalve::testkit::find_bindir().unwrap();
+    let init = std::process::Command::new(bindir.join("pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.pg.port().to_string(),
+            "-U",
+            "app",
+            "app",
+        ])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let port = s.proxy.local_addr().port().to_string();
+    for mode in ["simple", "extended"] {
+        // Eight clients on two server connections, the TPC-B-like read-write script.
+        let out = std::process::Command::new(bindir.join("pgbench"))
+            .args([
+                "-n",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "2",
+                "-M",
+                mode,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "app",
+                "app",
+            ])
+            .env("PGPASSWORD", "app-secret")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("number of failed transactions: 0"), "{text}");
+    }
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+}
