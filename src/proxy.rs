@@ -37,6 +37,8 @@ pub struct Shared {
     pub decoy_verifier: ScramVerifier,
     /// Sessions pinned to a server connection in transaction mode, so far.
     pub pins: Arc<std::sync::atomic::AtomicU64>,
+    /// Proxy-wide ids of prepared statement definitions (transaction mode).
+    pub statements: Arc<crate::client::StatementRegistry>,
 }
 
 /// A running proxy.
@@ -72,6 +74,7 @@ impl ProxyHandle {
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
+            statements: Arc::default(),
             config,
         });
         let tracker = TaskTracker::new();

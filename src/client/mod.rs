@@ -8,6 +8,7 @@
 mod auth;
 mod conn;
 mod params;
+mod prepared;
 mod relay;
 mod sql;
 mod txn;
@@ -22,6 +23,7 @@ use tracing::Instrument;
 
 pub use conn::ClientConn;
 pub use params::parse_options;
+pub use prepared::Registry as StatementRegistry;
 pub use relay::{Mode, RelayEnd};
 
 use crate::admission::ClientPermit;
@@ -257,6 +259,14 @@ async fn session(
             client.peer
         ),
         pins: shared.pins.clone(),
+        statements: (route.pool_mode == PoolMode::Transaction
+            && shared.config.pool.max_prepared_statements > 0)
+            .then(|| {
+                prepared::ClientStatements::new(
+                    shared.statements.clone(),
+                    shared.config.pool.max_prepared_statements,
+                )
+            }),
     };
     if mode.transaction {
         return txn::serve(shared, client, server, &key, &params, &route, mode).await;

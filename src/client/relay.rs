@@ -12,10 +12,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::conn::ClientConn;
-use super::sql::session_state_change;
+use super::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStatements};
+use super::sql::{deallocates_all, session_state_change};
 use super::SessionError;
 use crate::error::{sqlstate, PgError};
-use crate::protocol::frame::{MessageWalker, Seen, Walk};
+use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
 use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
@@ -42,7 +43,7 @@ pub enum RelayEnd {
 }
 
 /// How the relay treats a session.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Mode {
     /// Transaction pooling: end with [`RelayEnd::Idle`] after each transaction (unless
     /// pinned), and look inside Query and Parse for statements that pin.
@@ -53,6 +54,9 @@ pub struct Mode {
     pub who: String,
     /// Counts pins.
     pub pins: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
+    /// for the server (named statements then do not pin).
+    pub statements: Option<ClientStatements>,
 }
 
 /// The text of a C string at the start of `b`, and what follows it.
@@ -61,15 +65,16 @@ fn cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
     Some((String::from_utf8_lossy(&b[..nul]), &b[nul + 1..]))
 }
 
-/// Why a whole Query ('Q') or Parse ('P') message pins the session, if it does.
-fn pin_reason(tag: u8, msg: &[u8]) -> Option<&'static str> {
+/// Why a whole Query ('Q') or Parse ('P') message pins the session, if it does. A named
+/// Parse pins only when statements are not tracked (`named_pins`).
+fn pin_reason(tag: u8, msg: &[u8], named_pins: bool) -> Option<&'static str> {
     let body = msg.get(5..)?;
     match tag {
         b'Q' => session_state_change(&cstr(body)?.0),
         b'P' => {
             let (name, rest) = cstr(body)?;
-            if !name.is_empty() {
-                return Some("named prepared statement");
+            if named_pins && !name.is_empty() {
+                return Some("named prepared statement (max_prepared_statements = 0)");
             }
             session_state_change(&cstr(rest)?.0)
         }
@@ -94,12 +99,14 @@ struct Tracker {
     inspect: bool,
     /// Why the session got pinned.
     pin: Option<&'static str>,
+    /// Named Parse pins (statements are not tracked).
+    named_pins: bool,
 }
 
 impl Tracker {
     fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         if self.inspect && s.complete {
-            if let Some(reason) = pin_reason(s.tag, msg) {
+            if let Some(reason) = pin_reason(s.tag, msg, self.named_pins) {
                 self.pin = Some(reason);
                 self.inspect = false;
             }
@@ -195,6 +202,106 @@ fn forward(
     Ok(())
 }
 
+/// Logs and counts a pin the tracker just found.
+fn note_pin(t: &Tracker, mode: &mut Mode) {
+    if t.pin.is_some() && mode.pinned.is_none() {
+        mode.pinned = t.pin;
+        mode.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(reason = t.pin, client = %mode.who, "session pinned to its server connection until it disconnects");
+    }
+}
+
+/// Transaction mode with statement tracking: handles every whole client message in `c_in`
+/// (a partial one stays there), renaming statements for the server.
+fn client_frames(
+    c_in: &mut BytesMut,
+    max: usize,
+    t: &mut Tracker,
+    st: &mut ClientStatements,
+    out: &mut Outputs<'_>,
+) -> Result<(), SessionError> {
+    while let Some(f) = split_frame(c_in, max).map_err(SessionError::Frame)? {
+        let seen = Seen {
+            tag: f.tag,
+            start: 0,
+            len: f.bytes.len(),
+            complete: true,
+        };
+        if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
+            break; // Terminate: not forwarded
+        }
+        if f.tag == b'Q' && cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql)) {
+            st.forget_all(out.conn);
+        }
+        st.on_client(f.bytes.freeze(), out);
+    }
+    Ok(())
+}
+
+/// Transaction mode with statement tracking: moves the server's messages in `s_in` to
+/// `s_out`, dropping answers to injected messages and adding the proxy's own answers in order.
+fn server_messages(
+    s_in: &mut BytesMut,
+    s_out: &mut BytesMut,
+    walk: &mut MessageWalker,
+    t: &mut Tracker,
+    responses: &mut Responses,
+    conn: &mut ServerStatements,
+) -> Result<(), SessionError> {
+    // Tags that end a request are looked at whole (they are small); rows stream.
+    let inspect = |tag: u8| {
+        matches!(
+            tag,
+            b'1' | b'2' | b'3' | b'n' | b'C' | b'I' | b's' | b'Z' | b'E' | b'T' | b't'
+        )
+    };
+    loop {
+        let (mut after, mut swallow, mut stop_next) = (Vec::new(), 0usize, false);
+        let n = walk
+            .scan(s_in, inspect, |seen, msg| {
+                if stop_next {
+                    return Walk::StopBefore;
+                }
+                t.on_server(seen, msg);
+                let stale = seen.tag == b'E' && is_stale_plan(msg);
+                match responses.on_server(seen.tag, stale, conn) {
+                    OnServer::Forward(due) => {
+                        stop_next = !due.is_empty();
+                        after = due;
+                        Walk::Continue
+                    }
+                    OnServer::Swallow(due) => {
+                        after = due;
+                        swallow = seen.len;
+                        Walk::StopBefore
+                    }
+                }
+            })
+            .map_err(|e| SessionError::ServerProtocol(e.to_string()))?;
+        move_ready(s_in, s_out, n);
+        s_in.advance(swallow);
+        for b in &after {
+            s_out.extend_from_slice(b);
+        }
+        if swallow == 0 && !stop_next {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether an ErrorResponse says a cached plan changed its result type (SQLSTATE 0A000).
+fn is_stale_plan(msg: &[u8]) -> bool {
+    let f = crate::protocol::frame::Frame {
+        tag: b'E',
+        bytes: BytesMut::from(msg),
+    };
+    crate::protocol::messages::parse_server_error(&f).is_some_and(|e| {
+        e.code == "0A000"
+            && e.message
+                .contains("cached plan must not change result type")
+    })
+}
+
 /// Resolves at the next phase change (a closed channel means Stopped).
 async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
     let p = match rx.changed().await {
@@ -222,6 +329,7 @@ pub async fn run(
     let c_in = std::mem::take(&mut client.rbuf);
     let s_in = std::mem::take(&mut server.rbuf);
     let mut state = Relayed {
+        prepared: std::mem::take(&mut server.prepared),
         status: server.status,
         server_broken: false,
         c_in,
@@ -257,6 +365,7 @@ pub async fn run(
         }
     };
     server.status = state.status;
+    server.prepared = std::mem::take(&mut state.prepared);
     server.broken |= state.server_broken;
     server.rbuf = state.s_in;
     client.rbuf = state.c_in;
@@ -311,6 +420,8 @@ struct Relayed {
     s_out: BytesMut,
     /// Type of the last message from the server.
     last_server_tag: u8,
+    /// The server connection's prepared statements (moved in and out).
+    prepared: ServerStatements,
 }
 
 async fn relay<CR, CW, SR, SW>(
@@ -337,7 +448,10 @@ where
         last_server_tag: 0,
         inspect: mode.transaction && mode.pinned.is_none(),
         pin: mode.pinned,
+        named_pins: mode.statements.is_none(),
     };
+    let mut responses = Responses::default();
+    let mut prepared = std::mem::take(&mut out.prepared);
     let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
     let mut cwalk = MessageWalker::new(max_client_message);
     let mut swalk = MessageWalker::new(MAX_SERVER_MESSAGE);
@@ -348,23 +462,60 @@ where
     let end: Result<RelayEnd, SessionError> = loop {
         if c_new {
             c_new = false;
-            let inspect = t.inspect;
-            let n = match cwalk.scan(
-                &c_in,
-                |tag| inspect && (tag == b'Q' || tag == b'P'),
-                |s, m| t.on_client(s, m),
-            ) {
-                Ok(n) => n,
-                Err(e) => break Err(SessionError::Frame(e)),
-            };
-            if t.pin.is_some() && mode.pinned.is_none() {
-                mode.pinned = t.pin;
-                mode.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(reason = t.pin, client = %mode.who, "session pinned to its server connection until it disconnects");
+            if let Some(st) = mode.statements.as_mut() {
+                let mut outs = Outputs {
+                    server: &mut c_out,
+                    client: &mut s_out,
+                    responses: &mut responses,
+                    conn: &mut prepared,
+                };
+                if let Err(e) = client_frames(&mut c_in, max_client_message, &mut t, st, &mut outs)
+                {
+                    break Err(e);
+                }
+                note_pin(&t, mode);
+                if write_now(&sw, &mut c_out).is_err() {
+                    out.server_broken = true;
+                    break Ok(RelayEnd::ServerGone);
+                }
+                if write_now(&cw, &mut s_out).is_err() {
+                    break Ok(RelayEnd::ClientDone);
+                }
+            } else {
+                let inspect = t.inspect;
+                let n = match cwalk.scan(
+                    &c_in,
+                    |tag| inspect && (tag == b'Q' || tag == b'P'),
+                    |s, m| t.on_client(s, m),
+                ) {
+                    Ok(n) => n,
+                    Err(e) => break Err(SessionError::Frame(e)),
+                };
+                note_pin(&t, mode);
+                if forward(&mut c_in, n, &mut c_out, &sw).is_err() {
+                    out.server_broken = true;
+                    break Ok(RelayEnd::ServerGone);
+                }
             }
-            if forward(&mut c_in, n, &mut c_out, &sw).is_err() {
-                out.server_broken = true;
-                break Ok(RelayEnd::ServerGone);
+        }
+        if s_new && mode.statements.is_some() {
+            s_new = false;
+            match server_messages(
+                &mut s_in,
+                &mut s_out,
+                &mut swalk,
+                &mut t,
+                &mut responses,
+                &mut prepared,
+            ) {
+                Ok(()) => {}
+                Err(e) => {
+                    out.server_broken = true;
+                    break Err(e);
+                }
+            }
+            if write_now(&cw, &mut s_out).is_err() {
+                break Ok(RelayEnd::ClientDone);
             }
         }
         if s_new {
@@ -439,6 +590,10 @@ where
         && s_out.is_empty()
         && s_in.is_empty();
     out.status = if clean { t.status } else { b'?' };
+    out.prepared = prepared;
+    if let Some(st) = &mode.statements {
+        st.note_accepted(&mut responses);
+    }
     out.last_server_tag = t.last_server_tag;
     out.c_in = c_in;
     out.s_in = s_in;

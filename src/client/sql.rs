@@ -38,6 +38,35 @@ pub fn session_state_change(sql: &str) -> Option<&'static str> {
     reason.or_else(|| statement_reason(&words))
 }
 
+/// Whether `sql` contains DEALLOCATE ALL or DISCARD ALL (the session's prepared statements
+/// are gone afterwards).
+pub fn deallocates_all(sql: &str) -> bool {
+    let mut lexer = Lexer {
+        s: sql.as_bytes(),
+        i: 0,
+    };
+    let mut words: Vec<String> = Vec::new();
+    let check = |w: &[String]| match w {
+        [a, b, ..] if a == "DISCARD" && b == "ALL" => true,
+        [a, b, ..] if a == "DEALLOCATE" && b == "ALL" => true,
+        [a, b, c, ..] if a == "DEALLOCATE" && b == "PREPARE" && c == "ALL" => true,
+        _ => false,
+    };
+    while let Some(tok) = lexer.next() {
+        match tok {
+            Tok::Semicolon => {
+                if check(&words) {
+                    return true;
+                }
+                words.clear();
+            }
+            Tok::Word(w) if words.len() < 3 => words.push(w),
+            _ => {}
+        }
+    }
+    check(&words)
+}
+
 fn is_session_function(w: &str) -> bool {
     matches!(
         w,

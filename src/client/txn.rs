@@ -81,6 +81,15 @@ pub async fn serve(
             Next::Terminate => return Ok(()),
             Next::Shutdown => return Err(SessionError::Shutdown),
         }
+        // Re-preparing statements a server already accepted needs no server connection
+        // (and must not wait for one: drivers prepare synchronously while other clients of
+        // the same thread hold every server connection in a transaction).
+        if let Some(st) = mode.statements.as_mut() {
+            if st.answer_known_parses(&mut client.rbuf, &mut client.wbuf) {
+                client.flush().await?;
+                continue;
+            }
+        }
         let mut server = shared.pools.checkout(route).await?;
         if let Err(e) = prepare_server(&mut server, p).await {
             server.checkin();

@@ -159,6 +159,9 @@ pub struct PoolSettings {
     /// Close server connections this old once they are idle ("0s" = never).
     #[serde(with = "humantime_serde")]
     pub server_lifetime: Duration,
+    /// Transaction mode: protocol-level prepared statements kept per server connection
+    /// (least recently used closed first). 0 = a named statement pins the session instead.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolSettings {
@@ -172,6 +175,7 @@ impl Default for PoolSettings {
             server_reset_query: "DISCARD ALL".into(),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
+            max_prepared_statements: 200,
         }
     }
 }

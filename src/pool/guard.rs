@@ -42,6 +42,10 @@ impl PooledConn {
         }
         if obj.is_clean() {
             obj.applied = 0;
+            if !reset_query.is_empty() {
+                // DISCARD ALL (the usual reset) deallocates prepared statements.
+                obj.prepared.clear();
+            }
             obj.idle_since = Instant::now();
             drop(obj);
         } else {

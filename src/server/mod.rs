@@ -15,6 +15,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+pub mod statements;
 pub mod stream;
 pub use stream::{ServerAddr, ServerStream};
 
@@ -122,6 +123,8 @@ pub struct ServerConn {
     pub slot: Option<OwnedSemaphorePermit>,
     /// Which client parameters are applied (a hash; 0 = none, as after a reset).
     pub applied: u64,
+    /// Proxy-named prepared statements on this connection (transaction mode).
+    pub prepared: statements::ServerStatements,
 }
 
 /// Connects and logs in, bounded by `target.connect_timeout`.
@@ -157,6 +160,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         idle_since: Instant::now(),
         slot: None,
         applied: 0,
+        prepared: Default::default(),
     };
     let mut w = BytesMut::new();
     frontend::startup_message(

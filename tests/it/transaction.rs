@@ -7,6 +7,8 @@ use pgvalve::config::PoolMode;
 use tokio_postgres::types::Type;
 use tokio_postgres::SimpleQueryMessage;
 
+type Param = dyn tokio_postgres::types::ToSql + Sync;
+
 use crate::support::*;
 
 fn first_value(msgs: &[SimpleQueryMessage]) -> String {
@@ -207,16 +209,126 @@ async fn client_parameters_follow_the_client_across_server_connections() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn named_prepared_statements_pin_and_work() {
-    let s = Setup::new(txn_setup(2)).await;
-    let c = s.client().await;
-    let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
-    for i in 0..5 {
-        let v: i32 = c.query_one(&stmt, &[&i]).await.unwrap().get(0);
-        assert_eq!(v, i * 2);
+async fn prepared_clients(s: &Setup, clients: i32, rounds: i32) {
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let url = s.url();
+            tokio::spawn(async move {
+                let c = connect(&url).await.unwrap();
+                // tokio-postgres prepares every query() as a named statement (s0, s1, ...).
+                let double = c.prepare("SELECT $1::int * 2").await.unwrap();
+                let label = c.prepare("SELECT 'client-' || $1::text").await.unwrap();
+                for j in 0..rounds {
+                    let v: i32 = c
+                        .query_one(&double, &[&(i * 1000 + j)])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(
+                        v,
+                        (i * 1000 + j) * 2,
+                        "client {i} got another client's result"
+                    );
+                    let l: String = c.query_one(&label, &[&i.to_string()]).await.unwrap().get(0);
+                    assert_eq!(l, format!("client-{i}"));
+                    // A statement prepared and used once per round (Parse, Bind, Close).
+                    let once: i64 = c
+                        .query_one(&format!("SELECT {j}::bigint + $1"), &[&1i64])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(once, j as i64 + 1);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        within(Duration::from_secs(120), t).await.unwrap();
     }
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_are_shared_without_pinning() {
+    let s = Setup::new(txn_setup(3)).await;
+    prepared_clients(&s, 30, 20).await;
+    assert_eq!(
+        s.proxy.shared().pins.load(Ordering::Relaxed),
+        0,
+        "named statements pinned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statement_lru_churn_stays_correct() {
+    let s = Setup::new(|f| {
+        txn_setup(2)(f);
+        f.pool.max_prepared_statements = 2;
+    })
+    .await;
+    prepared_clients(&s, 10, 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_inside_a_pipeline_keep_statements_in_order() {
+    let s = Setup::new(txn_setup(1)).await;
+    let c = s.client().await;
+    let ok = c.prepare("SELECT $1::int + 100").await.unwrap();
+    let bad = c.prepare("SELECT 1 / $1::int").await.unwrap();
+    for round in 0..5 {
+        // Three requests pipelined on one connection; the middle one fails.
+        let (zero, next) = (0i32, round + 1);
+        let p1: [&Param; 1] = [&round];
+        let p2: [&Param; 1] = [&zero];
+        let p3: [&Param; 1] = [&next];
+        let (a, b, d) = tokio::join!(
+            c.query_one(&ok, &p1),
+            c.query_one(&bad, &p2),
+            c.query_one(&ok, &p3)
+        );
+        assert_eq!(a.unwrap().get::<_, i32>(0), round + 100);
+        assert_eq!(code(&b.unwrap_err()).as_deref(), Some("22012"));
+        assert_eq!(d.unwrap().get::<_, i32>(0), round + 101);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_plan_result_change_errors_once_then_works() {
+    let s = Setup::new(txn_setup(1)).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE r (a int); INSERT INTO r VALUES (1)")
+        .await
+        .unwrap();
+    let stmt = c.prepare("SELECT * FROM r").await.unwrap();
+    assert_eq!(c.query(&stmt, &[]).await.unwrap().len(), 1);
+    connect(&s.pg.url())
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE r ADD COLUMN b int")
+        .await
+        .unwrap();
+    let e = c.query(&stmt, &[]).await.unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("0A000"), "{e}");
+    // Preparing it again (any client name, same text) works on the same server connection.
+    let again = c.prepare("SELECT * FROM r").await.unwrap();
+    let rows = c.query(&again, &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_forgets_statements() {
+    let s = Setup::new(txn_setup(1)).await;
+    let c = s.client().await;
+    let stmt = c.prepare("SELECT 42").await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
+    c.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let e = c.query_one(&stmt, &[]).await.unwrap_err();
+    assert_eq!(
+        code(&e).as_deref(),
+        Some("26000"),
+        "as PostgreSQL would say: {e}"
+    );
+    let again = c.prepare("SELECT 42").await.unwrap();
+    assert_eq!(c.query_one(&again, &[]).await.unwrap().get::<_, i32>(0), 42);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +370,7 @@ async fn client_killed_mid_transaction_in_transaction_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_simple_and_extended_in_transaction_mode() {
+async fn pgbench_all_protocols_in_transaction_mode() {
     let s = Setup::new(txn_setup(2)).await;
     let bindir = pgvalve::testkit::find_bindir().unwrap();
     let init = std::process::Command::new(bindir.join("pgbench"))
@@ -280,7 +392,7 @@ async fn pgbench_simple_and_extended_in_transaction_mode() {
         .unwrap();
     assert!(init.status.success());
     let port = s.proxy.local_addr().port().to_string();
-    for mode in ["simple", "extended"] {
+    for mode in ["simple", "extended", "prepared"] {
         // Eight clients on two server connections, the TPC-B-like read-write script.
         let out = std::process::Command::new(bindir.join("pgbench"))
             .args([

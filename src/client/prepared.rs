@@ -1,0 +1,595 @@
+//! Protocol-level named prepared statements in transaction mode.
+//!
+//! Part of the client session's relay. A client's statement names are its own; the server
+//! side knows each distinct statement (query text + parameter types) under one proxy-wide name
+//! `pgv_<id>` ([`Registry`]). Each server connection remembers which it has prepared
+//! ([`ServerStatements`], LRU-bounded by `max_prepared_statements`). When a client's Bind or
+//! Describe reaches a server connection that lacks the statement, a Parse is injected before
+//! it and its ParseComplete swallowed; a client's Parse of a statement the connection already
+//! has, and every client Close of a statement, are answered by the proxy itself, in order.
+//! [`Responses`] keeps the order: one entry per request, popped as the server answers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub use crate::server::statements::ServerStatements;
+
+/// ParseComplete.
+pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+/// CloseComplete.
+pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// Proxy-wide: statement definition (everything in a Parse after its name) → id, and which
+/// definitions a server has accepted.
+#[derive(Debug, Default)]
+pub struct Registry {
+    ids: Mutex<HashMap<Bytes, (u64, bool)>>,
+}
+
+impl Registry {
+    /// The id of a definition, assigning the next one if new.
+    pub fn id_for(&self, def: &Bytes) -> u64 {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() as u64 + 1;
+        ids.entry(def.clone()).or_insert((next, false)).0
+    }
+
+    /// The id of a definition some server has accepted (ParseComplete), if any.
+    pub fn accepted(&self, def: &[u8]) -> Option<u64> {
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.get(def).filter(|(_, ok)| *ok).map(|(id, _)| *id)
+    }
+
+    fn mark_accepted(&self, id: u64) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = ids.values_mut().find(|(i, _)| *i == id) {
+            v.1 = true;
+        }
+    }
+}
+
+/// The server-side name of statement `id`.
+pub fn server_name(id: u64) -> String {
+    format!("pgv_{id}")
+}
+
+/// A statement a client prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StmtDef {
+    /// Proxy-wide id.
+    pub id: u64,
+    /// Query text, parameter count and types, as in the Parse message after its name.
+    pub def: Bytes,
+}
+
+/// What the server will answer to one request, or what the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Query or FunctionCall: ends at ReadyForQuery.
+    Query,
+    /// Parse (of statement `id`, when named): ParseComplete.
+    Parse(Option<u64>),
+    /// Bind (of statement `id`, when named): BindComplete.
+    Bind(Option<u64>),
+    /// Describe statement: ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// Describe portal: RowDescription or NoData.
+    DescribePortal,
+    /// Execute: rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute(Option<u64>),
+    /// Close of a portal: CloseComplete.
+    Close,
+    /// Sync: ReadyForQuery.
+    Sync,
+    /// An answer the proxy sends itself when its turn comes.
+    Synthetic(&'static [u8]),
+    /// A Parse the proxy injected: its ParseComplete is not forwarded.
+    SwallowParse(u64),
+    /// A Close the proxy injected: its CloseComplete is not forwarded.
+    SwallowClose,
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnServer {
+    /// Forward it, then send these proxy answers (possibly none).
+    Forward(Vec<&'static [u8]>),
+    /// Drop it (the answer to an injected message), then send these.
+    Swallow(Vec<&'static [u8]>),
+}
+
+/// Outstanding requests of one relay, in order.
+#[derive(Debug, Default)]
+pub struct Responses {
+    q: VecDeque<Expect>,
+    /// Statements whose Parse the server accepted (to record in the registry).
+    pub accepted: Vec<u64>,
+}
+
+impl Responses {
+    /// Adds a request; returns the proxy answers due now (when nothing is ahead of them).
+    pub fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
+        self.q.push_back(e);
+        self.due()
+    }
+
+    /// True when nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    fn due(&mut self) -> Vec<&'static [u8]> {
+        let mut out = Vec::new();
+        while let Some(Expect::Synthetic(b)) = self.q.front() {
+            out.push(*b);
+            self.q.pop_front();
+        }
+        out
+    }
+
+    /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
+    /// saying a cached plan changed its result type), updating `conn`'s statements.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        stale_plan: bool,
+        conn: &mut ServerStatements,
+    ) -> OnServer {
+        if matches!(tag, b'N' | b'S' | b'A') {
+            return OnServer::Forward(Vec::new());
+        }
+        let Some(&head) = self.q.front() else {
+            return OnServer::Forward(Vec::new());
+        };
+        if tag == b'E' {
+            return self.on_error(head, stale_plan, conn);
+        }
+        let (done, swallow) = match (head, tag) {
+            (Expect::Query, b'Z') | (Expect::Sync, b'Z') => (true, false),
+            (Expect::Parse(_), b'1') | (Expect::Bind(_), b'2') | (Expect::Close, b'3') => {
+                (true, false)
+            }
+            (Expect::DescribeStatement | Expect::DescribePortal, b'T' | b'n') => (true, false),
+            (Expect::Execute(_), b'C' | b'I' | b's') => (true, false),
+            (Expect::SwallowParse(_), b'1') | (Expect::SwallowClose, b'3') => (true, true),
+            _ => (false, false),
+        };
+        if done {
+            self.q.pop_front();
+            if let (Expect::Parse(Some(id)) | Expect::SwallowParse(id), b'1') = (head, tag) {
+                self.accepted.push(id);
+            }
+        }
+        let due = self.due();
+        if swallow {
+            OnServer::Swallow(due)
+        } else {
+            OnServer::Forward(due)
+        }
+    }
+
+    /// An ErrorResponse ends the head request. In the extended protocol the server then skips
+    /// everything up to the next Sync, so the requests in between get no answer: statements
+    /// they would have prepared are not prepared, and the proxy's own answers are dropped.
+    fn on_error(
+        &mut self,
+        head: Expect,
+        stale_plan: bool,
+        conn: &mut ServerStatements,
+    ) -> OnServer {
+        self.q.pop_front();
+        let mut forget = |e: Expect| match e {
+            Expect::Parse(Some(id)) | Expect::SwallowParse(id) => conn.remove(id),
+            Expect::Bind(Some(id)) | Expect::Execute(Some(id)) if stale_plan => conn.mark_stale(id),
+            _ => {}
+        };
+        forget(head);
+        // An injected Parse failing means the client's Bind/Describe after it fails too,
+        // but the error is forwarded: the client sees the server's reason.
+        if !matches!(head, Expect::Query | Expect::Sync) {
+            while let Some(&e) = self.q.front() {
+                if e == Expect::Sync {
+                    break;
+                }
+                forget(e);
+                self.q.pop_front();
+            }
+        }
+        OnServer::Forward(self.due())
+    }
+}
+
+/// Builds a Parse of statement `id` under its server name.
+pub fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
+    let name = server_name(id);
+    out.put_u8(b'P');
+    out.put_i32((4 + name.len() + 1 + def.len()) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(def);
+}
+
+/// Builds a Close of statement `id`.
+pub fn close_message(id: u64, out: &mut BytesMut) {
+    let name = server_name(id);
+    out.put_u8(b'C');
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+/// A client's statements, and what it needs to rewrite its messages.
+#[derive(Debug)]
+pub struct ClientStatements {
+    /// By the client's name.
+    pub by_name: HashMap<Vec<u8>, StmtDef>,
+    /// The statement last bound to the unnamed portal (for Execute).
+    unnamed_portal: Option<u64>,
+    /// Proxy-wide ids.
+    registry: Arc<Registry>,
+    /// `max_prepared_statements` per server connection.
+    cap: usize,
+}
+
+/// Where the handling of one client message sends bytes.
+#[derive(Debug)]
+pub struct Outputs<'a> {
+    /// To the server.
+    pub server: &'a mut BytesMut,
+    /// To the client (the proxy's own answers, when due).
+    pub client: &'a mut BytesMut,
+    /// Outstanding requests.
+    pub responses: &'a mut Responses,
+    /// The server connection's statements.
+    pub conn: &'a mut ServerStatements,
+}
+
+impl Outputs<'_> {
+    fn expect(&mut self, e: Expect) {
+        for b in self.responses.push(e) {
+            self.client.put_slice(b);
+        }
+    }
+}
+
+impl ClientStatements {
+    /// Statements of a new client session.
+    pub fn new(registry: Arc<Registry>, cap: usize) -> Self {
+        Self {
+            by_name: HashMap::new(),
+            unnamed_portal: None,
+            registry,
+            cap,
+        }
+    }
+
+    /// Makes sure the server connection has `def` prepared, injecting Close/Parse as needed.
+    fn ensure(&self, def: &StmtDef, out: &mut Outputs<'_>) {
+        if !out.conn.touch(def.id) {
+            self.prepare(def, Expect::SwallowParse(def.id), out);
+        }
+    }
+
+    /// Sends a Parse of `def` (closing a stale copy and the least recently used statement
+    /// first, when needed), expecting `expect` for it.
+    fn prepare(&self, def: &StmtDef, expect: Expect, out: &mut Outputs<'_>) {
+        if out.conn.take_stale(def.id) {
+            close_message(def.id, out.server);
+            out.expect(Expect::SwallowClose);
+        }
+        if let Some(evicted) = out.conn.insert(def.id, self.cap) {
+            close_message(evicted, out.server);
+            out.expect(Expect::SwallowClose);
+        }
+        parse_message(def.id, &def.def, out.server);
+        out.expect(expect);
+    }
+
+    /// Handles one whole client message (header included) in transaction mode.
+    pub fn on_client(&mut self, msg: Bytes, out: &mut Outputs<'_>) {
+        let body = &msg[5..];
+        match msg[0] {
+            b'P' => self.on_parse(msg.clone(), body, out),
+            b'B' => self.on_bind(msg.clone(), body, out),
+            b'D' => {
+                let named = body.first() == Some(&b'S') && body.len() > 2;
+                let def = named
+                    .then(|| split_cstr(&body[1..]).and_then(|(n, _)| self.by_name.get(n)))
+                    .flatten()
+                    .cloned();
+                match def {
+                    Some(def) => {
+                        self.ensure(&def, out);
+                        let name = server_name(def.id);
+                        out.server.put_u8(b'D');
+                        out.server.put_i32((4 + 1 + name.len() + 1) as i32);
+                        out.server.put_u8(b'S');
+                        out.server.put_slice(name.as_bytes());
+                        out.server.put_u8(0);
+                        out.expect(Expect::DescribeStatement);
+                    }
+                    None => {
+                        out.server.put_slice(&msg);
+                        out.expect(if body.first() == Some(&b'S') {
+                            Expect::DescribeStatement
+                        } else {
+                            Expect::DescribePortal
+                        });
+                    }
+                }
+            }
+            b'C' if body.first() == Some(&b'S') && body.len() > 2 => {
+                if let Some((name, _)) = split_cstr(&body[1..]) {
+                    self.by_name.remove(name);
+                }
+                out.expect(Expect::Synthetic(CLOSE_COMPLETE));
+            }
+            tag => {
+                out.server.put_slice(&msg);
+                match tag {
+                    b'C' => out.expect(Expect::Close),
+                    b'E' => {
+                        let unnamed = body.first() == Some(&0);
+                        out.expect(Expect::Execute(if unnamed {
+                            self.unnamed_portal
+                        } else {
+                            None
+                        }));
+                    }
+                    b'S' => out.expect(Expect::Sync),
+                    b'Q' | b'F' => out.expect(Expect::Query),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn on_parse(&mut self, msg: Bytes, body: &[u8], out: &mut Outputs<'_>) {
+        let Some((name, def)) = split_cstr(body) else {
+            out.server.put_slice(&msg);
+            out.expect(Expect::Parse(None));
+            return;
+        };
+        if name.is_empty() {
+            out.server.put_slice(&msg);
+            out.expect(Expect::Parse(None));
+            return;
+        }
+        let def = msg.slice_ref(def);
+        let stmt = StmtDef {
+            id: self.registry.id_for(&def),
+            def,
+        };
+        self.by_name.insert(name.to_vec(), stmt.clone());
+        if out.conn.touch(stmt.id) {
+            out.expect(Expect::Synthetic(PARSE_COMPLETE));
+        } else {
+            self.prepare(&stmt, Expect::Parse(Some(stmt.id)), out);
+        }
+    }
+
+    fn on_bind(&mut self, msg: Bytes, body: &[u8], out: &mut Outputs<'_>) {
+        let parsed = split_cstr(body).and_then(|(portal, rest)| Some((portal, split_cstr(rest)?)));
+        let Some((portal, (stmt, rest))) = parsed else {
+            out.server.put_slice(&msg);
+            out.expect(Expect::Bind(None));
+            return;
+        };
+        let def = (!stmt.is_empty())
+            .then(|| self.by_name.get(stmt))
+            .flatten()
+            .cloned();
+        let Some(def) = def else {
+            // Unnamed, or unknown (the server says it does not exist).
+            if portal.is_empty() {
+                self.unnamed_portal = None;
+            }
+            out.server.put_slice(&msg);
+            out.expect(Expect::Bind(None));
+            return;
+        };
+        self.ensure(&def, out);
+        let name = server_name(def.id);
+        out.server.put_u8(b'B');
+        out.server
+            .put_i32((4 + portal.len() + 1 + name.len() + 1 + rest.len()) as i32);
+        out.server.put_slice(portal);
+        out.server.put_u8(0);
+        out.server.put_slice(name.as_bytes());
+        out.server.put_u8(0);
+        out.server.put_slice(rest);
+        if portal.is_empty() {
+            self.unnamed_portal = Some(def.id);
+        }
+        out.expect(Expect::Bind(Some(def.id)));
+    }
+
+    /// Records statements the server accepted during this relay.
+    pub fn note_accepted(&self, responses: &mut Responses) {
+        for id in responses.accepted.drain(..) {
+            self.registry.mark_accepted(id);
+        }
+    }
+
+    /// Answers, without a server connection, a batch that only prepares statements a server
+    /// has already accepted: one or more named Parse messages, then Sync. `buf` holds the
+    /// client's unread bytes; on success the batch is consumed and the answers (ParseComplete
+    /// each, then ReadyForQuery 'I') are written to `answer`.
+    pub fn answer_known_parses(&mut self, buf: &mut BytesMut, answer: &mut BytesMut) -> bool {
+        let mut pos = 0;
+        let mut found = Vec::new();
+        loop {
+            let Some(head) = buf.get(pos..pos + 5) else {
+                return false;
+            };
+            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            if len < 4 || buf.len() < pos + 1 + len as usize {
+                return false;
+            }
+            let end = pos + 1 + len as usize;
+            match head[0] {
+                b'P' => {
+                    let Some((name, def)) = split_cstr(&buf[pos + 5..end]) else {
+                        return false;
+                    };
+                    let Some(id) = (!name.is_empty())
+                        .then(|| self.registry.accepted(def))
+                        .flatten()
+                    else {
+                        return false;
+                    };
+                    found.push((name.to_vec(), id, Bytes::copy_from_slice(def)));
+                }
+                b'S' if !found.is_empty() => {
+                    for (name, id, def) in found {
+                        self.by_name.insert(name, StmtDef { id, def });
+                        answer.put_slice(PARSE_COMPLETE);
+                    }
+                    answer.put_slice(b"Z\0\0\0\x05I");
+                    let _ = buf.split_to(end);
+                    return true;
+                }
+                _ => return false,
+            }
+            pos = end;
+        }
+    }
+
+    /// The client ran DEALLOCATE ALL or DISCARD ALL: its statements are gone, and so is
+    /// everything the server connection had prepared.
+    pub fn forget_all(&mut self, conn: &mut ServerStatements) {
+        self.by_name.clear();
+        conn.clear();
+    }
+}
+
+/// Splits `s` at its first NUL: (text, rest after the NUL).
+pub fn split_cstr(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = s.iter().position(|&b| b == 0)?;
+    Some((&s[..nul], &s[nul + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_shares_ids_for_identical_definitions() {
+        let r = Registry::default();
+        let a = r.id_for(&Bytes::from_static(b"SELECT 1\0\0\0"));
+        let b = r.id_for(&Bytes::from_static(b"SELECT 2\0\0\0"));
+        assert_ne!(a, b);
+        assert_eq!(r.id_for(&Bytes::from_static(b"SELECT 1\0\0\0")), a);
+    }
+
+    #[test]
+    fn synthetic_answers_wait_their_turn() {
+        let mut conn = ServerStatements::default();
+        let mut r = Responses::default();
+        assert!(r.push(Expect::Bind(Some(1))).is_empty());
+        // A skipped Parse behind an outstanding Bind is answered after BindComplete.
+        assert!(r.push(Expect::Synthetic(PARSE_COMPLETE)).is_empty());
+        r.push(Expect::Sync);
+        assert_eq!(
+            r.on_server(b'2', false, &mut conn),
+            OnServer::Forward(vec![PARSE_COMPLETE])
+        );
+        assert_eq!(
+            r.on_server(b'Z', false, &mut conn),
+            OnServer::Forward(vec![])
+        );
+        assert!(r.is_empty());
+        // With nothing ahead, the answer is due at once.
+        assert_eq!(
+            r.push(Expect::Synthetic(CLOSE_COMPLETE)),
+            vec![CLOSE_COMPLETE]
+        );
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed_and_errors_skip_to_sync() {
+        let mut conn = ServerStatements::default();
+        conn.insert(7, 10);
+        conn.insert(8, 10);
+        let mut r = Responses::default();
+        r.push(Expect::SwallowParse(7));
+        r.push(Expect::Bind(Some(7)));
+        r.push(Expect::Execute(Some(7)));
+        r.push(Expect::SwallowParse(8));
+        r.push(Expect::Synthetic(PARSE_COMPLETE));
+        r.push(Expect::Sync);
+        assert_eq!(
+            r.on_server(b'1', false, &mut conn),
+            OnServer::Swallow(vec![])
+        );
+        assert_eq!(
+            r.on_server(b'2', false, &mut conn),
+            OnServer::Forward(vec![])
+        );
+        assert_eq!(
+            r.on_server(b'D', false, &mut conn),
+            OnServer::Forward(vec![])
+        );
+        // The Execute fails: the injected Parse of 8 and the synthetic answer are skipped.
+        assert_eq!(
+            r.on_server(b'E', false, &mut conn),
+            OnServer::Forward(vec![])
+        );
+        assert!(
+            conn.touch(7) && !conn.touch(8),
+            "statement 8 was never prepared"
+        );
+        assert_eq!(
+            r.on_server(b'Z', false, &mut conn),
+            OnServer::Forward(vec![])
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn stale_plan_forgets_the_statement() {
+        let mut conn = ServerStatements::default();
+        conn.insert(3, 10);
+        let mut r = Responses::default();
+        r.push(Expect::Bind(Some(3)));
+        r.push(Expect::Sync);
+        r.on_server(b'E', true, &mut conn);
+        assert!(!conn.touch(3));
+    }
+
+    #[test]
+    fn known_parses_are_answered_without_a_server() {
+        let reg = Arc::new(Registry::default());
+        let def = Bytes::from_static(b"SELECT 1\0\0\0");
+        let mut st = ClientStatements::new(reg.clone(), 10);
+        let mut batch = BytesMut::new();
+        batch.put_slice(b"P\0\0\0\x12s1\0SELECT 1\0\0\0");
+        batch.put_slice(b"S\0\0\0\x04");
+        let mut answer = BytesMut::new();
+        // Unknown to any server yet: the server must see it.
+        let id = reg.id_for(&def);
+        assert!(!st.answer_known_parses(&mut batch.clone(), &mut answer));
+        reg.mark_accepted(id);
+        let mut buf = batch.clone();
+        assert!(st.answer_known_parses(&mut buf, &mut answer));
+        assert!(buf.is_empty());
+        assert_eq!(&answer[..], b"1\0\0\0\x04Z\0\0\0\x05I");
+        assert_eq!(st.by_name[&b"s1"[..]].id, id);
+        // Anything else in the batch (here a Bind) needs the server.
+        let mut other = BytesMut::from(&b"B\0\0\0\x0c\0s1\0\0\0\0\0S\0\0\0\x04"[..]);
+        assert!(!st.answer_known_parses(&mut other, &mut answer));
+    }
+
+    #[test]
+    fn messages_encode() {
+        let mut b = BytesMut::new();
+        parse_message(5, b"SELECT 1\0\0\0", &mut b);
+        assert_eq!(&b[..], b"P\0\0\0\x15pgv_5\0SELECT 1\0\0\0");
+        let mut b = BytesMut::new();
+        close_message(5, &mut b);
+        assert_eq!(&b[..], b"C\0\0\0\x0bSpgv_5\0");
+    }
+}
