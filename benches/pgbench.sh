@@ -12,6 +12,8 @@
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# 1000 clients need more than the usual 1024 file descriptors (PgBouncer and pgvalve alike).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 CLIENTS=${CLIENTS:-8,32,128}
 DURATION=${DURATION:-10}
@@ -112,7 +114,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for t in "${TARGETS[@]}"; do
       name=${t%%:*}; port=${t##*:}
       pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
-      out=$(PGPASSWORD=bench "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      out=$(PGPASSWORD=bench timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
       t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
       xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)

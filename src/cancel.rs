@@ -100,10 +100,7 @@ impl CancelRegistry {
 
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// True when no session is registered.
@@ -132,11 +129,7 @@ impl CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        let mut sessions = self
-            .registry
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut sessions = self.registry.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.remove(&self.pid);
     }
 }

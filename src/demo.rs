@@ -96,21 +96,11 @@ impl DemoReport {
                 d.refused.to_string(),
                 p.refused.to_string(),
             ),
-            (
-                "other errors",
-                d.other_errors.to_string(),
-                p.other_errors.to_string(),
-            ),
+            ("other errors", d.other_errors.to_string(), p.other_errors.to_string()),
             (
                 "peak server connections",
-                format!(
-                    "{} / {}",
-                    d.peak_server_connections, self.opts.max_connections
-                ),
-                format!(
-                    "{} (cap {})",
-                    p.peak_server_connections, self.opts.pool_size
-                ),
+                format!("{} / {}", d.peak_server_connections, self.opts.max_connections),
+                format!("{} (cap {})", p.peak_server_connections, self.opts.pool_size),
             ),
             ("latency p50", ms(d.p50), ms(p.p50)),
             ("latency p99", ms(d.p99), ms(p.p99)),
@@ -161,11 +151,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let direct = surge(&pg, &pg.url(), &opts).await?;
     let proxied = surge(&pg, &proxied_url, &opts).await?;
     proxy.shutdown_now().await;
-    Ok(DemoReport {
-        opts,
-        direct,
-        proxied,
-    })
+    Ok(DemoReport { opts, direct, proxied })
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -196,9 +182,7 @@ async fn one_client(url: String, id: i32, hold: Duration, start: Arc<Barrier>) -
     match tokio::time::timeout(Duration::from_secs(120), work).await {
         Ok(Ok(())) => Outcome::Ok(t0.elapsed()),
         Ok(Err(e)) => {
-            let db = e
-                .downcast_ref::<tokio_postgres::Error>()
-                .and_then(|e| e.as_db_error());
+            let db = e.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.as_db_error());
             match db {
                 Some(d) if d.code().code() == "53300" => Outcome::Refused(d.message().to_string()),
                 Some(d) => Outcome::Other(format!("{}: {}", d.code().code(), d.message())),
@@ -227,14 +211,7 @@ async fn surge(pg: &TestPostgres, url: &str, opts: &DemoOptions) -> anyhow::Resu
     };
     let barrier = Arc::new(Barrier::new(opts.clients));
     let tasks: Vec<_> = (0..opts.clients)
-        .map(|i| {
-            tokio::spawn(one_client(
-                url.to_string(),
-                i as i32,
-                opts.hold,
-                barrier.clone(),
-            ))
-        })
+        .map(|i| tokio::spawn(one_client(url.to_string(), i as i32, opts.hold, barrier.clone())))
         .collect();
     let mut r = SurgeResult::default();
     let mut lat = Vec::new();

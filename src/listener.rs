@@ -17,12 +17,7 @@ use crate::proxy::Shared;
 use crate::shutdown::Phase;
 
 /// Accepts until shutdown; the socket closes when this returns.
-pub async fn run(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-    mut phase: watch::Receiver<Phase>,
-) {
+pub async fn run(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker, mut phase: watch::Receiver<Phase>) {
     let mut backoff = Duration::from_millis(1);
     loop {
         tokio::select! {

@@ -133,7 +133,9 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<pgvalve::Config>, ExitCode> {
         return Ok(None);
     };
     if config.is_none() && upstream.is_none() {
-        eprintln!("pgvalve: give a config file (-c FILE) or an upstream (--upstream postgres://USER:PASSWORD@HOST:PORT)");
+        eprintln!(
+            "pgvalve: give a config file (-c FILE) or an upstream (--upstream postgres://USER:PASSWORD@HOST:PORT)"
+        );
         return Err(ExitCode::from(64));
     }
     let ov = Overrides {
@@ -145,12 +147,10 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<pgvalve::Config>, ExitCode> {
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
     };
-    config::load_with(config.as_deref(), &ov)
-        .map(Some)
-        .map_err(|e| {
-            eprintln!("pgvalve: {e}");
-            ExitCode::from(64)
-        })
+    config::load_with(config.as_deref(), &ov).map(Some).map_err(|e| {
+        eprintln!("pgvalve: {e}");
+        ExitCode::from(64)
+    })
 }
 
 fn main() -> ExitCode {
@@ -215,10 +215,7 @@ async fn run(config: pgvalve::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         eprintln!("pgvalve: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
@@ -250,10 +247,7 @@ fn passwd(password: Option<String>) -> ExitCode {
             line.trim_end_matches(['\n', '\r']).to_string()
         }
     };
-    println!(
-        "{}",
-        postgres_protocol::password::scram_sha_256(password.as_bytes())
-    );
+    println!("{}", postgres_protocol::password::scram_sha_256(password.as_bytes()));
     ExitCode::SUCCESS
 }
 
@@ -266,7 +260,10 @@ async fn demo_main(opts: DemoOptions) -> ExitCode {
         Ok(report) => {
             println!("{}", report.render());
             if report.proxy_held() {
-                println!("pgvalve absorbed the surge: nobody refused, PostgreSQL never saw more than {} connections.", report.opts.pool_size);
+                println!(
+                    "pgvalve absorbed the surge: nobody refused, PostgreSQL never saw more than {} connections.",
+                    report.opts.pool_size
+                );
                 ExitCode::SUCCESS
             } else {
                 println!("pgvalve did NOT hold the surge (see above).");

@@ -141,10 +141,7 @@ impl ProxyHandle {
     async fn stop(self, grace: Duration) {
         self.begin_drain();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             tracing::warn!(
                 remaining = self.tracker.len(),
                 "shutdown_timeout reached; closing remaining sessions"

@@ -118,15 +118,11 @@ fn unprivileged_user() -> anyhow::Result<Option<(u32, u32)>> {
             }
         }
     }
-    bail!(
-        "running as root and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as"
-    )
+    bail!("running as root and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as")
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl TestPostgres {
@@ -212,24 +208,10 @@ impl TestPostgres {
         );
         let out = self
             .command("pg_ctl")
-            .args([
-                "-D",
-                "data",
-                "-l",
-                "postgres.log",
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &o,
-                "start",
-            ])
+            .args(["-D", "data", "-l", "postgres.log", "-w", "-t", "60", "-o", &o, "start"])
             .output()?;
         if !out.status.success() {
-            bail!(
-                "pg_ctl start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -246,11 +228,8 @@ impl TestPostgres {
             crate::server::quote_literal(&o.password)
         ))
         .await?;
-        su.batch_execute(&format!(
-            "CREATE DATABASE \"{}\" OWNER \"{}\"",
-            o.database, o.user
-        ))
-        .await?;
+        su.batch_execute(&format!("CREATE DATABASE \"{}\" OWNER \"{}\"", o.database, o.user))
+            .await?;
         Ok(())
     }
 
@@ -302,8 +281,7 @@ impl TestPostgres {
 
     /// [`TestPostgres::file_config`], validated.
     pub fn proxy_config(&self) -> Config {
-        Config::validate(self.file_config(), "testkit")
-            .expect("invariant: the testkit config is valid")
+        Config::validate(self.file_config(), "testkit").expect("invariant: the testkit config is valid")
     }
 
     /// Restarts the server (`pg_ctl restart -m fast`).
@@ -315,10 +293,7 @@ impl TestPostgres {
         cmd.args(["-D", "data", "-w", "-m", "fast", "restart"]);
         let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
         if !out.status.success() {
-            bail!(
-                "pg_ctl restart failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("pg_ctl restart failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -355,11 +330,7 @@ fn command_as(bindir: &Path, run_as: Option<(u32, u32)>, dir: &Path, program: &s
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "---- PostgreSQL log (port {}) ----\n{}",
-                self.port,
-                self.log_tail(40)
-            );
+            eprintln!("---- PostgreSQL log (port {}) ----\n{}", self.port, self.log_tail(40));
         }
         let _ = command_as(&self.bindir, self.run_as, self.dir.path(), "pg_ctl")
             .args(["-D", "data", "-w", "-m", "immediate", "stop"])

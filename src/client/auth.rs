@@ -31,9 +31,7 @@ pub async fn authenticate(
             None => Err(SessionError::UnknownRole(user.to_string())),
         };
     }
-    let verifier = known
-        .and_then(|u| u.client_verifier.as_ref())
-        .unwrap_or(decoy);
+    let verifier = known.and_then(|u| u.client_verifier.as_ref()).unwrap_or(decoy);
     messages::auth_sasl(&[SCRAM], &mut client.wbuf);
     client.flush().await?;
 
@@ -59,11 +57,8 @@ pub async fn authenticate(
     client.flush().await?;
 
     let frame = client.read_frame(MAX_AUTH_MESSAGE).await?;
-    let data = messages::sasl_response(frame)
-        .ok_or_else(|| SessionError::Protocol("expected SASLResponse".into()))?;
-    let server_final = waiting
-        .on_client_final_message(&data)
-        .map_err(|_| failed())?;
+    let data = messages::sasl_response(frame).ok_or_else(|| SessionError::Protocol("expected SASLResponse".into()))?;
+    let server_final = waiting.on_client_final_message(&data).map_err(|_| failed())?;
     if known.is_none() {
         return Err(failed());
     }

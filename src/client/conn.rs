@@ -50,9 +50,7 @@ impl ClientConn {
     pub(crate) async fn read_more(&mut self) -> Result<(), SessionError> {
         self.rbuf.reserve(8192);
         match self.stream.read_buf(&mut self.rbuf).await {
-            Ok(0) => Err(SessionError::ClientGone(
-                io::ErrorKind::UnexpectedEof.into(),
-            )),
+            Ok(0) => Err(SessionError::ClientGone(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => Ok(()),
             Err(e) => Err(SessionError::ClientGone(e)),
         }

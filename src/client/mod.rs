@@ -93,9 +93,8 @@ impl SessionError {
     pub fn side(&self) -> Side {
         use SessionError::*;
         match self {
-            ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_)
-            | UnknownRole(_) | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_)
-            | Unsupported(_) => Side::Client,
+            ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_) | UnknownRole(_)
+            | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_) | Unsupported(_) => Side::Client,
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
             TooManyClients(_) | Checkout(_) | Shutdown => Side::Proxy,
         }
@@ -110,14 +109,10 @@ impl SessionError {
             Startup(StartupError::UnsupportedProtocol { .. }) => {
                 fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string())
             }
-            Startup(_) | Frame(_) | Protocol(_) => {
-                fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
-            }
+            Startup(_) | Frame(_) | Protocol(_) => fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
             ServerProtocol(_) => fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
-            UnknownRole(_) | UnsupportedAuth(_) => {
-                fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
-            }
+            UnknownRole(_) | UnsupportedAuth(_) => fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string()),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string()),
             TooManyClients(max) => Some(
                 PgError::fatal(
@@ -147,12 +142,7 @@ impl SessionError {
 }
 
 /// Serves one client connection to its end.
-pub async fn serve(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    permit: Option<ClientPermit>,
-) {
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, permit: Option<ClientPermit>) {
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, peer);
     let span = tracing::info_span!("client", addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
@@ -175,9 +165,7 @@ async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, Se
     let max = shared.config.proxy.max_startup_packet_size;
     for _ in 0..3 {
         match client.read_initial(max).await? {
-            InitialPacket::SslRequest | InitialPacket::GssEncRequest => {
-                client.send_byte(b'N').await?
-            }
+            InitialPacket::SslRequest | InitialPacket::GssEncRequest => client.send_byte(b'N').await?,
             InitialPacket::Cancel { pid, secret } => {
                 shared.cancels.cancel(pid, &secret).await;
                 return Ok(Opening::Cancel);
@@ -185,9 +173,7 @@ async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, Se
             InitialPacket::Startup(p) => return Ok(Opening::Startup(p)),
         }
     }
-    Err(SessionError::Protocol(
-        "too many encryption requests".into(),
-    ))
+    Err(SessionError::Protocol("too many encryption requests".into()))
 }
 
 async fn login(
@@ -200,9 +186,7 @@ async fn login(
         Opening::Startup(p) => p,
     };
     if !permit_ok {
-        return Err(SessionError::TooManyClients(
-            shared.config.proxy.max_client_connections,
-        ));
+        return Err(SessionError::TooManyClients(shared.config.proxy.max_client_connections));
     }
     if *shared.phase.borrow() != Phase::Running {
         return Err(SessionError::Shutdown);
@@ -243,9 +227,7 @@ async fn session(
         key,
         params,
         route,
-    }) = setup(shared, client, permit.is_some())
-        .instrument(span.clone())
-        .await?
+    }) = setup(shared, client, permit.is_some()).instrument(span.clone()).await?
     else {
         return Ok(());
     };
@@ -259,14 +241,10 @@ async fn session(
             client.peer
         ),
         pins: shared.pins.clone(),
-        statements: (route.pool_mode == PoolMode::Transaction
-            && shared.config.pool.max_prepared_statements > 0)
-            .then(|| {
-                prepared::ClientStatements::new(
-                    shared.statements.clone(),
-                    shared.config.pool.max_prepared_statements,
-                )
-            }),
+        reported: Vec::new(),
+        statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
+            || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
+        ),
     };
     if mode.transaction {
         return txn::serve(shared, client, server, &key, &params, &route, mode).await;
@@ -288,10 +266,7 @@ async fn session(
     .await;
     key.set_target(None).await;
     server
-        .release(
-            &shared.config.pool.server_reset_query,
-            Duration::from_secs(5),
-        )
+        .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
         .await;
     drop(permit);
     end.map(|_| ())
@@ -306,10 +281,7 @@ async fn setup(
 ) -> Result<Option<Started>, SessionError> {
     let timeout = shared.config.proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
-    let Some(p) = login
-        .await
-        .map_err(|_| SessionError::LoginTimeout(timeout))??
-    else {
+    let Some(p) = login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? else {
         return Ok(None);
     };
     let route = shared
@@ -321,12 +293,9 @@ async fn setup(
 
     let key = shared.cancels.register();
     let mut server = shared.pools.checkout(&route).await?;
-    if let Err(e) = params::prepare_server(&mut server, &p).await {
+    if let Err(e) = params::prepare_server(&mut server, &p, &params::Reported::new()).await {
         server
-            .release(
-                &shared.config.pool.server_reset_query,
-                Duration::from_secs(5),
-            )
+            .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
             .await;
         return Err(e);
     }

@@ -59,13 +59,21 @@ pub fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
     Ok(out)
 }
 
-/// A key for the set of parameters `p` applies: 0 when it applies none (a fresh or reset
-/// server connection needs nothing), else a nonzero hash.
-pub fn params_key(p: &StartupParams) -> u64 {
+/// Values the client set after startup for parameters PostgreSQL reports (learned from the
+/// server's ParameterStatus in transaction mode), applied after the startup parameters.
+pub type Reported = std::collections::BTreeMap<String, String>;
+
+/// A key for the set of parameters `p` and `reported` apply: 0 when they apply none (a fresh
+/// or reset server connection needs nothing), else a nonzero hash.
+pub fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut any = false;
     for kv in p.session_params() {
+        kv.hash(&mut h);
+        any = true;
+    }
+    for kv in reported {
         kv.hash(&mut h);
         any = true;
     }
@@ -84,8 +92,9 @@ pub fn params_key(p: &StartupParams) -> u64 {
 pub async fn prepare_server(
     server: &mut crate::server::ServerConn,
     p: &StartupParams,
+    reported: &Reported,
 ) -> Result<(), SessionError> {
-    let key = params_key(p);
+    let key = params_key(p, reported);
     if server.applied == key {
         return Ok(());
     }
@@ -93,7 +102,7 @@ pub async fn prepare_server(
     if server.applied != 0 {
         sql.push_str("RESET ALL;");
     }
-    if let Some(q) = apply_query(p)? {
+    if let Some(q) = apply_query(p, reported)? {
         sql.push_str(&q);
     }
     server.simple_query(&sql).await?;
@@ -105,7 +114,7 @@ pub async fn prepare_server(
 ///
 /// # Errors
 /// [`SessionError::Unsupported`] for an `options` switch other than a setting.
-pub fn apply_query(p: &StartupParams) -> Result<Option<String>, SessionError> {
+pub fn apply_query(p: &StartupParams, reported: &Reported) -> Result<Option<String>, SessionError> {
     let mut settings = Vec::new();
     for (k, v) in p.session_params() {
         if k == "options" {
@@ -114,6 +123,7 @@ pub fn apply_query(p: &StartupParams) -> Result<Option<String>, SessionError> {
             settings.push((k.to_string(), v.to_string()));
         }
     }
+    settings.extend(reported.iter().map(|(k, v)| (k.clone(), v.clone())));
     if settings.is_empty() {
         return Ok(None);
     }
@@ -136,10 +146,7 @@ mod tests {
 
     #[test]
     fn options_forms() {
-        let o = parse_options(
-            r"-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x=has\ space",
-        )
-        .unwrap();
+        let o = parse_options(r"-c search_path=a,b --statement-timeout=5s -cwork_mem=64MB -c x=has\ space").unwrap();
         assert_eq!(
             o,
             vec![
@@ -157,12 +164,15 @@ mod tests {
         let mut p = StartupParams::default();
         p.params.insert("user".into(), "u".into());
         p.params.insert("application_name".into(), "it's".into());
-        let q = apply_query(&p).unwrap().unwrap();
-        assert_eq!(
-            q,
-            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
-        );
+        let none = Reported::new();
+        let q = apply_query(&p, &none).unwrap().unwrap();
+        assert_eq!(q, "SELECT pg_catalog.set_config('application_name', 'it''s', false)");
         p.params.remove("application_name");
-        assert_eq!(apply_query(&p).unwrap(), None);
+        assert_eq!(apply_query(&p, &none).unwrap(), None);
+        assert_eq!(params_key(&p, &none), 0);
+        let tz: Reported = [("TimeZone".to_string(), "UTC".to_string())].into();
+        let q = apply_query(&p, &tz).unwrap().unwrap();
+        assert_eq!(q, "SELECT pg_catalog.set_config('TimeZone', 'UTC', false)");
+        assert_ne!(params_key(&p, &tz), 0);
     }
 }

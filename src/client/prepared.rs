@@ -131,12 +131,7 @@ impl Responses {
 
     /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
     /// saying a cached plan changed its result type), updating `conn`'s statements.
-    pub fn on_server(
-        &mut self,
-        tag: u8,
-        stale_plan: bool,
-        conn: &mut ServerStatements,
-    ) -> OnServer {
+    pub fn on_server(&mut self, tag: u8, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
         if matches!(tag, b'N' | b'S' | b'A') {
             return OnServer::Forward(Vec::new());
         }
@@ -148,9 +143,7 @@ impl Responses {
         }
         let (done, swallow) = match (head, tag) {
             (Expect::Query, b'Z') | (Expect::Sync, b'Z') => (true, false),
-            (Expect::Parse(_), b'1') | (Expect::Bind(_), b'2') | (Expect::Close, b'3') => {
-                (true, false)
-            }
+            (Expect::Parse(_), b'1') | (Expect::Bind(_), b'2') | (Expect::Close, b'3') => (true, false),
             (Expect::DescribeStatement | Expect::DescribePortal, b'T' | b'n') => (true, false),
             (Expect::Execute(_), b'C' | b'I' | b's') => (true, false),
             (Expect::SwallowParse(_), b'1') | (Expect::SwallowClose, b'3') => (true, true),
@@ -173,12 +166,7 @@ impl Responses {
     /// An ErrorResponse ends the head request. In the extended protocol the server then skips
     /// everything up to the next Sync, so the requests in between get no answer: statements
     /// they would have prepared are not prepared, and the proxy's own answers are dropped.
-    fn on_error(
-        &mut self,
-        head: Expect,
-        stale_plan: bool,
-        conn: &mut ServerStatements,
-    ) -> OnServer {
+    fn on_error(&mut self, head: Expect, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
         self.q.pop_front();
         let mut forget = |e: Expect| match e {
             Expect::Parse(Some(id)) | Expect::SwallowParse(id) => conn.remove(id),
@@ -333,11 +321,7 @@ impl ClientStatements {
                     b'C' => out.expect(Expect::Close),
                     b'E' => {
                         let unnamed = body.first() == Some(&0);
-                        out.expect(Expect::Execute(if unnamed {
-                            self.unnamed_portal
-                        } else {
-                            None
-                        }));
+                        out.expect(Expect::Execute(if unnamed { self.unnamed_portal } else { None }));
                     }
                     b'S' => out.expect(Expect::Sync),
                     b'Q' | b'F' => out.expect(Expect::Query),
@@ -378,10 +362,7 @@ impl ClientStatements {
             out.expect(Expect::Bind(None));
             return;
         };
-        let def = (!stmt.is_empty())
-            .then(|| self.by_name.get(stmt))
-            .flatten()
-            .cloned();
+        let def = (!stmt.is_empty()).then(|| self.by_name.get(stmt)).flatten().cloned();
         let Some(def) = def else {
             // Unnamed, or unknown (the server says it does not exist).
             if portal.is_empty() {
@@ -435,10 +416,7 @@ impl ClientStatements {
                     let Some((name, def)) = split_cstr(&buf[pos + 5..end]) else {
                         return false;
                     };
-                    let Some(id) = (!name.is_empty())
-                        .then(|| self.registry.accepted(def))
-                        .flatten()
-                    else {
+                    let Some(id) = (!name.is_empty()).then(|| self.registry.accepted(def)).flatten() else {
                         return false;
                     };
                     found.push((name.to_vec(), id, Bytes::copy_from_slice(def)));
@@ -497,16 +475,10 @@ mod tests {
             r.on_server(b'2', false, &mut conn),
             OnServer::Forward(vec![PARSE_COMPLETE])
         );
-        assert_eq!(
-            r.on_server(b'Z', false, &mut conn),
-            OnServer::Forward(vec![])
-        );
+        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
         assert!(r.is_empty());
         // With nothing ahead, the answer is due at once.
-        assert_eq!(
-            r.push(Expect::Synthetic(CLOSE_COMPLETE)),
-            vec![CLOSE_COMPLETE]
-        );
+        assert_eq!(r.push(Expect::Synthetic(CLOSE_COMPLETE)), vec![CLOSE_COMPLETE]);
     }
 
     #[test]
@@ -521,31 +493,13 @@ mod tests {
         r.push(Expect::SwallowParse(8));
         r.push(Expect::Synthetic(PARSE_COMPLETE));
         r.push(Expect::Sync);
-        assert_eq!(
-            r.on_server(b'1', false, &mut conn),
-            OnServer::Swallow(vec![])
-        );
-        assert_eq!(
-            r.on_server(b'2', false, &mut conn),
-            OnServer::Forward(vec![])
-        );
-        assert_eq!(
-            r.on_server(b'D', false, &mut conn),
-            OnServer::Forward(vec![])
-        );
+        assert_eq!(r.on_server(b'1', false, &mut conn), OnServer::Swallow(vec![]));
+        assert_eq!(r.on_server(b'2', false, &mut conn), OnServer::Forward(vec![]));
+        assert_eq!(r.on_server(b'D', false, &mut conn), OnServer::Forward(vec![]));
         // The Execute fails: the injected Parse of 8 and the synthetic answer are skipped.
-        assert_eq!(
-            r.on_server(b'E', false, &mut conn),
-            OnServer::Forward(vec![])
-        );
-        assert!(
-            conn.touch(7) && !conn.touch(8),
-            "statement 8 was never prepared"
-        );
-        assert_eq!(
-            r.on_server(b'Z', false, &mut conn),
-            OnServer::Forward(vec![])
-        );
+        assert_eq!(r.on_server(b'E', false, &mut conn), OnServer::Forward(vec![]));
+        assert!(conn.touch(7) && !conn.touch(8), "statement 8 was never prepared");
+        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
         assert!(r.is_empty());
     }
 

@@ -54,6 +54,9 @@ pub struct Mode {
     pub who: String,
     /// Counts pins.
     pub pins: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
+    /// collected for the session to re-apply on later server connections.
+    pub reported: Vec<(String, String)>,
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
@@ -178,12 +181,7 @@ fn write_now(w: &impl TryWrite, out: &mut BytesMut) -> Result<(), ()> {
 
 /// Sends the first `n` (scanned) bytes of `input` on: straight from `input` when nothing is
 /// queued before them, queuing in `out` whatever the socket does not take now.
-fn forward(
-    input: &mut BytesMut,
-    n: usize,
-    out: &mut BytesMut,
-    w: &impl TryWrite,
-) -> Result<(), ()> {
+fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &impl TryWrite) -> Result<(), ()> {
     if !out.is_empty() {
         move_ready(input, out, n);
         return write_now(w, out);
@@ -200,6 +198,17 @@ fn forward(
     input.advance(sent);
     move_ready(input, out, n - sent);
     Ok(())
+}
+
+/// Records a ParameterStatus of a tracked parameter (see `sql::TRACKED_PARAMETERS`).
+fn note_reported(msg: &[u8], reported: &mut Vec<(String, String)>) {
+    if let Some((name, rest)) = msg.get(5..).and_then(cstr) {
+        if super::sql::TRACKED_PARAMETERS.contains(&name.to_ascii_uppercase().as_str()) {
+            if let Some((value, _)) = cstr(rest) {
+                reported.push((name.into_owned(), value.into_owned()));
+            }
+        }
+    }
 }
 
 /// Logs and counts a pin the tracker just found.
@@ -247,12 +256,14 @@ fn server_messages(
     t: &mut Tracker,
     responses: &mut Responses,
     conn: &mut ServerStatements,
+    reported: &mut Vec<(String, String)>,
 ) -> Result<(), SessionError> {
-    // Tags that end a request are looked at whole (they are small); rows stream.
+    // Tags that end a request, and ParameterStatus, are looked at whole (they are small);
+    // rows stream.
     let inspect = |tag: u8| {
         matches!(
             tag,
-            b'1' | b'2' | b'3' | b'n' | b'C' | b'I' | b's' | b'Z' | b'E' | b'T' | b't'
+            b'1' | b'2' | b'3' | b'n' | b'C' | b'I' | b's' | b'Z' | b'E' | b'T' | b't' | b'S'
         )
     };
     loop {
@@ -263,6 +274,9 @@ fn server_messages(
                     return Walk::StopBefore;
                 }
                 t.on_server(seen, msg);
+                if seen.tag == b'S' {
+                    note_reported(msg, reported);
+                }
                 let stale = seen.tag == b'E' && is_stale_plan(msg);
                 match responses.on_server(seen.tag, stale, conn) {
                     OnServer::Forward(due) => {
@@ -295,11 +309,8 @@ fn is_stale_plan(msg: &[u8]) -> bool {
         tag: b'E',
         bytes: BytesMut::from(msg),
     };
-    crate::protocol::messages::parse_server_error(&f).is_some_and(|e| {
-        e.code == "0A000"
-            && e.message
-                .contains("cached plan must not change result type")
-    })
+    crate::protocol::messages::parse_server_error(&f)
+        .is_some_and(|e| e.code == "0A000" && e.message.contains("cached plan must not change result type"))
 }
 
 /// Resolves at the next phase change (a closed channel means Stopped).
@@ -341,27 +352,11 @@ pub async fn run(
     let end = match &mut server.stream {
         ServerStream::Tcp(s) => {
             let (sr, sw) = s.split();
-            relay(
-                (cr, cw),
-                (sr, sw),
-                &mut state,
-                phase,
-                max_client_message,
-                mode,
-            )
-            .await
+            relay((cr, cw), (sr, sw), &mut state, phase, max_client_message, mode).await
         }
         ServerStream::Unix(s) => {
             let (sr, sw) = s.split();
-            relay(
-                (cr, cw),
-                (sr, sw),
-                &mut state,
-                phase,
-                max_client_message,
-                mode,
-            )
-            .await
+            relay((cr, cw), (sr, sw), &mut state, phase, max_client_message, mode).await
         }
     };
     server.status = state.status;
@@ -371,11 +366,8 @@ pub async fn run(
     client.rbuf = state.c_in;
     match end {
         Ok(RelayEnd::ServerGone) => {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                client.stream.write_all(&state.s_out),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
             if state.last_server_tag != b'E' {
                 client
                     .send_error(&PgError::fatal(
@@ -386,11 +378,8 @@ pub async fn run(
             }
         }
         Ok(RelayEnd::Shutdown) => {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                client.stream.write_all(&state.s_out),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
             client
                 .send_error(
                     &PgError::fatal(
@@ -469,8 +458,7 @@ where
                     responses: &mut responses,
                     conn: &mut prepared,
                 };
-                if let Err(e) = client_frames(&mut c_in, max_client_message, &mut t, st, &mut outs)
-                {
+                if let Err(e) = client_frames(&mut c_in, max_client_message, &mut t, st, &mut outs) {
                     break Err(e);
                 }
                 note_pin(&t, mode);
@@ -507,6 +495,7 @@ where
                 &mut t,
                 &mut responses,
                 &mut prepared,
+                &mut mode.reported,
             ) {
                 Ok(()) => {}
                 Err(e) => {
@@ -520,7 +509,18 @@ where
         }
         if s_new {
             s_new = false;
-            let n = match swalk.scan(&s_in, |tag| tag == b'Z', |s, m| t.on_server(s, m)) {
+            let txn = mode.transaction;
+            let reported = &mut mode.reported;
+            let n = match swalk.scan(
+                &s_in,
+                |tag| tag == b'Z' || (txn && tag == b'S'),
+                |s, m| {
+                    if txn && s.tag == b'S' {
+                        note_reported(m, reported);
+                    }
+                    t.on_server(s, m)
+                },
+            ) {
                 Ok(n) => n,
                 Err(e) => {
                     out.server_broken = true;

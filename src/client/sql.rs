@@ -20,15 +20,14 @@ pub fn session_state_change(sql: &str) -> Option<&'static str> {
                 words.clear();
             }
             Tok::Word(w) => {
-                if lexer.peek_open_paren() && is_session_function(&w) {
-                    reason =
-                        reason.or(Some("session-level function (advisory lock or set_config)"));
+                if lexer.peek_open_paren() && is_session_function(&w) && !sets_tracked_parameter(&w, &lexer) {
+                    reason = reason.or(Some("session-level function (advisory lock or set_config)"));
                 }
                 if words.len() < 12 {
                     words.push(w);
                 }
             }
-            Tok::Other => {
+            Tok::Other | Tok::Str(_) => {
                 if words.len() < 12 {
                     words.push(String::new());
                 }
@@ -67,6 +66,16 @@ pub fn deallocates_all(sql: &str) -> bool {
     check(&words)
 }
 
+/// `set_config('<tracked parameter>', ...)`: reported by the server, re-applied by the proxy.
+fn sets_tracked_parameter(word: &str, lexer: &Lexer<'_>) -> bool {
+    if word != "SET_CONFIG" {
+        return false;
+    }
+    let mut ahead = Lexer { s: lexer.s, i: lexer.i };
+    let _open_paren = ahead.next();
+    matches!(ahead.next(), Some(Tok::Str(name)) if tracked(&name.to_ascii_uppercase()))
+}
+
 fn is_session_function(w: &str) -> bool {
     matches!(
         w,
@@ -78,15 +87,38 @@ fn is_session_function(w: &str) -> bool {
     )
 }
 
+/// Parameters PostgreSQL reports with ParameterStatus whenever they change: a SET or RESET of
+/// one of them does not pin, because the proxy learns the new value from the server and
+/// re-applies it on every server connection the client gets.
+pub const TRACKED_PARAMETERS: &[&str] = &[
+    "APPLICATION_NAME",
+    "CLIENT_ENCODING",
+    "DATESTYLE",
+    "INTERVALSTYLE",
+    "TIMEZONE",
+    "STANDARD_CONFORMING_STRINGS",
+];
+
+fn tracked(name: &str) -> bool {
+    TRACKED_PARAMETERS.contains(&name)
+}
+
 /// The reason for one statement, from its leading keywords (upper-cased).
 fn statement_reason(w: &[String]) -> Option<&'static str> {
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
     match at(0) {
-        "SET" => match at(1) {
-            "LOCAL" | "TRANSACTION" | "CONSTRAINTS" => None,
-            "SESSION" if at(2) == "CHARACTERISTICS" => Some("SET SESSION CHARACTERISTICS"),
-            _ => Some("SET"),
-        },
+        "SET" => {
+            let i = if at(1) == "SESSION" { 2 } else { 1 };
+            match at(i) {
+                "LOCAL" | "TRANSACTION" | "CONSTRAINTS" if i == 1 => None,
+                "CHARACTERISTICS" => Some("SET SESSION CHARACTERISTICS"),
+                "TIME" if at(i + 1) == "ZONE" => None,
+                "NAMES" => None,
+                name if tracked(name) => None,
+                _ => Some("SET"),
+            }
+        }
+        "RESET" if tracked(at(1)) => None,
         "RESET" => Some("RESET"),
         "LISTEN" => Some("LISTEN"),
         "LOAD" => Some("LOAD"),
@@ -115,6 +147,8 @@ fn statement_reason(w: &[String]) -> Option<&'static str> {
 
 enum Tok {
     Word(String),
+    /// A single-quoted literal (its text, with '' unescaped).
+    Str(String),
     Semicolon,
     Other,
 }
@@ -170,10 +204,7 @@ impl Lexer<'_> {
     /// `$tag$ ... $tag$` starting at `self.i` (which is at `$`); false if not a dollar quote.
     fn skip_dollar_quote(&mut self) -> bool {
         let rest = &self.s[self.i + 1..];
-        let Some(end) = rest
-            .iter()
-            .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
-        else {
+        let Some(end) = rest.iter().position(|&b| !(b.is_ascii_alphanumeric() || b == b'_')) else {
             return false;
         };
         if rest[end] != b'$' || rest.first().is_some_and(u8::is_ascii_digit) {
@@ -198,8 +229,11 @@ impl Lexer<'_> {
                 b'\'' => {
                     let escaped = self.i > 0 && matches!(self.s[self.i - 1], b'E' | b'e');
                     self.i += 1;
+                    let start = self.i;
                     self.skip_quoted(b'\'', escaped);
-                    return Some(Tok::Other);
+                    let end = self.i.saturating_sub(1).max(start);
+                    let text = String::from_utf8_lossy(&self.s[start..end]).replace("''", "'");
+                    return Some(Tok::Str(text));
                 }
                 b'"' => {
                     self.i += 1;
@@ -250,7 +284,10 @@ mod tests {
             "LISTEN chan",
             "SELECT pg_advisory_lock(1)",
             "select PG_TRY_ADVISORY_LOCK (1, 2)",
+            "RESET search_path",
+            "SET SESSION statement_timeout = 1",
             "SELECT set_config('a.b', 'c', false)",
+            "SELECT set_config('search_path', 'x', false)",
             "CREATE TEMP TABLE t (x int)",
             "create temporary table t (x int)",
             "CREATE GLOBAL TEMPORARY TABLE t (x int)",
@@ -271,6 +308,14 @@ mod tests {
             "SET LOCAL work_mem = '1MB'",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET CONSTRAINTS ALL DEFERRED",
+            "SET TIME ZONE 'UTC'",
+            "SET timezone = 'UTC'",
+            "SET SESSION DateStyle = ISO",
+            "SET application_name = 'x'",
+            "SET NAMES 'UTF8'",
+            "SELECT set_config('TimeZone', 'UTC', false)",
+            "SELECT pg_catalog.set_config( 'application_name' , $1, false)",
+            "RESET TimeZone",
             "SELECT pg_advisory_xact_lock(1)",
             "SELECT 'SET x = 1'",
             "SELECT $$ LISTEN x $$",

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::conn::ClientConn;
-use super::params::prepare_server;
+use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
 use super::SessionError;
 use crate::cancel::{CancelKey, CancelTarget};
@@ -34,17 +34,10 @@ enum Next {
     Shutdown,
 }
 
-async fn next_request(
-    client: &mut ClientConn,
-    phase: &mut watch::Receiver<Phase>,
-) -> Result<Next, SessionError> {
+async fn next_request(client: &mut ClientConn, phase: &mut watch::Receiver<Phase>) -> Result<Next, SessionError> {
     loop {
         if let Some(&tag) = client.rbuf.first() {
-            return Ok(if tag == b'X' {
-                Next::Terminate
-            } else {
-                Next::Request
-            });
+            return Ok(if tag == b'X' { Next::Terminate } else { Next::Request });
         }
         if *phase.borrow_and_update() != Phase::Running {
             return Ok(Next::Shutdown);
@@ -75,6 +68,7 @@ pub async fn serve(
     let max = shared.config.proxy.max_message_size.0;
     let reset = &shared.config.pool.server_reset_query;
     let mut phase = shared.phase.clone();
+    let mut reported = Reported::new();
     loop {
         match next_request(client, &mut phase).await? {
             Next::Request => {}
@@ -91,7 +85,7 @@ pub async fn serve(
             }
         }
         let mut server = shared.pools.checkout(route).await?;
-        if let Err(e) = prepare_server(&mut server, p).await {
+        if let Err(e) = prepare_server(&mut server, p, &reported).await {
             server.checkin();
             return Err(e);
         }
@@ -103,6 +97,12 @@ pub async fn serve(
         key.set_target(Some(target)).await;
         let end = relay::run(client, &mut server, shared.phase.clone(), max, &mut mode).await;
         key.set_target(None).await;
+        if !mode.reported.is_empty() {
+            // The client SET a tracked parameter: this connection now carries the new value,
+            // and every later one gets it too.
+            reported.extend(mode.reported.drain(..));
+            server.applied = params_key(p, &reported);
+        }
         match end {
             Ok(RelayEnd::Idle) => server.checkin(),
             other => {

@@ -16,8 +16,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 pub use types::{
-    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret,
-    UserConfig,
+    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret, UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -80,9 +79,8 @@ impl FromStr for ScramVerifier {
 
     /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts).
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (see `pgvalve passwd`)".to_string()
-        };
+        let bad =
+            || "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (see `pgvalve passwd`)".to_string();
         let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or_else(bad)?;
         let (params, keys) = rest.split_once('$').ok_or_else(bad)?;
         let (iter, salt) = params.split_once(':').ok_or_else(bad)?;
@@ -195,10 +193,7 @@ pub fn load_with(path: Option<&Path>, ov: &Overrides) -> Result<Config, ConfigEr
                 path: p.to_path_buf(),
                 source,
             })?;
-            (
-                p.display().to_string(),
-                parse_toml(&p.display().to_string(), &text)?,
-            )
+            (p.display().to_string(), parse_toml(&p.display().to_string(), &text)?)
         }
         None => ("command line".to_string(), FileConfig::default()),
     };
@@ -229,11 +224,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn apply_overrides(
-    mut f: FileConfig,
-    ov: &Overrides,
-    name: &str,
-) -> Result<FileConfig, ConfigError> {
+fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<FileConfig, ConfigError> {
     if let Some(l) = &ov.listen {
         f.proxy.listen = l.clone();
     }
@@ -258,8 +249,7 @@ fn apply_overrides(
             field: "upstream".into(),
             reason,
         };
-        let pg = tokio_postgres::Config::from_str(url)
-            .map_err(|e| invalid(format!("not a postgres:// URL: {e}")))?;
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| invalid(format!("not a postgres:// URL: {e}")))?;
         let user = pg
             .get_user()
             .ok_or_else(|| invalid("the URL names no user".into()))?
@@ -315,16 +305,10 @@ impl Config {
             )
         })?;
         if f.proxy.max_client_connections == 0 {
-            return Err(invalid(
-                "proxy.max_client_connections",
-                "must be at least 1".into(),
-            ));
+            return Err(invalid("proxy.max_client_connections", "must be at least 1".into()));
         }
         if f.proxy.max_message_size.0 < 8192 || f.proxy.max_message_size.0 > (1 << 30) {
-            return Err(invalid(
-                "proxy.max_message_size",
-                "must be between 8kB and 1GB".into(),
-            ));
+            return Err(invalid("proxy.max_message_size", "must be between 8kB and 1GB".into()));
         }
         if !(64..=1 << 20).contains(&f.proxy.max_startup_packet_size) {
             return Err(invalid(
@@ -338,8 +322,7 @@ impl Config {
         if f.databases.is_empty() {
             return Err(invalid(
                 "databases",
-                "no database is configured: add [databases.NAME] (or \"*\"), or use --upstream"
-                    .into(),
+                "no database is configured: add [databases.NAME] (or \"*\"), or use --upstream".into(),
             ));
         }
         for (db, d) in &f.databases {
@@ -360,17 +343,20 @@ impl Config {
         for (name, u) in f.users {
             let field = format!("users.{name}");
             if u.pool_size == Some(0) {
-                return Err(invalid(
-                    &format!("{field}.pool_size"),
-                    "must be at least 1".into(),
-                ));
+                return Err(invalid(&format!("{field}.pool_size"), "must be at least 1".into()));
             }
             let client_verifier = match (&u.scram_verifier, &u.password) {
-                (Some(v), _) => Some(v.0.parse().map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?),
+                (Some(v), _) => Some(
+                    v.0.parse()
+                        .map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?,
+                ),
                 (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
                 (None, None) if f.proxy.auth_type == AuthType::Trust => None,
                 (None, None) => {
-                    return Err(invalid(&field, "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into()))
+                    return Err(invalid(
+                        &field,
+                        "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into(),
+                    ))
                 }
             };
             let server_password = u.server_password.or(u.password);

@@ -13,10 +13,7 @@ fn minimal_config_validates_with_defaults() {
     let c = Config::validate(parse_toml("t", MINIMAL).unwrap(), "t").unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:6432");
     let r = c.route("app", "app").unwrap();
-    assert_eq!(
-        (r.port, r.pool_size, r.server_dbname.as_str()),
-        (5433, 20, "app")
-    );
+    assert_eq!((r.port, r.pool_size, r.server_dbname.as_str()), (5433, 20, "app"));
     assert!(c.route("other", "app").is_none());
     assert!(c.users["app"].client_verifier.is_some());
 }
@@ -35,8 +32,7 @@ fn unknown_field_names_file_line_and_field() {
 
 #[test]
 fn durations_and_sizes_parse() {
-    let text =
-        format!("{MINIMAL}\n[proxy]\nmax_message_size = \"1MiB\"\nshutdown_timeout = \"1500ms\"\n");
+    let text = format!("{MINIMAL}\n[proxy]\nmax_message_size = \"1MiB\"\nshutdown_timeout = \"1500ms\"\n");
     let c = Config::validate(parse_toml("t", &text).unwrap(), "t").unwrap();
     assert_eq!(c.proxy.max_message_size.0, 1 << 20);
     assert_eq!(c.proxy.shutdown_timeout.as_millis(), 1500);
@@ -50,10 +46,7 @@ fn validation_errors_name_the_field() {
     let e = Config::validate(parse_toml("f", text).unwrap(), "f")
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("users.app") && e.contains("neither password"),
-        "{e}"
-    );
+    assert!(e.contains("users.app") && e.contains("neither password"), "{e}");
     let text = format!("{MINIMAL}\n[users.bob]\nscram_verifier = \"nope\"\n");
     let e = Config::validate(parse_toml("f", &text).unwrap(), "f")
         .unwrap_err()
@@ -85,18 +78,10 @@ fn quick_start_routes_any_database_to_upstream() {
     let c = load_with(None, &ov).unwrap();
     let r = c.route("anything", "alice").unwrap();
     assert_eq!(
-        (
-            r.host.as_str(),
-            r.port,
-            r.server_dbname.as_str(),
-            r.pool_size
-        ),
+        (r.host.as_str(), r.port, r.server_dbname.as_str(), r.pool_size),
         ("db.internal", 5999, "anything", 7)
     );
-    assert_eq!(
-        c.users["alice"].server_password,
-        Some(Secret("s3cret".into()))
-    );
+    assert_eq!(c.users["alice"].server_password, Some(Secret("s3cret".into())));
     assert!(!format!("{c:?}").contains("s3cret"));
 }
 

@@ -66,9 +66,7 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(ByteSize(n as usize)),
-            Raw::S(s) => parse_size(&s)
-                .map(ByteSize)
-                .map_err(serde::de::Error::custom),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -86,14 +84,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "kB" | "KB" | "KiB" => 1 << 10,
         "MB" | "MiB" => 1 << 20,
         "GB" | "GiB" => 1 << 30,
-        u => {
-            return Err(format!(
-                "invalid size unit {u:?} in {s:?}: use B, kB, MB or GB"
-            ))
-        }
+        u => return Err(format!("invalid size unit {u:?} in {s:?}: use B, kB, MB or GB")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// `[proxy]`: the listener and the client side.

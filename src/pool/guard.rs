@@ -103,16 +103,12 @@ impl Drop for PooledConn {
 impl Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.obj
-            .as_ref()
-            .expect("invariant: present until release/discard")
+        self.obj.as_ref().expect("invariant: present until release/discard")
     }
 }
 
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.obj
-            .as_mut()
-            .expect("invariant: present until release/discard")
+        self.obj.as_mut().expect("invariant: present until release/discard")
     }
 }

@@ -78,9 +78,7 @@ impl ServerSlots {
                 keep
             });
             if evicted {
-                tracing::debug!(
-                    "closed an idle server connection to free a max_server_connections slot"
-                );
+                tracing::debug!("closed an idle server connection to free a max_server_connections slot");
                 return;
             }
         }
@@ -117,11 +115,7 @@ impl managed::Manager for ServerManager {
         Ok(conn)
     }
 
-    async fn recycle(
-        &self,
-        conn: &mut ServerConn,
-        metrics: &Metrics,
-    ) -> RecycleResult<ServerError> {
+    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ServerError> {
         let reject = |why: &'static str| {
             self.recycle_rejections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(why, "server connection closed instead of reused");

@@ -193,9 +193,9 @@ impl PoolSet {
                 pool_size: route.pool_size,
             }),
             Err(PoolError::Backend(e)) => Err(CheckoutError::Server(e)),
-            Err(PoolError::PostCreateHook(_))
-            | Err(PoolError::NoRuntimeSpecified)
-            | Err(PoolError::Closed) => Err(CheckoutError::Closed),
+            Err(PoolError::PostCreateHook(_)) | Err(PoolError::NoRuntimeSpecified) | Err(PoolError::Closed) => {
+                Err(CheckoutError::Closed)
+            }
         }
     }
 
@@ -223,10 +223,7 @@ impl PoolSet {
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`.
     pub fn reap(&self) -> usize {
-        let (idle_to, life) = (
-            self.config.pool.server_idle_timeout,
-            self.config.pool.server_lifetime,
-        );
+        let (idle_to, life) = (self.config.pool.server_idle_timeout, self.config.pool.server_lifetime);
         let pools: Vec<Pool> = {
             let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             p.values().map(|e| e.pool.clone()).collect()
@@ -235,8 +232,7 @@ impl PoolSet {
             .iter()
             .map(|pool| {
                 pool.retain(|c, m| {
-                    (idle_to.is_zero() || c.idle_since.elapsed() < idle_to)
-                        && (life.is_zero() || m.age() < life)
+                    (idle_to.is_zero() || c.idle_since.elapsed() < idle_to) && (life.is_zero() || m.age() < life)
                 })
                 .removed
                 .len()

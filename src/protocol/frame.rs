@@ -215,10 +215,7 @@ mod tests {
         let mut b = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(split_frame(&mut b, 100), Err(FrameError::BadLength(-1)));
         let mut b = BytesMut::from(&[b'd', 0x40, 0, 0, 0][..]);
-        assert!(matches!(
-            split_frame(&mut b, 1 << 20),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(split_frame(&mut b, 1 << 20), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]

@@ -11,8 +11,7 @@ use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus,
-    PasswordMessageFamily, SecretKey,
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, PasswordMessageFamily, SecretKey,
 };
 use pgwire::messages::Message;
 use postgres_protocol::message::backend;
@@ -43,10 +42,7 @@ pub fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
 
 /// AuthenticationSASLContinue.
 pub fn auth_sasl_continue(data: &[u8], out: &mut BytesMut) {
-    put(
-        Authentication::SASLContinue(Bytes::copy_from_slice(data)),
-        out,
-    );
+    put(Authentication::SASLContinue(Bytes::copy_from_slice(data)), out);
 }
 
 /// AuthenticationSASLFinal.
@@ -179,13 +175,7 @@ mod tests {
 
     #[test]
     fn sasl_initial_rejects_short_bodies_without_panicking() {
-        for body in [
-            &b""[..],
-            b"SCRAM",
-            b"SCRAM\0",
-            b"SCRAM\0\0\0",
-            b"SCRAM\0\0\0\0\x09abc",
-        ] {
+        for body in [&b""[..], b"SCRAM", b"SCRAM\0", b"SCRAM\0\0\0", b"SCRAM\0\0\0\0\x09abc"] {
             let mut b = BytesMut::new();
             b.extend_from_slice(b"p");
             b.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());

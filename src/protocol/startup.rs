@@ -90,11 +90,7 @@ impl StartupParams {
 
     /// Protocol options (`_pq_.*`) that this proxy does not support (it supports none).
     pub fn protocol_options(&self) -> Vec<String> {
-        self.params
-            .keys()
-            .filter(|k| k.starts_with("_pq_."))
-            .cloned()
-            .collect()
+        self.params.keys().filter(|k| k.starts_with("_pq_.")).cloned().collect()
     }
 
     /// Whether the client must be sent NegotiateProtocolVersion (PostgreSQL does it when the
@@ -108,10 +104,7 @@ impl StartupParams {
     pub fn session_params(&self) -> impl Iterator<Item = (&str, &str)> {
         self.params
             .iter()
-            .filter(|(k, _)| {
-                !matches!(k.as_str(), "user" | "database" | "replication")
-                    && !k.starts_with("_pq_.")
-            })
+            .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication") && !k.starts_with("_pq_."))
             .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }
@@ -120,10 +113,7 @@ impl StartupParams {
 ///
 /// # Errors
 /// [`StartupError`] when the length is outside `8..=max` or the packet is not one we know.
-pub fn split_initial(
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Option<InitialPacket>, StartupError> {
+pub fn split_initial(buf: &mut BytesMut, max: usize) -> Result<Option<InitialPacket>, StartupError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -221,10 +211,7 @@ mod tests {
         let mut b = BytesMut::new();
         b.put_i32(8);
         b.put_i32(SSL_REQUEST_CODE);
-        assert_eq!(
-            split_initial(&mut b, 10000),
-            Ok(Some(InitialPacket::SslRequest))
-        );
+        assert_eq!(split_initial(&mut b, 10000), Ok(Some(InitialPacket::SslRequest)));
         let mut b = BytesMut::new();
         b.put_i32(16);
         b.put_i32(CANCEL_REQUEST_CODE);

@@ -60,9 +60,7 @@ pub enum ServerError {
     #[error("server requested {0} authentication, which pgvalve does not support")]
     UnsupportedAuth(&'static str),
     /// The server asked for a password and none is configured.
-    #[error(
-        "server requested a password for user \"{0}\" but none is configured (server_password)"
-    )]
+    #[error("server requested a password for user \"{0}\" but none is configured (server_password)")]
     NoPassword(String),
     /// The global cap on server connections is reached and nothing idle could be closed.
     #[error("no server connection slot free (max_server_connections={0})")]
@@ -164,10 +162,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
     };
     let mut w = BytesMut::new();
     frontend::startup_message(
-        [
-            ("user", target.user.as_str()),
-            ("database", target.dbname.as_str()),
-        ],
+        [("user", target.user.as_str()), ("database", target.dbname.as_str())],
         &mut w,
     )?;
     conn.stream.write_all(&w).await?;
@@ -199,11 +194,7 @@ impl ServerConn {
             self.rbuf.reserve(8192);
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
                 self.broken = true;
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                )
-                .into());
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection").into());
             }
         }
     }
@@ -229,9 +220,7 @@ impl ServerConn {
             let mut w = BytesMut::new();
             match parse(&frame)? {
                 backend::Message::AuthenticationOk => {}
-                backend::Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?, &mut w)?
-                }
+                backend::Message::AuthenticationCleartextPassword => frontend::password_message(password()?, &mut w)?,
                 backend::Message::AuthenticationMd5Password(b) => {
                     let hash = md5_hash(target.user.as_bytes(), password()?, b.salt());
                     frontend::password_message(hash.as_bytes(), &mut w)?;
@@ -245,8 +234,7 @@ impl ServerConn {
                     if !ok {
                         return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)"));
                     }
-                    let s =
-                        sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
+                    let s = sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
                     frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut w)?;
                     scram = Some(s);
                 }
@@ -254,8 +242,7 @@ impl ServerConn {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
-                    s.update(b.data())
-                        .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    s.update(b.data()).map_err(|e| ServerError::Protocol(e.to_string()))?;
                     frontend::sasl_response(s.message(), &mut w)?;
                 }
                 backend::Message::AuthenticationSaslFinal(b) => {
@@ -268,18 +255,14 @@ impl ServerConn {
                 backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
                     return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"))
                 }
-                backend::Message::AuthenticationKerberosV5
-                | backend::Message::AuthenticationScmCredential => {
+                backend::Message::AuthenticationKerberosV5 | backend::Message::AuthenticationScmCredential => {
                     return Err(ServerError::UnsupportedAuth("Kerberos/SCM"))
                 }
                 backend::Message::ParameterStatus(p) => self.set_param(
                     p.name().map_err(|e| ServerError::Protocol(e.to_string()))?,
-                    p.value()
-                        .map_err(|e| ServerError::Protocol(e.to_string()))?,
+                    p.value().map_err(|e| ServerError::Protocol(e.to_string()))?,
                 ),
-                backend::Message::BackendKeyData(k) => {
-                    (self.pid, self.secret) = (k.process_id(), k.secret_key())
-                }
+                backend::Message::BackendKeyData(k) => (self.pid, self.secret) = (k.process_id(), k.secret_key()),
                 backend::Message::ErrorResponse(_) => return Err(self.error_of(&frame)),
                 backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(r) => {

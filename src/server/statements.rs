@@ -30,9 +30,7 @@ impl ServerStatements {
     /// Records `id` as prepared; returns the statement to close first when over `cap`.
     pub fn insert(&mut self, id: u64, cap: usize) -> Option<u64> {
         self.lru.push_back(id);
-        (self.lru.len() > cap.max(1))
-            .then(|| self.lru.pop_front())
-            .flatten()
+        (self.lru.len() > cap.max(1)).then(|| self.lru.pop_front()).flatten()
     }
 
     /// Forgets `id` (its Parse failed).

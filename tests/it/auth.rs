@@ -11,11 +11,7 @@ use crate::support::*;
 async fn scram_login_and_refusals() {
     let s = Setup::new(|_| {}).await;
     let c = s.client().await;
-    let user: String = c
-        .query_one("SELECT current_user", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let user: String = c.query_one("SELECT current_user", &[]).await.unwrap().get(0);
     assert_eq!(user, "app");
 
     let e = connect(&s.url_as("app", "wrong", "app")).await.unwrap_err();
@@ -23,14 +19,9 @@ async fn scram_login_and_refusals() {
     // An unknown user gets the same answer as a wrong password.
     let e = connect(&s.url_as("nobody", "x", "app")).await.unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("28P01"), "{e}");
-    let e = connect(&s.url_as("app", "app-secret", "nosuchdb"))
-        .await
-        .unwrap_err();
+    let e = connect(&s.url_as("app", "app-secret", "nosuchdb")).await.unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("3D000"), "{e}");
-    assert!(
-        e.as_db_error().unwrap().message().contains("nosuchdb"),
-        "{e}"
-    );
+    assert!(e.as_db_error().unwrap().message().contains("nosuchdb"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,9 +93,7 @@ fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiate_protocol_version_for_newer_clients() {
     let s = Setup::new(|_| {}).await;
-    let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr())
-        .await
-        .unwrap();
+    let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr()).await.unwrap();
     sock.write_all(&startup_packet(
         2,
         &[("user", "app"), ("database", "app"), ("_pq_.grease", "1")],
@@ -113,19 +102,12 @@ async fn negotiate_protocol_version_for_newer_clients() {
     .unwrap();
     let mut buf = vec![0u8; 512];
     let mut got = Vec::new();
-    while got.len() < 5
-        || got.len() < 1 + i32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize
-    {
-        let n = within(Duration::from_secs(5), sock.read(&mut buf))
-            .await
-            .unwrap();
+    while got.len() < 5 || got.len() < 1 + i32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize {
+        let n = within(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap();
         assert!(n > 0, "closed early");
         got.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(
-        got[0], b'v',
-        "expected NegotiateProtocolVersion, got {got:?}"
-    );
+    assert_eq!(got[0], b'v', "expected NegotiateProtocolVersion, got {got:?}");
     assert_eq!(&got[5..9], &0i32.to_be_bytes(), "newest minor version 0");
     assert_eq!(&got[9..13], &1i32.to_be_bytes(), "one unsupported option");
     assert!(got[13..].starts_with(b"_pq_.grease\0"));
@@ -141,16 +123,10 @@ async fn server_leg_over_unix_socket() {
     let proxy = pgvalve::ProxyHandle::start(pgvalve::Config::validate(f, "test").unwrap())
         .await
         .unwrap();
-    let c = connect(&format!(
-        "postgres://app:app-secret@{}/app",
-        proxy.local_addr()
-    ))
-    .await
-    .unwrap();
-    let row = c
-        .query_one("SELECT inet_client_addr() IS NULL", &[])
+    let c = connect(&format!("postgres://app:app-secret@{}/app", proxy.local_addr()))
         .await
         .unwrap();
+    let row = c.query_one("SELECT inet_client_addr() IS NULL", &[]).await.unwrap();
     assert!(
         row.get::<_, bool>(0),
         "the server connection should be a Unix-socket connection"
@@ -160,10 +136,7 @@ async fn server_leg_over_unix_socket() {
     let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(10)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = within(Duration::from_secs(5), running)
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = within(Duration::from_secs(5), running).await.unwrap().unwrap_err();
     assert_eq!(code(&err).as_deref(), Some("57014"));
     proxy.shutdown_now().await;
 }

@@ -13,42 +13,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_pgvalve");
 #[test]
 fn check_accepts_the_example_and_names_file_and_line_of_errors() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgvalve.toml");
-    let out = Command::new(BIN)
-        .args(["check", "-c", example])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(BIN).args(["check", "-c", example]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[pool]\npool_size = 5\nbogus = 1\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.toml:3:") && err.contains("bogus"),
-        "{err}"
-    );
+    assert!(err.contains("bad.toml:3:") && err.contains("bogus"), "{err}");
 }
 
 #[test]
 fn passwd_prints_a_verifier() {
-    let out = Command::new(BIN)
-        .args(["passwd", "s3cret"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["passwd", "s3cret"]).output().unwrap();
     let v = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        v.trim().parse::<pgvalve::config::ScramVerifier>().is_ok(),
-        "{v}"
-    );
+    assert!(v.trim().parse::<pgvalve::config::ScramVerifier>().is_ok(), "{v}");
     assert!(!v.contains("s3cret"));
 }
 
@@ -65,13 +45,7 @@ async fn quick_start_binary_serves_and_drains_on_sigterm() {
     let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
     let port = free_port();
     let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--pool-size",
-            "4",
-        ])
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--pool-size", "4"])
         .env(
             "PGVALVE_UPSTREAM",
             format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
@@ -82,22 +56,18 @@ async fn quick_start_binary_serves_and_drains_on_sigterm() {
         .spawn()
         .unwrap();
     let url = format!("postgres://app:app-secret@127.0.0.1:{port}/app");
-    eventually(
-        Duration::from_secs(10),
-        "the binary accepts clients",
-        || async { connect(&url).await.is_ok() },
-    )
+    eventually(Duration::from_secs(10), "the binary accepts clients", || async {
+        connect(&url).await.is_ok()
+    })
     .await;
     let c = connect(&url).await.unwrap();
     c.batch_execute("CREATE TABLE s (id int); BEGIN; INSERT INTO s VALUES (1)")
         .await
         .unwrap();
     // Any database name is routed to the same server.
-    let e = connect(&format!(
-        "postgres://app:app-secret@127.0.0.1:{port}/nosuch"
-    ))
-    .await
-    .unwrap_err();
+    let e = connect(&format!("postgres://app:app-secret@127.0.0.1:{port}/nosuch"))
+        .await
+        .unwrap_err();
     assert_eq!(
         code(&e).as_deref(),
         Some("3D000"),
@@ -105,27 +75,14 @@ async fn quick_start_binary_serves_and_drains_on_sigterm() {
     );
 
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        connect(&url).await.is_err(),
-        "accepting new clients while draining"
-    );
-    c.batch_execute("INSERT INTO s VALUES (2); COMMIT")
-        .await
-        .unwrap();
+    assert!(connect(&url).await.is_err(), "accepting new clients while draining");
+    c.batch_execute("INSERT INTO s VALUES (2); COMMIT").await.unwrap();
     let status = within(Duration::from_secs(15), child.wait()).await.unwrap();
     assert!(status.success(), "exit status {status}");
     let direct = connect(&pg.url()).await.unwrap();
-    let n: i64 = direct
-        .query_one("SELECT count(*) FROM s", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = direct.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
 }
 
@@ -135,12 +92,7 @@ async fn bad_config_exits_64_before_binding() {
         .args(["run", "--upstream", "mysql://nope"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(64),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,11 +141,7 @@ async fn psql_and_pgbench_through_the_proxy() {
         .env("PGPASSWORD", "app-secret")
         .output()
         .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     for mode in ["simple", "extended", "prepared"] {
         let out = Command::new(bindir.join("pgbench"))
             .args([
@@ -253,11 +201,9 @@ async fn gigabyte_copy_out_streams_through_the_binary_in_bounded_memory() {
         .spawn()
         .unwrap();
     let url = format!("postgres://app:app-secret@127.0.0.1:{port}/app");
-    eventually(
-        Duration::from_secs(10),
-        "the binary accepts clients",
-        || async { connect(&url).await.is_ok() },
-    )
+    eventually(Duration::from_secs(10), "the binary accepts clients", || async {
+        connect(&url).await.is_ok()
+    })
     .await;
     let c = connect(&url).await.unwrap();
     // 1,000,000 rows of 1,000 bytes (plus newline): 1.001 GB of COPY data.
@@ -273,9 +219,6 @@ async fn gigabyte_copy_out_streams_through_the_binary_in_bounded_memory() {
     assert_eq!(total, 1_001_000_000);
     let peak = peak_rss_kib(child.id().unwrap());
     println!("pgvalve peak RSS while relaying 1 GB of COPY data: {peak} KiB");
-    assert!(
-        peak < 64 * 1024,
-        "pgvalve peaked at {peak} KiB while relaying 1 GB"
-    );
+    assert!(peak < 64 * 1024, "pgvalve peaked at {peak} KiB while relaying 1 GB");
     child.kill().await.unwrap();
 }

@@ -19,7 +19,10 @@ async fn hundred_clients_share_ten_server_connections() {
         tokio::spawn(async move {
             loop {
                 let n: i64 = su
-                    .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'", &[&db])
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+                        &[&db],
+                    )
                     .await
                     .unwrap()
                     .get(0);
@@ -33,9 +36,7 @@ async fn hundred_clients_share_ten_server_connections() {
         .map(|i| {
             let url = url.clone();
             tokio::spawn(async move {
-                let c = connect(&url)
-                    .await
-                    .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
+                let c = connect(&url).await.unwrap_or_else(|e| panic!("client {i}: {e:?}"));
                 let v: i32 = c
                     .query_one("SELECT $1::int + 0 FROM pg_sleep(0.05)", &[&i])
                     .await
@@ -51,14 +52,8 @@ async fn hundred_clients_share_ten_server_connections() {
     stop.notify_one();
     sampler.await.unwrap();
     let peak = peak.load(Ordering::Relaxed);
-    assert!(
-        peak <= 10,
-        "PostgreSQL saw {peak} proxy backends, pool_size is 10"
-    );
-    assert!(
-        peak >= 2,
-        "sampler saw {peak}: the test did not load the pool"
-    );
+    assert!(peak <= 10, "PostgreSQL saw {peak} proxy backends, pool_size is 10");
+    assert!(peak >= 2, "sampler saw {peak}: the test did not load the pool");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,11 +76,9 @@ async fn waiting_longer_than_query_wait_timeout_is_53300_with_hint() {
     assert!(db.hint().is_some());
     drop(holder);
     // Once the holder leaves, the next client gets the connection.
-    eventually(
-        Duration::from_secs(5),
-        "a client gets the freed connection",
-        || async { connect(&s.url()).await.is_ok() },
-    )
+    eventually(Duration::from_secs(5), "a client gets the freed connection", || async {
+        connect(&s.url()).await.is_ok()
+    })
     .await;
 }
 
@@ -98,11 +91,7 @@ async fn max_client_connections_refuses_before_auth() {
     let e = connect(&s.url_as("app", "wrong", "app")).await.unwrap_err();
     let db = e.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "53300");
-    assert!(
-        db.message().contains("max_client_connections=2"),
-        "{}",
-        db.message()
-    );
+    assert!(db.message().contains("max_client_connections=2"), "{}", db.message());
     drop(_a);
     eventually(Duration::from_secs(5), "a slot frees up", || async {
         connect(&s.url()).await.is_ok()
@@ -117,11 +106,9 @@ async fn idle_server_connections_are_closed_after_server_idle_timeout() {
     let c = s.client().await;
     c.simple_query("SELECT 1").await.unwrap();
     drop(c);
-    eventually(
-        Duration::from_secs(3),
-        "the connection is back in the pool",
-        || async { s.proxy.shared().pools.stats().first().map(|p| p.idle) == Some(1) },
-    )
+    eventually(Duration::from_secs(3), "the connection is back in the pool", || async {
+        s.proxy.shared().pools.stats().first().map(|p| p.idle) == Some(1)
+    })
     .await;
     assert_eq!(s.backends(&su).await, 1);
     eventually(
@@ -141,23 +128,12 @@ async fn server_lifetime_retires_old_connections() {
     })
     .await;
     let c = s.client().await;
-    let pid1: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid1: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     drop(c);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let c = s.client().await;
-    let pid2: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(
-        pid1, pid2,
-        "a connection older than server_lifetime was reused"
-    );
+    let pid2: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(pid1, pid2, "a connection older than server_lifetime was reused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,9 +160,7 @@ async fn max_server_connections_is_shared_across_pools() {
     })
     .await;
     let su = s.pg.superuser().await.unwrap();
-    su.batch_execute("CREATE DATABASE other OWNER app")
-        .await
-        .unwrap();
+    su.batch_execute("CREATE DATABASE other OWNER app").await.unwrap();
     let a1 = s.client().await;
     let a2 = s.client().await;
     let other_url = s.url_as("app", "app-secret", "other");
@@ -204,19 +178,13 @@ async fn max_server_connections_is_shared_across_pools() {
     );
     // ...until one of pool "app"'s connections goes idle: it is closed to make room.
     drop(a1);
-    let db = within(Duration::from_secs(10), waiting)
-        .await
-        .unwrap()
-        .unwrap();
+    let db = within(Duration::from_secs(10), waiting).await.unwrap().unwrap();
     assert_eq!(db, "other");
     let total: i64 = su
         .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname IN ('app', 'other') AND backend_type = 'client backend'", &[])
         .await
         .unwrap()
         .get(0);
-    assert!(
-        total <= 2,
-        "{total} server connections with max_server_connections=2"
-    );
+    assert!(total <= 2, "{total} server connections with max_server_connections=2");
     drop(a2);
 }

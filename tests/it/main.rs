@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod compat;
 mod limits;
 mod queries;
 mod robustness;

@@ -11,10 +11,7 @@ use crate::support::*;
 async fn simple_and_extended_queries() {
     let s = Setup::new(|_| {}).await;
     let c = s.client().await;
-    let rows = c
-        .simple_query("SELECT 1 AS one; SELECT 'two' AS two")
-        .await
-        .unwrap();
+    let rows = c.simple_query("SELECT 1 AS one; SELECT 'two' AS two").await.unwrap();
     let rows: Vec<_> = rows
         .iter()
         .filter_map(|m| match m {
@@ -27,10 +24,7 @@ async fn simple_and_extended_queries() {
         .await
         .unwrap();
     let n = c
-        .execute(
-            "INSERT INTO t VALUES ($1, $2), ($3, $4)",
-            &[&1i32, &"a", &2i32, &"b"],
-        )
+        .execute("INSERT INTO t VALUES ($1, $2), ($3, $4)", &[&1i32, &"a", &2i32, &"b"])
         .await
         .unwrap();
     assert_eq!(n, 2);
@@ -45,11 +39,7 @@ async fn simple_and_extended_queries() {
     c.batch_execute("BEGIN; INSERT INTO t VALUES (3, 'c'); ROLLBACK")
         .await
         .unwrap();
-    let count: i64 = c
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let count: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(count, 2);
 }
 
@@ -57,9 +47,7 @@ async fn simple_and_extended_queries() {
 async fn copy_in_and_out() {
     let s = Setup::new(|_| {}).await;
     let c = s.client().await;
-    c.batch_execute("CREATE TABLE c (id int, payload text)")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TABLE c (id int, payload text)").await.unwrap();
     let sink = c.copy_in("COPY c FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     let mut expected = 0u64;
@@ -84,11 +72,7 @@ async fn copy_in_and_out() {
     assert_eq!(lines as u64, expected);
     assert!(bytes > 5_000_000, "copied {bytes} bytes");
     // The connection is usable after COPY.
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM c", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = c.query_one("SELECT count(*) FROM c", &[]).await.unwrap().get(0);
     assert_eq!(n as u64, expected);
 }
 
@@ -120,10 +104,7 @@ async fn cancel_reaches_the_running_query() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = within(Duration::from_secs(5), running)
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = within(Duration::from_secs(5), running).await.unwrap().unwrap_err();
     let took = t0.elapsed();
     assert_eq!(code(&err).as_deref(), Some("57014"), "{err}");
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
@@ -133,20 +114,12 @@ async fn cancel_reaches_the_running_query() {
 async fn stale_cancel_key_never_hits_the_next_client() {
     let s = Setup::new(|f| f.pool.pool_size = 1).await;
     let first = s.client().await;
-    let pid: i32 = first
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = first.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     let stale = first.cancel_token();
     drop(first);
     // The next client gets the same server connection (pool_size = 1).
     let second = s.client().await;
-    let pid2: i32 = second
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid2: i32 = second.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     assert_eq!(pid, pid2);
     let running = tokio::spawn(async move { second.simple_query("SELECT pg_sleep(1)").await });
     tokio::time::sleep(Duration::from_millis(200)).await;

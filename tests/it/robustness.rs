@@ -50,10 +50,7 @@ async fn garbage_and_truncation_are_refused_cleanly() {
     let t0 = std::time::Instant::now();
     let r = send_and_read(addr, &[0, 0, 0, 40, 0, 3, 0, 0, b'u']).await;
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(
-        r.is_empty() || error_code(&r).as_deref() == Some("08P01"),
-        "{r:?}"
-    );
+    assert!(r.is_empty() || error_code(&r).as_deref() == Some("08P01"), "{r:?}");
     // Random bytes.
     let mut seed = 0x9e37_79b9_u32;
     for _ in 0..50 {
@@ -87,16 +84,12 @@ async fn huge_message_header_after_login_is_refused() {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
-        let n = within(Duration::from_secs(10), sock.read(&mut buf))
-            .await
-            .unwrap();
+        let n = within(Duration::from_secs(10), sock.read(&mut buf)).await.unwrap();
         assert!(n > 0, "closed during login: {got:?}");
         got.extend_from_slice(&buf[..n]);
     }
     // A Query announcing 1 GiB.
-    sock.write_all(&[b'Q', 0x40, 0, 0, 0, b's', b'e'])
-        .await
-        .unwrap();
+    sock.write_all(&[b'Q', 0x40, 0, 0, 0, b's', b'e']).await.unwrap();
     let mut reply = Vec::new();
     loop {
         match within(Duration::from_secs(10), sock.read(&mut buf)).await {
@@ -107,12 +100,6 @@ async fn huge_message_header_after_login_is_refused() {
     assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
     let v: i32 = bystander.query_one("SELECT 6", &[]).await.unwrap().get(0);
     assert_eq!(v, 6, "a bystander was disturbed");
-    let v: i32 = t
-        .client()
-        .await
-        .query_one("SELECT 7", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let v: i32 = t.client().await.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(v, 7, "new clients are still served");
 }

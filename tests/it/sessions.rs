@@ -13,7 +13,13 @@ async fn session_state_is_reset_between_clients() {
     ))
     .await
     .unwrap();
-    let row = a.query_one("SELECT pg_backend_pid(), current_setting('application_name'), current_setting('work_mem')", &[]).await.unwrap();
+    let row = a
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('application_name'), current_setting('work_mem')",
+            &[],
+        )
+        .await
+        .unwrap();
     let (pid, app, wm): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(
         (app.as_str(), wm.as_str()),
@@ -36,11 +42,7 @@ async fn session_state_is_reset_between_clients() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        row.get::<_, i32>(0),
-        pid,
-        "same server connection (pool_size = 1)"
-    );
+    assert_eq!(row.get::<_, i32>(0), pid, "same server connection (pool_size = 1)");
     assert_eq!(row.get::<_, String>(1), "0", "SET leaked");
     assert_eq!(row.get::<_, Option<String>>(2), None, "temp table leaked");
     assert_eq!(row.get::<_, i64>(3), 0, "prepared statement leaked");
@@ -48,10 +50,7 @@ async fn session_state_is_reset_between_clients() {
     assert_eq!(row.get::<_, String>(5), "4MB", "work_mem leaked");
     let su = s.pg.superuser().await.unwrap();
     let held: i64 = su
-        .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[])
         .await
         .unwrap()
         .get(0);
@@ -62,34 +61,23 @@ async fn session_state_is_reset_between_clients() {
 async fn client_killed_mid_transaction_commits_nothing() {
     let s = Setup::new(|f| f.pool.pool_size = 1).await;
     let setup = s.client().await;
-    setup
-        .batch_execute("CREATE TABLE k (id int)")
-        .await
-        .unwrap();
+    setup.batch_execute("CREATE TABLE k (id int)").await.unwrap();
     drop(setup);
     let (victim, task) = connect_killable(&s.url()).await;
-    victim
-        .batch_execute("BEGIN; INSERT INTO k VALUES (1)")
-        .await
-        .unwrap();
-    let pid: i32 = victim
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    victim.batch_execute("BEGIN; INSERT INTO k VALUES (1)").await.unwrap();
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     task.abort(); // the socket closes without Terminate, mid-transaction
     drop(victim);
 
     let next = s.client().await;
     let row = next
-        .query_one("SELECT (SELECT count(*) FROM k), pg_backend_pid(), pg_current_xact_id_if_assigned() IS NULL", &[])
+        .query_one(
+            "SELECT (SELECT count(*) FROM k), pg_backend_pid(), pg_current_xact_id_if_assigned() IS NULL",
+            &[],
+        )
         .await
         .unwrap();
-    assert_eq!(
-        row.get::<_, i64>(0),
-        0,
-        "an uncommitted insert became visible"
-    );
+    assert_eq!(row.get::<_, i64>(0), 0, "an uncommitted insert became visible");
     assert_ne!(
         row.get::<_, i32>(1),
         pid,
@@ -100,29 +88,17 @@ async fn client_killed_mid_transaction_commits_nothing() {
         "the next client started inside an old transaction"
     );
     // In the simple protocol a statement outside a transaction block starts its own.
-    let fresh = next
-        .simple_query("SELECT now() = statement_timestamp()")
-        .await
-        .unwrap();
-    assert!(
-        matches!(&fresh[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))
-    );
+    let fresh = next.simple_query("SELECT now() = statement_timestamp()").await.unwrap();
+    assert!(matches!(&fresh[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
     let su = s.pg.superuser().await.unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "the old backend is gone",
-        || async {
-            let n: i64 = su
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                    &[&pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n == 0
-        },
-    )
+    eventually(Duration::from_secs(5), "the old backend is gone", || async {
+        let n: i64 = su
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
     .await;
 }
 
@@ -130,16 +106,11 @@ async fn client_killed_mid_transaction_commits_nothing() {
 async fn graceful_shutdown_lets_transactions_finish() {
     let s = Setup::new(|f| f.proxy.shutdown_timeout = Duration::from_secs(10)).await;
     let setup = s.client().await;
-    setup
-        .batch_execute("CREATE TABLE d (id int)")
-        .await
-        .unwrap();
+    setup.batch_execute("CREATE TABLE d (id int)").await.unwrap();
     drop(setup);
     let busy = s.client().await;
     let idle = s.client().await;
-    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)")
-        .await
-        .unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)").await.unwrap();
 
     let Setup { pg, proxy } = s;
     let addr = proxy.local_addr();
@@ -156,20 +127,12 @@ async fn graceful_shutdown_lets_transactions_finish() {
     .await;
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err()
-            || connect(&format!("postgres://app:app-secret@{addr}/app"))
-                .await
-                .is_err()
+            || connect(&format!("postgres://app:app-secret@{addr}/app")).await.is_err()
     );
     // The transaction in flight finishes.
-    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT")
-        .await
-        .unwrap();
+    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT").await.unwrap();
     within(Duration::from_secs(10), stopping).await.unwrap();
     let direct = connect(&pg.url()).await.unwrap();
-    let n: i64 = direct
-        .query_one("SELECT count(*) FROM d", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = direct.query_one("SELECT count(*) FROM d", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
 }

@@ -32,18 +32,11 @@ impl Setup {
 
     /// URL of the application role through the proxy.
     pub fn url(&self) -> String {
-        self.url_as(
-            &self.pg.opts.user,
-            &self.pg.opts.password,
-            &self.pg.opts.database,
-        )
+        self.url_as(&self.pg.opts.user, &self.pg.opts.password, &self.pg.opts.database)
     }
 
     pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}:{password}@{}/{db}",
-            self.proxy.local_addr()
-        )
+        format!("postgres://{user}:{password}@{}/{db}", self.proxy.local_addr())
     }
 
     /// A client through the proxy.
@@ -64,8 +57,7 @@ impl Setup {
 }
 
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) =
-        within(Duration::from_secs(30), tokio_postgres::connect(url, NoTls)).await?;
+    let (client, conn) = within(Duration::from_secs(30), tokio_postgres::connect(url, NoTls)).await?;
     tokio::spawn(conn);
     Ok(client)
 }

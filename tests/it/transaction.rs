@@ -43,11 +43,7 @@ async fn forty_clients_share_three_server_connections() {
             tokio::spawn(async move {
                 let c = connect(&url).await.unwrap();
                 for j in 0..10 {
-                    let got = first_value(
-                        &c.simple_query(&format!("SELECT {i} * 1000 + {j}"))
-                            .await
-                            .unwrap(),
-                    );
+                    let got = first_value(&c.simple_query(&format!("SELECT {i} * 1000 + {j}")).await.unwrap());
                     assert_eq!(
                         got,
                         (i * 1000 + j).to_string(),
@@ -72,11 +68,7 @@ async fn forty_clients_share_three_server_connections() {
     assert!(s.backends(&su).await <= 3);
     assert!(s.proxy.shared().pools.stats().iter().all(|p| p.open <= 3));
     let direct = connect(&s.pg.url()).await.unwrap();
-    let n: i64 = direct
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(n, 400);
     assert_eq!(
         s.proxy.shared().pins.load(Ordering::Relaxed),
@@ -89,9 +81,7 @@ async fn forty_clients_share_three_server_connections() {
 async fn session_state_pins_and_never_leaks() {
     let s = Setup::new(txn_setup(2)).await;
     let a = s.client().await;
-    a.batch_execute("SET statement_timeout = '1234ms'")
-        .await
-        .unwrap();
+    a.batch_execute("SET statement_timeout = '1234ms'").await.unwrap();
     let a_pid = first_value(&a.simple_query("SELECT pg_backend_pid()").await.unwrap());
     assert_eq!(
         first_value(&a.simple_query("SHOW statement_timeout").await.unwrap()),
@@ -108,11 +98,7 @@ async fn session_state_pins_and_never_leaks() {
         let SimpleQueryMessage::Row(r) = &msgs[1] else {
             panic!("{msgs:?}")
         };
-        assert_ne!(
-            r.get(0).unwrap(),
-            a_pid,
-            "pinned connection handed to another client"
-        );
+        assert_ne!(r.get(0).unwrap(), a_pid, "pinned connection handed to another client");
         assert_eq!(r.get(1), Some("0"));
     }
     // A's connection is reset when A leaves, then serves others.
@@ -126,15 +112,9 @@ async fn session_state_pins_and_never_leaks() {
             .simple_query("SELECT pg_backend_pid()::text, current_setting('statement_timeout')")
             .await
             .unwrap();
-        let SimpleQueryMessage::Row(r) = &msgs[1] else {
-            panic!()
-        };
+        let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
         seen_a |= r.get(0) == Some(a_pid.as_str());
-        assert_eq!(
-            r.get(1),
-            Some("0"),
-            "SET leaked after the pinned session ended"
-        );
+        assert_eq!(r.get(1), Some("0"), "SET leaked after the pinned session ended");
     }
     assert!(seen_a, "the pinned connection was not returned to the pool");
 }
@@ -149,20 +129,13 @@ async fn advisory_lock_and_temp_table_pin_and_are_cleaned_up() {
         .unwrap();
     // Pinned: the temp table is still there in A's next transaction.
     assert_eq!(
-        first_value(
-            &a.simple_query("SELECT count(*) FROM scratch")
-                .await
-                .unwrap()
-        ),
+        first_value(&a.simple_query("SELECT count(*) FROM scratch").await.unwrap()),
         "1"
     );
     drop(a);
     eventually(Duration::from_secs(5), "advisory lock released", || async {
         let n: i64 = su
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
-                &[],
-            )
+            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[])
             .await
             .unwrap()
             .get(0);
@@ -189,10 +162,9 @@ async fn client_parameters_follow_the_client_across_server_connections() {
     ))
     .await
     .unwrap();
-    let b = connect(&format!("{}?application_name=beta", s.url()))
-        .await
-        .unwrap();
-    let q = "SELECT current_setting('application_name') || ' ' || current_setting('work_mem') || ' ' || pg_backend_pid()";
+    let b = connect(&format!("{}?application_name=beta", s.url())).await.unwrap();
+    let q =
+        "SELECT current_setting('application_name') || ' ' || current_setting('work_mem') || ' ' || pg_backend_pid()";
     let mut pids = std::collections::HashSet::new();
     for _ in 0..3 {
         let va = first_value(&a.simple_query(q).await.unwrap());
@@ -202,11 +174,7 @@ async fn client_parameters_follow_the_client_across_server_connections() {
         pids.insert(va.rsplit(' ').next().unwrap().to_string());
         pids.insert(vb.rsplit(' ').next().unwrap().to_string());
     }
-    assert_eq!(
-        pids.len(),
-        1,
-        "pool_size 1: one server connection served both"
-    );
+    assert_eq!(pids.len(), 1, "pool_size 1: one server connection served both");
 }
 
 async fn prepared_clients(s: &Setup, clients: i32, rounds: i32) {
@@ -219,16 +187,8 @@ async fn prepared_clients(s: &Setup, clients: i32, rounds: i32) {
                 let double = c.prepare("SELECT $1::int * 2").await.unwrap();
                 let label = c.prepare("SELECT 'client-' || $1::text").await.unwrap();
                 for j in 0..rounds {
-                    let v: i32 = c
-                        .query_one(&double, &[&(i * 1000 + j)])
-                        .await
-                        .unwrap()
-                        .get(0);
-                    assert_eq!(
-                        v,
-                        (i * 1000 + j) * 2,
-                        "client {i} got another client's result"
-                    );
+                    let v: i32 = c.query_one(&double, &[&(i * 1000 + j)]).await.unwrap().get(0);
+                    assert_eq!(v, (i * 1000 + j) * 2, "client {i} got another client's result");
                     let l: String = c.query_one(&label, &[&i.to_string()]).await.unwrap().get(0);
                     assert_eq!(l, format!("client-{i}"));
                     // A statement prepared and used once per round (Parse, Bind, Close).
@@ -280,11 +240,7 @@ async fn errors_inside_a_pipeline_keep_statements_in_order() {
         let p1: [&Param; 1] = [&round];
         let p2: [&Param; 1] = [&zero];
         let p3: [&Param; 1] = [&next];
-        let (a, b, d) = tokio::join!(
-            c.query_one(&ok, &p1),
-            c.query_one(&bad, &p2),
-            c.query_one(&ok, &p3)
-        );
+        let (a, b, d) = tokio::join!(c.query_one(&ok, &p1), c.query_one(&bad, &p2), c.query_one(&ok, &p3));
         assert_eq!(a.unwrap().get::<_, i32>(0), round + 100);
         assert_eq!(code(&b.unwrap_err()).as_deref(), Some("22012"));
         assert_eq!(d.unwrap().get::<_, i32>(0), round + 101);
@@ -322,11 +278,7 @@ async fn deallocate_all_forgets_statements() {
     assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 42);
     c.batch_execute("DEALLOCATE ALL").await.unwrap();
     let e = c.query_one(&stmt, &[]).await.unwrap_err();
-    assert_eq!(
-        code(&e).as_deref(),
-        Some("26000"),
-        "as PostgreSQL would say: {e}"
-    );
+    assert_eq!(code(&e).as_deref(), Some("26000"), "as PostgreSQL would say: {e}");
     let again = c.prepare("SELECT 42").await.unwrap();
     assert_eq!(c.query_one(&again, &[]).await.unwrap().get::<_, i32>(0), 42);
 }
@@ -334,22 +286,10 @@ async fn deallocate_all_forgets_statements() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_killed_mid_transaction_in_transaction_mode() {
     let s = Setup::new(txn_setup(1)).await;
-    s.client()
-        .await
-        .batch_execute("CREATE TABLE k (id int)")
-        .await
-        .unwrap();
+    s.client().await.batch_execute("CREATE TABLE k (id int)").await.unwrap();
     let (victim, task) = connect_killable(&s.url()).await;
-    victim
-        .batch_execute("BEGIN; INSERT INTO k VALUES (1)")
-        .await
-        .unwrap();
-    let pid = first_value(
-        &victim
-            .simple_query("SELECT pg_backend_pid()")
-            .await
-            .unwrap(),
-    );
+    victim.batch_execute("BEGIN; INSERT INTO k VALUES (1)").await.unwrap();
+    let pid = first_value(&victim.simple_query("SELECT pg_backend_pid()").await.unwrap());
     task.abort();
     drop(victim);
     let next = s.client().await;
@@ -357,9 +297,7 @@ async fn client_killed_mid_transaction_in_transaction_mode() {
         .simple_query("SELECT (SELECT count(*) FROM k)::text, pg_backend_pid()::text, (pg_current_xact_id_if_assigned() IS NULL)::text")
         .await
         .unwrap();
-    let SimpleQueryMessage::Row(r) = &msgs[1] else {
-        panic!()
-    };
+    let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
     assert_eq!(r.get(0), Some("0"), "an uncommitted insert became visible");
     assert_ne!(
         r.get(1),
@@ -424,5 +362,35 @@ async fn pgbench_all_protocols_in_transaction_mode() {
         );
         assert!(text.contains("number of failed transactions: 0"), "{text}");
     }
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_of_a_reported_parameter_follows_the_client_without_pinning() {
+    // Django runs SET TIME ZONE right after connecting: that must not pin.
+    let s = Setup::new(txn_setup(1)).await;
+    let a = s.client().await;
+    let b = s.client().await;
+    a.batch_execute("SET TIME ZONE 'America/New_York'").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            first_value(&a.simple_query("SHOW TimeZone").await.unwrap()),
+            "America/New_York"
+        );
+        assert_ne!(
+            first_value(&b.simple_query("SHOW TimeZone").await.unwrap()),
+            "America/New_York",
+            "SET leaked to b"
+        );
+    }
+    // A SET inside a rolled-back transaction is undone, and so is what the proxy re-applies.
+    a.batch_execute("BEGIN; SET TIME ZONE 'Asia/Tokyo'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&b.simple_query("SELECT 1").await.unwrap()), "1");
+    assert_eq!(
+        first_value(&a.simple_query("SHOW TimeZone").await.unwrap()),
+        "America/New_York"
+    );
     assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
 }

@@ -1,0 +1,82 @@
+//! Real drivers in transaction mode: psycopg 3 + Django (200 client threads on 5 server
+//! connections), in a virtualenv the test creates under target/ (pip, from PyPI).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use pgvalve::config::PoolMode;
+
+use crate::support::*;
+
+/// A virtualenv with psycopg 3 and Django, created once.
+fn venv_python() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/compat-venv");
+    let python = dir.join("bin/python");
+    let ready = dir.join(".ready");
+    if !ready.exists() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&dir).status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv failed: install python3 with the venv module"
+        );
+        let pip = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "psycopg[binary]>=3.1",
+                "django>=4.2",
+            ])
+            .status()
+            .expect("pip");
+        assert!(pip.success(), "pip install psycopg[binary] django failed");
+        std::fs::write(&ready, b"").unwrap();
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_and_psycopg3_share_five_server_connections() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pgvalve=info")
+        .with_test_writer()
+        .try_init();
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 5;
+        f.pool.query_wait_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/django_compat.py");
+    let addr = s.proxy.local_addr();
+    let out = within(
+        Duration::from_secs(300),
+        tokio::process::Command::new(&python)
+            .args([
+                script,
+                "127.0.0.1",
+                &addr.port().to_string(),
+                "app",
+                "app",
+                "app-secret",
+                "200",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("django compat: {stdout}");
+    assert!(out.status.success(), "django compat failed: {stdout}\n{stderr}");
+    assert!(stdout.contains("\"ok\": 200"), "{stdout}");
+    assert!(s.proxy.shared().pools.stats().iter().all(|p| p.open <= 5));
+    // Only .iterator()'s WITH HOLD cursor pins (one per thread); prepared statements do not.
+    let pins = s.proxy.shared().pins.load(std::sync::atomic::Ordering::Relaxed);
+    println!("django compat: {pins} sessions pinned");
+    assert!(pins <= 200, "{pins}");
+}
