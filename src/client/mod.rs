@@ -242,6 +242,12 @@ async fn session(
         ),
         pins: shared.pins.clone(),
         reported: Vec::new(),
+        timeouts: relay::Timeouts {
+            query: shared.config.pool.query_timeout,
+            idle_transaction: shared.config.pool.idle_transaction_timeout,
+            transaction: shared.config.pool.transaction_timeout,
+        },
+        cancel: None,
         statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
             || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
         ),
@@ -250,12 +256,13 @@ async fn session(
         return txn::serve(shared, client, server, &key, &params, &route, mode).await;
     }
     let mut mode = mode;
-    key.set_target(Some(CancelTarget {
+    let target = CancelTarget {
         addr: server.addr.clone(),
         pid: server.pid,
         secret: server.secret,
-    }))
-    .await;
+    };
+    mode.cancel = Some(target.clone());
+    key.set_target(Some(target)).await;
     let end = relay::run(
         client,
         &mut server,

@@ -94,6 +94,7 @@ pub async fn serve(
             pid: server.pid,
             secret: server.secret,
         };
+        mode.cancel = Some(target.clone());
         key.set_target(Some(target)).await;
         let end = relay::run(client, &mut server, shared.phase.clone(), max, &mut mode).await;
         key.set_target(None).await;

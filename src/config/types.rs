@@ -152,6 +152,16 @@ pub struct PoolSettings {
     /// Close server connections this old once they are idle ("0s" = never).
     #[serde(with = "humantime_serde")]
     pub server_lifetime: Duration,
+    /// Cancel a query running longer than this ("0s" = off).
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// End the session of a client that holds a transaction open without sending anything
+    /// for this long ("0s" = off).
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    /// End the session of a client whose transaction is open longer than this ("0s" = off).
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
     /// Transaction mode: protocol-level prepared statements kept per server connection
     /// (least recently used closed first). 0 = a named statement pins the session instead.
     pub max_prepared_statements: usize,
@@ -169,6 +179,9 @@ impl Default for PoolSettings {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
+            query_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
         }
     }
 }

@@ -9,4 +9,5 @@ mod queries;
 mod robustness;
 mod sessions;
 mod support;
+mod timeouts;
 mod transaction;

@@ -8,7 +8,9 @@
 //! state). What it tracks decides whether the server connection can be reused afterwards.
 
 use bytes::{Buf, BytesMut};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use tokio::sync::watch;
 
 use super::conn::ClientConn;
@@ -20,6 +22,13 @@ use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
 use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
+
+mod timeouts;
+mod txn;
+
+pub use timeouts::Timeouts;
+use timeouts::{expired, Clocks};
+use txn::{client_frames, note_pin, note_reported, pin_reason, server_messages};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -40,6 +49,8 @@ pub enum RelayEnd {
     /// Transaction mode: a transaction ended and nothing is outstanding; the server
     /// connection is idle and clean and can go back to the pool.
     Idle,
+    /// idle_transaction_timeout or transaction_timeout ended the session; the client was told.
+    TimedOut,
 }
 
 /// How the relay treats a session.
@@ -54,35 +65,16 @@ pub struct Mode {
     pub who: String,
     /// Counts pins.
     pub pins: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// query_timeout, idle_transaction_timeout, transaction_timeout.
+    pub timeouts: Timeouts,
+    /// Where to send a cancel when a query runs past query_timeout.
+    pub cancel: Option<crate::cancel::CancelTarget>,
     /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
     /// collected for the session to re-apply on later server connections.
     pub reported: Vec<(String, String)>,
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
-}
-
-/// The text of a C string at the start of `b`, and what follows it.
-fn cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
-    let nul = b.iter().position(|&c| c == 0)?;
-    Some((String::from_utf8_lossy(&b[..nul]), &b[nul + 1..]))
-}
-
-/// Why a whole Query ('Q') or Parse ('P') message pins the session, if it does. A named
-/// Parse pins only when statements are not tracked (`named_pins`).
-fn pin_reason(tag: u8, msg: &[u8], named_pins: bool) -> Option<&'static str> {
-    let body = msg.get(5..)?;
-    match tag {
-        b'Q' => session_state_change(&cstr(body)?.0),
-        b'P' => {
-            let (name, rest) = cstr(body)?;
-            if named_pins && !name.is_empty() {
-                return Some("named prepared statement (max_prepared_statements = 0)");
-            }
-            session_state_change(&cstr(rest)?.0)
-        }
-        _ => None,
-    }
 }
 
 /// What the session knows of the server connection's state, from headers alone.
@@ -200,119 +192,6 @@ fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &impl TryWrite
     Ok(())
 }
 
-/// Records a ParameterStatus of a tracked parameter (see `sql::TRACKED_PARAMETERS`).
-fn note_reported(msg: &[u8], reported: &mut Vec<(String, String)>) {
-    if let Some((name, rest)) = msg.get(5..).and_then(cstr) {
-        if super::sql::TRACKED_PARAMETERS.contains(&name.to_ascii_uppercase().as_str()) {
-            if let Some((value, _)) = cstr(rest) {
-                reported.push((name.into_owned(), value.into_owned()));
-            }
-        }
-    }
-}
-
-/// Logs and counts a pin the tracker just found.
-fn note_pin(t: &Tracker, mode: &mut Mode) {
-    if t.pin.is_some() && mode.pinned.is_none() {
-        mode.pinned = t.pin;
-        mode.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(reason = t.pin, client = %mode.who, "session pinned to its server connection until it disconnects");
-    }
-}
-
-/// Transaction mode with statement tracking: handles every whole client message in `c_in`
-/// (a partial one stays there), renaming statements for the server.
-fn client_frames(
-    c_in: &mut BytesMut,
-    max: usize,
-    t: &mut Tracker,
-    st: &mut ClientStatements,
-    out: &mut Outputs<'_>,
-) -> Result<(), SessionError> {
-    while let Some(f) = split_frame(c_in, max).map_err(SessionError::Frame)? {
-        let seen = Seen {
-            tag: f.tag,
-            start: 0,
-            len: f.bytes.len(),
-            complete: true,
-        };
-        if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
-            break; // Terminate: not forwarded
-        }
-        if f.tag == b'Q' && cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql)) {
-            st.forget_all(out.conn);
-        }
-        st.on_client(f.bytes.freeze(), out);
-    }
-    Ok(())
-}
-
-/// Transaction mode with statement tracking: moves the server's messages in `s_in` to
-/// `s_out`, dropping answers to injected messages and adding the proxy's own answers in order.
-fn server_messages(
-    s_in: &mut BytesMut,
-    s_out: &mut BytesMut,
-    walk: &mut MessageWalker,
-    t: &mut Tracker,
-    responses: &mut Responses,
-    conn: &mut ServerStatements,
-    reported: &mut Vec<(String, String)>,
-) -> Result<(), SessionError> {
-    // Tags that end a request, and ParameterStatus, are looked at whole (they are small);
-    // rows stream.
-    let inspect = |tag: u8| {
-        matches!(
-            tag,
-            b'1' | b'2' | b'3' | b'n' | b'C' | b'I' | b's' | b'Z' | b'E' | b'T' | b't' | b'S'
-        )
-    };
-    loop {
-        let (mut after, mut swallow, mut stop_next) = (Vec::new(), 0usize, false);
-        let n = walk
-            .scan(s_in, inspect, |seen, msg| {
-                if stop_next {
-                    return Walk::StopBefore;
-                }
-                t.on_server(seen, msg);
-                if seen.tag == b'S' {
-                    note_reported(msg, reported);
-                }
-                let stale = seen.tag == b'E' && is_stale_plan(msg);
-                match responses.on_server(seen.tag, stale, conn) {
-                    OnServer::Forward(due) => {
-                        stop_next = !due.is_empty();
-                        after = due;
-                        Walk::Continue
-                    }
-                    OnServer::Swallow(due) => {
-                        after = due;
-                        swallow = seen.len;
-                        Walk::StopBefore
-                    }
-                }
-            })
-            .map_err(|e| SessionError::ServerProtocol(e.to_string()))?;
-        move_ready(s_in, s_out, n);
-        s_in.advance(swallow);
-        for b in &after {
-            s_out.extend_from_slice(b);
-        }
-        if swallow == 0 && !stop_next {
-            return Ok(());
-        }
-    }
-}
-
-/// Whether an ErrorResponse says a cached plan changed its result type (SQLSTATE 0A000).
-fn is_stale_plan(msg: &[u8]) -> bool {
-    let f = crate::protocol::frame::Frame {
-        tag: b'E',
-        bytes: BytesMut::from(msg),
-    };
-    crate::protocol::messages::parse_server_error(&f)
-        .is_some_and(|e| e.code == "0A000" && e.message.contains("cached plan must not change result type"))
-}
-
 /// Resolves at the next phase change (a closed channel means Stopped).
 async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
     let p = match rx.changed().await {
@@ -340,6 +219,7 @@ pub async fn run(
     let c_in = std::mem::take(&mut client.rbuf);
     let s_in = std::mem::take(&mut server.rbuf);
     let mut state = Relayed {
+        timeout_error: None,
         prepared: std::mem::take(&mut server.prepared),
         status: server.status,
         server_broken: false,
@@ -377,6 +257,12 @@ pub async fn run(
                     .await;
             }
         }
+        Ok(RelayEnd::TimedOut) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
+            if let Some(e) = &state.timeout_error {
+                client.send_error(e).await;
+            }
+        }
         Ok(RelayEnd::Shutdown) => {
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
@@ -411,6 +297,8 @@ struct Relayed {
     last_server_tag: u8,
     /// The server connection's prepared statements (moved in and out).
     prepared: ServerStatements,
+    /// What to tell the client when a timeout ended the session.
+    timeout_error: Option<PgError>,
 }
 
 async fn relay<CR, CW, SR, SW>(
@@ -447,8 +335,12 @@ where
     let (mut c_new, mut s_new) = (!c_in.is_empty(), !s_in.is_empty());
     let mut now = *phase.borrow();
     let mut phase_change = std::pin::pin!(next_phase(phase));
+    let mut clocks = Clocks::default();
+    let mut armed: Option<Instant> = None;
+    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(365 * 86400)));
 
     let end: Result<RelayEnd, SessionError> = loop {
+        let client_sent = c_new;
         if c_new {
             c_new = false;
             if let Some(st) = mode.statements.as_mut() {
@@ -534,6 +426,16 @@ where
         if t.terminate && c_out.is_empty() {
             break Ok(RelayEnd::ClientDone);
         }
+        if mode.timeouts.any() {
+            clocks.update(&t, client_sent);
+            let due = clocks.deadline(&mode.timeouts);
+            if due != armed {
+                armed = due;
+                if let Some(d) = due {
+                    timer.as_mut().reset(d.into());
+                }
+            }
+        }
         let release_after_transaction = mode.transaction && t.pin.is_none();
         if now != Phase::Running || release_after_transaction {
             let at_rest = t.pending == 0
@@ -560,6 +462,13 @@ where
             (p, rx) = &mut phase_change, if now != Phase::Stopped => {
                 now = p;
                 phase_change.set(next_phase(rx));
+            },
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                if let Some(e) = expired(&mut clocks, mode) {
+                    out.timeout_error = Some(e);
+                    break Ok(RelayEnd::TimedOut);
+                }
             },
             r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
                 Ok(n) if n > 0 => c_new = true,
