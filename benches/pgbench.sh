@@ -93,7 +93,8 @@ log_connections = 0
 log_disconnections = 0
 INI
   [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-  "${AS[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+  # runuser applies the user's PAM limits: raise the descriptor limit in the exec'd shell.
+  "${AS[@]}" bash -c "ulimit -n 65536 2>/dev/null || ulimit -n \$(ulimit -Hn); exec '$PGBOUNCER' '$WORK/pgbouncer.ini'" >"$WORK/pgbouncer.log" 2>&1 &
   PIDS+=($!)
   TARGETS+=(pgbouncer:$BPORT)
 else

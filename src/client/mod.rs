@@ -242,6 +242,7 @@ async fn session(
         ),
         pins: shared.pins.clone(),
         reported: Vec::new(),
+        reject: shared.config.pool.session_state == crate::config::SessionStatePolicy::Reject,
         timeouts: relay::Timeouts {
             query: shared.config.pool.query_timeout,
             idle_transaction: shared.config.pool.idle_transaction_timeout,
@@ -300,7 +301,14 @@ async fn setup(
 
     let key = shared.cancels.register();
     let mut server = shared.pools.checkout(&route).await?;
-    if let Err(e) = params::prepare_server(&mut server, &p, &params::Reported::new()).await {
+    if let Err(e) = params::prepare_server(
+        &mut server,
+        &p,
+        &params::Reported::new(),
+        params::params_key(&p, &params::Reported::new()),
+    )
+    .await
+    {
         server
             .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
             .await;

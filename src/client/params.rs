@@ -93,8 +93,8 @@ pub async fn prepare_server(
     server: &mut crate::server::ServerConn,
     p: &StartupParams,
     reported: &Reported,
+    key: u64,
 ) -> Result<(), SessionError> {
-    let key = params_key(p, reported);
     if server.applied == key {
         return Ok(());
     }

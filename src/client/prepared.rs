@@ -89,6 +89,8 @@ pub enum Expect {
     SwallowParse(u64),
     /// A Close the proxy injected: its CloseComplete is not forwarded.
     SwallowClose,
+    /// Where the client ended a COPY IN (CopyDone or CopyFail): no answer of its own.
+    CopyEnd,
 }
 
 /// What to do with one server message.
@@ -106,13 +108,45 @@ pub struct Responses {
     q: VecDeque<Expect>,
     /// Statements whose Parse the server accepted (to record in the registry).
     pub accepted: Vec<u64>,
+    /// In COPY IN started by Execute: the server ignores Sync until CopyDone/CopyFail.
+    copy_in: bool,
+    /// Syncs the server ignored (sent during COPY IN), not yet taken by the relay.
+    pub ignored_syncs: u32,
 }
 
 impl Responses {
     /// Adds a request; returns the proxy answers due now (when nothing is ahead of them).
     pub fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
+        match e {
+            Expect::Sync if self.copy_in => {
+                self.ignored_syncs += 1;
+                return Vec::new();
+            }
+            Expect::CopyEnd => self.copy_in = false,
+            _ => {}
+        }
         self.q.push_back(e);
         self.due()
+    }
+
+    /// The server started COPY IN for the Execute at the head: PostgreSQL ignores every Sync
+    /// the client sent after it until CopyDone/CopyFail (the protocol allows clients to send
+    /// Sync right after Execute without knowing the statement is a COPY).
+    fn start_copy_in(&mut self) {
+        let end = self
+            .q
+            .iter()
+            .position(|e| *e == Expect::CopyEnd)
+            .unwrap_or(self.q.len());
+        let before = self.q.len();
+        let mut i = 0;
+        self.q.retain(|e| {
+            let drop = i > 0 && i < end && *e == Expect::Sync;
+            i += 1;
+            !drop
+        });
+        self.ignored_syncs += (before - self.q.len()) as u32;
+        self.copy_in = end == before;
     }
 
     /// True when nothing is outstanding.
@@ -122,11 +156,14 @@ impl Responses {
 
     fn due(&mut self) -> Vec<&'static [u8]> {
         let mut out = Vec::new();
-        while let Some(Expect::Synthetic(b)) = self.q.front() {
-            out.push(*b);
+        loop {
+            match self.q.front() {
+                Some(Expect::Synthetic(b)) => out.push(*b),
+                Some(Expect::CopyEnd) => {}
+                _ => return out,
+            }
             self.q.pop_front();
         }
-        out
     }
 
     /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
@@ -140,6 +177,9 @@ impl Responses {
         };
         if tag == b'E' {
             return self.on_error(head, stale_plan, conn);
+        }
+        if let (Expect::Execute(_), b'G') = (head, tag) {
+            self.start_copy_in();
         }
         let (done, swallow) = match (head, tag) {
             (Expect::Query, b'Z') | (Expect::Sync, b'Z') => (true, false),
@@ -324,6 +364,7 @@ impl ClientStatements {
                         out.expect(Expect::Execute(if unnamed { self.unnamed_portal } else { None }));
                     }
                     b'S' => out.expect(Expect::Sync),
+                    b'c' | b'f' => out.expect(Expect::CopyEnd),
                     b'Q' | b'F' => out.expect(Expect::Query),
                     _ => {}
                 }
@@ -499,6 +540,32 @@ mod tests {
         // The Execute fails: the injected Parse of 8 and the synthetic answer are skipped.
         assert_eq!(r.on_server(b'E', false, &mut conn), OnServer::Forward(vec![]));
         assert!(conn.touch(7) && !conn.touch(8), "statement 8 was never prepared");
+        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_get_no_answer() {
+        let mut conn = ServerStatements::default();
+        let mut r = Responses::default();
+        // Bind, Execute, Sync (sent before the server said COPY), data, CopyDone, Sync, Close, Sync.
+        r.push(Expect::Bind(None));
+        r.push(Expect::Execute(None));
+        r.push(Expect::Sync);
+        assert_eq!(r.on_server(b'2', false, &mut conn), OnServer::Forward(vec![]));
+        assert_eq!(r.on_server(b'G', false, &mut conn), OnServer::Forward(vec![]));
+        assert_eq!(r.ignored_syncs, 1);
+        r.push(Expect::Sync); // during COPY IN: ignored by the server too
+        assert_eq!(r.ignored_syncs, 2);
+        r.push(Expect::CopyEnd);
+        r.push(Expect::Sync);
+        r.push(Expect::Synthetic(CLOSE_COMPLETE));
+        r.push(Expect::Sync);
+        assert_eq!(r.on_server(b'C', false, &mut conn), OnServer::Forward(vec![]));
+        assert_eq!(
+            r.on_server(b'Z', false, &mut conn),
+            OnServer::Forward(vec![CLOSE_COMPLETE])
+        );
         assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
         assert!(r.is_empty());
     }

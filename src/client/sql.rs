@@ -5,6 +5,31 @@
 //! server connection instead. A small lexer skips comments, string literals, quoted
 //! identifiers and dollar quotes, splits statements at `;` and looks at keywords only.
 
+/// Keywords one of which any session-changing statement contains (lower case).
+const TRIGGERS: &[&[u8]] = &[
+    b"set",
+    b"listen",
+    b"load",
+    b"prepare",
+    b"declare",
+    b"temp",
+    b"advisory",
+    b"discard",
+];
+
+/// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
+/// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
+pub fn might_change_session(sql: &[u8]) -> bool {
+    sql.windows(3).enumerate().any(|(i, w)| {
+        let lower = [w[0] | 0x20, w[1] | 0x20, w[2] | 0x20];
+        TRIGGERS.iter().any(|t| {
+            t[..3] == lower
+                && sql.len() >= i + t.len()
+                && sql[i..i + t.len()].iter().zip(t.iter()).all(|(a, b)| a | 0x20 == *b)
+        })
+    })
+}
+
 /// Why a statement ties the client to its server connection, or None.
 pub fn session_state_change(sql: &str) -> Option<&'static str> {
     let mut words: Vec<String> = Vec::new();
@@ -121,6 +146,7 @@ fn statement_reason(w: &[String]) -> Option<&'static str> {
         "RESET" if tracked(at(1)) => None,
         "RESET" => Some("RESET"),
         "LISTEN" => Some("LISTEN"),
+        "DISCARD" => Some("DISCARD"),
         "LOAD" => Some("LOAD"),
         "PREPARE" if at(1) != "TRANSACTION" => Some("PREPARE"),
         "DECLARE" => {
@@ -299,6 +325,25 @@ mod tests {
         ] {
             assert!(f(sql).is_some(), "{sql}");
         }
+    }
+
+    #[test]
+    fn prefilter_never_hides_a_change() {
+        for sql in [
+            "SET x = 1",
+            "reset all",
+            "LISTEN c",
+            "select pg_advisory_lock(1)",
+            "CREATE TEMP TABLE t()",
+            "Discard All",
+        ] {
+            assert!(super::might_change_session(sql.as_bytes()), "{sql}");
+        }
+        assert!(!super::might_change_session(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+        ));
+        // A false alarm only costs the lexer, which then finds UPDATE ... SET harmless.
+        assert!(super::might_change_session(b"UPDATE t SET x = 1"));
     }
 
     #[test]

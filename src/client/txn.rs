@@ -69,6 +69,7 @@ pub async fn serve(
     let reset = &shared.config.pool.server_reset_query;
     let mut phase = shared.phase.clone();
     let mut reported = Reported::new();
+    let mut params = params_key(p, &reported);
     loop {
         match next_request(client, &mut phase).await? {
             Next::Request => {}
@@ -85,7 +86,7 @@ pub async fn serve(
             }
         }
         let mut server = shared.pools.checkout(route).await?;
-        if let Err(e) = prepare_server(&mut server, p, &reported).await {
+        if let Err(e) = prepare_server(&mut server, p, &reported, params).await {
             server.checkin();
             return Err(e);
         }
@@ -102,7 +103,8 @@ pub async fn serve(
             // The client SET a tracked parameter: this connection now carries the new value,
             // and every later one gets it too.
             reported.extend(mode.reported.drain(..));
-            server.applied = params_key(p, &reported);
+            params = params_key(p, &reported);
+            server.applied = params;
         }
         match end {
             Ok(RelayEnd::Idle) => server.checkin(),

@@ -16,7 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 pub use types::{
-    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret, UserConfig,
+    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret, SessionStatePolicy,
+    UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -332,6 +333,12 @@ impl Config {
                     "must be at least 1".into(),
                 ));
             }
+        }
+        if f.pool.session_state == SessionStatePolicy::Reject && f.pool.max_prepared_statements == 0 {
+            return Err(invalid(
+                "pool.session_state",
+                "\"reject\" needs statement tracking: set max_prepared_statements above 0".into(),
+            ));
         }
         if f.users.is_empty() {
             return Err(invalid(

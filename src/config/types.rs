@@ -29,6 +29,17 @@ impl fmt::Display for PoolMode {
     }
 }
 
+/// Transaction mode: what happens to a statement that changes session state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatePolicy {
+    /// The session keeps its server connection until it disconnects (then it is reset).
+    #[default]
+    Pin,
+    /// The statement fails with 0A000 and a hint (use SET LOCAL, or a session-mode pool).
+    Reject,
+}
+
 /// How clients authenticate to the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub enum AuthType {
@@ -146,6 +157,10 @@ pub struct PoolSettings {
     pub server_connect_timeout: Duration,
     /// Run on a server connection before another client gets it ("" = none).
     pub server_reset_query: String,
+    /// Check that a server connection is alive before reuse only when it was idle longer than
+    /// this (as PgBouncer's server_check_delay); "0s" = check every time.
+    #[serde(with = "humantime_serde")]
+    pub server_check_delay: Duration,
     /// Close server connections idle this long ("0s" = never).
     #[serde(with = "humantime_serde")]
     pub server_idle_timeout: Duration,
@@ -162,6 +177,8 @@ pub struct PoolSettings {
     /// End the session of a client whose transaction is open longer than this ("0s" = off).
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
+    /// Transaction mode: "pin" or "reject" statements that change session state.
+    pub session_state: SessionStatePolicy,
     /// Transaction mode: protocol-level prepared statements kept per server connection
     /// (least recently used closed first). 0 = a named statement pins the session instead.
     pub max_prepared_statements: usize,
@@ -176,9 +193,11 @@ impl Default for PoolSettings {
             query_wait_timeout: Duration::from_secs(120),
             server_connect_timeout: Duration::from_secs(5),
             server_reset_query: "DISCARD ALL".into(),
+            server_check_delay: Duration::from_secs(30),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
+            session_state: SessionStatePolicy::Pin,
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             transaction_timeout: Duration::ZERO,

@@ -96,6 +96,8 @@ pub struct ServerManager {
     pub slot_wait: Duration,
     /// Close connections older than this when they come back (zero = never).
     pub lifetime: Duration,
+    /// Probe a connection before reuse only when it was idle longer than this.
+    pub check_delay: Duration,
     /// Connections refused by recycle (closed instead of reused).
     pub recycle_rejections: Arc<AtomicU64>,
     /// Connections created.
@@ -126,6 +128,9 @@ impl managed::Manager for ServerManager {
         }
         if !self.lifetime.is_zero() && metrics.age() > self.lifetime {
             return reject("server_lifetime reached");
+        }
+        if conn.idle_since.elapsed() < self.check_delay {
+            return Ok(());
         }
         // An idle backend says nothing: any byte or EOF means it is gone or in trouble.
         let mut probe = [0u8; 1];

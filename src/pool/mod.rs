@@ -149,6 +149,7 @@ impl PoolSet {
             },
             slots: self.slots.clone(),
             slot_wait: cfg.query_wait_timeout,
+            check_delay: cfg.server_check_delay,
             lifetime: cfg.server_lifetime,
             recycle_rejections: rejected.clone(),
             created: created.clone(),

@@ -394,3 +394,96 @@ async fn set_of_a_reported_parameter_follows_the_client_without_pinning() {
     );
     assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_policy_fails_session_state_changes_with_a_hint() {
+    let s = Setup::new(|f| {
+        txn_setup(2)(f);
+        f.pool.session_state = pgvalve::config::SessionStatePolicy::Reject;
+    })
+    .await;
+    let c = s.client().await;
+    let e = c.batch_execute("SET statement_timeout = '5s'").await.unwrap_err();
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "0A000");
+    assert!(
+        db.message().contains("SET is not allowed in transaction pooling mode"),
+        "{}",
+        db.message()
+    );
+    assert!(db.hint().is_some_and(|h| h.contains("SET LOCAL")));
+    // Inside a transaction the error fails the transaction, as PostgreSQL would.
+    c.batch_execute("BEGIN").await.unwrap();
+    assert!(c.batch_execute("SELECT pg_advisory_lock(1)").await.is_err());
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("25P02"), "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // SET LOCAL is fine, nothing was pinned, and the session goes on.
+    c.batch_execute("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        first_value(&c.simple_query("SHOW statement_timeout").await.unwrap()),
+        "0"
+    );
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_both_ways_and_psql_in_transaction_mode() {
+    use futures_util::{SinkExt, StreamExt};
+    let s = Setup::new(txn_setup(2)).await;
+    let c = s.client().await;
+    c.batch_execute("CREATE TABLE cp (id int, v text)").await.unwrap();
+    // tokio-postgres runs COPY through the extended protocol with a named statement.
+    let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for i in 0..20 {
+        let chunk: String = (0..500).map(|j| format!("{}\tv{}\n", i * 500 + j, j)).collect();
+        sink.send(bytes::Bytes::from(chunk)).await.unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 10_000);
+    let out = c.copy_out("COPY cp TO STDOUT").await.unwrap();
+    futures_util::pin_mut!(out);
+    let mut lines = 0;
+    while let Some(b) = out.next().await {
+        lines += b.unwrap().iter().filter(|&&x| x == b'\n').count();
+    }
+    assert_eq!(lines, 10_000);
+    assert_eq!(
+        c.query_one("SELECT count(*) FROM cp", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        10_000
+    );
+
+    let bindir = pgvalve::testkit::find_bindir().unwrap();
+    let port = s.proxy.local_addr().port().to_string();
+    let out = std::process::Command::new(bindir.join("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-tA",
+            "-c",
+            "SELECT count(*) FROM cp",
+            "-c",
+            "\\copy (SELECT 1) TO STDOUT",
+        ])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10000\n1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+}

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::conn::ClientConn;
 use super::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStatements};
-use super::sql::{deallocates_all, session_state_change};
+use super::sql::session_state_change;
 use super::SessionError;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
@@ -69,6 +69,8 @@ pub struct Mode {
     pub timeouts: Timeouts,
     /// Where to send a cancel when a query runs past query_timeout.
     pub cancel: Option<crate::cancel::CancelTarget>,
+    /// Transaction mode: make statements that change session state fail instead of pinning.
+    pub reject: bool,
     /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
     /// collected for the session to re-apply on later server connections.
     pub reported: Vec<(String, String)>,
@@ -337,7 +339,11 @@ where
     let mut phase_change = std::pin::pin!(next_phase(phase));
     let mut clocks = Clocks::default();
     let mut armed: Option<Instant> = None;
-    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(365 * 86400)));
+    // A timer only when a timeout is configured (none by default).
+    let mut timer = mode
+        .timeouts
+        .any()
+        .then(|| Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))));
 
     let end: Result<RelayEnd, SessionError> = loop {
         let client_sent = c_new;
@@ -350,7 +356,7 @@ where
                     responses: &mut responses,
                     conn: &mut prepared,
                 };
-                if let Err(e) = client_frames(&mut c_in, max_client_message, &mut t, st, &mut outs) {
+                if let Err(e) = client_frames(&mut c_in, max_client_message, &mut t, st, &mut outs, mode.reject) {
                     break Err(e);
                 }
                 note_pin(&t, mode);
@@ -423,6 +429,10 @@ where
                 break Ok(RelayEnd::ClientDone);
             }
         }
+        if responses.ignored_syncs > 0 {
+            t.pending = t.pending.saturating_sub(responses.ignored_syncs);
+            responses.ignored_syncs = 0;
+        }
         if t.terminate && c_out.is_empty() {
             break Ok(RelayEnd::ClientDone);
         }
@@ -431,7 +441,7 @@ where
             let due = clocks.deadline(&mode.timeouts);
             if due != armed {
                 armed = due;
-                if let Some(d) = due {
+                if let (Some(d), Some(timer)) = (due, timer.as_mut()) {
                     timer.as_mut().reset(d.into());
                 }
             }
@@ -463,7 +473,7 @@ where
                 now = p;
                 phase_change.set(next_phase(rx));
             },
-            () = &mut timer, if armed.is_some() => {
+            () = async { if let Some(t) = timer.as_mut() { t.await } }, if armed.is_some() => {
                 armed = None;
                 if let Some(e) = expired(&mut clocks, mode) {
                     out.timeout_error = Some(e);

@@ -2,6 +2,8 @@
 //! the server, and message-by-message handling when prepared statements are tracked.
 
 use super::*;
+use crate::client::prepared::split_cstr;
+use crate::client::sql::deallocates_all;
 
 /// The text of a C string at the start of `b`, and what follows it.
 pub(super) fn cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
@@ -13,6 +15,10 @@ pub(super) fn cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
 /// Parse pins only when statements are not tracked (`named_pins`).
 pub(super) fn pin_reason(tag: u8, msg: &[u8], named_pins: bool) -> Option<&'static str> {
     let body = msg.get(5..)?;
+    let named_parse = named_pins && tag == b'P';
+    if !named_parse && !crate::client::sql::might_change_session(body) {
+        return None;
+    }
     match tag {
         b'Q' => session_state_change(&cstr(body)?.0),
         b'P' => {
@@ -54,6 +60,7 @@ pub(super) fn client_frames(
     t: &mut Tracker,
     st: &mut ClientStatements,
     out: &mut Outputs<'_>,
+    reject: bool,
 ) -> Result<(), SessionError> {
     while let Some(f) = split_frame(c_in, max).map_err(SessionError::Frame)? {
         let seen = Seen {
@@ -62,15 +69,58 @@ pub(super) fn client_frames(
             len: f.bytes.len(),
             complete: true,
         };
+        let was_pinned = t.pin.is_some();
         if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
             break; // Terminate: not forwarded
         }
         if f.tag == b'Q' && cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql)) {
             st.forget_all(out.conn);
         }
-        st.on_client(f.bytes.freeze(), out);
+        match (reject, was_pinned, t.pin) {
+            (true, false, Some(reason)) => {
+                t.pin = None;
+                t.inspect = true;
+                tracing::info!(reason, "session state change rejected (session_state = \"reject\")");
+                st.on_client(rejection(&f.bytes, reason), out);
+            }
+            _ => st.on_client(f.bytes.freeze(), out),
+        }
     }
     Ok(())
+}
+
+/// The message that replaces one changing session state under `session_state = "reject"`:
+/// the same request, failing on the server with pgvalve's error, so PostgreSQL itself keeps
+/// the transaction state and the answers in order. (A Parse fails when it is executed.)
+fn rejection(msg: &[u8], reason: &str) -> bytes::Bytes {
+    use bytes::BufMut;
+    let message = format!("pgvalve: {reason} is not allowed in transaction pooling mode (session_state = \"reject\")");
+    let hint = "Use SET LOCAL or pg_advisory_xact_lock inside a transaction, or connect to a session-mode pool.";
+    let sql = format!(
+        "DO $pgvalve$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}, HINT = {}; END $pgvalve$",
+        crate::server::quote_literal(&message),
+        crate::server::quote_literal(hint)
+    );
+    let mut b = BytesMut::new();
+    match msg[0] {
+        b'P' => {
+            let name = split_cstr(&msg[5..]).map(|(n, _)| n.to_vec()).unwrap_or_default();
+            b.put_u8(b'P');
+            b.put_i32((4 + name.len() + 1 + sql.len() + 1 + 2) as i32);
+            b.put_slice(&name);
+            b.put_u8(0);
+        }
+        _ => {
+            b.put_u8(b'Q');
+            b.put_i32((4 + sql.len() + 1) as i32);
+        }
+    }
+    b.put_slice(sql.as_bytes());
+    b.put_u8(0);
+    if msg[0] == b'P' {
+        b.put_i16(0);
+    }
+    b.freeze()
 }
 
 /// Transaction mode with statement tracking: moves the server's messages in `s_in` to
