@@ -27,7 +27,7 @@ pub use prepared::Registry as StatementRegistry;
 pub use relay::{Mode, RelayEnd};
 
 use crate::admission::ClientPermit;
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::cancel::CancelKey;
 use crate::config::{PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
 use crate::pool::{CheckoutError, PooledConn};
@@ -257,22 +257,8 @@ async fn session(
         return txn::serve(shared, client, server, &key, &params, &route, mode).await;
     }
     let mut mode = mode;
-    let target = CancelTarget {
-        addr: server.addr.clone(),
-        pid: server.pid,
-        secret: server.secret,
-    };
-    mode.cancel = Some(target.clone());
-    key.set_target(Some(target)).await;
-    let end = relay::run(
-        client,
-        &mut server,
-        shared.phase.clone(),
-        shared.config.proxy.max_message_size.0,
-        &mut mode,
-    )
-    .await;
-    key.set_target(None).await;
+    let max = shared.config.proxy.max_message_size.0;
+    let end = relay::run_attached(client, &mut server, &key, shared.phase.clone(), max, &mut mode).await;
     server
         .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
         .await;

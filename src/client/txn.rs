@@ -17,7 +17,7 @@ use super::conn::ClientConn;
 use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
 use super::SessionError;
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::cancel::CancelKey;
 use crate::config::Route;
 use crate::pool::PooledConn;
 use crate::protocol::startup::StartupParams;
@@ -90,15 +90,7 @@ pub async fn serve(
             server.checkin();
             return Err(e);
         }
-        let target = CancelTarget {
-            addr: server.addr.clone(),
-            pid: server.pid,
-            secret: server.secret,
-        };
-        mode.cancel = Some(target.clone());
-        key.set_target(Some(target)).await;
-        let end = relay::run(client, &mut server, shared.phase.clone(), max, &mut mode).await;
-        key.set_target(None).await;
+        let end = relay::run_attached(client, &mut server, key, shared.phase.clone(), max, &mut mode).await;
         if !mode.reported.is_empty() {
             // The client SET a tracked parameter: this connection now carries the new value,
             // and every later one gets it too.

@@ -40,18 +40,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quick_start_binary_serves_and_drains_on_sigterm() {
-    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+/// Starts the real binary in quick-start mode in front of `pg` (upstream from the
+/// environment, as containers configure it) and waits until it accepts clients. Returns the
+/// child and the URL of the application role through it.
+async fn quick_start(pg: &TestPostgres, extra: &[&str]) -> (tokio::process::Child, String) {
     let port = free_port();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--pool-size", "4"])
+    let child = tokio::process::Command::new(BIN)
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env(
             "PGVALVE_UPSTREAM",
             format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
         )
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -60,14 +62,20 @@ async fn quick_start_binary_serves_and_drains_on_sigterm() {
         connect(&url).await.is_ok()
     })
     .await;
+    (child, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_binary_serves_and_drains_on_sigterm() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let (mut child, url) = quick_start(&pg, &["--pool-size", "4"]).await;
     let c = connect(&url).await.unwrap();
     c.batch_execute("CREATE TABLE s (id int); BEGIN; INSERT INTO s VALUES (1)")
         .await
         .unwrap();
     // Any database name is routed to the same server.
-    let e = connect(&format!("postgres://app:app-secret@127.0.0.1:{port}/nosuch"))
-        .await
-        .unwrap_err();
+    let nosuch = format!("{}/nosuch", url.rsplit_once('/').unwrap().0);
+    let e = connect(&nosuch).await.unwrap_err();
     assert_eq!(
         code(&e).as_deref(),
         Some("3D000"),
@@ -124,56 +132,7 @@ async fn psql_and_pgbench_through_the_proxy() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let init = Command::new(bindir.join("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.pg.port().to_string(),
-            "-U",
-            "app",
-            "app",
-        ])
-        .env("PGPASSWORD", "app-secret")
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    for mode in ["simple", "extended", "prepared"] {
-        let out = Command::new(bindir.join("pgbench"))
-            .args([
-                "-n",
-                "-S",
-                "-c",
-                "8",
-                "-j",
-                "2",
-                "-T",
-                "2",
-                "-M",
-                mode,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "app",
-                "app",
-            ])
-            .env("PGPASSWORD", "app-secret")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "pgbench -M {mode}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(text.contains("number of failed transactions: 0"), "{text}");
-    }
+    pgbench_all_modes(&s, &["-S"]);
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -189,22 +148,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn gigabyte_copy_out_streams_through_the_binary_in_bounded_memory() {
     use futures_util::StreamExt;
     let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .env(
-            "PGVALVE_UPSTREAM",
-            format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
-        )
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = format!("postgres://app:app-secret@127.0.0.1:{port}/app");
-    eventually(Duration::from_secs(10), "the binary accepts clients", || async {
-        connect(&url).await.is_ok()
-    })
-    .await;
+    let (mut child, url) = quick_start(&pg, &[]).await;
     let c = connect(&url).await.unwrap();
     // 1,000,000 rows of 1,000 bytes (plus newline): 1.001 GB of COPY data.
     let stream = c

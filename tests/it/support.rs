@@ -98,3 +98,33 @@ where
 pub fn code(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
+
+/// Runs pgbench as the application role. Returns its report.
+pub fn pgbench(port: u16, args: &[&str]) -> String {
+    let bindir = pgvalve::testkit::find_bindir().expect("PostgreSQL binaries");
+    let out = std::process::Command::new(bindir.join("pgbench"))
+        .args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "app"])
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// pgbench -i (scale 1) directly on the cluster, then `script_args` for 2 s with 8 clients
+/// through the proxy in every query mode; every run must finish with no failed transaction.
+pub fn pgbench_all_modes(s: &Setup, script_args: &[&str]) {
+    pgbench(s.pg.port(), &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let mut args = vec!["-n", "-c", "8", "-j", "2", "-T", "2", "-M", mode];
+        args.extend_from_slice(script_args);
+        let text = pgbench(s.proxy.local_addr().port(), &args);
+        assert!(text.contains("number of failed transactions: 0"), "-M {mode}: {text}");
+    }
+}

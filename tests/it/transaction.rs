@@ -310,58 +310,8 @@ async fn client_killed_mid_transaction_in_transaction_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_all_protocols_in_transaction_mode() {
     let s = Setup::new(txn_setup(2)).await;
-    let bindir = pgvalve::testkit::find_bindir().unwrap();
-    let init = std::process::Command::new(bindir.join("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.pg.port().to_string(),
-            "-U",
-            "app",
-            "app",
-        ])
-        .env("PGPASSWORD", "app-secret")
-        .output()
-        .unwrap();
-    assert!(init.status.success());
-    let port = s.proxy.local_addr().port().to_string();
-    for mode in ["simple", "extended", "prepared"] {
-        // Eight clients on two server connections, the TPC-B-like read-write script.
-        let out = std::process::Command::new(bindir.join("pgbench"))
-            .args([
-                "-n",
-                "-c",
-                "8",
-                "-j",
-                "2",
-                "-T",
-                "2",
-                "-M",
-                mode,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "app",
-                "app",
-            ])
-            .env("PGPASSWORD", "app-secret")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "pgbench -M {mode}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(text.contains("number of failed transactions: 0"), "{text}");
-    }
+    // Eight clients on two server connections, the TPC-B-like read-write script.
+    pgbench_all_modes(&s, &[]);
     assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
 }
 

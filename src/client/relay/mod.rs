@@ -203,6 +203,28 @@ async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<P
     (p, rx)
 }
 
+/// Relays between `client` and `server` with cancel requests pointed at `server` meanwhile
+/// (see [`run`]); the cancel key points nowhere again on return.
+pub async fn run_attached(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    key: &crate::cancel::CancelKey,
+    phase: watch::Receiver<Phase>,
+    max_client_message: usize,
+    mode: &mut Mode,
+) -> Result<RelayEnd, SessionError> {
+    let target = crate::cancel::CancelTarget {
+        addr: server.addr.clone(),
+        pid: server.pid,
+        secret: server.secret,
+    };
+    mode.cancel = Some(target.clone());
+    key.set_target(Some(target)).await;
+    let end = run(client, server, phase, max_client_message, mode).await;
+    key.set_target(None).await;
+    end
+}
+
 /// Relays until one side ends or shutdown says so. On return `server.status`, `server.rbuf`
 /// and `server.broken` say whether the server connection may be reused.
 ///
