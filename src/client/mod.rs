@@ -145,7 +145,13 @@ impl SessionError {
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, permit: Option<ClientPermit>) {
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, peer);
-    let span = tracing::info_span!("client", addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "client",
+        addr = %peer,
+        user = tracing::field::Empty,
+        db = tracing::field::Empty,
+        identity = tracing::field::Empty
+    );
     if let Err(e) = session(&shared, &mut client, permit, &span).await {
         span.in_scope(|| e.log());
         if let Some(pg) = e.client_error() {
@@ -157,6 +163,17 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, per
 enum Opening {
     Cancel,
     Startup(StartupParams),
+}
+
+/// The client's identity (see [`crate::admission::identity`]).
+fn client_identity(shared: &Shared, client: &ClientConn, p: &StartupParams) -> String {
+    let facts = crate::admission::identity::ClientFacts {
+        application_name: p.application_name().unwrap_or(""),
+        source: client.peer.ip(),
+        user: p.user(),
+        database: p.database(),
+    };
+    crate::admission::identity::identify(&shared.config.identities, &facts)
 }
 
 /// Reads the first packet(s): answers SSL/GSSENC with 'N', forwards a cancel, or returns the
@@ -196,9 +213,11 @@ async fn login(
             "pgvalve does not proxy replication connections".into(),
         ));
     }
+    let identity = client_identity(shared, client, &p);
     tracing::Span::current()
         .record("user", p.user())
-        .record("db", p.database());
+        .record("db", p.database())
+        .record("identity", identity.as_str());
     if p.needs_negotiation() {
         messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
     }
@@ -235,7 +254,8 @@ async fn session(
         transaction: route.pool_mode == PoolMode::Transaction,
         pinned: None,
         who: format!(
-            "user={} application_name={:?} addr={}",
+            "identity={:?} user={} application_name={:?} addr={}",
+            client_identity(shared, client, &params),
             route.user,
             params.application_name().unwrap_or(""),
             client.peer

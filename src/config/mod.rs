@@ -154,6 +154,8 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// The listen address, parsed.
     pub listen: SocketAddr,
+    /// `[[identity]]` rules, validated, in order.
+    pub identities: Vec<crate::admission::identity::Rule>,
 }
 
 /// Command-line and environment overrides, including the quick start without a file.
@@ -377,12 +379,19 @@ impl Config {
                 },
             );
         }
+        let mut identities = Vec::new();
+        for (i, r) in f.identity.into_iter().enumerate() {
+            let rule = crate::admission::identity::Rule::new(r)
+                .map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
+            identities.push(rule);
+        }
         Ok(Config {
             proxy: f.proxy,
             pool: f.pool,
             databases: f.databases,
             users,
             listen,
+            identities,
         })
     }
 

@@ -91,3 +91,17 @@ fn example_config_parses() {
     let c = load(Path::new(path)).unwrap();
     assert!(!c.databases.is_empty());
 }
+
+#[test]
+fn identity_rules_parse_and_bad_ranges_name_the_rule() {
+    let text = format!("{MINIMAL}\n[[identity]]\nname = \"app:{{application_name}}\"\napplication_name = \"web-*\"\n\n[[identity]]\nname = \"office\"\nsource = \"192.168.0.0/16\"\n");
+    let c = Config::validate(parse_toml("t", &text).unwrap(), "t").unwrap();
+    assert_eq!(c.identities.len(), 2);
+    let bad = format!("{MINIMAL}\n[[identity]]\nname = \"x\"\nsource = \"10.0.0.0/40\"\n");
+    let e = Config::validate(parse_toml("t", &bad).unwrap(), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("identity[0].source"), "{e}");
+    let unknown = format!("{MINIMAL}\n[[identity]]\nname = \"x\"\nsrc = \"10.0.0.0/8\"\n");
+    assert!(parse_toml("t", &unknown).is_err());
+}

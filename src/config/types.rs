@@ -266,6 +266,9 @@ pub struct FileConfig {
     /// `[users.*]`.
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
+    /// `[[identity]]`: ordered rules naming client identities.
+    #[serde(default)]
+    pub identity: Vec<crate::admission::identity::IdentityRule>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+pub mod identity;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Held by a session for its whole life; returns its slot when dropped.

@@ -1,0 +1,219 @@
+//! Client identities: which application a client connection belongs to.
+//!
+//! Part of admission, decided right after the startup packet (before authentication). Ordered
+//! rules from `[[identity]]` match on application_name (a glob), source address (CIDR), user
+//! and database; the first rule that matches names the identity, from a template such as
+//! `app:{application_name}`. With no rule matching (or none configured) every distinct
+//! application_name is its own identity, or, when a client sends none, its source address —
+//! so apps are told apart with zero configuration.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+/// One `[[identity]]` rule as written in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRule {
+    /// The identity's name; may use {application_name}, {user}, {database}, {source}.
+    pub name: String,
+    /// Glob on application_name (`*` any run, `?` one character).
+    pub application_name: Option<String>,
+    /// Source address range, e.g. "10.1.0.0/16" or "::1/128".
+    pub source: Option<String>,
+    /// User name, exactly.
+    pub user: Option<String>,
+    /// Database name, exactly.
+    pub database: Option<String>,
+}
+
+/// A validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    name: String,
+    application_name: Option<String>,
+    source: Option<(IpAddr, u8)>,
+    user: Option<String>,
+    database: Option<String>,
+}
+
+/// What a client says about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFacts<'a> {
+    /// application_name from the startup packet ("" when none).
+    pub application_name: &'a str,
+    /// Source address.
+    pub source: IpAddr,
+    /// User.
+    pub user: &'a str,
+    /// Database.
+    pub database: &'a str,
+}
+
+/// Parses "addr/bits" (or a bare address, meaning that one host).
+///
+/// # Errors
+/// A message naming what is wrong.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, bits) = s.split_once('/').unwrap_or((s, ""));
+    let addr: IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address range like 10.0.0.0/8"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let bits = if bits.is_empty() {
+        max
+    } else {
+        bits.parse().map_err(|_| format!("bad prefix length in {s:?}"))?
+    };
+    if bits > max {
+        return Err(format!("prefix length {bits} is too long for {addr}"));
+    }
+    Ok((addr, bits))
+}
+
+fn in_range(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
+    let (a, b, width): (u128, u128, u32) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a).into(), u32::from(b).into(), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (a.into(), b.into(), 128),
+        (IpAddr::V6(a), IpAddr::V4(b)) => match a.to_ipv4_mapped() {
+            Some(a) => (u32::from(a).into(), u32::from(b).into(), 32),
+            None => return false,
+        },
+        _ => return false,
+    };
+    let shift = width - u32::from(bits);
+    bits == 0 || (a >> shift) == (b >> shift)
+}
+
+/// Glob match with `*` and `?`.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+impl Rule {
+    /// Validates a rule from the file.
+    ///
+    /// # Errors
+    /// What is wrong with which field.
+    pub fn new(r: IdentityRule) -> Result<Rule, (String, String)> {
+        if r.name.trim().is_empty() {
+            return Err(("name".into(), "must not be empty".into()));
+        }
+        let source = r
+            .source
+            .as_deref()
+            .map(parse_cidr)
+            .transpose()
+            .map_err(|e| ("source".to_string(), e))?;
+        Ok(Rule {
+            name: r.name,
+            application_name: r.application_name,
+            source,
+            user: r.user,
+            database: r.database,
+        })
+    }
+
+    fn matches(&self, c: &ClientFacts<'_>) -> bool {
+        self.application_name
+            .as_deref()
+            .is_none_or(|g| glob(g, c.application_name))
+            && self.source.is_none_or(|r| in_range(c.source, r))
+            && self.user.as_deref().is_none_or(|u| u == c.user)
+            && self.database.as_deref().is_none_or(|d| d == c.database)
+    }
+}
+
+fn expand(template: &str, c: &ClientFacts<'_>) -> String {
+    template
+        .replace("{application_name}", c.application_name)
+        .replace("{user}", c.user)
+        .replace("{database}", c.database)
+        .replace("{source}", &c.source.to_string())
+}
+
+/// The identity of a client under `rules` (first match wins; see the module docs for the
+/// default).
+pub fn identify(rules: &[Rule], c: &ClientFacts<'_>) -> String {
+    match rules.iter().find(|r| r.matches(c)) {
+        Some(r) => expand(&r.name, c),
+        None if !c.application_name.is_empty() => c.application_name.to_string(),
+        None => c.source.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(app: &'a str, ip: &str, user: &'a str) -> ClientFacts<'a> {
+        ClientFacts {
+            application_name: app,
+            source: ip.parse().unwrap(),
+            user,
+            database: "app",
+        }
+    }
+
+    fn rule(name: &str, app: Option<&str>, src: Option<&str>, user: Option<&str>) -> Rule {
+        Rule::new(IdentityRule {
+            name: name.into(),
+            application_name: app.map(Into::into),
+            source: src.map(Into::into),
+            user: user.map(Into::into),
+            database: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn default_is_application_name_then_address() {
+        assert_eq!(identify(&[], &facts("reports", "10.0.0.5", "app")), "reports");
+        assert_eq!(identify(&[], &facts("", "10.0.0.5", "app")), "10.0.0.5");
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_templates_expand() {
+        let rules = vec![
+            rule("batch", Some("celery-*"), None, None),
+            rule("office:{user}", None, Some("192.168.0.0/16"), None),
+            rule("app:{application_name}", None, None, Some("app")),
+        ];
+        assert_eq!(identify(&rules, &facts("celery-worker-3", "10.1.1.1", "app")), "batch");
+        assert_eq!(identify(&rules, &facts("psql", "192.168.4.2", "alice")), "office:alice");
+        assert_eq!(identify(&rules, &facts("web", "10.1.1.1", "app")), "app:web");
+        assert_eq!(identify(&rules, &facts("web", "10.1.1.1", "bob")), "web");
+    }
+
+    #[test]
+    fn globs_and_ranges() {
+        assert!(glob("web-*", "web-checkout") && glob("*", "") && glob("a?c", "abc") && glob("*-api-*", "x-api-y"));
+        assert!(!glob("web-*", "worker") && !glob("a?c", "ac"));
+        let r = parse_cidr("10.0.0.0/8").unwrap();
+        assert!(in_range("10.200.1.1".parse().unwrap(), r) && !in_range("11.0.0.1".parse().unwrap(), r));
+        assert!(in_range("::ffff:10.1.2.3".parse().unwrap(), r), "IPv4-mapped IPv6");
+        assert!(in_range("fd00::1".parse().unwrap(), parse_cidr("fd00::/8").unwrap()));
+        assert!(in_range("1.2.3.4".parse().unwrap(), parse_cidr("0.0.0.0/0").unwrap()));
+        assert!(parse_cidr("10.0.0.0/33").is_err() && parse_cidr("ten/8").is_err());
+        assert_eq!(parse_cidr("127.0.0.1").unwrap().1, 32);
+    }
+}
