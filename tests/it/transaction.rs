@@ -437,3 +437,32 @@ async fn copy_both_ways_and_psql_in_transaction_mode() {
     );
     assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_statement_tracking_named_statements_pin_and_work() {
+    let s = Setup::new(|f| {
+        txn_setup(2)(f);
+        f.pool.max_prepared_statements = 0;
+    })
+    .await;
+    // Unnamed statements and simple queries still share server connections...
+    let a = s.client().await;
+    let b = s.client().await;
+    for i in 0..5 {
+        assert_eq!(
+            first_value(&a.simple_query(&format!("SELECT {i}")).await.unwrap()),
+            i.to_string()
+        );
+        let row = b.query_typed_one("SELECT $1::int", &[(&i, Type::INT4)]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    b.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    // ...and a named statement pins its session, which then works as in session mode.
+    let stmt = a.prepare("SELECT $1::int * 3").await.unwrap();
+    for i in 0..5 {
+        assert_eq!(a.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0), i * 3);
+    }
+    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+    assert_eq!(first_value(&b.simple_query("SHOW TimeZone").await.unwrap()), "UTC");
+}
