@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pgvalve::testkit::{find_bindir, PgOptions, TestPostgres};
+use pgvalve::testkit::{PgOptions, TestPostgres};
 
 use crate::support::*;
 
@@ -107,31 +107,7 @@ async fn bad_config_exits_64_before_binding() {
 async fn psql_and_pgbench_through_the_proxy() {
     // Session mode: each pgbench client keeps a server connection, so the pool fits all 8.
     let s = Setup::new(|f| f.pool.pool_size = 8).await;
-    let bindir = find_bindir().unwrap();
-    let port = s.proxy.local_addr().port().to_string();
-    let out = Command::new(bindir.join("psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "app",
-            "-d",
-            "app",
-            "-tAc",
-            "SELECT 40 + 2",
-        ])
-        .env("PGPASSWORD", "app-secret")
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "42",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
+    assert_eq!(psql(s.proxy.local_addr().port(), &["-c", "SELECT 40 + 2"]), "42");
     pgbench_all_modes(&s, &["-S"]);
 }
 

@@ -128,3 +128,31 @@ pub fn pgbench_all_modes(s: &Setup, script_args: &[&str]) {
         assert!(text.contains("number of failed transactions: 0"), "-M {mode}: {text}");
     }
 }
+
+/// Runs psql as the application role against `port` with `args` (-c ... and the like);
+/// returns its trimmed standard output.
+pub fn psql(port: u16, args: &[&str]) -> String {
+    let bindir = pgvalve::testkit::find_bindir().expect("PostgreSQL binaries");
+    let out = std::process::Command::new(bindir.join("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-tA",
+        ])
+        .args(args)
+        .env("PGPASSWORD", "app-secret")
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

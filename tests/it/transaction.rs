@@ -408,33 +408,12 @@ async fn copy_both_ways_and_psql_in_transaction_mode() {
         10_000
     );
 
-    let bindir = pgvalve::testkit::find_bindir().unwrap();
-    let port = s.proxy.local_addr().port().to_string();
-    let out = std::process::Command::new(bindir.join("psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "app",
-            "-d",
-            "app",
-            "-tA",
-            "-c",
-            "SELECT count(*) FROM cp",
-            "-c",
-            "\\copy (SELECT 1) TO STDOUT",
-        ])
-        .env("PGPASSWORD", "app-secret")
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "10000\n1",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let port = s.proxy.local_addr().port();
+    let got = psql(
+        port,
+        &["-c", "SELECT count(*) FROM cp", "-c", "\\copy (SELECT 1) TO STDOUT"],
     );
+    assert_eq!(got, "10000\n1");
     assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
 }
 

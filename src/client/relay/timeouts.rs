@@ -76,29 +76,26 @@ pub(super) fn expired(clocks: &mut Clocks, mode: &Mode) -> Option<PgError> {
     let past = |since: Option<Instant>, limit: Duration| !limit.is_zero() && since.is_some_and(|s| now >= s + limit);
     let human = |d: Duration| humantime::format_duration(d).to_string();
     let to = mode.timeouts;
+    let ended = |code: &str, what: &str, setting: &str, limit: Duration, hint: &str| {
+        let message = format!(
+            "pgvalve: terminating connection: {what} for longer than {setting}={}",
+            human(limit)
+        );
+        Some(PgError::fatal(code, message).with_hint(hint))
+    };
     if past(clocks.idle_in_transaction, to.idle_transaction) {
-        return Some(
-            PgError::fatal(
-                "25P03",
-                format!(
-                    "pgvalve: terminating connection: idle in transaction for longer than idle_transaction_timeout={}",
-                    human(to.idle_transaction)
-                ),
-            )
-            .with_hint("Commit or roll back transactions promptly; the transaction was rolled back."),
+        let hint = "Commit or roll back transactions promptly; the transaction was rolled back.";
+        return ended(
+            "25P03",
+            "idle in transaction",
+            "idle_transaction_timeout",
+            to.idle_transaction,
+            hint,
         );
     }
     if past(clocks.transaction, to.transaction) {
-        return Some(
-            PgError::fatal(
-                "25P04",
-                format!(
-                    "pgvalve: terminating connection: transaction open for longer than transaction_timeout={}",
-                    human(to.transaction)
-                ),
-            )
-            .with_hint("Keep transactions short; the transaction was rolled back."),
-        );
+        let hint = "Keep transactions short; the transaction was rolled back.";
+        return ended("25P04", "transaction open", "transaction_timeout", to.transaction, hint);
     }
     if !clocks.cancelled && past(clocks.query, to.query) {
         clocks.cancelled = true;
