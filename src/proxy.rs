@@ -70,7 +70,7 @@ impl ProxyHandle {
         let shared = Arc::new(Shared {
             pools: PoolSet::new(config.clone()),
             cancels: Arc::new(CancelRegistry::new()),
-            admission: Admission::new(config.proxy.max_client_connections),
+            admission: Admission::new(crate::admission::AdmissionConfig::from_config(&config)),
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
@@ -84,14 +84,15 @@ impl ProxyHandle {
             tracker.clone(),
             phase.clone(),
         ));
-        let reaper = tokio::spawn(reap_loop(shared.clone(), phase));
+        let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
+        let ticker = tokio::spawn(admission_loop(shared.clone(), phase));
         tracing::info!(%addr, "pgvalve listening");
         ProxyHandle {
             addr,
             shared,
             phase_tx: Arc::new(phase_tx),
             tracker,
-            tasks: vec![accept, reaper],
+            tasks: vec![accept, reaper, ticker],
         }
     }
 
@@ -177,6 +178,23 @@ async fn reap_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
                 if n > 0 {
                     tracing::debug!(closed = n, "closed idle or old server connections");
                 }
+            }
+            r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+        }
+    }
+}
+
+/// Once a second: surge detection and cleanup in admission.
+async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            now = every.tick() => {
+                shared.admission.tick(now.saturating_duration_since(last));
+                last = now;
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }

@@ -11,8 +11,10 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
+use super::limits::{self, LimitOverrides};
+
 /// One `[[identity]]` rule as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityRule {
     /// The identity's name; may use {application_name}, {user}, {database}, {source}.
@@ -25,6 +27,25 @@ pub struct IdentityRule {
     pub user: Option<String>,
     /// Database name, exactly.
     pub database: Option<String>,
+    /// Limit overrides for this rule's identities (see `[admission]`).
+    pub max_client_connections: Option<u32>,
+    /// See `[admission]`.
+    pub max_server_connections: Option<u32>,
+    /// See `[admission]`.
+    pub min_server_connections: Option<u32>,
+    /// See `[admission]`.
+    pub weight: Option<u32>,
+    /// See `[admission]`.
+    pub max_queue: Option<u32>,
+    /// See `[admission]`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub queue_timeout: Option<std::time::Duration>,
+    /// See `[admission]`.
+    pub max_connect_rate: Option<f64>,
+    /// See `[admission]`.
+    pub connect_burst: Option<u32>,
+    /// See `[admission]`.
+    pub surge_damping: Option<f64>,
 }
 
 /// A validated rule.
@@ -35,6 +56,8 @@ pub struct Rule {
     source: Option<(IpAddr, u8)>,
     user: Option<String>,
     database: Option<String>,
+    /// The limits this rule sets for its identities.
+    pub limits: LimitOverrides,
 }
 
 /// What a client says about itself.
@@ -124,13 +147,31 @@ impl Rule {
             .map(parse_cidr)
             .transpose()
             .map_err(|e| ("source".to_string(), e))?;
+        let limits = LimitOverrides {
+            max_client_connections: r.max_client_connections,
+            max_server_connections: r.max_server_connections,
+            min_server_connections: r.min_server_connections,
+            weight: r.weight,
+            max_queue: r.max_queue,
+            queue_timeout: r.queue_timeout,
+            max_connect_rate: r.max_connect_rate,
+            connect_burst: r.connect_burst,
+            surge_damping: r.surge_damping,
+        };
+        limits::validate(&limits)?;
         Ok(Rule {
             name: r.name,
             application_name: r.application_name,
             source,
             user: r.user,
             database: r.database,
+            limits,
         })
+    }
+
+    /// The rule's name as written (a template); rules are told apart by it on reload.
+    pub fn template(&self) -> &str {
+        &self.name
     }
 
     fn matches(&self, c: &ClientFacts<'_>) -> bool {
@@ -154,10 +195,15 @@ fn expand(template: &str, c: &ClientFacts<'_>) -> String {
 /// The identity of a client under `rules` (first match wins; see the module docs for the
 /// default).
 pub fn identify(rules: &[Rule], c: &ClientFacts<'_>) -> String {
+    identify_with_rule(rules, c).0
+}
+
+/// The identity and the rule that named it (None: the default identity).
+pub fn identify_with_rule<'r>(rules: &'r [Rule], c: &ClientFacts<'_>) -> (String, Option<&'r Rule>) {
     match rules.iter().find(|r| r.matches(c)) {
-        Some(r) => expand(&r.name, c),
-        None if !c.application_name.is_empty() => c.application_name.to_string(),
-        None => c.source.to_string(),
+        Some(r) => (expand(&r.name, c), Some(r)),
+        None if !c.application_name.is_empty() => (c.application_name.to_string(), None),
+        None => (c.source.to_string(), None),
     }
 }
 
@@ -180,7 +226,7 @@ mod tests {
             application_name: app.map(Into::into),
             source: src.map(Into::into),
             user: user.map(Into::into),
-            database: None,
+            ..Default::default()
         })
         .unwrap()
     }

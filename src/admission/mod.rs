@@ -1,65 +1,423 @@
-//! Admission: whether a new client connection may proceed at all.
+//! Admission: whether a client may connect, and when it gets a server connection.
 //!
-//! Third step of the flow, decided before any authentication work: the listener takes a
-//! [`ClientPermit`] (`max_client_connections`) for every accepted socket and moves it into the
-//! session task; without one the session refuses the client with FATAL 53300 right after
-//! its startup packet. Per-identity caps and fair queueing build on this.
+//! Third step of the flow, in three places:
+//! 1. the listener takes a [`ClientPermit`] (proxy-wide `max_client_connections`) for every
+//!    accepted socket; without one the session refuses the client right after its startup
+//!    packet;
+//! 2. after the startup packet and *before* authentication, [`Admission::login`] names the
+//!    client's identity ([`identity`]) and applies its client cap and login rate ([`rate`]),
+//!    and counts the login for surge detection ([`surge`]); it returns a [`Member`];
+//! 3. before every pool checkout, [`Admission::acquire`] takes a [`ServerGrant`] from the fair
+//!    queue ([`queue`]), waiting up to the identity's `queue_timeout`.
+//!
+//! All of it is decided under one lock, so limits hold exactly under the multi-threaded
+//! runtime; refusals are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
+//! for surge detection and cleanup; [`Admission::reload`] applies new limits to everyone.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 pub mod identity;
+pub mod limits;
+pub mod queue;
+pub mod rate;
+mod refusal;
+pub mod surge;
+mod tick;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-/// Held by a session for its whole life; returns its slot when dropped.
+pub use limits::{AdmissionSettings, LimitOverrides, Limits};
+pub use refusal::Refusal;
+pub use surge::SurgeEvent;
+pub use tick::IdentityStatus;
+
+use identity::{ClientFacts, Rule};
+use queue::{Request, Scheduler, ShareLimits};
+
+/// Surge episodes kept for SHOW SURGES.
+const SURGE_HISTORY: usize = 256;
+
+/// Held by a session for its whole life; returns its proxy-wide slot when dropped.
 #[derive(Debug)]
 pub struct ClientPermit {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Client-side admission control of one proxy.
-#[derive(Debug, Clone)]
-pub struct Admission {
+/// Counters of one identity, for SHOW LIMITS and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Logins admitted.
+    pub admitted: u64,
+    /// Refusals by reason (see [`Refusal::reason`]).
+    pub refused: HashMap<&'static str, u64>,
+    /// Server grants taken, and how many of them had to wait.
+    pub grants: u64,
+    /// Grants that waited in the queue.
+    pub queued: u64,
+    /// Surge episodes so far.
+    pub surges: u64,
+}
+
+#[derive(Debug)]
+struct Ident {
+    limits: Limits,
+    /// The template of the rule that named it (None: default identity).
+    rule: Option<String>,
+    clients: u32,
+    bucket: rate::Bucket,
+    surge: surge::SurgeTrack,
+    counters: Counters,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    settings: AdmissionSettings,
+    rules: Arc<Vec<Rule>>,
+    query_wait_timeout: Duration,
+    login_wait: Duration,
+    sched: Scheduler,
+    ids: HashMap<Arc<str>, Ident>,
+    surges: VecDeque<SurgeEvent>,
+}
+
+#[derive(Debug)]
+struct Inner {
     clients: Arc<Semaphore>,
     max_clients: u32,
+    state: Mutex<State>,
+}
+
+/// Admission control of one proxy (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+/// What admission needs from the config.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// Proxy-wide client cap.
+    pub max_clients: u32,
+    /// `[admission]`.
+    pub settings: AdmissionSettings,
+    /// `[[identity]]` rules.
+    pub rules: Vec<Rule>,
+    /// Default queue_timeout.
+    pub query_wait_timeout: Duration,
+    /// Longest a login may be delayed by the rate limit (a part of client_login_timeout).
+    pub login_wait: Duration,
+}
+
+impl AdmissionConfig {
+    /// The admission part of a config.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            max_clients: c.proxy.max_client_connections,
+            settings: c.admission.clone(),
+            rules: c.identities.clone(),
+            query_wait_timeout: c.pool.query_wait_timeout,
+            login_wait: c.proxy.client_login_timeout / 2,
+        }
+    }
+}
+
+fn share_limits(l: &Limits) -> ShareLimits {
+    ShareLimits {
+        max_servers: l.max_servers,
+        min_servers: l.min_servers,
+        weight: l.weight,
+        max_queue: l.max_queue,
+    }
 }
 
 impl Admission {
-    /// Admits at most `max_clients` client connections at once.
-    pub fn new(max_clients: u32) -> Self {
+    /// Admission under `c`.
+    pub fn new(c: AdmissionConfig) -> Self {
         Self {
-            clients: Arc::new(Semaphore::new(max_clients as usize)),
-            max_clients,
+            inner: Arc::new(Inner {
+                clients: Arc::new(Semaphore::new(c.max_clients as usize)),
+                max_clients: c.max_clients,
+                state: Mutex::new(State {
+                    settings: c.settings,
+                    rules: Arc::new(c.rules),
+                    query_wait_timeout: c.query_wait_timeout,
+                    login_wait: c.login_wait,
+                    sched: Scheduler::default(),
+                    ids: HashMap::new(),
+                    surges: VecDeque::new(),
+                }),
+            }),
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A permit for a new client, or None when `max_client_connections` are connected.
     pub fn admit_client(&self) -> Option<ClientPermit> {
-        self.clients
+        self.inner
+            .clients
             .clone()
             .try_acquire_owned()
             .ok()
             .map(|p| ClientPermit { _permit: p })
     }
 
-    /// Connected clients.
+    /// Connected clients (proxy-wide).
     pub fn clients(&self) -> usize {
-        self.max_clients as usize - self.clients.available_permits()
+        self.inner.max_clients as usize - self.inner.clients.available_permits()
+    }
+
+    /// Names the client's identity and admits it under the identity's client cap and login
+    /// rate (waiting for a login token when one is due soon enough).
+    ///
+    /// # Errors
+    /// [`Refusal::ClientCap`] or [`Refusal::ConnectRate`].
+    pub async fn login(&self, facts: &ClientFacts<'_>) -> Result<Member, Refusal> {
+        let (member, wait) = self.login_now(facts, Instant::now())?;
+        if !wait.is_zero() {
+            tracing::debug!(identity = %member.identity, ?wait, "login delayed by max_connect_rate");
+            tokio::time::sleep(wait).await;
+        }
+        Ok(member)
+    }
+
+    fn login_now(&self, facts: &ClientFacts<'_>, now: Instant) -> Result<(Member, Duration), Refusal> {
+        let mut st = self.state();
+        let rules = st.rules.clone();
+        let (name, rule) = identity::identify_with_rule(&rules, facts);
+        let limits = Limits::resolve(
+            &st.settings,
+            &rule.map(|r| r.limits.clone()).unwrap_or_default(),
+            st.query_wait_timeout,
+        );
+        let id: Arc<str> = match st.ids.get_key_value(name.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => name.into(),
+        };
+        let st = &mut *st;
+        let ident = st.ids.entry(id.clone()).or_insert_with(|| Ident {
+            bucket: rate::Bucket::new(limits.connect_burst, now),
+            limits: limits.clone(),
+            rule: rule.map(|r| r.template().to_string()),
+            clients: 0,
+            surge: Default::default(),
+            counters: Default::default(),
+            last_seen: now,
+        });
+        ident.last_seen = now;
+        ident.surge.login();
+        st.sched.set_limits(&id, share_limits(&ident.limits));
+        let l = &ident.limits;
+        let refuse = |ident: &mut Ident, r: Refusal| {
+            *ident.counters.refused.entry(r.reason()).or_default() += 1;
+            Err(r)
+        };
+        if l.max_clients > 0 && ident.clients >= l.max_clients {
+            let r = Refusal::ClientCap {
+                identity: id.to_string(),
+                clients: ident.clients,
+                max: l.max_clients,
+            };
+            return refuse(ident, r);
+        }
+        let damped = ident.surge.active() && l.surge_damping > 0.0;
+        let (rate, burst) = if damped {
+            let base = if l.connect_rate > 0.0 {
+                l.connect_rate
+            } else {
+                st.settings.surge_min_rate
+            };
+            let r = base * l.surge_damping;
+            (r, (r.ceil() as u32).max(1))
+        } else {
+            (l.connect_rate, l.connect_burst)
+        };
+        let max_wait = l.queue_timeout.min(st.login_wait);
+        let wait = match ident.bucket.take(now, rate, burst, max_wait) {
+            Ok(w) => w,
+            Err(_) => {
+                let r = Refusal::ConnectRate {
+                    identity: id.to_string(),
+                    rate: (rate * 100.0).round() / 100.0,
+                    burst,
+                    damped,
+                };
+                return refuse(ident, r);
+            }
+        };
+        ident.clients += 1;
+        ident.counters.admitted += 1;
+        Ok((
+            Member {
+                admission: self.clone(),
+                identity: id,
+                notice_after: ident.limits.queue_notice_after,
+            },
+            wait,
+        ))
+    }
+
+    /// Takes a server grant for `pool` (size `pool_size`) for `member`'s identity, waiting in
+    /// the fair queue up to its `queue_timeout`. Cancel-safe: dropping the future leaves the
+    /// queue (or gives back a grant that arrived meanwhile).
+    ///
+    /// # Errors
+    /// [`Refusal::QueueFull`], [`Refusal::ServerCap`] or [`Refusal::QueueTimeout`].
+    pub async fn acquire(&self, member: &Member, pool: &Arc<str>, pool_size: u32) -> Result<ServerGrant, Refusal> {
+        let id = &member.identity;
+        let grant = || ServerGrant {
+            admission: self.clone(),
+            pool: pool.clone(),
+            identity: id.clone(),
+        };
+        let (ticket, rx, timeout) = {
+            let mut st = self.state();
+            let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
+            match st.sched.request(pool, pool_size, id) {
+                Request::Granted => {
+                    count(&mut st, id, |c| c.grants += 1);
+                    return Ok(grant());
+                }
+                Request::QueueFull(waiting) => {
+                    let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
+                    let r = Refusal::QueueFull {
+                        identity: id.to_string(),
+                        waiting,
+                        max,
+                    };
+                    count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
+                    return Err(r);
+                }
+                Request::Queued(ticket, rx) => (ticket, rx, timeout),
+            }
+        };
+        let started = Instant::now();
+        let mut guard = QueueGuard {
+            admission: self,
+            pool,
+            identity: id,
+            ticket,
+            armed: true,
+        };
+        let woke = tokio::time::timeout(timeout, rx).await;
+        guard.armed = false;
+        let mut st = self.state();
+        if matches!(woke, Ok(Ok(()))) || !st.sched.cancel(pool, id, ticket) {
+            count(&mut st, id, |c| {
+                c.grants += 1;
+                c.queued += 1;
+            });
+            return Ok(grant());
+        }
+        let r = self.timeout_refusal(&st, id, pool, pool_size, started.elapsed());
+        count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
+        Err(r)
+    }
+
+    fn timeout_refusal(&self, st: &State, id: &str, pool: &str, pool_size: u32, waited: Duration) -> Refusal {
+        let held = st.sched.status(id).servers;
+        let max = st.ids.get(id).map_or(0, |i| i.limits.max_servers);
+        let key = st
+            .ids
+            .get(id)
+            .map_or("query_wait_timeout", |i| i.limits.queue_timeout_key);
+        if max > 0 && held >= max {
+            Refusal::ServerCap {
+                identity: id.to_string(),
+                held,
+                max,
+                waited,
+                key,
+            }
+        } else {
+            Refusal::QueueTimeout {
+                identity: id.to_string(),
+                pool: pool.to_string(),
+                pool_size,
+                held: st.sched.gate_held(pool, id),
+                waited,
+                key,
+            }
+        }
+    }
+}
+
+fn count(st: &mut State, id: &str, f: impl FnOnce(&mut Counters)) {
+    if let Some(i) = st.ids.get_mut(id) {
+        f(&mut i.counters);
+    }
+}
+
+/// Leaves the queue if the waiting future is dropped (cancel-safety).
+struct QueueGuard<'a> {
+    admission: &'a Admission,
+    pool: &'a Arc<str>,
+    identity: &'a Arc<str>,
+    ticket: u64,
+    armed: bool,
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.admission.state();
+            if !st.sched.cancel(self.pool, self.identity, self.ticket) {
+                // Granted just before the drop: give it straight back.
+                st.sched.release(self.pool, self.identity);
+            }
+        }
+    }
+}
+
+/// A client admitted under its identity; leaves the identity's client count when dropped.
+#[derive(Debug)]
+pub struct Member {
+    admission: Admission,
+    identity: Arc<str>,
+    notice_after: Duration,
+}
+
+impl Member {
+    /// The client's identity.
+    pub fn identity(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    /// Queue time after which the client is sent a NOTICE (zero: never).
+    pub fn notice_after(&self) -> Duration {
+        self.notice_after
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut st = self.admission.state();
+        if let Some(i) = st.ids.get_mut(&self.identity) {
+            i.clients = i.clients.saturating_sub(1);
+            i.last_seen = Instant::now();
+        }
+    }
+}
+
+/// One server connection's worth of an identity's share in one pool; given back on drop.
+#[derive(Debug)]
+pub struct ServerGrant {
+    admission: Admission,
+    pool: Arc<str>,
+    identity: Arc<str>,
+}
+
+impl Drop for ServerGrant {
+    fn drop(&mut self) {
+        self.admission.state().sched.release(&self.pool, &self.identity);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_clients_exactly() {
-        let a = Admission::new(2);
-        let p1 = a.admit_client().unwrap();
-        let _p2 = a.admit_client().unwrap();
-        assert!(a.admit_client().is_none());
-        assert_eq!(a.clients(), 2);
-        drop(p1);
-        assert!(a.admit_client().is_some());
-    }
-}
+mod tests;

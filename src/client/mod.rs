@@ -26,7 +26,7 @@ pub use params::parse_options;
 pub use prepared::Registry as StatementRegistry;
 pub use relay::{Mode, RelayEnd};
 
-use crate::admission::ClientPermit;
+use crate::admission::{ClientPermit, Member, Refusal};
 use crate::cancel::CancelKey;
 use crate::config::{PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
@@ -77,6 +77,9 @@ pub enum SessionError {
     /// No server connection.
     #[error("{0}")]
     Checkout(#[from] CheckoutError),
+    /// Refused by admission (a per-identity limit).
+    #[error("{0}")]
+    Refused(#[from] Refusal),
     /// The server refused the client's parameters, or failed.
     #[error("{0}")]
     Server(#[from] ServerError),
@@ -96,7 +99,7 @@ impl SessionError {
             ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_) | UnknownRole(_)
             | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_) | Unsupported(_) => Side::Client,
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
-            TooManyClients(_) | Checkout(_) | Shutdown => Side::Proxy,
+            TooManyClients(_) | Checkout(_) | Refused(_) | Shutdown => Side::Proxy,
         }
     }
 
@@ -123,6 +126,7 @@ impl SessionError {
             ),
             LoginTimeout(_) => fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgvalve: {self}")),
             Checkout(e) => Some(e.client_error()),
+            Refused(r) => Some(r.client_error()),
             Server(e) => Some(e.client_error()),
             Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN, "pgvalve is shutting down".into()),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string()),
@@ -165,15 +169,47 @@ enum Opening {
     Startup(StartupParams),
 }
 
-/// The client's identity (see [`crate::admission::identity`]).
-fn client_identity(shared: &Shared, client: &ClientConn, p: &StartupParams) -> String {
-    let facts = crate::admission::identity::ClientFacts {
+/// What a client says about itself, for its identity.
+fn client_facts<'a>(client: &ClientConn, p: &'a StartupParams) -> crate::admission::identity::ClientFacts<'a> {
+    crate::admission::identity::ClientFacts {
         application_name: p.application_name().unwrap_or(""),
         source: client.peer.ip(),
         user: p.user(),
         database: p.database(),
-    };
-    crate::admission::identity::identify(&shared.config.identities, &facts)
+    }
+}
+
+/// Where a logged-in client's server connections come from: its admission membership (its
+/// identity) and its pool.
+pub(crate) struct Seat {
+    member: Member,
+    route: Route,
+    /// The pool's name in admission: `database "d" user "u"`.
+    pool: Arc<str>,
+}
+
+impl Seat {
+    /// A server connection: a grant from the fair queue (with a NOTICE to the client once it
+    /// has waited `queue_notice_after`), then a connection from the pool.
+    pub(crate) async fn checkout(&self, shared: &Shared, client: &mut ClientConn) -> Result<PooledConn, SessionError> {
+        let acquire = shared.admission.acquire(&self.member, &self.pool, self.route.pool_size);
+        tokio::pin!(acquire);
+        let notice = self.member.notice_after();
+        let grant = tokio::select! {
+            biased;
+            g = &mut acquire => g?,
+            _ = tokio::time::sleep(notice), if !notice.is_zero() => {
+                let msg = format!(
+                    "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={})",
+                    self.member.identity(), self.pool, self.route.pool_size
+                );
+                messages::notice_response("00000", &msg, &mut client.wbuf);
+                client.flush().await?;
+                acquire.await?
+            }
+        };
+        Ok(shared.pools.checkout(&self.route, Some(grant)).await?)
+    }
 }
 
 /// Reads the first packet(s): answers SSL/GSSENC with 'N', forwards a cancel, or returns the
@@ -197,7 +233,7 @@ async fn login(
     shared: &Shared,
     client: &mut ClientConn,
     permit_ok: bool,
-) -> Result<Option<StartupParams>, SessionError> {
+) -> Result<Option<(StartupParams, Member)>, SessionError> {
     let p = match opening(shared, client).await? {
         Opening::Cancel => return Ok(None),
         Opening::Startup(p) => p,
@@ -213,16 +249,20 @@ async fn login(
             "pgvalve does not proxy replication connections".into(),
         ));
     }
-    let identity = client_identity(shared, client, &p);
     tracing::Span::current()
         .record("user", p.user())
-        .record("db", p.database())
-        .record("identity", identity.as_str());
+        .record("db", p.database());
+    // Before authentication: a client refused here costs no SCRAM work.
+    let member = shared.admission.login(&client_facts(client, &p)).await;
+    let member = member.inspect_err(|r| {
+        tracing::Span::current().record("identity", r.identity());
+    })?;
+    tracing::Span::current().record("identity", &**member.identity());
     if p.needs_negotiation() {
         messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
     }
     auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
-    Ok(Some(p))
+    Ok(Some((p, member)))
 }
 
 /// A logged-in client with its first server connection.
@@ -230,7 +270,7 @@ struct Started {
     server: PooledConn,
     key: CancelKey,
     params: StartupParams,
-    route: Route,
+    seat: Seat,
 }
 
 /// The whole session. Login and setup run inside the session's tracing span; the relay does
@@ -245,17 +285,18 @@ async fn session(
         mut server,
         key,
         params,
-        route,
+        seat,
     }) = setup(shared, client, permit.is_some()).instrument(span.clone()).await?
     else {
         return Ok(());
     };
+    let route = &seat.route;
     let mode = Mode {
         transaction: route.pool_mode == PoolMode::Transaction,
         pinned: None,
         who: format!(
             "identity={:?} user={} application_name={:?} addr={}",
-            client_identity(shared, client, &params),
+            seat.member.identity(),
             route.user,
             params.application_name().unwrap_or(""),
             client.peer
@@ -274,7 +315,7 @@ async fn session(
         ),
     };
     if mode.transaction {
-        return txn::serve(shared, client, server, &key, &params, &route, mode).await;
+        return txn::serve(shared, client, server, &key, &params, &seat, mode).await;
     }
     let mut mode = mode;
     let max = shared.config.proxy.max_message_size.0;
@@ -295,7 +336,7 @@ async fn setup(
 ) -> Result<Option<Started>, SessionError> {
     let timeout = shared.config.proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
-    let Some(p) = login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? else {
+    let Some((p, member)) = login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? else {
         return Ok(None);
     };
     let route = shared
@@ -306,7 +347,12 @@ async fn setup(
     client.flush().await?;
 
     let key = shared.cancels.register();
-    let mut server = shared.pools.checkout(&route).await?;
+    let seat = Seat {
+        pool: format!("database \"{}\" user \"{}\"", route.database, route.user).into(),
+        member,
+        route,
+    };
+    let mut server = seat.checkout(shared, client).await?;
     if let Err(e) = params::prepare_server(
         &mut server,
         &p,
@@ -326,11 +372,11 @@ async fn setup(
     messages::backend_key_data(key.pid, key.secret, &mut client.wbuf);
     messages::ready_for_query(b'I', &mut client.wbuf);
     client.flush().await?;
-    tracing::debug!(backend_pid = server.pid, mode = %route.pool_mode, "session started");
+    tracing::debug!(backend_pid = server.pid, mode = %seat.route.pool_mode, "session started");
     Ok(Some(Started {
         server,
         key,
         params: p,
-        route,
+        seat,
     }))
 }

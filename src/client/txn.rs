@@ -16,9 +16,8 @@ use tokio::sync::watch;
 use super::conn::ClientConn;
 use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
-use super::SessionError;
+use super::{Seat, SessionError};
 use crate::cancel::CancelKey;
-use crate::config::Route;
 use crate::pool::PooledConn;
 use crate::protocol::startup::StartupParams;
 use crate::proxy::Shared;
@@ -61,7 +60,7 @@ pub async fn serve(
     first: PooledConn,
     key: &CancelKey,
     p: &StartupParams,
-    route: &Route,
+    seat: &Seat,
     mut mode: Mode,
 ) -> Result<(), SessionError> {
     first.checkin();
@@ -85,7 +84,7 @@ pub async fn serve(
                 continue;
             }
         }
-        let mut server = shared.pools.checkout(route).await?;
+        let mut server = seat.checkout(shared, client).await?;
         if let Err(e) = prepare_server(&mut server, p, &reported, params).await {
             server.checkin();
             return Err(e);

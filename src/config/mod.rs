@@ -154,6 +154,8 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// The listen address, parsed.
     pub listen: SocketAddr,
+    /// `[admission]`, validated.
+    pub admission: crate::admission::AdmissionSettings,
     /// `[[identity]]` rules, validated, in order.
     pub identities: Vec<crate::admission::identity::Rule>,
 }
@@ -379,6 +381,9 @@ impl Config {
                 },
             );
         }
+        f.admission
+            .validate()
+            .map_err(|(field, reason)| invalid(&format!("admission.{field}"), reason))?;
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = crate::admission::identity::Rule::new(r)
@@ -391,6 +396,7 @@ impl Config {
             databases: f.databases,
             users,
             listen,
+            admission: f.admission,
             identities,
         })
     }

@@ -266,6 +266,9 @@ pub struct FileConfig {
     /// `[users.*]`.
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
+    /// `[admission]`: per-identity limits and surge detection.
+    #[serde(default)]
+    pub admission: crate::admission::AdmissionSettings,
     /// `[[identity]]`: ordered rules naming client identities.
     #[serde(default)]
     pub identity: Vec<crate::admission::identity::IdentityRule>,

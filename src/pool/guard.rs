@@ -11,17 +11,24 @@ use std::time::{Duration, Instant};
 use deadpool::managed::Object;
 
 use super::manager::ServerManager;
+use crate::admission::ServerGrant;
 use crate::server::{send_cancel, ServerConn};
 
-/// A server connection checked out of a pool.
+/// A server connection checked out of a pool, with the admission grant it was taken under.
+/// Fields drop in order: the connection is back in the pool (or closed) before the grant is
+/// given back, so the next client granted never finds the pool full.
 #[derive(Debug)]
 pub struct PooledConn {
     obj: Option<Object<ServerManager>>,
+    _grant: Option<ServerGrant>,
 }
 
 impl PooledConn {
-    pub(crate) fn new(obj: Object<ServerManager>) -> Self {
-        Self { obj: Some(obj) }
+    pub(crate) fn new(obj: Object<ServerManager>, grant: Option<ServerGrant>) -> Self {
+        Self {
+            obj: Some(obj),
+            _grant: grant,
+        }
     }
 
     /// Returns the connection to its pool after running `reset_query` (bounded by `timeout`),

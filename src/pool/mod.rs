@@ -19,6 +19,7 @@ use deadpool::Runtime;
 pub use guard::PooledConn;
 pub use manager::{Pool, ServerManager, ServerSlots};
 
+use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
 use crate::error::{sqlstate, PgError};
 use crate::server::{ServerError, ServerTarget};
@@ -179,14 +180,16 @@ impl PoolSet {
         pool
     }
 
-    /// Gets a server connection for `route`, waiting up to `query_wait_timeout`.
+    /// Gets a server connection for `route`, under an admission grant for its pool (which
+    /// admission hands out no more than pool_size of, so this rarely waits: only for the
+    /// global `max_server_connections`, up to `query_wait_timeout`).
     ///
     /// # Errors
     /// [`CheckoutError`]: timeout (53300), server failure, or shutdown.
-    pub async fn checkout(&self, route: &Route) -> Result<PooledConn, CheckoutError> {
+    pub async fn checkout(&self, route: &Route, grant: Option<ServerGrant>) -> Result<PooledConn, CheckoutError> {
         let pool = self.pool(route);
         match pool.get().await {
-            Ok(obj) => Ok(PooledConn::new(obj)),
+            Ok(obj) => Ok(PooledConn::new(obj, grant)),
             Err(PoolError::Timeout(_)) => Err(CheckoutError::Timeout {
                 database: route.database.clone(),
                 user: route.user.clone(),

@@ -1,0 +1,319 @@
+//! The fair queue for server connections: who gets the next free one.
+//!
+//! Part of admission, between a logged-in client and the pool. Each pool (database+user) is a
+//! *gate* with `pool_size` grants. A client takes a grant before it checks a connection out
+//! of the pool and gives it back after the connection is back. When a gate is full, clients
+//! wait in one FIFO queue per identity (a *flow*); a freed grant goes to the waiting identity
+//! that holds the fewest grants for its weight (ties: the one served longest ago, by virtual
+//! time), so no identity gets more than its share while others wait, and any free grant is
+//! used at once when only one identity waits (work-conserving). On top: `max_server_connections`
+//! per identity (across gates), `min_server_connections` reserved per gate, `max_queue`.
+//!
+//! Plain data under the admission lock: no I/O, no await; waiters are woken by oneshot.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+/// The limits the scheduler needs for one identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareLimits {
+    /// Grants across gates (0 = no cap).
+    pub max_servers: u32,
+    /// Grants reserved in each gate the identity uses.
+    pub min_servers: u32,
+    /// Weight (≥ 1).
+    pub weight: u32,
+    /// Waiting clients across gates (0 = no bound).
+    pub max_queue: u32,
+}
+
+#[derive(Debug)]
+struct Share {
+    limits: ShareLimits,
+    servers: u32,
+    waiting: u32,
+}
+
+#[derive(Debug, Default)]
+struct Flow {
+    in_use: u32,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Virtual time of this flow's next grant.
+    pass: f64,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    capacity: u32,
+    in_use: u32,
+    waiting: u32,
+    vtime: f64,
+    flows: HashMap<Arc<str>, Flow>,
+}
+
+/// What [`Scheduler::request`] decided.
+#[derive(Debug)]
+pub enum Request {
+    /// A grant is held now.
+    Granted,
+    /// Queued: wait on the receiver; the id cancels.
+    Queued(u64, oneshot::Receiver<()>),
+    /// The identity already has `max_queue` clients waiting.
+    QueueFull(u32),
+}
+
+/// A snapshot of one identity's share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShareStatus {
+    /// Grants held across gates.
+    pub servers: u32,
+    /// Clients waiting across gates.
+    pub waiting: u32,
+}
+
+/// All gates of one proxy.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    gates: HashMap<Arc<str>, Gate>,
+    shares: HashMap<Arc<str>, Share>,
+    next_id: u64,
+}
+
+impl Scheduler {
+    /// Sets an identity's limits (creating its share); queues are re-examined.
+    pub fn set_limits(&mut self, id: &Arc<str>, limits: ShareLimits) {
+        let changed = match self.shares.get_mut(id) {
+            Some(s) => std::mem::replace(&mut s.limits, limits) != limits,
+            None => {
+                self.shares.insert(
+                    id.clone(),
+                    Share {
+                        limits,
+                        servers: 0,
+                        waiting: 0,
+                    },
+                );
+                false
+            }
+        };
+        if changed {
+            let gates: Vec<Arc<str>> = self.gates.keys().cloned().collect();
+            for g in gates {
+                self.dispatch(&g);
+            }
+        }
+    }
+
+    /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate).
+    pub fn request(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>) -> Request {
+        if !self.shares.contains_key(id) {
+            // Normally set at login; a share is never missing for a caller with a grant.
+            let limits = ShareLimits {
+                max_servers: 0,
+                min_servers: 0,
+                weight: 1,
+                max_queue: 0,
+            };
+            self.set_limits(id, limits);
+        }
+        let g = self.gates.entry(gate.clone()).or_default();
+        let grew = capacity > g.capacity;
+        g.capacity = capacity;
+        if grew {
+            self.dispatch(gate);
+        }
+        if self.eligible(gate, id) {
+            self.grant(gate, id);
+            return Request::Granted;
+        }
+        let share = self.shares.get_mut(id).expect("invariant: inserted above");
+        if share.limits.max_queue > 0 && share.waiting >= share.limits.max_queue {
+            return Request::QueueFull(share.waiting);
+        }
+        share.waiting += 1;
+        self.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        let g = self.gates.get_mut(gate).expect("invariant: created above");
+        g.waiting += 1;
+        let vtime = g.vtime;
+        let flow = g.flows.entry(id.clone()).or_default();
+        if flow.waiting.is_empty() {
+            // Newly backlogged: no credit for the time it did not wait.
+            flow.pass = flow.pass.max(vtime);
+        }
+        flow.waiting.push_back((self.next_id, tx));
+        Request::Queued(self.next_id, rx)
+    }
+
+    /// Takes a waiter out of its queue. False when it is not there: it was granted meanwhile
+    /// (the caller then holds a grant and must use or release it).
+    pub fn cancel(&mut self, gate: &Arc<str>, id: &Arc<str>, ticket: u64) -> bool {
+        let Some(g) = self.gates.get_mut(gate) else {
+            return false;
+        };
+        let Some(flow) = g.flows.get_mut(id) else {
+            return false;
+        };
+        let Some(pos) = flow.waiting.iter().position(|(t, _)| *t == ticket) else {
+            return false;
+        };
+        flow.waiting.remove(pos);
+        g.waiting -= 1;
+        if let Some(s) = self.shares.get_mut(id) {
+            s.waiting -= 1;
+        }
+        true
+    }
+
+    /// Gives a grant back and hands it (or others it unblocks) to waiters.
+    pub fn release(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+        let at_cap = match self.shares.get_mut(id) {
+            Some(s) => {
+                let was = s.limits.max_servers > 0 && s.servers >= s.limits.max_servers;
+                s.servers = s.servers.saturating_sub(1);
+                was && s.waiting > 0
+            }
+            None => false,
+        };
+        if let Some(g) = self.gates.get_mut(gate) {
+            g.in_use = g.in_use.saturating_sub(1);
+            if let Some(f) = g.flows.get_mut(id) {
+                f.in_use = f.in_use.saturating_sub(1);
+            }
+        }
+        self.dispatch(gate);
+        if at_cap {
+            // The identity was held back by its own cap: its waiters in other gates may go.
+            let others: Vec<Arc<str>> = self
+                .gates
+                .iter()
+                .filter(|(k, g)| *k != gate && g.flows.get(id).is_some_and(|f| !f.waiting.is_empty()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for g in others {
+                self.dispatch(&g);
+            }
+        }
+    }
+
+    fn eligible(&self, gate: &Arc<str>, id: &Arc<str>) -> bool {
+        let (Some(g), Some(s)) = (self.gates.get(gate), self.shares.get(id)) else {
+            return false;
+        };
+        if g.in_use >= g.capacity || (s.limits.max_servers > 0 && s.servers >= s.limits.max_servers) {
+            return false;
+        }
+        let free = g.capacity - g.in_use;
+        let reserved: u32 = g
+            .flows
+            .iter()
+            .filter(|(k, _)| *k != id)
+            .filter_map(|(k, f)| {
+                let min = self.shares.get(k)?.limits.min_servers;
+                Some(min.saturating_sub(f.in_use))
+            })
+            .sum();
+        free > reserved
+    }
+
+    fn grant(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+        let weight = match self.shares.get_mut(id) {
+            Some(s) => {
+                s.servers += 1;
+                f64::from(s.limits.weight)
+            }
+            None => 1.0,
+        };
+        let g = self.gates.get_mut(gate).expect("invariant: gate exists");
+        g.in_use += 1;
+        let vtime = g.vtime;
+        let flow = g.flows.entry(id.clone()).or_default();
+        flow.in_use += 1;
+        flow.pass = flow.pass.max(vtime);
+        g.vtime = flow.pass;
+        flow.pass += 1.0 / weight;
+    }
+
+    /// The waiting flow that should be served next in `gate`, if any may be.
+    fn pick(&self, gate: &Arc<str>) -> Option<Arc<str>> {
+        let g = self.gates.get(gate)?;
+        let mut best: Option<(f64, f64, &Arc<str>)> = None;
+        for (id, f) in &g.flows {
+            if f.waiting.is_empty() || !self.eligible(gate, id) {
+                continue;
+            }
+            let weight = self.shares.get(id).map_or(1.0, |s| f64::from(s.limits.weight));
+            let key = (f64::from(f.in_use) / weight, f.pass);
+            if best.is_none_or(|(a, b, _)| key < (a, b)) {
+                best = Some((key.0, key.1, id));
+            }
+        }
+        best.map(|(_, _, id)| id.clone())
+    }
+
+    /// Hands free grants in `gate` to waiters, fairest first.
+    pub fn dispatch(&mut self, gate: &Arc<str>) {
+        loop {
+            let Some(g) = self.gates.get(gate) else { return };
+            if g.waiting == 0 || g.in_use >= g.capacity {
+                return;
+            }
+            let Some(id) = self.pick(gate) else { return };
+            let g = self.gates.get_mut(gate).expect("invariant: present");
+            let flow = g.flows.get_mut(&id).expect("invariant: picked");
+            let (_, tx) = flow.waiting.pop_front().expect("invariant: picked flows wait");
+            g.waiting -= 1;
+            if let Some(s) = self.shares.get_mut(&id) {
+                s.waiting -= 1;
+            }
+            self.grant(gate, &id);
+            if tx.send(()).is_err() {
+                // Unreachable while waiters cancel under the lock; never leak a grant.
+                self.release(gate, &id);
+            }
+        }
+    }
+
+    /// An identity's grants and waiters.
+    pub fn status(&self, id: &str) -> ShareStatus {
+        self.shares
+            .get(id)
+            .map(|s| ShareStatus {
+                servers: s.servers,
+                waiting: s.waiting,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Grants an identity holds in a gate.
+    pub fn gate_held(&self, gate: &str, id: &str) -> u32 {
+        self.gates
+            .get(gate)
+            .and_then(|g| g.flows.get(id))
+            .map_or(0, |f| f.in_use)
+    }
+
+    /// Grants in use and waiters of a gate.
+    pub fn gate_status(&self, gate: &str) -> (u32, u32) {
+        self.gates.get(gate).map_or((0, 0), |g| (g.in_use, g.waiting))
+    }
+
+    /// Forgets identities `keep` rejects once they hold and wait for nothing.
+    pub fn prune(&mut self, keep: impl Fn(&str) -> bool) {
+        let idle = |s: &Share| s.servers == 0 && s.waiting == 0;
+        self.shares.retain(|id, s| !idle(s) || keep(id));
+        let shares = &self.shares;
+        for g in self.gates.values_mut() {
+            g.flows.retain(|id, f| {
+                f.in_use > 0 || !f.waiting.is_empty() || shares.get(id).is_some_and(|s| s.limits.min_servers > 0)
+            });
+        }
+        self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);
+    }
+}
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;

@@ -1,0 +1,197 @@
+//! Unit tests of the fair queue's decisions (no I/O, no clock).
+
+use super::*;
+
+fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
+    ShareLimits {
+        max_servers: max,
+        min_servers: min,
+        weight,
+        max_queue: queue,
+    }
+}
+
+struct Bench {
+    s: Scheduler,
+    gate: Arc<str>,
+    cap: u32,
+    /// Waiting receivers per identity, FIFO.
+    waiting: HashMap<String, VecDeque<oneshot::Receiver<()>>>,
+    held: HashMap<String, u32>,
+}
+
+impl Bench {
+    fn new(cap: u32, ids: &[(&str, ShareLimits)]) -> Self {
+        let mut s = Scheduler::default();
+        for (id, l) in ids {
+            s.set_limits(&Arc::from(*id), *l);
+        }
+        Self {
+            s,
+            gate: Arc::from("pool"),
+            cap,
+            waiting: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// Requests a grant; true when granted at once.
+    fn ask(&mut self, id: &str) -> bool {
+        match self.s.request(&self.gate, self.cap, &Arc::from(id)) {
+            Request::Granted => {
+                *self.held.entry(id.into()).or_default() += 1;
+                true
+            }
+            Request::Queued(_, rx) => {
+                self.waiting.entry(id.into()).or_default().push_back(rx);
+                false
+            }
+            Request::QueueFull(_) => panic!("queue full for {id}"),
+        }
+    }
+
+    /// Releases one grant of `id` and collects whoever was woken.
+    fn release(&mut self, id: &str) {
+        self.s.release(&self.gate, &Arc::from(id));
+        *self.held.get_mut(id).unwrap() -= 1;
+        for (who, q) in self.waiting.iter_mut() {
+            while let Some(rx) = q.front_mut() {
+                if rx.try_recv().is_ok() {
+                    q.pop_front();
+                    *self.held.entry(who.clone()).or_default() += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn held(&self, id: &str) -> u32 {
+        self.held.get(id).copied().unwrap_or(0)
+    }
+}
+
+#[test]
+fn one_identity_alone_gets_everything() {
+    let mut b = Bench::new(4, &[("a", limits(0, 0, 1, 0))]);
+    assert!((0..4).all(|_| b.ask("a")), "work-conserving: all free grants at once");
+    assert!(!b.ask("a"));
+    b.release("a");
+    assert_eq!(b.held("a"), 4, "the waiter got the freed grant");
+    assert_eq!(b.s.status("a"), ShareStatus { servers: 4, waiting: 0 });
+}
+
+#[test]
+fn freed_grants_go_to_the_identity_holding_fewest_until_even() {
+    let mut b = Bench::new(10, &[("greedy", limits(0, 0, 1, 0)), ("polite", limits(0, 0, 1, 0))]);
+    for _ in 0..10 {
+        b.ask("greedy");
+    }
+    for _ in 0..100 {
+        b.ask("greedy");
+    }
+    for _ in 0..5 {
+        b.ask("polite");
+    }
+    // Greedy arrived first with 100 waiting; every grant greedy frees goes to polite first.
+    for _ in 0..5 {
+        b.release("greedy");
+    }
+    assert_eq!((b.held("greedy"), b.held("polite")), (5, 5));
+    for _ in 0..3 {
+        b.ask("polite");
+    }
+    // Now even, both waiting: whoever frees a grant gets it back (its waiter holds fewer than the other).
+    for i in 0..20 {
+        b.release(if i % 2 == 0 { "greedy" } else { "polite" });
+        b.ask(if i % 2 == 0 { "greedy" } else { "polite" });
+        assert_eq!((b.held("greedy"), b.held("polite")), (5, 5));
+    }
+}
+
+#[test]
+fn weights_set_the_shares() {
+    let mut b = Bench::new(8, &[("a", limits(0, 0, 3, 0)), ("b", limits(0, 0, 1, 0))]);
+    for _ in 0..8 {
+        b.ask("b");
+    }
+    for _ in 0..50 {
+        b.ask("a");
+        b.ask("b");
+    }
+    // Each freed grant goes to the waiter with the fewest grants for its weight.
+    for who in ["b"; 8].into_iter().chain(["a"; 8]) {
+        b.release(who);
+        b.ask(who);
+    }
+    assert_eq!((b.held("a"), b.held("b")), (6, 2), "weight 3:1 of 8");
+}
+
+#[test]
+fn per_identity_cap_leaves_the_rest_to_others_and_reserves_are_kept() {
+    let mut b = Bench::new(
+        6,
+        &[
+            ("capped", limits(2, 0, 1, 0)),
+            ("other", limits(0, 0, 1, 0)),
+            ("vip", limits(0, 2, 1, 0)),
+        ],
+    );
+    assert!(b.ask("vip"), "first use of the pool registers vip's reserve");
+    b.release("vip");
+    assert!(b.ask("capped") && b.ask("capped"));
+    assert!(!b.ask("capped"), "its cap of 2 is reached though grants are free");
+    assert!(b.ask("other") && b.ask("other"));
+    assert!(!b.ask("other"), "the last 2 are reserved for vip");
+    assert!(b.ask("vip") && b.ask("vip"), "vip gets its reserve while others wait");
+    assert!(!b.ask("vip"));
+    b.release("vip");
+    assert_eq!(
+        b.held("other"),
+        2,
+        "a freed reserved grant goes back to vip's reserve, not to others"
+    );
+    assert_eq!(b.held("vip"), 2, "vip's own waiter got it");
+    b.release("capped");
+    assert_eq!(
+        b.held("capped"),
+        2,
+        "capped's waiter takes its freed grant (still under cap)"
+    );
+}
+
+#[test]
+fn queue_bound_and_cancel() {
+    let mut s = Scheduler::default();
+    let (gate, a): (Arc<str>, Arc<str>) = (Arc::from("pool"), Arc::from("a"));
+    s.set_limits(&a, limits(0, 0, 1, 2));
+    assert!(matches!(s.request(&gate, 1, &a), Request::Granted));
+    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a) else {
+        panic!()
+    };
+    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a) else {
+        panic!()
+    };
+    assert!(matches!(s.request(&gate, 1, &a), Request::QueueFull(2)));
+    assert!(s.cancel(&gate, &a, t2), "a queued waiter leaves the queue");
+    assert!(!s.cancel(&gate, &a, t2));
+    s.release(&gate, &a);
+    assert!(rx1.try_recv().is_ok());
+    assert!(!s.cancel(&gate, &a, t1), "granted: not in the queue any more");
+    assert_eq!(s.status("a"), ShareStatus { servers: 1, waiting: 0 });
+    s.release(&gate, &a);
+    s.prune(|_| false);
+    assert_eq!(s.status("a"), ShareStatus::default());
+    assert_eq!(s.gate_status("pool"), (0, 0));
+}
+
+#[test]
+fn capacity_growth_wakes_waiters() {
+    let mut b = Bench::new(1, &[("a", limits(0, 0, 1, 0))]);
+    assert!(b.ask("a"));
+    assert!(!b.ask("a"));
+    b.cap = 2;
+    assert!(!b.ask("a"), "the new grant went to the client queued first");
+    b.release("a");
+    assert_eq!(b.held("a"), 2);
+}

@@ -1,0 +1,126 @@
+//! Refusals: every way admission says no, each an ErrorResponse with SQLSTATE 53300
+//! (too_many_connections), a message naming the limit and the identity, and a HINT.
+//!
+//! Part of admission; the client session sends [`Refusal::client_error`] and closes. The
+//! README lists every message.
+
+use std::time::Duration;
+
+use crate::error::{sqlstate, PgError};
+
+/// Why a client was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// The identity has `max_client_connections` clients connected.
+    #[error("pgvalve: client \"{identity}\" has {clients} client connections (max_client_connections={max})")]
+    ClientCap {
+        /// Identity.
+        identity: String,
+        /// Connected now.
+        clients: u32,
+        /// Its cap.
+        max: u32,
+    },
+    /// Logins above `max_connect_rate` that would have had to wait too long for a token.
+    #[error("pgvalve: client \"{identity}\" is connecting faster than {rate} per second (max_connect_rate={rate}, connect_burst={burst}){}", if *.damped { " while surging (surge_damping)" } else { "" })]
+    ConnectRate {
+        /// Identity.
+        identity: String,
+        /// The rate in force.
+        rate: f64,
+        /// The burst in force.
+        burst: u32,
+        /// True when the rate was lowered by surge damping.
+        damped: bool,
+    },
+    /// `max_queue` clients of the identity are already waiting.
+    #[error("pgvalve: client \"{identity}\" already has {waiting} clients waiting for a server connection (max_queue={max})")]
+    QueueFull {
+        /// Identity.
+        identity: String,
+        /// Waiting now.
+        waiting: u32,
+        /// Its bound.
+        max: u32,
+    },
+    /// Waited `queue_timeout` while the identity held its `max_server_connections`.
+    #[error("pgvalve: client \"{identity}\" has {held} server connections (max_server_connections={max}); waited {} ({key})", fmt(*.waited))]
+    ServerCap {
+        /// Identity.
+        identity: String,
+        /// Held now.
+        held: u32,
+        /// Its cap.
+        max: u32,
+        /// How long the client waited.
+        waited: Duration,
+        /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
+        key: &'static str,
+    },
+    /// Waited `queue_timeout` while the pool was full.
+    #[error("pgvalve: client \"{identity}\" waited {} for a server connection ({key}): all {pool_size} of {pool} are in use (pool_size={pool_size}), {held} of them by \"{identity}\"", fmt(*.waited))]
+    QueueTimeout {
+        /// Identity.
+        identity: String,
+        /// The pool, as `database "d" user "u"`.
+        pool: String,
+        /// Its size.
+        pool_size: u32,
+        /// Held by this identity.
+        held: u32,
+        /// How long the client waited.
+        waited: Duration,
+        /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
+        key: &'static str,
+    },
+}
+
+fn fmt(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+}
+
+impl Refusal {
+    /// The reason label (metrics, SHOW LIMITS).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::ClientCap { .. } => "client_cap",
+            Refusal::ConnectRate { .. } => "connect_rate",
+            Refusal::QueueFull { .. } => "queue_full",
+            Refusal::ServerCap { .. } => "server_cap",
+            Refusal::QueueTimeout { .. } => "queue_timeout",
+        }
+    }
+
+    /// The identity refused.
+    pub fn identity(&self) -> &str {
+        match self {
+            Refusal::ClientCap { identity, .. }
+            | Refusal::ConnectRate { identity, .. }
+            | Refusal::QueueFull { identity, .. }
+            | Refusal::ServerCap { identity, .. }
+            | Refusal::QueueTimeout { identity, .. } => identity,
+        }
+    }
+
+    /// What the client is told: FATAL 53300 with a hint.
+    pub fn client_error(&self) -> PgError {
+        let hint = match self {
+            Refusal::ClientCap { .. } => {
+                "Close idle connections of this application (or lower its connection pool size), or raise max_client_connections for this identity in pgvalve's config."
+            }
+            Refusal::ConnectRate { .. } => {
+                "Reconnect with backoff, keep connections open (a connection pool in the application), or raise max_connect_rate / connect_burst for this identity."
+            }
+            Refusal::QueueFull { .. } => {
+                "Too many requests of this application are waiting: retry with backoff, or raise max_queue for this identity."
+            }
+            Refusal::ServerCap { .. } => {
+                "This application holds all the server connections it may: shorten its transactions, or raise max_server_connections for this identity."
+            }
+            Refusal::QueueTimeout { .. } => {
+                "Retry later, shorten the transactions that hold server connections, or raise pool_size (and PostgreSQL's max_connections)."
+            }
+        };
+        PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, self.to_string()).with_hint(hint)
+    }
+}

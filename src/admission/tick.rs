@@ -1,0 +1,172 @@
+//! Admission housekeeping: the once-a-second tick (surge detection, forgetting idle
+//! identities), reload of limits, and snapshots for SHOW LIMITS / SHOW SURGES and metrics.
+//!
+//! Part of admission; the proxy runs [`Admission::tick`] from its maintenance task and calls
+//! [`Admission::reload`] when a new config has been validated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::surge::{Change, SurgeEvent};
+use super::{share_limits, Admission, AdmissionConfig, Counters, Limits, SURGE_HISTORY};
+
+/// Identities with no clients are forgotten this long after their last client left.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+/// A point-in-time view of one identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityStatus {
+    /// The identity.
+    pub identity: String,
+    /// The rule that named it (its name template), or None for a default identity.
+    pub rule: Option<String>,
+    /// Its limits.
+    pub limits: Limits,
+    /// Client connections now.
+    pub clients: u32,
+    /// Server connections held now.
+    pub servers: u32,
+    /// Clients waiting for one now.
+    pub waiting: u32,
+    /// Logins in the last second.
+    pub login_rate: f64,
+    /// Logins per second over the last 10 s.
+    pub login_rate_10s: f64,
+    /// Growth of client connections over the last 10 s.
+    pub delta_10s: i64,
+    /// Baseline logins per second.
+    pub baseline: f64,
+    /// In a surge episode now.
+    pub surging: bool,
+    /// Counters since it was first seen.
+    pub counters: Counters,
+}
+
+impl Admission {
+    /// Closes one second of surge windows (`every` since the last tick), logs episodes that
+    /// start or end, and forgets identities idle for a while.
+    pub fn tick(&self, every: Duration) {
+        let mut st = self.state();
+        let st = &mut *st;
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        for (id, ident) in st.ids.iter_mut() {
+            if let Some(c) = ident.surge.tick(id, ident.clients, every, &st.settings) {
+                if matches!(c, Change::Started(_)) {
+                    ident.counters.surges += 1;
+                }
+                changes.push(c);
+            }
+        }
+        for c in changes {
+            match c {
+                Change::Started(ev) => {
+                    tracing::warn!(
+                        identity = %ev.identity, trigger = ev.trigger, logins_per_second = ev.rate,
+                        client_growth_10s = ev.delta, baseline_per_second = format!("{:.2}", ev.baseline),
+                        "connection surge"
+                    );
+                    if st.surges.len() >= SURGE_HISTORY {
+                        st.surges.pop_front();
+                    }
+                    st.surges.push_back(ev);
+                }
+                Change::Ended(ev) => {
+                    tracing::info!(
+                        identity = %ev.identity, peak_logins_per_second = ev.peak_rate,
+                        peak_client_growth_10s = ev.peak_delta, "connection surge ended"
+                    );
+                    if let Some(h) = st
+                        .surges
+                        .iter_mut()
+                        .rev()
+                        .find(|h| h.identity == ev.identity && h.ended.is_none())
+                    {
+                        *h = ev;
+                    }
+                }
+            }
+        }
+        let sched = &st.sched;
+        st.ids.retain(|id, i| {
+            let s = sched.status(id);
+            i.clients > 0
+                || s.servers > 0
+                || s.waiting > 0
+                || !i.surge.is_quiet()
+                || now.saturating_duration_since(i.last_seen) < FORGET_AFTER
+        });
+        let ids = &st.ids;
+        st.sched.prune(|id| ids.get(id).is_some_and(|i| i.clients > 0));
+    }
+
+    /// Applies new limits and rules. Connected clients keep their identity; each identity
+    /// gets the limits of the rule with the same name in the new config (or the defaults),
+    /// and waiting clients are re-examined at once.
+    pub fn reload(&self, c: AdmissionConfig) {
+        let mut st = self.state();
+        let st = &mut *st;
+        st.settings = c.settings;
+        st.rules = Arc::new(c.rules);
+        st.query_wait_timeout = c.query_wait_timeout;
+        st.login_wait = c.login_wait;
+        let ids: Vec<Arc<str>> = st.ids.keys().cloned().collect();
+        for id in ids {
+            let ident = st.ids.get_mut(&id).expect("invariant: listed above");
+            let rule = ident
+                .rule
+                .as_deref()
+                .and_then(|t| st.rules.iter().find(|r| r.template() == t));
+            ident.limits = Limits::resolve(
+                &st.settings,
+                &rule.map(|r| r.limits.clone()).unwrap_or_default(),
+                st.query_wait_timeout,
+            );
+            st.sched.set_limits(&id, share_limits(&ident.limits));
+        }
+        if c.max_clients != self.inner.max_clients {
+            tracing::warn!("proxy.max_client_connections changes only on restart");
+        }
+    }
+
+    /// Every known identity, sorted by name.
+    pub fn identities(&self) -> Vec<IdentityStatus> {
+        let st = self.state();
+        let mut v: Vec<IdentityStatus> = st
+            .ids
+            .iter()
+            .map(|(id, i)| {
+                let s = st.sched.status(id);
+                let (login_rate, login_rate_10s, _, delta_10s, baseline) = i.surge.rates();
+                IdentityStatus {
+                    identity: id.to_string(),
+                    rule: i.rule.clone(),
+                    limits: i.limits.clone(),
+                    clients: i.clients,
+                    servers: s.servers,
+                    waiting: s.waiting,
+                    login_rate,
+                    login_rate_10s,
+                    delta_10s,
+                    baseline,
+                    surging: i.surge.active(),
+                    counters: i.counters.clone(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
+    }
+
+    /// One identity's status.
+    pub fn identity(&self, id: &str) -> Option<IdentityStatus> {
+        self.identities().into_iter().find(|s| s.identity == id)
+    }
+
+    /// Surge episodes, oldest first (bounded history).
+    pub fn surges(&self) -> Vec<SurgeEvent> {
+        self.state().surges.iter().cloned().collect()
+    }
+}
