@@ -118,7 +118,7 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Validates `run`'s configuration before the runtime starts or anything is bound.
-fn load_run_config(cmd: &Cmd) -> Result<Option<pgvalve::Config>, ExitCode> {
+fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>, Overrides)>, ExitCode> {
     let Cmd::Run {
         config,
         listen,
@@ -147,10 +147,13 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<pgvalve::Config>, ExitCode> {
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
     };
-    config::load_with(config.as_deref(), &ov).map(Some).map_err(|e| {
-        eprintln!("pgvalve: {e}");
-        ExitCode::from(64)
-    })
+    match config::load_with(config.as_deref(), &ov) {
+        Ok(c) => Ok(Some((c, config.clone(), ov))),
+        Err(e) => {
+            eprintln!("pgvalve: {e}");
+            Err(ExitCode::from(64))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -160,7 +163,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rt = match runtime(loaded.as_ref().map_or(0, |c| c.proxy.worker_threads)) {
+    let rt = match runtime(loaded.as_ref().map_or(0, |(c, ..)| c.proxy.worker_threads)) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgvalve: cannot start the runtime: {e}");
@@ -170,7 +173,7 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         match cli.command {
             Cmd::Run { .. } => match loaded {
-                Some(config) => run(config).await,
+                Some((config, path, ov)) => run(config, path, ov).await,
                 None => ExitCode::FAILURE,
             },
             Cmd::Check { config } => match config::load(&config) {
@@ -207,7 +210,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(config: pgvalve::Config) -> ExitCode {
+async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> ExitCode {
     let handle = match ProxyHandle::start(config).await {
         Ok(h) => h,
         Err(e) => {
@@ -219,7 +222,21 @@ async fn run(config: pgvalve::Config) -> ExitCode {
         eprintln!("pgvalve: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        eprintln!("pgvalve: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match config::load_with(path.as_deref(), &ov) {
+                // Built and validated off to the side; applied only when all of it is valid.
+                Ok(c) => handle.reload(&c),
+                Err(e) => tracing::error!(error = %e, "reload failed; the running configuration stays"),
+            },
+        }
+    }
     tracing::info!("shutdown requested: draining (a second signal stops at once)");
     let stop = handle.stop_signal();
     let drain = handle.shutdown();

@@ -106,6 +106,19 @@ impl ProxyHandle {
         &self.shared
     }
 
+    /// Applies a new, already validated configuration: identity rules and `[admission]`
+    /// limits take effect at once for every client, connected ones included (they keep
+    /// their identity); the other sections apply at the next start.
+    pub fn reload(&self, config: &Config) {
+        self.shared
+            .admission
+            .reload(crate::admission::AdmissionConfig::from_config(config));
+        tracing::info!(
+            rules = config.identities.len(),
+            "configuration reloaded: [admission] and [[identity]] applied; other sections apply at restart"
+        );
+    }
+
     /// Watches the shutdown phase.
     pub fn phase(&self) -> watch::Receiver<Phase> {
         self.phase_tx.subscribe()

@@ -297,7 +297,6 @@ impl Admission {
                 Request::Queued(ticket, rx) => (ticket, rx, timeout),
             }
         };
-        let started = Instant::now();
         let mut guard = QueueGuard {
             admission: self,
             pool,
@@ -315,7 +314,7 @@ impl Admission {
             });
             return Ok(grant());
         }
-        let r = self.timeout_refusal(&st, id, pool, pool_size, started.elapsed());
+        let r = self.timeout_refusal(&st, id, pool, pool_size, timeout);
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
         Err(r)
     }

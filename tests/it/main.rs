@@ -1,6 +1,7 @@
 //! Behaviour tests: real PostgreSQL clusters (from the test kit), pgvalve in process, real
 //! clients (tokio-postgres, raw sockets, psql, pgbench, the pgvalve binary).
 
+mod admission;
 mod auth;
 mod cli;
 mod compat;
