@@ -6,7 +6,9 @@
 #   CLIENTS=32 DURATION=20 REPS=3 benches/pgbench.sh
 #   SERVER_LEG=unix benches/pgbench.sh      # proxies reach PostgreSQL over its Unix socket
 #   PGVALVE_ARGS="--worker-threads 1" benches/pgbench.sh
-#   POOL_MODE=transaction POOL_SIZE=20 benches/pgbench.sh   # once transaction pooling exists
+#   POOL_MODE=transaction POOL_SIZE=20 benches/pgbench.sh
+#   RULES_CONFIG=config/bench-rules.toml CLIENTS=128 benches/pgbench.sh   # + "rules": pgvalve
+#                                           # with identity rules and limits, vs "pgvalve" without
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
@@ -29,83 +31,16 @@ MAXC=0; for c in "${CLIENT_LIST[@]}"; do ((c > MAXC)) && MAXC=$c; done
 # Session mode keeps one server connection per client: size the pools to the largest run.
 POOL_SIZE=${POOL_SIZE:-$MAXC}
 
-find_bindir() {
-  if [[ -n "${PGVALVE_PG_BINDIR:-}" ]]; then echo "$PGVALVE_PG_BINDIR"; return; fi
-  if command -v pg_config >/dev/null && [[ -x "$(pg_config --bindir)/initdb" ]]; then pg_config --bindir; return; fi
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
-}
-BINDIR=$(find_bindir)
-[[ -x "$BINDIR/initdb" ]] || { echo "no PostgreSQL binaries (apt-get install -y postgresql)" >&2; exit 1; }
-PGBENCH="$BINDIR/pgbench"; PSQL="$BINDIR/psql"
-
-echo "building pgvalve (release)..." >&2
-cargo build --release --quiet --bin pgvalve
-PGVALVE="$PWD/target/release/pgvalve"
-
-WORK=$(mktemp -d /tmp/pgvalve-bench-XXXXXX)
-chmod 755 "$WORK"
-AS=()
-if [[ $(id -u) == 0 ]]; then chown postgres: "$WORK"; AS=(runuser -u postgres --); fi
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PGPORT=$(free_port); VPORT=$(free_port); BPORT=$(free_port)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
-"${AS[@]}" "$BINDIR/initdb" -D "$WORK/data" -U postgres --pwfile="$WORK/pw" --auth-local=trust \
-  --auth-host=scram-sha-256 -E UTF8 --locale=C --no-sync >/dev/null
-"${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o \
-  "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=$((MAXC * 3 + 20)) -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=256MB" \
-  start >/dev/null
-"${AS[@]}" "$PSQL" -qX -h "$WORK" -p "$PGPORT" -U postgres -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench" >/dev/null
-PGPASSWORD=bench "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
-
-SERVER_HOST=127.0.0.1; [[ $SERVER_LEG == unix ]] && SERVER_HOST=$WORK
-"$PGVALVE" run --upstream "postgres://bench:bench@$(python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SERVER_HOST"):$PGPORT" --listen "127.0.0.1:$VPORT" \
-  --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
-  --max-server-connections 0 ${PGVALVE_ARGS:-} >"$WORK/pgvalve.log" 2>&1 &
-PIDS+=($!)
-
-TARGETS=(direct:$PGPORT pgvalve:$VPORT)
-PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
-if [[ -n "$PGBOUNCER" ]]; then
-  VERIFIER=$("${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench'")
-  printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/userlist.txt"
-  cat >"$WORK/pgbouncer.ini" <<INI
-[databases]
-bench = host=$SERVER_HOST port=$PGPORT dbname=bench
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BPORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = $POOL_MODE
-default_pool_size = $POOL_SIZE
-max_client_conn = 5000
-max_db_connections = 0
-log_connections = 0
-log_disconnections = 0
-INI
-  [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-  # runuser applies the user's PAM limits: raise the descriptor limit in the exec'd shell.
-  "${AS[@]}" bash -c "ulimit -n 65536 2>/dev/null || ulimit -n \$(ulimit -Hn); exec '$PGBOUNCER' '$WORK/pgbouncer.ini'" >"$WORK/pgbouncer.log" 2>&1 &
-  PIDS+=($!)
-  TARGETS+=(pgbouncer:$BPORT)
-else
-  echo "pgbouncer not installed: comparing direct and pgvalve only" >&2
-fi
-sleep 1
+# Starts PostgreSQL, pgvalve (and a second pgvalve with RULES_CONFIG) and PgBouncer; sets
+# TARGETS, PGPORT, WORK, AS, BINDIR, PGBENCH, PSQL.
+source benches/setup.sh
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 
 declare -A TPS CPU
 proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
   case $1 in
     pgvalve) pgrep -f -- "--listen 127.0.0.1:$VPORT" | head -1 ;;
+    rules) pgrep -f -- "--listen 127.0.0.1:$RPORT" | head -1 ;;
     pgbouncer) pgrep -f -- "$WORK/pgbouncer.ini" | grep -v runuser | tail -1 ;;
   esac
 }
@@ -115,7 +50,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for t in "${TARGETS[@]}"; do
       name=${t%%:*}; port=${t##*:}
       pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
-      out=$(PGPASSWORD=bench timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
       t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
       xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)
@@ -140,3 +75,11 @@ for c in "${CLIENT_LIST[@]}"; do
   cv=$(median <<<"${CPU[pgvalve,$c]}"); cb=$( [[ -n "${CPU[pgbouncer,$c]:-}" ]] && median <<<"${CPU[pgbouncer,$c]}" || echo -)
   printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb" "$cv" "$cb"
 done
+if [[ -n "${RULES_CONFIG:-}" ]]; then
+  echo
+  echo "identity rules and limits ($RULES_CONFIG) vs none, same run:"
+  for c in "${CLIENT_LIST[@]}"; do
+    v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[rules,$c]}")
+    awk -v c="$c" -v v="$v" -v r="$r" 'BEGIN{printf "  %s clients: rules %s tps, none %s tps, rules/none %.3f (%+.1f%%)\n", c, r, v, r/v, (r/v-1)*100}'
+  done
+fi

@@ -10,14 +10,16 @@
 //!
 //! - [`listener`]: accepts sockets, takes an admission permit, spawns a session.
 //! - [`client`]: one session — first packet, authentication, parameters, relay.
-//! - [`admission`]: whether a client may proceed (`max_client_connections`).
+//! - [`admission`]: client identities, per-identity caps and login rate (before auth), the
+//!   fair queue for server connections, surge detection.
 //! - [`pool`]: deadpool pools of server connections, global `max_server_connections`.
 //! - [`server`]: one PostgreSQL connection: login, reset, cancel.
 //! - [`protocol`]: header framing (hot path) and the messages the proxy says itself.
 //!
-//! Beside the flow: [`config`] (load, validate), [`cancel`] (cancel-key routing),
+//! Beside the flow: [`observe`] (Prometheus metrics) served by [`http`] with health checks,
+//! [`config`] (load, validate), [`cancel`] (cancel-key routing),
 //! [`shutdown`] (phases), [`proxy`] (the handle that owns it all), [`testkit`] (throwaway
-//! PostgreSQL for tests and the demo), [`demo`].
+//! PostgreSQL for tests and the demo), [`demo`], [`loadtest`] (the load-test harness).
 //!
 //! No global mutable state: everything a task needs is passed in as a handle.
 
@@ -30,7 +32,10 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod listener;
+pub mod loadtest;
+pub mod observe;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pgvalve::config::{self, Overrides, PoolMode};
 
 use pgvalve::demo::{self, DemoOptions};
-use pgvalve::ProxyHandle;
+use pgvalve::{loadtest, ProxyHandle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// pgvalve: a connection-limiting PostgreSQL proxy.
@@ -25,6 +27,12 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Scenario {
+    /// A greedy group in a tight loop beside a polite group with think time.
+    NoisyNeighbor,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -62,6 +70,9 @@ enum Cmd {
         /// Runtime worker threads (0 = one per CPU core).
         #[arg(long, env = "PGVALVE_WORKER_THREADS")]
         worker_threads: Option<usize>,
+        /// Address of /metrics, /healthz and /readyz, e.g. 127.0.0.1:9930.
+        #[arg(long, env = "PGVALVE_HTTP_LISTEN")]
+        http_listen: Option<String>,
     },
     /// Validate a config file and exit.
     Check {
@@ -73,6 +84,33 @@ enum Cmd {
     Passwd {
         /// The password.
         password: Option<String>,
+    },
+    /// Drive a load scenario against any PostgreSQL endpoint and report per client group.
+    Loadtest {
+        /// The scenario.
+        #[arg(value_enum)]
+        scenario: Scenario,
+        /// postgres://USER:PASSWORD@HOST:PORT/DB (pgvalve, PgBouncer or PostgreSQL).
+        #[arg(long)]
+        target: String,
+        /// How long the clients run, e.g. 20s.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// noisy-neighbor: clients of the greedy group (application_name "greedy").
+        #[arg(long, default_value_t = 200)]
+        greedy: usize,
+        /// noisy-neighbor: clients of the polite group (application_name "polite").
+        #[arg(long, default_value_t = 20)]
+        polite: usize,
+        /// noisy-neighbor: the greedy group's transaction, run without pause.
+        #[arg(long, default_value = "SELECT pg_sleep(0.05)")]
+        greedy_sql: String,
+        /// noisy-neighbor: the polite group's transaction.
+        #[arg(long, default_value = "SELECT 1")]
+        polite_sql: String,
+        /// noisy-neighbor: the polite clients' pause between transactions, e.g. 20ms.
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        think: std::time::Duration,
     },
     /// Start a throwaway PostgreSQL and pgvalve, fire a surge at both, compare.
     Demo {
@@ -128,6 +166,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_client_connections,
         max_server_connections,
         worker_threads,
+        http_listen,
     } = cmd
     else {
         return Ok(None);
@@ -146,6 +185,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_client_connections: *max_client_connections,
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
+        http_listen: http_listen.clone(),
     };
     match config::load_with(config.as_deref(), &ov) {
         Ok(c) => Ok(Some((c, config.clone(), ov))),
@@ -193,6 +233,19 @@ fn main() -> ExitCode {
                 }
             },
             Cmd::Passwd { password } => passwd(password),
+            Cmd::Loadtest {
+                scenario: Scenario::NoisyNeighbor,
+                target,
+                duration,
+                greedy,
+                polite,
+                greedy_sql,
+                polite_sql,
+                think,
+            } => {
+                let plan = loadtest::noisy_neighbor(&target, greedy, polite, duration, &greedy_sql, &polite_sql, think);
+                loadtest_main(plan).await
+            }
             Cmd::Demo {
                 clients,
                 max_connections,
@@ -250,6 +303,31 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
         }
     }
     ExitCode::SUCCESS
+}
+
+async fn loadtest_main(plan: loadtest::Plan) -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctrl_c = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("pgvalve loadtest: stopping (Ctrl-C); reporting what was measured");
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let result = loadtest::run(&plan, stop).await;
+    ctrl_c.abort();
+    match result {
+        Ok(reports) => {
+            print!("{}", loadtest::table(&reports));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgvalve loadtest: {e}");
+            ExitCode::from(64)
+        }
+    }
 }
 
 fn passwd(password: Option<String>) -> ExitCode {

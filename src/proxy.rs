@@ -39,12 +39,15 @@ pub struct Shared {
     pub pins: Arc<std::sync::atomic::AtomicU64>,
     /// Proxy-wide ids of prepared statement definitions (transaction mode).
     pub statements: Arc<crate::client::StatementRegistry>,
+    /// Event metrics (histograms).
+    pub events: crate::observe::Events,
 }
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct ProxyHandle {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     phase_tx: Arc<watch::Sender<Phase>>,
     tracker: TaskTracker,
@@ -52,25 +55,36 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// Binds `config.listen` and starts serving.
+    /// Binds `config.listen` (and `[http] listen`) and starts serving.
     ///
     /// # Errors
     /// The bind error.
     pub async fn start(config: Config) -> io::Result<ProxyHandle> {
         let listener = TcpListener::bind(config.listen).await?;
-        Ok(Self::serve(listener, config))
+        let http = match config.http_listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        Ok(Self::serve_with_http(listener, http, config))
     }
 
-    /// Starts serving on an already bound listener.
+    /// Starts serving on an already bound listener (no HTTP endpoint).
     pub fn serve(listener: TcpListener, config: Config) -> ProxyHandle {
+        Self::serve_with_http(listener, None, config)
+    }
+
+    /// Starts serving on already bound listeners.
+    pub fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
         let config = Arc::new(config);
         let (phase_tx, phase) = watch::channel(Phase::Running);
         let decoy = hex_nonce();
+        let events = crate::observe::Events::default();
         let shared = Arc::new(Shared {
             pools: PoolSet::new(config.clone()),
             cancels: Arc::new(CancelRegistry::new()),
-            admission: Admission::new(crate::admission::AdmissionConfig::from_config(&config)),
+            admission: Admission::new(crate::admission::AdmissionConfig::from_config(&config), events.clone()),
+            events,
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
@@ -85,20 +99,32 @@ impl ProxyHandle {
             phase.clone(),
         ));
         let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
-        let ticker = tokio::spawn(admission_loop(shared.clone(), phase));
+        let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let mut tasks = vec![accept, reaper, ticker];
+        if let Some(l) = http {
+            tasks.push(tokio::spawn(crate::http::serve(l, shared.clone(), phase)));
+            tracing::info!(addr = ?http_addr, "metrics and health on http://{}/metrics", http_addr.map(|a| a.to_string()).unwrap_or_default());
+        }
         tracing::info!(%addr, "pgvalve listening");
         ProxyHandle {
             addr,
+            http_addr,
             shared,
             phase_tx: Arc::new(phase_tx),
             tracker,
-            tasks: vec![accept, reaper, ticker],
+            tasks,
         }
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP endpoint's address, when configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Shared state (pools, admission) for inspection.

@@ -86,6 +86,7 @@ struct State {
 
 #[derive(Debug)]
 struct Inner {
+    events: crate::observe::Events,
     clients: Arc<Semaphore>,
     max_clients: u32,
     state: Mutex<State>,
@@ -135,10 +136,11 @@ fn share_limits(l: &Limits) -> ShareLimits {
 }
 
 impl Admission {
-    /// Admission under `c`.
-    pub fn new(c: AdmissionConfig) -> Self {
+    /// Admission under `c`, reporting queue waits to `events`.
+    pub fn new(c: AdmissionConfig, events: crate::observe::Events) -> Self {
         Self {
             inner: Arc::new(Inner {
+                events,
                 clients: Arc::new(Semaphore::new(c.max_clients as usize)),
                 max_clients: c.max_clients,
                 state: Mutex::new(State {
@@ -297,6 +299,7 @@ impl Admission {
                 Request::Queued(ticket, rx) => (ticket, rx, timeout),
             }
         };
+        let started = Instant::now();
         let mut guard = QueueGuard {
             admission: self,
             pool,
@@ -312,6 +315,8 @@ impl Admission {
                 c.grants += 1;
                 c.queued += 1;
             });
+            drop(st);
+            self.inner.events.queue_wait(id, started.elapsed());
             return Ok(grant());
         }
         let r = self.timeout_refusal(&st, id, pool, pool_size, timeout);

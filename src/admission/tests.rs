@@ -37,7 +37,7 @@ async fn client_cap_per_identity_refuses_before_anything_else() {
         max_client_connections: Some(2),
         ..Default::default()
     };
-    let a = Admission::new(config(AdmissionSettings::default(), vec![rule]));
+    let a = Admission::new(config(AdmissionSettings::default(), vec![rule]), Default::default());
     let m1 = a.login(&facts("web-1")).await.unwrap();
     let _m2 = a.login(&facts("web-2")).await.unwrap();
     let r = a.login(&facts("web-3")).await.unwrap_err();
@@ -67,7 +67,7 @@ async fn login_rate_spreads_a_storm_and_refuses_beyond_the_wait() {
         queue_timeout: Some(Duration::from_secs(1)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]));
+    let a = Admission::new(config(settings, vec![]), Default::default());
     let start = Instant::now();
     let logins: Vec<_> = (0..30)
         .map(|_| {
@@ -106,7 +106,7 @@ async fn queue_timeout_and_server_cap_have_distinct_messages() {
         queue_timeout: Some(Duration::from_secs(3)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![rule]));
+    let a = Admission::new(config(settings, vec![rule]), Default::default());
     let (c1, c2) = (
         a.login(&facts("capped")).await.unwrap(),
         a.login(&facts("capped")).await.unwrap(),
@@ -139,7 +139,7 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
         max_queue: 1,
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]));
+    let a = Admission::new(config(settings, vec![]), Default::default());
     let mut m = Vec::new();
     for _ in 0..3 {
         m.push(a.login(&facts("x")).await.unwrap());
@@ -177,7 +177,7 @@ async fn a_surge_is_recorded_once_and_damped() {
         queue_timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]));
+    let a = Admission::new(config(settings, vec![]), Default::default());
     let mut members = Vec::new();
     for _ in 0..5 {
         members.push(a.login(&facts("django")).await.unwrap());
@@ -227,7 +227,7 @@ async fn reload_changes_caps_of_connected_identities() {
         max_client_connections: Some(max),
         ..Default::default()
     };
-    let a = Admission::new(config(AdmissionSettings::default(), vec![rule(1)]));
+    let a = Admission::new(config(AdmissionSettings::default(), vec![rule(1)]), Default::default());
     let _m = a.login(&facts("web")).await.unwrap();
     assert_eq!(a.login(&facts("web")).await.unwrap_err().reason(), "client_cap");
     a.reload(config(AdmissionSettings::default(), vec![rule(3)]));

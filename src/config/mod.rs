@@ -154,6 +154,8 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// The listen address, parsed.
     pub listen: SocketAddr,
+    /// `[http] listen`, parsed.
+    pub http_listen: Option<SocketAddr>,
     /// `[admission]`, validated.
     pub admission: crate::admission::AdmissionSettings,
     /// `[[identity]]` rules, validated, in order.
@@ -177,6 +179,8 @@ pub struct Overrides {
     pub max_server_connections: Option<u32>,
     /// `--worker-threads`.
     pub worker_threads: Option<usize>,
+    /// `--http-listen`.
+    pub http_listen: Option<String>,
 }
 
 /// Reads and validates a config file.
@@ -247,6 +251,9 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     }
     if let Some(n) = ov.worker_threads {
         f.proxy.worker_threads = n;
+    }
+    if let Some(l) = &ov.http_listen {
+        f.http.listen = Some(l.clone());
     }
     if let Some(url) = &ov.upstream {
         let invalid = |reason: String| ConfigError::Invalid {
@@ -381,6 +388,13 @@ impl Config {
                 },
             );
         }
+        let http_listen = match &f.http.listen {
+            None => None,
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|_| invalid("http.listen", format!("{l:?} is not an address like 127.0.0.1:9930")))?,
+            ),
+        };
         f.admission
             .validate()
             .map_err(|(field, reason)| invalid(&format!("admission.{field}"), reason))?;
@@ -396,6 +410,7 @@ impl Config {
             databases: f.databases,
             users,
             listen,
+            http_listen,
             admission: f.admission,
             identities,
         })

@@ -250,6 +250,14 @@ pub struct UserConfig {
     pub pool_mode: Option<PoolMode>,
 }
 
+/// `[http]`: the metrics and health endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address of /metrics, /healthz and /readyz, e.g. "127.0.0.1:9930" (none: off).
+    pub listen: Option<String>,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +274,9 @@ pub struct FileConfig {
     /// `[users.*]`.
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: HttpSettings,
     /// `[admission]`: per-identity limits and surge detection.
     #[serde(default)]
     pub admission: crate::admission::AdmissionSettings,

@@ -342,3 +342,63 @@ async fn identity_caps_refuse_before_authentication_and_change_on_reload() {
         c.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+/// GET over a raw socket: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: pgvalve\r\nConnection: close\r\n\r\n");
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    within(Duration::from_secs(10), sock.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_identities_waits_and_refusals() {
+    let s = Setup::new(|f| {
+        f.http.listen = Some("127.0.0.1:0".into());
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 1;
+        f.admission.max_queue = 1;
+    })
+    .await;
+    let http = s.proxy.http_addr().expect("http endpoint");
+    assert_eq!(http_get(http, "/healthz").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(http, "/readyz").await.0, "HTTP/1.1 200 OK");
+    let url = format!("{}?application_name={}", s.url(), "we%22b%5C1");
+    let (a, b, c) = (
+        connect(&url).await.unwrap(),
+        connect(&url).await.unwrap(),
+        connect(&url).await.unwrap(),
+    );
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move { b.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(c.simple_query("SELECT 1").await.is_err(), "queue full");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.batch_execute("COMMIT").await.unwrap();
+    within(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    // b has gone (its task ended), c was refused: a is left; the label is escaped.
+    let (status, body) = http_get(http, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let label = r#"identity="we\"b\\1""#;
+    for want in [
+        format!("pgvalve_identity_client_connections{{{label}}} 1"),
+        format!("pgvalve_refusals_total{{{label},reason=\"queue_full\"}} 1"),
+        format!("pgvalve_identity_server_grants_queued_total{{{label}}} 1"),
+        format!("pgvalve_queue_wait_seconds_count{{{label}}} 1"),
+        format!("pgvalve_queue_wait_seconds_bucket{{{label},le=\"+Inf\"}} 1"),
+        "pgvalve_server_connections{database=\"app\",user=\"app\",state=\"idle\"} 1".to_string(),
+        "pgvalve_pool_size{database=\"app\",user=\"app\"} 1".to_string(),
+    ] {
+        assert!(body.contains(&want), "missing {want:?} in:\n{body}");
+    }
+    assert!(
+        body.contains(&format!("pgvalve_surge_events_total{{{label}}} 0")),
+        "{body}"
+    );
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics of one proxy: what admission, the pools and the sessions report.
+//!
+//! Beside the flow. Two parts: *events* (histograms and counters recorded as things happen,
+//! e.g. how long a queued client waited) live in a long-lived recorder owned by the proxy —
+//! not the process-global one, so several proxies in one process keep their numbers apart;
+//! *state* (connections, waiting clients, refusals, surges, pool sizes) is read from admission
+//! and the pools at scrape time into a fresh recorder, so a forgotten identity's series
+//! disappear with it. Both render as Prometheus text with real histograms (buckets).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
+use crate::proxy::Shared;
+
+const META: Metadata<'static> = Metadata::new("pgvalve", Level::INFO, None);
+
+/// Buckets for every `_seconds` histogram: 1 ms to 2 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+fn recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .expect("invariant: the bucket list is not empty")
+        .build_recorder()
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Event metrics of one proxy (cheap to clone).
+#[derive(Clone)]
+pub struct Events {
+    recorder: Arc<PrometheusRecorder>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            recorder: Arc::new(recorder()),
+        }
+    }
+}
+
+impl Events {
+    /// A queued client got a server connection after `waited`.
+    pub fn queue_wait(&self, identity: &str, waited: Duration) {
+        let k = key("pgvalve_queue_wait_seconds", &[("identity", identity)]);
+        self.recorder.register_histogram(&k, &META).record(waited.as_secs_f64());
+    }
+
+    /// Prometheus text of the event metrics.
+    pub fn render(&self) -> String {
+        let h = self.recorder.handle();
+        h.run_upkeep();
+        h.render()
+    }
+}
+
+struct Snapshot(PrometheusRecorder);
+
+impl Snapshot {
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], v: f64) {
+        self.0.register_gauge(&key(name, labels), &META).set(v);
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)], v: u64) {
+        self.0.register_counter(&key(name, labels), &META).absolute(v);
+    }
+}
+
+/// Everything, as Prometheus text: the state read now, then the events.
+pub fn render(shared: &Shared) -> String {
+    let s = Snapshot(recorder());
+    s.gauge("pgvalve_clients_connected", &[], shared.admission.clients() as f64);
+    s.counter(
+        "pgvalve_session_pins_total",
+        &[],
+        shared.pins.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    for i in shared.admission.identities() {
+        let id: &[(&'static str, &str)] = &[("identity", &i.identity)];
+        s.gauge("pgvalve_identity_client_connections", id, f64::from(i.clients));
+        s.gauge("pgvalve_identity_server_connections", id, f64::from(i.servers));
+        s.gauge("pgvalve_identity_waiting_clients", id, f64::from(i.waiting));
+        s.gauge(
+            "pgvalve_identity_max_client_connections",
+            id,
+            f64::from(i.limits.max_clients),
+        );
+        s.gauge(
+            "pgvalve_identity_max_server_connections",
+            id,
+            f64::from(i.limits.max_servers),
+        );
+        s.gauge("pgvalve_identity_login_rate", id, i.login_rate);
+        s.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
+        s.gauge("pgvalve_identity_client_growth_10s", id, i.delta_10s as f64);
+        s.gauge("pgvalve_identity_surging", id, if i.surging { 1.0 } else { 0.0 });
+        s.counter("pgvalve_identity_logins_total", id, i.counters.admitted);
+        s.counter("pgvalve_identity_server_grants_total", id, i.counters.grants);
+        s.counter("pgvalve_identity_server_grants_queued_total", id, i.counters.queued);
+        s.counter("pgvalve_surge_events_total", id, i.counters.surges);
+        for (reason, n) in &i.counters.refused {
+            s.counter(
+                "pgvalve_refusals_total",
+                &[("identity", &i.identity), ("reason", reason)],
+                *n,
+            );
+        }
+    }
+    for p in shared.pools.stats() {
+        let (db, user) = (p.key.database.as_str(), p.key.user.as_str());
+        let active = p.open.saturating_sub(p.idle) as f64;
+        s.gauge(
+            "pgvalve_pool_size",
+            &[("database", db), ("user", user)],
+            p.pool_size as f64,
+        );
+        for (state, v) in [("active", active), ("idle", p.idle as f64)] {
+            s.gauge(
+                "pgvalve_server_connections",
+                &[("database", db), ("user", user), ("state", state)],
+                v,
+            );
+        }
+        s.counter(
+            "pgvalve_server_connections_opened_total",
+            &[("database", db), ("user", user)],
+            p.created,
+        );
+    }
+    let mut out = s.0.handle().render();
+    out.push_str(&shared.events.render());
+    out
+}
