@@ -26,6 +26,10 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// program_limit_exceeded: a message above max_message_size.
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    /// syntax_error: an unknown console command.
+    pub const SYNTAX_ERROR: &str = "42601";
+    /// insufficient_privilege.
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// internal_error.
     pub const INTERNAL_ERROR: &str = "XX000";
 }

@@ -16,7 +16,7 @@
 //! - [`server`]: one PostgreSQL connection: login, reset, cancel.
 //! - [`protocol`]: header framing (hot path) and the messages the proxy says itself.
 //!
-//! Beside the flow: [`observe`] (Prometheus metrics) served by [`http`] with health checks,
+//! Beside the flow: [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (Prometheus metrics) served by [`http`] with health checks,
 //! [`config`] (load, validate), [`cancel`] (cancel-key routing),
 //! [`shutdown`] (phases), [`proxy`] (the handle that owns it all), [`testkit`] (throwaway
 //! PostgreSQL for tests and the demo), [`demo`], [`loadtest`] (the load-test harness).
@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod admission;
 pub mod cancel;
 pub mod client;

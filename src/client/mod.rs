@@ -89,6 +89,9 @@ pub enum SessionError {
     /// A feature the proxy does not offer.
     #[error("{0}")]
     Unsupported(String),
+    /// A user not in admin_users/stats_users asked for the console.
+    #[error("pgvalve: user \"{0}\" may not use the admin console (not in admin_users or stats_users)")]
+    NotConsoleUser(String),
 }
 
 impl SessionError {
@@ -97,7 +100,9 @@ impl SessionError {
         use SessionError::*;
         match self {
             ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_) | UnknownRole(_)
-            | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_) | Unsupported(_) => Side::Client,
+            | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_) | Unsupported(_) | NotConsoleUser(_) => {
+                Side::Client
+            }
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
             TooManyClients(_) | Checkout(_) | Refused(_) | Shutdown => Side::Proxy,
         }
@@ -130,6 +135,7 @@ impl SessionError {
             Server(e) => Some(e.client_error()),
             Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN, "pgvalve is shutting down".into()),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string()),
+            NotConsoleUser(_) => fatal(sqlstate::INSUFFICIENT_PRIVILEGE, self.to_string()),
         }
     }
 
@@ -229,11 +235,15 @@ async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, Se
     Err(SessionError::Protocol("too many encryption requests".into()))
 }
 
-async fn login(
-    shared: &Shared,
-    client: &mut ClientConn,
-    permit_ok: bool,
-) -> Result<Option<(StartupParams, Member)>, SessionError> {
+/// A client that passed login.
+enum LoggedIn {
+    /// An application client, admitted under its identity.
+    Client(StartupParams, Member),
+    /// A user of the admin console.
+    Console(crate::admin::Role),
+}
+
+async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Result<Option<LoggedIn>, SessionError> {
     let p = match opening(shared, client).await? {
         Opening::Cancel => return Ok(None),
         Opening::Startup(p) => p,
@@ -252,6 +262,11 @@ async fn login(
     tracing::Span::current()
         .record("user", p.user())
         .record("db", p.database());
+    if crate::admin::is_console(p.database()) {
+        auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
+        let role = crate::admin::role(shared, p.user()).ok_or_else(|| SessionError::NotConsoleUser(p.user().into()))?;
+        return Ok(Some(LoggedIn::Console(role)));
+    }
     // Before authentication: a client refused here costs no SCRAM work.
     let member = shared.admission.login(&client_facts(client, &p)).await;
     let member = member.inspect_err(|r| {
@@ -262,7 +277,15 @@ async fn login(
         messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
     }
     auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
-    Ok(Some((p, member)))
+    Ok(Some(LoggedIn::Client(p, member)))
+}
+
+/// What setup leads to.
+enum Entry {
+    /// An application session with its first server connection.
+    Session(Box<Started>),
+    /// The admin console.
+    Console(crate::admin::Role),
 }
 
 /// A logged-in client with its first server connection.
@@ -281,14 +304,15 @@ async fn session(
     permit: Option<ClientPermit>,
     span: &tracing::Span,
 ) -> Result<(), SessionError> {
-    let Some(Started {
+    let Started {
         mut server,
         key,
         params,
         seat,
-    }) = setup(shared, client, permit.is_some()).instrument(span.clone()).await?
-    else {
-        return Ok(());
+    } = match setup(shared, client, permit.is_some()).instrument(span.clone()).await? {
+        None => return Ok(()),
+        Some(Entry::Console(role)) => return crate::admin::serve(shared, client, role).await,
+        Some(Entry::Session(s)) => *s,
     };
     let route = &seat.route;
     let mode = Mode {
@@ -329,15 +353,16 @@ async fn session(
 
 /// Login, routing, a server connection with the client's parameters applied, and the
 /// welcome (ParameterStatus, BackendKeyData, ReadyForQuery). None for a cancel request.
-async fn setup(
-    shared: &Arc<Shared>,
-    client: &mut ClientConn,
-    permit_ok: bool,
-) -> Result<Option<Started>, SessionError> {
+async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -> Result<Option<Entry>, SessionError> {
     let timeout = shared.config.proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
-    let Some((p, member)) = login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? else {
-        return Ok(None);
+    let (p, member) = match login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? {
+        None => return Ok(None),
+        Some(LoggedIn::Console(role)) => {
+            messages::auth_ok(&mut client.wbuf);
+            return Ok(Some(Entry::Console(role)));
+        }
+        Some(LoggedIn::Client(p, member)) => (p, member),
     };
     let route = shared
         .config
@@ -373,10 +398,10 @@ async fn setup(
     messages::ready_for_query(b'I', &mut client.wbuf);
     client.flush().await?;
     tracing::debug!(backend_pid = server.pid, mode = %seat.route.pool_mode, "session started");
-    Ok(Some(Started {
+    Ok(Some(Entry::Session(Box::new(Started {
         server,
         key,
         params: p,
         seat,
-    }))
+    }))))
 }

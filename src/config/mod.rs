@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 pub use types::{
-    AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret, SessionStatePolicy,
-    UserConfig,
+    AdminSettings, AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret,
+    SessionStatePolicy, UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -154,6 +154,8 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// The listen address, parsed.
     pub listen: SocketAddr,
+    /// `[admin]`, checked against `[users]`.
+    pub admin: AdminSettings,
     /// `[http] listen`, parsed.
     pub http_listen: Option<SocketAddr>,
     /// `[admission]`, validated.
@@ -288,6 +290,10 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
                 pool_mode: None,
             },
         );
+        // Without a file the upstream user is the console's admin.
+        if !f.admin.admin_users.contains(&user) {
+            f.admin.admin_users.push(user.clone());
+        }
         f.users.insert(
             user,
             UserConfig {
@@ -398,6 +404,14 @@ impl Config {
         f.admission
             .validate()
             .map_err(|(field, reason)| invalid(&format!("admission.{field}"), reason))?;
+        for (field, list) in [
+            ("admin.admin_users", &f.admin.admin_users),
+            ("admin.stats_users", &f.admin.stats_users),
+        ] {
+            if let Some(u) = list.iter().find(|u| !users.contains_key(*u)) {
+                return Err(invalid(field, format!("user {u:?} is not in [users]")));
+            }
+        }
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = crate::admission::identity::Rule::new(r)
@@ -410,6 +424,7 @@ impl Config {
             databases: f.databases,
             users,
             listen,
+            admin: f.admin,
             http_listen,
             admission: f.admission,
             identities,

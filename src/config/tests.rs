@@ -83,6 +83,28 @@ fn quick_start_routes_any_database_to_upstream() {
     );
     assert_eq!(c.users["alice"].server_password, Some(Secret("s3cret".into())));
     assert!(!format!("{c:?}").contains("s3cret"));
+    assert_eq!(
+        c.admin.admin_users,
+        vec!["alice".to_string()],
+        "the upstream user is the console admin"
+    );
+}
+
+fn parse_and_validate(text: &str) -> Result<Config, ConfigError> {
+    Config::validate(parse_toml("t", text)?, "t")
+}
+
+#[test]
+fn console_users_must_exist_and_http_listen_must_parse() {
+    let e = parse_and_validate(&format!("{MINIMAL}\n[admin]\nadmin_users = [\"ghost\"]\n")).unwrap_err();
+    assert!(
+        e.to_string().contains("admin.admin_users") && e.to_string().contains("ghost"),
+        "{e}"
+    );
+    let e = parse_and_validate(&format!("{MINIMAL}\n[http]\nlisten = \"nowhere\"\n")).unwrap_err();
+    assert!(e.to_string().contains("http.listen"), "{e}");
+    let e = parse_and_validate(&format!("{MINIMAL}\n[admission]\nweight = 0\n")).unwrap_err();
+    assert!(e.to_string().contains("admission.weight"), "{e}");
 }
 
 #[test]

@@ -250,6 +250,16 @@ pub struct UserConfig {
     pub pool_mode: Option<PoolMode>,
 }
 
+/// `[admin]`: who may use the admin console (database `pgvalve`, alias `pgbouncer`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Users (from `[users]`) allowed every console command.
+    pub admin_users: Vec<String>,
+    /// Users (from `[users]`) allowed the read-only commands (SHOW ...).
+    pub stats_users: Vec<String>,
+}
+
 /// `[http]`: the metrics and health endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -277,6 +287,9 @@ pub struct FileConfig {
     /// `[http]`.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[admin]`.
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// `[admission]`: per-identity limits and surge detection.
     #[serde(default)]
     pub admission: crate::admission::AdmissionSettings,

@@ -9,7 +9,8 @@
 
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
+use pgwire::messages::response::{CommandComplete, ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, PasswordMessageFamily, SecretKey,
 };
@@ -107,6 +108,53 @@ pub fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
         ]),
         out,
     );
+}
+
+/// Column types the admin console uses (PostgreSQL type OIDs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// text.
+    Text,
+    /// int8.
+    Int8,
+    /// float8.
+    Float8,
+}
+
+/// RowDescription of text-format columns.
+pub fn row_description(columns: &[(&str, ColumnType)], out: &mut BytesMut) {
+    let fields = columns
+        .iter()
+        .map(|(name, t)| {
+            let (oid, size) = match t {
+                ColumnType::Text => (25, -1),
+                ColumnType::Int8 => (20, 8),
+                ColumnType::Float8 => (701, 8),
+            };
+            FieldDescription::new(name.to_string(), 0, 0, oid, size, -1, 0)
+        })
+        .collect();
+    put(RowDescription::new(fields), out);
+}
+
+/// DataRow of text values (None = NULL).
+pub fn data_row(values: &[Option<String>], out: &mut BytesMut) {
+    let mut data = BytesMut::new();
+    for v in values {
+        match v {
+            None => data.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(s) => {
+                data.extend_from_slice(&(s.len() as i32).to_be_bytes());
+                data.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+    put(DataRow::new(data, values.len() as i16), out);
+}
+
+/// CommandComplete with `tag`.
+pub fn command_complete(tag: &str, out: &mut BytesMut) {
+    put(CommandComplete::new(tag.to_string()), out);
 }
 
 /// The SASL payload of a client's SASLInitialResponse: `(mechanism, data)`.

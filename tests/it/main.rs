@@ -5,6 +5,7 @@ mod admission;
 mod auth;
 mod cli;
 mod compat;
+mod console;
 mod limits;
 mod queries;
 mod robustness;

@@ -1,0 +1,115 @@
+//! The admin console: the virtual database `pgvalve` (alias `pgbouncer`) on the proxy's own
+//! port, answering simple queries such as `SHOW LIMITS` from psql, as PgBouncer's does.
+//!
+//! Beside the flow: a client session whose startup packet names the console database is
+//! authenticated like any other client (SCRAM against `[users]`), must be listed in
+//! `[admin] admin_users` or `stats_users` (else FATAL 42501), takes no admission slot of an
+//! identity and no server connection, and is served here until it leaves.
+
+mod show;
+
+use crate::client::{ClientConn, SessionError};
+use crate::error::{sqlstate, PgError};
+use crate::protocol::messages;
+use crate::proxy::Shared;
+
+/// The console's database names.
+pub const DATABASES: &[&str] = &["pgvalve", "pgbouncer"];
+
+/// True when `database` is the console.
+pub fn is_console(database: &str) -> bool {
+    DATABASES.contains(&database)
+}
+
+/// What a console user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every command.
+    Admin,
+    /// SHOW commands only.
+    Stats,
+}
+
+/// The console role of `user`, if any.
+pub fn role(shared: &Shared, user: &str) -> Option<Role> {
+    let a = &shared.config.admin;
+    if a.admin_users.iter().any(|u| u == user) {
+        Some(Role::Admin)
+    } else if a.stats_users.iter().any(|u| u == user) {
+        Some(Role::Stats)
+    } else {
+        None
+    }
+}
+
+/// Serves a logged-in console user until Terminate or disconnect.
+///
+/// # Errors
+/// Client I/O and protocol errors.
+pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Result<(), SessionError> {
+    for (name, value) in [
+        (
+            "server_version",
+            concat!("16.0 (pgvalve ", env!("CARGO_PKG_VERSION"), ")"),
+        ),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("standard_conforming_strings", "on"),
+        ("integer_datetimes", "on"),
+    ] {
+        messages::parameter_status(name, value, &mut client.wbuf);
+    }
+    messages::backend_key_data(0, 0, &mut client.wbuf);
+    messages::ready_for_query(b'I', &mut client.wbuf);
+    client.flush().await?;
+    let max = shared.config.proxy.max_message_size.0.min(1 << 20);
+    let mut failed_extended = false;
+    loop {
+        let frame = client.read_frame(max).await?;
+        match frame.tag {
+            b'Q' => {
+                let body = frame.body();
+                let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
+                run(shared, role, &sql, &mut client.wbuf);
+                messages::ready_for_query(b'I', &mut client.wbuf);
+            }
+            b'X' => return Ok(()),
+            b'S' => {
+                failed_extended = false;
+                messages::ready_for_query(b'I', &mut client.wbuf);
+            }
+            _ if failed_extended => continue,
+            _ => {
+                // Parse/Bind/Execute...: refuse once, then skip to Sync, as PostgreSQL does.
+                failed_extended = true;
+                let e = PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the pgvalve console understands only simple queries (psql, or a driver's simple protocol)",
+                );
+                messages::error_response(&e, &mut client.wbuf);
+            }
+        }
+        client.flush().await?;
+    }
+}
+
+/// Runs one console command (several separated by `;` run in turn) into `out`.
+fn run(shared: &Shared, role: Role, sql: &str, out: &mut bytes::BytesMut) {
+    let commands: Vec<&str> = sql.split(';').map(str::trim).filter(|c| !c.is_empty()).collect();
+    if commands.is_empty() {
+        put_empty(out);
+        return;
+    }
+    for c in commands {
+        if let Err(e) = show::command(shared, role, c, out) {
+            messages::error_response(&e, out);
+            return;
+        }
+    }
+}
+
+fn put_empty(out: &mut bytes::BytesMut) {
+    // EmptyQueryResponse.
+    out.extend_from_slice(&[b'I', 0, 0, 0, 4]);
+}

@@ -1,0 +1,194 @@
+//! Console commands: parsing one command and answering it as a result table.
+//!
+//! Part of the admin console. Read-only `SHOW` commands for stats and admin users; anything
+//! else needs an admin user (42501 otherwise). Unknown commands get 42601 pointing at
+//! `SHOW HELP`.
+
+use bytes::BytesMut;
+
+use super::Role;
+use crate::error::{sqlstate, PgError};
+use crate::protocol::messages::{self, ColumnType};
+use crate::proxy::Shared;
+
+use ColumnType::{Float8, Int8, Text};
+
+/// Commands, for SHOW HELP.
+const HELP: &[(&str, &str)] = &[
+    ("SHOW HELP", "this list"),
+    ("SHOW VERSION", "pgvalve's version"),
+    (
+        "SHOW LIMITS",
+        "per client identity: limits, connections and waiters now, login rate, refusals by reason, surges",
+    ),
+    ("SHOW SURGES", "connection surge episodes, oldest first (the last 256)"),
+];
+
+struct Table {
+    columns: Vec<(&'static str, ColumnType)>,
+    rows: Vec<Vec<Option<String>>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, ColumnType)]) -> Self {
+        Self {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        messages::row_description(&self.columns, out);
+        for r in &self.rows {
+            messages::data_row(r, out);
+        }
+        messages::command_complete("SHOW", out);
+    }
+}
+
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+fn secs(d: std::time::Duration) -> Option<String> {
+    s(humantime::format_duration(std::time::Duration::from_millis(
+        d.as_millis() as u64,
+    )))
+}
+
+fn time(t: std::time::SystemTime) -> Option<String> {
+    s(humantime::format_rfc3339_millis(t))
+}
+
+fn limits(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("identity", Text),
+        ("rule", Text),
+        ("clients", Int8),
+        ("max_client_connections", Int8),
+        ("server_connections", Int8),
+        ("max_server_connections", Int8),
+        ("min_server_connections", Int8),
+        ("weight", Int8),
+        ("waiting", Int8),
+        ("max_queue", Int8),
+        ("queue_timeout", Text),
+        ("max_connect_rate", Float8),
+        ("connect_burst", Int8),
+        ("login_rate", Float8),
+        ("login_rate_10s", Float8),
+        ("login_rate_baseline", Float8),
+        ("client_growth_10s", Int8),
+        ("surging", Text),
+        ("surges", Int8),
+        ("logins", Int8),
+        ("grants", Int8),
+        ("grants_queued", Int8),
+        ("refused_client_cap", Int8),
+        ("refused_connect_rate", Int8),
+        ("refused_queue_full", Int8),
+        ("refused_server_cap", Int8),
+        ("refused_queue_timeout", Int8),
+    ]);
+    for i in shared.admission.identities() {
+        let (l, c) = (&i.limits, &i.counters);
+        let refused = |r: &str| s(c.refused.get(r).copied().unwrap_or(0));
+        t.rows.push(vec![
+            s(&i.identity),
+            i.rule.clone(),
+            s(i.clients),
+            s(l.max_clients),
+            s(i.servers),
+            s(l.max_servers),
+            s(l.min_servers),
+            s(l.weight),
+            s(i.waiting),
+            s(l.max_queue),
+            secs(l.queue_timeout),
+            s(l.connect_rate),
+            s(l.connect_burst),
+            s(i.login_rate),
+            s(i.login_rate_10s),
+            s(format!("{:.3}", i.baseline)),
+            s(i.delta_10s),
+            s(if i.surging { "yes" } else { "no" }),
+            s(c.surges),
+            s(c.admitted),
+            s(c.grants),
+            s(c.queued),
+            refused("client_cap"),
+            refused("connect_rate"),
+            refused("queue_full"),
+            refused("server_cap"),
+            refused("queue_timeout"),
+        ]);
+    }
+    t
+}
+
+fn surges(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("identity", Text),
+        ("started", Text),
+        ("ended", Text),
+        ("trigger", Text),
+        ("login_rate", Float8),
+        ("client_growth_10s", Int8),
+        ("login_rate_baseline", Float8),
+        ("peak_login_rate", Float8),
+        ("peak_client_growth_10s", Int8),
+    ]);
+    for e in shared.admission.surges() {
+        t.rows.push(vec![
+            s(&e.identity),
+            time(e.started),
+            e.ended.and_then(time),
+            s(e.trigger),
+            s(e.rate),
+            s(e.delta),
+            s(format!("{:.3}", e.baseline)),
+            s(e.peak_rate),
+            s(e.peak_delta),
+        ]);
+    }
+    t
+}
+
+/// Answers one command into `out`.
+///
+/// # Errors
+/// What the client is told: 42601 for an unknown command, 42501 for a command the user may
+/// not run.
+pub fn command(shared: &Shared, role: Role, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
+    let words: Vec<String> = command.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let table = match words.as_slice() {
+        ["SHOW", "HELP"] => {
+            let mut t = Table::new(&[("command", Text), ("description", Text)]);
+            t.rows = HELP.iter().map(|(c, d)| vec![s(c), s(d)]).collect();
+            t
+        }
+        ["SHOW", "VERSION"] => {
+            let mut t = Table::new(&[("version", Text)]);
+            t.rows.push(vec![s(concat!("pgvalve ", env!("CARGO_PKG_VERSION")))]);
+            t
+        }
+        ["SHOW", "LIMITS"] => limits(shared),
+        ["SHOW", "SURGES"] => surges(shared),
+        [first, ..] if *first != "SHOW" && role == Role::Stats => {
+            return Err(PgError::error(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("pgvalve: {first} needs an admin user (admin_users); stats users may only SHOW"),
+            ))
+        }
+        _ => {
+            return Err(PgError::error(
+                sqlstate::SYNTAX_ERROR,
+                format!("pgvalve console: unknown command {command:?}"),
+            )
+            .with_hint("SHOW HELP lists the commands."))
+        }
+    };
+    table.write(out);
+    Ok(())
+}
