@@ -142,3 +142,44 @@ async fn gigabyte_copy_out_streams_through_the_binary_in_bounded_memory() {
     assert!(peak < 64 * 1024, "pgvalve peaked at {peak} KiB while relaying 1 GB");
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_identity_caps_and_a_bad_file_keeps_the_running_config() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgvalve.toml");
+    let rules = |max: &str| {
+        format!("[[identity]]\nname = \"web\"\napplication_name = \"web*\"\nmax_client_connections = {max}\n")
+    };
+    std::fs::write(&file, rules("1")).unwrap();
+    let (child, url) = quick_start(&pg, &["-c", file.to_str().unwrap()]).await;
+    let web = format!("{url}?application_name=web");
+    let first = connect(&web).await.unwrap();
+    let e = connect(&web).await.unwrap_err();
+    assert!(e
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("(max_client_connections=1)"));
+    let hup = |child: &tokio::process::Child| {
+        let pid = child.id().unwrap().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    };
+    // An invalid file is refused as a whole: the cap stays 1.
+    std::fs::write(&file, rules("-3")).unwrap();
+    hup(&child);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect(&web).await.is_err());
+    std::fs::write(&file, rules("2")).unwrap();
+    hup(&child);
+    eventually(
+        Duration::from_secs(5),
+        "the raised cap admits a second client",
+        || async { connect(&web).await.is_ok() },
+    )
+    .await;
+    first
+        .simple_query("SELECT 1")
+        .await
+        .expect("the first client was not dropped");
+}
