@@ -240,3 +240,58 @@ async fn reload_changes_caps_of_connected_identities() {
         "rule gone: defaults"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn caps_hold_exactly_under_races() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let settings = AdmissionSettings {
+        max_client_connections: 7,
+        max_server_connections: 3,
+        queue_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let a = Admission::new(config(settings, vec![]), Default::default());
+    let (clients, servers) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let (peak_c, peak_s) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (a, clients, servers, peak_c, peak_s) = (
+                a.clone(),
+                clients.clone(),
+                servers.clone(),
+                peak_c.clone(),
+                peak_s.clone(),
+            );
+            tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..50 {
+                    let Ok(m) = a.login(&facts("race")).await else {
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    admitted += 1;
+                    peak_c.fetch_max(clients.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    for _ in 0..5 {
+                        let g = a.acquire(&m, &pool(), 100).await.unwrap();
+                        peak_s.fetch_max(servers.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        servers.fetch_sub(1, Ordering::SeqCst);
+                        drop(g);
+                    }
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    drop(m);
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert!(admitted > 50, "only {admitted} logins admitted");
+    assert_eq!(peak_c.load(Ordering::SeqCst), 7, "client cap");
+    assert_eq!(peak_s.load(Ordering::SeqCst), 3, "server cap (pool of 100)");
+    let s = a.identity("race").unwrap();
+    assert_eq!((s.clients, s.servers, s.waiting), (0, 0, 0));
+}
