@@ -16,7 +16,8 @@
 //! - [`server`]: one PostgreSQL connection: login, reset, cancel.
 //! - [`protocol`]: header framing (hot path) and the messages the proxy says itself.
 //!
-//! Beside the flow: [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (Prometheus metrics) served by [`http`] with health checks,
+//! Beside the flow: [`locks`] (the lock monitor), [`sessions`] (who uses which backend),
+//! [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (Prometheus metrics) served by [`http`] with health checks,
 //! [`config`] (load, validate), [`cancel`] (cancel-key routing),
 //! [`shutdown`] (phases), [`proxy`] (the handle that owns it all), [`testkit`] (throwaway
 //! PostgreSQL for tests and the demo), [`demo`], [`loadtest`] (the load-test harness).
@@ -36,11 +37,13 @@ pub mod error;
 pub mod http;
 pub mod listener;
 pub mod loadtest;
+pub mod locks;
 pub mod observe;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod sessions;
 pub mod shutdown;
 pub mod testkit;
 

@@ -147,6 +147,41 @@ pub fn render(shared: &Shared) -> String {
             p.created,
         );
     }
+    {
+        let locks = shared.locks.state();
+        let mut held: std::collections::HashMap<(String, String), u64> = Default::default();
+        let mut blocked = std::collections::HashSet::new();
+        for l in &locks.current {
+            if l.dangerous {
+                let id = l
+                    .session
+                    .as_ref()
+                    .map_or("external".to_string(), |x| x.identity.to_string());
+                *held.entry((id, l.row.mode.clone())).or_default() += 1;
+            }
+            if !l.row.granted {
+                blocked.insert(l.row.pid);
+            }
+        }
+        for ((id, mode), n) in held {
+            s.gauge(
+                "pgvalve_dangerous_locks",
+                &[("identity", &id), ("mode", &mode)],
+                n as f64,
+            );
+        }
+        s.gauge("pgvalve_blocked_backends", &[], blocked.len() as f64);
+        for (id, n) in &locks.episodes {
+            s.counter("pgvalve_lock_episodes_total", &[("identity", id)], *n);
+        }
+        for ((id, action), n) in &locks.actions {
+            s.counter(
+                "pgvalve_lock_actions_total",
+                &[("identity", id), ("action", action)],
+                *n,
+            );
+        }
+    }
     let mut out = s.0.handle().render();
     out.push_str(&shared.events.render());
     out

@@ -41,6 +41,10 @@ pub struct Shared {
     pub statements: Arc<crate::client::StatementRegistry>,
     /// Event metrics (histograms).
     pub events: crate::observe::Events,
+    /// Client sessions and the backends they use.
+    pub sessions: Arc<crate::sessions::Sessions>,
+    /// What the lock monitor saw.
+    pub locks: Arc<crate::locks::LockMonitor>,
 }
 
 /// A running proxy.
@@ -85,6 +89,8 @@ impl ProxyHandle {
             cancels: Arc::new(CancelRegistry::new()),
             admission: Admission::new(crate::admission::AdmissionConfig::from_config(&config), events.clone()),
             events,
+            sessions: Arc::default(),
+            locks: Arc::default(),
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
@@ -101,7 +107,8 @@ impl ProxyHandle {
         let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
         let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let mut tasks = vec![accept, reaper, ticker];
+        let monitor = tokio::spawn(crate::locks::run(shared.clone(), phase.clone()));
+        let mut tasks = vec![accept, reaper, ticker, monitor];
         if let Some(l) = http {
             tasks.push(tokio::spawn(crate::http::serve(l, shared.clone(), phase)));
             tracing::info!(addr = ?http_addr, "metrics and health on http://{}/metrics", http_addr.map(|a| a.to_string()).unwrap_or_default());

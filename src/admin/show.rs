@@ -22,6 +22,11 @@ const HELP: &[(&str, &str)] = &[
         "per client identity: limits, connections and waiters now, login rate, refusals by reason, surges",
     ),
     ("SHOW SURGES", "connection surge episodes, oldest first (the last 256)"),
+    (
+        "SHOW LOCKS",
+        "locks held (other than reads) and waited for, by backend, attributed to the pgvalve client or external",
+    ),
+    ("SHOW LOCK_HISTORY", "ended episodes of dangerous locks, oldest first"),
 ];
 
 struct Table {
@@ -154,6 +159,89 @@ fn surges(shared: &Shared) -> Table {
     t
 }
 
+fn locks(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("pid", Int8),
+        ("source", Text),
+        ("session_id", Int8),
+        ("identity", Text),
+        ("user", Text),
+        ("application_name", Text),
+        ("client_addr", Text),
+        ("state", Text),
+        ("relation", Text),
+        ("locktype", Text),
+        ("mode", Text),
+        ("granted", Text),
+        ("dangerous", Text),
+        ("held_seconds", Float8),
+        ("xact_age_seconds", Float8),
+        ("blocks", Int8),
+        ("blocks_total", Int8),
+        ("query", Text),
+    ]);
+    for l in &shared.locks.state().current {
+        let (r, sess) = (&l.row, l.session.as_ref());
+        t.rows.push(vec![
+            s(r.pid),
+            s(if sess.is_some() { "pgvalve" } else { "external" }),
+            sess.map(|x| x.id.to_string()),
+            s(sess.map_or("external".to_string(), |x| x.identity.to_string())),
+            s(&r.user),
+            s(sess.map_or(r.application_name.clone(), |x| x.application_name.clone())),
+            s(sess.map_or(r.addr.clone(), |x| x.addr.to_string())),
+            s(&r.state),
+            r.relation.clone(),
+            s(&r.locktype),
+            s(&r.mode),
+            s(if r.granted { "yes" } else { "no" }),
+            s(if l.dangerous { "yes" } else { "no" }),
+            s(format!("{:.1}", l.held.as_secs_f64())),
+            r.xact_age.map(|a| format!("{a:.1}")),
+            s(l.blocks),
+            s(l.blocks_total),
+            s(&r.query),
+        ]);
+    }
+    t
+}
+
+fn lock_history(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("identity", Text),
+        ("session_id", Int8),
+        ("pid", Int8),
+        ("client_addr", Text),
+        ("relation", Text),
+        ("mode", Text),
+        ("started", Text),
+        ("ended", Text),
+        ("held_seconds", Float8),
+        ("max_blocked", Int8),
+        ("ended_by", Text),
+    ]);
+    for e in &shared.locks.state().history {
+        let held = e
+            .ended
+            .and_then(|end| end.duration_since(e.started).ok())
+            .unwrap_or_default();
+        t.rows.push(vec![
+            s(&e.identity),
+            e.session_id.map(|i| i.to_string()),
+            s(e.pid),
+            s(&e.addr),
+            s(&e.relation),
+            s(&e.mode),
+            time(e.started),
+            e.ended.and_then(time),
+            s(format!("{:.1}", held.as_secs_f64())),
+            s(e.max_blocked),
+            s(&e.ended_by),
+        ]);
+    }
+    t
+}
+
 /// Answers one command into `out`.
 ///
 /// # Errors
@@ -175,6 +263,8 @@ pub fn command(shared: &Shared, role: Role, command: &str, out: &mut BytesMut) -
         }
         ["SHOW", "LIMITS"] => limits(shared),
         ["SHOW", "SURGES"] => surges(shared),
+        ["SHOW", "LOCKS"] => locks(shared),
+        ["SHOW", "LOCK_HISTORY"] => lock_history(shared),
         [first, ..] if *first != "SHOW" && role == Role::Stats => {
             return Err(PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,

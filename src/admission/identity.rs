@@ -46,6 +46,11 @@ pub struct IdentityRule {
     pub connect_burst: Option<u32>,
     /// See `[admission]`.
     pub surge_damping: Option<f64>,
+    /// See `[admission]`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_lock_hold: Option<std::time::Duration>,
+    /// See `[admission]`.
+    pub lock_action: Option<super::limits::LockAction>,
 }
 
 /// A validated rule.
@@ -157,6 +162,8 @@ impl Rule {
             max_connect_rate: r.max_connect_rate,
             connect_burst: r.connect_burst,
             surge_damping: r.surge_damping,
+            max_lock_hold: r.max_lock_hold,
+            lock_action: r.lock_action,
         };
         limits::validate(&limits)?;
         Ok(Rule {

@@ -8,6 +8,31 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// What the lock monitor does with a session that holds a dangerous lock past `max_lock_hold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockAction {
+    /// Log and count only.
+    #[default]
+    Warn,
+    /// Cancel the running statement; a holder idle in its transaction has nothing to cancel
+    /// and is ended as with `terminate`.
+    Cancel,
+    /// End the transaction: the server connection is closed (PostgreSQL rolls back) and the
+    /// client gets FATAL 57P01 saying why.
+    Terminate,
+}
+
+impl std::fmt::Display for LockAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockAction::Warn => "warn",
+            LockAction::Cancel => "cancel",
+            LockAction::Terminate => "terminate",
+        })
+    }
+}
+
 /// `[admission]`: limits that apply to every identity unless its rule overrides them, and
 /// the surge detector's thresholds. A 0 means "no limit" for the caps.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -45,6 +70,12 @@ pub struct AdmissionSettings {
     /// During a surge, limit the identity's logins to this fraction of its max_connect_rate
     /// (or of surge_min_rate when it has none); 0 = only detect.
     pub surge_damping: f64,
+    /// Longest an identity's session may hold a dangerous lock (or block others) before
+    /// `lock_action` ("0s" = no limit).
+    #[serde(with = "humantime_serde")]
+    pub max_lock_hold: Duration,
+    /// What happens past `max_lock_hold`.
+    pub lock_action: LockAction,
 }
 
 impl Default for AdmissionSettings {
@@ -64,6 +95,8 @@ impl Default for AdmissionSettings {
             surge_delta: 50,
             surge_cooldown: Duration::from_secs(10),
             surge_damping: 0.0,
+            max_lock_hold: Duration::ZERO,
+            lock_action: LockAction::Warn,
         }
     }
 }
@@ -91,6 +124,10 @@ pub struct LimitOverrides {
     pub connect_burst: Option<u32>,
     /// See [`AdmissionSettings::surge_damping`].
     pub surge_damping: Option<f64>,
+    /// See [`AdmissionSettings::max_lock_hold`].
+    pub max_lock_hold: Option<Duration>,
+    /// See [`AdmissionSettings::lock_action`].
+    pub lock_action: Option<LockAction>,
 }
 
 /// The limits one identity runs under.
@@ -118,6 +155,10 @@ pub struct Limits {
     pub connect_burst: u32,
     /// Fraction of the connect rate allowed during a surge (0 = no damping).
     pub surge_damping: f64,
+    /// Longest hold of a dangerous lock (zero = no limit).
+    pub max_lock_hold: Duration,
+    /// What happens past it.
+    pub lock_action: LockAction,
 }
 
 impl Limits {
@@ -141,6 +182,8 @@ impl Limits {
             connect_rate: rate,
             connect_burst: if burst == 0 { (rate.ceil() as u32).max(1) } else { burst },
             surge_damping: o.surge_damping.unwrap_or(defaults.surge_damping),
+            max_lock_hold: o.max_lock_hold.unwrap_or(defaults.max_lock_hold),
+            lock_action: o.lock_action.unwrap_or(defaults.lock_action),
         }
     }
 }
@@ -201,6 +244,8 @@ impl AdmissionSettings {
             max_connect_rate: Some(self.max_connect_rate),
             connect_burst: Some(self.connect_burst),
             surge_damping: Some(self.surge_damping),
+            max_lock_hold: Some(self.max_lock_hold),
+            lock_action: Some(self.lock_action),
         }
     }
 

@@ -29,7 +29,7 @@ mod tick;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-pub use limits::{AdmissionSettings, LimitOverrides, Limits};
+pub use limits::{AdmissionSettings, LimitOverrides, Limits, LockAction};
 pub use refusal::Refusal;
 pub use surge::SurgeEvent;
 pub use tick::IdentityStatus;

@@ -165,6 +165,14 @@ impl Admission {
         self.identities().into_iter().find(|s| s.identity == id)
     }
 
+    /// An identity's lock policy: (max_lock_hold, lock_action).
+    pub fn lock_policy(&self, id: &str) -> Option<(Duration, super::LockAction)> {
+        self.state()
+            .ids
+            .get(id)
+            .map(|i| (i.limits.max_lock_hold, i.limits.lock_action))
+    }
+
     /// Surge episodes, oldest first (bounded history).
     pub fn surges(&self) -> Vec<SurgeEvent> {
         self.state().surges.iter().cloned().collect()

@@ -188,6 +188,8 @@ fn client_facts<'a>(client: &ClientConn, p: &'a StartupParams) -> crate::admissi
 /// Where a logged-in client's server connections come from: its admission membership (its
 /// identity) and its pool.
 pub(crate) struct Seat {
+    /// In the session registry while the session lives.
+    registered: crate::sessions::Registered,
     member: Member,
     route: Route,
     /// The pool's name in admission: `database "d" user "u"`.
@@ -214,7 +216,14 @@ impl Seat {
                 acquire.await?
             }
         };
-        Ok(shared.pools.checkout(&self.route, Some(grant)).await?)
+        let server = shared.pools.checkout(&self.route, Some(grant)).await?;
+        self.registered.info.set_backend(server.pid);
+        Ok(server)
+    }
+
+    /// The session gave its server connection back.
+    pub(crate) fn checked_in(&self) {
+        self.registered.info.set_backend(0);
     }
 }
 
@@ -334,6 +343,7 @@ async fn session(
             transaction: shared.config.pool.transaction_timeout,
         },
         cancel: None,
+        session: Some(seat.registered.info.clone()),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
             || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
         ),
@@ -372,7 +382,15 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
     client.flush().await?;
 
     let key = shared.cancels.register();
+    let registered = shared.sessions.register(crate::sessions::NewSession {
+        identity: member.identity().clone(),
+        user: route.user.clone(),
+        database: route.database.clone(),
+        application_name: p.application_name().unwrap_or("").to_string(),
+        addr: client.peer,
+    });
     let seat = Seat {
+        registered,
         pool: format!("database \"{}\" user \"{}\"", route.database, route.user).into(),
         member,
         route,

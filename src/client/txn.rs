@@ -64,6 +64,7 @@ pub async fn serve(
     mut mode: Mode,
 ) -> Result<(), SessionError> {
     first.checkin();
+    seat.checked_in();
     let max = shared.config.proxy.max_message_size.0;
     let reset = &shared.config.pool.server_reset_query;
     let mut phase = shared.phase.clone();
@@ -86,6 +87,7 @@ pub async fn serve(
         }
         let mut server = seat.checkout(shared, client).await?;
         if let Err(e) = prepare_server(&mut server, p, &reported, params).await {
+            seat.checked_in();
             server.checkin();
             return Err(e);
         }
@@ -97,6 +99,7 @@ pub async fn serve(
             params = params_key(p, &reported);
             server.applied = params;
         }
+        seat.checked_in();
         match end {
             Ok(RelayEnd::Idle) => server.checkin(),
             other => {

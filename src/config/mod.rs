@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 pub use types::{
-    AdminSettings, AuthType, ByteSize, DatabaseConfig, FileConfig, PoolMode, PoolSettings, ProxySettings, Secret,
-    SessionStatePolicy, UserConfig,
+    AdminSettings, AuthType, ByteSize, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings, ProxySettings,
+    Secret, SessionStatePolicy, UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -156,6 +156,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `[admin]`, checked against `[users]`.
     pub admin: AdminSettings,
+    /// `[locks]`, checked.
+    pub locks: LockSettings,
     /// `[http] listen`, parsed.
     pub http_listen: Option<SocketAddr>,
     /// `[admission]`, validated.
@@ -412,6 +414,26 @@ impl Config {
                 return Err(invalid(field, format!("user {u:?} is not in [users]")));
             }
         }
+        let l = &f.locks;
+        if l.poll_interval < std::time::Duration::from_millis(100) || l.poll_timeout.is_zero() {
+            return Err(invalid(
+                "locks.poll_interval",
+                "poll_interval must be at least 100ms and poll_timeout more than 0s".into(),
+            ));
+        }
+        if let Some(m) = l
+            .dangerous_modes
+            .iter()
+            .find(|m| !types::LOCK_MODES.contains(&m.as_str()))
+        {
+            return Err(invalid(
+                "locks.dangerous_modes",
+                format!("{m:?} is not a lock mode ({})", types::LOCK_MODES.join(", ")),
+            ));
+        }
+        if let Some(u) = l.user.as_ref().filter(|u| !users.contains_key(*u)) {
+            return Err(invalid("locks.user", format!("user {u:?} is not in [users]")));
+        }
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = crate::admission::identity::Rule::new(r)
@@ -425,6 +447,7 @@ impl Config {
             users,
             listen,
             admin: f.admin,
+            locks: f.locks,
             http_listen,
             admission: f.admission,
             identities,

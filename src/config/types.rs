@@ -260,6 +260,60 @@ pub struct AdminSettings {
     pub stats_users: Vec<String>,
 }
 
+/// `[locks]`: the lock monitor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockSettings {
+    /// Run the monitor.
+    pub enabled: bool,
+    /// How often pg_locks is polled (lock_poll_interval).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Statement timeout of one poll.
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    /// Log a lock episode (one WARN line) once a dangerous lock has been held, or any lock has
+    /// blocked others, this long (lock_warn_after).
+    #[serde(with = "humantime_serde")]
+    pub warn_after: Duration,
+    /// Lock modes that are dangerous when held.
+    pub dangerous_modes: Vec<String>,
+    /// Ended lock episodes kept for SHOW LOCK_HISTORY.
+    pub history: usize,
+    /// The user (from [users]) the monitor logs in as (default: the first user).
+    pub user: Option<String>,
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval: Duration::from_secs(1),
+            poll_timeout: Duration::from_secs(2),
+            warn_after: Duration::from_secs(10),
+            dangerous_modes: vec![
+                "ShareRowExclusiveLock".into(),
+                "ExclusiveLock".into(),
+                "AccessExclusiveLock".into(),
+            ],
+            history: 1000,
+            user: None,
+        }
+    }
+}
+
+/// PostgreSQL's table lock modes.
+pub const LOCK_MODES: &[&str] = &[
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+];
+
 /// `[http]`: the metrics and health endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +344,9 @@ pub struct FileConfig {
     /// `[admin]`.
     #[serde(default)]
     pub admin: AdminSettings,
+    /// `[locks]`.
+    #[serde(default)]
+    pub locks: LockSettings,
     /// `[admission]`: per-identity limits and surge detection.
     #[serde(default)]
     pub admission: crate::admission::AdmissionSettings,

@@ -7,6 +7,7 @@ mod cli;
 mod compat;
 mod console;
 mod limits;
+mod locks;
 mod queries;
 mod robustness;
 mod sessions;

@@ -77,6 +77,9 @@ pub struct Mode {
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
+    /// The session in the registry: a verdict delivered to it (by the lock monitor) ends the
+    /// relay with that error, closing the server connection.
+    pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
 }
 
 /// What the session knows of the server connection's state, from headers alone.
@@ -366,6 +369,13 @@ where
         .timeouts
         .any()
         .then(|| Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))));
+    let session = mode.session.clone();
+    let mut verdict = std::pin::pin!(async move {
+        match &session {
+            Some(s) => s.verdict.wait().await,
+            None => std::future::pending().await,
+        }
+    });
 
     let end: Result<RelayEnd, SessionError> = loop {
         let client_sent = c_new;
@@ -501,6 +511,10 @@ where
                     out.timeout_error = Some(e);
                     break Ok(RelayEnd::TimedOut);
                 }
+            },
+            e = &mut verdict => {
+                out.timeout_error = Some(e);
+                break Ok(RelayEnd::TimedOut);
             },
             r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
                 Ok(n) if n > 0 => c_new = true,

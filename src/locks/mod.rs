@@ -1,0 +1,203 @@
+//! The lock monitor: which sessions hold which locks, attributed to the pgvalve client that
+//! holds them, and the `max_lock_hold` policy that acts only on the offender.
+//!
+//! Beside the flow. One task per proxy polls, every `[locks] poll_interval`, each database
+//! pgvalve serves, over its own tokio-postgres connection (never one from the client pools):
+//! one query joining `pg_locks`, `pg_stat_activity` and `pg_blocking_pids()`, bounded by a
+//! statement timeout, one poll in flight at a time. Backends are mapped to sessions through
+//! the session registry (which backend each session uses now); [`record`] keeps current
+//! locks, episodes and history and says which actions are due; this module carries them out.
+//! A lost connection (PostgreSQL restarted) is re-opened at the next poll.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+pub use record::{Episode, LockView, Recorder, Row};
+
+use crate::proxy::Shared;
+use crate::shutdown::Phase;
+
+const POLL_SQL: &str = "
+SELECT l.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
+       coalesce(host(a.client_addr) || ':' || a.client_port, 'local'), coalesce(a.state, ''),
+       extract(epoch FROM now() - a.xact_start)::float8, left(coalesce(a.query, ''), 200),
+       l.locktype, l.mode, l.granted, c.relname::text,
+       CASE WHEN l.granted THEN NULL ELSE pg_blocking_pids(l.pid) END
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+LEFT JOIN pg_class c ON c.oid = l.relation
+WHERE l.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND (NOT l.granted
+       OR (l.locktype = 'relation' AND l.mode <> 'AccessShareLock'
+           AND c.relkind IN ('r', 'p', 'm') AND c.relnamespace <> 'pg_catalog'::regnamespace))";
+
+/// The lock monitor's shared state (SHOW LOCKS, SHOW LOCK_HISTORY, metrics).
+#[derive(Debug, Default)]
+pub struct LockMonitor {
+    recorder: Mutex<Recorder>,
+}
+
+impl LockMonitor {
+    /// The recorded state.
+    pub fn state(&self) -> MutexGuard<'_, Recorder> {
+        self.recorder.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A database to watch, with the credentials to do it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Target {
+    host: String,
+    port: u16,
+    dbname: String,
+    user: String,
+    password: Option<String>,
+}
+
+/// The databases in use: every configured one, and those reached through `"*"` that have a
+/// pool.
+fn targets(shared: &Shared) -> Vec<Target> {
+    let c = &shared.config;
+    let Some(user) = c.locks.user.clone().or_else(|| c.users.keys().next().cloned()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = c.databases.keys().filter(|d| *d != "*").cloned().collect();
+    names.extend(shared.pools.stats().into_iter().map(|p| p.key.database));
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .filter_map(|d| c.route(d, &user))
+        .map(|r| Target {
+            host: r.host,
+            port: r.port,
+            dbname: r.server_dbname,
+            password: c
+                .users
+                .get(&user)
+                .and_then(|u| u.server_password.as_ref())
+                .map(|p| p.0.clone()),
+            user: user.clone(),
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+async fn open(t: &Target, timeout: Duration) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::from_str("postgres://")?;
+    cfg.host(&t.host)
+        .port(t.port)
+        .dbname(&t.dbname)
+        .user(&t.user)
+        .application_name("pgvalve lock monitor")
+        .options(format!("-c statement_timeout={}", timeout.as_millis()))
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(p) = &t.password {
+        cfg.password(p);
+    }
+    let (client, conn) = cfg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let rows = client.query(POLL_SQL, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Row {
+            pid: r.get(0),
+            user: r.get(1),
+            application_name: r.get(2),
+            addr: r.get(3),
+            state: r.get(4),
+            xact_age: r.get(5),
+            query: r.get(6),
+            locktype: r.get(7),
+            mode: r.get(8),
+            granted: r.get(9),
+            relation: r.get(10),
+            blocked_by: r.get::<_, Option<Vec<i32>>>(11).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// One round: poll every target, record, act.
+async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Client>) {
+    let cfg = &shared.config.locks;
+    let mut rows = Vec::new();
+    let mut owner: HashMap<i32, Target> = HashMap::new();
+    for t in targets(shared) {
+        if !conns.contains_key(&t) {
+            match open(&t, cfg.poll_timeout).await {
+                Ok(c) => {
+                    conns.insert(t.clone(), c);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, db = %t.dbname, "lock monitor cannot connect; retrying next poll");
+                    continue;
+                }
+            }
+        }
+        match poll(&conns[&t]).await {
+            Ok(r) => {
+                owner.extend(r.iter().map(|row| (row.pid, t.clone())));
+                rows.extend(r);
+            }
+            Err(e) => {
+                tracing::info!(error = %e, db = %t.dbname, "lock poll failed; reconnecting next poll");
+                conns.remove(&t);
+            }
+        }
+    }
+    let rules = record::Rules {
+        dangerous_modes: cfg.dangerous_modes.clone(),
+        warn_after: cfg.warn_after,
+        history: cfg.history,
+    };
+    let sessions = shared.sessions.by_backend();
+    let acts = shared
+        .locks
+        .state()
+        .update(rows, &sessions, &rules, |id| shared.admission.lock_policy(id));
+    for a in acts {
+        let (pid, sql) = match a {
+            record::Act::Terminate(_, Some(s), e) => {
+                s.verdict.deliver(e);
+                continue;
+            }
+            record::Act::Terminate(pid, None, _) => (pid, "SELECT pg_terminate_backend($1)"),
+            record::Act::Cancel(pid) => (pid, "SELECT pg_cancel_backend($1)"),
+        };
+        if let Some(c) = owner.get(&pid).and_then(|t| conns.get(t)) {
+            if let Err(e) = c.execute(sql, &[&pid]).await {
+                tracing::warn!(error = %e, pid, "lock monitor could not signal the backend");
+            }
+        }
+    }
+}
+
+/// Polls until the proxy stops.
+pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    if !shared.config.locks.enabled {
+        return;
+    }
+    let mut every = tokio::time::interval(shared.config.locks.poll_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conns = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = every.tick() => round(&shared, &mut conns).await,
+            r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! What the lock monitor keeps: the current lock holders and waiters, attributed to pgvalve
+//! sessions (or marked external), lock episodes with their history, and the policy actions
+//! that are due.
+//!
+//! Part of the lock monitor; plain data, no I/O: [`Recorder::update`] takes one poll's rows
+//! and says which actions to take.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::admission::LockAction;
+use crate::error::PgError;
+use crate::sessions::SessionInfo;
+
+/// One row of the poll: a lock of a backend, with the backend's activity.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// Backend pid.
+    pub pid: i32,
+    /// Role.
+    pub user: String,
+    /// application_name PostgreSQL sees.
+    pub application_name: String,
+    /// Address PostgreSQL sees.
+    pub addr: String,
+    /// active, idle in transaction, ...
+    pub state: String,
+    /// Seconds since the transaction began.
+    pub xact_age: Option<f64>,
+    /// Current or last query, truncated.
+    pub query: String,
+    /// relation, tuple, transactionid, ...
+    pub locktype: String,
+    /// Lock mode.
+    pub mode: String,
+    /// Held (true) or waited for (false).
+    pub granted: bool,
+    /// Relation name when the lock is on one.
+    pub relation: Option<String>,
+    /// For a waiting lock: the backends it waits for.
+    pub blocked_by: Vec<i32>,
+}
+
+/// A lock as SHOW LOCKS shows it.
+#[derive(Debug, Clone)]
+pub struct LockView {
+    /// The row.
+    pub row: Row,
+    /// The pgvalve session the backend serves (None: external).
+    pub session: Option<Arc<SessionInfo>>,
+    /// Dangerous mode, or blocking others.
+    pub dangerous: bool,
+    /// Since the monitor first saw it.
+    pub held: Duration,
+    /// Backends waiting directly on this backend.
+    pub blocks: usize,
+    /// Backends waiting on it directly or through others.
+    pub blocks_total: usize,
+}
+
+/// One lock episode: a dangerous lock held from first to last sight.
+#[derive(Debug, Clone)]
+pub struct Episode {
+    /// Backend pid.
+    pub pid: i32,
+    /// Client identity, or "external".
+    pub identity: String,
+    /// pgvalve session id.
+    pub session_id: Option<u64>,
+    /// Client address (the pgvalve client's, or the one PostgreSQL sees).
+    pub addr: String,
+    /// Relation.
+    pub relation: String,
+    /// Mode.
+    pub mode: String,
+    /// First seen.
+    pub started: SystemTime,
+    since: Instant,
+    /// Last seen, once ended.
+    pub ended: Option<SystemTime>,
+    /// Most backends it blocked at once (transitively).
+    pub max_blocked: usize,
+    /// released, or what pgvalve did.
+    pub ended_by: String,
+    warned: bool,
+    acted: Option<LockAction>,
+}
+
+impl Episode {
+    /// How long it was (or has been) held.
+    pub fn held(&self) -> Duration {
+        self.since.elapsed()
+    }
+}
+
+/// An action the monitor must take now.
+#[derive(Debug)]
+pub enum Act {
+    /// pg_cancel_backend(pid).
+    Cancel(i32),
+    /// End the session's transaction: the verdict is delivered to the session; the pid is
+    /// terminated from the monitor if it still holds the lock at the next poll.
+    Terminate(i32, Option<Arc<SessionInfo>>, PgError),
+}
+
+/// Monitor settings the recorder needs.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Dangerous lock modes.
+    pub dangerous_modes: Vec<String>,
+    /// WARN after.
+    pub warn_after: Duration,
+    /// History bound.
+    pub history: usize,
+}
+
+/// Current locks, open episodes, history, counters.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    open: HashMap<(i32, String, String), Episode>,
+    /// Ended episodes, oldest first.
+    pub history: VecDeque<Episode>,
+    /// The last poll's locks.
+    pub current: Vec<LockView>,
+    /// Episodes so far per identity.
+    pub episodes: HashMap<String, u64>,
+    /// Policy actions so far per (identity, action).
+    pub actions: HashMap<(String, String), u64>,
+    /// Backends ordered ended by pgvalve, terminated from the monitor if still there.
+    pending_terminate: HashSet<i32>,
+}
+
+/// Backends blocked by each pid: (direct, transitive).
+fn blocking(rows: &[Row]) -> HashMap<i32, (usize, usize)> {
+    let mut edges: HashMap<i32, HashSet<i32>> = HashMap::new();
+    for r in rows.iter().filter(|r| !r.granted) {
+        for b in &r.blocked_by {
+            edges.entry(*b).or_default().insert(r.pid);
+        }
+    }
+    edges
+        .keys()
+        .map(|&p| {
+            let mut seen = HashSet::new();
+            let mut todo = vec![p];
+            while let Some(x) = todo.pop() {
+                for &y in edges.get(&x).into_iter().flatten() {
+                    if y != p && seen.insert(y) {
+                        todo.push(y);
+                    }
+                }
+            }
+            (p, (edges[&p].len(), seen.len()))
+        })
+        .collect()
+}
+
+impl Recorder {
+    /// Takes one poll. `sessions` maps backend pids to pgvalve sessions; `policy` gives an
+    /// identity's (max_lock_hold, lock_action). Returns the actions due.
+    pub fn update(
+        &mut self,
+        rows: Vec<Row>,
+        sessions: &HashMap<i32, Arc<SessionInfo>>,
+        rules: &Rules,
+        policy: impl Fn(&str) -> Option<(Duration, LockAction)>,
+    ) -> Vec<Act> {
+        let blocks = blocking(&rows);
+        let mut acts = Vec::new();
+        let mut seen = HashSet::new();
+        // Ordered ended at the last poll and still holding: terminate from the monitor.
+        let still: Vec<i32> = self
+            .pending_terminate
+            .drain()
+            .filter(|p| rows.iter().any(|r| r.pid == *p))
+            .collect();
+        for pid in still {
+            acts.push(Act::Terminate(pid, None, PgError::fatal("57P01", "")));
+        }
+        self.current.clear();
+        for row in rows {
+            let (b, bt) = blocks.get(&row.pid).copied().unwrap_or((0, 0));
+            let session = sessions.get(&row.pid).cloned();
+            let dangerous = row.granted && (rules.dangerous_modes.contains(&row.mode) || b > 0);
+            let mut held = Duration::ZERO;
+            if dangerous {
+                let relation = row.relation.clone().unwrap_or_else(|| row.locktype.clone());
+                let key = (row.pid, relation.clone(), row.mode.clone());
+                seen.insert(key.clone());
+                let ep = self.open.entry(key).or_insert_with(|| Episode {
+                    pid: row.pid,
+                    identity: session.as_ref().map_or("external".into(), |s| s.identity.to_string()),
+                    session_id: session.as_ref().map(|s| s.id),
+                    addr: session.as_ref().map_or(row.addr.clone(), |s| s.addr.to_string()),
+                    relation,
+                    mode: row.mode.clone(),
+                    started: SystemTime::now(),
+                    since: Instant::now(),
+                    ended: None,
+                    max_blocked: 0,
+                    ended_by: "released".into(),
+                    warned: false,
+                    acted: None,
+                });
+                ep.max_blocked = ep.max_blocked.max(bt);
+                held = ep.held();
+                if !ep.warned && held >= rules.warn_after {
+                    ep.warned = true;
+                    tracing::warn!(
+                        identity = %ep.identity, session = ?ep.session_id, pid = ep.pid, client = %ep.addr,
+                        relation = %ep.relation, mode = %ep.mode, held_seconds = held.as_secs(), blocked = bt,
+                        state = %row.state, query = %row.query, "lock held"
+                    );
+                }
+                if let (Some(s), None) = (&session, ep.acted) {
+                    if let Some((limit, action)) = policy(&s.identity).filter(|(l, _)| !l.is_zero() && held >= *l) {
+                        ep.acted = Some(action);
+                        acts.extend(act(ep, s, &row, limit, action, held));
+                        *self
+                            .actions
+                            .entry((ep.identity.clone(), action.to_string()))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            self.current.push(LockView {
+                row,
+                session,
+                dangerous,
+                held,
+                blocks: b,
+                blocks_total: bt,
+            });
+        }
+        self.close_unseen(&seen, rules.history);
+        for a in &acts {
+            if let Act::Terminate(pid, Some(_), _) = a {
+                self.pending_terminate.insert(*pid);
+            }
+        }
+        acts
+    }
+
+    fn close_unseen(&mut self, seen: &HashSet<(i32, String, String)>, bound: usize) {
+        let ended: Vec<_> = self.open.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for k in ended {
+            let mut ep = self.open.remove(&k).expect("invariant: listed above");
+            ep.ended = Some(SystemTime::now());
+            if let Some(a) = ep.acted {
+                ep.ended_by = format!("{a} by pgvalve");
+            }
+            *self.episodes.entry(ep.identity.clone()).or_default() += 1;
+            if ep.warned || ep.acted.is_some() {
+                tracing::info!(identity = %ep.identity, pid = ep.pid, relation = %ep.relation, mode = %ep.mode,
+                    held_seconds = ep.held().as_secs(), ended_by = %ep.ended_by, "lock released");
+            }
+            while self.history.len() >= bound.max(1) {
+                self.history.pop_front();
+            }
+            self.history.push_back(ep);
+        }
+    }
+}
+
+fn act(
+    ep: &Episode,
+    s: &Arc<SessionInfo>,
+    row: &Row,
+    limit: Duration,
+    action: LockAction,
+    held: Duration,
+) -> Option<Act> {
+    let human = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string();
+    tracing::warn!(identity = %ep.identity, session = s.id, pid = ep.pid, relation = %ep.relation, mode = %ep.mode,
+        held_seconds = held.as_secs(), %action, state = %row.state, "max_lock_hold reached");
+    let what = format!(
+        "client \"{}\" held {} on relation \"{}\" for {} (max_lock_hold={}, lock_action={action})",
+        ep.identity,
+        ep.mode,
+        ep.relation,
+        human(held),
+        human(limit)
+    );
+    match action {
+        LockAction::Warn => None,
+        LockAction::Cancel if row.state == "active" => Some(Act::Cancel(ep.pid)),
+        LockAction::Cancel | LockAction::Terminate => {
+            let e = PgError::fatal("57P01", format!("pgvalve: terminating connection: {what}"))
+                .with_hint("Keep transactions that take strong locks short; the transaction was rolled back.");
+            Some(Act::Terminate(ep.pid, Some(s.clone()), e))
+        }
+    }
+}

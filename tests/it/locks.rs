@@ -1,0 +1,197 @@
+//! The lock monitor against real PostgreSQL: holders named by identity in SHOW LOCKS with the
+//! blocked count, FOR UPDATE and external holders, max_lock_hold acting only on the
+//! offender (terminate, cancel), the history, and a PostgreSQL restart.
+
+use std::time::Duration;
+
+use pgvalve::admission::identity::IdentityRule;
+use pgvalve::admission::LockAction;
+use pgvalve::config::PoolMode;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+use crate::support::*;
+
+/// Rows of a console command as (column -> value) maps.
+async fn console(s: &Setup, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let c = connect(&s.url_as("app", "app-secret", "pgvalve")).await.unwrap();
+    c.simple_query(cmd)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn setup_locks(action: Option<LockAction>) -> impl FnOnce(&mut pgvalve::config::FileConfig) {
+    move |f| {
+        f.admin.admin_users = vec!["app".into()];
+        f.locks.poll_interval = Duration::from_millis(200);
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.identity = vec![IdentityRule {
+            name: "greedy".into(),
+            application_name: Some("greedy".into()),
+            max_lock_hold: action.map(|_| Duration::from_secs(2)),
+            lock_action: action,
+            ..Default::default()
+        }];
+    }
+}
+
+/// A client whose connection task's end (and error) can be awaited.
+async fn watched(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    (c, tokio::spawn(conn))
+}
+
+fn app(s: &Setup, name: &str) -> String {
+    format!("{}?application_name={name}", s.url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_is_named_and_only_it_is_terminated() {
+    let s = Setup::new(setup_locks(Some(LockAction::Terminate))).await;
+    let owner = s.client().await;
+    owner
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let bystander = connect(&app(&s, "bystander")).await.unwrap();
+    bystander.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let (greedy, greedy_conn) = watched(&app(&s, "greedy")).await;
+    greedy
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let reader = connect(&app(&s, "reader")).await.unwrap();
+    let blocked = tokio::spawn(async move { reader.simple_query("SELECT count(*) FROM t").await.map(|_| ()) });
+
+    // Within two poll intervals or so, SHOW LOCKS names greedy, the relation, the mode, and
+    // the one client it blocks.
+    eventually(Duration::from_secs(2), "SHOW LOCKS names the holder", || async {
+        console(&s, "SHOW LOCKS").await.iter().any(|r| {
+            r["identity"] == "greedy"
+                && r["relation"] == "t"
+                && r["mode"] == "AccessExclusiveLock"
+                && r["blocks"] == "1"
+                && r["dangerous"] == "yes"
+                && r["state"] == "idle in transaction"
+        })
+    })
+    .await;
+    // After max_lock_hold (2 s) its transaction ends with an error that says why.
+    let end = within(Duration::from_secs(6), greedy_conn).await.unwrap();
+    let e = end.expect_err("greedy's connection ends with an error");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "57P01");
+    assert!(
+        db.message()
+            .contains("client \"greedy\" held AccessExclusiveLock on relation \"t\"")
+            && db.message().contains("max_lock_hold=2s, lock_action=terminate"),
+        "{}",
+        db.message()
+    );
+    within(Duration::from_secs(5), blocked)
+        .await
+        .unwrap()
+        .expect("the blocked reader proceeds");
+    bystander
+        .batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("nobody else was touched");
+    let n: i64 = owner.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    eventually(Duration::from_secs(2), "the episode is in the history", || async {
+        console(&s, "SHOW LOCK_HISTORY").await.iter().any(|r| {
+            r["identity"] == "greedy"
+                && r["relation"] == "t"
+                && r["ended_by"] == "terminate by pgvalve"
+                && r["max_blocked"] == "1"
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_running_statement_that_holds_the_lock() {
+    let s = Setup::new(setup_locks(Some(LockAction::Cancel))).await;
+    let owner = s.client().await;
+    owner.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let greedy = connect(&app(&s, "greedy")).await.unwrap();
+    let started = std::time::Instant::now();
+    let e = within(
+        Duration::from_secs(10),
+        greedy.simple_query("LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(30)"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("57014"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    greedy
+        .simple_query("SELECT 1")
+        .await
+        .expect("the session goes on after a cancel");
+    owner
+        .simple_query("SELECT count(*) FROM t")
+        .await
+        .expect("the lock is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn for_update_and_external_holders_are_recorded_and_the_monitor_survives_a_restart() {
+    let s = Setup::new(setup_locks(None)).await;
+    let owner = s.client().await;
+    owner
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let mine = connect(&app(&s, "web")).await.unwrap();
+    mine.batch_execute("BEGIN; SELECT * FROM t FOR UPDATE").await.unwrap();
+    let direct = connect(&s.pg.url()).await.unwrap();
+    direct
+        .batch_execute("BEGIN; LOCK TABLE t IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(3), "both holders in SHOW LOCKS", || async {
+        let rows = console(&s, "SHOW LOCKS").await;
+        rows.iter()
+            .any(|r| r["identity"] == "web" && r["mode"] == "RowShareLock" && r["source"] == "pgvalve")
+            && rows
+                .iter()
+                .any(|r| r["source"] == "external" && r["mode"] == "ShareRowExclusiveLock" && r["dangerous"] == "yes")
+    })
+    .await;
+    drop((mine, direct));
+    within(Duration::from_secs(30), s.pg.restart()).await.unwrap();
+    let again = connect(&app(&s, "web")).await.unwrap();
+    within(
+        Duration::from_secs(10),
+        again.batch_execute("BEGIN; LOCK TABLE t IN EXCLUSIVE MODE"),
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the monitor reconnected after the restart",
+        || async {
+            console(&s, "SHOW LOCKS")
+                .await
+                .iter()
+                .any(|r| r["identity"] == "web" && r["mode"] == "ExclusiveLock")
+        },
+    )
+    .await;
+}
