@@ -7,8 +7,9 @@
 #   SERVER_LEG=unix benches/pgbench.sh      # proxies reach PostgreSQL over its Unix socket
 #   PGVALVE_ARGS="--worker-threads 1" benches/pgbench.sh
 #   POOL_MODE=transaction POOL_SIZE=20 benches/pgbench.sh
-#   RULES_CONFIG=config/bench-rules.toml CLIENTS=128 benches/pgbench.sh   # + "rules": pgvalve
-#                                           # with identity rules and limits, vs "pgvalve" without
+#   RULES_CONFIG=benches/rules.toml CLIENTS=128 benches/pgbench.sh   # + "rules": a second
+#                                           # pgvalve with that config, vs "pgvalve" without
+#   PGVALVE_B=/tmp/old/pgvalve benches/pgbench.sh   # A/B: the second pgvalve is another binary
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
@@ -75,9 +76,9 @@ for c in "${CLIENT_LIST[@]}"; do
   cv=$(median <<<"${CPU[pgvalve,$c]}"); cb=$( [[ -n "${CPU[pgbouncer,$c]:-}" ]] && median <<<"${CPU[pgbouncer,$c]}" || echo -)
   printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb" "$cv" "$cb"
 done
-if [[ -n "${RULES_CONFIG:-}" ]]; then
+if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
   echo
-  echo "identity rules and limits ($RULES_CONFIG) vs none, same run:"
+  echo "second pgvalve (\"rules\": ${PGVALVE_B:-same binary} ${RULES_CONFIG:+with $RULES_CONFIG}) vs pgvalve (\"none\"), same run:"
   for c in "${CLIENT_LIST[@]}"; do
     v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[rules,$c]}")
     awk -v c="$c" -v v="$v" -v r="$r" 'BEGIN{printf "  %s clients: rules %s tps, none %s tps, rules/none %.3f (%+.1f%%)\n", c, r, v, r/v, (r/v-1)*100}'

@@ -40,17 +40,18 @@ echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
 
 SERVER_HOST=127.0.0.1; [[ $SERVER_LEG == unix ]] && SERVER_HOST=$WORK
 UPSTREAM="postgres://bench:bench@$(python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SERVER_HOST"):$PGPORT"
-start_pgvalve() {  # port log [extra args...]
+start_pgvalve() {  # port log [extra args...]; BIN overrides the binary
   local port=$1 log=$2; shift 2
-  "$PGVALVE" run --upstream "$UPSTREAM" --listen "127.0.0.1:$port" \
+  "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" --listen "127.0.0.1:$port" \
     --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
     --max-server-connections 0 ${PGVALVE_ARGS:-} "$@" >"$log" 2>&1 &
   PIDS+=($!)
 }
 start_pgvalve "$VPORT" "$WORK/pgvalve.log"
 TARGETS=(direct:$PGPORT pgvalve:$VPORT)
-if [[ -n "${RULES_CONFIG:-}" ]]; then
-  start_pgvalve "$RPORT" "$WORK/pgvalve-rules.log" -c "$RULES_CONFIG"
+# A second pgvalve ("rules"): with RULES_CONFIG, and/or another binary PGVALVE_B (A/B runs).
+if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
+  BIN="${PGVALVE_B:-$PGVALVE}" start_pgvalve "$RPORT" "$WORK/pgvalve-rules.log" ${RULES_CONFIG:+-c "$RULES_CONFIG"}
   TARGETS+=(rules:$RPORT)
 fi
 PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)

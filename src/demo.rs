@@ -201,7 +201,7 @@ async fn surge(pg: &TestPostgres, url: &str, opts: &DemoOptions) -> anyhow::Resu
         let (peak, done, db) = (peak.clone(), done.clone(), pg.opts.database.clone());
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
-                let q = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'";
+                let q = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'";
                 if let Ok(row) = sampler.query_one(q, &[&db]).await {
                     peak.fetch_max(row.get::<_, i64>(0), Ordering::Relaxed);
                 }

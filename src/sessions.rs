@@ -8,20 +8,24 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
 
 use crate::error::PgError;
 
 /// An order from outside (the lock monitor) to end a session's transaction now: the relay
 /// closes the server connection (PostgreSQL rolls back) and tells the client `error`.
+/// Waiting costs the relay no lock: a flag and an atomic waker.
 #[derive(Debug, Default)]
 pub struct Verdict {
+    delivered: AtomicBool,
     error: Mutex<Option<PgError>>,
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
 impl Verdict {
@@ -30,18 +34,30 @@ impl Verdict {
         let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if e.is_none() {
             *e = Some(error);
-            self.notify.notify_one();
+            self.delivered.store(true, Ordering::Release);
+            self.waker.wake();
+        }
+    }
+
+    /// Drops a verdict not acted on (the transaction it was for has ended).
+    pub fn clear(&self) {
+        if self.delivered.swap(false, Ordering::AcqRel) {
+            self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
     /// Waits for a verdict (cancel-safe; a verdict delivered earlier is seen at once).
     pub async fn wait(&self) -> PgError {
-        loop {
-            if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return e;
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.delivered.swap(false, Ordering::AcqRel) {
+                if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Poll::Ready(e);
+                }
             }
-            self.notify.notified().await;
-        }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -65,6 +81,9 @@ pub struct SessionInfo {
     backend: AtomicI32,
     /// Orders for this session.
     pub verdict: Verdict,
+    /// The session's relay waits for verdicts (its identity had an acting lock policy when it
+    /// logged in); otherwise the monitor signals its backend directly.
+    pub listening: AtomicBool,
 }
 
 impl SessionInfo {
@@ -132,6 +151,7 @@ impl Sessions {
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
             verdict: Verdict::default(),
+            listening: AtomicBool::new(false),
         });
         self.map
             .lock()

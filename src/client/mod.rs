@@ -175,6 +175,16 @@ enum Opening {
     Startup(StartupParams),
 }
 
+/// Whether the lock monitor may end this identity's transactions (max_lock_hold with
+/// cancel or terminate).
+fn lock_policy_acts(shared: &Shared, identity: &str) -> bool {
+    shared.config.locks.enabled
+        && shared
+            .admission
+            .lock_policy(identity)
+            .is_some_and(|(hold, action)| !hold.is_zero() && action != crate::admission::LockAction::Warn)
+}
+
 /// What a client says about itself, for its identity.
 fn client_facts<'a>(client: &ClientConn, p: &'a StartupParams) -> crate::admission::identity::ClientFacts<'a> {
     crate::admission::identity::ClientFacts {
@@ -221,9 +231,11 @@ impl Seat {
         Ok(server)
     }
 
-    /// The session gave its server connection back.
+    /// The session gave its server connection back (its transaction is over, so a verdict
+    /// that came too late for it is dropped).
     pub(crate) fn checked_in(&self) {
         self.registered.info.set_backend(0);
+        self.registered.info.verdict.clear();
     }
 }
 
@@ -343,7 +355,13 @@ async fn session(
             transaction: shared.config.pool.transaction_timeout,
         },
         cancel: None,
-        session: Some(seat.registered.info.clone()),
+        // Only sessions whose identity has an acting lock policy wait for verdicts in the
+        // relay (the wait costs a little on every relay wakeup).
+        session: lock_policy_acts(shared, seat.member.identity()).then(|| {
+            let info = seat.registered.info.clone();
+            info.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+            info
+        }),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
             || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
         ),

@@ -24,7 +24,8 @@ pub use record::{Episode, LockView, Recorder, Row};
 use crate::proxy::Shared;
 use crate::shutdown::Phase;
 
-const POLL_SQL: &str = "
+/// The one query of a poll.
+pub const POLL_SQL: &str = "
 SELECT l.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
        coalesce(host(a.client_addr) || ':' || a.client_port, 'local'), coalesce(a.state, ''),
        extract(epoch FROM now() - a.xact_start)::float8, left(coalesce(a.query, ''), 200),
@@ -110,7 +111,11 @@ async fn open(t: &Target, timeout: Duration) -> Result<tokio_postgres::Client, t
     Ok(client)
 }
 
-async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_postgres::Error> {
+/// Runs the poll query once on `client`.
+///
+/// # Errors
+/// The query's error (statement timeout, connection lost).
+pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_postgres::Error> {
     let rows = client.query(POLL_SQL, &[]).await?;
     Ok(rows
         .iter()
@@ -171,10 +176,13 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
         .update(rows, &sessions, &rules, |id| shared.admission.lock_policy(id));
     for a in acts {
         let (pid, sql) = match a {
-            record::Act::Terminate(_, Some(s), e) => {
+            record::Act::Terminate(_, Some(s), e) if s.listening.load(std::sync::atomic::Ordering::Relaxed) => {
                 s.verdict.deliver(e);
                 continue;
             }
+            // A session that logged in before its identity had a policy (reload) does not
+            // wait for verdicts: end its backend from here (the client sees PostgreSQL's 57P01).
+            record::Act::Terminate(pid, Some(_), _) => (pid, "SELECT pg_terminate_backend($1)"),
             record::Act::Terminate(pid, None, _) => (pid, "SELECT pg_terminate_backend($1)"),
             record::Act::Cancel(pid) => (pid, "SELECT pg_cancel_backend($1)"),
         };

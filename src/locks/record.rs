@@ -292,3 +292,80 @@ fn act(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pid: i32, mode: &str, granted: bool, rel: &str, blocked_by: &[i32]) -> Row {
+        Row {
+            pid,
+            state: "idle in transaction".into(),
+            locktype: "relation".into(),
+            mode: mode.into(),
+            granted,
+            relation: Some(rel.into()),
+            blocked_by: blocked_by.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            dangerous_modes: vec!["AccessExclusiveLock".into()],
+            warn_after: Duration::from_secs(10),
+            history: 2,
+        }
+    }
+
+    #[test]
+    fn blocking_counts_are_direct_and_transitive() {
+        // 1 blocks 2 and 3; 3 blocks 4.
+        let rows = vec![
+            row(1, "AccessExclusiveLock", true, "t", &[]),
+            row(2, "AccessShareLock", false, "t", &[1]),
+            row(3, "RowExclusiveLock", false, "t", &[1]),
+            row(4, "AccessShareLock", false, "u", &[3]),
+        ];
+        let b = blocking(&rows);
+        assert_eq!(b[&1], (2, 3));
+        assert_eq!(b[&3], (1, 1));
+        assert!(!b.contains_key(&2));
+    }
+
+    #[test]
+    fn episodes_open_close_and_are_bounded() {
+        let mut r = Recorder::default();
+        let none = HashMap::new();
+        let policy = |_: &str| None;
+        // A RowExclusiveLock that blocks nobody is shown but is no episode.
+        r.update(
+            vec![row(7, "RowExclusiveLock", true, "a", &[])],
+            &none,
+            &rules(),
+            policy,
+        );
+        assert_eq!((r.current.len(), r.current[0].dangerous), (1, false));
+        for (pid, rel) in [(1, "t"), (2, "u"), (3, "v")] {
+            r.update(
+                vec![row(pid, "AccessExclusiveLock", true, rel, &[])],
+                &none,
+                &rules(),
+                policy,
+            );
+        }
+        r.update(vec![], &none, &rules(), policy);
+        let h: Vec<_> = r
+            .history
+            .iter()
+            .map(|e| (e.pid, e.relation.as_str(), e.identity.as_str()))
+            .collect();
+        assert_eq!(
+            h,
+            vec![(2, "u", "external"), (3, "v", "external")],
+            "bounded to 2, oldest dropped"
+        );
+        assert_eq!(r.episodes["external"], 3);
+        assert!(r.current.is_empty());
+    }
+}

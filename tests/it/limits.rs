@@ -20,7 +20,7 @@ async fn hundred_clients_share_ten_server_connections() {
             loop {
                 let n: i64 = su
                     .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
                         &[&db],
                     )
                     .await
@@ -181,7 +181,7 @@ async fn max_server_connections_is_shared_across_pools() {
     let db = within(Duration::from_secs(10), waiting).await.unwrap().unwrap();
     assert_eq!(db, "other");
     let total: i64 = su
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname IN ('app', 'other') AND backend_type = 'client backend'", &[])
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname IN ('app', 'other') AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'", &[])
         .await
         .unwrap()
         .get(0);

@@ -47,7 +47,7 @@ impl Setup {
     /// Client backends of the application database, seen by PostgreSQL.
     pub async fn backends(&self, su: &Client) -> i64 {
         su.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
             &[&self.pg.opts.database],
         )
         .await
