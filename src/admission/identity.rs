@@ -51,6 +51,8 @@ pub struct IdentityRule {
     pub max_lock_hold: Option<std::time::Duration>,
     /// See `[admission]`.
     pub lock_action: Option<super::limits::LockAction>,
+    /// See `[admission]`.
+    pub max_lock_holders: Option<u32>,
 }
 
 /// A validated rule.
@@ -164,6 +166,7 @@ impl Rule {
             surge_damping: r.surge_damping,
             max_lock_hold: r.max_lock_hold,
             lock_action: r.lock_action,
+            max_lock_holders: r.max_lock_holders,
         };
         limits::validate(&limits)?;
         Ok(Rule {

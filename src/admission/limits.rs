@@ -76,6 +76,9 @@ pub struct AdmissionSettings {
     pub max_lock_hold: Duration,
     /// What happens past `max_lock_hold`.
     pub lock_action: LockAction,
+    /// Sessions of one identity that may hold dangerous locks at once (as the lock monitor
+    /// last saw); while reached, its new transactions wait in the queue (0 = no limit).
+    pub max_lock_holders: u32,
 }
 
 impl Default for AdmissionSettings {
@@ -97,6 +100,7 @@ impl Default for AdmissionSettings {
             surge_damping: 0.0,
             max_lock_hold: Duration::ZERO,
             lock_action: LockAction::Warn,
+            max_lock_holders: 0,
         }
     }
 }
@@ -128,6 +132,8 @@ pub struct LimitOverrides {
     pub max_lock_hold: Option<Duration>,
     /// See [`AdmissionSettings::lock_action`].
     pub lock_action: Option<LockAction>,
+    /// See [`AdmissionSettings::max_lock_holders`].
+    pub max_lock_holders: Option<u32>,
 }
 
 /// The limits one identity runs under.
@@ -159,6 +165,8 @@ pub struct Limits {
     pub max_lock_hold: Duration,
     /// What happens past it.
     pub lock_action: LockAction,
+    /// Sessions holding dangerous locks at once (0 = no limit).
+    pub max_lock_holders: u32,
 }
 
 impl Limits {
@@ -184,6 +192,7 @@ impl Limits {
             surge_damping: o.surge_damping.unwrap_or(defaults.surge_damping),
             max_lock_hold: o.max_lock_hold.unwrap_or(defaults.max_lock_hold),
             lock_action: o.lock_action.unwrap_or(defaults.lock_action),
+            max_lock_holders: o.max_lock_holders.unwrap_or(defaults.max_lock_holders),
         }
     }
 }
@@ -246,6 +255,7 @@ impl AdmissionSettings {
             surge_damping: Some(self.surge_damping),
             max_lock_hold: Some(self.max_lock_hold),
             lock_action: Some(self.lock_action),
+            max_lock_holders: Some(self.max_lock_holders),
         }
     }
 

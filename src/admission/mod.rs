@@ -132,6 +132,7 @@ fn share_limits(l: &Limits) -> ShareLimits {
         min_servers: l.min_servers,
         weight: l.weight,
         max_queue: l.max_queue,
+        max_lock_holders: l.max_lock_holders,
     }
 }
 

@@ -27,6 +27,8 @@ pub struct ShareLimits {
     pub weight: u32,
     /// Waiting clients across gates (0 = no bound).
     pub max_queue: u32,
+    /// Sessions holding dangerous locks at which new grants stop (0 = no limit).
+    pub max_lock_holders: u32,
 }
 
 #[derive(Debug)]
@@ -34,6 +36,8 @@ struct Share {
     limits: ShareLimits,
     servers: u32,
     waiting: u32,
+    /// Sessions holding dangerous locks, as the lock monitor last saw.
+    lock_holders: u32,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +97,7 @@ impl Scheduler {
                         limits,
                         servers: 0,
                         waiting: 0,
+                        lock_holders: 0,
                     },
                 );
                 false
@@ -115,6 +120,7 @@ impl Scheduler {
                 min_servers: 0,
                 weight: 1,
                 max_queue: 0,
+                max_lock_holders: 0,
             };
             self.set_limits(id, limits);
         }
@@ -202,7 +208,10 @@ impl Scheduler {
         let (Some(g), Some(s)) = (self.gates.get(gate), self.shares.get(id)) else {
             return false;
         };
-        if g.in_use >= g.capacity || (s.limits.max_servers > 0 && s.servers >= s.limits.max_servers) {
+        if g.in_use >= g.capacity
+            || (s.limits.max_servers > 0 && s.servers >= s.limits.max_servers)
+            || (s.limits.max_lock_holders > 0 && s.lock_holders >= s.limits.max_lock_holders)
+        {
             return false;
         }
         let free = g.capacity - g.in_use;
@@ -274,6 +283,28 @@ impl Scheduler {
                 self.release(gate, &id);
             }
         }
+    }
+
+    /// Sets how many sessions of each identity hold dangerous locks (absent: none); queues
+    /// are re-examined when that frees anyone.
+    pub fn set_lock_holders(&mut self, holders: &HashMap<String, u32>) {
+        let mut freed = false;
+        for (id, s) in self.shares.iter_mut() {
+            let n = holders.get(&**id).copied().unwrap_or(0);
+            freed |= n < s.lock_holders;
+            s.lock_holders = n;
+        }
+        if freed {
+            let gates: Vec<Arc<str>> = self.gates.keys().cloned().collect();
+            for g in gates {
+                self.dispatch(&g);
+            }
+        }
+    }
+
+    /// Sessions of an identity holding dangerous locks, as last set.
+    pub fn lock_holders(&self, id: &str) -> u32 {
+        self.shares.get(id).map_or(0, |s| s.lock_holders)
     }
 
     /// An identity's grants and waiters.

@@ -8,6 +8,7 @@ fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
         min_servers: min,
         weight,
         max_queue: queue,
+        max_lock_holders: 0,
     }
 }
 
@@ -194,4 +195,22 @@ fn capacity_growth_wakes_waiters() {
     assert!(!b.ask("a"), "the new grant went to the client queued first");
     b.release("a");
     assert_eq!(b.held("a"), 2);
+}
+
+#[test]
+fn lock_holders_at_their_cap_hold_back_new_grants() {
+    let mut l = limits(0, 0, 1, 0);
+    l.max_lock_holders = 1;
+    let mut b = Bench::new(4, &[("migr", l), ("web", limits(0, 0, 1, 0))]);
+    assert!(b.ask("migr"));
+    b.s.set_lock_holders(&HashMap::from([("migr".to_string(), 1)]));
+    assert!(
+        !b.ask("migr"),
+        "one session holds a dangerous lock: the next transaction waits"
+    );
+    assert!(b.ask("web"), "other identities are not held back");
+    b.s.set_lock_holders(&HashMap::new());
+    // Collect the woken waiter.
+    b.release("web");
+    assert_eq!(b.held("migr"), 2, "released by the monitor's next count");
 }

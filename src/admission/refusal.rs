@@ -57,6 +57,21 @@ pub enum Refusal {
         /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
         key: &'static str,
     },
+    /// Waited `queue_timeout` while the identity had `max_lock_holders` sessions holding
+    /// dangerous locks.
+    #[error("pgvalve: client \"{identity}\" has {holders} sessions holding dangerous locks (max_lock_holders={max}); waited {} ({key})", fmt(*.waited))]
+    LockHolders {
+        /// Identity.
+        identity: String,
+        /// Holders now.
+        holders: u32,
+        /// Its cap.
+        max: u32,
+        /// How long the client waited.
+        waited: Duration,
+        /// The setting that bounded the wait.
+        key: &'static str,
+    },
     /// Waited `queue_timeout` while the pool was full.
     #[error("pgvalve: client \"{identity}\" waited {} for a server connection ({key}): all {pool_size} of {pool} are in use (pool_size={pool_size}), {held} of them by \"{identity}\"", fmt(*.waited))]
     QueueTimeout {
@@ -88,6 +103,7 @@ impl Refusal {
             Refusal::QueueFull { .. } => "queue_full",
             Refusal::ServerCap { .. } => "server_cap",
             Refusal::QueueTimeout { .. } => "queue_timeout",
+            Refusal::LockHolders { .. } => "lock_holders",
         }
     }
 
@@ -98,7 +114,8 @@ impl Refusal {
             | Refusal::ConnectRate { identity, .. }
             | Refusal::QueueFull { identity, .. }
             | Refusal::ServerCap { identity, .. }
-            | Refusal::QueueTimeout { identity, .. } => identity,
+            | Refusal::QueueTimeout { identity, .. }
+            | Refusal::LockHolders { identity, .. } => identity,
         }
     }
 
@@ -116,6 +133,9 @@ impl Refusal {
             }
             Refusal::ServerCap { .. } => {
                 "This application holds all the server connections it may: shorten its transactions, or raise max_server_connections for this identity."
+            }
+            Refusal::LockHolders { .. } => {
+                "Sessions of this application hold strong locks: end those transactions (SHOW LOCKS names them), or raise max_lock_holders for this identity."
             }
             Refusal::QueueTimeout { .. } => {
                 "Retry later, shorten the transactions that hold server connections, or raise pool_size (and PostgreSQL's max_connections)."

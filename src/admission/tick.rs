@@ -173,6 +173,11 @@ impl Admission {
             .map(|i| (i.limits.max_lock_hold, i.limits.lock_action))
     }
 
+    /// The lock monitor's count of sessions holding dangerous locks, per identity.
+    pub fn set_lock_holders(&self, holders: &std::collections::HashMap<String, u32>) {
+        self.state().sched.set_lock_holders(holders);
+    }
+
     /// Surge episodes, oldest first (bounded history).
     pub fn surges(&self) -> Vec<SurgeEvent> {
         self.state().surges.iter().cloned().collect()

@@ -170,10 +170,13 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
         history: cfg.history,
     };
     let sessions = shared.sessions.by_backend();
-    let acts = shared
-        .locks
-        .state()
-        .update(rows, &sessions, &rules, |id| shared.admission.lock_policy(id));
+    let (acts, holders) = {
+        let mut rec = shared.locks.state();
+        let acts = rec.update(rows, &sessions, &rules, |id| shared.admission.lock_policy(id));
+        (acts, rec.holders_per_identity())
+    };
+    // max_lock_holders: admission holds back new transactions of identities at their cap.
+    shared.admission.set_lock_holders(&holders);
     for a in acts {
         let (pid, sql) = match a {
             record::Act::Terminate(_, Some(s), e) if s.listening.load(std::sync::atomic::Ordering::Relaxed) => {

@@ -242,6 +242,20 @@ impl Recorder {
         acts
     }
 
+    /// Sessions holding a dangerous lock now, per identity (pgvalve sessions only).
+    pub fn holders_per_identity(&self) -> HashMap<String, u32> {
+        let mut seen = HashSet::new();
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for l in self.current.iter().filter(|l| l.dangerous) {
+            if let Some(s) = &l.session {
+                if seen.insert(s.id) {
+                    *out.entry(s.identity.to_string()).or_default() += 1;
+                }
+            }
+        }
+        out
+    }
+
     fn close_unseen(&mut self, seen: &HashSet<(i32, String, String)>, bound: usize) {
         let ended: Vec<_> = self.open.keys().filter(|k| !seen.contains(*k)).cloned().collect();
         for k in ended {

@@ -176,6 +176,14 @@ async fn for_update_and_external_holders_are_recorded_and_the_monitor_survives_a
     .await;
     drop((mine, direct));
     within(Duration::from_secs(30), s.pg.restart()).await.unwrap();
+    // Idle pooled connections died with the server; each is found out and replaced on use.
+    eventually(Duration::from_secs(10), "pgvalve serves again", || async {
+        match connect(&app(&s, "probe")).await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
     let again = connect(&app(&s, "web")).await.unwrap();
     within(
         Duration::from_secs(10),
@@ -194,4 +202,52 @@ async fn for_update_and_external_holders_are_recorded_and_the_monitor_survives_a
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lock_holders_holds_back_the_identitys_next_transactions() {
+    let s = Setup::new(|f| {
+        f.admin.admin_users = vec!["app".into()];
+        f.locks.poll_interval = Duration::from_millis(200);
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.identity = vec![IdentityRule {
+            name: "migr".into(),
+            application_name: Some("migr".into()),
+            max_lock_holders: Some(1),
+            ..Default::default()
+        }];
+    })
+    .await;
+    let owner = s.client().await;
+    owner.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let (a, b) = (
+        connect(&app(&s, "migr")).await.unwrap(),
+        connect(&app(&s, "migr")).await.unwrap(),
+    );
+    let web = connect(&app(&s, "web")).await.unwrap();
+    a.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(3), "the monitor sees the holder", || async {
+        console(&s, "SHOW LOCKS")
+            .await
+            .iter()
+            .any(|r| r["identity"] == "migr" && r["dangerous"] == "yes")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = tokio::spawn(async move { b.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !next.is_finished(),
+        "migr's next transaction waits while one of its sessions holds the lock"
+    );
+    within(Duration::from_secs(2), web.simple_query("SELECT 1"))
+        .await
+        .expect("other identities go on");
+    a.batch_execute("COMMIT").await.unwrap();
+    within(Duration::from_secs(3), next)
+        .await
+        .unwrap()
+        .expect("released once the lock is gone");
 }
