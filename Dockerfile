@@ -11,7 +11,7 @@ RUN useradd --system --no-create-home pgvalve
 COPY --from=build /src/target/release/pgvalve /usr/local/bin/pgvalve
 COPY config/pgvalve.toml /etc/pgvalve/pgvalve.toml
 USER pgvalve
-EXPOSE 6432
+EXPOSE 6432 9930
 # Configure with a file (-c /etc/pgvalve/pgvalve.toml) or with PGVALVE_* environment
 # variables, e.g. PGVALVE_UPSTREAM=postgres://user:password@db:5432 PGVALVE_LISTEN=0.0.0.0:6432
 ENTRYPOINT ["pgvalve"]
