@@ -72,6 +72,16 @@ pub enum Refusal {
         /// The setting that bounded the wait.
         key: &'static str,
     },
+    /// Waited for a slot of the proxy-wide `max_server_connections` (all open, none idle).
+    #[error("pgvalve: client \"{identity}\" waited {} for a server connection slot: all {max} are open and busy (max_server_connections={max})", fmt(*.waited))]
+    ServerSlots {
+        /// Identity.
+        identity: String,
+        /// The proxy-wide cap.
+        max: u32,
+        /// How long the client waited (query_wait_timeout).
+        waited: Duration,
+    },
     /// Waited `queue_timeout` while the pool was full.
     #[error("pgvalve: client \"{identity}\" waited {} for a server connection ({key}): all {pool_size} of {pool} are in use (pool_size={pool_size}), {held} of them by \"{identity}\"", fmt(*.waited))]
     QueueTimeout {
@@ -104,6 +114,7 @@ impl Refusal {
             Refusal::ServerCap { .. } => "server_cap",
             Refusal::QueueTimeout { .. } => "queue_timeout",
             Refusal::LockHolders { .. } => "lock_holders",
+            Refusal::ServerSlots { .. } => "server_slots",
         }
     }
 
@@ -115,7 +126,8 @@ impl Refusal {
             | Refusal::QueueFull { identity, .. }
             | Refusal::ServerCap { identity, .. }
             | Refusal::QueueTimeout { identity, .. }
-            | Refusal::LockHolders { identity, .. } => identity,
+            | Refusal::LockHolders { identity, .. }
+            | Refusal::ServerSlots { identity, .. } => identity,
         }
     }
 
@@ -133,6 +145,9 @@ impl Refusal {
             }
             Refusal::ServerCap { .. } => {
                 "This application holds all the server connections it may: shorten its transactions, or raise max_server_connections for this identity."
+            }
+            Refusal::ServerSlots { .. } => {
+                "Raise max_server_connections (and PostgreSQL's max_connections) or lower pool sizes; idle server connections of other pools are closed first."
             }
             Refusal::LockHolders { .. } => {
                 "Sessions of this application hold strong locks: end those transactions (SHOW LOCKS names them), or raise max_lock_holders for this identity."

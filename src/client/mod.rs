@@ -70,7 +70,7 @@ pub enum SessionError {
     UnknownDatabase(String),
     /// `max_client_connections` reached.
     #[error("too many client connections")]
-    TooManyClients(u32),
+    TooManyClients(u32, String),
     /// Startup plus authentication took too long.
     #[error("client did not finish login within {0:?} (client_login_timeout)")]
     LoginTimeout(Duration),
@@ -104,7 +104,7 @@ impl SessionError {
                 Side::Client
             }
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
-            TooManyClients(_) | Checkout(_) | Refused(_) | Shutdown => Side::Proxy,
+            TooManyClients(..) | Checkout(_) | Refused(_) | Shutdown => Side::Proxy,
         }
     }
 
@@ -122,10 +122,10 @@ impl SessionError {
             AuthFailed(_) => fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
             UnknownRole(_) | UnsupportedAuth(_) => fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string()),
             UnknownDatabase(_) => fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string()),
-            TooManyClients(max) => Some(
+            TooManyClients(max, identity) => Some(
                 PgError::fatal(
                     sqlstate::TOO_MANY_CONNECTIONS,
-                    format!("pgvalve: too many client connections (max_client_connections={max})"),
+                    format!("pgvalve: too many client connections (max_client_connections={max}); client \"{identity}\" refused"),
                 )
                 .with_hint("Retry later, close idle connections, or raise max_client_connections."),
             ),
@@ -226,7 +226,17 @@ impl Seat {
                 acquire.await?
             }
         };
-        let server = shared.pools.checkout(&self.route, Some(grant)).await?;
+        let server = match shared.pools.checkout(&self.route, Some(grant)).await {
+            Ok(s) => s,
+            Err(CheckoutError::Server(ServerError::NoSlot(max))) => {
+                return Err(SessionError::Refused(Refusal::ServerSlots {
+                    identity: self.member.identity().to_string(),
+                    max,
+                    waited: shared.config.pool.query_wait_timeout,
+                }))
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.registered.info.set_backend(server.pid);
         Ok(server)
     }
@@ -270,7 +280,11 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
         Opening::Startup(p) => p,
     };
     if !permit_ok {
-        return Err(SessionError::TooManyClients(shared.config.proxy.max_client_connections));
+        let identity = crate::admission::identity::identify(&shared.config.identities, &client_facts(client, &p));
+        return Err(SessionError::TooManyClients(
+            shared.config.proxy.max_client_connections,
+            identity,
+        ));
     }
     if *shared.phase.borrow() != Phase::Running {
         return Err(SessionError::Shutdown);

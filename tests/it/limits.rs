@@ -91,7 +91,10 @@ async fn max_client_connections_refuses_before_auth() {
     let e = connect(&s.url_as("app", "wrong", "app")).await.unwrap_err();
     let db = e.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "53300");
-    assert!(db.message().contains("max_client_connections=2"), "{}", db.message());
+    assert_eq!(
+        db.message(),
+        "pgvalve: too many client connections (max_client_connections=2); client \"127.0.0.1\" refused"
+    );
     drop(_a);
     eventually(Duration::from_secs(5), "a slot frees up", || async {
         connect(&s.url()).await.is_ok()
@@ -187,4 +190,31 @@ async fn max_server_connections_is_shared_across_pools() {
         .get(0);
     assert!(total <= 2, "{total} server connections with max_server_connections=2");
     drop(a2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_max_server_connections_names_the_limit_and_the_client() {
+    let s = Setup::new(|f| {
+        f.pool.max_server_connections = 1;
+        let app = f.databases["app"].clone();
+        f.databases.insert("other".into(), app);
+        f.pool.query_wait_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let su = s.pg.superuser().await.unwrap();
+    su.batch_execute("CREATE DATABASE other OWNER app").await.unwrap();
+    let _holder = s.client().await;
+    let e = connect(&format!(
+        "{}?application_name=web",
+        s.url_as("app", "app-secret", "other")
+    ))
+    .await
+    .unwrap_err();
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300");
+    assert_eq!(
+        db.message(),
+        "pgvalve: client \"web\" waited 500ms for a server connection slot: all 1 are open and busy (max_server_connections=1)"
+    );
+    assert!(db.hint().is_some());
 }
