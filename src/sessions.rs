@@ -76,6 +76,8 @@ pub struct SessionInfo {
     pub application_name: String,
     /// Client address.
     pub addr: SocketAddr,
+    /// The proxy's address the client connected to.
+    pub local: Option<SocketAddr>,
     /// When it logged in.
     pub connected: SystemTime,
     backend: AtomicI32,
@@ -111,6 +113,8 @@ pub struct NewSession {
     pub application_name: String,
     /// Client address.
     pub addr: SocketAddr,
+    /// The proxy's address the client connected to.
+    pub local: Option<SocketAddr>,
 }
 
 /// All sessions of one proxy.
@@ -148,6 +152,7 @@ impl Sessions {
             database: s.database,
             application_name: s.application_name,
             addr: s.addr,
+            local: s.local,
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
             verdict: Verdict::default(),
@@ -200,6 +205,7 @@ mod tests {
             database: "app".into(),
             application_name: "web-1".into(),
             addr: "127.0.0.1:5000".parse().unwrap(),
+            local: None,
         };
         let a = sessions.register(new.clone());
         let b = sessions.register(new);

@@ -27,6 +27,10 @@ const HELP: &[(&str, &str)] = &[
         "locks held (other than reads) and waited for, by backend, attributed to the pgvalve client or external",
     ),
     ("SHOW LOCK_HISTORY", "ended episodes of dangerous locks, oldest first"),
+    (
+        "SHOW CLIENTS",
+        "client sessions (PgBouncer's columns, plus identity and the backend pid each one uses now)",
+    ),
 ];
 
 struct Table {
@@ -206,6 +210,63 @@ fn locks(shared: &Shared) -> Table {
     t
 }
 
+fn clients(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("type", Text),
+        ("user", Text),
+        ("database", Text),
+        ("replication", Text),
+        ("state", Text),
+        ("addr", Text),
+        ("port", Int8),
+        ("local_addr", Text),
+        ("local_port", Int8),
+        ("connect_time", Text),
+        ("request_time", Text),
+        ("wait", Int8),
+        ("wait_us", Int8),
+        ("close_needed", Int8),
+        ("ptr", Text),
+        ("link", Text),
+        ("remote_pid", Int8),
+        ("tls", Text),
+        ("application_name", Text),
+        ("prepared_statements", Int8),
+        ("id", Int8),
+        ("identity", Text),
+        ("backend_pid", Int8),
+    ]);
+    for c in shared.sessions.all() {
+        let backend = c.backend();
+        t.rows.push(vec![
+            s("C"),
+            s(&c.user),
+            s(&c.database),
+            s("none"),
+            s(if backend.is_some() { "active" } else { "idle" }),
+            s(c.addr.ip()),
+            s(c.addr.port()),
+            c.local.map(|l| l.ip().to_string()),
+            c.local.map(|l| l.port().to_string()),
+            time(c.connected),
+            None,
+            s(0),
+            s(0),
+            s(0),
+            s(format!("{:x}", c.id)),
+            backend.map(|p| format!("pid {p}")),
+            s(0),
+            s(""),
+            s(&c.application_name),
+            s(0),
+            s(c.id),
+            s(&c.identity),
+            backend.map(|p| p.to_string()),
+        ]);
+    }
+    t
+}
+
 fn lock_history(shared: &Shared) -> Table {
     let mut t = Table::new(&[
         ("identity", Text),
@@ -265,6 +326,7 @@ pub fn command(shared: &Shared, role: Role, command: &str, out: &mut BytesMut) -
         ["SHOW", "SURGES"] => surges(shared),
         ["SHOW", "LOCKS"] => locks(shared),
         ["SHOW", "LOCK_HISTORY"] => lock_history(shared),
+        ["SHOW", "CLIENTS"] => clients(shared),
         [first, ..] if *first != "SHOW" && role == Role::Stats => {
             return Err(PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,

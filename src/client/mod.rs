@@ -420,6 +420,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
         database: route.database.clone(),
         application_name: p.application_name().unwrap_or("").to_string(),
         addr: client.peer,
+        local: client.stream.local_addr().ok(),
     });
     let seat = Seat {
         registered,

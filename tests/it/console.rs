@@ -48,6 +48,44 @@ async fn console_shows_identities_to_admins_and_stats_users_only() {
     assert_eq!(web_row.get("max_client_connections"), Some("1"));
     assert_eq!(web_row.get("refused_client_cap"), Some("1"));
     assert_eq!(web_row.get("surging"), Some("no"));
+    // SHOW CLIENTS: PgBouncer's columns, and the backend each client uses now.
+    let pid: i32 = web.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let out = admin.simple_query("SHOW CLIENTS").await.unwrap();
+    let clients = rows(&out);
+    let pgbouncer_columns = [
+        "type",
+        "user",
+        "database",
+        "replication",
+        "state",
+        "addr",
+        "port",
+        "local_addr",
+        "local_port",
+        "connect_time",
+        "request_time",
+        "wait",
+        "wait_us",
+        "close_needed",
+        "ptr",
+        "link",
+        "remote_pid",
+        "tls",
+        "application_name",
+        "prepared_statements",
+        "id",
+    ];
+    let names: Vec<&str> = clients[0].columns().iter().map(|c| c.name()).collect();
+    assert_eq!(&names[..pgbouncer_columns.len()], &pgbouncer_columns[..]);
+    let w = clients
+        .iter()
+        .find(|r| r.get("application_name") == Some("web"))
+        .expect("the web client in SHOW CLIENTS");
+    assert_eq!(
+        (w.get("identity"), w.get("state"), w.get("user"), w.get("database")),
+        (Some("web"), Some("active"), Some("app"), Some("app"))
+    );
+    assert_eq!(w.get("backend_pid"), Some(pid.to_string().as_str()));
     let out = admin.simple_query("show version; SHOW HELP;").await.unwrap();
     let r = rows(&out);
     assert!(r[0].get(0).unwrap().starts_with("pgvalve "));
