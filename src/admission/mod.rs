@@ -194,24 +194,29 @@ impl Admission {
         let mut st = self.state();
         let rules = st.rules.clone();
         let (name, rule) = identity::identify_with_rule(&rules, facts);
-        let limits = Limits::resolve(
-            &st.settings,
-            &rule.map(|r| r.limits.clone()).unwrap_or_default(),
-            st.query_wait_timeout,
-        );
         let id: Arc<str> = match st.ids.get_key_value(name.as_str()) {
             Some((k, _)) => k.clone(),
             None => name.into(),
         };
         let st = &mut *st;
-        let ident = st.ids.entry(id.clone()).or_insert_with(|| Ident {
-            bucket: rate::Bucket::new(limits.connect_burst, now),
-            limits: limits.clone(),
-            rule: rule.map(|r| r.template().to_string()),
-            clients: 0,
-            surge: Default::default(),
-            counters: Default::default(),
-            last_seen: now,
+        let (settings, query_wait_timeout) = (&st.settings, st.query_wait_timeout);
+        let ident = st.ids.entry(id.clone()).or_insert_with(|| {
+            // First client of this identity: its limits are resolved once here (and again
+            // only on reload).
+            let limits = Limits::resolve(
+                settings,
+                &rule.map(|r| r.limits.clone()).unwrap_or_default(),
+                query_wait_timeout,
+            );
+            Ident {
+                bucket: rate::Bucket::new(limits.connect_burst, now),
+                limits,
+                rule: rule.map(|r| r.template().to_string()),
+                clients: 0,
+                surge: Default::default(),
+                counters: Default::default(),
+                last_seen: now,
+            }
         });
         ident.last_seen = now;
         ident.surge.login();
@@ -281,7 +286,6 @@ impl Admission {
         };
         let (ticket, rx, timeout) = {
             let mut st = self.state();
-            let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
             match st.sched.request(pool, pool_size, id) {
                 Request::Granted => {
                     count(&mut st, id, |c| c.grants += 1);
@@ -297,7 +301,10 @@ impl Admission {
                     count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
                     return Err(r);
                 }
-                Request::Queued(ticket, rx) => (ticket, rx, timeout),
+                Request::Queued(ticket, rx) => {
+                    let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
+                    (ticket, rx, timeout)
+                }
             }
         };
         let started = Instant::now();

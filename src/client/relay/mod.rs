@@ -370,6 +370,7 @@ where
         .any()
         .then(|| Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))));
     let session = mode.session.clone();
+    let listening = session.is_some();
     let mut verdict = std::pin::pin!(async move {
         match &session {
             Some(s) => s.verdict.wait().await,
@@ -512,7 +513,7 @@ where
                     break Ok(RelayEnd::TimedOut);
                 }
             },
-            e = &mut verdict => {
+            e = &mut verdict, if listening => {
                 out.timeout_error = Some(e);
                 break Ok(RelayEnd::TimedOut);
             },
