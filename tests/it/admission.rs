@@ -4,7 +4,7 @@
 //! rate limit, refusal before authentication, and caps changed by reload.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,25 +124,7 @@ async fn a_thousand_clients_in_one_second_never_exceed_the_cap() {
         f.admission.queue_timeout = Some(Duration::from_secs(30));
     })
     .await;
-    let su = s.pg.superuser().await.unwrap();
-    let (peak, stop) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicBool::new(false)));
-    let sampler = {
-        let (peak, stop, db) = (peak.clone(), stop.clone(), s.pg.opts.database.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let n: i64 = su
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
-                        &[&db],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                peak.fetch_max(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let sampler = s.sample_backends().await;
     let start = Instant::now();
     let clients: Vec<_> = (0..1000)
         .map(|i| {
@@ -175,9 +157,7 @@ async fn a_thousand_clients_in_one_second_never_exceed_the_cap() {
         "1000 clients: {ok} served, refused {refused:?}, in {:?}",
         start.elapsed()
     );
-    stop.store(true, Ordering::Relaxed);
-    sampler.await.unwrap();
-    let peak = peak.load(Ordering::Relaxed);
+    let peak = sampler.stop().await;
     assert!(peak <= 20, "PostgreSQL saw {peak} proxy backends; the cap is 20");
     assert!(ok >= 400, "only {ok} served");
     // 1000 logins in a second from one identity (no application_name: its address) is a surge.

@@ -1,8 +1,6 @@
 //! Caps: pool size seen from PostgreSQL, query_wait_timeout, max_client_connections,
 //! idle and lifetime limits, and the demo's surge.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
@@ -10,27 +8,7 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_clients_share_ten_server_connections() {
     let s = Setup::new(|f| f.pool.pool_size = 10).await;
-    let su = s.pg.superuser().await.unwrap();
-    let peak = Arc::new(AtomicI64::new(0));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let sampler = {
-        let (peak, stop) = (peak.clone(), stop.clone());
-        let db = s.pg.opts.database.clone();
-        tokio::spawn(async move {
-            loop {
-                let n: i64 = su
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
-                        &[&db],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                peak.fetch_max(n, Ordering::Relaxed);
-                tokio::select! { _ = stop.notified() => return, _ = tokio::time::sleep(Duration::from_millis(5)) => {} }
-            }
-        })
-    };
+    let sampler = s.sample_backends().await;
     let url = s.url();
     let clients: Vec<_> = (0..100)
         .map(|i| {
@@ -49,9 +27,7 @@ async fn hundred_clients_share_ten_server_connections() {
     for c in clients {
         within(Duration::from_secs(120), c).await.unwrap();
     }
-    stop.notify_one();
-    sampler.await.unwrap();
-    let peak = peak.load(Ordering::Relaxed);
+    let peak = sampler.stop().await;
     assert!(peak <= 10, "PostgreSQL saw {peak} proxy backends, pool_size is 10");
     assert!(peak >= 2, "sampler saw {peak}: the test did not load the pool");
 }

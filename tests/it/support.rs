@@ -1,6 +1,8 @@
 //! Shared helpers: a throwaway PostgreSQL with a pgvalve in front, clients, bounded waits.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgvalve::config::{Config, FileConfig};
@@ -46,13 +48,50 @@ impl Setup {
 
     /// Client backends of the application database, seen by PostgreSQL.
     pub async fn backends(&self, su: &Client) -> i64 {
-        su.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
-            &[&self.pg.opts.database],
-        )
-        .await
-        .expect("count backends")
-        .get(0)
+        count_backends(su, &self.pg.opts.database).await
+    }
+
+    /// Starts sampling [`Setup::backends`] every 5 ms (on a superuser connection of its own).
+    pub async fn sample_backends(&self) -> PeakBackends {
+        let su = self.pg.superuser().await.expect("superuser connection");
+        let (peak, stop) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicBool::new(false)));
+        let task = {
+            let (peak, stop, db) = (peak.clone(), stop.clone(), self.pg.opts.database.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(count_backends(&su, &db).await, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        PeakBackends { peak, stop, task }
+    }
+}
+
+/// Pool backends of `db` (client backends other than the lock monitor's).
+async fn count_backends(su: &Client, db: &str) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> 'pgvalve lock monitor'",
+        &[&db],
+    )
+    .await
+    .expect("count backends")
+    .get(0)
+}
+
+/// A running sample of the peak number of backends (see [`Setup::sample_backends`]).
+pub struct PeakBackends {
+    peak: Arc<AtomicI64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakBackends {
+    /// Stops sampling; the most backends seen at once.
+    pub async fn stop(self) -> i64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("sampler");
+        self.peak.load(Ordering::Relaxed)
     }
 }
 
