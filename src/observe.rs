@@ -156,7 +156,7 @@ pub fn render(shared: &Shared) -> String {
                 let id = l
                     .session
                     .as_ref()
-                    .map_or("external".to_string(), |x| x.identity.to_string());
+                    .map_or("external".to_string(), |x| x.client.identity.to_string());
                 *held.entry((id, l.row.mode.clone())).or_default() += 1;
             }
             if !l.row.granted {

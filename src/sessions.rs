@@ -66,18 +66,8 @@ impl Verdict {
 pub struct SessionInfo {
     /// Proxy-wide session id.
     pub id: u64,
-    /// Client identity.
-    pub identity: Arc<str>,
-    /// User.
-    pub user: String,
-    /// Database as the client asked for it.
-    pub database: String,
-    /// application_name from the startup packet.
-    pub application_name: String,
-    /// Client address.
-    pub addr: SocketAddr,
-    /// The proxy's address the client connected to.
-    pub local: Option<SocketAddr>,
+    /// Who the client is.
+    pub client: SessionClient,
     /// When it logged in.
     pub connected: SystemTime,
     backend: AtomicI32,
@@ -100,9 +90,9 @@ impl SessionInfo {
     }
 }
 
-/// What a session says about itself when it registers.
+/// Who a session's client is, as it registers.
 #[derive(Debug, Clone)]
-pub struct NewSession {
+pub struct SessionClient {
     /// Client identity.
     pub identity: Arc<str>,
     /// User.
@@ -144,15 +134,10 @@ impl Drop for Registered {
 
 impl Sessions {
     /// Registers a session.
-    pub fn register(self: &Arc<Self>, s: NewSession) -> Registered {
+    pub fn register(self: &Arc<Self>, client: SessionClient) -> Registered {
         let info = Arc::new(SessionInfo {
             id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
-            identity: s.identity,
-            user: s.user,
-            database: s.database,
-            application_name: s.application_name,
-            addr: s.addr,
-            local: s.local,
+            client,
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
             verdict: Verdict::default(),
@@ -199,7 +184,7 @@ mod tests {
     #[tokio::test]
     async fn registry_and_verdicts() {
         let sessions = Arc::new(Sessions::default());
-        let new = NewSession {
+        let new = SessionClient {
             identity: Arc::from("web"),
             user: "app".into(),
             database: "app".into(),

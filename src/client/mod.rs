@@ -414,7 +414,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
     client.flush().await?;
 
     let key = shared.cancels.register();
-    let registered = shared.sessions.register(crate::sessions::NewSession {
+    let registered = shared.sessions.register(crate::sessions::SessionClient {
         identity: member.identity().clone(),
         user: route.user.clone(),
         database: route.database.clone(),

@@ -190,9 +190,11 @@ impl Recorder {
                 seen.insert(key.clone());
                 let ep = self.open.entry(key).or_insert_with(|| Episode {
                     pid: row.pid,
-                    identity: session.as_ref().map_or("external".into(), |s| s.identity.to_string()),
+                    identity: session
+                        .as_ref()
+                        .map_or("external".into(), |s| s.client.identity.to_string()),
                     session_id: session.as_ref().map(|s| s.id),
-                    addr: session.as_ref().map_or(row.addr.clone(), |s| s.addr.to_string()),
+                    addr: session.as_ref().map_or(row.addr.clone(), |s| s.client.addr.to_string()),
                     relation,
                     mode: row.mode.clone(),
                     started: SystemTime::now(),
@@ -214,7 +216,9 @@ impl Recorder {
                     );
                 }
                 if let (Some(s), None) = (&session, ep.acted) {
-                    if let Some((limit, action)) = policy(&s.identity).filter(|(l, _)| !l.is_zero() && held >= *l) {
+                    if let Some((limit, action)) =
+                        policy(&s.client.identity).filter(|(l, _)| !l.is_zero() && held >= *l)
+                    {
                         ep.acted = Some(action);
                         acts.extend(act(ep, s, &row, limit, action, held));
                         *self
@@ -249,7 +253,7 @@ impl Recorder {
         for l in self.current.iter().filter(|l| l.dangerous) {
             if let Some(s) = &l.session {
                 if seen.insert(s.id) {
-                    *out.entry(s.identity.to_string()).or_default() += 1;
+                    *out.entry(s.client.identity.to_string()).or_default() += 1;
                 }
             }
         }
