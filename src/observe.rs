@@ -112,6 +112,7 @@ pub fn render(shared: &Shared) -> String {
         );
         s.gauge("pgvalve_identity_login_rate", id, i.login_rate);
         s.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
+        s.gauge("pgvalve_identity_client_growth_1s", id, i.delta_1s as f64);
         s.gauge("pgvalve_identity_client_growth_10s", id, i.delta_10s as f64);
         s.gauge("pgvalve_identity_surging", id, if i.surging { 1.0 } else { 0.0 });
         s.counter("pgvalve_identity_logins_total", id, i.counters.admitted);

@@ -36,6 +36,8 @@ pub struct IdentityStatus {
     pub login_rate_10s: f64,
     /// Growth of client connections over the last 10 s.
     pub delta_10s: i64,
+    /// Growth of client connections over the last second.
+    pub delta_1s: i64,
     /// Baseline logins per second.
     pub baseline: f64,
     /// In a surge episode now.
@@ -139,7 +141,7 @@ impl Admission {
             .iter()
             .map(|(id, i)| {
                 let s = st.sched.status(id);
-                let (login_rate, login_rate_10s, _, delta_10s, baseline) = i.surge.rates();
+                let (login_rate, login_rate_10s, delta_1s, delta_10s, baseline) = i.surge.rates();
                 IdentityStatus {
                     identity: id.to_string(),
                     rule: i.rule.clone(),
@@ -150,6 +152,7 @@ impl Admission {
                     login_rate,
                     login_rate_10s,
                     delta_10s,
+                    delta_1s,
                     baseline,
                     surging: i.surge.active(),
                     counters: i.counters.clone(),
