@@ -20,6 +20,8 @@ pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     /// connection_failure: the server cannot be reached.
     pub const CONNECTION_FAILURE: &str = "08006";
+    /// query_canceled.
+    pub const QUERY_CANCELED: &str = "57014";
     /// admin_shutdown.
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     /// feature_not_supported.

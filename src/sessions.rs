@@ -4,13 +4,17 @@
 //! records its server connection's backend pid on checkout and clears it on checkin (two
 //! atomic stores on the hot path, no lock). The lock monitor maps backend pids to sessions
 //! through [`Sessions::by_backend`] and can hand a session a [`Verdict`] that ends its
-//! transaction with an explanatory error.
+//! transaction with an explanatory error. Between polls the relay tells the registry when a
+//! session's transaction ends (ReadyForQuery 'I'), so the monitor releases that session's
+//! locks at once instead of at the next poll.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+use tokio::sync::Notify;
 
 use std::task::Poll;
 
@@ -76,6 +80,17 @@ pub struct SessionInfo {
     /// The session's relay waits for verdicts (its identity had an acting lock policy when it
     /// logged in); otherwise the monitor signals its backend directly.
     pub listening: AtomicBool,
+    /// Transactions (and single statements outside one) that ended: ReadyForQuery 'I' seen.
+    ends: AtomicU64,
+    /// The monitor recorded this session holding a dangerous lock: the next end of its
+    /// transaction wakes the monitor.
+    holds_locks: AtomicBool,
+    /// Wakes the lock monitor (shared by all sessions of a proxy).
+    released: Arc<Notify>,
+    /// Set while the monitor has cancelled this session's query: the explanation that
+    /// replaces PostgreSQL's "canceling statement due to user request".
+    cancel_pending: AtomicBool,
+    cancel_note: Mutex<Option<PgError>>,
 }
 
 impl SessionInfo {
@@ -87,6 +102,53 @@ impl SessionInfo {
     /// The backend serving the session now, if any.
     pub fn backend(&self) -> Option<i32> {
         Some(self.backend.load(Ordering::Relaxed)).filter(|&p| p != 0)
+    }
+
+    /// The relay saw `n` ReadyForQuery 'I': every transaction-level lock the session held is
+    /// gone. Wakes the monitor when it recorded the session holding one; drops a cancel
+    /// explanation that was not needed.
+    pub fn transactions_ended(&self, n: u64) {
+        self.ends.fetch_add(n, Ordering::SeqCst);
+        if self.holds_locks.load(Ordering::SeqCst) && self.holds_locks.swap(false, Ordering::SeqCst) {
+            self.released.notify_one();
+        }
+        if self.cancel_pending.load(Ordering::Relaxed) {
+            self.take_cancel_note();
+        }
+    }
+
+    /// How many transactions the session has ended so far.
+    pub fn ends(&self) -> u64 {
+        self.ends.load(Ordering::SeqCst)
+    }
+
+    /// The monitor saw the session hold a dangerous lock in a poll taken when [`Self::ends`]
+    /// was `before`. False when that transaction has ended since (the lock is gone); true when
+    /// the relay will wake the monitor at its end.
+    pub fn mark_holding(&self, before: u64) -> bool {
+        self.holds_locks.store(true, Ordering::SeqCst);
+        if self.ends() != before {
+            self.holds_locks.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// The monitor cancels the session's query: `e` replaces PostgreSQL's cancel error.
+    pub fn explain_cancel(&self, e: PgError) {
+        *self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        self.cancel_pending.store(true, Ordering::Release);
+    }
+
+    /// A cancel explanation is waiting (one atomic load; the relay checks it per server read).
+    pub fn cancel_pending(&self) -> bool {
+        self.cancel_pending.load(Ordering::Acquire)
+    }
+
+    /// Takes the cancel explanation.
+    pub fn take_cancel_note(&self) -> Option<PgError> {
+        self.cancel_pending.store(false, Ordering::Release);
+        self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -112,6 +174,7 @@ pub struct SessionClient {
 pub struct Sessions {
     next: AtomicU64,
     map: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+    released: Arc<Notify>,
 }
 
 /// Keeps a session registered; it leaves the registry when dropped.
@@ -142,6 +205,11 @@ impl Sessions {
             backend: AtomicI32::new(0),
             verdict: Verdict::default(),
             listening: AtomicBool::new(false),
+            ends: AtomicU64::new(0),
+            holds_locks: AtomicBool::new(false),
+            released: self.released.clone(),
+            cancel_pending: AtomicBool::new(false),
+            cancel_note: Mutex::new(None),
         });
         self.map
             .lock()
@@ -164,6 +232,22 @@ impl Sessions {
             .collect();
         v.sort_by_key(|s| s.id);
         v
+    }
+
+    /// Resolves when a session the monitor recorded holding a dangerous lock ends its
+    /// transaction (or at once when that happened since the last call).
+    pub async fn released(&self) {
+        self.released.notified().await;
+    }
+
+    /// Every session's [`SessionInfo::ends`] now, by session id.
+    pub fn ends(&self) -> HashMap<u64, u64> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| (s.id, s.ends()))
+            .collect()
     }
 
     /// Sessions that hold a server connection now, by backend pid.
@@ -202,5 +286,18 @@ mod tests {
         a.info.verdict.deliver(PgError::fatal("57P01", "first"));
         a.info.verdict.deliver(PgError::fatal("57P01", "second"));
         assert_eq!(a.info.verdict.wait().await.message, "first");
+
+        // A recorded holder wakes the monitor when its transaction ends; a stale record does not stick.
+        assert!(a.info.mark_holding(0));
+        a.info.transactions_ended(1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), sessions.released())
+            .await
+            .expect("woken");
+        assert!(!a.info.mark_holding(0), "that transaction has ended");
+        assert_eq!(sessions.ends()[&a.info.id], 1);
+        a.info.explain_cancel(PgError::error("57014", "why"));
+        assert!(a.info.cancel_pending());
+        a.info.transactions_ended(1);
+        assert!(!a.info.cancel_pending() && a.info.take_cancel_note().is_none());
     }
 }

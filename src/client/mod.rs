@@ -371,11 +371,12 @@ async fn session(
         cancel: None,
         // Only sessions whose identity has an acting lock policy wait for verdicts in the
         // relay (the wait costs a little on every relay wakeup).
-        session: lock_policy_acts(shared, seat.member.identity()).then(|| {
-            let info = seat.registered.info.clone();
+        listening: lock_policy_acts(shared, seat.member.identity()) && {
+            let info = &seat.registered.info;
             info.listening.store(true, std::sync::atomic::Ordering::Relaxed);
-            info
-        }),
+            true
+        },
+        session: Some(seat.registered.info.clone()),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
             || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
         ),

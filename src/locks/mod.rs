@@ -7,7 +7,10 @@
 //! statement timeout, one poll in flight at a time. Backends are mapped to sessions through
 //! the session registry (which backend each session uses now); [`record`] keeps current
 //! locks, episodes and history and says which actions are due; this module carries them out.
-//! A lost connection (PostgreSQL restarted) is re-opened at the next poll.
+//! Between polls the relay reports when a recorded holder's transaction ends (ReadyForQuery
+//! 'I'); the monitor then drops that session's locks at once, so its episodes end on time and
+//! `max_lock_holders` admits the next transaction without waiting for a poll. A lost
+//! connection (PostgreSQL restarted) is re-opened at the next poll.
 
 pub mod record;
 
@@ -141,6 +144,9 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
     let cfg = &shared.config.locks;
     let mut rows = Vec::new();
     let mut owner: HashMap<i32, Target> = HashMap::new();
+    // Before the query: which transactions each session had ended, to tell later whether a
+    // lock read by the poll is still held.
+    let ends_before = shared.sessions.ends();
     for t in targets(shared) {
         if !conns.contains_key(&t) {
             match open(&t, cfg.poll_timeout).await {
@@ -172,7 +178,9 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
     let sessions = shared.sessions.by_backend();
     let (acts, holders) = {
         let mut rec = shared.locks.state();
-        let acts = rec.update(rows, &sessions, &rules, |id| shared.admission.lock_policy(id));
+        let acts = rec.update(rows, &sessions, &ends_before, &rules, |id| {
+            shared.admission.lock_policy(id)
+        });
         (acts, rec.holders_per_identity())
     };
     // max_lock_holders: admission holds back new transactions of identities at their cap.
@@ -187,7 +195,10 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
             // wait for verdicts: end its backend from here (the client sees PostgreSQL's 57P01).
             record::Act::Terminate(pid, Some(_), _) => (pid, "SELECT pg_terminate_backend($1)"),
             record::Act::Terminate(pid, None, _) => (pid, "SELECT pg_terminate_backend($1)"),
-            record::Act::Cancel(pid) => (pid, "SELECT pg_cancel_backend($1)"),
+            record::Act::Cancel(pid, s, e) => {
+                s.explain_cancel(e);
+                (pid, "SELECT pg_cancel_backend($1)")
+            }
         };
         if let Some(c) = owner.get(&pid).and_then(|t| conns.get(t)) {
             if let Err(e) = c.execute(sql, &[&pid]).await {
@@ -195,6 +206,18 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
             }
         }
     }
+}
+
+/// Between polls: drops the locks of holders whose transaction has ended.
+fn release_ended(shared: &Shared) {
+    let holders = {
+        let mut rec = shared.locks.state();
+        if !rec.release_ended(shared.config.locks.history) {
+            return;
+        }
+        rec.holders_per_identity()
+    };
+    shared.admission.set_lock_holders(&holders);
 }
 
 /// Polls until the proxy stops.
@@ -208,6 +231,7 @@ pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             _ = every.tick() => round(&shared, &mut conns).await,
+            () = shared.sessions.released() => release_ended(&shared),
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }
     }

@@ -57,6 +57,8 @@ pub struct LockView {
     pub blocks: usize,
     /// Backends waiting on it directly or through others.
     pub blocks_total: usize,
+    /// The session's transaction count before the poll (see `SessionInfo::ends`).
+    ends: u64,
 }
 
 /// One lock episode: a dangerous lock held from first to last sight.
@@ -85,6 +87,8 @@ pub struct Episode {
     pub ended_by: String,
     warned: bool,
     acted: Option<LockAction>,
+    /// The session and its transaction count when the episode began.
+    txn: Option<(Arc<SessionInfo>, u64)>,
 }
 
 impl Episode {
@@ -97,8 +101,8 @@ impl Episode {
 /// An action the monitor must take now.
 #[derive(Debug)]
 pub enum Act {
-    /// pg_cancel_backend(pid).
-    Cancel(i32),
+    /// pg_cancel_backend(pid); the session is told why instead of PostgreSQL's text.
+    Cancel(i32, Arc<SessionInfo>, PgError),
     /// End the session's transaction: the verdict is delivered to the session; the pid is
     /// terminated from the monitor if it still holds the lock at the next poll.
     Terminate(i32, Option<Arc<SessionInfo>>, PgError),
@@ -157,12 +161,15 @@ fn blocking(rows: &[Row]) -> HashMap<i32, (usize, usize)> {
 }
 
 impl Recorder {
-    /// Takes one poll. `sessions` maps backend pids to pgvalve sessions; `policy` gives an
+    /// Takes one poll. `sessions` maps backend pids to pgvalve sessions; `ends_before` has
+    /// each session's transaction count from before the poll query ran (rows of a session
+    /// whose transaction ended since are dropped: those locks are gone); `policy` gives an
     /// identity's (max_lock_hold, lock_action). Returns the actions due.
     pub fn update(
         &mut self,
         rows: Vec<Row>,
         sessions: &HashMap<i32, Arc<SessionInfo>>,
+        ends_before: &HashMap<u64, u64>,
         rules: &Rules,
         policy: impl Fn(&str) -> Option<(Duration, LockAction)>,
     ) -> Vec<Act> {
@@ -182,7 +189,16 @@ impl Recorder {
         for row in rows {
             let (b, bt) = blocks.get(&row.pid).copied().unwrap_or((0, 0));
             let session = sessions.get(&row.pid).cloned();
+            let ends = session
+                .as_ref()
+                .map_or(0, |s| ends_before.get(&s.id).copied().unwrap_or_else(|| s.ends()));
             let dangerous = row.granted && (rules.dangerous_modes.contains(&row.mode) || b > 0);
+            if let Some(s) = session.as_ref().filter(|_| row.granted) {
+                // Watched between polls; a transaction that ended since the poll read is gone.
+                if !s.mark_holding(ends) {
+                    continue;
+                }
+            }
             let mut held = Duration::ZERO;
             if dangerous {
                 let relation = row.relation.clone().unwrap_or_else(|| row.locktype.clone());
@@ -201,9 +217,10 @@ impl Recorder {
                     since: Instant::now(),
                     ended: None,
                     max_blocked: 0,
-                    ended_by: "released".into(),
+                    ended_by: String::new(),
                     warned: false,
                     acted: None,
+                    txn: session.as_ref().map(|s| (s.clone(), ends)),
                 });
                 ep.max_blocked = ep.max_blocked.max(bt);
                 held = ep.held();
@@ -235,6 +252,7 @@ impl Recorder {
                 held,
                 blocks: b,
                 blocks_total: bt,
+                ends,
             });
         }
         self.close_unseen(&seen, rules.history);
@@ -244,6 +262,28 @@ impl Recorder {
             }
         }
         acts
+    }
+
+    /// Between polls: drops the locks of sessions whose transaction has ended since the poll
+    /// that saw them (the relay saw ReadyForQuery 'I'), ending their episodes now. True when
+    /// anything was dropped.
+    pub fn release_ended(&mut self, history: usize) -> bool {
+        let before = self.current.len();
+        self.current
+            .retain(|l| l.session.as_ref().is_none_or(|s| s.ends() == l.ends));
+        if self.current.len() == before {
+            return false;
+        }
+        let seen: HashSet<_> = self.open.keys().filter(|k| self.still_held(k)).cloned().collect();
+        self.close_unseen(&seen, history);
+        true
+    }
+
+    /// Whether the current locks still include an open episode's lock.
+    fn still_held(&self, (pid, relation, mode): &(i32, String, String)) -> bool {
+        self.current.iter().any(|l| {
+            l.row.pid == *pid && l.row.mode == *mode && l.row.relation.as_ref().unwrap_or(&l.row.locktype) == relation
+        })
     }
 
     /// Sessions holding a dangerous lock now, per identity (pgvalve sessions only).
@@ -265,9 +305,11 @@ impl Recorder {
         for k in ended {
             let mut ep = self.open.remove(&k).expect("invariant: listed above");
             ep.ended = Some(SystemTime::now());
-            if let Some(a) = ep.acted {
-                ep.ended_by = format!("{a} by pgvalve");
-            }
+            ep.ended_by = match (ep.acted, ep.txn.take()) {
+                (Some(a), _) => format!("{a} by pgvalve"),
+                (None, Some((s, ends))) if s.ends() != ends => "transaction ended".into(),
+                _ => "released".into(),
+            };
             *self.episodes.entry(ep.identity.clone()).or_default() += 1;
             if ep.warned || ep.acted.is_some() {
                 tracing::info!(identity = %ep.identity, pid = ep.pid, relation = %ep.relation, mode = %ep.mode,
@@ -302,7 +344,11 @@ fn act(
     );
     match action {
         LockAction::Warn => None,
-        LockAction::Cancel if row.state == "active" => Some(Act::Cancel(ep.pid)),
+        LockAction::Cancel if row.state == "active" => {
+            let e = PgError::error("57014", format!("pgvalve: canceling statement: {what}"))
+                .with_hint("Keep transactions that take strong locks short; roll back and retry.");
+            Some(Act::Cancel(ep.pid, s.clone(), e))
+        }
         LockAction::Cancel | LockAction::Terminate => {
             let e = PgError::fatal("57P01", format!("pgvalve: terminating connection: {what}"))
                 .with_hint("Keep transactions that take strong locks short; the transaction was rolled back.");
@@ -360,6 +406,7 @@ mod tests {
         r.update(
             vec![row(7, "RowExclusiveLock", true, "a", &[])],
             &none,
+            &HashMap::new(),
             &rules(),
             policy,
         );
@@ -368,11 +415,12 @@ mod tests {
             r.update(
                 vec![row(pid, "AccessExclusiveLock", true, rel, &[])],
                 &none,
+                &HashMap::new(),
                 &rules(),
                 policy,
             );
         }
-        r.update(vec![], &none, &rules(), policy);
+        r.update(vec![], &none, &HashMap::new(), &rules(), policy);
         let h: Vec<_> = r
             .history
             .iter()
@@ -385,5 +433,33 @@ mod tests {
         );
         assert_eq!(r.episodes["external"], 3);
         assert!(r.current.is_empty());
+    }
+
+    #[test]
+    fn a_transaction_end_seen_by_the_relay_releases_at_once() {
+        use crate::sessions::{SessionClient, Sessions};
+        let registry = Arc::new(Sessions::default());
+        let s = registry.register(SessionClient {
+            identity: Arc::from("web"),
+            user: "app".into(),
+            database: "app".into(),
+            application_name: "web".into(),
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            local: None,
+        });
+        let by_pid = HashMap::from([(1, s.info.clone())]);
+        let before = registry.ends();
+        let lock = || vec![row(1, "AccessExclusiveLock", true, "t", &[])];
+        let mut r = Recorder::default();
+        r.update(lock(), &by_pid, &before, &rules(), |_| None);
+        assert_eq!(r.holders_per_identity()["web"], 1);
+        assert!(!r.release_ended(10), "nothing ended yet");
+        s.info.transactions_ended(1);
+        assert!(r.release_ended(10));
+        assert!(r.holders_per_identity().is_empty() && r.current.is_empty());
+        assert_eq!(r.history.back().map(|e| e.ended_by.as_str()), Some("transaction ended"));
+        // A poll that read the lock before the transaction ended does not bring it back.
+        r.update(lock(), &by_pid, &before, &rules(), |_| None);
+        assert!(r.current.is_empty() && r.holders_per_identity().is_empty());
     }
 }

@@ -132,6 +132,12 @@ impl MessageWalker {
         Self { remaining: 0, max }
     }
 
+    /// Bytes of a message already partly forwarded that are still to come (they start the
+    /// next buffer scanned).
+    pub fn pending(&self) -> usize {
+        self.remaining
+    }
+
     /// True when the stream is at a message boundary (nothing half-forwarded).
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0

@@ -139,6 +139,15 @@ async fn cancel_ends_a_running_statement_that_holds_the_lock() {
     .await
     .unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("57014"), "{e:?}");
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert!(
+        db.message()
+            .starts_with("pgvalve: canceling statement: client \"greedy\" held AccessExclusiveLock")
+            && db.message().contains("on relation \"t\"")
+            && db.message().contains("max_lock_hold=2s, lock_action=cancel"),
+        "pgvalve says why instead of PostgreSQL's \"canceling statement due to user request\": {}",
+        db.message()
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     greedy
         .simple_query("SELECT 1")
@@ -208,7 +217,9 @@ async fn for_update_and_external_holders_are_recorded_and_the_monitor_survives_a
 async fn max_lock_holders_holds_back_the_identitys_next_transactions() {
     let s = Setup::new(|f| {
         f.admin.admin_users = vec!["app".into()];
-        f.locks.poll_interval = Duration::from_millis(200);
+        // Long enough that the release below is seen by the proxy, not by a poll: the holder
+        // is seen by a poll at P, COMMIT goes out at P + 1 s, the next poll is at P + 4 s.
+        f.locks.poll_interval = Duration::from_secs(4);
         f.pool.pool_mode = PoolMode::Transaction;
         f.identity = vec![IdentityRule {
             name: "migr".into(),
@@ -228,7 +239,7 @@ async fn max_lock_holders_holds_back_the_identitys_next_transactions() {
     a.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    eventually(Duration::from_secs(3), "the monitor sees the holder", || async {
+    eventually(Duration::from_secs(6), "the monitor sees the holder", || async {
         console(&s, "SHOW LOCKS")
             .await
             .iter()
@@ -246,8 +257,17 @@ async fn max_lock_holders_holds_back_the_identitys_next_transactions() {
         .await
         .expect("other identities go on");
     a.batch_execute("COMMIT").await.unwrap();
-    within(Duration::from_secs(3), next)
+    // The relay saw the transaction end (ReadyForQuery 'I') and released the lock at once,
+    // well before the next poll.
+    within(Duration::from_secs(2), next)
         .await
         .unwrap()
         .expect("released once the lock is gone");
+    let history = console(&s, "SHOW LOCK_HISTORY").await;
+    assert!(
+        history
+            .iter()
+            .any(|r| r["identity"] == "migr" && r["ended_by"] == "transaction ended"),
+        "{history:?}"
+    );
 }

@@ -77,9 +77,12 @@ pub struct Mode {
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
-    /// The session in the registry: a verdict delivered to it (by the lock monitor) ends the
-    /// relay with that error, closing the server connection.
+    /// The session in the registry: told when a transaction ends (for the lock monitor), and
+    /// the source of cancel explanations.
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
+    /// The relay waits for verdicts on `session`: one delivered (by the lock monitor) ends the
+    /// relay with that error, closing the server connection.
+    pub listening: bool,
 }
 
 /// What the session knows of the server connection's state, from headers alone.
@@ -101,6 +104,8 @@ struct Tracker {
     pin: Option<&'static str>,
     /// Named Parse pins (statements are not tracked).
     named_pins: bool,
+    /// ReadyForQuery 'I' seen since the session was last told.
+    ends: u64,
 }
 
 impl Tracker {
@@ -131,6 +136,7 @@ impl Tracker {
         if s.tag == b'Z' {
             self.status = msg.get(5).copied().unwrap_or(b'?');
             self.pending = self.pending.saturating_sub(1);
+            self.ends += u64::from(self.status == b'I');
         }
         self.last_server_tag = s.tag;
         Walk::Continue
@@ -195,6 +201,34 @@ fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &impl TryWrite
     input.advance(sent);
     move_ready(input, out, n - sent);
     Ok(())
+}
+
+/// The lock monitor cancelled this session's query: replaces the first whole "query
+/// canceled" ErrorResponse (57014) in `s_in` after the first `skip` bytes (the rest of a
+/// message already forwarded) with the monitor's explanation. Runs only while one waits.
+fn explain_cancel(s_in: &mut BytesMut, skip: usize, session: &crate::sessions::SessionInfo) {
+    let mut pos = skip.min(s_in.len());
+    while let Ok(Some((tag, total))) = crate::protocol::frame::peek_header(&s_in[pos..], MAX_SERVER_MESSAGE) {
+        if s_in.len() - pos < total {
+            return;
+        }
+        let frame = crate::protocol::frame::Frame {
+            tag,
+            bytes: BytesMut::from(&s_in[pos..pos + total]),
+        };
+        if tag == b'E'
+            && crate::protocol::messages::parse_server_error(&frame).is_some_and(|e| e.code == sqlstate::QUERY_CANCELED)
+        {
+            if let Some(e) = session.take_cancel_note() {
+                let tail = s_in.split_off(pos + total);
+                s_in.truncate(pos);
+                crate::protocol::messages::error_response(&e, s_in);
+                s_in.unsplit(tail);
+            }
+            return;
+        }
+        pos += total;
+    }
 }
 
 /// Resolves at the next phase change (a closed channel means Stopped).
@@ -353,6 +387,7 @@ where
         inspect: mode.transaction && mode.pinned.is_none(),
         pin: mode.pinned,
         named_pins: mode.statements.is_none(),
+        ends: 0,
     };
     let mut responses = Responses::default();
     let mut prepared = std::mem::take(&mut out.prepared);
@@ -369,12 +404,12 @@ where
         .timeouts
         .any()
         .then(|| Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))));
+    let listening = mode.listening && mode.session.is_some();
     let session = mode.session.clone();
-    let listening = session.is_some();
     let mut verdict = std::pin::pin!(async move {
         match &session {
-            Some(s) => s.verdict.wait().await,
-            None => std::future::pending().await,
+            Some(s) if listening => s.verdict.wait().await,
+            _ => std::future::pending().await,
         }
     });
 
@@ -417,6 +452,11 @@ where
                 }
             }
         }
+        if s_new {
+            if let Some(s) = mode.session.as_ref().filter(|s| s.cancel_pending()) {
+                explain_cancel(&mut s_in, swalk.pending(), s);
+            }
+        }
         if s_new && mode.statements.is_some() {
             s_new = false;
             match server_messages(
@@ -441,10 +481,12 @@ where
         if s_new {
             s_new = false;
             let txn = mode.transaction;
+            // While a cancel explanation waits, ErrorResponses are held back until whole.
+            let explain = mode.session.as_ref().is_some_and(|s| s.cancel_pending());
             let reported = &mut mode.reported;
             let n = match swalk.scan(
                 &s_in,
-                |tag| tag == b'Z' || (txn && tag == b'S'),
+                |tag| tag == b'Z' || (txn && tag == b'S') || (explain && tag == b'E'),
                 |s, m| {
                     if txn && s.tag == b'S' {
                         note_reported(m, reported);
@@ -461,6 +503,12 @@ where
             if forward(&mut s_in, n, &mut s_out, &cw).is_err() {
                 break Ok(RelayEnd::ClientDone);
             }
+        }
+        if t.ends > 0 {
+            if let Some(s) = &mode.session {
+                s.transactions_ended(t.ends);
+            }
+            t.ends = 0;
         }
         if responses.ignored_syncs > 0 {
             t.pending = t.pending.saturating_sub(responses.ignored_syncs);
