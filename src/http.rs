@@ -37,7 +37,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
     if shared.pools.stats().iter().any(|p| p.open > 0) {
         return (StatusCode::OK, "ready\n");
     }
-    for db in shared.config.databases.values() {
+    for db in shared.config().databases.values() {
         let reach = crate::server::stream::ServerStream::connect(&db.host, db.port);
         if matches!(tokio::time::timeout(Duration::from_secs(1), reach).await, Ok(Ok(_))) {
             return (StatusCode::OK, "ready\n");

@@ -42,6 +42,7 @@ pub mod observe;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod shutdown;

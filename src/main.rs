@@ -279,16 +279,21 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
         eprintln!("pgvalve: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    loop {
+    handle.set_reload_source(path, ov);
+    // SIGTERM and the console's SHUTDOWN drain; SIGINT (Ctrl-C) stops at once.
+    let fast = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => match config::load_with(path.as_deref(), &ov) {
-                // Built and validated off to the side; applied only when all of it is valid.
-                Ok(c) => handle.reload(&c),
-                Err(e) => tracing::error!(error = %e, "reload failed; the running configuration stays"),
-            },
+            _ = term.recv() => break false,
+            _ = int.recv() => break true,
+            () = handle.shutdown_requested() => break false,
+            // Built and validated off to the side; applied only when all of it is valid.
+            _ = hup.recv() => { let _ = handle.reload_from_source(); }
         }
+    };
+    if fast {
+        tracing::info!("SIGINT: fast shutdown");
+        handle.shutdown_now().await;
+        return ExitCode::SUCCESS;
     }
     tracing::info!("shutdown requested: draining (a second signal stops at once)");
     let stop = handle.stop_signal();

@@ -7,6 +7,7 @@
 //! and the pools at scrape time into a fresh recorder, so a forgotten identity's series
 //! disappear with it. Both render as Prometheus text with real histograms (buckets).
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,11 +91,39 @@ impl Snapshot {
 pub fn render(shared: &Shared) -> String {
     let s = Snapshot(recorder());
     s.gauge("pgvalve_clients_connected", &[], shared.admission.clients() as f64);
+    for (reason, n) in shared.pins.by_reason() {
+        s.counter("pgvalve_session_pins_total", &[("reason", reason)], n);
+    }
     s.counter(
-        "pgvalve_session_pins_total",
-        &[],
-        shared.pins.load(std::sync::atomic::Ordering::Relaxed),
+        "pgvalve_config_reloads_total",
+        &[("result", "ok")],
+        shared.reloads.ok.load(Relaxed),
     );
+    s.counter(
+        "pgvalve_config_reloads_total",
+        &[("result", "failed")],
+        shared.reloads.failed.load(Relaxed),
+    );
+    for (k, t) in shared.pools.stats.totals() {
+        let l: &[(&'static str, &str)] = &[("database", &k.database), ("user", &k.user)];
+        s.counter("pgvalve_transactions_total", l, t.xacts);
+        s.counter("pgvalve_queries_total", l, t.queries);
+        s.counter("pgvalve_server_assignments_total", l, t.server_assignments);
+        s.counter("pgvalve_client_received_bytes_total", l, t.received);
+        s.counter("pgvalve_client_sent_bytes_total", l, t.sent);
+    }
+    let mut by_state: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
+    for c in shared.sessions.all() {
+        let state = if c.backend().is_some() { "active" } else { "idle" };
+        *by_state.entry((c.client.identity.to_string(), state)).or_default() += 1;
+    }
+    for ((identity, state), n) in by_state {
+        s.gauge(
+            "pgvalve_client_connections",
+            &[("identity", &identity), ("state", state)],
+            n as f64,
+        );
+    }
     for i in shared.admission.identities() {
         let id: &[(&'static str, &str)] = &[("identity", &i.identity)];
         s.gauge("pgvalve_identity_client_connections", id, f64::from(i.clients));

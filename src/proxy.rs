@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwap;
+
 use crate::admission::Admission;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ScramVerifier};
@@ -23,8 +25,8 @@ use crate::shutdown::Phase;
 /// State every session of one proxy shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration in force.
-    pub config: Arc<Config>,
+    /// The configuration in force (replaced whole by a reload; see [`Shared::config`]).
+    pub live_config: Arc<ArcSwap<Config>>,
     /// Server connection pools.
     pub pools: PoolSet,
     /// Cancel keys.
@@ -36,7 +38,7 @@ pub struct Shared {
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
     pub decoy_verifier: ScramVerifier,
     /// Sessions pinned to a server connection in transaction mode, so far.
-    pub pins: Arc<std::sync::atomic::AtomicU64>,
+    pub pins: Arc<crate::sessions::Pins>,
     /// Proxy-wide ids of prepared statement definitions (transaction mode).
     pub statements: Arc<crate::client::StatementRegistry>,
     /// Event metrics (histograms).
@@ -45,6 +47,20 @@ pub struct Shared {
     pub sessions: Arc<crate::sessions::Sessions>,
     /// What the lock monitor saw.
     pub locks: Arc<crate::locks::LockMonitor>,
+    /// Databases paused from the console.
+    pub pauses: crate::pool::Pauses,
+    /// Reloads and what to reload from.
+    pub reloads: crate::reload::Reloads,
+    /// The console asked for SHUTDOWN.
+    pub shutdown_requested: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// The configuration in force now (cheap: no shared reference count is touched). Take
+    /// it once per use and do not hold it across long waits: a reload may replace it.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.live_config.load()
+    }
 }
 
 /// A running proxy.
@@ -80,22 +96,26 @@ impl ProxyHandle {
     /// Starts serving on already bound listeners.
     pub fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
-        let config = Arc::new(config);
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let admission_config = crate::admission::AdmissionConfig::from_config(&config.load());
         let (phase_tx, phase) = watch::channel(Phase::Running);
         let decoy = hex_nonce();
         let events = crate::observe::Events::default();
         let shared = Arc::new(Shared {
             pools: PoolSet::new(config.clone()),
             cancels: Arc::new(CancelRegistry::new()),
-            admission: Admission::new(crate::admission::AdmissionConfig::from_config(&config), events.clone()),
+            admission: Admission::new(admission_config, events.clone()),
             events,
             sessions: Arc::default(),
             locks: Arc::default(),
+            pauses: Default::default(),
+            reloads: Default::default(),
+            shutdown_requested: Default::default(),
             phase: phase.clone(),
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
             statements: Arc::default(),
-            config,
+            live_config: config,
         });
         let tracker = TaskTracker::new();
         let accept = tokio::spawn(crate::listener::run(
@@ -139,17 +159,29 @@ impl ProxyHandle {
         &self.shared
     }
 
-    /// Applies a new, already validated configuration: identity rules and `[admission]`
-    /// limits take effect at once for every client, connected ones included (they keep
-    /// their identity); the other sections apply at the next start.
-    pub fn reload(&self, config: &Config) {
-        self.shared
-            .admission
-            .reload(crate::admission::AdmissionConfig::from_config(config));
-        tracing::info!(
-            rules = config.identities.len(),
-            "configuration reloaded: [admission] and [[identity]] applied; other sections apply at restart"
-        );
+    /// Applies a new, already validated configuration (see [`crate::reload`]): pool sizes,
+    /// limits, identity rules, timeouts and users take effect without dropping clients.
+    pub fn reload(&self, config: Config) -> crate::reload::Reloaded {
+        crate::reload::apply(&self.shared, config)
+    }
+
+    /// Reads the configuration again from the source set by [`ProxyHandle::set_reload_source`]
+    /// and applies it; what SIGHUP and the console's `RELOAD` do.
+    ///
+    /// # Errors
+    /// Why it was refused (the configuration in force stays).
+    pub fn reload_from_source(&self) -> Result<crate::reload::Reloaded, String> {
+        crate::reload::reload(&self.shared)
+    }
+
+    /// Sets what reloads read: the config file (None: quick start) and the overrides.
+    pub fn set_reload_source(&self, path: Option<std::path::PathBuf>, overrides: crate::config::Overrides) {
+        self.shared.reloads.set_source(path, overrides);
+    }
+
+    /// Resolves when the console asked for SHUTDOWN.
+    pub async fn shutdown_requested(&self) {
+        self.shared.shutdown_requested.notified().await;
     }
 
     /// Watches the shutdown phase.
@@ -160,7 +192,7 @@ impl ProxyHandle {
     /// Graceful stop: stop accepting, let transactions finish up to `shutdown_timeout`, then
     /// close everything.
     pub async fn shutdown(self) {
-        let grace = self.shared.config.proxy.shutdown_timeout;
+        let grace = self.shared.config().proxy.shutdown_timeout;
         self.stop(grace).await;
     }
 
@@ -230,17 +262,26 @@ async fn reap_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     }
 }
 
-/// Once a second: surge detection and cleanup in admission.
+/// SHOW STATS averages over this many seconds (PgBouncer's default `stats_period`).
+pub const STATS_PERIOD_SECS: u64 = 60;
+
+/// Once a second: surge detection and cleanup in admission; the stats period.
 async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
     let mut last = tokio::time::Instant::now();
+    shared.pools.stats.roll(std::time::Instant::now());
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             now = every.tick() => {
                 shared.admission.tick(now.saturating_duration_since(last));
                 last = now;
+                ticks += 1;
+                if ticks.is_multiple_of(STATS_PERIOD_SECS) {
+                    shared.pools.stats.roll(std::time::Instant::now());
+                }
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }

@@ -77,9 +77,8 @@ pub struct SessionInfo {
     backend: AtomicI32,
     /// Orders for this session.
     pub verdict: Verdict,
-    /// The session's relay waits for verdicts (its identity had an acting lock policy when it
-    /// logged in); otherwise the monitor signals its backend directly.
-    pub listening: AtomicBool,
+    /// KILL_CLIENT: the verdict stays until the session has ended.
+    killed: AtomicBool,
     /// Transactions (and single statements outside one) that ended: ReadyForQuery 'I' seen.
     ends: AtomicU64,
     /// The monitor recorded this session holding a dangerous lock: the next end of its
@@ -97,6 +96,25 @@ impl SessionInfo {
     /// Records the backend serving the session now (0: none).
     pub fn set_backend(&self, pid: i32) {
         self.backend.store(pid, Ordering::Relaxed);
+    }
+
+    /// Ends the session (KILL_CLIENT): it closes with `e`, in a transaction or between two.
+    pub fn kill(&self, e: PgError) {
+        self.killed.store(true, Ordering::Release);
+        self.verdict.deliver(e);
+    }
+
+    /// Whether KILL_CLIENT was ordered.
+    pub fn killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// The session gave its server connection back: a verdict meant for that transaction is
+    /// dropped (not a kill).
+    pub fn transaction_over(&self) {
+        if !self.killed() {
+            self.verdict.clear();
+        }
     }
 
     /// The backend serving the session now, if any.
@@ -169,6 +187,41 @@ pub struct SessionClient {
     pub local: Option<SocketAddr>,
 }
 
+/// Sessions pinned to their server connection in transaction mode, by reason (a pin is
+/// rare: a lock is fine).
+#[derive(Debug, Default)]
+pub struct Pins(Mutex<HashMap<&'static str, u64>>);
+
+impl Pins {
+    /// Counts one pin.
+    pub fn add(&self, reason: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Pins so far, by reason.
+    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Pins so far.
+    pub fn total(&self) -> u64 {
+        self.by_reason().iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// All sessions of one proxy.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -204,7 +257,7 @@ impl Sessions {
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
             verdict: Verdict::default(),
-            listening: AtomicBool::new(false),
+            killed: AtomicBool::new(false),
             ends: AtomicU64::new(0),
             holds_locks: AtomicBool::new(false),
             released: self.released.clone(),

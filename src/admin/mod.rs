@@ -32,7 +32,8 @@ pub enum Role {
 
 /// The console role of `user`, if any.
 pub fn role(shared: &Shared, user: &str) -> Option<Role> {
-    let a = &shared.config.admin;
+    let config = shared.config();
+    let a = &config.admin;
     if a.admin_users.iter().any(|u| u == user) {
         Some(Role::Admin)
     } else if a.stats_users.iter().any(|u| u == user) {
@@ -63,7 +64,7 @@ pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Resu
     messages::backend_key_data(0, 0, &mut client.wbuf);
     messages::ready_for_query(b'I', &mut client.wbuf);
     client.flush().await?;
-    let max = shared.config.proxy.max_message_size.0.min(1 << 20);
+    let max = shared.config().proxy.max_message_size.0.min(1 << 20);
     let mut failed_extended = false;
     loop {
         let frame = client.read_frame(max).await?;

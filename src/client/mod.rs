@@ -92,6 +92,9 @@ pub enum SessionError {
     /// A user not in admin_users/stats_users asked for the console.
     #[error("pgvalve: user \"{0}\" may not use the admin console (not in admin_users or stats_users)")]
     NotConsoleUser(String),
+    /// Ended from outside (KILL_CLIENT) between two transactions.
+    #[error("{}", .0.message)]
+    Killed(PgError),
 }
 
 impl SessionError {
@@ -104,7 +107,7 @@ impl SessionError {
                 Side::Client
             }
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
-            TooManyClients(..) | Checkout(_) | Refused(_) | Shutdown => Side::Proxy,
+            TooManyClients(..) | Checkout(_) | Refused(_) | Shutdown | Killed(_) => Side::Proxy,
         }
     }
 
@@ -136,6 +139,7 @@ impl SessionError {
             Shutdown => fatal(sqlstate::ADMIN_SHUTDOWN, "pgvalve is shutting down".into()),
             Unsupported(_) => fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string()),
             NotConsoleUser(_) => fatal(sqlstate::INSUFFICIENT_PRIVILEGE, self.to_string()),
+            Killed(e) => Some(e.clone()),
         }
     }
 
@@ -175,16 +179,6 @@ enum Opening {
     Startup(StartupParams),
 }
 
-/// Whether the lock monitor may end this identity's transactions (max_lock_hold with
-/// cancel or terminate).
-fn lock_policy_acts(shared: &Shared, identity: &str) -> bool {
-    shared.config.locks.enabled
-        && shared
-            .admission
-            .lock_policy(identity)
-            .is_some_and(|(hold, action)| !hold.is_zero() && action != crate::admission::LockAction::Warn)
-}
-
 /// What a client says about itself, for its identity.
 fn client_facts<'a>(client: &ClientConn, p: &'a StartupParams) -> crate::admission::identity::ClientFacts<'a> {
     crate::admission::identity::ClientFacts {
@@ -210,7 +204,12 @@ impl Seat {
     /// A server connection: a grant from the fair queue (with a NOTICE to the client once it
     /// has waited `queue_notice_after`), then a connection from the pool.
     pub(crate) async fn checkout(&self, shared: &Shared, client: &mut ClientConn) -> Result<PooledConn, SessionError> {
-        let acquire = shared.admission.acquire(&self.member, &self.pool, self.route.pool_size);
+        shared.pauses.wait_resumed(&self.route.database).await;
+        // The pool and its size as configured now (a reload may have changed them).
+        let pool = shared.pools.pool(&self.route);
+        let pool_size = pool.status().max_size as u32;
+        let started = std::time::Instant::now();
+        let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
         tokio::pin!(acquire);
         let notice = self.member.notice_after();
         let grant = tokio::select! {
@@ -218,21 +217,32 @@ impl Seat {
             g = &mut acquire => g?,
             _ = tokio::time::sleep(notice), if !notice.is_zero() => {
                 let msg = format!(
-                    "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={})",
-                    self.member.identity(), self.pool, self.route.pool_size
+                    "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={pool_size})",
+                    self.member.identity(), self.pool
                 );
                 messages::notice_response("00000", &msg, &mut client.wbuf);
                 client.flush().await?;
                 acquire.await?
             }
         };
-        let server = match shared.pools.checkout(&self.route, Some(grant)).await {
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(1) {
+            shared
+                .pools
+                .stats
+                .counters(&self.key())
+                .add(&crate::pool::stats::Totals {
+                    wait_us: waited.as_micros() as u64,
+                    ..Default::default()
+                });
+        }
+        let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
             Ok(s) => s,
             Err(CheckoutError::Server(ServerError::NoSlot(max))) => {
                 return Err(SessionError::Refused(Refusal::ServerSlots {
                     identity: self.member.identity().to_string(),
                     max,
-                    waited: shared.config.pool.query_wait_timeout,
+                    waited: shared.config().pool.query_wait_timeout,
                 }))
             }
             Err(e) => return Err(e.into()),
@@ -241,18 +251,26 @@ impl Seat {
         Ok(server)
     }
 
+    /// The session's pool.
+    pub(crate) fn key(&self) -> crate::pool::PoolKey {
+        crate::pool::PoolKey {
+            database: self.route.database.clone(),
+            user: self.route.user.clone(),
+        }
+    }
+
     /// The session gave its server connection back (its transaction is over, so a verdict
     /// that came too late for it is dropped).
     pub(crate) fn checked_in(&self) {
         self.registered.info.set_backend(0);
-        self.registered.info.verdict.clear();
+        self.registered.info.transaction_over();
     }
 }
 
 /// Reads the first packet(s): answers SSL/GSSENC with 'N', forwards a cancel, or returns the
 /// startup parameters.
 async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, SessionError> {
-    let max = shared.config.proxy.max_startup_packet_size;
+    let max = shared.config().proxy.max_startup_packet_size;
     for _ in 0..3 {
         match client.read_initial(max).await? {
             InitialPacket::SslRequest | InitialPacket::GssEncRequest => client.send_byte(b'N').await?,
@@ -280,9 +298,9 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
         Opening::Startup(p) => p,
     };
     if !permit_ok {
-        let identity = crate::admission::identity::identify(&shared.config.identities, &client_facts(client, &p));
+        let identity = crate::admission::identity::identify(&shared.config().identities, &client_facts(client, &p));
         return Err(SessionError::TooManyClients(
-            shared.config.proxy.max_client_connections,
+            shared.config().proxy.max_client_connections,
             identity,
         ));
     }
@@ -298,7 +316,7 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
         .record("user", p.user())
         .record("db", p.database());
     if crate::admin::is_console(p.database()) {
-        auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
+        auth::authenticate(client, &shared.config(), p.user(), &shared.decoy_verifier).await?;
         let role = crate::admin::role(shared, p.user()).ok_or_else(|| SessionError::NotConsoleUser(p.user().into()))?;
         return Ok(Some(LoggedIn::Console(role)));
     }
@@ -311,7 +329,7 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
     if p.needs_negotiation() {
         messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
     }
-    auth::authenticate(client, &shared.config, p.user(), &shared.decoy_verifier).await?;
+    auth::authenticate(client, &shared.config(), p.user(), &shared.decoy_verifier).await?;
     Ok(Some(LoggedIn::Client(p, member)))
 }
 
@@ -362,33 +380,24 @@ async fn session(
         ),
         pins: shared.pins.clone(),
         reported: Vec::new(),
-        reject: shared.config.pool.session_state == crate::config::SessionStatePolicy::Reject,
-        timeouts: relay::Timeouts {
-            query: shared.config.pool.query_timeout,
-            idle_transaction: shared.config.pool.idle_transaction_timeout,
-            transaction: shared.config.pool.transaction_timeout,
-        },
+        reject: shared.config().pool.session_state == crate::config::SessionStatePolicy::Reject,
+        timeouts: relay::Timeouts::from_config(&shared.config()),
         cancel: None,
-        // Only sessions whose identity has an acting lock policy wait for verdicts in the
-        // relay (the wait costs a little on every relay wakeup).
-        listening: lock_policy_acts(shared, seat.member.identity()) && {
-            let info = &seat.registered.info;
-            info.listening.store(true, std::sync::atomic::Ordering::Relaxed);
-            true
-        },
         session: Some(seat.registered.info.clone()),
-        statements: (route.pool_mode == PoolMode::Transaction && shared.config.pool.max_prepared_statements > 0).then(
-            || prepared::ClientStatements::new(shared.statements.clone(), shared.config.pool.max_prepared_statements),
-        ),
+        stats: Some(crate::pool::stats::Local::new(shared.pools.stats.counters(&seat.key()))),
+        statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
+            .then(|| {
+                prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
+            }),
     };
     if mode.transaction {
         return txn::serve(shared, client, server, &key, &params, &seat, mode).await;
     }
     let mut mode = mode;
-    let max = shared.config.proxy.max_message_size.0;
+    let max = shared.config().proxy.max_message_size.0;
     let end = relay::run_attached(client, &mut server, &key, shared.phase.clone(), max, &mut mode).await;
     server
-        .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
+        .release(&shared.config().pool.server_reset_query, Duration::from_secs(5))
         .await;
     drop(permit);
     end.map(|_| ())
@@ -397,7 +406,7 @@ async fn session(
 /// Login, routing, a server connection with the client's parameters applied, and the
 /// welcome (ParameterStatus, BackendKeyData, ReadyForQuery). None for a cancel request.
 async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -> Result<Option<Entry>, SessionError> {
-    let timeout = shared.config.proxy.client_login_timeout;
+    let timeout = shared.config().proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
     let (p, member) = match login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? {
         None => return Ok(None),
@@ -408,7 +417,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
         Some(LoggedIn::Client(p, member)) => (p, member),
     };
     let route = shared
-        .config
+        .config()
         .route(p.database(), p.user())
         .ok_or_else(|| SessionError::UnknownDatabase(p.database().to_string()))?;
     messages::auth_ok(&mut client.wbuf);
@@ -439,7 +448,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
     .await
     {
         server
-            .release(&shared.config.pool.server_reset_query, Duration::from_secs(5))
+            .release(&shared.config().pool.server_reset_query, Duration::from_secs(5))
             .await;
         return Err(e);
     }

@@ -33,7 +33,11 @@ enum Next {
     Shutdown,
 }
 
-async fn next_request(client: &mut ClientConn, phase: &mut watch::Receiver<Phase>) -> Result<Next, SessionError> {
+async fn next_request(
+    client: &mut ClientConn,
+    phase: &mut watch::Receiver<Phase>,
+    seat: &Seat,
+) -> Result<Next, SessionError> {
     loop {
         if let Some(&tag) = client.rbuf.first() {
             return Ok(if tag == b'X' { Next::Terminate } else { Next::Request });
@@ -44,6 +48,8 @@ async fn next_request(client: &mut ClientConn, phase: &mut watch::Receiver<Phase
         tokio::select! {
             r = client.read_more() => r?,
             r = phase.changed() => if r.is_err() { return Ok(Next::Shutdown) },
+            // KILL_CLIENT between two transactions.
+            e = seat.registered.info.verdict.wait() => return Err(SessionError::Killed(e)),
         }
     }
 }
@@ -65,13 +71,13 @@ pub async fn serve(
 ) -> Result<(), SessionError> {
     first.checkin();
     seat.checked_in();
-    let max = shared.config.proxy.max_message_size.0;
-    let reset = &shared.config.pool.server_reset_query;
+    let max = shared.config().proxy.max_message_size.0;
+    let reset = &shared.config().pool.server_reset_query.clone();
     let mut phase = shared.phase.clone();
     let mut reported = Reported::new();
     let mut params = params_key(p, &reported);
     loop {
-        match next_request(client, &mut phase).await? {
+        match next_request(client, &mut phase, seat).await? {
             Next::Request => {}
             Next::Terminate => return Ok(()),
             Next::Shutdown => return Err(SessionError::Shutdown),
@@ -85,6 +91,8 @@ pub async fn serve(
                 continue;
             }
         }
+        // Timeouts as configured now: a reload applies from the next transaction on.
+        mode.timeouts = relay::Timeouts::from_config(&shared.config());
         let mut server = seat.checkout(shared, client).await?;
         if let Err(e) = prepare_server(&mut server, p, &reported, params).await {
             seat.checked_in();

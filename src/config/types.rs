@@ -101,7 +101,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// `[proxy]`: the listener and the client side.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySettings {
     /// Address clients connect to. Needs a restart to change.
@@ -140,7 +140,7 @@ impl Default for ProxySettings {
 }
 
 /// `[pool]`: server connections.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSettings {
     /// Default pool mode ("session"; "transaction" arrives with transaction pooling).
@@ -207,7 +207,7 @@ impl Default for PoolSettings {
 
 /// `[databases.NAME]`: where a database name clients ask for is routed. The name `"*"`
 /// routes any database name to the database of the same name on that server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// PostgreSQL host, or a Unix-socket directory such as "/var/run/postgresql" (cheaper
@@ -251,7 +251,7 @@ pub struct UserConfig {
 }
 
 /// `[admin]`: who may use the admin console (database `pgvalve`, alias `pgbouncer`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
     /// Users (from `[users]`) allowed every console command.
@@ -261,7 +261,7 @@ pub struct AdminSettings {
 }
 
 /// `[locks]`: the lock monitor.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LockSettings {
     /// Run the monitor.

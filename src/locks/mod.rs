@@ -68,7 +68,7 @@ struct Target {
 /// The databases in use: every configured one, and those reached through `"*"` that have a
 /// pool.
 fn targets(shared: &Shared) -> Vec<Target> {
-    let c = &shared.config;
+    let c = shared.config();
     let Some(user) = c.locks.user.clone().or_else(|| c.users.keys().next().cloned()) else {
         return Vec::new();
     };
@@ -141,7 +141,8 @@ pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_pos
 
 /// One round: poll every target, record, act.
 async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Client>) {
-    let cfg = &shared.config.locks;
+    let config = shared.config();
+    let cfg = &config.locks;
     let mut rows = Vec::new();
     let mut owner: HashMap<i32, Target> = HashMap::new();
     // Before the query: which transactions each session had ended, to tell later whether a
@@ -187,13 +188,10 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
     shared.admission.set_lock_holders(&holders);
     for a in acts {
         let (pid, sql) = match a {
-            record::Act::Terminate(_, Some(s), e) if s.listening.load(std::sync::atomic::Ordering::Relaxed) => {
+            record::Act::Terminate(_, Some(s), e) => {
                 s.verdict.deliver(e);
                 continue;
             }
-            // A session that logged in before its identity had a policy (reload) does not
-            // wait for verdicts: end its backend from here (the client sees PostgreSQL's 57P01).
-            record::Act::Terminate(pid, Some(_), _) => (pid, "SELECT pg_terminate_backend($1)"),
             record::Act::Terminate(pid, None, _) => (pid, "SELECT pg_terminate_backend($1)"),
             record::Act::Cancel(pid, s, e) => {
                 s.explain_cancel(e);
@@ -212,7 +210,7 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
 fn release_ended(shared: &Shared) {
     let holders = {
         let mut rec = shared.locks.state();
-        if !rec.release_ended(shared.config.locks.history) {
+        if !rec.release_ended(shared.config().locks.history) {
             return;
         }
         rec.holders_per_identity()
@@ -222,15 +220,25 @@ fn release_ended(shared: &Shared) {
 
 /// Polls until the proxy stops.
 pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
-    if !shared.config.locks.enabled {
+    if !shared.config().locks.enabled {
         return;
     }
-    let mut every = tokio::time::interval(shared.config.locks.poll_interval);
+    let mut period = shared.config().locks.poll_interval;
+    let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conns = HashMap::new();
     loop {
         tokio::select! {
-            _ = every.tick() => round(&shared, &mut conns).await,
+            _ = every.tick() => {
+                round(&shared, &mut conns).await;
+                // A reload may have changed the interval.
+                let now = shared.config().locks.poll_interval;
+                if now != period {
+                    period = now;
+                    every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
             () = shared.sessions.released() => release_ended(&shared),
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }

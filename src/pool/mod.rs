@@ -7,17 +7,22 @@
 
 mod guard;
 mod manager;
+pub mod pause;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use deadpool::managed::{PoolError, QueueMode, Timeouts};
 use deadpool::Runtime;
 
 pub use guard::PooledConn;
 pub use manager::{Pool, ServerManager, ServerSlots};
+pub use pause::Pauses;
+pub use stats::Stats;
 
 use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
@@ -97,14 +102,45 @@ struct Entry {
     pool: Pool,
     created: Arc<AtomicU64>,
     rejected: Arc<AtomicU64>,
+    shape: Shape,
+}
+
+/// What a pool's connections are made with: a reload that changes it retires the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    target: ServerTarget,
+    wait: Duration,
+    check_delay: Duration,
+    lifetime: Duration,
+}
+
+impl Shape {
+    fn of(config: &Config, route: &Route) -> Self {
+        let cfg = &config.pool;
+        Shape {
+            target: ServerTarget {
+                host: route.host.clone(),
+                port: route.port,
+                dbname: route.server_dbname.clone(),
+                user: route.user.clone(),
+                password: config.users.get(&route.user).and_then(|u| u.server_password.clone()),
+                connect_timeout: cfg.server_connect_timeout,
+            },
+            wait: cfg.query_wait_timeout,
+            check_delay: cfg.server_check_delay,
+            lifetime: cfg.server_lifetime,
+        }
+    }
 }
 
 /// All pools of one proxy.
 #[derive(Clone)]
 pub struct PoolSet {
-    config: Arc<Config>,
+    config: Arc<ArcSwap<Config>>,
     pools: Arc<Mutex<HashMap<PoolKey, Entry>>>,
     slots: Arc<ServerSlots>,
+    /// Traffic counters per pool.
+    pub stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for PoolSet {
@@ -114,17 +150,19 @@ impl std::fmt::Debug for PoolSet {
 }
 
 impl PoolSet {
-    /// Pools for `config` (none open until first used).
-    pub fn new(config: Arc<Config>) -> Self {
-        let slots = ServerSlots::new(config.pool.max_server_connections);
+    /// Pools for the live `config` (none open until first used).
+    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+        let slots = ServerSlots::new(config.load().pool.max_server_connections);
         Self {
             config,
             pools: Arc::new(Mutex::new(HashMap::new())),
             slots,
+            stats: Arc::default(),
         }
     }
 
-    fn pool(&self, route: &Route) -> Pool {
+    /// The pool of `route` (created on first use), with the configuration in force now.
+    pub fn pool(&self, route: &Route) -> Pool {
         let key = PoolKey {
             database: route.database.clone(),
             user: route.user.clone(),
@@ -133,25 +171,19 @@ impl PoolSet {
         if let Some(e) = pools.get(&key) {
             return e.pool.clone();
         }
+        let config = self.config.load();
+        // A session that logged in before a reload keeps its route; the pool follows the
+        // configuration in force.
+        let live = config.route(&route.database, &route.user);
+        let route = live.as_ref().unwrap_or(route);
         let (created, rejected) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let cfg = &self.config.pool;
+        let shape = Shape::of(&config, route);
         let manager = ServerManager {
-            target: ServerTarget {
-                host: route.host.clone(),
-                port: route.port,
-                dbname: route.server_dbname.clone(),
-                user: route.user.clone(),
-                password: self
-                    .config
-                    .users
-                    .get(&route.user)
-                    .and_then(|u| u.server_password.clone()),
-                connect_timeout: cfg.server_connect_timeout,
-            },
+            target: shape.target.clone(),
             slots: self.slots.clone(),
-            slot_wait: cfg.query_wait_timeout,
-            check_delay: cfg.server_check_delay,
-            lifetime: cfg.server_lifetime,
+            slot_wait: shape.wait,
+            check_delay: shape.check_delay,
+            lifetime: shape.lifetime,
             recycle_rejections: rejected.clone(),
             created: created.clone(),
         };
@@ -159,7 +191,7 @@ impl PoolSet {
             .max_size(route.pool_size as usize)
             .queue_mode(QueueMode::Lifo)
             .timeouts(Timeouts {
-                wait: Some(cfg.query_wait_timeout),
+                wait: Some(shape.wait),
                 // create() bounds itself: query_wait_timeout for a global slot, then
                 // server_connect_timeout for connect and login.
                 create: None,
@@ -175,32 +207,74 @@ impl PoolSet {
                 pool: pool.clone(),
                 created,
                 rejected,
+                shape,
             },
         );
         pool
     }
 
-    /// Gets a server connection for `route`, under an admission grant for its pool (which
-    /// admission hands out no more than pool_size of, so this rarely waits: only for the
-    /// global `max_server_connections`, up to `query_wait_timeout`).
+    /// Gets a server connection from `pool` (see [`PoolSet::pool`]), under an admission grant
+    /// for it (which admission hands out no more than pool_size of, so this rarely waits:
+    /// only for the global `max_server_connections`, up to `query_wait_timeout`).
     ///
     /// # Errors
     /// [`CheckoutError`]: timeout (53300), server failure, or shutdown.
-    pub async fn checkout(&self, route: &Route, grant: Option<ServerGrant>) -> Result<PooledConn, CheckoutError> {
-        let pool = self.pool(route);
+    pub async fn checkout(
+        &self,
+        pool: &Pool,
+        route: &Route,
+        grant: Option<ServerGrant>,
+    ) -> Result<PooledConn, CheckoutError> {
         match pool.get().await {
             Ok(obj) => Ok(PooledConn::new(obj, grant)),
             Err(PoolError::Timeout(_)) => Err(CheckoutError::Timeout {
                 database: route.database.clone(),
                 user: route.user.clone(),
-                waited: self.config.pool.query_wait_timeout,
-                pool_size: route.pool_size,
+                waited: pool.timeouts().wait.unwrap_or_default(),
+                pool_size: pool.status().max_size as u32,
             }),
             Err(PoolError::Backend(e)) => Err(CheckoutError::Server(e)),
             Err(PoolError::PostCreateHook(_)) | Err(PoolError::NoRuntimeSpecified) | Err(PoolError::Closed) => {
                 Err(CheckoutError::Closed)
             }
         }
+    }
+
+    /// Applies a reloaded configuration to the pools that exist: a new pool_size resizes a
+    /// pool in place; a new server address, credentials or connection settings retire it
+    /// (its idle connections close now, busy ones when they come back; the next checkout
+    /// opens a new pool). Clients are not touched. Returns what changed, for the log.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|key, e| {
+            let Some(route) = config.route(&key.database, &key.user) else {
+                e.pool.close();
+                changes.push(format!("pool {}/{} closed: no longer routed", key.database, key.user));
+                return false;
+            };
+            let shape = Shape::of(config, &route);
+            if shape != e.shape {
+                e.pool.close();
+                changes.push(format!(
+                    "pool {}/{} rebuilt: server or connection settings changed",
+                    key.database, key.user
+                ));
+                return false;
+            }
+            let size = route.pool_size as usize;
+            if e.pool.status().max_size != size {
+                changes.push(format!(
+                    "pool {}/{} pool_size {} -> {size}",
+                    key.database,
+                    key.user,
+                    e.pool.status().max_size
+                ));
+                e.pool.resize(size);
+            }
+            true
+        });
+        changes
     }
 
     /// Numbers for every pool, sorted by key.
@@ -227,7 +301,8 @@ impl PoolSet {
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`.
     pub fn reap(&self) -> usize {
-        let (idle_to, life) = (self.config.pool.server_idle_timeout, self.config.pool.server_lifetime);
+        let config = self.config.load();
+        let (idle_to, life) = (config.pool.server_idle_timeout, config.pool.server_lifetime);
         let pools: Vec<Pool> = {
             let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             p.values().map(|e| e.pool.clone()).collect()
@@ -246,7 +321,8 @@ impl PoolSet {
 
     /// How often [`PoolSet::reap`] should run.
     pub fn reap_interval(&self) -> Duration {
-        let p = &self.config.pool;
+        let config = self.config.load();
+        let p = &config.pool;
         [p.server_idle_timeout, p.server_lifetime]
             .into_iter()
             .filter(|d| !d.is_zero())

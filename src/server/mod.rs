@@ -80,7 +80,7 @@ impl ServerError {
 }
 
 /// Where and as whom to connect.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTarget {
     /// Host name or address.
     pub host: String,

@@ -309,7 +309,7 @@ async fn identity_caps_refuse_before_authentication_and_change_on_reload() {
 
     let mut f = s.pg.file_config();
     f.identity = vec![web_rule(2)];
-    s.proxy.reload(&Config::validate(f, "reload").unwrap());
+    s.proxy.reload(Config::validate(f, "reload").unwrap());
     let second = connect(&url_app(&s, "web-2")).await.expect("cap raised by reload");
     let e = connect(&url_app(&s, "web-3")).await.unwrap_err();
     assert!(e

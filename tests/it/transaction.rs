@@ -1,6 +1,5 @@
 //! Transaction pooling: many clients on few server connections, nothing leaks between them.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgvalve::config::PoolMode;
@@ -70,11 +69,7 @@ async fn forty_clients_share_three_server_connections() {
     let direct = connect(&s.pg.url()).await.unwrap();
     let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(n, 400);
-    assert_eq!(
-        s.proxy.shared().pins.load(Ordering::Relaxed),
-        0,
-        "nothing here should pin"
-    );
+    assert_eq!(s.proxy.shared().pins.total(), 0, "nothing here should pin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +82,7 @@ async fn session_state_pins_and_never_leaks() {
         first_value(&a.simple_query("SHOW statement_timeout").await.unwrap()),
         "1234ms"
     );
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+    assert_eq!(s.proxy.shared().pins.total(), 1);
     // Another client runs on the other server connection and sees nothing of it.
     let b = s.client().await;
     for _ in 0..5 {
@@ -211,11 +206,7 @@ async fn prepared_clients(s: &Setup, clients: i32, rounds: i32) {
 async fn named_prepared_statements_are_shared_without_pinning() {
     let s = Setup::new(txn_setup(3)).await;
     prepared_clients(&s, 30, 20).await;
-    assert_eq!(
-        s.proxy.shared().pins.load(Ordering::Relaxed),
-        0,
-        "named statements pinned"
-    );
+    assert_eq!(s.proxy.shared().pins.total(), 0, "named statements pinned");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,7 +303,7 @@ async fn pgbench_all_protocols_in_transaction_mode() {
     let s = Setup::new(txn_setup(2)).await;
     // Eight clients on two server connections, the TPC-B-like read-write script.
     pgbench_all_modes(&s, &[]);
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    assert_eq!(s.proxy.shared().pins.total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +333,7 @@ async fn set_of_a_reported_parameter_follows_the_client_without_pinning() {
         first_value(&a.simple_query("SHOW TimeZone").await.unwrap()),
         "America/New_York"
     );
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    assert_eq!(s.proxy.shared().pins.total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +367,7 @@ async fn reject_policy_fails_session_state_changes_with_a_hint() {
         first_value(&c.simple_query("SHOW statement_timeout").await.unwrap()),
         "0"
     );
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    assert_eq!(s.proxy.shared().pins.total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +405,7 @@ async fn copy_both_ways_and_psql_in_transaction_mode() {
         &["-c", "SELECT count(*) FROM cp", "-c", "\\copy (SELECT 1) TO STDOUT"],
     );
     assert_eq!(got, "10000\n1");
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    assert_eq!(s.proxy.shared().pins.total(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,12 +427,12 @@ async fn without_statement_tracking_named_statements_pin_and_work() {
         assert_eq!(row.get::<_, i32>(0), i);
     }
     b.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 0);
+    assert_eq!(s.proxy.shared().pins.total(), 0);
     // ...and a named statement pins its session, which then works as in session mode.
     let stmt = a.prepare("SELECT $1::int * 3").await.unwrap();
     for i in 0..5 {
         assert_eq!(a.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0), i * 3);
     }
-    assert_eq!(s.proxy.shared().pins.load(Ordering::Relaxed), 1);
+    assert_eq!(s.proxy.shared().pins.total(), 1);
     assert_eq!(first_value(&b.simple_query("SHOW TimeZone").await.unwrap()), "UTC");
 }

@@ -18,6 +18,7 @@ use super::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStat
 use super::sql::session_state_change;
 use super::SessionError;
 use crate::error::{sqlstate, PgError};
+use crate::pool::stats::Totals;
 use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
 use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
@@ -64,7 +65,7 @@ pub struct Mode {
     /// Who the client is, for the log line when it gets pinned.
     pub who: String,
     /// Counts pins.
-    pub pins: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub pins: std::sync::Arc<crate::sessions::Pins>,
     /// query_timeout, idle_transaction_timeout, transaction_timeout.
     pub timeouts: Timeouts,
     /// Where to send a cancel when a query runs past query_timeout.
@@ -77,12 +78,12 @@ pub struct Mode {
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
-    /// The session in the registry: told when a transaction ends (for the lock monitor), and
-    /// the source of cancel explanations.
+    /// The session in the registry: told when a transaction ends (for the lock monitor), the
+    /// source of cancel explanations, and of verdicts (the lock monitor's, KILL_CLIENT): one
+    /// delivered ends the relay with its error, closing the server connection.
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
-    /// The relay waits for verdicts on `session`: one delivered (by the lock monitor) ends the
-    /// relay with that error, closing the server connection.
-    pub listening: bool,
+    /// The session's tally of transactions, queries and bytes for its pool's SHOW STATS.
+    pub stats: Option<crate::pool::stats::Local>,
 }
 
 /// What the session knows of the server connection's state, from headers alone.
@@ -106,6 +107,12 @@ struct Tracker {
     named_pins: bool,
     /// ReadyForQuery 'I' seen since the session was last told.
     ends: u64,
+    /// Traffic since the last fold into `Mode::stats`.
+    tally: Totals,
+    /// When the outstanding requests began (none outstanding: None).
+    busy_since: Option<Instant>,
+    /// When the current transaction's first request was sent.
+    xact_since: Option<Instant>,
 }
 
 impl Tracker {
@@ -121,9 +128,9 @@ impl Tracker {
                 self.terminate = true;
                 return Walk::StopBefore;
             }
-            b'Q' | b'F' => self.pending += 1,
+            b'Q' | b'F' => self.request(),
             b'S' => {
-                self.pending += 1;
+                self.request();
                 self.unsynced = false;
             }
             b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
@@ -132,11 +139,38 @@ impl Tracker {
         Walk::Continue
     }
 
+    /// A request that ReadyForQuery will answer; starts the query (and transaction) clocks.
+    fn request(&mut self) {
+        if self.pending == 0 {
+            let now = Instant::now();
+            self.busy_since = Some(now);
+            if self.status == b'I' && self.xact_since.is_none() {
+                self.xact_since = Some(now);
+            }
+        }
+        self.pending += 1;
+    }
+
     fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         if s.tag == b'Z' {
             self.status = msg.get(5).copied().unwrap_or(b'?');
             self.pending = self.pending.saturating_sub(1);
-            self.ends += u64::from(self.status == b'I');
+            self.tally.queries += 1;
+            if self.pending == 0 {
+                let now = Instant::now();
+                if let Some(t) = self.busy_since.take() {
+                    self.tally.query_us += now.duration_since(t).as_micros() as u64;
+                }
+                if self.status == b'I' {
+                    if let Some(t) = self.xact_since.take() {
+                        self.tally.xact_us += now.duration_since(t).as_micros() as u64;
+                    }
+                }
+            }
+            if self.status == b'I' {
+                self.ends += 1;
+                self.tally.xacts += 1;
+            }
         }
         self.last_server_tag = s.tag;
         Walk::Continue
@@ -388,6 +422,12 @@ where
         pin: mode.pinned,
         named_pins: mode.statements.is_none(),
         ends: 0,
+        tally: Totals {
+            server_assignments: 1,
+            ..Totals::default()
+        },
+        busy_since: None,
+        xact_since: None,
     };
     let mut responses = Responses::default();
     let mut prepared = std::mem::take(&mut out.prepared);
@@ -404,12 +444,12 @@ where
         .timeouts
         .any()
         .then(|| Box::pin(tokio::time::sleep(Duration::from_secs(365 * 86400))));
-    let listening = mode.listening && mode.session.is_some();
+    let listening = mode.session.is_some();
     let session = mode.session.clone();
     let mut verdict = std::pin::pin!(async move {
         match &session {
-            Some(s) if listening => s.verdict.wait().await,
-            _ => std::future::pending().await,
+            Some(s) => s.verdict.wait().await,
+            None => std::future::pending().await,
         }
     });
 
@@ -509,6 +549,10 @@ where
                 s.transactions_ended(t.ends);
             }
             t.ends = 0;
+            if let Some(l) = mode.stats.as_mut() {
+                l.add(&t.tally, Instant::now());
+                t.tally = Totals::default();
+            }
         }
         if responses.ignored_syncs > 0 {
             t.pending = t.pending.saturating_sub(responses.ignored_syncs);
@@ -566,11 +610,17 @@ where
                 break Ok(RelayEnd::TimedOut);
             },
             r = cr.read_buf(&mut c_in), if !t.terminate && c_out.len() < HIGH_WATER => match r {
-                Ok(n) if n > 0 => c_new = true,
+                Ok(n) if n > 0 => {
+                    c_new = true;
+                    t.tally.received += n as u64;
+                }
                 _ => break Ok(RelayEnd::ClientDone),
             },
             r = sr.read_buf(&mut s_in), if s_out.len() < HIGH_WATER => match r {
-                Ok(n) if n > 0 => s_new = true,
+                Ok(n) if n > 0 => {
+                    s_new = true;
+                    t.tally.sent += n as u64;
+                }
                 _ => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
             },
             r = sw.write(&c_out), if !c_out.is_empty() => match r {
@@ -594,6 +644,9 @@ where
         && s_out.is_empty()
         && s_in.is_empty();
     out.status = if clean { t.status } else { b'?' };
+    if let Some(l) = mode.stats.as_mut() {
+        l.pending.add_from(&t.tally);
+    }
     out.prepared = prepared;
     if let Some(st) = &mode.statements {
         st.note_accepted(&mut responses);

@@ -16,6 +16,15 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
+    /// The `[pool]` timeouts of `config`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            query: config.pool.query_timeout,
+            idle_transaction: config.pool.idle_transaction_timeout,
+            transaction: config.pool.transaction_timeout,
+        }
+    }
+
     pub(super) fn any(&self) -> bool {
         !(self.query.is_zero() && self.idle_transaction.is_zero() && self.transaction.is_zero())
     }

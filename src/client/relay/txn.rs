@@ -47,7 +47,7 @@ pub(super) fn note_reported(msg: &[u8], reported: &mut Vec<(String, String)>) {
 pub(super) fn note_pin(t: &Tracker, mode: &mut Mode) {
     if t.pin.is_some() && mode.pinned.is_none() {
         mode.pinned = t.pin;
-        mode.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        mode.pins.add(t.pin.unwrap_or("unknown"));
         tracing::info!(reason = t.pin, client = %mode.who, "session pinned to its server connection until it disconnects");
     }
 }
