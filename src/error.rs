@@ -32,6 +32,12 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     /// insufficient_privilege.
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// object_not_in_prerequisite_state: RESUME of what is not paused.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    /// undefined_object: KILL_CLIENT of an unknown id.
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    /// config_file_error: RELOAD refused.
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
     /// internal_error.
     pub const INTERNAL_ERROR: &str = "XX000";
 }

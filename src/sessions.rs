@@ -75,6 +75,8 @@ pub struct SessionInfo {
     /// When it logged in.
     pub connected: SystemTime,
     backend: AtomicI32,
+    /// When the current backend was assigned (unix ms; 0: none).
+    backend_since: AtomicU64,
     /// Orders for this session.
     pub verdict: Verdict,
     /// KILL_CLIENT: the verdict stays until the session has ended.
@@ -96,6 +98,20 @@ impl SessionInfo {
     /// Records the backend serving the session now (0: none).
     pub fn set_backend(&self, pid: i32) {
         self.backend.store(pid, Ordering::Relaxed);
+        if pid != 0 {
+            let ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.backend_since.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// When the current backend was assigned.
+    pub fn backend_since(&self) -> Option<SystemTime> {
+        match self.backend_since.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        }
     }
 
     /// Ends the session (KILL_CLIENT): it closes with `e`, in a transaction or between two.
@@ -256,6 +272,7 @@ impl Sessions {
             client,
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
+            backend_since: AtomicU64::new(0),
             verdict: Verdict::default(),
             killed: AtomicBool::new(false),
             ends: AtomicU64::new(0),

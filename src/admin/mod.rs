@@ -6,6 +6,8 @@
 //! `[admin] admin_users` or `stats_users` (else FATAL 42501), takes no admission slot of an
 //! identity and no server connection, and is served here until it leaves.
 
+mod control;
+mod pgbouncer;
 mod show;
 
 use crate::client::{ClientConn, SessionError};
@@ -72,7 +74,7 @@ pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Resu
             b'Q' => {
                 let body = frame.body();
                 let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
-                run(shared, role, &sql, &mut client.wbuf);
+                run(shared, role, &sql, &mut client.wbuf).await;
                 messages::ready_for_query(b'I', &mut client.wbuf);
             }
             b'X' => return Ok(()),
@@ -96,14 +98,22 @@ pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Resu
 }
 
 /// Runs one console command (several separated by `;` run in turn) into `out`.
-fn run(shared: &Shared, role: Role, sql: &str, out: &mut bytes::BytesMut) {
+async fn run(shared: &Shared, role: Role, sql: &str, out: &mut bytes::BytesMut) {
     let commands: Vec<&str> = sql.split(';').map(str::trim).filter(|c| !c.is_empty()).collect();
     if commands.is_empty() {
         put_empty(out);
         return;
     }
     for c in commands {
-        if let Err(e) = show::command(shared, role, c, out) {
+        let words: Vec<String> = c.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        // Stats users only SHOW: show::command refuses anything else with 42501.
+        let control = match role {
+            Role::Admin => control::run(shared, &words, c, out).await,
+            Role::Stats => None,
+        };
+        let r = control.unwrap_or_else(|| show::command(shared, role, c, out));
+        if let Err(e) = r {
             messages::error_response(&e, out);
             return;
         }

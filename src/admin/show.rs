@@ -31,22 +31,54 @@ const HELP: &[(&str, &str)] = &[
         "SHOW CLIENTS",
         "client sessions (PgBouncer's columns, plus identity and the backend pid each one uses now)",
     ),
+    (
+        "SHOW POOLS",
+        "pools per database and user (PgBouncer's columns, plus pool_size and paused)",
+    ),
+    (
+        "SHOW SERVERS",
+        "server connections (PgBouncer's columns; link/client_id name the client using it, identity too)",
+    ),
+    (
+        "SHOW STATS",
+        "traffic per database: totals and per-second averages of the last 60 s (PgBouncer's columns)",
+    ),
+    ("SHOW DATABASES", "configured databases (PgBouncer's columns)"),
+    ("SHOW USERS", "configured users (PgBouncer's columns; never a password)"),
+    (
+        "SHOW CONFIG",
+        "settings: value, default, and whether RELOAD changes them (never a secret)",
+    ),
+    (
+        "PAUSE [db]",
+        "admin: hold new transactions of db (or all); returns when none uses a server connection",
+    ),
+    ("RESUME [db]", "admin: let paused clients go on"),
+    (
+        "RELOAD",
+        "admin: read the configuration file again and apply it, or say why not",
+    ),
+    (
+        "KILL_CLIENT id",
+        "admin: close the client with that id (SHOW CLIENTS) with FATAL 57P01",
+    ),
+    ("SHUTDOWN", "admin: drain and stop pgvalve, as SIGTERM does"),
 ];
 
-struct Table {
+pub(super) struct Table {
     columns: Vec<(&'static str, ColumnType)>,
-    rows: Vec<Vec<Option<String>>>,
+    pub(super) rows: Vec<Vec<Option<String>>>,
 }
 
 impl Table {
-    fn new(columns: &[(&'static str, ColumnType)]) -> Self {
+    pub(super) fn new(columns: &[(&'static str, ColumnType)]) -> Self {
         Self {
             columns: columns.to_vec(),
             rows: Vec::new(),
         }
     }
 
-    fn write(&self, out: &mut BytesMut) {
+    pub(super) fn write(&self, out: &mut BytesMut) {
         messages::row_description(&self.columns, out);
         for r in &self.rows {
             messages::data_row(r, out);
@@ -55,17 +87,17 @@ impl Table {
     }
 }
 
-fn s(v: impl ToString) -> Option<String> {
+pub(super) fn s(v: impl ToString) -> Option<String> {
     Some(v.to_string())
 }
 
-fn secs(d: std::time::Duration) -> Option<String> {
+pub(super) fn secs(d: std::time::Duration) -> Option<String> {
     s(humantime::format_duration(std::time::Duration::from_millis(
         d.as_millis() as u64,
     )))
 }
 
-fn time(t: std::time::SystemTime) -> Option<String> {
+pub(super) fn time(t: std::time::SystemTime) -> Option<String> {
     s(humantime::format_rfc3339_millis(t))
 }
 
@@ -251,12 +283,13 @@ fn clients(shared: &Shared) -> Table {
             c.client.local.map(|l| l.ip().to_string()),
             c.client.local.map(|l| l.port().to_string()),
             time(c.connected),
-            None,
+            c.backend_since().and_then(time),
             s(0),
             s(0),
             s(0),
             s(format!("{:x}", c.id)),
-            backend.map(|p| format!("pid {p}")),
+            // SHOW SERVERS' ptr of the server connection it uses (its backend pid in hex).
+            backend.map(|p| format!("{p:x}")),
             s(0),
             s(""),
             s(&c.client.application_name),
@@ -329,6 +362,12 @@ pub fn command(shared: &Shared, role: Role, command: &str, out: &mut BytesMut) -
         ["SHOW", "LOCKS"] => locks(shared),
         ["SHOW", "LOCK_HISTORY"] => lock_history(shared),
         ["SHOW", "CLIENTS"] => clients(shared),
+        ["SHOW", "POOLS"] => super::pgbouncer::pools(shared),
+        ["SHOW", "SERVERS"] => super::pgbouncer::servers(shared),
+        ["SHOW", "STATS"] => super::pgbouncer::stats(shared),
+        ["SHOW", "DATABASES"] => super::pgbouncer::databases(shared),
+        ["SHOW", "USERS"] => super::pgbouncer::users(shared),
+        ["SHOW", "CONFIG"] => super::pgbouncer::config(shared),
         [first, ..] if *first != "SHOW" && role == Role::Stats => {
             return Err(PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,

@@ -43,7 +43,7 @@ struct Share {
 #[derive(Debug, Default)]
 struct Flow {
     in_use: u32,
-    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    waiting: VecDeque<(u64, oneshot::Sender<()>, std::time::Instant)>,
     /// Virtual time of this flow's next grant.
     pass: f64,
 }
@@ -149,7 +149,7 @@ impl Scheduler {
             // Newly backlogged: no credit for the time it did not wait.
             flow.pass = flow.pass.max(vtime);
         }
-        flow.waiting.push_back((self.next_id, tx));
+        flow.waiting.push_back((self.next_id, tx, std::time::Instant::now()));
         Request::Queued(self.next_id, rx)
     }
 
@@ -162,7 +162,7 @@ impl Scheduler {
         let Some(flow) = g.flows.get_mut(id) else {
             return false;
         };
-        let Some(pos) = flow.waiting.iter().position(|(t, _)| *t == ticket) else {
+        let Some(pos) = flow.waiting.iter().position(|(t, _, _)| *t == ticket) else {
             return false;
         };
         flow.waiting.remove(pos);
@@ -272,7 +272,7 @@ impl Scheduler {
             let Some(id) = self.pick(gate) else { return };
             let g = self.gates.get_mut(gate).expect("invariant: present");
             let flow = g.flows.get_mut(&id).expect("invariant: picked");
-            let (_, tx) = flow.waiting.pop_front().expect("invariant: picked flows wait");
+            let (_, tx, _) = flow.waiting.pop_front().expect("invariant: picked flows wait");
             g.waiting -= 1;
             if let Some(s) = self.shares.get_mut(&id) {
                 s.waiting -= 1;
@@ -324,6 +324,17 @@ impl Scheduler {
             .get(gate)
             .and_then(|g| g.flows.get(id))
             .map_or(0, |f| f.in_use)
+    }
+
+    /// How long the longest waiter of a gate has waited.
+    pub fn gate_max_wait(&self, gate: &str) -> std::time::Duration {
+        self.gates
+            .get(gate)
+            .into_iter()
+            .flat_map(|g| g.flows.values())
+            .filter_map(|f| f.waiting.front().map(|(_, _, since)| since.elapsed()))
+            .max()
+            .unwrap_or_default()
     }
 
     /// Grants in use and waiters of a gate.

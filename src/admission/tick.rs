@@ -133,6 +133,13 @@ impl Admission {
         }
     }
 
+    /// A pool's gate: grants in use, waiting clients, the longest wait now.
+    pub fn gate(&self, gate: &str) -> (u32, u32, std::time::Duration) {
+        let st = self.state();
+        let (in_use, waiting) = st.sched.gate_status(gate);
+        (in_use, waiting, st.sched.gate_max_wait(gate))
+    }
+
     /// Every known identity, sorted by name.
     pub fn identities(&self) -> Vec<IdentityStatus> {
         let st = self.state();

@@ -166,6 +166,25 @@ pub struct Config {
     pub identities: Vec<crate::admission::identity::Rule>,
 }
 
+impl Config {
+    /// Every setting at its default (no databases or users), for SHOW CONFIG's `default`.
+    pub fn default_settings() -> Config {
+        let f = FileConfig::default();
+        Config {
+            listen: f.proxy.listen.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 6432).into()),
+            proxy: f.proxy,
+            pool: f.pool,
+            databases: BTreeMap::new(),
+            users: BTreeMap::new(),
+            admin: f.admin,
+            locks: f.locks,
+            http_listen: None,
+            admission: f.admission,
+            identities: Vec::new(),
+        }
+    }
+}
+
 /// Command-line and environment overrides, including the quick start without a file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {

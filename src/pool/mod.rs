@@ -332,6 +332,50 @@ impl PoolSet {
             .clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
+    /// Idle server connections: (pool, backend pid, server address, opened, idle since).
+    pub fn idle_connections(&self) -> Vec<(PoolKey, i32, String, std::time::SystemTime, std::time::SystemTime)> {
+        let pools: Vec<(PoolKey, Pool)> = {
+            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            p.iter().map(|(k, e)| (k.clone(), e.pool.clone())).collect()
+        };
+        let ago = |i: std::time::Instant| std::time::SystemTime::now() - i.elapsed();
+        let mut out = Vec::new();
+        for (key, pool) in pools {
+            pool.retain(|c, m| {
+                out.push((
+                    key.clone(),
+                    c.pid,
+                    c.addr.to_string(),
+                    ago(m.created),
+                    ago(c.idle_since),
+                ));
+                true
+            });
+        }
+        out
+    }
+
+    /// Closes the idle connections of `database`'s pools (PAUSE). Returns how many.
+    pub fn close_idle(&self, database: Option<&str>) -> usize {
+        let pools: Vec<Pool> = {
+            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            p.iter()
+                .filter(|(k, _)| database.is_none_or(|d| k.database == d))
+                .map(|(_, e)| e.pool.clone())
+                .collect()
+        };
+        pools.iter().map(|p| p.retain(|_, _| false).removed.len()).sum()
+    }
+
+    /// Server connections in use by clients in `database`'s pools (None: all).
+    pub fn in_use(&self, database: Option<&str>) -> usize {
+        self.stats()
+            .iter()
+            .filter(|p| database.is_none_or(|d| p.key.database == d))
+            .map(|p| p.open.saturating_sub(p.idle))
+            .sum()
+    }
+
     /// Closes every pool: idle connections now, checked-out ones when they come back.
     pub fn close(&self) {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());

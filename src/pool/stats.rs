@@ -34,6 +34,10 @@ pub struct Totals {
     pub query_us: u64,
     /// Microseconds clients waited for a server connection.
     pub wait_us: u64,
+    /// Parse messages from clients.
+    pub parses: u64,
+    /// Bind messages from clients.
+    pub binds: u64,
 }
 
 impl Totals {
@@ -51,6 +55,8 @@ impl Totals {
         self.xact_us += o.xact_us;
         self.query_us += o.query_us;
         self.wait_us += o.wait_us;
+        self.parses += o.parses;
+        self.binds += o.binds;
     }
 
     /// `self - earlier`, field by field.
@@ -64,6 +70,8 @@ impl Totals {
             xact_us: self.xact_us.saturating_sub(earlier.xact_us),
             query_us: self.query_us.saturating_sub(earlier.query_us),
             wait_us: self.wait_us.saturating_sub(earlier.wait_us),
+            parses: self.parses.saturating_sub(earlier.parses),
+            binds: self.binds.saturating_sub(earlier.binds),
         }
     }
 }
@@ -71,7 +79,7 @@ impl Totals {
 /// One pool's shared counters.
 #[derive(Debug, Default)]
 pub struct Counters {
-    fields: [AtomicU64; 8],
+    fields: [AtomicU64; 10],
 }
 
 impl Counters {
@@ -86,6 +94,8 @@ impl Counters {
             t.xact_us,
             t.query_us,
             t.wait_us,
+            t.parses,
+            t.binds,
         ];
         for (f, x) in self.fields.iter().zip(v) {
             if x > 0 {
@@ -106,6 +116,8 @@ impl Counters {
             xact_us: g(5),
             query_us: g(6),
             wait_us: g(7),
+            parses: g(8),
+            binds: g(9),
         }
     }
 }

@@ -324,7 +324,7 @@ async fn identity_caps_refuse_before_authentication_and_change_on_reload() {
 }
 
 /// GET over a raw socket: (status line, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: pgvalve\r\nConnection: close\r\n\r\n");
     sock.write_all(req.as_bytes()).await.unwrap();

@@ -8,6 +8,7 @@ mod compat;
 mod console;
 mod limits;
 mod locks;
+mod operate;
 mod queries;
 mod robustness;
 mod sessions;

@@ -133,7 +133,15 @@ impl Tracker {
                 self.request();
                 self.unsynced = false;
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
+            b'P' => {
+                self.unsynced = true;
+                self.tally.parses += 1;
+            }
+            b'B' => {
+                self.unsynced = true;
+                self.tally.binds += 1;
+            }
+            b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
             _ => {}
         }
         Walk::Continue
