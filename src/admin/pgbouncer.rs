@@ -86,31 +86,13 @@ pub(super) fn pools(shared: &Shared) -> Table {
 }
 
 pub(super) fn servers(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("type", Text),
-        ("user", Text),
-        ("database", Text),
-        ("replication", Text),
-        ("state", Text),
-        ("addr", Text),
-        ("port", Int8),
-        ("local_addr", Text),
-        ("local_port", Int8),
-        ("connect_time", Text),
-        ("request_time", Text),
-        ("wait", Int8),
-        ("wait_us", Int8),
-        ("close_needed", Int8),
-        ("ptr", Text),
-        ("link", Text),
-        ("remote_pid", Int8),
-        ("tls", Text),
-        ("application_name", Text),
-        ("prepared_statements", Int8),
-        ("id", Int8),
-        ("client_id", Int8),
-        ("identity", Text),
-    ]);
+    let mut t = Table::new(
+        &[
+            super::show::CONNECTION_COLUMNS,
+            &[("client_id", Int8), ("identity", Text)],
+        ]
+        .concat(),
+    );
     let config = shared.config();
     let split = |addr: &str| match addr.rsplit_once(':') {
         Some((h, p)) => (s(h), s(p)),

@@ -244,32 +244,33 @@ fn locks(shared: &Shared) -> Table {
     t
 }
 
+/// PgBouncer's columns of SHOW CLIENTS and SHOW SERVERS (the same list for both).
+pub(super) const CONNECTION_COLUMNS: &[(&str, ColumnType)] = &[
+    ("type", Text),
+    ("user", Text),
+    ("database", Text),
+    ("replication", Text),
+    ("state", Text),
+    ("addr", Text),
+    ("port", Int8),
+    ("local_addr", Text),
+    ("local_port", Int8),
+    ("connect_time", Text),
+    ("request_time", Text),
+    ("wait", Int8),
+    ("wait_us", Int8),
+    ("close_needed", Int8),
+    ("ptr", Text),
+    ("link", Text),
+    ("remote_pid", Int8),
+    ("tls", Text),
+    ("application_name", Text),
+    ("prepared_statements", Int8),
+    ("id", Int8),
+];
+
 fn clients(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("type", Text),
-        ("user", Text),
-        ("database", Text),
-        ("replication", Text),
-        ("state", Text),
-        ("addr", Text),
-        ("port", Int8),
-        ("local_addr", Text),
-        ("local_port", Int8),
-        ("connect_time", Text),
-        ("request_time", Text),
-        ("wait", Int8),
-        ("wait_us", Int8),
-        ("close_needed", Int8),
-        ("ptr", Text),
-        ("link", Text),
-        ("remote_pid", Int8),
-        ("tls", Text),
-        ("application_name", Text),
-        ("prepared_statements", Int8),
-        ("id", Int8),
-        ("identity", Text),
-        ("backend_pid", Int8),
-    ]);
+    let mut t = Table::new(&[CONNECTION_COLUMNS, &[("identity", Text), ("backend_pid", Int8)]].concat());
     for c in shared.sessions.all() {
         let backend = c.backend();
         t.rows.push(vec![

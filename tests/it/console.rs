@@ -52,31 +52,9 @@ async fn console_shows_identities_to_admins_and_stats_users_only() {
     let pid: i32 = web.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     let out = admin.simple_query("SHOW CLIENTS").await.unwrap();
     let clients = rows(&out);
-    let pgbouncer_columns = [
-        "type",
-        "user",
-        "database",
-        "replication",
-        "state",
-        "addr",
-        "port",
-        "local_addr",
-        "local_port",
-        "connect_time",
-        "request_time",
-        "wait",
-        "wait_us",
-        "close_needed",
-        "ptr",
-        "link",
-        "remote_pid",
-        "tls",
-        "application_name",
-        "prepared_statements",
-        "id",
-    ];
+    let pgbouncer_columns = crate::operate::CONNECTION;
     let names: Vec<&str> = clients[0].columns().iter().map(|c| c.name()).collect();
-    assert_eq!(&names[..pgbouncer_columns.len()], &pgbouncer_columns[..]);
+    assert_eq!(&names[..pgbouncer_columns.len()], pgbouncer_columns);
     let w = clients
         .iter()
         .find(|r| r.get("application_name") == Some("web"))

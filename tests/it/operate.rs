@@ -34,6 +34,31 @@ async fn table(c: &Client, cmd: &str) -> (Vec<String>, Rows) {
     (cols, rows)
 }
 
+/// PgBouncer's columns of SHOW CLIENTS and SHOW SERVERS.
+pub(crate) const CONNECTION: &[&str] = &[
+    "type",
+    "user",
+    "database",
+    "replication",
+    "state",
+    "addr",
+    "port",
+    "local_addr",
+    "local_port",
+    "connect_time",
+    "request_time",
+    "wait",
+    "wait_us",
+    "close_needed",
+    "ptr",
+    "link",
+    "remote_pid",
+    "tls",
+    "application_name",
+    "prepared_statements",
+    "id",
+];
+
 /// PgBouncer's columns of each command, in order (pgvalve may add its own after them).
 const PGBOUNCER: &[(&str, &[&str])] = &[
     (
@@ -58,32 +83,7 @@ const PGBOUNCER: &[(&str, &[&str])] = &[
             "load_balance_hosts",
         ],
     ),
-    (
-        "SHOW SERVERS",
-        &[
-            "type",
-            "user",
-            "database",
-            "replication",
-            "state",
-            "addr",
-            "port",
-            "local_addr",
-            "local_port",
-            "connect_time",
-            "request_time",
-            "wait",
-            "wait_us",
-            "close_needed",
-            "ptr",
-            "link",
-            "remote_pid",
-            "tls",
-            "application_name",
-            "prepared_statements",
-            "id",
-        ],
-    ),
+    ("SHOW SERVERS", CONNECTION),
     (
         "SHOW STATS",
         &[
@@ -148,32 +148,7 @@ const PGBOUNCER: &[(&str, &[&str])] = &[
         ],
     ),
     ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
-    (
-        "SHOW CLIENTS",
-        &[
-            "type",
-            "user",
-            "database",
-            "replication",
-            "state",
-            "addr",
-            "port",
-            "local_addr",
-            "local_port",
-            "connect_time",
-            "request_time",
-            "wait",
-            "wait_us",
-            "close_needed",
-            "ptr",
-            "link",
-            "remote_pid",
-            "tls",
-            "application_name",
-            "prepared_statements",
-            "id",
-        ],
-    ),
+    ("SHOW CLIENTS", CONNECTION),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
