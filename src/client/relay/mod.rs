@@ -25,11 +25,13 @@ use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
 
 mod timeouts;
+mod tracker;
 mod txn;
 
 pub use timeouts::Timeouts;
 use timeouts::{expired, Clocks};
-use txn::{client_frames, note_pin, note_reported, pin_reason, server_messages};
+use tracker::Tracker;
+use txn::{client_frames, note_pin, note_reported, server_messages};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -84,105 +86,6 @@ pub struct Mode {
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
     /// The session's tally of transactions, queries and bytes for its pool's SHOW STATS.
     pub stats: Option<crate::pool::stats::Local>,
-}
-
-/// What the session knows of the server connection's state, from headers alone.
-#[derive(Debug, Clone, Copy)]
-struct Tracker {
-    /// Queries, Syncs and FunctionCalls sent and not yet answered by ReadyForQuery.
-    pending: u32,
-    /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
-    /// Last ReadyForQuery status.
-    status: u8,
-    /// The client sent Terminate.
-    terminate: bool,
-    /// Type of the last message from the server.
-    last_server_tag: u8,
-    /// Transaction mode and not (yet) pinned: Query and Parse are inspected.
-    inspect: bool,
-    /// Why the session got pinned.
-    pin: Option<&'static str>,
-    /// Named Parse pins (statements are not tracked).
-    named_pins: bool,
-    /// ReadyForQuery 'I' seen since the session was last told.
-    ends: u64,
-    /// Traffic since the last fold into `Mode::stats`.
-    tally: Totals,
-    /// When the outstanding requests began (none outstanding: None).
-    busy_since: Option<Instant>,
-    /// When the current transaction's first request was sent.
-    xact_since: Option<Instant>,
-}
-
-impl Tracker {
-    fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
-        if self.inspect && s.complete {
-            if let Some(reason) = pin_reason(s.tag, msg, self.named_pins) {
-                self.pin = Some(reason);
-                self.inspect = false;
-            }
-        }
-        match s.tag {
-            b'X' => {
-                self.terminate = true;
-                return Walk::StopBefore;
-            }
-            b'Q' | b'F' => self.request(),
-            b'S' => {
-                self.request();
-                self.unsynced = false;
-            }
-            b'P' => {
-                self.unsynced = true;
-                self.tally.parses += 1;
-            }
-            b'B' => {
-                self.unsynced = true;
-                self.tally.binds += 1;
-            }
-            b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
-            _ => {}
-        }
-        Walk::Continue
-    }
-
-    /// A request that ReadyForQuery will answer; starts the query (and transaction) clocks.
-    fn request(&mut self) {
-        if self.pending == 0 {
-            let now = Instant::now();
-            self.busy_since = Some(now);
-            if self.status == b'I' && self.xact_since.is_none() {
-                self.xact_since = Some(now);
-            }
-        }
-        self.pending += 1;
-    }
-
-    fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
-        if s.tag == b'Z' {
-            self.status = msg.get(5).copied().unwrap_or(b'?');
-            self.pending = self.pending.saturating_sub(1);
-            self.tally.queries += 1;
-            if self.pending == 0 {
-                let now = Instant::now();
-                if let Some(t) = self.busy_since.take() {
-                    self.tally.query_us += now.duration_since(t).as_micros() as u64;
-                }
-                if self.status == b'I' {
-                    if let Some(t) = self.xact_since.take() {
-                        self.tally.xact_us += now.duration_since(t).as_micros() as u64;
-                    }
-                }
-            }
-            if self.status == b'I' {
-                self.ends += 1;
-                self.tally.xacts += 1;
-            }
-        }
-        self.last_server_tag = s.tag;
-        Walk::Continue
-    }
 }
 
 fn move_ready(from: &mut BytesMut, to: &mut BytesMut, n: usize) {

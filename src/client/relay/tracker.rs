@@ -1,0 +1,108 @@
+//! What the relay knows of a server connection from message headers alone: requests
+//! outstanding, the last ReadyForQuery status, pins, and the session's traffic tally
+//! (transactions, queries, bytes, times) for SHOW STATS.
+
+use std::time::Instant;
+
+use super::txn::pin_reason;
+use crate::pool::stats::Totals;
+use crate::protocol::frame::{Seen, Walk};
+
+/// What the session knows of the server connection's state, from headers alone.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tracker {
+    /// Queries, Syncs and FunctionCalls sent and not yet answered by ReadyForQuery.
+    pub(super) pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub(super) unsynced: bool,
+    /// Last ReadyForQuery status.
+    pub(super) status: u8,
+    /// The client sent Terminate.
+    pub(super) terminate: bool,
+    /// Type of the last message from the server.
+    pub(super) last_server_tag: u8,
+    /// Transaction mode and not (yet) pinned: Query and Parse are inspected.
+    pub(super) inspect: bool,
+    /// Why the session got pinned.
+    pub(super) pin: Option<&'static str>,
+    /// Named Parse pins (statements are not tracked).
+    pub(super) named_pins: bool,
+    /// ReadyForQuery 'I' seen since the session was last told.
+    pub(super) ends: u64,
+    /// Traffic since the last fold into `Mode::stats`.
+    pub(super) tally: Totals,
+    /// When the outstanding requests began (none outstanding: None).
+    pub(super) busy_since: Option<Instant>,
+    /// When the current transaction's first request was sent.
+    pub(super) xact_since: Option<Instant>,
+}
+
+impl Tracker {
+    pub(super) fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
+        if self.inspect && s.complete {
+            if let Some(reason) = pin_reason(s.tag, msg, self.named_pins) {
+                self.pin = Some(reason);
+                self.inspect = false;
+            }
+        }
+        match s.tag {
+            b'X' => {
+                self.terminate = true;
+                return Walk::StopBefore;
+            }
+            b'Q' | b'F' => self.request(),
+            b'S' => {
+                self.request();
+                self.unsynced = false;
+            }
+            b'P' => {
+                self.unsynced = true;
+                self.tally.parses += 1;
+            }
+            b'B' => {
+                self.unsynced = true;
+                self.tally.binds += 1;
+            }
+            b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
+            _ => {}
+        }
+        Walk::Continue
+    }
+
+    /// A request that ReadyForQuery will answer; starts the query (and transaction) clocks.
+    fn request(&mut self) {
+        if self.pending == 0 {
+            let now = Instant::now();
+            self.busy_since = Some(now);
+            if self.status == b'I' && self.xact_since.is_none() {
+                self.xact_since = Some(now);
+            }
+        }
+        self.pending += 1;
+    }
+
+    pub(super) fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
+        if s.tag == b'Z' {
+            self.status = msg.get(5).copied().unwrap_or(b'?');
+            self.pending = self.pending.saturating_sub(1);
+            self.tally.queries += 1;
+            if self.pending == 0 {
+                let now = Instant::now();
+                if let Some(t) = self.busy_since.take() {
+                    self.tally.query_us += now.duration_since(t).as_micros() as u64;
+                }
+                if self.status == b'I' {
+                    if let Some(t) = self.xact_since.take() {
+                        self.tally.xact_us += now.duration_since(t).as_micros() as u64;
+                    }
+                }
+            }
+            if self.status == b'I' {
+                self.ends += 1;
+                self.tally.xacts += 1;
+            }
+        }
+        self.last_server_tag = s.tag;
+        Walk::Continue
+    }
+}
