@@ -16,6 +16,43 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder
 
 use crate::proxy::Shared;
 
+/// Every metric family pgvalve exports (the dashboard, the alert rules and the tests check
+/// against this list).
+pub const METRICS: &[&str] = &[
+    "pgvalve_blocked_backends",
+    "pgvalve_client_connections",
+    "pgvalve_client_received_bytes_total",
+    "pgvalve_client_sent_bytes_total",
+    "pgvalve_clients_connected",
+    "pgvalve_config_reloads_total",
+    "pgvalve_dangerous_locks",
+    "pgvalve_identity_client_connections",
+    "pgvalve_identity_client_growth_10s",
+    "pgvalve_identity_client_growth_1s",
+    "pgvalve_identity_login_rate",
+    "pgvalve_identity_login_rate_baseline",
+    "pgvalve_identity_logins_total",
+    "pgvalve_identity_max_client_connections",
+    "pgvalve_identity_max_server_connections",
+    "pgvalve_identity_server_connections",
+    "pgvalve_identity_server_grants_queued_total",
+    "pgvalve_identity_server_grants_total",
+    "pgvalve_identity_surging",
+    "pgvalve_identity_waiting_clients",
+    "pgvalve_lock_actions_total",
+    "pgvalve_lock_episodes_total",
+    "pgvalve_pool_size",
+    "pgvalve_queries_total",
+    "pgvalve_queue_wait_seconds",
+    "pgvalve_refusals_total",
+    "pgvalve_server_assignments_total",
+    "pgvalve_server_connections",
+    "pgvalve_server_connections_opened_total",
+    "pgvalve_session_pins_total",
+    "pgvalve_surge_events_total",
+    "pgvalve_transactions_total",
+];
+
 const META: Metadata<'static> = Metadata::new("pgvalve", Level::INFO, None);
 
 /// Buckets for every `_seconds` histogram: 1 ms to 2 min.

@@ -1,4 +1,5 @@
-//! The real binary: check, passwd, quick start with --upstream, SIGTERM drain; and psql and
+//! The real binary: check, passwd, quick start with --upstream, SIGTERM drain, console
+//! SHUTDOWN, SIGINT fast stop; and psql and
 //! pgbench through the proxy.
 
 use std::process::{Command, Stdio};
@@ -92,6 +93,50 @@ async fn quick_start_binary_serves_and_drains_on_sigterm() {
     let direct = connect(&pg.url()).await.unwrap();
     let n: i64 = direct.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shutdown_drains_and_sigint_stops_at_once() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let (mut child, url) = quick_start(&pg, &[]).await;
+    let c = connect(&url).await.unwrap();
+    c.batch_execute("CREATE TABLE s (id int); BEGIN; INSERT INTO s VALUES (1)")
+        .await
+        .unwrap();
+    let idle = connect(&url).await.unwrap();
+    // Quick start: the upstream user is the console's admin.
+    let console = format!("{}/pgvalve", url.rsplit_once('/').unwrap().0);
+    connect(&console).await.unwrap().simple_query("SHUTDOWN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect(&url).await.is_err(), "accepting new clients while draining");
+    let e = within(Duration::from_secs(5), idle.simple_query("SELECT 1"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_closed() || code(&e).as_deref() == Some("57P01"),
+        "idle clients are told: {e:?}"
+    );
+    c.batch_execute("INSERT INTO s VALUES (2); COMMIT").await.unwrap();
+    let status = within(Duration::from_secs(15), child.wait()).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    let direct = connect(&pg.url()).await.unwrap();
+    let n: i64 = direct.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2, "the transaction in flight finished");
+
+    // SIGINT: no drain, even with a transaction open and shutdown_timeout at 30 s.
+    let (mut child, url) = quick_start(&pg, &[]).await;
+    let c = connect(&url).await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO s VALUES (3)").await.unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let status = within(Duration::from_secs(10), child.wait()).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        c.batch_execute("COMMIT").await.is_err(),
+        "the open transaction was cut off"
+    );
+    let n: i64 = direct.query_one("SELECT count(*) FROM s", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2, "nothing uncommitted was kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

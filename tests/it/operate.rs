@@ -350,3 +350,71 @@ async fn reload_resizes_a_pool_live_refuses_a_broken_file_and_metrics_agree() {
     }
     proxy.shutdown_now().await;
 }
+
+/// The metric families a scrape shows (histogram series folded into their family).
+fn families(body: &str) -> std::collections::BTreeSet<String> {
+    let scrape =
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text");
+    scrape.samples.iter().map(|s| s.metric.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_dashboard_and_alerts_agree_on_names() {
+    let s = Setup::new(|f| {
+        f.http.listen = Some("127.0.0.1:0".into());
+        f.locks.poll_interval = Duration::from_millis(200);
+    })
+    .await;
+    let c = s.client().await;
+    // Two batches: a table created in the locking transaction is invisible to the monitor.
+    c.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    c.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let http = s.proxy.http_addr().unwrap();
+    eventually(Duration::from_secs(5), "the lock shows in /metrics", || async {
+        families(&http_get(http, "/metrics").await.1).contains("pgvalve_dangerous_locks")
+    })
+    .await;
+    let seen = families(&http_get(http, "/metrics").await.1);
+    for f in &seen {
+        assert!(
+            pgvalve::observe::METRICS.contains(&f.as_str()),
+            "{f} is exported but not in observe::METRICS"
+        );
+    }
+    // Everything the dashboard and the alert rules query is something pgvalve exports.
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in [
+        "config/grafana/pgvalve-dashboard.json",
+        "config/prometheus/pgvalve-alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let mut names: Vec<&str> = text
+            .match_indices("pgvalve_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                &rest[..rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len())]
+            })
+            .collect();
+        names.dedup();
+        assert!(!names.is_empty(), "{file} queries pgvalve metrics");
+        for n in names {
+            let family = n.trim_end_matches("_bucket");
+            assert!(
+                pgvalve::observe::METRICS.contains(&family),
+                "{file} uses {n}, which pgvalve does not export"
+            );
+        }
+    }
+    if let Ok(serde_json::Value::Object(d)) =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/config/grafana/pgvalve-dashboard.json")).unwrap())
+    {
+        assert!(d["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    } else {
+        panic!("the dashboard is a JSON object");
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+}
