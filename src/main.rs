@@ -30,12 +30,6 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum Scenario {
-    /// A greedy group in a tight loop beside a polite group with think time.
-    NoisyNeighbor,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -85,33 +79,8 @@ enum Cmd {
         /// The password.
         password: Option<String>,
     },
-    /// Drive a load scenario against any PostgreSQL endpoint and report per client group.
-    Loadtest {
-        /// The scenario.
-        #[arg(value_enum)]
-        scenario: Scenario,
-        /// postgres://USER:PASSWORD@HOST:PORT/DB (pgvalve, PgBouncer or PostgreSQL).
-        #[arg(long)]
-        target: String,
-        /// How long the clients run, e.g. 20s.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        /// noisy-neighbor: clients of the greedy group (application_name "greedy").
-        #[arg(long, default_value_t = 200)]
-        greedy: usize,
-        /// noisy-neighbor: clients of the polite group (application_name "polite").
-        #[arg(long, default_value_t = 20)]
-        polite: usize,
-        /// noisy-neighbor: the greedy group's transaction, run without pause.
-        #[arg(long, default_value = "SELECT pg_sleep(0.05)")]
-        greedy_sql: String,
-        /// noisy-neighbor: the polite group's transaction.
-        #[arg(long, default_value = "SELECT 1")]
-        polite_sql: String,
-        /// noisy-neighbor: the polite clients' pause between transactions, e.g. 20ms.
-        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
-        think: std::time::Duration,
-    },
+    /// Drive a load scenario against any PostgreSQL endpoint and report per client identity.
+    Loadtest(Box<loadtest::Args>),
     /// Start a throwaway PostgreSQL and pgvalve, fire a surge at both, compare.
     Demo {
         /// Concurrent clients in the surge.
@@ -233,19 +202,7 @@ fn main() -> ExitCode {
                 }
             },
             Cmd::Passwd { password } => passwd(password),
-            Cmd::Loadtest {
-                scenario: Scenario::NoisyNeighbor,
-                target,
-                duration,
-                greedy,
-                polite,
-                greedy_sql,
-                polite_sql,
-                think,
-            } => {
-                let plan = loadtest::noisy_neighbor(&target, greedy, polite, duration, &greedy_sql, &polite_sql, think);
-                loadtest_main(plan).await
-            }
+            Cmd::Loadtest(args) => loadtest_main(*args).await,
             Cmd::Demo {
                 clients,
                 max_connections,
@@ -310,7 +267,14 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
     ExitCode::SUCCESS
 }
 
-async fn loadtest_main(plan: loadtest::Plan) -> ExitCode {
+async fn loadtest_main(args: loadtest::Args) -> ExitCode {
+    let plan = match args.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pgvalve loadtest: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let ctrl_c = {
         let stop = stop.clone();
@@ -321,18 +285,29 @@ async fn loadtest_main(plan: loadtest::Plan) -> ExitCode {
             }
         })
     };
-    let result = loadtest::run(&plan, stop).await;
+    let result = loadtest::run(&plan, args.observe.as_deref(), stop).await;
     ctrl_c.abort();
-    match result {
-        Ok(reports) => {
-            print!("{}", loadtest::table(&reports));
-            ExitCode::SUCCESS
-        }
+    let o = match result {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("pgvalve loadtest: {e}");
-            ExitCode::from(64)
+            return ExitCode::from(64);
+        }
+    };
+    print!("{}", loadtest::report::table(&o));
+    for (path, text) in [
+        (&args.json, args.json.as_ref().map(|_| loadtest::report::json(&o))),
+        (&args.report, args.report.as_ref().map(|_| loadtest::report::html(&o))),
+    ] {
+        if let (Some(p), Some(t)) = (path, text) {
+            if let Err(e) = std::fs::write(p, t) {
+                eprintln!("pgvalve loadtest: cannot write {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("wrote {}", p.display());
         }
     }
+    ExitCode::SUCCESS
 }
 
 fn passwd(password: Option<String>) -> ExitCode {

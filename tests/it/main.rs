@@ -7,6 +7,7 @@ mod cli;
 mod compat;
 mod console;
 mod limits;
+mod loadtest;
 mod locks;
 mod operate;
 mod queries;

@@ -1,0 +1,192 @@
+//! How a load test's results are shown: a terminal table, JSON for machines, and a
+//! self-contained HTML report with SVG charts (throughput and p99 over time, server
+//! connections against the cap, errors over time, latency per identity).
+//!
+//! Part of `pgvalve loadtest`; pure functions of an [`Outcome`]. The HTML is also
+//! well-formed XML (every tag closed, text escaped) and needs no network: no scripts, no
+//! fonts, no links.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::measure::{jain, GroupReport};
+use super::run::Outcome;
+
+/// The target URL with its password hidden.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Jain's index over the groups' per-client throughput.
+pub fn fairness(groups: &[GroupReport]) -> f64 {
+    let x: Vec<f64> = groups
+        .iter()
+        .filter(|g| g.clients > 0)
+        .map(|g| g.tps() / g.clients as f64)
+        .collect();
+    jain(&x)
+}
+
+/// The terminal table: one line per group, errors under it, then fairness and what was
+/// observed.
+pub fn table(o: &Outcome) -> String {
+    let mut out = format!(
+        "{:<10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8}\n",
+        "group", "clients", "tx", "tps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "conn p99 ms", "errors"
+    );
+    for r in &o.groups {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>7} {:>9} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.2} {:>8}",
+            r.name,
+            r.clients,
+            r.transactions,
+            r.tps(),
+            r.ms(0.5),
+            r.ms(0.9),
+            r.ms(0.99),
+            r.ms(0.999),
+            r.latency.max() as f64 / 1000.0,
+            r.connect.value_at_quantile(0.99) as f64 / 1000.0,
+            r.error_count()
+        );
+        for (e, n) in &r.errors {
+            let _ = writeln!(out, "    {n} x {e}");
+        }
+        if r.unfinished > 0 {
+            let _ = writeln!(
+                out,
+                "    {} transaction(s) still running at the end (not in the latency)",
+                r.unfinished
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "Jain fairness index (per-client throughput): {:.3}",
+        fairness(&o.groups)
+    );
+    if let Some(max) = o.max_connections {
+        let peak = o.samples.iter().map(|s| s.server_connections).max().unwrap_or(0);
+        let locks = o.samples.iter().map(|s| s.dangerous_locks).max().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "observed: peak server connections {peak} (max_connections {max}), peak dangerous locks {locks}"
+        );
+    }
+    if o.stopped {
+        out.push_str("(stopped early by Ctrl-C: figures cover the time run)\n");
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct Quantiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+struct SecondJson {
+    second: usize,
+    transactions: u64,
+    errors: u64,
+    p99_ms: f64,
+}
+
+#[derive(Serialize)]
+struct GroupJson<'a> {
+    name: &'a str,
+    clients: usize,
+    transactions: u64,
+    unfinished: u64,
+    tps: f64,
+    latency_ms: Quantiles,
+    connect_ms: Quantiles,
+    errors: &'a std::collections::BTreeMap<String, u64>,
+    timeline: Vec<SecondJson>,
+}
+
+#[derive(Serialize)]
+struct Json<'a> {
+    scenario: &'a str,
+    target: String,
+    elapsed_seconds: f64,
+    stopped: bool,
+    jain_fairness: f64,
+    groups: Vec<GroupJson<'a>>,
+    max_connections: Option<i64>,
+    peak_server_connections: Option<i64>,
+    peak_dangerous_locks: Option<i64>,
+    observed: &'a [super::measure::Sample],
+    in_flight: &'a [(f64, i64)],
+}
+
+fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Quantiles {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Quantiles {
+        p50: ms(0.5),
+        p90: ms(0.9),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: h.max() as f64 / 1000.0,
+    }
+}
+
+/// The results as JSON.
+pub fn json(o: &Outcome) -> String {
+    let observed = !o.samples.is_empty();
+    let j = Json {
+        scenario: &o.plan.scenario,
+        target: redact(&o.plan.target),
+        elapsed_seconds: o.elapsed.as_secs_f64(),
+        stopped: o.stopped,
+        jain_fairness: fairness(&o.groups),
+        groups: o
+            .groups
+            .iter()
+            .map(|g| GroupJson {
+                name: &g.name,
+                clients: g.clients,
+                transactions: g.transactions,
+                unfinished: g.unfinished,
+                tps: g.tps(),
+                latency_ms: quantiles(&g.latency),
+                connect_ms: quantiles(&g.connect),
+                errors: &g.errors,
+                timeline: g
+                    .timeline
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| SecondJson {
+                        second: i,
+                        transactions: s.transactions,
+                        errors: s.errors,
+                        p99_ms: s.latency.value_at_quantile(0.99) as f64 / 1000.0,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        max_connections: o.max_connections,
+        peak_server_connections: observed.then(|| o.samples.iter().map(|s| s.server_connections).max().unwrap_or(0)),
+        peak_dangerous_locks: observed.then(|| o.samples.iter().map(|s| s.dangerous_locks).max().unwrap_or(0)),
+        observed: &o.samples,
+        in_flight: &o.in_flight,
+    };
+    serde_json::to_string_pretty(&j).expect("invariant: plain data serializes")
+}
+
+pub use super::html::html;

@@ -1,0 +1,185 @@
+//! `pgvalve loadtest` against pgvalve in front of a real PostgreSQL: every scenario runs and
+//! measures what it should, Ctrl-C (the stop flag) ends a run early with a report, the HTML
+//! report is self-contained well-formed XHTML with its charts, and the binary writes the
+//! JSON and HTML files from a scenario file.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgvalve::config::PoolMode;
+use pgvalve::loadtest::{plan, report, run, LockKind, Outcome};
+
+use crate::support::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+async fn go(p: &pgvalve::loadtest::Plan, observe: &str) -> Outcome {
+    within(
+        Duration::from_secs(30),
+        run(p, Some(observe), Arc::new(AtomicBool::new(false))),
+    )
+    .await
+    .expect("the run ends by itself")
+}
+
+fn tx_mode() -> impl FnOnce(&mut pgvalve::config::FileConfig) {
+    |f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 8;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_measures() {
+    let s = Setup::new(tx_mode()).await;
+    let (url, direct) = (s.url(), s.pg.url());
+
+    // surge: 40 clients in 300 ms, each for 700 ms, twice.
+    let o = go(
+        &plan::surge(&url, 40, ms(300), ms(700), 2, ms(200), "SELECT 1"),
+        &direct,
+    )
+    .await;
+    let g = &o.groups[0];
+    assert_eq!(g.connect.len(), 80, "every client connected once per round");
+    assert!(g.transactions > 80 && g.error_count() == 0, "{:?}", g.errors);
+    assert!(o.samples.iter().any(|x| x.server_connections > 0) && o.max_connections.is_some());
+    assert!(
+        o.samples.iter().all(|x| x.server_connections <= 8 + 1),
+        "the pool caps the server side"
+    );
+
+    // noisy-neighbor: per identity results.
+    let o = go(
+        &plan::noisy_neighbor(&url, 12, 2, ms(1000), "SELECT 1", "SELECT 1", ms(20)),
+        &direct,
+    )
+    .await;
+    let names: Vec<&str> = o.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["greedy", "polite"]);
+    assert!(o.groups.iter().all(|g| g.transactions > 0 && g.error_count() == 0));
+    // Jain's index of per-client throughput: greedy clients never pause, polite ones do.
+    let x: Vec<f64> = o.groups.iter().map(|g| g.tps() / g.clients as f64).collect();
+    let want = x.iter().sum::<f64>().powi(2) / (2.0 * x.iter().map(|v| v * v).sum::<f64>());
+    let j = report::fairness(&o.groups);
+    assert!((j - want).abs() < 1e-9 && j > 0.5 - 1e-9 && j < 1.0, "{j}");
+
+    // lock-holder: the holder's lock is seen by the observer while readers wait on it.
+    let o = go(
+        &plan::lock_holder(&url, 1, 4, ms(2000), ms(600), LockKind::Table, "lt"),
+        &direct,
+    )
+    .await;
+    assert!(o.samples.iter().any(|x| x.dangerous_locks >= 1), "{:?}", o.samples);
+    let (holder, reader) = (&o.groups[0], &o.groups[1]);
+    assert!(
+        holder.transactions >= 1 && holder.ms(0.5) >= 600.0,
+        "held ~600 ms each time"
+    );
+    assert!(reader.latency.max() >= 100_000, "readers waited behind the lock");
+
+    // steady, open loop at 200/s for 1.5 s with 20% read-write: arrivals follow the rate.
+    let o = go(&plan::steady(&url, 4, ms(1500), 200.0, 0.2, "st"), &direct).await;
+    let g = &o.groups[0];
+    assert!(
+        (250..=301).contains(&g.transactions),
+        "{} transactions at 200/s for 1.5 s",
+        g.transactions
+    );
+    assert_eq!(g.error_count(), 0, "{:?}", g.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_a_run_early_and_the_report_is_self_contained() {
+    let s = Setup::new(tx_mode()).await;
+    let p = plan::noisy_neighbor(&s.url(), 4, 2, Duration::from_secs(30), "SELECT 1", "SELECT 1", ms(10));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(ms(1200)).await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let o = within(Duration::from_secs(5), run(&p, Some(&s.pg.url()), stop))
+        .await
+        .unwrap();
+    assert!(o.stopped && o.elapsed < Duration::from_secs(4));
+    assert!(o.groups.iter().all(|g| g.transactions > 0));
+
+    let page = report::html(&o);
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    // Well-formed (XHTML syntax): an XML parser reads it to the end.
+    let mut reader = quick_xml::Reader::from_str(&page);
+    let (mut svgs, mut elements) = (0, 0);
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(quick_xml::events::Event::Start(e)) => {
+                elements += 1;
+                svgs += usize::from(e.name().as_ref() == b"svg");
+            }
+            Ok(_) => {}
+            Err(e) => panic!("not well-formed at {}: {e}", reader.buffer_position()),
+        }
+    }
+    assert!(svgs >= 5 && elements > 50, "{svgs} charts");
+    for needle in [
+        "Throughput over time",
+        "p99 latency over time",
+        "against the cap",
+        "Errors over time",
+        "Latency per identity",
+    ] {
+        assert!(page.contains(needle), "missing chart {needle}");
+    }
+    for outside in ["<script", " src=", "href=", "@import", "url("] {
+        assert!(!page.contains(outside), "the report must not load anything: {outside}");
+    }
+    assert!(!page.contains("app-secret"), "the password is redacted");
+    let json: serde_json::Value = serde_json::from_str(&report::json(&o)).unwrap();
+    assert_eq!(json["groups"][0]["name"], "greedy");
+    assert!(json["groups"][1]["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(json["peak_server_connections"].as_i64().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_a_scenario_file_and_writes_json_and_html() {
+    let s = Setup::new(tx_mode()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (json, html) = (dir.path().join("out.json"), dir.path().join("out.html"));
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/loadtest/lock-holder.toml");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
+        .args([
+            "loadtest",
+            "--file",
+            file,
+            "--duration",
+            "2s",
+            "--target",
+            &s.url(),
+            "--observe",
+            &s.pg.url(),
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--report")
+        .arg(&html)
+        .output();
+    let out = within(Duration::from_secs(30), out).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("holder") && stdout.contains("reader") && stdout.contains("Jain"),
+        "{stdout}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["scenario"], "lock-holder");
+    assert!(j["peak_dangerous_locks"].as_i64().unwrap() >= 1);
+    assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+}
