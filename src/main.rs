@@ -267,6 +267,12 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
     ExitCode::SUCCESS
 }
 
+/// One run, or two compared.
+enum Ran {
+    One(Box<loadtest::Outcome>),
+    Two(loadtest::compare::Comparison),
+}
+
 async fn loadtest_main(args: loadtest::Args) -> ExitCode {
     let plan = match args.plan() {
         Ok(p) => p,
@@ -285,16 +291,35 @@ async fn loadtest_main(args: loadtest::Args) -> ExitCode {
             }
         })
     };
-    let result = loadtest::run(&plan, args.observe.as_deref(), stop).await;
+    let observe = args.observe.as_deref();
+    let result = match (args.ephemeral, &args.compare) {
+        (true, _) => loadtest::compare::ephemeral(plan, stop).await.map(Ran::Two),
+        (false, Some(other)) => loadtest::compare::compare(&plan, other, observe, stop)
+            .await
+            .map(Ran::Two),
+        (false, None) => loadtest::run(&plan, observe, stop).await.map(|o| Ran::One(Box::new(o))),
+    };
     ctrl_c.abort();
     let o = match result {
-        Ok(o) => o,
+        Ok(Ran::One(o)) => *o,
+        Ok(Ran::Two(comparison)) => {
+            print!("{}", loadtest::compare::side_by_side(&comparison));
+            // The files describe the first run (through pgvalve with --ephemeral).
+            comparison
+                .runs
+                .into_iter()
+                .next()
+                .map(|(_, o)| o)
+                .expect("invariant: two runs")
+        }
         Err(e) => {
             eprintln!("pgvalve loadtest: {e}");
             return ExitCode::from(64);
         }
     };
-    print!("{}", loadtest::report::table(&o));
+    if !args.ephemeral && args.compare.is_none() {
+        print!("{}", loadtest::report::table(&o));
+    }
     for (path, text) in [
         (&args.json, args.json.as_ref().map(|_| loadtest::report::json(&o))),
         (&args.report, args.report.as_ref().map(|_| loadtest::report::html(&o))),

@@ -7,6 +7,7 @@
 //! (scenarios and TOML scenario files), [`run`] runs it, [`measure`] records, [`report`] and
 //! [`html`] show the results (terminal table, JSON, HTML with SVG charts).
 
+pub mod compare;
 pub mod html;
 pub mod measure;
 pub mod plan;
@@ -43,8 +44,16 @@ pub struct Args {
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// postgres://USER:PASSWORD@HOST:PORT/DB (pgvalve, PgBouncer or PostgreSQL).
+    #[arg(long, required_unless_present = "ephemeral")]
+    pub target: Option<String>,
+    /// Also run the scenario against this second target, after the first, and print both
+    /// side by side.
+    #[arg(long, conflicts_with = "ephemeral")]
+    pub compare: Option<String>,
+    /// Start a throwaway PostgreSQL (small max_connections) and pgvalve in front of it; run
+    /// the scenario through pgvalve and directly, and compare.
     #[arg(long)]
-    pub target: String,
+    pub ephemeral: bool,
     /// postgres:// URL straight to PostgreSQL: sample server connections and dangerous
     /// locks during the run.
     #[arg(long)]
@@ -117,7 +126,7 @@ impl Args {
     /// # Errors
     /// A scenario file that cannot be read or is invalid.
     pub fn plan(&self) -> Result<Plan, String> {
-        let t = &self.target;
+        let t = self.target.as_deref().unwrap_or("postgres://ephemeral");
         let d = |default: u64| self.duration.unwrap_or(Duration::from_secs(default));
         let mut p = match (&self.file, self.scenario) {
             (Some(f), _) => Plan::from_file(f)?,
@@ -157,7 +166,7 @@ impl Args {
             ),
             (None, None) => return Err("name a scenario or --file".into()),
         };
-        p.target = t.clone();
+        p.target = t.to_string();
         if let (Some(dur), Some(_)) = (self.duration, &self.file) {
             p.duration = dur;
         }

@@ -183,3 +183,69 @@ async fn binary_runs_a_scenario_file_and_writes_json_and_html() {
     assert!(j["peak_dangerous_locks"].as_i64().unwrap() >= 1);
     assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_through_pgvalve_with_a_cap_of_10_stays_under_it() {
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 10;
+        f.pool.max_server_connections = 10;
+        // Only the pools' connections: the lock monitor's own would be an 11th.
+        f.locks.enabled = false;
+    })
+    .await;
+    let p = plan::surge(&s.url(), 80, ms(300), ms(1200), 1, ms(0), "SELECT pg_sleep(0.002)");
+    let o = go(&p, &s.pg.url()).await;
+    let j: serde_json::Value = serde_json::from_str(&report::json(&o)).unwrap();
+    let peak = j["peak_server_connections"].as_i64().unwrap();
+    assert!((1..=10).contains(&peak), "peak {peak}");
+    let errors = j["groups"][0]["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|e| e.starts_with("53300")),
+        "only refusals, if any: {errors:?}"
+    );
+    assert!(j["groups"][0]["transactions"].as_u64().unwrap() > 80);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_compares_pgvalve_with_postgresql_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("e.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
+        .args([
+            "loadtest",
+            "surge",
+            "--ephemeral",
+            "--clients",
+            "80",
+            "--ramp",
+            "300ms",
+            "--hold",
+            "1s",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output();
+    let out = within(Duration::from_secs(60), out).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("== side by side") && stdout.contains("PostgreSQL directly"),
+        "{stdout}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let peak = j["peak_server_connections"].as_i64().unwrap();
+    assert!(
+        peak <= i64::from(pgvalve::loadtest::compare::EPHEMERAL_POOL_SIZE) + 1,
+        "pool + lock monitor: {peak}"
+    );
+    assert_eq!(
+        j["groups"][0]["errors"].as_object().unwrap().len(),
+        0,
+        "pgvalve absorbs the surge"
+    );
+}
