@@ -150,30 +150,25 @@ async fn binary_runs_a_scenario_file_and_writes_json_and_html() {
     let dir = tempfile::tempdir().unwrap();
     let (json, html) = (dir.path().join("out.json"), dir.path().join("out.html"));
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/loadtest/lock-holder.toml");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
-        .args([
-            "loadtest",
-            "--file",
-            file,
-            "--duration",
-            "2s",
-            "--target",
-            &s.url(),
-            "--observe",
-            &s.pg.url(),
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--report")
-        .arg(&html)
-        .output();
-    let out = within(Duration::from_secs(30), out).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = loadtest_bin(
+        &[
+            std::ffi::OsStr::new("loadtest"),
+            std::ffi::OsStr::new("--file"),
+            std::ffi::OsStr::new(file),
+            std::ffi::OsStr::new("--duration"),
+            std::ffi::OsStr::new("2s"),
+            std::ffi::OsStr::new("--target"),
+            std::ffi::OsStr::new(&s.url()),
+            std::ffi::OsStr::new("--observe"),
+            std::ffi::OsStr::new(&s.pg.url()),
+            std::ffi::OsStr::new("--json"),
+            &json.as_os_str(),
+            std::ffi::OsStr::new("--report"),
+            &html.as_os_str(),
+        ],
+        30,
+    )
+    .await;
     assert!(
         stdout.contains("holder") && stdout.contains("reader") && stdout.contains("Jain"),
         "{stdout}"
@@ -211,28 +206,23 @@ async fn surge_through_pgvalve_with_a_cap_of_10_stays_under_it() {
 async fn ephemeral_compares_pgvalve_with_postgresql_directly() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("e.json");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
-        .args([
-            "loadtest",
-            "surge",
-            "--ephemeral",
-            "--clients",
-            "80",
-            "--ramp",
-            "300ms",
-            "--hold",
-            "1s",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output();
-    let out = within(Duration::from_secs(60), out).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = loadtest_bin(
+        &[
+            std::ffi::OsStr::new("loadtest"),
+            std::ffi::OsStr::new("surge"),
+            std::ffi::OsStr::new("--ephemeral"),
+            std::ffi::OsStr::new("--clients"),
+            std::ffi::OsStr::new("80"),
+            std::ffi::OsStr::new("--ramp"),
+            std::ffi::OsStr::new("300ms"),
+            std::ffi::OsStr::new("--hold"),
+            std::ffi::OsStr::new("1s"),
+            std::ffi::OsStr::new("--json"),
+            &json.as_os_str(),
+        ],
+        60,
+    )
+    .await;
     assert!(
         stdout.contains("== side by side") && stdout.contains("PostgreSQL directly"),
         "{stdout}"
@@ -248,4 +238,19 @@ async fn ephemeral_compares_pgvalve_with_postgresql_directly() {
         0,
         "pgvalve absorbs the surge"
     );
+}
+
+/// Runs `pgvalve ARGS` (bounded by `secs`), asserts success, returns stdout.
+async fn loadtest_bin(args: &[&std::ffi::OsStr], secs: u64) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
+        .args(args)
+        .output();
+    let out = within(Duration::from_secs(secs), out).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
