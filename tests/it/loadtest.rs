@@ -162,9 +162,9 @@ async fn binary_runs_a_scenario_file_and_writes_json_and_html() {
             std::ffi::OsStr::new("--observe"),
             std::ffi::OsStr::new(&s.pg.url()),
             std::ffi::OsStr::new("--json"),
-            &json.as_os_str(),
+            json.as_os_str(),
             std::ffi::OsStr::new("--report"),
-            &html.as_os_str(),
+            html.as_os_str(),
         ],
         30,
     )
@@ -218,7 +218,7 @@ async fn ephemeral_compares_pgvalve_with_postgresql_directly() {
             std::ffi::OsStr::new("--hold"),
             std::ffi::OsStr::new("1s"),
             std::ffi::OsStr::new("--json"),
-            &json.as_os_str(),
+            json.as_os_str(),
         ],
         60,
     )
