@@ -10,6 +10,7 @@ mod limits;
 mod loadtest;
 mod locks;
 mod operate;
+mod packaging;
 mod queries;
 mod robustness;
 mod sessions;
