@@ -118,25 +118,33 @@ fn in_range(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
 
 /// Glob match with `*` and `?`.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    // Byte indices that always sit on char boundaries ('*' and '?' are one byte); no allocation.
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let width = |s: &str, i: usize| s[i..].chars().next().map_or(1, char::len_utf8);
+    let (mut pi, mut ti) = (0, 0);
+    // After a '*': where the pattern resumes and the text position it last tried.
+    let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && p[pi] == b'*' {
             pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
+            star = Some((pi, ti));
+        } else if pi < p.len() && p[pi] == b'?' {
             pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
+            ti += width(text, ti);
+        } else if pi < p.len() && text[ti..].starts_with(&pattern[pi..pi + width(pattern, pi)]) {
+            let n = width(pattern, pi);
+            pi += n;
+            ti += n;
+        } else if let Some((resume, tried)) = star {
+            let next = tried + width(text, tried);
+            star = Some((resume, next));
+            pi = resume;
+            ti = next;
         } else {
             return false;
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 impl Rule {
@@ -264,6 +272,7 @@ mod tests {
     fn globs_and_ranges() {
         assert!(glob("web-*", "web-checkout") && glob("*", "") && glob("a?c", "abc") && glob("*-api-*", "x-api-y"));
         assert!(!glob("web-*", "worker") && !glob("a?c", "ac"));
+        assert!(glob("caf?-*", "café-1") && glob("*é", "thé") && !glob("?", "éé") && glob("**a", "ba"));
         let r = parse_cidr("10.0.0.0/8").unwrap();
         assert!(in_range("10.200.1.1".parse().unwrap(), r) && !in_range("11.0.0.1".parse().unwrap(), r));
         assert!(in_range("::ffff:10.1.2.3".parse().unwrap(), r), "IPv4-mapped IPv6");

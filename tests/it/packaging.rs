@@ -78,14 +78,21 @@ fn compose_file_and_dockerfile_are_consistent() {
     let lt = Loadtest::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}"));
     let plan = lt.args.plan().unwrap();
     assert!(plan.target.contains("@pgvalve:6432/"), "{}", plan.target);
-    assert!(lt.args.observe.as_deref().is_some_and(|o| o.contains("@postgres:5432/")));
+    assert!(lt
+        .args
+        .observe
+        .as_deref()
+        .is_some_and(|o| o.contains("@postgres:5432/")));
 
     // The Dockerfile builds the release binary and runs it; what it copies exists.
     let docker = repo_file("Dockerfile");
     assert!(docker.contains("cargo build --release --locked --bin pgvalve"));
     assert!(docker.contains("ENTRYPOINT [\"pgvalve\"]"));
     assert!(docker.contains("EXPOSE 6432 9930"));
-    for line in docker.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+    for line in docker
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
         let parts: Vec<&str> = line.split_whitespace().collect();
         for src in &parts[1..parts.len() - 1] {
             let path = format!("{}/{src}", env!("CARGO_MANIFEST_DIR"));
