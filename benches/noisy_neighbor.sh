@@ -32,6 +32,6 @@ echo "noisy neighbour: $GREEDY greedy + $POLITE polite, pool_mode=$POOL_MODE poo
 printf '%-10s %12s %12s %12s %12s %14s %12s\n' target "polite p50" "polite p99" "polite max" "polite err" "greedy tps" "greedy err"
 for t in "${TARGETS[@]}"; do
   name=${t%%:*}
-  awk -v n="$name" '$1=="polite"{p50=$5; p99=$7; mx=$9; pe=$10} $1=="greedy"{gt=$4; ge=$10}
+  awk -v n="$name" '$1=="polite"{p50=$5; p99=$7; mx=$9; pe=$11} $1=="greedy"{gt=$4; ge=$11}
     END{printf "%-10s %10s ms %10s ms %10s ms %12s %14s %12s\n", n, p50, p99, mx, pe, gt, ge}' <<<"${OUT[$name]}"
 done

@@ -55,6 +55,11 @@ if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
   TARGETS+=(rules:$RPORT)
 fi
 PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+if [[ -z "$PGBOUNCER" && $(id -u) == 0 && -z "${NO_PGBOUNCER_INSTALL:-}" ]]; then
+  echo "installing pgbouncer from the system's packages (NO_PGBOUNCER_INSTALL=1 to skip)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 || true
+  PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+fi
 if [[ -n "$PGBOUNCER" ]]; then
   VERIFIER=$("${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench'")
   printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/userlist.txt"

@@ -158,7 +158,9 @@ pub struct PoolSettings {
     /// Run on a server connection before another client gets it ("" = none).
     pub server_reset_query: String,
     /// Check that a server connection is alive before reuse only when it was idle longer than
-    /// this (as PgBouncer's server_check_delay); "0s" = check every time.
+    /// this; "0s" = check every time. Shorter than PgBouncer's 30 s default because pgvalve
+    /// does not watch idle sockets: the check (one non-blocking read) is what notices a
+    /// connection PostgreSQL closed (restart, pg_terminate_backend) before a client gets it.
     #[serde(with = "humantime_serde")]
     pub server_check_delay: Duration,
     /// Close server connections idle this long ("0s" = never).
@@ -193,7 +195,7 @@ impl Default for PoolSettings {
             query_wait_timeout: Duration::from_secs(120),
             server_connect_timeout: Duration::from_secs(5),
             server_reset_query: "DISCARD ALL".into(),
-            server_check_delay: Duration::from_secs(30),
+            server_check_delay: Duration::from_secs(1),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,

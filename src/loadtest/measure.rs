@@ -149,6 +149,19 @@ pub const OBSERVE_SQL: &str = "SELECT
       AND pid <> pg_backend_pid()),
   current_setting('max_connections')::int8";
 
+/// One sample now (None when the query fails).
+pub async fn sample(client: &tokio_postgres::Client, start: Instant) -> Option<(Sample, i64)> {
+    let row = client.query_one(OBSERVE_SQL, &[]).await.ok()?;
+    Some((
+        Sample {
+            at: start.elapsed().as_secs_f64(),
+            server_connections: row.get(0),
+            dangerous_locks: row.get(1),
+        },
+        row.get(2),
+    ))
+}
+
 /// Samples PostgreSQL every `every` until `stop` says so; returns the samples and
 /// PostgreSQL's max_connections.
 pub async fn observe(
@@ -160,13 +173,9 @@ pub async fn observe(
     let mut samples = Vec::new();
     let mut max = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Ok(row) = client.query_one(OBSERVE_SQL, &[]).await {
-            max = Some(row.get(2));
-            samples.push(Sample {
-                at: start.elapsed().as_secs_f64(),
-                server_connections: row.get(0),
-                dangerous_locks: row.get(1),
-            });
+        if let Some((s, m)) = sample(&client, start).await {
+            max = Some(m);
+            samples.push(s);
         }
         tokio::time::sleep(every).await;
     }

@@ -81,7 +81,8 @@ pub fn table(o: &Outcome) -> String {
         let locks = o.samples.iter().map(|s| s.dangerous_locks).max().unwrap_or(0);
         let _ = writeln!(
             out,
-            "observed: peak server connections {peak} (max_connections {max}), peak dangerous locks {locks}"
+            "observed: peak server connections {peak} ({} before the run; max_connections {max}), peak dangerous locks {locks}",
+            o.before.unwrap_or(0)
         );
     }
     if o.stopped {
@@ -129,6 +130,7 @@ struct Json<'a> {
     jain_fairness: f64,
     groups: Vec<GroupJson<'a>>,
     max_connections: Option<i64>,
+    server_connections_before: Option<i64>,
     peak_server_connections: Option<i64>,
     peak_dangerous_locks: Option<i64>,
     observed: &'a [super::measure::Sample],
@@ -181,6 +183,7 @@ pub fn json(o: &Outcome) -> String {
             })
             .collect(),
         max_connections: o.max_connections,
+        server_connections_before: o.before,
         peak_server_connections: observed.then(|| o.samples.iter().map(|s| s.server_connections).max().unwrap_or(0)),
         peak_dangerous_locks: observed.then(|| o.samples.iter().map(|s| s.dangerous_locks).max().unwrap_or(0)),
         observed: &o.samples,

@@ -26,6 +26,9 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
     /// PostgreSQL's max_connections, when observed.
     pub max_connections: Option<i64>,
+    /// Server connections before the clients started (other users of the server), when
+    /// observed.
+    pub before: Option<i64>,
     /// Clients inside a transaction, once a second: (seconds since start, count).
     pub in_flight: Vec<(f64, i64)>,
     /// Wall time.
@@ -275,6 +278,10 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
         None => None,
     };
     let start = Instant::now();
+    let before = match &observer {
+        Some(c) => measure::sample(c, start).await.map(|(s, _)| s.server_connections),
+        None => None,
+    };
     let live = Arc::new(Live::default());
     let quit = Arc::new(AtomicBool::new(false));
     let total = plan.duration * plan.rounds + plan.pause * plan.rounds.saturating_sub(1);
@@ -345,6 +352,7 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
         groups,
         samples,
         max_connections,
+        before,
         in_flight,
         elapsed,
         stopped: stop.load(Ordering::Relaxed),

@@ -313,10 +313,18 @@ async fn reload_resizes_a_pool_live_refuses_a_broken_file_and_metrics_agree() {
         ("5", "5")
     );
 
-    // pool_size 1 -> 3 live: three transactions at once, with the first client still connected.
+    // pool_size 1 -> 3 live: three transactions at once, with the first client still connected;
+    // and a user added to the file (a stats user of the console) can log in at once.
     let stay = connect(&url("app")).await.unwrap();
-    std::fs::write(&path, config_text(&pg, "3")).unwrap();
+    let ops = format!("postgres://ops:ops-secret@{}/pgvalve", proxy.local_addr());
+    assert_eq!(code(&connect(&ops).await.unwrap_err()).as_deref(), Some("28P01"));
+    let with_ops = config_text(&pg, "3").replace(
+        "admin_users = [\"app\"]\n",
+        "admin_users = [\"app\"]\nstats_users = [\"ops\"]\n",
+    ) + "[users.ops]\npassword = \"ops-secret\"\n";
+    std::fs::write(&path, with_ops).unwrap();
     admin.simple_query("RELOAD").await.unwrap();
+    table(&connect(&ops).await.expect("the new user logs in"), "SHOW POOLS").await;
     let (a, b) = (connect(&url("app")).await.unwrap(), connect(&url("app")).await.unwrap());
     for c in [&stay, &a, &b] {
         within(Duration::from_secs(3), c.batch_execute("BEGIN; SELECT 1"))
@@ -331,6 +339,7 @@ async fn reload_resizes_a_pool_live_refuses_a_broken_file_and_metrics_agree() {
 
     // A broken file: refused with the reason, nothing changes.
     std::fs::write(&path, config_text(&pg, "\"three\"")).unwrap();
+    // (the refused file also drops ops: nothing of it may apply)
     let e = admin.simple_query("RELOAD").await.unwrap_err();
     assert_eq!(code(&e).as_deref(), Some("F0000"));
     let why = e.as_db_error().unwrap().message();
@@ -345,6 +354,9 @@ async fn reload_resizes_a_pool_live_refuses_a_broken_file_and_metrics_agree() {
         Some(1.0)
     );
     assert_eq!(sample(&body, "pgvalve_pool_size", &app), Some(3.0));
+    connect(&ops)
+        .await
+        .expect("the refused file changed nothing: ops still logs in");
     for c in [&stay, &a, &b] {
         c.batch_execute("COMMIT").await.expect("no client was dropped");
     }

@@ -103,3 +103,44 @@ async fn huge_message_header_after_login_is_refused() {
     let v: i32 = t.client().await.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(v, 7, "new clients are still served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_closed_by_postgresql_are_never_handed_out() {
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+        f.pool.pool_size = 4;
+        f.pool.server_check_delay = std::time::Duration::from_millis(200);
+        f.locks.enabled = false;
+    })
+    .await;
+    let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| s.client())).await;
+    // Fill the pool: four transactions at once.
+    for c in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // An operator (or a restart) ends every idle backend behind pgvalve's back.
+    let su = s.pg.superuser().await.unwrap();
+    let killed: i64 = su
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = 'app' AND state = 'idle' AND backend_type = 'client backend') t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 4);
+    // (pg_terminate_backend only signals: give the backends a moment to exit.)
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The dead connections are found out before reuse: no client sees an error.
+    for round in 0..3 {
+        let results = futures_util::future::join_all(clients.iter().map(|c| c.simple_query("SELECT 1"))).await;
+        for r in results {
+            r.unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        }
+    }
+}
