@@ -56,3 +56,25 @@ PY
   done
 done
 echo "pool_mode=$POOL_MODE pool_size=$POOL_SIZE, PostgreSQL max_connections=$((MAXC * 3 + 20)), $(nproc) cores"
+# Ratios in this run: pgvalve (and "rules") against PgBouncer and against direct.
+python3 - "$WORK" <<'PY'
+import json, os, sys
+work = sys.argv[1]
+def load(scen, target):
+    p = os.path.join(work, f"{scen}-{target}.json")
+    return {g["name"]: g for g in json.load(open(p))["groups"]} if os.path.exists(p) else None
+print(f'\n{"scenario":<15} {"group":<8} {"target":<8} {"tps/pgb":>8} {"p99/pgb":>8} {"tps/dir":>8} {"p99/dir":>8}')
+for scen in ["surge", "noisy-neighbor", "lock-holder", "steady"]:
+    pgb, direct = load(scen, "pgbouncer"), load(scen, "direct")
+    for target in ["pgvalve", "rules"]:
+        mine = load(scen, target)
+        if not mine:
+            continue
+        for name, g in mine.items():
+            def r(ref, key):
+                if not ref or name not in ref: return "-"
+                a = g["tps"] if key == "tps" else g["latency_ms"]["p99"]
+                b = ref[name]["tps"] if key == "tps" else ref[name]["latency_ms"]["p99"]
+                return f"{a / b:.2f}" if b else "-"
+            print(f'{scen:<15} {name:<8} {target:<8} {r(pgb, "tps"):>8} {r(pgb, "p99"):>8} {r(direct, "tps"):>8} {r(direct, "p99"):>8}')
+PY
