@@ -3,7 +3,8 @@
 //! Part of the pool. Returning a connection is explicit ([`PooledConn::release`] resets it with
 //! `server_reset_query` first); a guard dropped any other way — an error, a panic, a cancelled
 //! task — closes the connection instead, so a server connection in an unknown state is never
-//! handed to another client. A backend left mid-query also gets a cancel request.
+//! handed to another client. A backend left mid-query also gets a cancel request. A
+//! connection whose server failed takes the pool's idle connections with it.
 
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
@@ -84,6 +85,20 @@ impl PooledConn {
 }
 
 fn discard(obj: Object<ServerManager>) {
+    if obj.broken {
+        // The server failed under this connection: when PostgreSQL restarts or crashes, every
+        // backend goes at once, so the pool's idle connections are closed too rather than
+        // handed to the next clients one failure at a time.
+        if let Some(pool) = Object::pool(&obj) {
+            let closed = pool.retain(|_, _| false).removed.len();
+            if closed > 0 {
+                tracing::info!(
+                    closed,
+                    "server connection failed; closed the pool's idle connections too"
+                );
+            }
+        }
+    }
     let conn = Object::take(obj);
     if conn.status != b'I' || !conn.rbuf.is_empty() {
         // The backend may be busy in a query: cancel it so its transaction ends now rather

@@ -144,3 +144,117 @@ async fn pooled_connections_closed_by_postgresql_are_never_handed_out() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restart_under_load_loses_nothing_and_recovers_fast() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+        f.pool.pool_size = 10;
+        f.pool.query_wait_timeout = Duration::from_secs(10);
+    })
+    .await;
+    s.client()
+        .await
+        .batch_execute("CREATE TABLE r (c int, n int)")
+        .await
+        .unwrap();
+    let url = s.url();
+    let (stop, committed, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(BTreeSet::new())),
+        Arc::new(Mutex::new(Vec::<(String, std::time::Instant)>::new())),
+    );
+    let last_ok = Arc::new(Mutex::new(vec![None::<std::time::Instant>; 50]));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..50)
+        .map(|c| {
+            let (url, stop, committed, errors, last_ok, restarted) = (
+                url.clone(),
+                stop.clone(),
+                committed.clone(),
+                errors.clone(),
+                last_ok.clone(),
+                restarted.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(client) = connect(&url).await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let sql = format!("BEGIN; INSERT INTO r VALUES ({c}, {n}); COMMIT");
+                        match client.batch_execute(&sql).await {
+                            Ok(()) => {
+                                committed.lock().unwrap().insert((c, n));
+                                // The first success once PostgreSQL is back.
+                                if restarted.load(Ordering::Relaxed) {
+                                    last_ok.lock().unwrap()[c as usize].get_or_insert_with(std::time::Instant::now);
+                                }
+                            }
+                            Err(e) => {
+                                let what = code(&e).unwrap_or_else(|| format!("client: {e}"));
+                                errors.lock().unwrap().push((what, std::time::Instant::now()));
+                                if client.is_closed() {
+                                    break;
+                                }
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    within(Duration::from_secs(60), s.pg.restart()).await.unwrap();
+    let back = std::time::Instant::now();
+    restarted.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        within(Duration::from_secs(10), t).await.unwrap();
+    }
+    // Every client worked again within 2 s of PostgreSQL accepting connections.
+    for (c, ok) in last_ok.lock().unwrap().iter().enumerate() {
+        let ok = ok.unwrap_or_else(|| panic!("client {c} never committed after the restart"));
+        assert!(ok - back < Duration::from_secs(2), "client {c} needed {:?}", ok - back);
+    }
+    let errors = errors.lock().unwrap().clone();
+    let late: Vec<_> = errors
+        .iter()
+        .filter(|(_, at)| *at > back + Duration::from_secs(2))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "errors more than 2 s after PostgreSQL was back: {late:?}"
+    );
+    for (e, _) in errors.iter() {
+        assert!(
+            ["57P01", "08006", "57P03", "08001"].contains(&e.as_str()) || e.starts_with("client:"),
+            "a clear error for clients in flight, not {e}"
+        );
+    }
+    // Nothing a client saw committed was lost.
+    let direct = connect(&s.pg.url()).await.unwrap();
+    let rows: BTreeSet<(i32, i32)> = direct
+        .query("SELECT c, n FROM r", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let committed = committed.lock().unwrap();
+    assert!(
+        committed.is_subset(&rows),
+        "{} committed, {} missing",
+        committed.len(),
+        committed.difference(&rows).count()
+    );
+    assert!(committed.len() > 100);
+}
