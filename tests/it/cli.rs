@@ -228,3 +228,91 @@ async fn sighup_reloads_identity_caps_and_a_bad_file_keeps_the_running_config() 
         .await
         .expect("the first client was not dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_debug_output_the_console_or_metrics() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let verifier = postgres_protocol::password::scram_sha_256(b"watch-secret-42");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgvalve.toml");
+    let (port, http) = (free_port(), free_port());
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             [admin]\nadmin_users = [\"app\"]\nstats_users = [\"watcher\"]\n\
+             [databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
+             [users.app]\npassword = \"app-secret\"\n[users.watcher]\nscram_verifier = \"{verifier}\"\n",
+            pg.port()
+        ),
+    )
+    .unwrap();
+    let config = pgvalve::config::load(&path).unwrap();
+    let debug = format!("{config:?}");
+    assert!(
+        !debug.contains("app-secret") && !debug.contains(&verifier),
+        "Debug output: {debug}"
+    );
+
+    let child = tokio::process::Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("PGVALVE_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = |user: &str, pw: &str, db: &str| format!("postgres://{user}:{pw}@127.0.0.1:{port}/{db}");
+    eventually(Duration::from_secs(10), "the binary accepts clients", || async {
+        connect(&url("app", "app-secret", "app")).await.is_ok()
+    })
+    .await;
+    // Wrong passwords, right ones, the console, metrics, a reload.
+    assert!(connect(&url("app", "wrong-app-secret", "app")).await.is_err());
+    assert!(connect(&url("watcher", "watch-secret-4", "pgvalve")).await.is_err());
+    let watcher = connect(&url("watcher", "watch-secret-42", "pgvalve")).await.unwrap();
+    let admin = connect(&url("app", "app-secret", "pgvalve")).await.unwrap();
+    let mut console = String::new();
+    for cmd in [
+        "SHOW CONFIG",
+        "SHOW USERS",
+        "SHOW DATABASES",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+    ] {
+        for m in admin.simple_query(cmd).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                console += &(0..r.len())
+                    .map(|i| r.get(i).unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join("|");
+            }
+        }
+    }
+    watcher.simple_query("SHOW POOLS").await.unwrap();
+    admin.simple_query("RELOAD").await.unwrap();
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    sock.read_to_string(&mut metrics).await.unwrap();
+    drop((watcher, admin));
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = within(Duration::from_secs(20), child.wait_with_output()).await.unwrap();
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(logs.len() > 1000, "trace logging was on");
+    let salted = verifier.split('$').nth(2).unwrap_or(&verifier).to_string();
+    for (place, text) in [("logs", &logs), ("console", &console), ("metrics", &metrics)] {
+        for secret in ["app-secret", "watch-secret-42", verifier.as_str(), salted.as_str()] {
+            assert!(!text.contains(secret), "{secret:?} appears in the {place}");
+        }
+    }
+}

@@ -258,3 +258,51 @@ async fn postgresql_restart_under_load_loses_nothing_and_recovers_fast() {
     );
     assert!(committed.len() > 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_terminated_mid_transaction_fails_only_its_client() {
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+        f.pool.pool_size = 4;
+    })
+    .await;
+    let (victim, other) = (s.client().await, s.client().await);
+    victim.batch_execute("CREATE TABLE k (n int)").await.unwrap();
+    victim.batch_execute("BEGIN; INSERT INTO k VALUES (1)").await.unwrap();
+    other.batch_execute("BEGIN; INSERT INTO k VALUES (2)").await.unwrap();
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let su = s.pg.superuser().await.unwrap();
+    su.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let e = within(
+        Duration::from_secs(5),
+        victim.batch_execute("INSERT INTO k VALUES (3); COMMIT"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.is_closed() || ["57P01", "08006"].contains(&code(&e).as_deref().unwrap_or("")),
+        "{e:?}"
+    );
+    // The other client's transaction is untouched and commits.
+    other.batch_execute("INSERT INTO k VALUES (4); COMMIT").await.unwrap();
+    // The dead backend is never handed out again: new clients all work.
+    for _ in 0..8 {
+        let c = s.client().await;
+        c.simple_query("SELECT 1").await.expect("no dead connection is reused");
+        let p: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert_ne!(p, pid);
+    }
+    let direct = connect(&s.pg.url()).await.unwrap();
+    let rows: Vec<i32> = direct
+        .query("SELECT n FROM k ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![2, 4],
+        "the victim's transaction rolled back, the other's committed"
+    );
+}
