@@ -47,6 +47,7 @@ pub const METRICS: &[&str] = &[
     "pgvalve_refusals_total",
     "pgvalve_server_assignments_total",
     "pgvalve_server_connections",
+    "pgvalve_server_connect_failures_total",
     "pgvalve_server_connections_opened_total",
     "pgvalve_session_pins_total",
     "pgvalve_surge_events_total",
@@ -212,6 +213,11 @@ pub fn render(shared: &Shared) -> String {
             "pgvalve_server_connections_opened_total",
             &[("database", db), ("user", user)],
             p.created,
+        );
+        s.counter(
+            "pgvalve_server_connect_failures_total",
+            &[("database", db), ("user", user)],
+            p.connect_failures,
         );
     }
     {

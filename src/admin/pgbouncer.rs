@@ -342,6 +342,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
         ("server_connect_timeout", d(q.server_connect_timeout), true),
         ("server_reset_query", q.server_reset_query.clone(), true),
         ("server_check_delay", d(q.server_check_delay), true),
+        ("server_login_retry", d(q.server_login_retry), true),
         ("server_idle_timeout", d(q.server_idle_timeout), true),
         ("server_lifetime", d(q.server_lifetime), true),
         ("query_timeout", d(q.query_timeout), true),

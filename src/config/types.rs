@@ -163,6 +163,11 @@ pub struct PoolSettings {
     /// connection PostgreSQL closed (restart, pg_terminate_backend) before a client gets it.
     #[serde(with = "humantime_serde")]
     pub server_check_delay: Duration,
+    /// While PostgreSQL cannot be reached, connection attempts of a pool are spaced out,
+    /// 100 ms doubling up to this; clients asking meanwhile fail at once (08006) instead of
+    /// each trying (no reconnect storm).
+    #[serde(with = "humantime_serde")]
+    pub server_login_retry: Duration,
     /// Close server connections idle this long ("0s" = never).
     #[serde(with = "humantime_serde")]
     pub server_idle_timeout: Duration,
@@ -196,6 +201,7 @@ impl Default for PoolSettings {
             server_connect_timeout: Duration::from_secs(5),
             server_reset_query: "DISCARD ALL".into(),
             server_check_delay: Duration::from_secs(1),
+            server_login_retry: Duration::from_secs(1),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,

@@ -85,6 +85,60 @@ impl ServerSlots {
     }
 }
 
+/// Spacing of connection attempts while the server cannot be reached: one attempt per
+/// window, 100 ms doubling up to the maximum; everyone else fails at once.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    state: Mutex<BackoffState>,
+}
+
+#[derive(Debug, Default)]
+struct BackoffState {
+    failures: u32,
+    retry_at: Option<std::time::Instant>,
+    last: String,
+}
+
+impl Backoff {
+    /// Ok to attempt now (claiming the attempt), or the error to fail with at once.
+    fn admit(&self, addr: &str, max: Duration) -> Result<(), ServerError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match st.retry_at {
+            Some(at) if now < at => Err(ServerError::Unreachable {
+                addr: addr.to_string(),
+                last: st.last.clone(),
+                retry_in: at - now,
+            }),
+            Some(_) => {
+                // This caller makes the attempt; others keep failing fast until it is known.
+                st.retry_at = Some(now + Self::delay(st.failures, max));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn delay(failures: u32, max: Duration) -> Duration {
+        (Duration::from_millis(100) * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(max)
+    }
+
+    fn failed(&self, e: &ServerError, max: Duration) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.failures += 1;
+        st.retry_at = Some(std::time::Instant::now() + Self::delay(st.failures, max));
+        st.last = e.to_string();
+    }
+
+    fn succeeded(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.failures > 0 {
+            tracing::info!(after_failures = st.failures, "server reachable again");
+        }
+        *st = BackoffState::default();
+    }
+}
+
 /// Creates and checks server connections for one (database, user) pool.
 #[derive(Debug)]
 pub struct ServerManager {
@@ -102,6 +156,12 @@ pub struct ServerManager {
     pub recycle_rejections: Arc<AtomicU64>,
     /// Connections created.
     pub created: Arc<AtomicU64>,
+    /// Connection attempts that failed.
+    pub failed: Arc<AtomicU64>,
+    /// Attempt spacing while the server is unreachable.
+    pub backoff: Backoff,
+    /// Longest spacing (server_login_retry).
+    pub login_retry: Duration,
 }
 
 impl managed::Manager for ServerManager {
@@ -109,8 +169,21 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", self.target.host, self.target.port);
+        self.backoff.admit(&addr, self.login_retry)?;
         let slot = self.slots.acquire(self.slot_wait).await?;
-        let mut conn = server::connect(&self.target).await?;
+        let mut conn = match server::connect(&self.target).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if e.unreachable() {
+                    self.backoff.failed(&e, self.login_retry);
+                    tracing::warn!(server = %addr, error = %e, "cannot reach the server; backing off");
+                }
+                return Err(e);
+            }
+        };
+        self.backoff.succeeded();
         conn.slot = slot;
         self.created.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pid = conn.pid, db = %self.target.dbname, user = %self.target.user, "server connection opened");

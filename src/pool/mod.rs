@@ -96,12 +96,15 @@ pub struct PoolStats {
     pub created: u64,
     /// Connections closed instead of reused at checkout.
     pub recycle_rejections: u64,
+    /// Connection attempts that failed.
+    pub connect_failures: u64,
 }
 
 struct Entry {
     pool: Pool,
     created: Arc<AtomicU64>,
     rejected: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
     shape: Shape,
 }
 
@@ -176,7 +179,7 @@ impl PoolSet {
         // configuration in force.
         let live = config.route(&route.database, &route.user);
         let route = live.as_ref().unwrap_or(route);
-        let (created, rejected) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (created, rejected, failed): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) = Default::default();
         let shape = Shape::of(&config, route);
         let manager = ServerManager {
             target: shape.target.clone(),
@@ -186,6 +189,9 @@ impl PoolSet {
             lifetime: shape.lifetime,
             recycle_rejections: rejected.clone(),
             created: created.clone(),
+            failed: Arc::clone(&failed),
+            backoff: Default::default(),
+            login_retry: config.pool.server_login_retry,
         };
         let pool = Pool::builder(manager)
             .max_size(route.pool_size as usize)
@@ -207,6 +213,7 @@ impl PoolSet {
                 pool: pool.clone(),
                 created,
                 rejected,
+                failed,
                 shape,
             },
         );
@@ -292,6 +299,7 @@ impl PoolSet {
                     waiting: s.waiting,
                     created: e.created.load(Ordering::Relaxed),
                     recycle_rejections: e.rejected.load(Ordering::Relaxed),
+                    connect_failures: e.failed.load(Ordering::Relaxed),
                 }
             })
             .collect();

@@ -306,3 +306,51 @@ async fn a_backend_terminated_mid_transaction_fails_only_its_client() {
         "the victim's transaction rolled back, the other's committed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_postgresql_fails_clients_fast_without_a_reconnect_storm() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+        f.http.listen = Some("127.0.0.1:0".into());
+        f.locks.enabled = false;
+        f.databases.get_mut("app").unwrap().port = dead_port;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    // 40 logins over ~1.6 s, 4 at a time.
+    for _ in 0..10 {
+        let tries = futures_util::future::join_all((0..4).map(|_| async {
+            let t = std::time::Instant::now();
+            let e = connect(&s.url()).await.unwrap_err();
+            (t.elapsed(), code(&e), e.as_db_error().map(|d| d.message().to_string()))
+        }))
+        .await;
+        failures.extend(tries);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for (took, code, msg) in &failures {
+        assert_eq!(code.as_deref(), Some("08006"), "{msg:?}");
+        assert!(
+            msg.as_deref().unwrap_or("").contains(&format!("127.0.0.1:{dead_port}")),
+            "names the server: {msg:?}"
+        );
+        assert!(*took < Duration::from_secs(1), "fails fast: {took:?}");
+    }
+    // Attempts were spaced out (100 ms doubling up to server_login_retry = 1 s), not one per client.
+    let span = started.elapsed();
+    let http = s.proxy.http_addr().unwrap();
+    let body = crate::admission::http_get(http, "/metrics").await.1;
+    let attempts: f64 = body
+        .lines()
+        .find(|l| l.starts_with("pgvalve_server_connect_failures_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("the failures are counted");
+    assert!(
+        (1.0..=8.0).contains(&attempts),
+        "{attempts} attempts in {span:?} for 40 clients"
+    );
+}
