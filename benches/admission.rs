@@ -38,13 +38,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| identify(std::hint::black_box(&rules), std::hint::black_box(&facts)))
         });
     }
-    let limits = ShareLimits {
-        max_servers: 0,
-        min_servers: 0,
-        weight: 1,
-        max_queue: 0,
-        max_lock_holders: 0,
-    };
+    let limits = ShareLimits::default();
     let gate: Arc<str> = Arc::from("database \"app\" user \"app\"");
     let ids: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("id{i}"))).collect();
     let mut s = Scheduler::default();

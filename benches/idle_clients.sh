@@ -52,15 +52,19 @@ async def login(conns):
         buf += chunk
         if b"Z\0\0\0\x05I" in buf: break
     conns.append((r, w))
+async def crowd():
+    # n clients, logging in 200 at a time.
+    conns = []
+    for i in range(0, n, 200):
+        await asyncio.gather(*(login(conns) for _ in range(min(200, n - i))))
+    return conns
 async def main():
     # Warm up: one client, so pools and buffers that exist once are in the baseline.
     warm = []
     await login(warm)
     await asyncio.sleep(1)
     before = rss()
-    conns = []
-    for i in range(0, n, 200):
-        await asyncio.gather(*(login(conns) for _ in range(min(200, n - i))))
+    conns = await crowd()
     await asyncio.sleep(2)
     after = rss()
     # Still serving: a query from the warm client.
@@ -76,17 +80,13 @@ async def main():
     gone = rss()
     # Again: memory that was freed is reused (retained by the allocator, not leaked) when a
     # second round of the same size adds (almost) nothing.
-    conns = []
-    for i in range(0, n, 200):
-        await asyncio.gather(*(login(conns) for _ in range(min(200, n - i))))
+    conns = await crowd()
     await asyncio.sleep(2)
     again = rss()
     for _, w in conns:
         w.close()
     await asyncio.sleep(3)
-    third = []
-    for i in range(0, n, 200):
-        await asyncio.gather(*(login(third) for _ in range(min(200, n - i))))
+    third = await crowd()
     await asyncio.sleep(2)
     again3 = rss()
     for _, w in third:

@@ -15,11 +15,6 @@ use crate::config::Config;
 use crate::protocol::messages::ColumnType::{Int8, Text};
 use crate::proxy::Shared;
 
-/// The admission gate's name of a pool (as client sessions name it).
-fn gate(database: &str, user: &str) -> String {
-    format!("database \"{database}\" user \"{user}\"")
-}
-
 /// Sessions per (database, user): (clients, clients holding a server connection).
 fn clients_per_pool(shared: &Shared) -> BTreeMap<(String, String), (u64, u64)> {
     let mut m: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
@@ -57,7 +52,7 @@ pub(super) fn pools(shared: &Shared) -> Table {
     let clients = clients_per_pool(shared);
     for p in shared.pools.stats() {
         let (db, user) = (&p.key.database, &p.key.user);
-        let (_, waiting, maxwait) = shared.admission.gate(&gate(db, user));
+        let (_, waiting, maxwait) = shared.admission.gate(&crate::pool::PoolKey::label(db, user));
         let (n, _) = clients.get(&(db.clone(), user.clone())).copied().unwrap_or_default();
         let mode = config.route(db, user).map(|r| r.pool_mode.to_string());
         t.rows.push(vec![
@@ -189,9 +184,9 @@ pub(super) fn stats(shared: &Shared) -> Table {
     let mut per_db: BTreeMap<String, (Totals, Totals, Duration)> = BTreeMap::new();
     for (key, total) in shared.pools.stats.totals() {
         let e = per_db.entry(key.database.clone()).or_default();
-        e.0.add_from(&total);
+        e.0.add(&total);
         if let Some((d, span)) = shared.pools.stats.last_period(&key) {
-            e.1.add_from(&d);
+            e.1.add(&d);
             e.2 = span;
         }
     }

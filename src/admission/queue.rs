@@ -31,6 +31,19 @@ pub struct ShareLimits {
     pub max_lock_holders: u32,
 }
 
+impl Default for ShareLimits {
+    /// No caps, no reserve, weight 1.
+    fn default() -> Self {
+        Self {
+            max_servers: 0,
+            min_servers: 0,
+            weight: 1,
+            max_queue: 0,
+            max_lock_holders: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Share {
     limits: ShareLimits,
@@ -115,14 +128,7 @@ impl Scheduler {
     pub fn request(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>) -> Request {
         if !self.shares.contains_key(id) {
             // Normally set at login; a share is never missing for a caller with a grant.
-            let limits = ShareLimits {
-                max_servers: 0,
-                min_servers: 0,
-                weight: 1,
-                max_queue: 0,
-                max_lock_holders: 0,
-            };
-            self.set_limits(id, limits);
+            self.set_limits(id, ShareLimits::default());
         }
         let g = self.gates.entry(gate.clone()).or_default();
         let grew = capacity > g.capacity;

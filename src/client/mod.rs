@@ -434,7 +434,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
     });
     let seat = Seat {
         registered,
-        pool: format!("database \"{}\" user \"{}\"", route.database, route.user).into(),
+        pool: crate::pool::PoolKey::label(&route.database, &route.user).into(),
         member,
         route,
     };

@@ -135,6 +135,12 @@ pub struct Recorder {
     pending_terminate: HashSet<i32>,
 }
 
+/// What tells one lock episode from another: backend, relation (or lock type), mode.
+fn episode_key(row: &Row) -> (i32, String, String) {
+    let relation = row.relation.clone().unwrap_or_else(|| row.locktype.clone());
+    (row.pid, relation, row.mode.clone())
+}
+
 /// Backends blocked by each pid: (direct, transitive).
 fn blocking(rows: &[Row]) -> HashMap<i32, (usize, usize)> {
     let mut edges: HashMap<i32, HashSet<i32>> = HashMap::new();
@@ -201,8 +207,8 @@ impl Recorder {
             }
             let mut held = Duration::ZERO;
             if dangerous {
-                let relation = row.relation.clone().unwrap_or_else(|| row.locktype.clone());
-                let key = (row.pid, relation.clone(), row.mode.clone());
+                let key = episode_key(&row);
+                let relation = key.1.clone();
                 seen.insert(key.clone());
                 let ep = self.open.entry(key).or_insert_with(|| Episode {
                     pid: row.pid,
@@ -274,16 +280,14 @@ impl Recorder {
         if self.current.len() == before {
             return false;
         }
-        let seen: HashSet<_> = self.open.keys().filter(|k| self.still_held(k)).cloned().collect();
+        let seen: HashSet<_> = self
+            .current
+            .iter()
+            .filter(|l| l.dangerous)
+            .map(|l| episode_key(&l.row))
+            .collect();
         self.close_unseen(&seen, history);
         true
-    }
-
-    /// Whether the current locks still include an open episode's lock.
-    fn still_held(&self, (pid, relation, mode): &(i32, String, String)) -> bool {
-        self.current.iter().any(|l| {
-            l.row.pid == *pid && l.row.mode == *mode && l.row.relation.as_ref().unwrap_or(&l.row.locktype) == relation
-        })
     }
 
     /// Sessions holding a dangerous lock now, per identity (pgvalve sessions only).

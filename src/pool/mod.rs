@@ -38,6 +38,13 @@ pub struct PoolKey {
     pub user: String,
 }
 
+impl PoolKey {
+    /// The pool's name in admission (its fair-queue gate) and in messages to clients.
+    pub fn label(database: &str, user: &str) -> String {
+        format!("database \"{database}\" user \"{user}\"")
+    }
+}
+
 /// Why no server connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {

@@ -42,11 +42,7 @@ pub struct Totals {
 
 impl Totals {
     /// Adds `o` field by field.
-    pub fn add_from(&mut self, o: &Totals) {
-        self.add(o);
-    }
-
-    fn add(&mut self, o: &Totals) {
+    pub fn add(&mut self, o: &Totals) {
         self.server_assignments += o.server_assignments;
         self.xacts += o.xacts;
         self.queries += o.queries;

@@ -403,10 +403,12 @@ where
                 }
             }
         }
-        if s_new {
-            if let Some(s) = mode.session.as_ref().filter(|s| s.cancel_pending()) {
-                explain_cancel(&mut s_in, swalk.pending(), s);
-            }
+        // While a cancel explanation waits (one atomic load per server read), the monitor's
+        // explanation replaces the server's "query canceled", and ErrorResponses are held back
+        // until whole.
+        let explain = s_new && mode.session.as_ref().is_some_and(|s| s.cancel_pending());
+        if let Some(s) = mode.session.as_ref().filter(|_| explain) {
+            explain_cancel(&mut s_in, swalk.pending(), s);
         }
         if s_new && mode.statements.is_some() {
             s_new = false;
@@ -432,8 +434,6 @@ where
         if s_new {
             s_new = false;
             let txn = mode.transaction;
-            // While a cancel explanation waits, ErrorResponses are held back until whole.
-            let explain = mode.session.as_ref().is_some_and(|s| s.cancel_pending());
             let reported = &mut mode.reported;
             let n = match swalk.scan(
                 &s_in,
@@ -556,7 +556,7 @@ where
         && s_in.is_empty();
     out.status = if clean { t.status } else { b'?' };
     if let Some(l) = mode.stats.as_mut() {
-        l.pending.add_from(&t.tally);
+        l.pending.add(&t.tally);
     }
     out.prepared = prepared;
     if let Some(st) = &mode.statements {
