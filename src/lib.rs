@@ -34,6 +34,8 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listener;
 pub mod loadtest;

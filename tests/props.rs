@@ -112,5 +112,23 @@ proptest! {
         let _ = messages::parse_server_error(&f);
         let _ = messages::sasl_initial_response(f.clone());
         let _ = messages::sasl_response(f);
+        pgvalve::fuzzing::message_bodies(tag, &body);
+        pgvalve::fuzzing::sql(&body);
+    }
+
+    #[test]
+    fn relay_message_handling_never_panics(
+        client in prop::collection::vec(message(), 0..10),
+        server in prop::collection::vec(message(), 0..10),
+        noise in prop::collection::vec(any::<u8>(), 0..40),
+        reads in 1usize..64,
+        reject in any::<bool>(),
+    ) {
+        let (mut c, s) = (client.concat(), server.concat());
+        pgvalve::fuzzing::transaction_traffic(&c, &s, reads, reject);
+        c.extend_from_slice(&noise);
+        pgvalve::fuzzing::transaction_traffic(&c, &noise, reads, reject);
+        pgvalve::fuzzing::plain_traffic(&c, reads);
+        pgvalve::fuzzing::frames(&c, 300, reads);
     }
 }

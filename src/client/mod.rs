@@ -21,10 +21,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+#[doc(hidden)]
+pub use auth::scram_exchange;
 pub use conn::ClientConn;
 pub use params::parse_options;
 pub use prepared::Registry as StatementRegistry;
+#[doc(hidden)]
+pub use relay::exercise;
 pub use relay::{Mode, RelayEnd};
+#[doc(hidden)]
+pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
 
 use crate::admission::{ClientPermit, Member, Refusal};
 use crate::cancel::CancelKey;

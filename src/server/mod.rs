@@ -201,6 +201,30 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
     }
 }
 
+/// Decodes a login message and reads the fields login reads (for the fuzz targets).
+#[doc(hidden)]
+pub fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
+    let bad = |e: io::Error| ServerError::Protocol(e.to_string());
+    match parse(frame)? {
+        backend::Message::AuthenticationMd5Password(b) => drop(b.salt()),
+        backend::Message::AuthenticationSasl(b) => {
+            let mut mechs = b.mechanisms();
+            while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs).map_err(bad)? {
+                let _ = m == sasl::SCRAM_SHA_256;
+            }
+        }
+        backend::Message::AuthenticationSaslContinue(b) => {
+            let mut s = sasl::ScramSha256::new(b"pw", sasl::ChannelBinding::unsupported());
+            s.update(b.data()).map_err(bad)?;
+        }
+        backend::Message::ParameterStatus(p) => drop((p.name().map_err(bad)?, p.value().map_err(bad)?)),
+        backend::Message::BackendKeyData(k) => drop((k.process_id(), k.secret_key())),
+        backend::Message::ReadyForQuery(r) => drop(r.status()),
+        _ => {}
+    }
+    Ok(())
+}
+
 impl ServerConn {
     /// Reads one whole message (bounded by [`MAX_SERVER_CONTROL_MESSAGE`]).
     ///

@@ -24,6 +24,8 @@ use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
 
+#[doc(hidden)]
+pub mod exercise;
 mod timeouts;
 mod tracker;
 mod txn;
@@ -323,23 +325,13 @@ where
 {
     let mut c_in = std::mem::take(&mut out.c_in);
     let mut s_in = std::mem::take(&mut out.s_in);
-    let mut t = Tracker {
-        pending: 0,
-        unsynced: false,
-        status: out.status,
-        terminate: false,
-        last_server_tag: 0,
-        inspect: mode.transaction && mode.pinned.is_none(),
-        pin: mode.pinned,
-        named_pins: mode.statements.is_none(),
-        ends: 0,
-        tally: Totals {
-            server_assignments: 1,
-            ..Totals::default()
-        },
-        busy_since: None,
-        xact_since: None,
-    };
+    let mut t = Tracker::new(
+        out.status,
+        mode.transaction && mode.pinned.is_none(),
+        mode.pinned,
+        mode.statements.is_none(),
+    );
+    t.tally.server_assignments = 1;
     let mut responses = Responses::default();
     let mut prepared = std::mem::take(&mut out.prepared);
     let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());

@@ -38,6 +38,24 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
+    /// A tracker for a server connection last seen in `status`.
+    pub(super) fn new(status: u8, inspect: bool, pin: Option<&'static str>, named_pins: bool) -> Self {
+        Tracker {
+            pending: 0,
+            unsynced: false,
+            status,
+            terminate: false,
+            last_server_tag: 0,
+            inspect,
+            pin,
+            named_pins,
+            ends: 0,
+            tally: Totals::default(),
+            busy_since: None,
+            xact_since: None,
+        }
+    }
+
     pub(super) fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         if self.inspect && s.complete {
             if let Some(reason) = pin_reason(s.tag, msg, self.named_pins) {
