@@ -38,7 +38,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
         return (StatusCode::OK, "ready\n");
     }
     for db in shared.config().databases.values() {
-        let reach = crate::server::stream::ServerStream::connect(&db.host, db.port);
+        let plain = crate::tls::ServerTls::default();
+        let reach = crate::server::stream::ServerStream::connect(&db.host, db.port, &plain);
         if matches!(tokio::time::timeout(Duration::from_secs(1), reach).await, Ok(Ok(_))) {
             return (StatusCode::OK, "ready\n");
         }

@@ -49,6 +49,7 @@ pub mod server;
 pub mod sessions;
 pub mod shutdown;
 pub mod testkit;
+pub mod tls;
 
 pub use config::Config;
 pub use proxy::ProxyHandle;

@@ -43,6 +43,17 @@ pub struct PgOptions {
     pub database: String,
     /// TCP authentication method.
     pub host_auth: HostAuth,
+    /// `ssl = on` with this certificate and key (PEM), when set.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate (chain).
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
 }
 
 impl Default for PgOptions {
@@ -53,6 +64,7 @@ impl Default for PgOptions {
             password: "app-secret".into(),
             database: "app".into(),
             host_auth: HostAuth::Scram,
+            tls: None,
         }
     }
 }
@@ -186,6 +198,9 @@ impl TestPostgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        if let Some(t) = &pg.opts.tls {
+            pg.write_tls(t)?;
+        }
         for attempt in 0..5 {
             pg.port = free_port()?;
             match pg.pg_ctl_start() {
@@ -199,9 +214,26 @@ impl TestPostgres {
         unreachable!("the loop returns on its last attempt")
     }
 
+    /// Writes the certificate and key into the data directory (the key readable by the server's
+    /// user only, as PostgreSQL insists).
+    fn write_tls(&self, t: &TlsFiles) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.path().join("data");
+        for (name, pem, mode) in [("server.crt", &t.cert_pem, 0o644), ("server.key", &t.key_pem, 0o600)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
+        Ok(())
+    }
+
     fn pg_ctl_start(&self) -> anyhow::Result<()> {
+        let ssl = if self.opts.tls.is_some() { " -c ssl=on" } else { "" };
         let o = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB -c log_line_prefix='%m [%p] %e '",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB -c log_line_prefix='%m [%p] %e '{ssl}",
             self.port,
             self.dir.path().display(),
             self.opts.max_connections

@@ -321,6 +321,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
     let (p, q, l) = (&c.proxy, &c.pool, &c.locks);
     let d = |x: Duration| secs(x).unwrap_or_default();
     let list = |v: &[String]| v.join(",");
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     vec![
         ("listen", p.listen.clone(), false),
         ("max_client_connections", p.max_client_connections.to_string(), false),
@@ -344,6 +345,11 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
         ("idle_transaction_timeout", d(q.idle_transaction_timeout), true),
         ("transaction_timeout", d(q.transaction_timeout), true),
         ("max_prepared_statements", q.max_prepared_statements.to_string(), true),
+        ("client_tls_mode", c.tls.client.mode.to_string(), true),
+        ("client_tls_cert_file", path(&c.tls_settings.client_tls_cert_file), true),
+        ("client_tls_key_file", path(&c.tls_settings.client_tls_key_file), true),
+        ("server_tls_mode", c.tls.server.mode.to_string(), true),
+        ("server_tls_ca_file", path(&c.tls_settings.server_tls_ca_file), true),
         ("admin_users", list(&c.admin.admin_users), true),
         ("stats_users", list(&c.admin.stats_users), true),
         ("locks.enabled", l.enabled.to_string(), false),

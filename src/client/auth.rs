@@ -2,7 +2,8 @@
 //!
 //! Part of the client session, between startup and admission to a pool. The SCRAM
 //! exchange is pgwire's sans-IO `ScramServerAuth`; unknown users go through the same
-//! exchange against a throwaway verifier, so a client cannot tell which users exist.
+//! exchange against a throwaway verifier, so a client cannot tell which users exist. Over
+//! TLS, SCRAM-SHA-256-PLUS (channel binding to our certificate) is offered first.
 
 use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth};
 
@@ -12,6 +13,7 @@ use crate::config::{AuthType, Config, ScramVerifier};
 use crate::protocol::messages;
 
 const SCRAM: &str = "SCRAM-SHA-256";
+const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
 /// Authenticates `user`; on success nothing has been sent yet for AuthenticationOk.
 ///
@@ -32,16 +34,25 @@ pub async fn authenticate(
         };
     }
     let verifier = known.and_then(|u| u.client_verifier.as_ref()).unwrap_or(decoy);
-    messages::auth_sasl(&[SCRAM], &mut client.wbuf);
+    // Channel binding only over TLS, with a certificate whose hash is known.
+    let plus = config.tls.client.scram.as_ref().filter(|_| client.stream.is_tls());
+    let offered: &[&str] = if plus.is_some() { &[SCRAM_PLUS, SCRAM] } else { &[SCRAM] };
+    messages::auth_sasl(offered, &mut client.wbuf);
     client.flush().await?;
 
     let frame = client.read_frame(MAX_AUTH_MESSAGE).await?;
     let (mechanism, data) = messages::sasl_initial_response(frame)
         .ok_or_else(|| SessionError::Protocol("expected SASLInitialResponse".into()))?;
-    if mechanism != SCRAM {
+    if !offered.contains(&mechanism.as_str()) {
         return Err(SessionError::UnsupportedAuth(format!(
             "client selected an invalid SASL authentication mechanism \"{mechanism}\""
         )));
+    }
+    // The GS2 header must agree with the mechanism: "p=" with -PLUS only.
+    if (mechanism == SCRAM_PLUS) != data.starts_with(b"p=") {
+        return Err(SessionError::Protocol(
+            "SCRAM channel-binding flag does not match the selected mechanism".into(),
+        ));
     }
     let secret = ScramSecret::Verifier {
         salt: verifier.salt.clone(),
@@ -50,7 +61,9 @@ pub async fn authenticate(
         server_key: verifier.server_key.clone(),
     };
     let failed = || SessionError::AuthFailed(user.to_string());
-    let (server_first, waiting) = ScramServerAuth::new()
+    let (server_first, waiting) = plus
+        .cloned()
+        .unwrap_or_default()
         .on_client_first_message_with_secret(&data, secret)
         .map_err(|_| failed())?;
     messages::auth_sasl_continue(server_first.as_bytes(), &mut client.wbuf);

@@ -1,13 +1,15 @@
-//! The client socket with its read buffer: cancel-safe reads of the first packet and of
-//! whole messages, and writes of what the proxy says.
+//! The client socket (plain or TLS) with its read buffer: cancel-safe reads of the first
+//! packet and of whole messages, writes of what the proxy says, and the TLS handshake.
 //!
 //! Part of the client session; the relay takes the socket and buffer over after login.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SessionError;
@@ -19,11 +21,78 @@ use crate::protocol::startup::{split_initial, InitialPacket};
 /// Largest message accepted during authentication (SASL messages are a few hundred bytes).
 pub const MAX_AUTH_MESSAGE: usize = 10_000;
 
+/// A client's byte stream.
+#[derive(Debug)]
+pub enum ClientStream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Between the two, while the handshake runs (or after it failed).
+    Closed,
+}
+
+impl ClientStream {
+    /// The local address the client connected to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            ClientStream::Tcp(s) => s.local_addr(),
+            ClientStream::Tls(s) => s.get_ref().0.local_addr(),
+            ClientStream::Closed => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+}
+
+fn closed<T>() -> Poll<io::Result<T>> {
+    Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            ClientStream::Closed => closed(),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            ClientStream::Closed => closed(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            ClientStream::Closed => closed(),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            ClientStream::Closed => closed(),
+        }
+    }
+}
+
 /// A client connection.
 #[derive(Debug)]
 pub struct ClientConn {
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     /// Bytes read and not yet consumed.
     pub rbuf: BytesMut,
     /// What the proxy will write next.
@@ -36,7 +105,7 @@ impl ClientConn {
     /// Wraps an accepted socket.
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
         Self {
-            stream,
+            stream: ClientStream::Tcp(stream),
             rbuf: BytesMut::with_capacity(8192),
             wbuf: BytesMut::with_capacity(1024),
             peer,
@@ -88,7 +157,49 @@ impl ClientConn {
             .write_all(&self.wbuf)
             .await
             .map_err(SessionError::ClientGone)?;
+        self.stream.flush().await.map_err(SessionError::ClientGone)?;
         self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Writes `bytes` (what the relay had not written yet), best effort within a second.
+    pub async fn write_out(&mut self, bytes: &[u8]) {
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+    }
+
+    /// Looks at the first byte without taking it (0x16 opens a direct TLS handshake).
+    pub async fn peek_first(&mut self) -> Result<Option<u8>, SessionError> {
+        let ClientStream::Tcp(s) = &self.stream else {
+            return Ok(None);
+        };
+        let mut b = [0u8; 1];
+        match s.peek(&mut b).await {
+            Ok(0) => Err(SessionError::ClientGone(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => Ok(Some(b[0])),
+            Err(e) => Err(SessionError::ClientGone(e)),
+        }
+    }
+
+    /// Runs the TLS handshake on the plain socket. `direct`: the client opened with TLS (no
+    /// SSLRequest), which PostgreSQL allows only with ALPN `postgresql`.
+    pub async fn start_tls(&mut self, acceptor: &tokio_rustls::TlsAcceptor, direct: bool) -> Result<(), SessionError> {
+        let ClientStream::Tcp(tcp) = std::mem::replace(&mut self.stream, ClientStream::Closed) else {
+            return Err(SessionError::Protocol("TLS requested twice".into()));
+        };
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| SessionError::Tls(format!("TLS handshake failed: {e}")))?;
+        if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN) {
+            return Err(SessionError::Tls(
+                "direct TLS connection without ALPN \"postgresql\"".into(),
+            ));
+        }
+        self.stream = ClientStream::Tls(Box::new(tls));
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 #[doc(hidden)]
 pub use auth::scram_exchange;
-pub use conn::ClientConn;
+pub use conn::{ClientConn, ClientStream};
 pub use params::parse_options;
 pub use prepared::Registry as StatementRegistry;
 #[doc(hidden)]
@@ -34,7 +34,7 @@ pub use sql::{might_change_session as sql_might_change_session, session_state_ch
 
 use crate::admission::{ClientPermit, Member, Refusal};
 use crate::cancel::CancelKey;
-use crate::config::{PoolMode, Route};
+use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
 use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::frame::FrameError;
@@ -101,6 +101,15 @@ pub enum SessionError {
     /// Ended from outside (KILL_CLIENT) between two transactions.
     #[error("{}", .0.message)]
     Killed(PgError),
+    /// The TLS handshake failed, or a direct TLS client did not say ALPN "postgresql".
+    #[error("{0}")]
+    Tls(String),
+    /// Plaintext with client_tls_mode = require.
+    #[error("pgvalve: TLS is required (client_tls_mode = require): connection from {0} without encryption refused")]
+    TlsRequired(std::net::IpAddr),
+    /// Bytes after SSLRequest, before the handshake (they could be an attacker's).
+    #[error("received unencrypted data after SSL request")]
+    PlaintextAfterSslRequest,
 }
 
 impl SessionError {
@@ -108,10 +117,20 @@ impl SessionError {
     pub fn side(&self) -> Side {
         use SessionError::*;
         match self {
-            ClientGone(_) | Startup(_) | Frame(_) | Protocol(_) | AuthFailed(_) | UnknownRole(_)
-            | UnsupportedAuth(_) | UnknownDatabase(_) | LoginTimeout(_) | Unsupported(_) | NotConsoleUser(_) => {
-                Side::Client
-            }
+            ClientGone(_)
+            | Startup(_)
+            | Frame(_)
+            | Protocol(_)
+            | AuthFailed(_)
+            | UnknownRole(_)
+            | UnsupportedAuth(_)
+            | UnknownDatabase(_)
+            | LoginTimeout(_)
+            | Unsupported(_)
+            | NotConsoleUser(_)
+            | Tls(_)
+            | TlsRequired(_)
+            | PlaintextAfterSslRequest => Side::Client,
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
             TooManyClients(..) | Checkout(_) | Refused(_) | Shutdown | Killed(_) => Side::Proxy,
         }
@@ -122,7 +141,12 @@ impl SessionError {
         use SessionError::*;
         let fatal = |code, msg: String| Some(PgError::fatal(code, msg));
         match self {
-            ClientGone(_) => None,
+            ClientGone(_) | Tls(_) => None,
+            TlsRequired(_) => Some(
+                PgError::fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
+                    .with_hint("Connect with sslmode=require (or verify-ca / verify-full)."),
+            ),
+            PlaintextAfterSslRequest => fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
             Startup(StartupError::UnsupportedProtocol { .. }) => {
                 fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string())
             }
@@ -273,16 +297,41 @@ impl Seat {
     }
 }
 
-/// Reads the first packet(s): answers SSL/GSSENC with 'N', forwards a cancel, or returns the
-/// startup parameters.
+/// Reads the first packet(s): runs TLS (after SSLRequest, or at once when the client opens
+/// with a TLS handshake) or answers 'N', answers GSSENC with 'N', forwards a cancel, or
+/// returns the startup parameters.
 async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, SessionError> {
-    let max = shared.config().proxy.max_startup_packet_size;
+    let (max, tls) = {
+        let c = shared.config();
+        (c.proxy.max_startup_packet_size, c.tls.client.clone())
+    };
+    // A TLS record (0x16) where a length is due: PostgreSQL 17's direct TLS.
+    if client.peek_first().await? == Some(0x16) {
+        let acceptor = tls
+            .acceptor
+            .as_ref()
+            .ok_or_else(|| SessionError::Tls("direct TLS connection but TLS is not configured".into()))?;
+        client.start_tls(acceptor, true).await?;
+    }
     for _ in 0..3 {
         match client.read_initial(max).await? {
-            InitialPacket::SslRequest | InitialPacket::GssEncRequest => client.send_byte(b'N').await?,
+            InitialPacket::SslRequest => match tls.acceptor.as_ref().filter(|_| !client.stream.is_tls()) {
+                Some(acceptor) => {
+                    if !client.rbuf.is_empty() {
+                        return Err(SessionError::PlaintextAfterSslRequest);
+                    }
+                    client.send_byte(b'S').await?;
+                    client.start_tls(acceptor, false).await?;
+                }
+                None => client.send_byte(b'N').await?,
+            },
+            InitialPacket::GssEncRequest => client.send_byte(b'N').await?,
             InitialPacket::Cancel { pid, secret } => {
                 shared.cancels.cancel(pid, &secret).await;
                 return Ok(Opening::Cancel);
+            }
+            InitialPacket::Startup(_) if tls.mode == ClientTlsMode::Require && !client.stream.is_tls() => {
+                return Err(SessionError::TlsRequired(client.peer.ip()));
             }
             InitialPacket::Startup(p) => return Ok(Opening::Startup(p)),
         }

@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 pub use types::{
-    AdminSettings, AuthType, ByteSize, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings, ProxySettings,
-    Secret, SessionStatePolicy, UserConfig,
+    AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
+    ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -164,6 +164,10 @@ pub struct Config {
     pub admission: crate::admission::AdmissionSettings,
     /// `[[identity]]` rules, validated, in order.
     pub identities: Vec<crate::admission::identity::Rule>,
+    /// `[tls]` as written.
+    pub tls_settings: TlsSettings,
+    /// `[tls]` loaded: acceptor and connector with their certificates.
+    pub tls: crate::tls::Tls,
 }
 
 impl Config {
@@ -181,6 +185,8 @@ impl Config {
             http_listen: None,
             admission: f.admission,
             identities: Vec::new(),
+            tls_settings: f.tls,
+            tls: crate::tls::Tls::default(),
         }
     }
 }
@@ -459,6 +465,7 @@ impl Config {
                 .map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
             identities.push(rule);
         }
+        let tls = crate::tls::Tls::load(&f.tls).map_err(|(field, reason)| invalid(&format!("tls.{field}"), reason))?;
         Ok(Config {
             proxy: f.proxy,
             pool: f.pool,
@@ -470,6 +477,8 @@ impl Config {
             http_listen,
             admission: f.admission,
             identities,
+            tls_settings: f.tls,
+            tls,
         })
     }
 

@@ -322,6 +322,77 @@ pub const LOCK_MODES: &[&str] = &[
     "AccessExclusiveLock",
 ];
 
+/// `client_tls_mode`: whether clients may, or must, use TLS (PgBouncer's client_tls_sslmode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered `N`; direct TLS is refused.
+    Disable,
+    /// TLS when the client asks for it (the same as prefer: a server cannot ask first).
+    Allow,
+    /// TLS when the client asks for it, plaintext otherwise.
+    Prefer,
+    /// Plaintext logins are refused with FATAL 28000 (cancel requests still pass).
+    Require,
+}
+
+/// `server_tls_mode`: TLS to PostgreSQL, with libpq's sslmode meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plaintext otherwise; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by `server_tls_ca_file`.
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the host pgvalve connects to.
+    VerifyFull,
+}
+
+impl fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+impl fmt::Display for ClientTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Prefer => "prefer",
+            ClientTlsMode::Require => "require",
+        })
+    }
+}
+
+/// `[tls]`: TLS towards clients and towards PostgreSQL. Certificates are read when the config
+/// is loaded, so a reload picks up renewed files (and a broken one changes nothing).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// disable | allow | prefer | require; default prefer when a certificate is set, else disable.
+    pub client_tls_mode: Option<ClientTlsMode>,
+    /// PEM certificate chain offered to clients (leaf first).
+    pub client_tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of that certificate.
+    pub client_tls_key_file: Option<std::path::PathBuf>,
+    /// disable | prefer | require | verify-ca | verify-full (over TCP; Unix sockets stay plain).
+    pub server_tls_mode: ServerTlsMode,
+    /// PEM CA certificates that sign PostgreSQL's certificate (verify-ca, verify-full).
+    pub server_tls_ca_file: Option<std::path::PathBuf>,
+}
+
 /// `[http]`: the metrics and health endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -349,6 +420,9 @@ pub struct FileConfig {
     /// `[http]`.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: TlsSettings,
     /// `[admin]`.
     #[serde(default)]
     pub admin: AdminSettings,

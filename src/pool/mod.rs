@@ -135,6 +135,7 @@ impl Shape {
                 user: route.user.clone(),
                 password: config.users.get(&route.user).and_then(|u| u.server_password.clone()),
                 connect_timeout: cfg.server_connect_timeout,
+                tls: config.tls.server.clone(),
             },
             wait: cfg.query_wait_timeout,
             check_delay: cfg.server_check_delay,

@@ -116,6 +116,8 @@ pub struct ServerTarget {
     pub password: Option<Secret>,
     /// Time allowed for connect plus login.
     pub connect_timeout: Duration,
+    /// TLS to the server (`server_tls_mode`).
+    pub tls: crate::tls::ServerTls,
 }
 
 /// An open, logged-in server connection.
@@ -162,7 +164,7 @@ pub async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
 }
 
 async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
-    let (stream, peer) = ServerStream::connect(&target.host, target.port)
+    let (stream, peer) = ServerStream::connect(&target.host, target.port, &target.tls)
         .await
         .map_err(|source| ServerError::Connect {
             addr: addr.to_string(),
@@ -187,7 +189,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         [("user", target.user.as_str()), ("database", target.dbname.as_str())],
         &mut w,
     )?;
-    conn.stream.write_all(&w).await?;
+    conn.send(&w).await?;
     conn.login(target).await?;
     Ok(conn)
 }
@@ -246,7 +248,11 @@ impl ServerConn {
     }
 
     async fn send(&mut self, w: &[u8]) -> Result<(), ServerError> {
-        self.stream.write_all(w).await.map_err(|e| {
+        let r = match self.stream.write_all(w).await {
+            Ok(()) => self.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| {
             self.broken = true;
             e.into()
         })
@@ -273,15 +279,23 @@ impl ServerConn {
                 }
                 backend::Message::AuthenticationSasl(b) => {
                     let mut mechs = b.mechanisms();
-                    let mut ok = false;
+                    let (mut ok, mut plus) = (false, false);
                     while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
                         ok |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !ok {
-                        return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)"));
-                    }
-                    let s = sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut w)?;
+                    // Over TLS, channel binding when the server offers it ("y" when it does not).
+                    let (mechanism, binding) = match self.stream.channel_binding() {
+                        Some(hash) if plus => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(hash),
+                        ),
+                        Some(_) if ok => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                        _ if ok => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                        _ => return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)")),
+                    };
+                    let s = sasl::ScramSha256::new(password()?, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut w)?;
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(b) => {

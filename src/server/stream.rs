@@ -2,6 +2,8 @@
 //! directory (libpq's convention: `host = "/var/run/postgresql"` means the socket file
 //! `/var/run/postgresql/.s.PGSQL.<port>`). A local server is cheaper to reach over the socket.
 //!
+//! Over TCP, `server_tls_mode` asks for TLS first (SSLRequest), with libpq's sslmode meanings.
+//!
 //! Part of the server connection; the relay splits it into borrowed halves.
 
 use std::io;
@@ -9,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::ServerTlsMode;
+use crate::tls::ServerTls;
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +42,8 @@ pub enum ServerStream {
     Tcp(TcpStream),
     /// Unix-domain socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// True when `host` names a socket directory rather than a network host.
@@ -49,7 +56,7 @@ impl ServerStream {
     ///
     /// # Errors
     /// The connect error.
-    pub async fn connect(host: &str, port: u16) -> io::Result<(ServerStream, ServerAddr)> {
+    pub async fn connect(host: &str, port: u16, tls: &ServerTls) -> io::Result<(ServerStream, ServerAddr)> {
         if is_socket_dir(host) {
             let path = Path::new(host).join(format!(".s.PGSQL.{port}"));
             let s = UnixStream::connect(&path).await?;
@@ -58,7 +65,15 @@ impl ServerStream {
             let s = TcpStream::connect((host, port)).await?;
             s.set_nodelay(true)?;
             let peer = s.peer_addr()?;
-            Ok((ServerStream::Tcp(s), ServerAddr::Tcp(peer)))
+            Ok((start_tls(s, host, tls).await?, ServerAddr::Tcp(peer)))
+        }
+    }
+
+    /// The `tls-server-end-point` channel-binding data of the server's certificate (TLS only).
+    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+        match self {
+            ServerStream::Tls(s) => crate::tls::end_point_hash(s.get_ref().1.peer_certificates()?.first()?),
+            _ => None,
         }
     }
 
@@ -67,6 +82,7 @@ impl ServerStream {
     /// # Errors
     /// The connect error.
     pub async fn connect_addr(addr: &ServerAddr) -> io::Result<ServerStream> {
+        // PostgreSQL reads a cancel request before any TLS or authentication.
         Ok(match addr {
             ServerAddr::Tcp(a) => ServerStream::Tcp(TcpStream::connect(a).await?),
             ServerAddr::Unix(p) => ServerStream::Unix(UnixStream::connect(p).await?),
@@ -77,10 +93,11 @@ impl ServerStream {
     ///
     /// # Errors
     /// `WouldBlock` when nothing is there, or the socket error.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ServerStream::Tcp(s) => s.try_read(buf),
             ServerStream::Unix(s) => s.try_read(buf),
+            ServerStream::Tls(s) => crate::tls::try_read(&mut **s, buf),
         }
     }
 }
@@ -90,6 +107,7 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -99,6 +117,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -106,6 +125,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -113,6 +133,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
@@ -124,6 +145,45 @@ pub trait TryWrite {
     /// # Errors
     /// `WouldBlock` when it takes nothing, or the socket error.
     fn try_write_now(&self, buf: &[u8]) -> io::Result<usize>;
+
+    /// True while the writer holds bytes the socket has not taken yet (TLS records); the
+    /// relay then flushes before it waits for anything else to write.
+    fn backlog(&self) -> bool {
+        false
+    }
+}
+
+/// Asks for TLS (SSLRequest) as `tls.mode` says and runs the handshake.
+async fn start_tls(mut s: TcpStream, host: &str, tls: &ServerTls) -> io::Result<ServerStream> {
+    let Some(connector) = tls.connector.as_ref().filter(|_| tls.mode != ServerTlsMode::Disable) else {
+        return Ok(ServerStream::Tcp(s));
+    };
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&crate::protocol::startup::SSL_REQUEST_CODE.to_be_bytes());
+    s.write_all(&request).await?;
+    // Exactly one byte: anything after it would be unencrypted data the server had no right to send.
+    match s.read_u8().await? {
+        b'S' => {}
+        b'N' if tls.mode == ServerTlsMode::Prefer => return Ok(ServerStream::Tcp(s)),
+        b'N' => {
+            return Err(io::Error::other(format!(
+                "the server does not offer TLS (server_tls_mode = {})",
+                tls.mode
+            )))
+        }
+        b => return Err(io::Error::other(format!("unexpected answer {b:#x} to SSLRequest"))),
+    }
+    let name = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+        Err(_) => rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::other(format!("{host:?} is not a valid TLS server name: {e}")))?,
+    };
+    let stream = connector
+        .connect(name, s)
+        .await
+        .map_err(|e| io::Error::other(format!("TLS handshake (server_tls_mode = {}): {e}", tls.mode)))?;
+    Ok(ServerStream::Tls(Box::new(stream)))
 }
 
 impl TryWrite for tokio::net::tcp::WriteHalf<'_> {

@@ -16,4 +16,5 @@ mod robustness;
 mod sessions;
 mod support;
 mod timeouts;
+mod tls;
 mod transaction;

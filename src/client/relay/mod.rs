@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use tokio::sync::watch;
 
-use super::conn::ClientConn;
+use super::conn::{ClientConn, ClientStream};
 use super::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStatements};
 use super::sql::session_state_change;
 use super::SessionError;
@@ -23,6 +23,7 @@ use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
 use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::Phase;
+use crate::tls::Locked;
 
 #[doc(hidden)]
 pub mod exercise;
@@ -113,6 +114,18 @@ fn consumed(b: &mut BytesMut, n: usize) {
     if b.is_empty() {
         // Drop the reference to the shared allocation so the read buffer can reuse it.
         *b = BytesMut::new();
+    }
+}
+
+/// Writes some of `out` when it holds bytes, else flushes TLS records the socket did not take
+/// yet. The count written (0 after a flush); `Err` when the socket failed.
+async fn drain<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> Result<usize, ()> {
+    if out.is_empty() {
+        return w.flush().await.map(|()| 0).map_err(|_| ());
+    }
+    match w.write(out).await {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(()),
     }
 }
 
@@ -236,16 +249,17 @@ pub async fn run(
         last_server_tag: 0,
         s_out: BytesMut::new(),
     };
-    let (cr, cw) = client.stream.split();
-    let end = match &mut server.stream {
-        ServerStream::Tcp(s) => {
-            let (sr, sw) = s.split();
-            relay((cr, cw), (sr, sw), &mut state, phase, max_client_message, mode).await
+    let end = match &mut client.stream {
+        ClientStream::Tcp(c) => {
+            let halves = c.split();
+            server_side(halves, &mut server.stream, &mut state, phase, max_client_message, mode).await
         }
-        ServerStream::Unix(s) => {
-            let (sr, sw) = s.split();
-            relay((cr, cw), (sr, sw), &mut state, phase, max_client_message, mode).await
+        ClientStream::Tls(c) => {
+            let lock = std::sync::Mutex::new(&mut **c);
+            let halves = (Locked(&lock), Locked(&lock));
+            server_side(halves, &mut server.stream, &mut state, phase, max_client_message, mode).await
         }
+        ClientStream::Closed => Ok(RelayEnd::ClientDone),
     };
     server.status = state.status;
     server.prepared = std::mem::take(&mut state.prepared);
@@ -254,8 +268,7 @@ pub async fn run(
     client.rbuf = state.c_in;
     match end {
         Ok(RelayEnd::ServerGone) => {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
+            client.write_out(&state.s_out).await;
             if state.last_server_tag != b'E' {
                 client
                     .send_error(&PgError::fatal(
@@ -266,14 +279,13 @@ pub async fn run(
             }
         }
         Ok(RelayEnd::TimedOut) => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
+            client.write_out(&state.s_out).await;
             if let Some(e) = &state.timeout_error {
                 client.send_error(e).await;
             }
         }
         Ok(RelayEnd::Shutdown) => {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), client.stream.write_all(&state.s_out)).await;
+            client.write_out(&state.s_out).await;
             client
                 .send_error(
                     &PgError::fatal(
@@ -287,6 +299,30 @@ pub async fn run(
         _ => {}
     }
     end
+}
+
+/// The relay with the client's halves and the server stream split to match.
+async fn server_side<CR, CW>(
+    client: (CR, CW),
+    server: &mut ServerStream,
+    state: &mut Relayed,
+    phase: watch::Receiver<Phase>,
+    max_client_message: usize,
+    mode: &mut Mode,
+) -> Result<RelayEnd, SessionError>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + TryWrite + Unpin,
+{
+    match server {
+        ServerStream::Tcp(s) => relay(client, s.split(), state, phase, max_client_message, mode).await,
+        ServerStream::Unix(s) => relay(client, s.split(), state, phase, max_client_message, mode).await,
+        ServerStream::Tls(s) => {
+            let lock = std::sync::Mutex::new(&mut **s);
+            let halves = (Locked(&lock), Locked(&lock));
+            relay(client, halves, state, phase, max_client_message, mode).await
+        }
+    }
 }
 
 /// What the relay hands back to [`run`].
@@ -494,6 +530,8 @@ where
         }
         ensure_space(&mut c_in);
         ensure_space(&mut s_in);
+        // TLS records written into a stream whose socket was full (never over plain sockets).
+        let (client_backlog, server_backlog) = (s_out.is_empty() && cw.backlog(), c_out.is_empty() && sw.backlog());
         tokio::select! {
             // Shutdown first, so a session that streams without pause still sees it.
             biased;
@@ -526,13 +564,13 @@ where
                 }
                 _ => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
             },
-            r = sw.write(&c_out), if !c_out.is_empty() => match r {
-                Ok(n) if n > 0 => consumed(&mut c_out, n),
-                _ => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
+            r = drain(&mut sw, &c_out), if !c_out.is_empty() || server_backlog => match r {
+                Ok(n) => consumed(&mut c_out, n),
+                Err(()) => { out.server_broken = true; break Ok(RelayEnd::ServerGone) }
             },
-            r = cw.write(&s_out), if !s_out.is_empty() => match r {
-                Ok(n) if n > 0 => consumed(&mut s_out, n),
-                _ => break Ok(RelayEnd::ClientDone),
+            r = drain(&mut cw, &s_out), if !s_out.is_empty() || client_backlog => match r {
+                Ok(n) => consumed(&mut s_out, n),
+                Err(()) => break Ok(RelayEnd::ClientDone),
             },
         }
     };
