@@ -110,6 +110,16 @@ pub async fn serve(
         seat.checked_in();
         match end {
             Ok(RelayEnd::Idle) => server.checkin(),
+            Ok(RelayEnd::ClientDone) => {
+                // The client left inside a transaction or a query: cancel, roll back, and
+                // reuse the connection if that brings it back to idle soon (else close it).
+                if server.recover.is_some() && !server.is_clean() {
+                    let recovered = server.recover(Duration::from_secs(2)).await;
+                    tracing::debug!(recovered, "client left mid-transaction");
+                }
+                server.release(reset, Duration::from_secs(5)).await;
+                return Ok(());
+            }
             other => {
                 // Client gone, server gone, shutdown, or the end of a pinned session: reset (or
                 // close, when not clean) before anyone else gets the connection.

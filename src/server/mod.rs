@@ -147,6 +147,18 @@ pub struct ServerConn {
     pub applied: u64,
     /// Proxy-named prepared statements on this connection (transaction mode).
     pub prepared: statements::ServerStatements,
+    /// Set by the relay when the protocol state is known: what is still due from the server.
+    pub recover: Option<Recover>,
+}
+
+/// What a server connection still owes after its client left, when that is known: every
+/// request went whole and every answer so far came back whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recover {
+    /// ReadyForQuery messages still due (requests in flight).
+    pub answers_due: u32,
+    /// The last ReadyForQuery status.
+    pub status: u8,
 }
 
 /// Connects and logs in, bounded by `target.connect_timeout`.
@@ -183,6 +195,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         slot: None,
         applied: 0,
         prepared: Default::default(),
+        recover: None,
     };
     let mut w = BytesMut::new();
     frontend::startup_message(
@@ -340,6 +353,45 @@ impl ServerConn {
                 self.send(&w).await?;
             }
         }
+    }
+
+    /// Brings a connection whose client left mid-transaction or mid-query back to idle: cancels
+    /// what still runs, reads the answers due, rolls back. True when it is idle and clean
+    /// within `timeout`; otherwise the caller closes it. Only when the relay left [`Recover`].
+    pub async fn recover(&mut self, timeout: Duration) -> bool {
+        let Some(r) = self.recover.take().filter(|_| !self.broken) else {
+            return false;
+        };
+        let work = async {
+            if r.answers_due > 0 {
+                send_cancel(&self.addr, self.pid, self.secret).await.ok()?;
+                for _ in 0..r.answers_due {
+                    loop {
+                        let f = self.read_frame().await.ok()?;
+                        match f.tag {
+                            b'Z' => {
+                                self.status = f.body().first().copied()?;
+                                break;
+                            }
+                            // COPY started after all: the server waits for data; give up.
+                            b'G' | b'W' => return None,
+                            _ => {}
+                        }
+                    }
+                }
+            } else {
+                self.status = r.status;
+            }
+            if matches!(self.status, b'T' | b'E') {
+                self.simple_query("ROLLBACK").await.ok()?;
+            }
+            self.is_clean().then_some(())
+        };
+        let ok = matches!(tokio::time::timeout(timeout, work).await, Ok(Some(())));
+        if !ok {
+            self.broken = true;
+        }
+        ok
     }
 
     fn error_of(&self, frame: &Frame) -> ServerError {

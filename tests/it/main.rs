@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod compat;
 mod console;
+mod kills;
 mod limits;
 mod loadtest;
 mod locks;

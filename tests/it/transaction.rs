@@ -278,24 +278,47 @@ async fn deallocate_all_forgets_statements() {
 async fn client_killed_mid_transaction_in_transaction_mode() {
     let s = Setup::new(txn_setup(1)).await;
     s.client().await.batch_execute("CREATE TABLE k (id int)").await.unwrap();
-    let (victim, task) = connect_killable(&s.url()).await;
-    victim.batch_execute("BEGIN; INSERT INTO k VALUES (1)").await.unwrap();
-    let pid = first_value(&victim.simple_query("SELECT pg_backend_pid()").await.unwrap());
-    task.abort();
-    drop(victim);
-    let next = s.client().await;
-    let msgs = next
-        .simple_query("SELECT (SELECT count(*) FROM k)::text, pg_backend_pid()::text, (pg_current_xact_id_if_assigned() IS NULL)::text")
+    // Killed while idle in its transaction, then while a query of its transaction runs: the
+    // query is cancelled, the transaction rolled back, and the connection (the pool's only
+    // one) serves the next client clean.
+    for (i, tail) in ["", "; SELECT pg_sleep(30)"].into_iter().enumerate() {
+        let (victim, task) = connect_killable(&s.url()).await;
+        let pid = first_value(
+            &victim
+                .simple_query("BEGIN; INSERT INTO k VALUES (1); SELECT pg_backend_pid()")
+                .await
+                .unwrap(),
+        );
+        if tail.is_empty() {
+            task.abort();
+        } else {
+            let q = tokio::spawn(async move {
+                let _ = victim.simple_query(tail.trim_start_matches("; ")).await;
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            task.abort();
+            q.abort();
+        }
+        let next = within(Duration::from_secs(5), s.client()).await;
+        let msgs = within(
+            Duration::from_secs(5),
+            next.simple_query("SELECT (SELECT count(*) FROM k)::text, pg_backend_pid()::text, (pg_current_xact_id_if_assigned() IS NULL AND now() = statement_timestamp())::text"),
+        )
         .await
         .unwrap();
-    let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
-    assert_eq!(r.get(0), Some("0"), "an uncommitted insert became visible");
-    assert_ne!(
-        r.get(1),
-        Some(pid.as_str()),
-        "a connection left mid-transaction was reused"
-    );
-    assert_eq!(r.get(2), Some("true"));
+        let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
+        assert_eq!(r.get(0), Some("0"), "case {i}: an uncommitted insert became visible");
+        assert_eq!(
+            r.get(1),
+            Some(pid.as_str()),
+            "case {i}: the connection was rolled back and reused"
+        );
+        assert_eq!(
+            r.get(2),
+            Some("true"),
+            "case {i}: the next client started inside an old transaction"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -248,6 +248,7 @@ pub async fn run(
         s_in,
         last_server_tag: 0,
         s_out: BytesMut::new(),
+        recover: None,
     };
     let end = match &mut client.stream {
         ClientStream::Tcp(c) => {
@@ -264,6 +265,7 @@ pub async fn run(
     server.status = state.status;
     server.prepared = std::mem::take(&mut state.prepared);
     server.broken |= state.server_broken;
+    server.recover = state.recover.take();
     server.rbuf = state.s_in;
     client.rbuf = state.c_in;
     match end {
@@ -343,6 +345,8 @@ struct Relayed {
     prepared: ServerStatements,
     /// What to tell the client when a timeout ended the session.
     timeout_error: Option<PgError>,
+    /// How the server connection could be brought back to idle if the client is gone.
+    recover: Option<crate::server::Recover>,
 }
 
 async fn relay<CR, CW, SR, SW>(
@@ -585,6 +589,13 @@ where
         && s_out.is_empty()
         && s_in.is_empty();
     out.status = if clean { t.status } else { b'?' };
+    // Whole requests went to the server and whole answers came back: what is still due is
+    // known, so a connection whose client left can be brought back to idle (transaction mode).
+    let framed = !t.unsynced && !t.copy && swalk.at_boundary() && cwalk.at_boundary() && c_out.is_empty();
+    out.recover = framed.then_some(crate::server::Recover {
+        answers_due: t.pending,
+        status: t.status,
+    });
     if let Some(l) = mode.stats.as_mut() {
         l.pending.add(&t.tally);
     }

@@ -35,6 +35,8 @@ pub(super) struct Tracker {
     pub(super) busy_since: Option<Instant>,
     /// When the current transaction's first request was sent.
     pub(super) xact_since: Option<Instant>,
+    /// Inside COPY IN or COPY BOTH (the server waits for the client's data).
+    pub(super) copy: bool,
 }
 
 impl Tracker {
@@ -53,6 +55,7 @@ impl Tracker {
             tally: Totals::default(),
             busy_since: None,
             xact_since: None,
+            copy: false,
         }
     }
 
@@ -82,6 +85,7 @@ impl Tracker {
                 self.tally.binds += 1;
             }
             b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
+            b'c' | b'f' => self.copy = false,
             _ => {}
         }
         Walk::Continue
@@ -100,6 +104,11 @@ impl Tracker {
     }
 
     pub(super) fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
+        match s.tag {
+            b'G' | b'W' => self.copy = true,
+            b'E' => self.copy = false,
+            _ => {}
+        }
         if s.tag == b'Z' {
             self.status = msg.get(5).copied().unwrap_or(b'?');
             self.pending = self.pending.saturating_sub(1);
