@@ -140,3 +140,47 @@ async fn server_leg_over_unix_socket() {
     assert_eq!(code(&err).as_deref(), Some("57014"));
     proxy.shutdown_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reaches_only_what_the_config_routes() {
+    // PostgreSQL has more than pgvalve routes: a database "secret" that the application role
+    // may open directly, and a role "intruder" with a password.
+    let s = Setup::new(|_| {}).await;
+    let su = s.pg.superuser().await.unwrap();
+    su.batch_execute("CREATE DATABASE secret").await.unwrap();
+    su.batch_execute("CREATE ROLE intruder LOGIN SUPERUSER PASSWORD 'intruder-pw'")
+        .await
+        .unwrap();
+    let direct = format!("postgres://app:app-secret@127.0.0.1:{}/secret", s.pg.port());
+    assert!(connect(&direct).await.is_ok(), "directly, app may open secret");
+
+    let refused = |url: String, want: &'static str| async move {
+        let e = connect(&url).await.expect_err(&url);
+        assert_eq!(code(&e).as_deref(), Some(want), "{url}: {e:?}");
+    };
+    // A database the config does not route, even one the role could open directly.
+    refused(s.url_as("app", "app-secret", "secret"), "3D000").await;
+    // A role PostgreSQL knows but the config does not: refused like a wrong password.
+    refused(s.url_as("intruder", "intruder-pw", "app"), "28P01").await;
+    refused(s.url_as("intruder", "intruder-pw", "secret"), "28P01").await;
+    refused(s.url_as("APP", "app-secret", "app"), "28P01").await;
+    // The console is for admin_users and stats_users only.
+    refused(s.url_as("app", "app-secret", "pgvalve"), "42501").await;
+    // Startup options cannot change who pgvalve logs in as.
+    let c = connect(&format!("{}?options=-c%20session_authorization%3Dintruder", s.url())).await;
+    if let Ok(c) = c {
+        let user: String = c.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(user, "app");
+    }
+    // Replication connections are not proxied.
+    let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let body = b"\x00\x03\x00\x00user\x00app\x00database\x00app\x00replication\x00database\x00\x00";
+    let mut p = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    p.extend_from_slice(body);
+    sock.write_all(&p).await.unwrap();
+    let mut got = Vec::new();
+    within(Duration::from_secs(5), sock.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&got).contains("0A000"), "{got:?}");
+}

@@ -15,6 +15,7 @@ mod packaging;
 mod queries;
 mod robustness;
 mod sessions;
+mod slow;
 mod support;
 mod timeouts;
 mod tls;
