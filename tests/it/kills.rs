@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pgvalve::config::{AuthType, PoolMode};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-use crate::support::{eventually, within, Setup};
+use crate::support::{eventually, no_backends_left, within, Setup};
 
 /// What the workers saw.
 #[derive(Default)]
@@ -135,17 +135,12 @@ async fn randomized_client_kills_commit_nothing_and_reuse_nothing_busy() {
     // Nothing left busy: PostgreSQL shows no backend of the application in a transaction or a
     // query, and the proxy has every server connection back in its pool.
     let su = s.pg.superuser().await.unwrap();
-    eventually(Duration::from_secs(10), "no backend left busy", || async {
-        let busy: i64 = su
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND state <> 'idle'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        busy == 0
-    })
+    no_backends_left(
+        &su,
+        Duration::from_secs(10),
+        "no backend left busy",
+        "datname = 'app' AND state <> 'idle'",
+    )
     .await;
     eventually(
         Duration::from_secs(10),

@@ -10,7 +10,7 @@ use pgvalve::testkit::{PgOptions, TestPostgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{connect, eventually, within};
+use crate::support::{connect, eventually, no_backends_left, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgvalve");
 
@@ -129,17 +129,12 @@ async fn slowloris_and_stalled_readers_are_bounded_and_others_are_served() {
     // The stalled client leaves: its backend is cancelled and closed, not left writing.
     drop(stalled);
     let su = pg.superuser().await.unwrap();
-    eventually(Duration::from_secs(5), "the stalled client's backend ends", || async {
-        let busy: i64 = su
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT repeat%' AND state = 'active'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        busy == 0
-    })
+    no_backends_left(
+        &su,
+        Duration::from_secs(5),
+        "the stalled client's backend ends",
+        "query LIKE 'SELECT repeat%' AND state = 'active'",
+    )
     .await;
     println!(
         "pgvalve RSS: {before} KiB at start, {during_crowd} KiB with 300 slowloris clients, {during_stall} KiB with a client stalled on a 1 GB result"

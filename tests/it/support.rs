@@ -79,6 +79,17 @@ async fn count_backends(su: &Client, db: &str) -> i64 {
     .get(0)
 }
 
+/// Waits up to `d` until no backend matching `filter` (a WHERE clause on pg_stat_activity)
+/// is left; panics naming `what` otherwise.
+pub async fn no_backends_left(su: &Client, d: Duration, what: &str, filter: &str) {
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}");
+    eventually(d, what, || async {
+        let n: i64 = su.query_one(&sql, &[]).await.expect("count backends").get(0);
+        n == 0
+    })
+    .await;
+}
+
 /// A running sample of the peak number of backends (see [`Setup::sample_backends`]).
 pub struct PeakBackends {
     peak: Arc<AtomicI64>,
