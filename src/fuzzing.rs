@@ -44,7 +44,9 @@ pub fn startup_packet(data: &[u8]) {
 }
 
 /// Every decoder of a single message body the proxy runs: the client's SASL messages (and
-/// the SCRAM exchange on them), the server's ErrorResponse, and the server's login messages.
+/// the SCRAM exchange on them, the key recovery of auth_query logins), the server's
+/// ErrorResponse and login messages (the key-based SCRAM client on them), and auth_query's
+/// verifier text.
 pub fn message_bodies(tag: u8, body: &[u8]) {
     let mut b = BytesMut::with_capacity(body.len() + 5);
     b.put_u8(tag);
@@ -60,6 +62,19 @@ pub fn message_bodies(tag: u8, body: &[u8]) {
     }
     if let Some(data) = messages::sasl_response(f) {
         crate::client::scram_exchange(b"n,,n=u,r=abcdefghijklmnop", &data);
+        let _ = crate::server::scram::client_key_of(b"n,,n=,r=a", "r=ab", &data, &[0; 32]);
+        let mut keyed = crate::server::scram::KeyScram::new(crate::server::scram::ScramKeys {
+            client_key: vec![1; 32],
+            server_key: vec![2; 32],
+            salt: vec![3; 16],
+            iterations: 4096,
+        });
+        let _ = keyed.update(&data);
+        let _ = keyed.finish(&data);
+    }
+    // What auth_query returns as a verifier.
+    if let Ok(text) = std::str::from_utf8(body) {
+        let _ = text.parse::<crate::config::ScramVerifier>();
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Shared {
     pub phase: watch::Receiver<Phase>,
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
     pub decoy_verifier: ScramVerifier,
+    /// Users looked up with auth_query: verifiers, learned keys, failed logins.
+    pub auth: Arc<crate::client::auth_query::AuthQuery>,
     /// Sessions pinned to a server connection in transaction mode, so far.
     pub pins: Arc<crate::sessions::Pins>,
     /// Proxy-wide ids of prepared statement definitions (transaction mode).
@@ -101,8 +103,10 @@ impl ProxyHandle {
         let (phase_tx, phase) = watch::channel(Phase::Running);
         let decoy = hex_nonce();
         let events = crate::observe::Events::default();
+        let auth = Arc::new(crate::client::auth_query::AuthQuery::default());
         let shared = Arc::new(Shared {
-            pools: PoolSet::new(config.clone()),
+            pools: PoolSet::new(config.clone(), auth.clone()),
+            auth,
             cancels: Arc::new(CancelRegistry::new()),
             admission: Admission::new(admission_config, events.clone()),
             events,

@@ -11,21 +11,25 @@ use super::conn::{ClientConn, MAX_AUTH_MESSAGE};
 use super::SessionError;
 use crate::config::{AuthType, Config, ScramVerifier};
 use crate::protocol::messages;
+use crate::proxy::Shared;
 
 const SCRAM: &str = "SCRAM-SHA-256";
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
-/// Authenticates `user`; on success nothing has been sent yet for AuthenticationOk.
+/// Authenticates `user` (asking for `database`); on success nothing has been sent yet for
+/// AuthenticationOk. Users not in `[users]` are looked up with auth_query when `auth_user` is
+/// set; their proven ClientKey is kept for the server leg.
 ///
 /// # Errors
-/// [`SessionError::AuthFailed`] (28P01) for a wrong password or unknown user, and client I/O
-/// or protocol errors.
+/// [`SessionError::AuthFailed`] (28P01) for a wrong password or unknown user, the lookup's
+/// server error, and client I/O or protocol errors.
 pub async fn authenticate(
     client: &mut ClientConn,
-    config: &Config,
+    shared: &Shared,
     user: &str,
-    decoy: &ScramVerifier,
+    database: &str,
 ) -> Result<(), SessionError> {
+    let config = shared.live_config.load_full();
     let known = config.users.get(user);
     if config.proxy.auth_type == AuthType::Trust {
         return match known {
@@ -33,7 +37,60 @@ pub async fn authenticate(
             None => Err(SessionError::UnknownRole(user.to_string())),
         };
     }
-    let verifier = known.and_then(|u| u.client_verifier.as_ref()).unwrap_or(decoy);
+    let failed = || SessionError::AuthFailed(user.to_string());
+    let addr = client.peer.ip();
+    let lookup = known.is_none() && config.proxy.auth_user.is_some();
+    let looked_up = if lookup {
+        if shared.auth.limited(user, addr, config.proxy.auth_failure_limit) {
+            tracing::warn!(
+                user,
+                "too many failed logins from this address; refused without a lookup"
+            );
+            return Err(failed());
+        }
+        shared.auth.verifier(&config, database, user).await?
+    } else {
+        None
+    };
+    let verifier = known
+        .and_then(|u| u.client_verifier.as_ref())
+        .or(looked_up.as_ref())
+        .unwrap_or(&shared.decoy_verifier);
+    let done = match exchange(client, &config, verifier).await {
+        Ok(done) if known.is_some() || looked_up.is_some() => done,
+        Ok(_) | Err(SessionError::AuthFailed(_)) => {
+            if lookup {
+                shared.auth.failed(user, addr);
+            }
+            return Err(failed());
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(v) = &looked_up {
+        let key = crate::server::scram::client_key_of(&done.first, &done.server_first, &done.last, &v.stored_key);
+        let key = key.ok_or_else(failed)?;
+        shared.auth.slot(user).set(crate::server::scram::ScramKeys {
+            client_key: key,
+            server_key: v.server_key.clone(),
+            salt: v.salt.clone(),
+            iterations: v.iterations,
+        });
+    }
+    messages::auth_sasl_final(done.server_final.as_bytes(), &mut client.wbuf);
+    Ok(())
+}
+
+/// A SCRAM exchange that proved the client knows the verifier's password.
+struct Proven {
+    first: bytes::Bytes,
+    server_first: String,
+    last: bytes::Bytes,
+    server_final: String,
+}
+
+/// The SASL exchange against `verifier` (the decoy for unknown users): SCRAM-SHA-256-PLUS
+/// offered first over TLS. `AuthFailed` (with no name yet) when the proof is wrong.
+async fn exchange(client: &mut ClientConn, config: &Config, verifier: &ScramVerifier) -> Result<Proven, SessionError> {
     // Channel binding only over TLS, with a certificate whose hash is known.
     let plus = config.tls.client.scram.as_ref().filter(|_| client.stream.is_tls());
     let offered: &[&str] = if plus.is_some() { &[SCRAM_PLUS, SCRAM] } else { &[SCRAM] };
@@ -41,7 +98,7 @@ pub async fn authenticate(
     client.flush().await?;
 
     let frame = client.read_frame(MAX_AUTH_MESSAGE).await?;
-    let (mechanism, data) = messages::sasl_initial_response(frame)
+    let (mechanism, first) = messages::sasl_initial_response(frame)
         .ok_or_else(|| SessionError::Protocol("expected SASLInitialResponse".into()))?;
     if !offered.contains(&mechanism.as_str()) {
         return Err(SessionError::UnsupportedAuth(format!(
@@ -49,7 +106,7 @@ pub async fn authenticate(
         )));
     }
     // The GS2 header must agree with the mechanism: "p=" with -PLUS only.
-    if (mechanism == SCRAM_PLUS) != data.starts_with(b"p=") {
+    if (mechanism == SCRAM_PLUS) != first.starts_with(b"p=") {
         return Err(SessionError::Protocol(
             "SCRAM channel-binding flag does not match the selected mechanism".into(),
         ));
@@ -60,23 +117,24 @@ pub async fn authenticate(
         stored_key: verifier.stored_key.clone(),
         server_key: verifier.server_key.clone(),
     };
-    let failed = || SessionError::AuthFailed(user.to_string());
+    let failed = || SessionError::AuthFailed(String::new());
     let (server_first, waiting) = plus
         .cloned()
         .unwrap_or_default()
-        .on_client_first_message_with_secret(&data, secret)
+        .on_client_first_message_with_secret(&first, secret)
         .map_err(|_| failed())?;
     messages::auth_sasl_continue(server_first.as_bytes(), &mut client.wbuf);
     client.flush().await?;
 
     let frame = client.read_frame(MAX_AUTH_MESSAGE).await?;
-    let data = messages::sasl_response(frame).ok_or_else(|| SessionError::Protocol("expected SASLResponse".into()))?;
-    let server_final = waiting.on_client_final_message(&data).map_err(|_| failed())?;
-    if known.is_none() {
-        return Err(failed());
-    }
-    messages::auth_sasl_final(server_final.as_bytes(), &mut client.wbuf);
-    Ok(())
+    let last = messages::sasl_response(frame).ok_or_else(|| SessionError::Protocol("expected SASLResponse".into()))?;
+    let server_final = waiting.on_client_final_message(&last).map_err(|_| failed())?;
+    Ok(Proven {
+        first,
+        server_first,
+        last,
+        server_final,
+    })
 }
 
 /// The SCRAM exchange on a client's first and final messages against a fixed verifier (for

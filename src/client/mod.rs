@@ -6,6 +6,7 @@
 //! the pool for a server connection, applies the client's parameters on it, and relays.
 
 mod auth;
+pub mod auth_query;
 mod conn;
 mod params;
 mod prepared;
@@ -371,7 +372,7 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
         .record("user", p.user())
         .record("db", p.database());
     if crate::admin::is_console(p.database()) {
-        auth::authenticate(client, &shared.config(), p.user(), &shared.decoy_verifier).await?;
+        auth::authenticate(client, shared, p.user(), p.database()).await?;
         let role = crate::admin::role(shared, p.user()).ok_or_else(|| SessionError::NotConsoleUser(p.user().into()))?;
         return Ok(Some(LoggedIn::Console(role)));
     }
@@ -384,7 +385,7 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
     if p.needs_negotiation() {
         messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
     }
-    auth::authenticate(client, &shared.config(), p.user(), &shared.decoy_verifier).await?;
+    auth::authenticate(client, shared, p.user(), p.database()).await?;
     Ok(Some(LoggedIn::Client(p, member)))
 }
 

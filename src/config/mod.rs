@@ -421,6 +421,22 @@ impl Config {
                 },
             );
         }
+        if let Some(a) = &f.proxy.auth_user {
+            match users.get(a) {
+                Some(u) if u.server_password.is_some() => {}
+                Some(_) => return Err(invalid("proxy.auth_user", format!("user {a:?} has no server password"))),
+                None => return Err(invalid("proxy.auth_user", format!("user {a:?} is not in [users]"))),
+            }
+            if f.proxy.auth_type == AuthType::Trust {
+                return Err(invalid(
+                    "proxy.auth_user",
+                    "auth_query needs auth_type = \"scram-sha-256\"".into(),
+                ));
+            }
+        }
+        if let Some(d) = f.proxy.auth_dbname.as_ref().filter(|d| !f.databases.contains_key(*d)) {
+            return Err(invalid("proxy.auth_dbname", format!("{d:?} is not in [databases]")));
+        }
         let http_listen = match &f.http.listen {
             None => None,
             Some(l) => Some(

@@ -122,7 +122,23 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads (0 = one per CPU core). Needs a restart to change.
     pub worker_threads: usize,
+    /// A user in `[users]` (with a server password) that looks up users not listed in
+    /// `[users]` with `auth_query` (none: only listed users may log in).
+    pub auth_user: Option<String>,
+    /// Returns (name, SCRAM verifier or NULL) for the user `$1`.
+    pub auth_query: String,
+    /// The `[databases]` entry auth_query runs in (default: the one the client asked for).
+    pub auth_dbname: Option<String>,
+    /// How long a looked-up verifier, or "no such user", is used before asking again.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+    /// Failed logins of a looked-up user per client address within a minute before further
+    /// attempts are refused without a lookup (and 4x that per address across users); 0 = no limit.
+    pub auth_failure_limit: u32,
 }
+
+/// PgBouncer's default auth_query: the verifier, NULL once `rolvaliduntil` has passed.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname = $1 AND rolcanlogin";
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -135,6 +151,11 @@ impl Default for ProxySettings {
             max_startup_packet_size: 10_000,
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: 0,
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_string(),
+            auth_dbname: None,
+            auth_cache_ttl: Duration::from_secs(60),
+            auth_failure_limit: 5,
         }
     }
 }

@@ -125,17 +125,19 @@ struct Shape {
 }
 
 impl Shape {
-    fn of(config: &Config, route: &Route) -> Self {
+    fn of(config: &Config, route: &Route, auth: &crate::client::auth_query::AuthQuery) -> Self {
         let cfg = &config.pool;
+        let listed = config.users.get(&route.user);
         Shape {
             target: ServerTarget {
                 host: route.host.clone(),
                 port: route.port,
                 dbname: route.server_dbname.clone(),
                 user: route.user.clone(),
-                password: config.users.get(&route.user).and_then(|u| u.server_password.clone()),
+                password: listed.and_then(|u| u.server_password.clone()),
                 connect_timeout: cfg.server_connect_timeout,
                 tls: config.tls.server.clone(),
+                keys: (listed.is_none() && config.proxy.auth_user.is_some()).then(|| auth.slot(&route.user)),
             },
             wait: cfg.query_wait_timeout,
             check_delay: cfg.server_check_delay,
@@ -148,6 +150,8 @@ impl Shape {
 #[derive(Clone)]
 pub struct PoolSet {
     config: Arc<ArcSwap<Config>>,
+    /// Keys of users looked up with auth_query (they have no password in the config).
+    auth: Arc<crate::client::auth_query::AuthQuery>,
     pools: Arc<Mutex<HashMap<PoolKey, Entry>>>,
     slots: Arc<ServerSlots>,
     /// Traffic counters per pool.
@@ -162,10 +166,11 @@ impl std::fmt::Debug for PoolSet {
 
 impl PoolSet {
     /// Pools for the live `config` (none open until first used).
-    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+    pub fn new(config: Arc<ArcSwap<Config>>, auth: Arc<crate::client::auth_query::AuthQuery>) -> Self {
         let slots = ServerSlots::new(config.load().pool.max_server_connections);
         Self {
             config,
+            auth,
             pools: Arc::new(Mutex::new(HashMap::new())),
             slots,
             stats: Arc::default(),
@@ -188,7 +193,7 @@ impl PoolSet {
         let live = config.route(&route.database, &route.user);
         let route = live.as_ref().unwrap_or(route);
         let (created, rejected, failed): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) = Default::default();
-        let shape = Shape::of(&config, route);
+        let shape = Shape::of(&config, route, &self.auth);
         let manager = ServerManager {
             target: shape.target.clone(),
             slots: self.slots.clone(),
@@ -268,7 +273,7 @@ impl PoolSet {
                 changes.push(format!("pool {}/{} closed: no longer routed", key.database, key.user));
                 return false;
             };
-            let shape = Shape::of(config, &route);
+            let shape = Shape::of(config, &route, &self.auth);
             if shape != e.shape {
                 e.pool.close();
                 changes.push(format!(

@@ -15,6 +15,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+pub mod scram;
 pub mod statements;
 pub mod stream;
 pub use stream::{ServerAddr, ServerStream};
@@ -118,6 +119,9 @@ pub struct ServerTarget {
     pub connect_timeout: Duration,
     /// TLS to the server (`server_tls_mode`).
     pub tls: crate::tls::ServerTls,
+    /// For users found by auth_query: the SCRAM keys learned from the client's login, used
+    /// when no password is configured.
+    pub keys: Option<std::sync::Arc<scram::KeySlot>>,
 }
 
 /// An open, logged-in server connection.
@@ -216,6 +220,44 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
     }
 }
 
+/// A SCRAM exchange of the server leg.
+enum Scram {
+    /// With the configured password (postgres-protocol), and the mechanism chosen.
+    Password(sasl::ScramSha256, &'static str),
+    /// With an auth_query user's keys.
+    Keys(scram::KeyScram),
+}
+
+impl Scram {
+    fn mechanism(&self) -> &'static str {
+        match self {
+            Scram::Password(_, m) => m,
+            Scram::Keys(_) => sasl::SCRAM_SHA_256,
+        }
+    }
+
+    fn message(&self) -> &[u8] {
+        match self {
+            Scram::Password(s, _) => s.message(),
+            Scram::Keys(s) => s.message(),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Scram::Password(s, _) => s.update(data),
+            Scram::Keys(s) => s.update(data),
+        }
+    }
+
+    fn finish(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Scram::Password(s, _) => s.finish(data),
+            Scram::Keys(s) => s.finish(data),
+        }
+    }
+}
+
 /// Decodes a login message and reads the fields login reads (for the fuzz targets).
 #[doc(hidden)]
 pub fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
@@ -272,7 +314,7 @@ impl ServerConn {
     }
 
     async fn login(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
-        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         let password = || {
             target
                 .password
@@ -291,24 +333,8 @@ impl ServerConn {
                     frontend::password_message(hash.as_bytes(), &mut w)?;
                 }
                 backend::Message::AuthenticationSasl(b) => {
-                    let mut mechs = b.mechanisms();
-                    let (mut ok, mut plus) = (false, false);
-                    while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
-                        ok |= m == sasl::SCRAM_SHA_256;
-                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
-                    }
-                    // Over TLS, channel binding when the server offers it ("y" when it does not).
-                    let (mechanism, binding) = match self.stream.channel_binding() {
-                        Some(hash) if plus => (
-                            sasl::SCRAM_SHA_256_PLUS,
-                            sasl::ChannelBinding::tls_server_end_point(hash),
-                        ),
-                        Some(_) if ok => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
-                        _ if ok => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
-                        _ => return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)")),
-                    };
-                    let s = sasl::ScramSha256::new(password()?, binding);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut w)?;
+                    let s = self.start_scram(&b, target, password)?;
+                    frontend::sasl_initial_response(s.mechanism(), s.message(), &mut w)?;
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(b) => {
@@ -394,6 +420,40 @@ impl ServerConn {
         ok
     }
 
+    /// The SCRAM exchange for AuthenticationSASL: with the configured password (channel
+    /// binding over TLS when the server offers it), else with an auth_query user's keys.
+    fn start_scram<'p>(
+        &self,
+        b: &backend::AuthenticationSaslBody,
+        target: &ServerTarget,
+        password: impl Fn() -> Result<&'p [u8], ServerError>,
+    ) -> Result<Scram, ServerError> {
+        let mut mechs = b.mechanisms();
+        let (mut ok, mut plus) = (false, false);
+        while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
+            ok |= m == sasl::SCRAM_SHA_256;
+            plus |= m == sasl::SCRAM_SHA_256_PLUS;
+        }
+        if !ok && !plus {
+            return Err(ServerError::UnsupportedAuth("SASL (without SCRAM-SHA-256)"));
+        }
+        if target.password.is_none() {
+            if let Some(keys) = target.keys.as_ref().and_then(|k| k.get()).filter(|_| ok) {
+                return Ok(Scram::Keys(scram::KeyScram::new(keys)));
+            }
+        }
+        // Over TLS, channel binding when the server offers it ("y" when it does not).
+        let (mechanism, binding) = match self.stream.channel_binding() {
+            Some(hash) if plus => (
+                sasl::SCRAM_SHA_256_PLUS,
+                sasl::ChannelBinding::tls_server_end_point(hash),
+            ),
+            Some(_) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+            None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+        };
+        Ok(Scram::Password(sasl::ScramSha256::new(password()?, binding), mechanism))
+    }
+
     fn error_of(&self, frame: &Frame) -> ServerError {
         parse_server_error(frame)
             .map(ServerError::Postgres)
@@ -418,6 +478,41 @@ impl ServerConn {
         let mut w = BytesMut::new();
         frontend::query(sql, &mut w)?;
         self.send(&w).await?;
+        self.until_ready(None).await
+    }
+
+    /// Runs `sql` with text parameters (extended protocol, unnamed statement) and returns its
+    /// rows as text. For the proxy's own lookups (auth_query), never on a client's behalf.
+    ///
+    /// # Errors
+    /// As [`ServerConn::simple_query`].
+    pub async fn query_rows(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        let mut w = BytesMut::new();
+        frontend::parse("", sql, std::iter::empty(), &mut w)?;
+        let bind = frontend::bind(
+            "",
+            "",
+            std::iter::empty(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty(),
+            &mut w,
+        );
+        bind.map_err(|_| ServerError::Protocol("cannot encode a parameter".into()))?;
+        frontend::execute("", 0, &mut w)?;
+        frontend::sync(&mut w);
+        self.send(&w).await?;
+        let mut rows = Vec::new();
+        self.until_ready(Some(&mut rows)).await?;
+        Ok(rows)
+    }
+
+    /// Reads until ReadyForQuery, tracking ParameterStatus and collecting DataRows into
+    /// `rows` when given; the first ErrorResponse is returned after ReadyForQuery.
+    async fn until_ready(&mut self, mut rows: Option<&mut Vec<Vec<Option<String>>>>) -> Result<(), ServerError> {
         let mut failure = None;
         loop {
             let frame = match self.read_frame().await {
@@ -436,6 +531,16 @@ impl ServerConn {
                         }
                     }
                 }
+                b'D' => {
+                    if let (Some(rows), Ok(backend::Message::DataRow(d))) = (rows.as_mut(), parse(&frame)) {
+                        let mut row = Vec::new();
+                        let mut ranges = d.ranges();
+                        while let Ok(Some(r)) = fallible_iterator::FallibleIterator::next(&mut ranges) {
+                            row.push(r.map(|r| String::from_utf8_lossy(&d.buffer()[r]).into_owned()));
+                        }
+                        rows.push(row);
+                    }
+                }
                 b'Z' => {
                     self.status = frame.body().first().copied().unwrap_or(b'?');
                     return failure.map_or(Ok(()), Err);
@@ -447,6 +552,13 @@ impl ServerConn {
                 _ => {}
             }
         }
+    }
+
+    /// Says goodbye (Terminate), best effort, before the connection is dropped.
+    pub async fn terminate(&mut self) {
+        let mut w = BytesMut::new();
+        frontend::terminate(&mut w);
+        let _ = self.send(&w).await;
     }
 
     /// True when the connection can serve another client: idle, nothing unread, not broken.

@@ -184,3 +184,84 @@ async fn a_client_reaches_only_what_the_config_routes() {
         .unwrap();
     assert!(String::from_utf8_lossy(&got).contains("0A000"), "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_users_log_in_with_their_postgres_password() {
+    use std::sync::atomic::Ordering;
+    let s = Setup::new(|f| {
+        f.proxy.auth_user = Some("pgvalve_auth".into());
+        f.proxy.auth_cache_ttl = Duration::from_secs(1);
+        f.users.insert(
+            "pgvalve_auth".into(),
+            pgvalve::config::UserConfig {
+                password: Some(pgvalve::config::Secret("auth-pw".into())),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let su = s.pg.superuser().await.unwrap();
+    su.batch_execute(
+        "CREATE ROLE pgvalve_auth LOGIN SUPERUSER PASSWORD 'auth-pw';
+         CREATE ROLE carol LOGIN PASSWORD 'carol-pw';
+         CREATE ROLE dave LOGIN PASSWORD 'dave-pw' VALID UNTIL '2000-01-01';
+         SET password_encryption = 'md5'; CREATE ROLE erin LOGIN PASSWORD 'erin-pw'; RESET password_encryption;",
+    )
+    .await
+    .unwrap();
+    let lookups = || s.proxy.shared().auth.lookups.load(Ordering::Relaxed);
+
+    // carol is not in [users]: her PostgreSQL verifier admits her, and the server leg logs in
+    // as carol with the key her own proof revealed.
+    let c = connect(&s.url_as("carol", "carol-pw", "app")).await.unwrap();
+    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(who, "carol");
+    let after_first = lookups();
+    assert_eq!(after_first, 1);
+    // Cached: a second login asks PostgreSQL nothing.
+    connect(&s.url_as("carol", "carol-pw", "app")).await.unwrap();
+    assert_eq!(lookups(), after_first);
+    // Wrong password, an expired role, an MD5 password, an unknown role: all 28P01.
+    for (user, pw) in [
+        ("carol", "wrong"),
+        ("dave", "dave-pw"),
+        ("erin", "erin-pw"),
+        ("nobody", "x"),
+    ] {
+        let e = connect(&s.url_as(user, pw, "app")).await.unwrap_err();
+        assert_eq!(code(&e).as_deref(), Some("28P01"), "{user}: {e:?}");
+    }
+    // A changed password applies once the cache entry is older than auth_cache_ttl.
+    su.batch_execute("ALTER ROLE carol PASSWORD 'carol-new'").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Three at once: new server connections log in with the keys of the new password.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let c = connect(&s.url_as("carol", "carol-new", "app")).await.unwrap();
+        let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(who, "carol");
+        held.push(c);
+    }
+    let n: i64 = su
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'carol'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 3, "{n} server connections as carol");
+    assert!(connect(&s.url_as("carol", "carol-pw", "app")).await.is_err());
+
+    // Guessing names from one address: after auth_failure_limit x 4 failures in a minute the
+    // address is refused without lookups.
+    let before = lookups();
+    for i in 0..30 {
+        let e = connect(&s.url_as(&format!("guess{i}"), "x", "app")).await.unwrap_err();
+        assert_eq!(code(&e).as_deref(), Some("28P01"), "{e:?}");
+    }
+    assert!(
+        lookups() - before <= 20,
+        "{} lookups for 30 guesses",
+        lookups() - before
+    );
+    // Users listed in [users] are not affected.
+    s.client().await;
+}

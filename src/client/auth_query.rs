@@ -1,0 +1,165 @@
+//! `auth_user` + `auth_query` (as in PgBouncer): users not listed in `[users]` are looked up
+//! in PostgreSQL. Their SCRAM verifier authenticates the client; the ClientKey the client
+//! proves is kept (never a password) so the server leg can log in as that user.
+//!
+//! Part of client authentication. Lookups run on a connection of their own as `auth_user`,
+//! with the query's `$1` bound as a parameter; results (also "no such user") are cached for
+//! `auth_cache_ttl`; failed logins are limited per user and client address, and per address
+//! across users, so guessing does not turn into a stream of lookups.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, ScramVerifier};
+use crate::server::scram::KeySlot;
+use crate::server::{ServerError, ServerTarget};
+
+/// Failures counted per window.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Failures per address (any user) allowed per window, as a multiple of the per-user limit.
+const ADDRESS_FACTOR: u32 = 4;
+/// Entries kept per map before expired ones are swept.
+const SWEEP_AT: usize = 10_000;
+
+#[derive(Debug, Clone)]
+struct Cached {
+    verifier: Option<ScramVerifier>,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    count: u32,
+}
+
+impl Window {
+    fn current(&mut self, now: Instant) -> &mut u32 {
+        if now.duration_since(self.start) >= WINDOW {
+            *self = Window { start: now, count: 0 };
+        }
+        &mut self.count
+    }
+}
+
+fn sweep<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, live: impl Fn(&V) -> bool) {
+    if map.len() >= SWEEP_AT {
+        map.retain(|_, v| live(v));
+    }
+}
+
+/// Verifiers looked up, keys learned, failures counted. One per proxy.
+#[derive(Debug, Default)]
+pub struct AuthQuery {
+    cache: Mutex<HashMap<String, Cached>>,
+    slots: Mutex<HashMap<String, Arc<KeySlot>>>,
+    failures: Mutex<HashMap<(String, IpAddr), Window>>,
+    address_failures: Mutex<HashMap<IpAddr, Window>>,
+    /// Lookups run against PostgreSQL so far.
+    pub lookups: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AuthQuery {
+    /// The key slot of `user`, created empty the first time.
+    pub fn slot(&self, user: &str) -> Arc<KeySlot> {
+        lock(&self.slots).entry(user.to_string()).or_default().clone()
+    }
+
+    /// True when `user` from `addr` failed too often lately: refuse without a lookup.
+    pub fn limited(&self, user: &str, addr: IpAddr, limit: u32) -> bool {
+        if limit == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let per_user = lock(&self.failures)
+            .get_mut(&(user.to_string(), addr))
+            .is_some_and(|w| *w.current(now) >= limit);
+        per_user
+            || lock(&self.address_failures)
+                .get_mut(&addr)
+                .is_some_and(|w| *w.current(now) >= limit * ADDRESS_FACTOR)
+    }
+
+    /// Counts a failed login of `user` from `addr`.
+    pub fn failed(&self, user: &str, addr: IpAddr) {
+        let now = Instant::now();
+        let fresh = Window { start: now, count: 0 };
+        let live = |w: &Window| now.duration_since(w.start) < WINDOW;
+        let mut f = lock(&self.failures);
+        sweep(&mut f, live);
+        *f.entry((user.to_string(), addr)).or_insert(fresh).current(now) += 1;
+        drop(f);
+        let mut a = lock(&self.address_failures);
+        sweep(&mut a, live);
+        *a.entry(addr).or_insert(fresh).current(now) += 1;
+    }
+
+    /// The verifier of `user` (None: no such login role, no password, expired, or not a SCRAM
+    /// verifier), from the cache or looked up in the server of `database`.
+    ///
+    /// # Errors
+    /// The lookup connection or query failed.
+    pub async fn verifier(
+        &self,
+        config: &Config,
+        database: &str,
+        user: &str,
+    ) -> Result<Option<ScramVerifier>, ServerError> {
+        let ttl = config.proxy.auth_cache_ttl;
+        if let Some(c) = lock(&self.cache).get(user).filter(|c| c.at.elapsed() < ttl) {
+            return Ok(c.verifier.clone());
+        }
+        let verifier = self.look_up(config, database, user).await?;
+        let mut cache = lock(&self.cache);
+        sweep(&mut cache, |c| c.at.elapsed() < ttl);
+        cache.insert(
+            user.to_string(),
+            Cached {
+                verifier: verifier.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(verifier)
+    }
+
+    async fn look_up(&self, config: &Config, database: &str, user: &str) -> Result<Option<ScramVerifier>, ServerError> {
+        let Some(auth_user) = config.proxy.auth_user.as_deref() else {
+            return Ok(None);
+        };
+        let db = config.proxy.auth_dbname.as_deref().unwrap_or(database);
+        let Some(route) = config.route(db, auth_user) else {
+            return Ok(None);
+        };
+        let target = ServerTarget {
+            host: route.host,
+            port: route.port,
+            dbname: route.server_dbname,
+            user: auth_user.to_string(),
+            password: config.users.get(auth_user).and_then(|u| u.server_password.clone()),
+            connect_timeout: config.pool.server_connect_timeout,
+            tls: config.tls.server.clone(),
+            keys: None,
+        };
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut conn = crate::server::connect(&target).await?;
+        let rows = conn.query_rows(&config.proxy.auth_query, &[user]).await;
+        conn.terminate().await;
+        let secret = rows?.into_iter().next().and_then(|r| r.into_iter().nth(1).flatten());
+        Ok(match secret {
+            None => None,
+            Some(s) => match s.parse::<ScramVerifier>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    tracing::warn!(user, "auth_query returned a password that is not a SCRAM-SHA-256 verifier; only SCRAM verifiers can be used");
+                    None
+                }
+            },
+        })
+    }
+}
