@@ -28,7 +28,8 @@ use crate::error::PgError;
 #[derive(Debug, Default)]
 pub struct Verdict {
     delivered: AtomicBool,
-    error: Mutex<Option<PgError>>,
+    /// Boxed: rare, and every session carries the slot.
+    error: Mutex<Option<Box<PgError>>>,
     waker: AtomicWaker,
 }
 
@@ -37,7 +38,7 @@ impl Verdict {
     pub fn deliver(&self, error: PgError) {
         let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if e.is_none() {
-            *e = Some(error);
+            *e = Some(Box::new(error));
             self.delivered.store(true, Ordering::Release);
             self.waker.wake();
         }
@@ -56,7 +57,7 @@ impl Verdict {
             self.waker.register(cx.waker());
             if self.delivered.swap(false, Ordering::AcqRel) {
                 if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    return Poll::Ready(e);
+                    return Poll::Ready(*e);
                 }
             }
             Poll::Pending
@@ -91,7 +92,8 @@ pub struct SessionInfo {
     /// Set while the monitor has cancelled this session's query: the explanation that
     /// replaces PostgreSQL's "canceling statement due to user request".
     cancel_pending: AtomicBool,
-    cancel_note: Mutex<Option<PgError>>,
+    /// Boxed: rare, and every session carries the slot.
+    cancel_note: Mutex<Option<Box<PgError>>>,
 }
 
 impl SessionInfo {
@@ -170,7 +172,7 @@ impl SessionInfo {
 
     /// The monitor cancels the session's query: `e` replaces PostgreSQL's cancel error.
     pub fn explain_cancel(&self, e: PgError) {
-        *self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        *self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(e));
         self.cancel_pending.store(true, Ordering::Release);
     }
 
@@ -182,7 +184,11 @@ impl SessionInfo {
     /// Takes the cancel explanation.
     pub fn take_cancel_note(&self) -> Option<PgError> {
         self.cancel_pending.store(false, Ordering::Release);
-        self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.cancel_note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|e| *e)
     }
 }
 

@@ -115,7 +115,8 @@ impl AuthQuery {
         if let Some(c) = lock(&self.cache).get(user).filter(|c| c.at.elapsed() < ttl) {
             return Ok(c.verifier.clone());
         }
-        let verifier = self.look_up(config, database, user).await?;
+        // Boxed: a whole server login, rare, kept out of every session's future.
+        let verifier = Box::pin(self.look_up(config, database, user)).await?;
         let mut cache = lock(&self.cache);
         sweep(&mut cache, |c| c.at.elapsed() < ttl);
         cache.insert(

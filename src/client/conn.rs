@@ -107,7 +107,7 @@ impl ClientConn {
         Self {
             stream: ClientStream::Tcp(stream),
             rbuf: BytesMut::with_capacity(8192),
-            wbuf: BytesMut::with_capacity(1024),
+            wbuf: BytesMut::new(),
             peer,
         }
     }
@@ -123,6 +123,26 @@ impl ClientConn {
             Ok(_) => Ok(()),
             Err(e) => Err(SessionError::ClientGone(e)),
         }
+    }
+
+    /// Waits until the client sends something, holding no buffer meanwhile (an idle client
+    /// between transactions costs its socket and task, not 8 KiB of buffer).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub(crate) async fn wait_idle(&mut self) -> Result<(), SessionError> {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
+        if let ClientStream::Tcp(s) = &self.stream {
+            if self.rbuf.is_empty() {
+                s.readable().await.map_err(SessionError::ClientGone)?;
+            }
+        }
+        self.read_more().await
     }
 
     /// Reads the untagged first packet (at most `max` bytes).
@@ -190,8 +210,8 @@ impl ClientConn {
         let ClientStream::Tcp(tcp) = std::mem::replace(&mut self.stream, ClientStream::Closed) else {
             return Err(SessionError::Protocol("TLS requested twice".into()));
         };
-        let tls = acceptor
-            .accept(tcp)
+        // Boxed: the handshake future is large and rare.
+        let tls = Box::pin(acceptor.accept(tcp))
             .await
             .map_err(|e| SessionError::Tls(format!("TLS handshake failed: {e}")))?;
         if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN) {

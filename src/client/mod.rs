@@ -197,11 +197,34 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, per
         db = tracing::field::Empty,
         identity = tracing::field::Empty
     );
-    if let Err(e) = session(&shared, &mut client, permit, &span).await {
-        span.in_scope(|| e.log());
-        if let Some(pg) = e.client_error() {
-            client.send_error(&pg).await;
-        }
+    // The login and session-mode future is boxed: it is freed once a transaction-mode client
+    // is logged in, so an idle client's task holds only what it needs between transactions.
+    let mut t = match Box::pin(session(&shared, &mut client, permit, &span)).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return,
+        Err(e) => return Box::pin(ended(&mut client, &span, e)).await,
+    };
+    // Between transactions the session keeps no tracing span (a span costs memory per client
+    // while it lives); an error at the end is logged in a span made again from the seat.
+    drop(span);
+    if let Err(e) = txn::serve(&shared, &mut client, &mut t).await {
+        let route = &t.seat.route;
+        let span = tracing::info_span!(
+            "client",
+            addr = %peer,
+            user = %route.user,
+            db = %route.database,
+            identity = %t.seat.member.identity()
+        );
+        Box::pin(ended(&mut client, &span, e)).await;
+    }
+}
+
+/// Logs why a session ended and tells the client, if it is still there.
+async fn ended(client: &mut ClientConn, span: &tracing::Span, e: SessionError) {
+    span.in_scope(|| e.log());
+    if let Some(pg) = e.client_error() {
+        client.send_error(&pg).await;
     }
 }
 
@@ -405,26 +428,37 @@ struct Started {
     seat: Seat,
 }
 
-/// The whole session. Login and setup run inside the session's tracing span; the relay does
+/// A transaction-mode client after login: what its transactions need, in one allocation.
+pub(crate) struct TxnSession {
+    key: CancelKey,
+    params: StartupParams,
+    seat: Seat,
+    mode: Mode,
+    /// Its place under max_client_connections.
+    _permit: Option<ClientPermit>,
+}
+
+/// Login, then a session-mode session to its end, or a transaction-mode session ready for its
+/// first transaction. Login and setup run inside the session's tracing span; the relay does
 /// not enter it on every poll (it logs nothing on the hot path).
 async fn session(
     shared: &Arc<Shared>,
     client: &mut ClientConn,
     permit: Option<ClientPermit>,
     span: &tracing::Span,
-) -> Result<(), SessionError> {
+) -> Result<Option<Box<TxnSession>>, SessionError> {
     let Started {
         mut server,
         key,
         params,
         seat,
-    } = match setup(shared, client, permit.is_some()).instrument(span.clone()).await? {
-        None => return Ok(()),
-        Some(Entry::Console(role)) => return crate::admin::serve(shared, client, role).await,
+    } = match Box::pin(setup(shared, client, permit.is_some()).instrument(span.clone())).await? {
+        None => return Ok(None),
+        Some(Entry::Console(role)) => return Box::pin(crate::admin::serve(shared, client, role)).await.map(|()| None),
         Some(Entry::Session(s)) => *s,
     };
     let route = &seat.route;
-    let mode = Mode {
+    let mut mode = Mode {
         transaction: route.pool_mode == PoolMode::Transaction,
         pinned: None,
         who: format!(
@@ -447,16 +481,33 @@ async fn session(
             }),
     };
     if mode.transaction {
-        return txn::serve(shared, client, server, &key, &params, &seat, mode).await;
+        // The server connection used for login goes back to the pool at once.
+        server.checkin();
+        seat.checked_in();
+        return Ok(Some(Box::new(TxnSession {
+            key,
+            params,
+            seat,
+            mode,
+            _permit: permit,
+        })));
     }
-    let mut mode = mode;
     let max = shared.config().proxy.max_message_size.0;
-    let end = relay::run_attached(client, &mut server, &key, shared.phase.clone(), max, &mut mode).await;
+    // Boxed: once per session, and the transaction-mode sessions' tasks stay small.
+    let end = Box::pin(relay::run_attached(
+        client,
+        &mut server,
+        &key,
+        shared.phase.clone(),
+        max,
+        &mut mode,
+    ))
+    .await;
     server
         .release(&shared.config().pool.server_reset_query, Duration::from_secs(5))
         .await;
     drop(permit);
-    end.map(|_| ())
+    end.map(|_| None)
 }
 
 /// Login, routing, a server connection with the client's parameters applied, and the

@@ -16,9 +16,8 @@ use tokio::sync::watch;
 use super::conn::ClientConn;
 use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
-use super::{Seat, SessionError};
+use super::{Seat, SessionError, TxnSession};
 use crate::cancel::CancelKey;
-use crate::pool::PooledConn;
 use crate::protocol::startup::StartupParams;
 use crate::proxy::Shared;
 use crate::shutdown::Phase;
@@ -46,7 +45,7 @@ async fn next_request(
             return Ok(Next::Shutdown);
         }
         tokio::select! {
-            r = client.read_more() => r?,
+            r = client.wait_idle() => r?,
             r = phase.changed() => if r.is_err() { return Ok(Next::Shutdown) },
             // KILL_CLIENT between two transactions.
             e = seat.registered.info.verdict.wait() => return Err(SessionError::Killed(e)),
@@ -54,28 +53,36 @@ async fn next_request(
     }
 }
 
-/// Serves a logged-in client in transaction mode. `first` is the server connection used for
-/// login; it goes back to the pool at once.
+/// Serves a logged-in client in transaction mode (holding no server connection between
+/// transactions: the one used for login is back in the pool already).
 ///
 /// # Errors
 /// [`SessionError`] to tell the client (no server connection in time, shutdown, a protocol
 /// violation).
-pub async fn serve(
-    shared: &Arc<Shared>,
-    client: &mut ClientConn,
-    first: PooledConn,
-    key: &CancelKey,
-    p: &StartupParams,
-    seat: &Seat,
-    mut mode: Mode,
-) -> Result<(), SessionError> {
-    first.checkin();
-    seat.checked_in();
-    let max = shared.config().proxy.max_message_size.0;
-    let reset = &shared.config().pool.server_reset_query.clone();
+pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSession) -> Result<(), SessionError> {
+    let TxnSession {
+        key,
+        params: p,
+        seat,
+        mode,
+        ..
+    } = t;
+    let (key, p, seat) = (&*key, &*p, &*seat);
+    let reset = shared.config().pool.server_reset_query.clone();
+    let cx = Ctx {
+        shared,
+        key,
+        p,
+        seat,
+        reset: &reset,
+        max: shared.config().proxy.max_message_size.0,
+    };
     let mut phase = shared.phase.clone();
-    let mut reported = Reported::new();
-    let mut params = params_key(p, &reported);
+    let reported = Reported::new();
+    let mut applied = Applied {
+        params: params_key(p, &reported),
+        reported,
+    };
     loop {
         match next_request(client, &mut phase, seat).await? {
             Next::Request => {}
@@ -91,41 +98,76 @@ pub async fn serve(
                 continue;
             }
         }
-        // Timeouts as configured now: a reload applies from the next transaction on.
-        mode.timeouts = relay::Timeouts::from_config(&shared.config());
-        let mut server = seat.checkout(shared, client).await?;
-        if let Err(e) = prepare_server(&mut server, p, &reported, params).await {
-            seat.checked_in();
-            server.checkin();
-            return Err(e);
+        // Boxed: the transaction's future (checkout, relay) exists only while it runs, so an
+        // idle client's task stays small.
+        if !Box::pin(transaction(&cx, client, mode, &mut applied)).await? {
+            return Ok(());
         }
-        let end = relay::run_attached(client, &mut server, key, shared.phase.clone(), max, &mut mode).await;
-        if !mode.reported.is_empty() {
-            // The client SET a tracked parameter: this connection now carries the new value,
-            // and every later one gets it too.
-            reported.extend(mode.reported.drain(..));
-            params = params_key(p, &reported);
-            server.applied = params;
-        }
+    }
+}
+
+/// What a session's transactions share.
+struct Ctx<'a> {
+    shared: &'a Arc<Shared>,
+    key: &'a CancelKey,
+    p: &'a StartupParams,
+    seat: &'a Seat,
+    reset: &'a str,
+    max: usize,
+}
+
+/// The client's parameters as they should be on its server connections.
+struct Applied {
+    reported: Reported,
+    params: u64,
+}
+
+/// One transaction (or pipeline): a server connection, the relay until it is idle again, the
+/// connection back. False when the session ends.
+async fn transaction(
+    cx: &Ctx<'_>,
+    client: &mut ClientConn,
+    mode: &mut Mode,
+    applied: &mut Applied,
+) -> Result<bool, SessionError> {
+    let (shared, seat) = (cx.shared, cx.seat);
+    // Timeouts as configured now: a reload applies from the next transaction on.
+    mode.timeouts = relay::Timeouts::from_config(&shared.config());
+    let mut server = seat.checkout(shared, client).await?;
+    if let Err(e) = prepare_server(&mut server, cx.p, &applied.reported, applied.params).await {
         seat.checked_in();
-        match end {
-            Ok(RelayEnd::Idle) => server.checkin(),
-            Ok(RelayEnd::ClientDone) => {
-                // The client left inside a transaction or a query: cancel, roll back, and
-                // reuse the connection if that brings it back to idle soon (else close it).
-                if server.recover.is_some() && !server.is_clean() {
-                    let recovered = server.recover(Duration::from_secs(2)).await;
-                    tracing::debug!(recovered, "client left mid-transaction");
-                }
-                server.release(reset, Duration::from_secs(5)).await;
-                return Ok(());
+        server.checkin();
+        return Err(e);
+    }
+    let end = relay::run_attached(client, &mut server, cx.key, shared.phase.clone(), cx.max, mode).await;
+    if !mode.reported.is_empty() {
+        // The client SET a tracked parameter: this connection now carries the new value,
+        // and every later one gets it too.
+        applied.reported.extend(mode.reported.drain(..));
+        applied.params = params_key(cx.p, &applied.reported);
+        server.applied = applied.params;
+    }
+    seat.checked_in();
+    match end {
+        Ok(RelayEnd::Idle) => {
+            server.checkin();
+            Ok(true)
+        }
+        Ok(RelayEnd::ClientDone) => {
+            // The client left inside a transaction or a query: cancel, roll back, and
+            // reuse the connection if that brings it back to idle soon (else close it).
+            if server.recover.is_some() && !server.is_clean() {
+                let recovered = server.recover(Duration::from_secs(2)).await;
+                tracing::debug!(recovered, "client left mid-transaction");
             }
-            other => {
-                // Client gone, server gone, shutdown, or the end of a pinned session: reset (or
-                // close, when not clean) before anyone else gets the connection.
-                server.release(reset, Duration::from_secs(5)).await;
-                return other.map(|_| ());
-            }
+            server.release(cx.reset, Duration::from_secs(5)).await;
+            Ok(false)
+        }
+        other => {
+            // Server gone, shutdown, a timeout, or the end of a pinned session: reset (or
+            // close, when not clean) before anyone else gets the connection.
+            server.release(cx.reset, Duration::from_secs(5)).await;
+            other.map(|_| false)
         }
     }
 }

@@ -34,7 +34,12 @@ impl PooledConn {
 
     /// Returns the connection to its pool after running `reset_query` (bounded by `timeout`),
     /// or closes it if it is not idle and clean or the reset fails.
-    pub async fn release(mut self, reset_query: &str, timeout: Duration) {
+    pub async fn release(self, reset_query: &str, timeout: Duration) {
+        // Boxed: once per session, and kept out of the session's future.
+        Box::pin(self.release_now(reset_query, timeout)).await
+    }
+
+    async fn release_now(mut self, reset_query: &str, timeout: Duration) {
         let Some(mut obj) = self.obj.take() else {
             return;
         };

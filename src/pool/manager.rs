@@ -169,6 +169,18 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside every
+        // checkout's future (which every idle client's task is sized for).
+        Box::pin(self.open()).await
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ServerError> {
+        self.check(conn, metrics)
+    }
+}
+
+impl ServerManager {
+    async fn open(&self) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         self.backoff.admit(&addr, self.login_retry)?;
         let slot = self.slots.acquire(self.slot_wait).await?;
@@ -190,7 +202,7 @@ impl managed::Manager for ServerManager {
         Ok(conn)
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ServerError> {
+    fn check(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ServerError> {
         let reject = |why: &'static str| {
             self.recycle_rejections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(why, "server connection closed instead of reused");

@@ -5,8 +5,6 @@
 //! this packet with a small size limit before anything else. The startup body is decoded by
 //! pgwire, but only as one isolated packet whose length was checked here first.
 
-use std::collections::BTreeMap;
-
 use bytes::{Buf, BytesMut};
 use pgwire::messages::startup::Startup;
 use pgwire::messages::{DecodeContext, Message};
@@ -60,13 +58,66 @@ pub enum StartupError {
     Malformed(String),
 }
 
+/// Startup parameters by name, in name order. A client sends a handful, and they are kept for
+/// the whole session: a sorted vector is a fraction of a map's size.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&String> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(name)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    /// Whether `name` was sent.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Sets `name` (replacing an earlier value).
+    pub fn insert(&mut self, name: String, value: String) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&name)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+
+    /// Removes `name`, returning its value.
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(name)).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    /// The names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// Names and values, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(String, String)> for Params {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
+        let mut p = Params::default();
+        for (k, v) in it {
+            p.insert(k, v);
+        }
+        p.0.shrink_to_fit();
+        p
+    }
+}
+
 /// Parameters of a StartupMessage, as sent by the client.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StartupParams {
     /// Protocol minor version requested (major is always 3).
     pub minor: u16,
     /// All parameters, including user and database.
-    pub params: BTreeMap<String, String>,
+    pub params: Params,
 }
 
 impl StartupParams {
@@ -156,7 +207,7 @@ fn decode_startup(mut packet: BytesMut, code: i32) -> Result<StartupParams, Star
         .ok_or_else(|| StartupError::Malformed("incomplete".into()))?;
     Ok(StartupParams {
         minor,
-        params: startup.parameters,
+        params: startup.parameters.into_iter().collect(),
     })
 }
 
