@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
+use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -217,44 +218,6 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
         Ok(Some(m)) => Ok(m),
         Ok(None) => Err(ServerError::Protocol("truncated message".into())),
         Err(e) => Err(ServerError::Protocol(e.to_string())),
-    }
-}
-
-/// A SCRAM exchange of the server leg.
-enum Scram {
-    /// With the configured password (postgres-protocol), and the mechanism chosen.
-    Password(sasl::ScramSha256, &'static str),
-    /// With an auth_query user's keys.
-    Keys(scram::KeyScram),
-}
-
-impl Scram {
-    fn mechanism(&self) -> &'static str {
-        match self {
-            Scram::Password(_, m) => m,
-            Scram::Keys(_) => sasl::SCRAM_SHA_256,
-        }
-    }
-
-    fn message(&self) -> &[u8] {
-        match self {
-            Scram::Password(s, _) => s.message(),
-            Scram::Keys(s) => s.message(),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Scram::Password(s, _) => s.update(data),
-            Scram::Keys(s) => s.update(data),
-        }
-    }
-
-    fn finish(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Scram::Password(s, _) => s.finish(data),
-            Scram::Keys(s) => s.finish(data),
-        }
     }
 }
 

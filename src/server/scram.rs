@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use postgres_protocol::authentication::sasl;
 use ring::{digest, hmac};
 
 /// What proves a user to PostgreSQL without its password.
@@ -184,6 +185,44 @@ impl KeyScram {
         match (&self.expect, got) {
             (Some(want), Some(got)) if *want == got => Ok(()),
             _ => Err(bad("invalid server signature")),
+        }
+    }
+}
+
+/// A SCRAM exchange of the server leg.
+pub(super) enum Scram {
+    /// With the configured password (postgres-protocol), and the mechanism chosen.
+    Password(sasl::ScramSha256, &'static str),
+    /// With an auth_query user's keys.
+    Keys(KeyScram),
+}
+
+impl Scram {
+    pub(super) fn mechanism(&self) -> &'static str {
+        match self {
+            Scram::Password(_, m) => m,
+            Scram::Keys(_) => sasl::SCRAM_SHA_256,
+        }
+    }
+
+    pub(super) fn message(&self) -> &[u8] {
+        match self {
+            Scram::Password(s, _) => s.message(),
+            Scram::Keys(s) => s.message(),
+        }
+    }
+
+    pub(super) fn update(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Scram::Password(s, _) => s.update(data),
+            Scram::Keys(s) => s.update(data),
+        }
+    }
+
+    pub(super) fn finish(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Scram::Password(s, _) => s.finish(data),
+            Scram::Keys(s) => s.finish(data),
         }
     }
 }

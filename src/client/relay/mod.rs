@@ -9,7 +9,7 @@
 
 use bytes::{Buf, BytesMut};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use tokio::sync::watch;
 
@@ -30,11 +30,13 @@ pub mod exercise;
 mod timeouts;
 mod tracker;
 mod txn;
+mod write;
 
 pub use timeouts::Timeouts;
 use timeouts::{expired, Clocks};
 use tracker::Tracker;
 use txn::{client_frames, note_pin, note_reported, server_messages};
+use write::{consumed, drain, ensure_space, forward, move_ready, write_now};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -89,78 +91,6 @@ pub struct Mode {
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
     /// The session's tally of transactions, queries and bytes for its pool's SHOW STATS.
     pub stats: Option<crate::pool::stats::Local>,
-}
-
-fn move_ready(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
-    if n == 0 {
-        return;
-    }
-    let chunk = from.split_to(n);
-    if to.is_empty() {
-        *to = chunk;
-    } else {
-        to.unsplit(chunk);
-    }
-}
-
-fn ensure_space(b: &mut BytesMut) {
-    if b.capacity() - b.len() < 4096 {
-        b.reserve(READ_RESERVE);
-    }
-}
-
-fn consumed(b: &mut BytesMut, n: usize) {
-    b.advance(n);
-    if b.is_empty() {
-        // Drop the reference to the shared allocation so the read buffer can reuse it.
-        *b = BytesMut::new();
-    }
-}
-
-/// Writes some of `out` when it holds bytes, else flushes TLS records the socket did not take
-/// yet. The count written (0 after a flush); `Err` when the socket failed.
-async fn drain<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> Result<usize, ()> {
-    if out.is_empty() {
-        return w.flush().await.map(|()| 0).map_err(|_| ());
-    }
-    match w.write(out).await {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(()),
-    }
-}
-
-/// Writes as much of `out` as the socket takes now, without waiting. `Err` when it failed.
-fn write_now(w: &impl TryWrite, out: &mut BytesMut) -> Result<(), ()> {
-    while !out.is_empty() {
-        match w.try_write_now(out) {
-            Ok(0) => return Err(()),
-            Ok(n) => consumed(out, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(()),
-        }
-    }
-    Ok(())
-}
-
-/// Sends the first `n` (scanned) bytes of `input` on: straight from `input` when nothing is
-/// queued before them, queuing in `out` whatever the socket does not take now.
-fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &impl TryWrite) -> Result<(), ()> {
-    if !out.is_empty() {
-        move_ready(input, out, n);
-        return write_now(w, out);
-    }
-    let mut sent = 0;
-    while sent < n {
-        match w.try_write_now(&input[sent..n]) {
-            Ok(0) => return Err(()),
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return Err(()),
-        }
-    }
-    input.advance(sent);
-    move_ready(input, out, n - sent);
-    Ok(())
 }
 
 /// The lock monitor cancelled this session's query: replaces the first whole "query
