@@ -396,3 +396,83 @@ async fn large_results_and_requests_stream_through_tls_on_both_legs() {
     .await;
     proxy.shutdown().await;
 }
+
+/// Reads whole messages until ReadyForQuery; returns how many bytes of DataRow came.
+async fn read_until_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> usize {
+    let mut rows = 0;
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        match head[0] {
+            b'D' => rows += len,
+            b'E' => panic!("error: {}", String::from_utf8_lossy(&body)),
+            b'Z' => return rows,
+            _ => {}
+        }
+    }
+}
+
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_reads_late_still_gets_the_end_of_its_result() {
+    // Transaction mode: the relay must not hand the server connection back while TLS
+    // records of the result (its ReadyForQuery last) still wait in the stream.
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki("late");
+    let (cert, key) = write_pair(dir.path(), &p);
+    let mut f = pg.file_config();
+    f.proxy.auth_type = pgvalve::config::AuthType::Trust;
+    f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+    f.tls.client_tls_cert_file = Some(cert);
+    f.tls.client_tls_key_file = Some(key);
+    let proxy = ProxyHandle::start(Config::validate(f, "test").unwrap()).await.unwrap();
+
+    let mut tcp = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(p.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let body = b"\x00\x03\x00\x00user\x00app\x00database\x00app\x00\x00";
+    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(body);
+    s.write_all(&startup).await.unwrap();
+    read_until_ready(&mut s).await;
+    for _ in 0..3 {
+        s.write_all(&query_message("SELECT repeat('x', 20000000)"))
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        // Not reading for a while: the socket fills and pgvalve holds encrypted records.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let got = within(Duration::from_secs(20), read_until_ready(&mut s)).await;
+        assert!(got >= 20_000_000, "{got} bytes of rows");
+    }
+    s.write_all(&query_message("SELECT 1")).await.unwrap();
+    s.flush().await.unwrap();
+    within(Duration::from_secs(5), read_until_ready(&mut s)).await;
+    proxy.shutdown().await;
+}

@@ -454,7 +454,10 @@ where
                 && c_in.is_empty()
                 && c_out.is_empty()
                 && swalk.at_boundary()
-                && cwalk.at_boundary();
+                && cwalk.at_boundary()
+                // TLS records still held in a stream (never over plain sockets).
+                && !cw.backlog()
+                && !sw.backlog();
             if now == Phase::Stopped || (now == Phase::Draining && at_rest) {
                 break Ok(RelayEnd::Shutdown);
             }
