@@ -17,17 +17,27 @@ const TRIGGERS: &[&[u8]] = &[
     b"discard",
 ];
 
-/// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
-/// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
-pub fn might_change_session(sql: &[u8]) -> bool {
+/// Whether any of `words` (lower case, 3 bytes or longer) appears in `sql`, in any case.
+fn contains_any(sql: &[u8], words: &[&[u8]]) -> bool {
     sql.windows(3).enumerate().any(|(i, w)| {
         let lower = [w[0] | 0x20, w[1] | 0x20, w[2] | 0x20];
-        TRIGGERS.iter().any(|t| {
+        words.iter().any(|t| {
             t[..3] == lower
                 && sql.len() >= i + t.len()
                 && sql[i..i + t.len()].iter().zip(t.iter()).all(|(a, b)| a | 0x20 == *b)
         })
     })
+}
+
+/// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
+/// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
+pub fn might_change_session(sql: &[u8]) -> bool {
+    contains_any(sql, TRIGGERS)
+}
+
+/// Cheap pre-check for [`deallocates_all`]: false when neither DEALLOCATE nor DISCARD appears.
+pub fn might_deallocate(sql: &[u8]) -> bool {
+    contains_any(sql, &[b"deallocate", b"discard"])
 }
 
 /// Why a statement ties the client to its server connection, or None.
@@ -344,6 +354,15 @@ mod tests {
         ));
         // A false alarm only costs the lexer, which then finds UPDATE ... SET harmless.
         assert!(super::might_change_session(b"UPDATE t SET x = 1"));
+        for sql in ["DEALLOCATE ALL", "deallocate prepare all", "select 1; DISCARD ALL"] {
+            assert!(
+                super::might_deallocate(sql.as_bytes()) && super::deallocates_all(sql),
+                "{sql}"
+            );
+        }
+        assert!(!super::might_deallocate(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
     }
 
     #[test]

@@ -73,7 +73,10 @@ pub(super) fn client_frames(
         if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
             break; // Terminate: not forwarded
         }
-        if f.tag == b'Q' && cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql)) {
+        if f.tag == b'Q'
+            && crate::client::sql::might_deallocate(&f.bytes[5..])
+            && cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql))
+        {
             st.forget_all(out.conn);
         }
         match (reject, was_pinned, t.pin) {
