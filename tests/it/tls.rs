@@ -190,6 +190,15 @@ async fn clients_over_tls_with_channel_binding_and_plaintext_refused() {
         Ok("f"),
         "psql over TLS to pgvalve: {out:?}"
     );
+    let require = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=require",
+        proxy.local_addr().port()
+    );
+    assert_eq!(
+        psql_conninfo(&require, "SELECT 7").as_deref(),
+        Ok("7"),
+        "psql sslmode=require"
+    );
     let plain = format!(
         "host=localhost port={} user=app dbname=app sslmode=disable",
         proxy.local_addr().port()
