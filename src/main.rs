@@ -35,6 +35,26 @@ enum LogFormat {
     Json,
 }
 
+/// TLS of `run` (the `[tls]` settings).
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// PEM certificate chain offered to clients (turns TLS towards clients on).
+    #[arg(long, env = "PGVALVE_CLIENT_TLS_CERT")]
+    client_tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "PGVALVE_CLIENT_TLS_KEY")]
+    client_tls_key: Option<PathBuf>,
+    /// Whether clients may or must use TLS.
+    #[arg(long, env = "PGVALVE_CLIENT_TLS_MODE", value_enum)]
+    client_tls_mode: Option<pgvalve::config::ClientTlsMode>,
+    /// TLS to PostgreSQL (libpq's sslmode meanings).
+    #[arg(long, env = "PGVALVE_SERVER_TLS_MODE", value_enum)]
+    server_tls_mode: Option<pgvalve::config::ServerTlsMode>,
+    /// PEM CA certificates for verify-ca / verify-full.
+    #[arg(long, env = "PGVALVE_SERVER_TLS_CA")]
+    server_tls_ca: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the proxy.
@@ -67,6 +87,8 @@ enum Cmd {
         /// Address of /metrics, /healthz and /readyz, e.g. 127.0.0.1:9930.
         #[arg(long, env = "PGVALVE_HTTP_LISTEN")]
         http_listen: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Validate a config file and exit.
     Check {
@@ -136,6 +158,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_server_connections,
         worker_threads,
         http_listen,
+        tls,
     } = cmd
     else {
         return Ok(None);
@@ -155,6 +178,13 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
         http_listen: http_listen.clone(),
+        tls: config::TlsOverrides {
+            client_cert: tls.client_tls_cert.clone(),
+            client_key: tls.client_tls_key.clone(),
+            client_mode: tls.client_tls_mode,
+            server_mode: tls.server_tls_mode,
+            server_ca: tls.server_tls_ca.clone(),
+        },
     };
     match config::load_with(config.as_deref(), &ov) {
         Ok(c) => Ok(Some((c, config.clone(), ov))),

@@ -344,7 +344,7 @@ pub const LOCK_MODES: &[&str] = &[
 ];
 
 /// `client_tls_mode`: whether clients may, or must, use TLS (PgBouncer's client_tls_sslmode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientTlsMode {
     /// SSLRequest is answered `N`; direct TLS is refused.
@@ -358,7 +358,7 @@ pub enum ClientTlsMode {
 }
 
 /// `server_tls_mode`: TLS to PostgreSQL, with libpq's sslmode meanings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerTlsMode {
     /// Plaintext.

@@ -485,3 +485,48 @@ async fn a_tls_client_that_reads_late_still_gets_the_end_of_its_result() {
     within(Duration::from_secs(5), read_until_ready(&mut s)).await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_tls_from_the_environment() {
+    let pg = TestPostgres::start(PgOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki("env");
+    let (cert, key) = write_pair(dir.path(), &p);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .env(
+            "PGVALVE_UPSTREAM",
+            format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
+        )
+        .env("PGVALVE_CLIENT_TLS_CERT", &cert)
+        .env("PGVALVE_CLIENT_TLS_KEY", &key)
+        .env("PGVALVE_CLIENT_TLS_MODE", "require")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut c = tokio_postgres::Config::new();
+    c.host("localhost")
+        .port(port)
+        .user("app")
+        .password("app-secret")
+        .dbname("app")
+        .ssl_mode(SslMode::Require);
+    crate::support::eventually(Duration::from_secs(10), "TLS through the binary", || async {
+        query_over(&c, connector(&p.ca_pem, false)).await.is_ok()
+    })
+    .await;
+    let plain = format!("postgres://app:app-secret@127.0.0.1:{port}/app?sslmode=disable");
+    let e = tokio_postgres::connect(&plain, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("plaintext refused");
+    assert_eq!(code(&e).as_deref(), Some("28000"), "{e:?}");
+    child.kill().await.unwrap();
+}
