@@ -459,3 +459,26 @@ async fn without_statement_tracking_named_statements_pin_and_work() {
     assert_eq!(s.proxy.shared().pins.total(), 1);
     assert_eq!(first_value(&b.simple_query("SHOW TimeZone").await.unwrap()), "UTC");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_in_copy_in_is_not_handed_to_another_client() {
+    use futures_util::SinkExt;
+    // One server connection: while a's COPY IN waits for data, b must wait for it, never be
+    // sent into the middle of a's COPY.
+    let s = Setup::new(txn_setup(1)).await;
+    let (a, b) = (s.client().await, s.client().await);
+    a.batch_execute("CREATE TABLE cpi (id int)").await.unwrap();
+    let sink = a.copy_in("COPY cpi FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let other = tokio::spawn(async move {
+        b.query_one("SELECT count(*) FROM cpi", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows: String = (0..100).map(|i| format!("{i}\n")).collect();
+    sink.send(bytes::Bytes::from(rows)).await.unwrap();
+    assert_eq!(within(Duration::from_secs(5), sink.finish()).await.unwrap(), 100);
+    let seen = within(Duration::from_secs(5), other).await.unwrap().unwrap();
+    assert_eq!(seen, 100, "b ran after a's COPY, on the same connection");
+}

@@ -455,6 +455,8 @@ where
                 && c_out.is_empty()
                 && swalk.at_boundary()
                 && cwalk.at_boundary()
+                // The server waits for COPY data (the Syncs it ignores meanwhile do not count).
+                && !t.copy
                 // TLS records still held in a stream (never over plain sockets).
                 && !cw.backlog()
                 && !sw.backlog();
