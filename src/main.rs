@@ -178,12 +178,12 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
         http_listen: http_listen.clone(),
-        tls: config::TlsOverrides {
-            client_cert: tls.client_tls_cert.clone(),
-            client_key: tls.client_tls_key.clone(),
-            client_mode: tls.client_tls_mode,
-            server_mode: tls.server_tls_mode,
-            server_ca: tls.server_tls_ca.clone(),
+        tls: config::TlsSettings {
+            client_tls_cert_file: tls.client_tls_cert.clone(),
+            client_tls_key_file: tls.client_tls_key.clone(),
+            client_tls_mode: tls.client_tls_mode,
+            server_tls_mode: tls.server_tls_mode,
+            server_tls_ca_file: tls.server_tls_ca.clone(),
         },
     };
     match config::load_with(config.as_deref(), &ov) {

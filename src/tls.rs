@@ -177,7 +177,7 @@ fn load_client(s: &TlsSettings) -> Result<ClientTls, LoadError> {
 }
 
 fn load_server(s: &TlsSettings) -> Result<ServerTls, LoadError> {
-    let mode = s.server_tls_mode;
+    let mode = s.server_tls_mode.unwrap_or_default();
     let ca = match &s.server_tls_ca_file {
         Some(p) => Some(read("server_tls_ca_file", p)?),
         None if matches!(mode, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull) => {
@@ -357,23 +357,23 @@ impl<S: AsyncWrite + Backlog + Unpin> TryWrite for Locked<'_, '_, S> {
     /// take stay in the stream ([`TryWrite::backlog`]) until the relay flushes them.
     fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
         let mut cx = Context::from_waker(Waker::noop());
-        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let s: &mut S = &mut g;
-        if s.backlog() {
-            match Pin::new(&mut *s).poll_flush(&mut cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Err(io::ErrorKind::WouldBlock.into()),
+        self.with(|mut s| {
+            if s.backlog() {
+                match s.as_mut().poll_flush(&mut cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Err(io::ErrorKind::WouldBlock.into()),
+                }
             }
-        }
-        match Pin::new(&mut *s).poll_write(&mut cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                let _ = Pin::new(&mut *s).poll_flush(&mut cx);
-                Ok(n)
+            match s.as_mut().poll_write(&mut cx, buf) {
+                Poll::Ready(Ok(n)) => {
+                    let _ = s.poll_flush(&mut cx);
+                    Ok(n)
+                }
+                Poll::Ready(Err(e)) => Err(e),
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
             }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        })
     }
 
     fn backlog(&self) -> bool {

@@ -137,16 +137,7 @@ impl AuthQuery {
         let Some(route) = config.route(db, auth_user) else {
             return Ok(None);
         };
-        let target = ServerTarget {
-            host: route.host,
-            port: route.port,
-            dbname: route.server_dbname,
-            user: auth_user.to_string(),
-            password: config.users.get(auth_user).and_then(|u| u.server_password.clone()),
-            connect_timeout: config.pool.server_connect_timeout,
-            tls: config.tls.server.clone(),
-            keys: None,
-        };
+        let target = ServerTarget::for_route(config, &route, None);
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut conn = crate::server::connect(&target).await?;
         let rows = conn.query_rows(&config.proxy.auth_query, &[user]).await;

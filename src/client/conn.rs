@@ -131,14 +131,12 @@ impl ClientConn {
     /// # Cancel safety
     /// Cancel safe.
     pub(crate) async fn wait_idle(&mut self) -> Result<(), SessionError> {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
-        }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+        if self.wbuf.is_empty() {
             self.wbuf = BytesMut::new();
         }
-        if let ClientStream::Tcp(s) = &self.stream {
-            if self.rbuf.is_empty() {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+            if let ClientStream::Tcp(s) = &self.stream {
                 s.readable().await.map_err(SessionError::ClientGone)?;
             }
         }

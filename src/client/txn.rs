@@ -156,7 +156,7 @@ async fn transaction(
         Ok(RelayEnd::ClientDone) => {
             // The client left inside a transaction or a query: cancel, roll back, and
             // reuse the connection if that brings it back to idle soon (else close it).
-            if server.recover.is_some() && !server.is_clean() {
+            if !server.is_clean() {
                 let recovered = server.recover(Duration::from_secs(2)).await;
                 tracing::debug!(recovered, "client left mid-transaction");
             }

@@ -211,23 +211,8 @@ pub struct Overrides {
     /// `--http-listen`.
     pub http_listen: Option<String>,
     /// `--client-tls-cert`, `--client-tls-key`, `--client-tls-mode`, `--server-tls-mode`,
-    /// `--server-tls-ca`: the `[tls]` settings.
-    pub tls: TlsOverrides,
-}
-
-/// `[tls]` settings from the command line or the environment.
-#[derive(Debug, Clone, Default)]
-pub struct TlsOverrides {
-    /// `client_tls_cert_file`.
-    pub client_cert: Option<PathBuf>,
-    /// `client_tls_key_file`.
-    pub client_key: Option<PathBuf>,
-    /// `client_tls_mode`.
-    pub client_mode: Option<ClientTlsMode>,
-    /// `server_tls_mode`.
-    pub server_mode: Option<ServerTlsMode>,
-    /// `server_tls_ca_file`.
-    pub server_ca: Option<PathBuf>,
+    /// `--server-tls-ca`: each set one replaces the file's `[tls]` value.
+    pub tls: TlsSettings,
 }
 
 /// Reads and validates a config file.
@@ -302,12 +287,14 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     if let Some(l) = &ov.http_listen {
         f.http.listen = Some(l.clone());
     }
-    let t = &ov.tls;
-    f.tls.client_tls_cert_file = t.client_cert.clone().or(f.tls.client_tls_cert_file);
-    f.tls.client_tls_key_file = t.client_key.clone().or(f.tls.client_tls_key_file);
-    f.tls.client_tls_mode = t.client_mode.or(f.tls.client_tls_mode);
-    f.tls.server_tls_mode = t.server_mode.unwrap_or(f.tls.server_tls_mode);
-    f.tls.server_tls_ca_file = t.server_ca.clone().or(f.tls.server_tls_ca_file);
+    let t = ov.tls.clone();
+    f.tls = TlsSettings {
+        client_tls_mode: t.client_tls_mode.or(f.tls.client_tls_mode),
+        client_tls_cert_file: t.client_tls_cert_file.or(f.tls.client_tls_cert_file),
+        client_tls_key_file: t.client_tls_key_file.or(f.tls.client_tls_key_file),
+        server_tls_mode: t.server_tls_mode.or(f.tls.server_tls_mode),
+        server_tls_ca_file: t.server_tls_ca_file.or(f.tls.server_tls_ca_file),
+    };
     if let Some(url) = &ov.upstream {
         let invalid = |reason: String| ConfigError::Invalid {
             path: name.to_string(),

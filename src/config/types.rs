@@ -408,8 +408,9 @@ pub struct TlsSettings {
     pub client_tls_cert_file: Option<std::path::PathBuf>,
     /// PEM private key of that certificate.
     pub client_tls_key_file: Option<std::path::PathBuf>,
-    /// disable | prefer | require | verify-ca | verify-full (over TCP; Unix sockets stay plain).
-    pub server_tls_mode: ServerTlsMode,
+    /// disable (default) | prefer | require | verify-ca | verify-full (over TCP; Unix sockets
+    /// stay plain).
+    pub server_tls_mode: Option<ServerTlsMode>,
     /// PEM CA certificates that sign PostgreSQL's certificate (verify-ca, verify-full).
     pub server_tls_ca_file: Option<std::path::PathBuf>,
 }

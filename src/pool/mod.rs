@@ -127,18 +127,9 @@ struct Shape {
 impl Shape {
     fn of(config: &Config, route: &Route, auth: &crate::client::auth_query::AuthQuery) -> Self {
         let cfg = &config.pool;
-        let listed = config.users.get(&route.user);
+        let looked_up = !config.users.contains_key(&route.user) && config.proxy.auth_user.is_some();
         Shape {
-            target: ServerTarget {
-                host: route.host.clone(),
-                port: route.port,
-                dbname: route.server_dbname.clone(),
-                user: route.user.clone(),
-                password: listed.and_then(|u| u.server_password.clone()),
-                connect_timeout: cfg.server_connect_timeout,
-                tls: config.tls.server.clone(),
-                keys: (listed.is_none() && config.proxy.auth_user.is_some()).then(|| auth.slot(&route.user)),
-            },
+            target: ServerTarget::for_route(config, route, looked_up.then(|| auth.slot(&route.user))),
             wait: cfg.query_wait_timeout,
             check_delay: cfg.server_check_delay,
             lifetime: cfg.server_lifetime,

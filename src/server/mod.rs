@@ -125,6 +125,27 @@ pub struct ServerTarget {
     pub keys: Option<std::sync::Arc<scram::KeySlot>>,
 }
 
+impl ServerTarget {
+    /// How to reach `route`'s server as its user under `config`; `keys` for a user found by
+    /// auth_query (its configured password, if any, comes first).
+    pub fn for_route(
+        config: &crate::config::Config,
+        route: &crate::config::Route,
+        keys: Option<std::sync::Arc<scram::KeySlot>>,
+    ) -> Self {
+        ServerTarget {
+            host: route.host.clone(),
+            port: route.port,
+            dbname: route.server_dbname.clone(),
+            user: route.user.clone(),
+            password: config.users.get(&route.user).and_then(|u| u.server_password.clone()),
+            connect_timeout: config.pool.server_connect_timeout,
+            tls: config.tls.server.clone(),
+            keys,
+        }
+    }
+}
+
 /// An open, logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {

@@ -289,7 +289,7 @@ async fn tls_cluster(p: &Pki) -> TestPostgres {
 
 fn server_tls(mode: ServerTlsMode, ca: Option<PathBuf>) -> impl FnOnce(&mut pgvalve::config::FileConfig) {
     move |f| {
-        f.tls.server_tls_mode = mode;
+        f.tls.server_tls_mode = Some(mode);
         f.tls.server_tls_ca_file = ca;
     }
 }
@@ -379,7 +379,7 @@ async fn large_results_and_requests_stream_through_tls_on_both_legs() {
     f.tls.client_tls_mode = Some(ClientTlsMode::Require);
     f.tls.client_tls_cert_file = Some(cert);
     f.tls.client_tls_key_file = Some(key);
-    f.tls.server_tls_mode = ServerTlsMode::VerifyFull;
+    f.tls.server_tls_mode = Some(ServerTlsMode::VerifyFull);
     f.tls.server_tls_ca_file = Some(ca);
     let proxy = ProxyHandle::start(Config::validate(f, "test").unwrap()).await.unwrap();
     let mut c = client_config(&proxy);

@@ -58,23 +58,11 @@ pub fn plain_traffic(bytes: &[u8], reads: usize) {
     for chunk in bytes.chunks(reads.max(1)) {
         c_in.extend_from_slice(chunk);
         s_in.extend_from_slice(chunk);
-        let Ok(n) = cwalk.scan(&c_in, |tag| tag == b'Q' || tag == b'P', |s, m| t.on_client(s, m)) else {
+        let Ok(n) = t.scan_client(&mut cwalk, &c_in) else {
             return;
         };
         c_in.advance(n);
-        let Ok(n) = swalk.scan(
-            &s_in,
-            |tag| tag == b'Z' || tag == b'S' || tag == b'E',
-            |s, m| {
-                if s.tag == b'S' {
-                    note_reported(m, &mut reported);
-                }
-                if s.tag == b'E' {
-                    let _ = txn::is_stale_plan(m);
-                }
-                t.on_server(s, m)
-            },
-        ) else {
+        let Ok(n) = t.scan_server(&mut swalk, &s_in, Some(&mut reported), true) else {
             return;
         };
         s_in.advance(n);

@@ -35,7 +35,7 @@ mod write;
 pub use timeouts::Timeouts;
 use timeouts::{expired, Clocks};
 use tracker::Tracker;
-use txn::{client_frames, note_pin, note_reported, server_messages};
+use txn::{client_frames, note_pin, server_messages};
 use write::{consumed, drain, ensure_space, forward, move_ready, write_now};
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -349,12 +349,7 @@ where
                     break Ok(RelayEnd::ClientDone);
                 }
             } else {
-                let inspect = t.inspect;
-                let n = match cwalk.scan(
-                    &c_in,
-                    |tag| inspect && (tag == b'Q' || tag == b'P'),
-                    |s, m| t.on_client(s, m),
-                ) {
+                let n = match t.scan_client(&mut cwalk, &c_in) {
                     Ok(n) => n,
                     Err(e) => break Err(SessionError::Frame(e)),
                 };
@@ -395,18 +390,8 @@ where
         }
         if s_new {
             s_new = false;
-            let txn = mode.transaction;
-            let reported = &mut mode.reported;
-            let n = match swalk.scan(
-                &s_in,
-                |tag| tag == b'Z' || (txn && tag == b'S') || (explain && tag == b'E'),
-                |s, m| {
-                    if txn && s.tag == b'S' {
-                        note_reported(m, reported);
-                    }
-                    t.on_server(s, m)
-                },
-            ) {
+            let reported = mode.transaction.then_some(&mut mode.reported);
+            let n = match t.scan_server(&mut swalk, &s_in, reported, explain) {
                 Ok(n) => n,
                 Err(e) => {
                     out.server_broken = true;
@@ -514,19 +499,12 @@ where
         }
     };
 
-    // Record what the server connection's state is now known to be: unknown ('?') unless
-    // every request was answered and no message is half-relayed.
-    let clean = t.pending == 0
-        && !t.unsynced
-        && swalk.at_boundary()
-        && cwalk.at_boundary()
-        && c_out.is_empty()
-        && s_out.is_empty()
-        && s_in.is_empty();
-    out.status = if clean { t.status } else { b'?' };
     // Whole requests went to the server and whole answers came back: what is still due is
     // known, so a connection whose client left can be brought back to idle (transaction mode).
+    // Its state is known outright ('?' otherwise) when nothing is due and nothing unforwarded.
     let framed = !t.unsynced && !t.copy && swalk.at_boundary() && cwalk.at_boundary() && c_out.is_empty();
+    let clean = framed && t.pending == 0 && s_out.is_empty() && s_in.is_empty();
+    out.status = if clean { t.status } else { b'?' };
     out.recover = framed.then_some(crate::server::Recover {
         answers_due: t.pending,
         status: t.status,

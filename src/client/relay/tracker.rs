@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use super::txn::pin_reason;
+use super::txn::{note_reported, pin_reason};
 use crate::pool::stats::Totals;
-use crate::protocol::frame::{Seen, Walk};
+use crate::protocol::frame::{FrameError, MessageWalker, Seen, Walk};
 
 /// What the session knows of the server connection's state, from headers alone.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +57,42 @@ impl Tracker {
             xact_since: None,
             copy: false,
         }
+    }
+
+    /// Walks the client's bytes in `buf` (Query and Parse seen whole while pins are looked
+    /// for); the count that may be forwarded.
+    #[inline]
+    pub(super) fn scan_client(&mut self, walk: &mut MessageWalker, buf: &[u8]) -> Result<usize, FrameError> {
+        let inspect = self.inspect;
+        walk.scan(
+            buf,
+            |tag| inspect && (tag == b'Q' || tag == b'P'),
+            |s, m| self.on_client(s, m),
+        )
+    }
+
+    /// Walks the server's bytes in `buf`: ReadyForQuery whole; ParameterStatus whole and
+    /// recorded in `reported` (transaction mode); ErrorResponse whole while a cancel
+    /// explanation waits (`explain`). The count that may be forwarded.
+    #[inline]
+    pub(super) fn scan_server(
+        &mut self,
+        walk: &mut MessageWalker,
+        buf: &[u8],
+        mut reported: Option<&mut Vec<(String, String)>>,
+        explain: bool,
+    ) -> Result<usize, FrameError> {
+        let txn = reported.is_some();
+        walk.scan(
+            buf,
+            |tag| tag == b'Z' || (txn && tag == b'S') || (explain && tag == b'E'),
+            |s, m| {
+                if let (b'S', Some(r)) = (s.tag, reported.as_mut()) {
+                    note_reported(m, r);
+                }
+                self.on_server(s, m)
+            },
+        )
     }
 
     pub(super) fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
