@@ -81,6 +81,7 @@ if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
   echo "second pgvalve (\"rules\": ${PGVALVE_B:-same binary} ${RULES_CONFIG:+with $RULES_CONFIG}) vs pgvalve (\"none\"), same run:"
   for c in "${CLIENT_LIST[@]}"; do
     v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[rules,$c]}")
-    awk -v c="$c" -v v="$v" -v r="$r" 'BEGIN{printf "  %s clients: rules %s tps, none %s tps, rules/none %.3f (%+.1f%%)\n", c, r, v, r/v, (r/v-1)*100}'
+    cr=$(median <<<"${CPU[rules,$c]}"); cv=$(median <<<"${CPU[pgvalve,$c]}")
+    awk -v c="$c" -v v="$v" -v r="$r" -v cr="$cr" -v cv="$cv" 'BEGIN{printf "  %s clients: rules %s tps, none %s tps, rules/none %.3f (%+.1f%%); CPU us/tx rules %s, none %s\n", c, r, v, r/v, (r/v-1)*100, cr, cv}'
   done
 fi

@@ -27,6 +27,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// A hash map for the per-transaction paths (admission, pools, statements): foldhash,
+/// seeded at random per map, in place of SipHash.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod admin;
 pub mod admission;
 pub mod cancel;

@@ -80,7 +80,7 @@ struct State {
     query_wait_timeout: Duration,
     login_wait: Duration,
     sched: Scheduler,
-    ids: HashMap<Arc<str>, Ident>,
+    ids: crate::FastMap<Arc<str>, Ident>,
     surges: VecDeque<SurgeEvent>,
 }
 
@@ -150,7 +150,7 @@ impl Admission {
                     query_wait_timeout: c.query_wait_timeout,
                     login_wait: c.login_wait,
                     sched: Scheduler::default(),
-                    ids: HashMap::new(),
+                    ids: Default::default(),
                     surges: VecDeque::new(),
                 }),
             }),

@@ -67,7 +67,7 @@ struct Gate {
     in_use: u32,
     waiting: u32,
     vtime: f64,
-    flows: HashMap<Arc<str>, Flow>,
+    flows: crate::FastMap<Arc<str>, Flow>,
 }
 
 /// What [`Scheduler::request`] decided.
@@ -93,8 +93,8 @@ pub struct ShareStatus {
 /// All gates of one proxy.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    gates: HashMap<Arc<str>, Gate>,
-    shares: HashMap<Arc<str>, Share>,
+    gates: crate::FastMap<Arc<str>, Gate>,
+    shares: crate::FastMap<Arc<str>, Share>,
     next_id: u64,
 }
 

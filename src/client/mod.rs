@@ -14,9 +14,12 @@ mod relay;
 mod sql;
 mod txn;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -33,7 +36,7 @@ pub use relay::{Mode, RelayEnd};
 #[doc(hidden)]
 pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
 
-use crate::admission::{ClientPermit, Member, Refusal};
+use crate::admission::{ClientPermit, Member, Refusal, ServerGrant};
 use crate::cancel::CancelKey;
 use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
@@ -262,9 +265,38 @@ impl Seat {
         // The pool and its size as configured now (a reload may have changed them).
         let pool = shared.pools.pool(&self.route);
         let pool_size = pool.status().max_size as u32;
-        let started = std::time::Instant::now();
         let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
         tokio::pin!(acquire);
+        // Most grants come at once: then no clock is read and no timer made.
+        let grant = match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
+            Poll::Ready(g) => g?,
+            Poll::Pending => self.queued(shared, client, acquire, pool_size).await?,
+        };
+        let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
+            Ok(s) => s,
+            Err(CheckoutError::Server(ServerError::NoSlot(max))) => {
+                return Err(SessionError::Refused(Refusal::ServerSlots {
+                    identity: self.member.identity().to_string(),
+                    max,
+                    waited: shared.config().pool.query_wait_timeout,
+                }))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.registered.info.set_backend(server.pid);
+        Ok(server)
+    }
+
+    /// Waits for a grant that did not come at once, with a NOTICE to the client once it has
+    /// waited `queue_notice_after`; the wait counts in the pool's SHOW STATS.
+    async fn queued(
+        &self,
+        shared: &Shared,
+        client: &mut ClientConn,
+        mut acquire: Pin<&mut impl Future<Output = Result<ServerGrant, Refusal>>>,
+        pool_size: u32,
+    ) -> Result<ServerGrant, SessionError> {
+        let started = std::time::Instant::now();
         let notice = self.member.notice_after();
         let grant = tokio::select! {
             biased;
@@ -290,19 +322,7 @@ impl Seat {
                     ..Default::default()
                 });
         }
-        let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
-            Ok(s) => s,
-            Err(CheckoutError::Server(ServerError::NoSlot(max))) => {
-                return Err(SessionError::Refused(Refusal::ServerSlots {
-                    identity: self.member.identity().to_string(),
-                    max,
-                    waited: shared.config().pool.query_wait_timeout,
-                }))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.registered.info.set_backend(server.pid);
-        Ok(server)
+        Ok(grant)
     }
 
     /// The session's pool.
@@ -498,7 +518,7 @@ async fn session(
         client,
         &mut server,
         &key,
-        shared.phase.clone(),
+        &mut crate::shutdown::PhaseWatch::new(shared.phase.clone()),
         max,
         &mut mode,
     ))

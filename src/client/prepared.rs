@@ -9,7 +9,7 @@
 //! has, and every client Close of a statement, are answered by the proxy itself, in order.
 //! [`Responses`] keeps the order: one entry per request, popped as the server answers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,7 +25,7 @@ pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 /// definitions a server has accepted.
 #[derive(Debug, Default)]
 pub struct Registry {
-    ids: Mutex<HashMap<Bytes, (u64, bool)>>,
+    ids: Mutex<crate::FastMap<Bytes, (u64, bool)>>,
 }
 
 impl Registry {
@@ -253,7 +253,7 @@ pub fn close_message(id: u64, out: &mut BytesMut) {
 #[derive(Debug)]
 pub struct ClientStatements {
     /// By the client's name.
-    pub by_name: HashMap<Vec<u8>, StmtDef>,
+    pub by_name: crate::FastMap<Vec<u8>, StmtDef>,
     /// The statement last bound to the unnamed portal (for Execute).
     unnamed_portal: Option<u64>,
     /// Proxy-wide ids.
@@ -287,7 +287,7 @@ impl ClientStatements {
     /// Statements of a new client session.
     pub fn new(registry: Arc<Registry>, cap: usize) -> Self {
         Self {
-            by_name: HashMap::new(),
+            by_name: Default::default(),
             unnamed_portal: None,
             registry,
             cap,

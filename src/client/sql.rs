@@ -17,27 +17,43 @@ const TRIGGERS: &[&[u8]] = &[
     b"discard",
 ];
 
-/// Whether any of `words` (lower case, 3 bytes or longer) appears in `sql`, in any case.
-fn contains_any(sql: &[u8], words: &[&[u8]]) -> bool {
-    sql.windows(3).enumerate().any(|(i, w)| {
-        let lower = [w[0] | 0x20, w[1] | 0x20, w[2] | 0x20];
-        words.iter().any(|t| {
-            t[..3] == lower
-                && sql.len() >= i + t.len()
-                && sql[i..i + t.len()].iter().zip(t.iter()).all(|(a, b)| a | 0x20 == *b)
-        })
+/// Which bytes can start one of `words` (lower case), in either case.
+const fn first_bytes(words: &[&[u8]]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < words.len() {
+        let b = words[i][0];
+        t[b as usize] = true;
+        t[(b & !0x20) as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+const DEALLOCATES: &[&[u8]] = &[b"deallocate", b"discard"];
+const TRIGGER_FIRST: [bool; 256] = first_bytes(TRIGGERS);
+const DEALLOCATE_FIRST: [bool; 256] = first_bytes(DEALLOCATES);
+
+/// Whether any of `words` (lower case, letters first) appears in `sql`, in any case. Only
+/// positions holding a first letter of some word are compared (`first`, from [`first_bytes`]).
+fn contains_any(sql: &[u8], words: &[&[u8]], first: &[bool; 256]) -> bool {
+    sql.iter().enumerate().any(|(i, &b)| {
+        first[b as usize]
+            && words.iter().any(|t| {
+                sql.len() >= i + t.len() && sql[i..i + t.len()].iter().zip(t.iter()).all(|(a, b)| a | 0x20 == *b)
+            })
     })
 }
 
 /// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
 /// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
 pub fn might_change_session(sql: &[u8]) -> bool {
-    contains_any(sql, TRIGGERS)
+    contains_any(sql, TRIGGERS, &TRIGGER_FIRST)
 }
 
 /// Cheap pre-check for [`deallocates_all`]: false when neither DEALLOCATE nor DISCARD appears.
 pub fn might_deallocate(sql: &[u8]) -> bool {
-    contains_any(sql, &[b"deallocate", b"discard"])
+    contains_any(sql, DEALLOCATES, &DEALLOCATE_FIRST)
 }
 
 /// Why a statement ties the client to its server connection, or None.
@@ -363,6 +379,31 @@ mod tests {
         assert!(!super::might_deallocate(
             b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
         ));
+    }
+
+    /// The first-letter filter finds exactly what a plain case-insensitive search finds.
+    #[test]
+    fn prefilter_matches_a_plain_search() {
+        let naive = |sql: &[u8], words: &[&[u8]]| {
+            let lower = sql.to_ascii_lowercase();
+            words.iter().any(|w| lower.windows(w.len()).any(|x| x == *w))
+        };
+        let alphabet = b"sSeEtTlLiInNoOaAdDpPrRvVyYcCmMfF _;'\"$\xc3\xa9";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..24);
+            let sql: Vec<u8> = (0..len).map(|_| alphabet[rng.usize(0..alphabet.len())]).collect();
+            assert_eq!(
+                super::might_change_session(&sql),
+                naive(&sql, super::TRIGGERS),
+                "{sql:?}"
+            );
+            assert_eq!(
+                super::might_deallocate(&sql),
+                naive(&sql, super::DEALLOCATES),
+                "{sql:?}"
+            );
+        }
     }
 
     #[test]

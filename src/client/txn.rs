@@ -11,8 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::conn::ClientConn;
 use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
@@ -20,7 +18,7 @@ use super::{Seat, SessionError, TxnSession};
 use crate::cancel::CancelKey;
 use crate::protocol::startup::StartupParams;
 use crate::proxy::Shared;
-use crate::shutdown::Phase;
+use crate::shutdown::{Phase, PhaseWatch};
 
 /// What an idle client (holding no server connection) does next.
 enum Next {
@@ -32,21 +30,17 @@ enum Next {
     Shutdown,
 }
 
-async fn next_request(
-    client: &mut ClientConn,
-    phase: &mut watch::Receiver<Phase>,
-    seat: &Seat,
-) -> Result<Next, SessionError> {
+async fn next_request(client: &mut ClientConn, phase: &mut PhaseWatch, seat: &Seat) -> Result<Next, SessionError> {
     loop {
         if let Some(&tag) = client.rbuf.first() {
             return Ok(if tag == b'X' { Next::Terminate } else { Next::Request });
         }
-        if *phase.borrow_and_update() != Phase::Running {
+        if phase.now() != Phase::Running {
             return Ok(Next::Shutdown);
         }
         tokio::select! {
             r = client.wait_idle() => r?,
-            r = phase.changed() => if r.is_err() { return Ok(Next::Shutdown) },
+            _ = phase.changed() => {},
             // KILL_CLIENT between two transactions.
             e = seat.registered.info.verdict.wait() => return Err(SessionError::Killed(e)),
         }
@@ -77,7 +71,7 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSes
         reset: &reset,
         max: shared.config().proxy.max_message_size.0,
     };
-    let mut phase = shared.phase.clone();
+    let mut phase = PhaseWatch::new(shared.phase.clone());
     let reported = Reported::new();
     let mut applied = Applied {
         params: params_key(p, &reported),
@@ -100,7 +94,7 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSes
         }
         // Boxed: the transaction's future (checkout, relay) exists only while it runs, so an
         // idle client's task stays small.
-        if !Box::pin(transaction(&cx, client, mode, &mut applied)).await? {
+        if !Box::pin(transaction(&cx, client, mode, &mut applied, &mut phase)).await? {
             return Ok(());
         }
     }
@@ -129,6 +123,7 @@ async fn transaction(
     client: &mut ClientConn,
     mode: &mut Mode,
     applied: &mut Applied,
+    phase: &mut PhaseWatch,
 ) -> Result<bool, SessionError> {
     let (shared, seat) = (cx.shared, cx.seat);
     // Timeouts as configured now: a reload applies from the next transaction on.
@@ -139,7 +134,7 @@ async fn transaction(
         server.checkin();
         return Err(e);
     }
-    let end = relay::run_attached(client, &mut server, cx.key, shared.phase.clone(), cx.max, mode).await;
+    let end = relay::run_attached(client, &mut server, cx.key, phase, cx.max, mode).await;
     if !mode.reported.is_empty() {
         // The client SET a tracked parameter: this connection now carries the new value,
         // and every later one gets it too.

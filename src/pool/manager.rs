@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -211,10 +211,11 @@ impl ServerManager {
         if !conn.is_clean() {
             return reject("not idle");
         }
-        if !self.lifetime.is_zero() && metrics.age() > self.lifetime {
+        let now = Instant::now();
+        if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {
             return reject("server_lifetime reached");
         }
-        if conn.idle_since.elapsed() < self.check_delay {
+        if now.saturating_duration_since(conn.idle_since) < self.check_delay {
             return Ok(());
         }
         // An idle backend says nothing: any byte or EOF means it is gone or in trouble.

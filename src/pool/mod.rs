@@ -10,9 +10,10 @@ mod manager;
 pub mod pause;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -143,7 +144,7 @@ pub struct PoolSet {
     config: Arc<ArcSwap<Config>>,
     /// Keys of users looked up with auth_query (they have no password in the config).
     auth: Arc<crate::client::auth_query::AuthQuery>,
-    pools: Arc<Mutex<HashMap<PoolKey, Entry>>>,
+    pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>>,
     slots: Arc<ServerSlots>,
     /// Traffic counters per pool.
     pub stats: Arc<Stats>,
@@ -162,7 +163,7 @@ impl PoolSet {
         Self {
             config,
             auth,
-            pools: Arc::new(Mutex::new(HashMap::new())),
+            pools: Default::default(),
             slots,
             stats: Arc::default(),
         }
@@ -201,11 +202,13 @@ impl PoolSet {
             .max_size(route.pool_size as usize)
             .queue_mode(QueueMode::Lifo)
             .timeouts(Timeouts {
-                wait: Some(shape.wait),
+                // checkout() bounds the wait itself, making a timer only when it waits.
+                wait: None,
                 // create() bounds itself: query_wait_timeout for a global slot, then
                 // server_connect_timeout for connect and login.
                 create: None,
-                recycle: Some(Duration::from_secs(5)),
+                // recycle() only looks at the connection (no I/O).
+                recycle: None,
             })
             .runtime(Runtime::Tokio1)
             .build()
@@ -236,12 +239,27 @@ impl PoolSet {
         route: &Route,
         grant: Option<ServerGrant>,
     ) -> Result<PooledConn, CheckoutError> {
-        match pool.get().await {
+        let get = pool.get();
+        tokio::pin!(get);
+        // An idle connection is there at once nearly always: no clock, no timer then.
+        let got = match std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => tokio::time::timeout(pool.manager().slot_wait, get).await.ok(),
+        };
+        let Some(got) = got else {
+            return Err(CheckoutError::Timeout {
+                database: route.database.clone(),
+                user: route.user.clone(),
+                waited: pool.manager().slot_wait,
+                pool_size: pool.status().max_size as u32,
+            });
+        };
+        match got {
             Ok(obj) => Ok(PooledConn::new(obj, grant)),
             Err(PoolError::Timeout(_)) => Err(CheckoutError::Timeout {
                 database: route.database.clone(),
                 user: route.user.clone(),
-                waited: pool.timeouts().wait.unwrap_or_default(),
+                waited: pool.manager().slot_wait,
                 pool_size: pool.status().max_size as u32,
             }),
             Err(PoolError::Backend(e)) => Err(CheckoutError::Server(e)),

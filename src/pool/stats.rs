@@ -162,7 +162,7 @@ impl Drop for Local {
 /// the last stats period.
 #[derive(Debug, Default)]
 pub struct Stats {
-    counters: Mutex<HashMap<PoolKey, Arc<Counters>>>,
+    counters: Mutex<crate::FastMap<PoolKey, Arc<Counters>>>,
     period: Mutex<Period>,
 }
 

@@ -11,8 +11,6 @@ use bytes::{Buf, BytesMut};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use tokio::sync::watch;
-
 use super::conn::{ClientConn, ClientStream};
 use super::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStatements};
 use super::sql::session_state_change;
@@ -22,7 +20,7 @@ use crate::pool::stats::Totals;
 use crate::protocol::frame::{split_frame, MessageWalker, Seen, Walk};
 use crate::server::stream::TryWrite;
 use crate::server::{ServerConn, ServerStream};
-use crate::shutdown::Phase;
+use crate::shutdown::{Phase, PhaseWatch};
 use crate::tls::Locked;
 
 #[doc(hidden)]
@@ -121,22 +119,13 @@ fn explain_cancel(s_in: &mut BytesMut, skip: usize, session: &crate::sessions::S
     }
 }
 
-/// Resolves at the next phase change (a closed channel means Stopped).
-async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
-    let p = match rx.changed().await {
-        Ok(()) => *rx.borrow_and_update(),
-        Err(_) => Phase::Stopped,
-    };
-    (p, rx)
-}
-
 /// Relays between `client` and `server` with cancel requests pointed at `server` meanwhile
 /// (see [`run`]); the cancel key points nowhere again on return.
 pub async fn run_attached(
     client: &mut ClientConn,
     server: &mut ServerConn,
     key: &crate::cancel::CancelKey,
-    phase: watch::Receiver<Phase>,
+    phase: &mut PhaseWatch,
     max_client_message: usize,
     mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError> {
@@ -163,7 +152,7 @@ pub async fn run_attached(
 pub async fn run(
     client: &mut ClientConn,
     server: &mut ServerConn,
-    phase: watch::Receiver<Phase>,
+    phase: &mut PhaseWatch,
     max_client_message: usize,
     mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError> {
@@ -238,7 +227,7 @@ async fn server_side<CR, CW>(
     client: (CR, CW),
     server: &mut ServerStream,
     state: &mut Relayed,
-    phase: watch::Receiver<Phase>,
+    phase: &mut PhaseWatch,
     max_client_message: usize,
     mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError>
@@ -283,7 +272,7 @@ async fn relay<CR, CW, SR, SW>(
     (mut cr, mut cw): (CR, CW),
     (mut sr, mut sw): (SR, SW),
     out: &mut Relayed,
-    phase: watch::Receiver<Phase>,
+    phase: &mut PhaseWatch,
     max_client_message: usize,
     mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError>
@@ -308,8 +297,7 @@ where
     let mut cwalk = MessageWalker::new(max_client_message);
     let mut swalk = MessageWalker::new(MAX_SERVER_MESSAGE);
     let (mut c_new, mut s_new) = (!c_in.is_empty(), !s_in.is_empty());
-    let mut now = *phase.borrow();
-    let mut phase_change = std::pin::pin!(next_phase(phase));
+    let mut now = phase.now();
     let mut clocks = Clocks::default();
     let mut armed: Option<Instant> = None;
     // A timer only when a timeout is configured (none by default).
@@ -459,10 +447,7 @@ where
         tokio::select! {
             // Shutdown first, so a session that streams without pause still sees it.
             biased;
-            (p, rx) = &mut phase_change, if now != Phase::Stopped => {
-                now = p;
-                phase_change.set(next_phase(rx));
-            },
+            p = phase.changed(), if now != Phase::Stopped => now = p,
             () = async { if let Some(t) = timer.as_mut() { t.await } }, if armed.is_some() => {
                 armed = None;
                 if let Some(e) = expired(&mut clocks, mode) {
