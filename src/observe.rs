@@ -9,7 +9,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
@@ -99,10 +98,11 @@ impl Default for Events {
 }
 
 impl Events {
-    /// A queued client got a server connection after `waited`.
-    pub fn queue_wait(&self, identity: &str, waited: Duration) {
+    /// Where an identity's queue waits are recorded (registered once per identity, so
+    /// recording a wait builds no key and looks nothing up).
+    pub fn queue_wait(&self, identity: &str) -> metrics::Histogram {
         let k = key("pgvalve_queue_wait_seconds", &[("identity", identity)]);
-        self.recorder.register_histogram(&k, &META).record(waited.as_secs_f64());
+        self.recorder.register_histogram(&k, &META)
     }
 
     /// Prometheus text of the event metrics.

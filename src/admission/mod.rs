@@ -71,6 +71,8 @@ struct Ident {
     surge: surge::SurgeTrack,
     counters: Counters,
     last_seen: Instant,
+    /// pgvalve_queue_wait_seconds of this identity, from its first wait on.
+    queue_wait: Option<metrics::Histogram>,
 }
 
 #[derive(Debug)]
@@ -216,6 +218,7 @@ impl Admission {
                 surge: Default::default(),
                 counters: Default::default(),
                 last_seen: now,
+                queue_wait: None,
             }
         });
         ident.last_seen = now;
@@ -323,8 +326,11 @@ impl Admission {
                 c.grants += 1;
                 c.queued += 1;
             });
+            if let Some(i) = st.ids.get_mut(id) {
+                let h = i.queue_wait.get_or_insert_with(|| self.inner.events.queue_wait(id));
+                h.record(started.elapsed().as_secs_f64());
+            }
             drop(st);
-            self.inner.events.queue_wait(id, started.elapsed());
             return Ok(grant());
         }
         let r = self.timeout_refusal(&st, id, pool, pool_size, timeout);

@@ -255,6 +255,8 @@ pub(crate) struct Seat {
     route: Route,
     /// The pool's name in admission: `database "d" user "u"`.
     pool: Arc<str>,
+    /// The pool last checked out from, until a reload retires (closes) it.
+    server_pool: std::sync::Mutex<Option<crate::pool::Pool>>,
 }
 
 impl Seat {
@@ -263,7 +265,7 @@ impl Seat {
     pub(crate) async fn checkout(&self, shared: &Shared, client: &mut ClientConn) -> Result<PooledConn, SessionError> {
         shared.pauses.wait_resumed(&self.route.database).await;
         // The pool and its size as configured now (a reload may have changed them).
-        let pool = shared.pools.pool(&self.route);
+        let pool = self.server_pool(shared);
         let pool_size = pool.status().max_size as u32;
         let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
         tokio::pin!(acquire);
@@ -323,6 +325,20 @@ impl Seat {
                 });
         }
         Ok(grant)
+    }
+
+    /// The session's pool: the one used last while it is open (a reload that changes its
+    /// server or settings closes it), else the pool set's current one.
+    fn server_pool(&self, shared: &Shared) -> crate::pool::Pool {
+        let mut cached = self.server_pool.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some(p) if !p.is_closed() => p.clone(),
+            _ => {
+                let p = shared.pools.pool(&self.route);
+                *cached = Some(p.clone());
+                p
+            }
+        }
     }
 
     /// The session's pool.
@@ -564,6 +580,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
         pool: crate::pool::PoolKey::label(&route.database, &route.user).into(),
         member,
         route,
+        server_pool: Default::default(),
     };
     let mut server = seat.checkout(shared, client).await?;
     if let Err(e) = params::prepare_server(

@@ -7,7 +7,7 @@
 //! Part of the server connection; the relay splits it into borrowed halves.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -22,8 +22,9 @@ use crate::tls::ServerTls;
 pub enum ServerAddr {
     /// host:port over TCP.
     Tcp(std::net::SocketAddr),
-    /// A Unix-domain socket file.
-    Unix(PathBuf),
+    /// A Unix-domain socket file (shared: the address is copied into the cancel target at
+    /// every transaction).
+    Unix(std::sync::Arc<Path>),
 }
 
 impl std::fmt::Display for ServerAddr {
@@ -60,7 +61,7 @@ impl ServerStream {
         if is_socket_dir(host) {
             let path = Path::new(host).join(format!(".s.PGSQL.{port}"));
             let s = UnixStream::connect(&path).await?;
-            Ok((ServerStream::Unix(s), ServerAddr::Unix(path)))
+            Ok((ServerStream::Unix(s), ServerAddr::Unix(path.into())))
         } else {
             let s = TcpStream::connect((host, port)).await?;
             s.set_nodelay(true)?;
@@ -85,7 +86,7 @@ impl ServerStream {
         // PostgreSQL reads a cancel request before any TLS or authentication.
         Ok(match addr {
             ServerAddr::Tcp(a) => ServerStream::Tcp(TcpStream::connect(a).await?),
-            ServerAddr::Unix(p) => ServerStream::Unix(UnixStream::connect(p).await?),
+            ServerAddr::Unix(p) => ServerStream::Unix(UnixStream::connect(&**p).await?),
         })
     }
 
