@@ -17,32 +17,38 @@ const TRIGGERS: &[&[u8]] = &[
     b"discard",
 ];
 
-/// Which bytes can start one of `words` (lower case), in either case.
-const fn first_bytes(words: &[&[u8]]) -> [bool; 256] {
-    let mut t = [false; 256];
+/// For each byte, which of `words` (at most 8, lower case, starting with a letter) start
+/// with it in either case, as a bit mask of their indices.
+const fn first_bytes(words: &[&[u8]]) -> [u8; 256] {
+    let mut t = [0u8; 256];
     let mut i = 0;
     while i < words.len() {
         let b = words[i][0];
-        t[b as usize] = true;
-        t[(b & !0x20) as usize] = true;
+        t[b as usize] |= 1 << i;
+        t[(b & !0x20) as usize] |= 1 << i;
         i += 1;
     }
     t
 }
 
 const DEALLOCATES: &[&[u8]] = &[b"deallocate", b"discard"];
-const TRIGGER_FIRST: [bool; 256] = first_bytes(TRIGGERS);
-const DEALLOCATE_FIRST: [bool; 256] = first_bytes(DEALLOCATES);
+const TRIGGER_FIRST: [u8; 256] = first_bytes(TRIGGERS);
+const DEALLOCATE_FIRST: [u8; 256] = first_bytes(DEALLOCATES);
 
-/// Whether any of `words` (lower case, letters first) appears in `sql`, in any case. Only
-/// positions holding a first letter of some word are compared (`first`, from [`first_bytes`]).
-fn contains_any(sql: &[u8], words: &[&[u8]], first: &[bool; 256]) -> bool {
-    sql.iter().enumerate().any(|(i, &b)| {
-        first[b as usize]
-            && words.iter().any(|t| {
-                sql.len() >= i + t.len() && sql[i..i + t.len()].iter().zip(t.iter()).all(|(a, b)| a | 0x20 == *b)
-            })
-    })
+/// Whether any of `words` appears in `sql`, in any case. Only the words starting with the
+/// byte at a position are compared there (`first`, from [`first_bytes`]).
+fn contains_any(sql: &[u8], words: &[&[u8]], first: &[u8; 256]) -> bool {
+    for (i, &b) in sql.iter().enumerate() {
+        let mut m = first[b as usize];
+        while m != 0 {
+            let w = words[m.trailing_zeros() as usize];
+            m &= m - 1;
+            if sql.len() - i >= w.len() && sql[i..i + w.len()].eq_ignore_ascii_case(w) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
