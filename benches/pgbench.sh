@@ -10,6 +10,8 @@
 #   RULES_CONFIG=benches/rules.toml CLIENTS=128 benches/pgbench.sh   # + "rules": a second
 #                                           # pgvalve with that config, vs "pgvalve" without
 #   PGVALVE_B=/tmp/old/pgvalve benches/pgbench.sh   # A/B: the second pgvalve is another binary
+#   ALSO_PREPARED=1 POOL_MODE=transaction benches/pgbench.sh  # + pgvalve with -M prepared, in
+#                                           # the same run, vs pgvalve with PGBENCH_MODE
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
@@ -35,11 +37,13 @@ POOL_SIZE=${POOL_SIZE:-$MAXC}
 # Starts PostgreSQL, pgvalve (and a second pgvalve with RULES_CONFIG) and PgBouncer; sets
 # TARGETS, PGPORT, WORK, AS, BINDIR, PGBENCH, PSQL.
 source benches/setup.sh
+# "name@mode" runs that target with another pgbench mode.
+[[ -n "${ALSO_PREPARED:-}" ]] && TARGETS+=("pgvalve@prepared:$VPORT")
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 
 declare -A TPS CPU
 proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
-  case $1 in
+  case ${1%@*} in
     pgvalve) pgrep -f -- "--listen 127.0.0.1:$VPORT" | head -1 ;;
     rules) pgrep -f -- "--listen 127.0.0.1:$RPORT" | head -1 ;;
     pgbouncer) pgrep -f -- "$WORK/pgbouncer.ini" | grep -v runuser | tail -1 ;;
@@ -49,9 +53,9 @@ cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/nu
 for ((rep = 1; rep <= REPS; rep++)); do
   for c in "${CLIENT_LIST[@]}"; do
     for t in "${TARGETS[@]}"; do
-      name=${t%%:*}; port=${t##*:}
+      name=${t%%:*}; port=${t##*:}; mode=$MODE; [[ $name == *@* ]] && mode=${name#*@}
       pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
-      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$MODE" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
       t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
       xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)
@@ -76,6 +80,14 @@ for c in "${CLIENT_LIST[@]}"; do
   cv=$(median <<<"${CPU[pgvalve,$c]}"); cb=$( [[ -n "${CPU[pgbouncer,$c]:-}" ]] && median <<<"${CPU[pgbouncer,$c]}" || echo -)
   printf '%-8s %12s %12s %12s %14s %14s %16s %16s\n' "$c" "$d" "$v" "${b:--}" "$rd" "$rb" "$cv" "$cb"
 done
+if [[ -n "${ALSO_PREPARED:-}" ]]; then
+  echo
+  echo "pgvalve -M prepared vs pgvalve -M $MODE, same run:"
+  for c in "${CLIENT_LIST[@]}"; do
+    v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[pgvalve@prepared,$c]}")
+    awk -v c="$c" -v v="$v" -v r="$r" -v m="$MODE" 'BEGIN{printf "  %s clients: prepared %s tps, %s %s tps, prepared/%s %.2f\n", c, r, m, v, m, r/v}'
+  done
+fi
 if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
   echo
   echo "second pgvalve (\"rules\": ${PGVALVE_B:-same binary} ${RULES_CONFIG:+with $RULES_CONFIG}) vs pgvalve (\"none\"), same run:"

@@ -34,7 +34,7 @@ echo "bench" >"$WORK/pw"; [[ ${#AS[@]} -gt 0 ]] && chown postgres: "$WORK/pw"
 "${AS[@]}" "$BINDIR/initdb" -D "$WORK/data" -U postgres --pwfile="$WORK/pw" --auth-local=trust \
   --auth-host=scram-sha-256 -E UTF8 --locale=C --no-sync >/dev/null
 "${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o \
-  "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=$((MAXC * 3 + 20)) -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=256MB" \
+  "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=$((MAXC * 4 + 20)) -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=256MB" \
   start >/dev/null
 "${AS[@]}" "$PSQL" -qX -h "$WORK" -p "$PGPORT" -U postgres -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench" >/dev/null
 
