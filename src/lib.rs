@@ -31,6 +31,12 @@
 /// seeded at random per map, in place of SipHash.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Polls `f` once: its output if it is ready now, else `Pending` (and `f` stays usable), so a
+/// caller makes a timer or reads the clock only when it really waits.
+pub(crate) async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
+}
+
 pub mod admin;
 pub mod admission;
 pub mod cancel;

@@ -270,7 +270,7 @@ impl Seat {
         let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
         tokio::pin!(acquire);
         // Most grants come at once: then no clock is read and no timer made.
-        let grant = match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
+        let grant = match crate::poll_once(acquire.as_mut()).await {
             Poll::Ready(g) => g?,
             Poll::Pending => self.queued(shared, client, acquire, pool_size).await?,
         };

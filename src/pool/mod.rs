@@ -10,7 +10,6 @@ mod manager;
 pub mod pause;
 pub mod stats;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -242,28 +241,20 @@ impl PoolSet {
         let get = pool.get();
         tokio::pin!(get);
         // An idle connection is there at once nearly always: no clock, no timer then.
-        let got = match std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await {
-            Poll::Ready(r) => Some(r),
-            Poll::Pending => tokio::time::timeout(pool.manager().slot_wait, get).await.ok(),
-        };
-        let Some(got) = got else {
-            return Err(CheckoutError::Timeout {
-                database: route.database.clone(),
-                user: route.user.clone(),
-                waited: pool.manager().slot_wait,
-                pool_size: pool.status().max_size as u32,
-            });
+        let got = match crate::poll_once(get.as_mut()).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(pool.manager().slot_wait, get).await,
         };
         match got {
-            Ok(obj) => Ok(PooledConn::new(obj, grant)),
-            Err(PoolError::Timeout(_)) => Err(CheckoutError::Timeout {
+            Ok(Ok(obj)) => Ok(PooledConn::new(obj, grant)),
+            Err(_) | Ok(Err(PoolError::Timeout(_))) => Err(CheckoutError::Timeout {
                 database: route.database.clone(),
                 user: route.user.clone(),
                 waited: pool.manager().slot_wait,
                 pool_size: pool.status().max_size as u32,
             }),
-            Err(PoolError::Backend(e)) => Err(CheckoutError::Server(e)),
-            Err(PoolError::PostCreateHook(_)) | Err(PoolError::NoRuntimeSpecified) | Err(PoolError::Closed) => {
+            Ok(Err(PoolError::Backend(e))) => Err(CheckoutError::Server(e)),
+            Ok(Err(PoolError::PostCreateHook(_) | PoolError::NoRuntimeSpecified | PoolError::Closed)) => {
                 Err(CheckoutError::Closed)
             }
         }

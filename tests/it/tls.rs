@@ -55,6 +55,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A tokio-postgres TLS connector trusting `ca_pem` (it checks the host name too).
 fn connector(ca_pem: &str, alpn: bool) -> MakeRustlsConnect {
+    MakeRustlsConnect::new(client_tls(ca_pem, alpn))
+}
+
+/// A rustls client configuration trusting `ca_pem`, offering ALPN `postgresql` when `alpn`.
+fn client_tls(ca_pem: &str, alpn: bool) -> rustls::ClientConfig {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -68,7 +73,7 @@ fn connector(ca_pem: &str, alpn: bool) -> MakeRustlsConnect {
     if alpn {
         config.alpn_protocols = vec![b"postgresql".to_vec()];
     }
-    MakeRustlsConnect::new(config)
+    config
 }
 
 /// tokio-postgres through `proxy` as the application role, host `localhost`.
@@ -450,18 +455,8 @@ async fn a_tls_client_that_reads_late_still_gets_the_end_of_its_result() {
     let mut tcp = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
     tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
     assert_eq!(tcp.read_u8().await.unwrap(), b'S');
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(p.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&p.ca_pem, false)))
         .connect(name, tcp)
         .await
         .unwrap();
