@@ -123,7 +123,11 @@ pub struct CancelKey {
 impl CancelKey {
     /// Points cancels at `target` (or nowhere). Waits for a cancel in flight to finish.
     pub async fn set_target(&self, target: Option<CancelTarget>) {
-        *self.slot.lock().await = target;
+        // Uncontended but for a cancel being forwarded: no wait (and no future) then.
+        match self.slot.try_lock() {
+            Ok(mut slot) => *slot = target,
+            Err(_) => *self.slot.lock().await = target,
+        }
     }
 }
 

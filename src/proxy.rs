@@ -20,7 +20,7 @@ use crate::admission::Admission;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ScramVerifier};
 use crate::pool::PoolSet;
-use crate::shutdown::Phase;
+use crate::shutdown::{Phase, PhaseSender};
 
 /// State every session of one proxy shares.
 #[derive(Debug)]
@@ -33,8 +33,10 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// Client admission.
     pub admission: Admission,
-    /// Shutdown phase.
+    /// Shutdown phase, for the proxy's tasks.
     pub phase: watch::Receiver<Phase>,
+    /// Shutdown phase, for sessions.
+    pub phase_bell: Arc<crate::shutdown::PhaseBell>,
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
     pub decoy_verifier: ScramVerifier,
     /// Users looked up with auth_query: verifiers, learned keys, failed logins.
@@ -71,7 +73,7 @@ pub struct ProxyHandle {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    phase_tx: Arc<watch::Sender<Phase>>,
+    phase_tx: Arc<PhaseSender>,
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -100,7 +102,7 @@ impl ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
         let config = Arc::new(ArcSwap::from_pointee(config));
         let admission_config = crate::admission::AdmissionConfig::from_config(&config.load());
-        let (phase_tx, phase) = watch::channel(Phase::Running);
+        let (phase_tx, phase, phase_bell) = PhaseSender::new();
         let decoy = hex_nonce();
         let events = crate::observe::Events::default();
         let auth = Arc::new(crate::client::auth_query::AuthQuery::default());
@@ -116,6 +118,7 @@ impl ProxyHandle {
             reloads: Default::default(),
             shutdown_requested: Default::default(),
             phase: phase.clone(),
+            phase_bell,
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),
             statements: Arc::default(),
@@ -212,13 +215,7 @@ impl ProxyHandle {
 
     /// Starts the drain without waiting (a later [`ProxyHandle::shutdown`] completes it).
     pub fn begin_drain(&self) {
-        self.phase_tx.send_if_modified(|p| {
-            let change = *p == Phase::Running;
-            if change {
-                *p = Phase::Draining;
-            }
-            change
-        });
+        self.phase_tx.begin_drain();
     }
 
     async fn stop(self, grace: Duration) {
@@ -230,7 +227,7 @@ impl ProxyHandle {
                 "shutdown_timeout reached; closing remaining sessions"
             );
         }
-        let _ = self.phase_tx.send(Phase::Stopped);
+        self.phase_tx.stop();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         self.shared.pools.close();
         for t in self.tasks {
@@ -242,12 +239,12 @@ impl ProxyHandle {
 
 /// Forces the Stopped phase (see [`ProxyHandle::stop_signal`]).
 #[derive(Debug, Clone)]
-pub struct StopSignal(Arc<watch::Sender<Phase>>);
+pub struct StopSignal(Arc<PhaseSender>);
 
 impl StopSignal {
     /// Close all sessions now.
     pub fn stop_now(&self) {
-        let _ = self.0.send(Phase::Stopped);
+        self.0.stop();
     }
 }
 

@@ -5,38 +5,127 @@
 //! `shutdown_timeout`: what remains is closed). Tests drive it through [`crate::ProxyHandle`];
 //! the binary maps SIGTERM/SIGINT to it.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::watch;
 
 /// Where a proxy is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Phase {
     /// Serving.
-    Running,
+    Running = 0,
     /// Not accepting; sessions end at their next idle point.
     Draining,
     /// Everything is being closed.
     Stopped,
 }
 
-type NextPhase = Pin<Box<dyn Future<Output = (Phase, watch::Receiver<Phase>)> + Send>>;
+/// The phase as sessions follow it: an atomic read, and one waker per session that is woken
+/// when the phase changes. Following it costs no lock per poll (a `watch` receiver's waiter
+/// takes the channel's lock each time it is polled, and every session polls it in every
+/// round of its relay).
+#[derive(Debug, Default)]
+pub struct PhaseBell {
+    phase: AtomicU8,
+    next_id: AtomicU64,
+    watchers: Mutex<crate::FastMap<u64, Arc<AtomicWaker>>>,
+}
 
-/// The phase as one session follows it: a single waiter registered for the whole session,
-/// not one per transaction (each registration takes the channel's lock twice).
+impl PhaseBell {
+    /// The phase now.
+    pub fn now(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Running,
+            1 => Phase::Draining,
+            _ => Phase::Stopped,
+        }
+    }
+
+    /// Moves to `p` and wakes every session that follows the phase.
+    fn ring(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+        let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for w in watchers.values() {
+            w.wake();
+        }
+    }
+}
+
+/// Sets the phase: for the proxy's own tasks (a `watch` channel) and for its sessions (the
+/// [`PhaseBell`]). Dropping it means Stopped, for both.
+#[derive(Debug)]
+pub struct PhaseSender {
+    tx: watch::Sender<Phase>,
+    bell: Arc<PhaseBell>,
+}
+
+impl PhaseSender {
+    /// A sender in `Running`, with the receiver for tasks and the bell for sessions.
+    pub fn new() -> (Self, watch::Receiver<Phase>, Arc<PhaseBell>) {
+        let (tx, rx) = watch::channel(Phase::Running);
+        let bell = Arc::new(PhaseBell::default());
+        (Self { tx, bell: bell.clone() }, rx, bell)
+    }
+
+    /// Running → Draining (no change in any other phase).
+    pub fn begin_drain(&self) {
+        let changed = self.tx.send_if_modified(|p| {
+            let change = *p == Phase::Running;
+            if change {
+                *p = Phase::Draining;
+            }
+            change
+        });
+        if changed {
+            self.bell.ring(Phase::Draining);
+        }
+    }
+
+    /// Stopped: everything closes.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Phase::Stopped);
+        self.bell.ring(Phase::Stopped);
+    }
+
+    /// A receiver for a task that watches the phase.
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.tx.subscribe()
+    }
+}
+
+impl Drop for PhaseSender {
+    fn drop(&mut self) {
+        self.bell.ring(Phase::Stopped);
+    }
+}
+
+/// The phase as one session follows it.
+#[derive(Debug)]
 pub struct PhaseWatch {
     now: Phase,
-    next: NextPhase,
+    bell: Arc<PhaseBell>,
+    id: u64,
+    waker: Arc<AtomicWaker>,
 }
 
 impl PhaseWatch {
-    /// Follows `rx` from its current value on.
-    pub fn new(mut rx: watch::Receiver<Phase>) -> Self {
-        let now = *rx.borrow_and_update();
+    /// Follows `bell` from its current phase on.
+    pub fn new(bell: &Arc<PhaseBell>) -> Self {
+        let id = bell.next_id.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(AtomicWaker::new());
+        bell.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, waker.clone());
         Self {
-            now,
-            next: Box::pin(next_phase(rx)),
+            now: bell.now(),
+            bell: bell.clone(),
+            id,
+            waker,
         }
     }
 
@@ -45,20 +134,61 @@ impl PhaseWatch {
         self.now
     }
 
-    /// Resolves at the next change (a closed channel means Stopped, at once from then on).
-    /// Cancel-safe: the waiter stays registered when this future is dropped.
+    /// Resolves at the next change. Cancel-safe.
     pub async fn changed(&mut self) -> Phase {
-        let (p, rx) = self.next.as_mut().await;
-        self.now = p;
-        self.next = Box::pin(next_phase(rx));
-        p
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let p = self.bell.now();
+            if p == self.now {
+                return Poll::Pending;
+            }
+            self.now = p;
+            Poll::Ready(p)
+        })
+        .await
     }
 }
 
-async fn next_phase(mut rx: watch::Receiver<Phase>) -> (Phase, watch::Receiver<Phase>) {
-    let p = match rx.changed().await {
-        Ok(()) => *rx.borrow_and_update(),
-        Err(_) => Phase::Stopped,
-    };
-    (p, rx)
+impl Drop for PhaseWatch {
+    fn drop(&mut self) {
+        self.bell
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn sessions_follow_every_change_and_a_dropped_sender_means_stopped() {
+        let (tx, rx, bell) = PhaseSender::new();
+        let mut w = PhaseWatch::new(&bell);
+        assert_eq!(w.now(), Phase::Running);
+        let waiting = tokio::spawn(async move {
+            let p = w.changed().await;
+            (p, w)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.begin_drain();
+        let (p, mut w) = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p, Phase::Draining);
+        assert_eq!(*rx.borrow(), Phase::Draining);
+        // A second drain changes nothing; dropping the sender stops everything.
+        tx.begin_drain();
+        drop(tx);
+        let p = tokio::time::timeout(Duration::from_secs(2), w.changed()).await.unwrap();
+        assert_eq!(p, Phase::Stopped);
+        assert_eq!(w.now(), Phase::Stopped);
+        // Watchers leave the bell when dropped.
+        drop(w);
+        assert!(bell.watchers.lock().unwrap().is_empty());
+    }
 }

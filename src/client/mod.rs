@@ -534,7 +534,7 @@ async fn session(
         client,
         &mut server,
         &key,
-        &mut crate::shutdown::PhaseWatch::new(shared.phase.clone()),
+        &mut crate::shutdown::PhaseWatch::new(&shared.phase_bell),
         max,
         &mut mode,
     ))

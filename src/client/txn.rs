@@ -71,7 +71,7 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSes
         reset: &reset,
         max: shared.config().proxy.max_message_size.0,
     };
-    let mut phase = PhaseWatch::new(shared.phase.clone());
+    let mut phase = PhaseWatch::new(&shared.phase_bell);
     let reported = Reported::new();
     let mut applied = Applied {
         params: params_key(p, &reported),

@@ -396,7 +396,7 @@ where
             }
             t.ends = 0;
             if let Some(l) = mode.stats.as_mut() {
-                l.add(&t.tally, Instant::now());
+                l.add(&t.tally, t.answered_at.unwrap_or_else(Instant::now));
                 t.tally = Totals::default();
             }
         }

@@ -37,6 +37,8 @@ pub(super) struct Tracker {
     pub(super) xact_since: Option<Instant>,
     /// Inside COPY IN or COPY BOTH (the server waits for the client's data).
     pub(super) copy: bool,
+    /// When the last answer to all outstanding requests came (the clock the stats use).
+    pub(super) answered_at: Option<Instant>,
 }
 
 impl Tracker {
@@ -56,6 +58,7 @@ impl Tracker {
             busy_since: None,
             xact_since: None,
             copy: false,
+            answered_at: None,
         }
     }
 
@@ -151,6 +154,7 @@ impl Tracker {
             self.tally.queries += 1;
             if self.pending == 0 {
                 let now = Instant::now();
+                self.answered_at = Some(now);
                 if let Some(t) = self.busy_since.take() {
                     self.tally.query_us += now.duration_since(t).as_micros() as u64;
                 }
