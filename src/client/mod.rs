@@ -257,6 +257,8 @@ pub(crate) struct Seat {
     pool: Arc<str>,
     /// The pool last checked out from, until a reload retires (closes) it.
     server_pool: std::sync::Mutex<Option<crate::pool::Pool>>,
+    /// The pool's SHOW STATS counters (queue waits are added here).
+    stats: Arc<crate::pool::stats::Counters>,
 }
 
 impl Seat {
@@ -272,7 +274,7 @@ impl Seat {
         // Most grants come at once: then no clock is read and no timer made.
         let grant = match crate::poll_once(acquire.as_mut()).await {
             Poll::Ready(g) => g?,
-            Poll::Pending => self.queued(shared, client, acquire, pool_size).await?,
+            Poll::Pending => self.queued(client, acquire, pool_size).await?,
         };
         let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
             Ok(s) => s,
@@ -293,7 +295,6 @@ impl Seat {
     /// waited `queue_notice_after`; the wait counts in the pool's SHOW STATS.
     async fn queued(
         &self,
-        shared: &Shared,
         client: &mut ClientConn,
         mut acquire: Pin<&mut impl Future<Output = Result<ServerGrant, Refusal>>>,
         pool_size: u32,
@@ -315,14 +316,10 @@ impl Seat {
         };
         let waited = started.elapsed();
         if waited >= Duration::from_millis(1) {
-            shared
-                .pools
-                .stats
-                .counters(&self.key())
-                .add(&crate::pool::stats::Totals {
-                    wait_us: waited.as_micros() as u64,
-                    ..Default::default()
-                });
+            self.stats.add(&crate::pool::stats::Totals {
+                wait_us: waited.as_micros() as u64,
+                ..Default::default()
+            });
         }
         Ok(grant)
     }
@@ -338,14 +335,6 @@ impl Seat {
                 *cached = Some(p.clone());
                 p
             }
-        }
-    }
-
-    /// The session's pool.
-    pub(crate) fn key(&self) -> crate::pool::PoolKey {
-        crate::pool::PoolKey {
-            database: self.route.database.clone(),
-            user: self.route.user.clone(),
         }
     }
 
@@ -510,7 +499,7 @@ async fn session(
         timeouts: relay::Timeouts::from_config(&shared.config()),
         cancel: None,
         session: Some(seat.registered.info.clone()),
-        stats: Some(crate::pool::stats::Local::new(shared.pools.stats.counters(&seat.key()))),
+        stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
                 prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
@@ -575,12 +564,17 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
         addr: client.peer,
         local: client.stream.local_addr().ok(),
     });
+    let stats = shared.pools.stats.counters(&crate::pool::PoolKey {
+        database: route.database.clone(),
+        user: route.user.clone(),
+    });
     let seat = Seat {
         registered,
         pool: crate::pool::PoolKey::label(&route.database, &route.user).into(),
         member,
         route,
         server_pool: Default::default(),
+        stats,
     };
     let mut server = seat.checkout(shared, client).await?;
     if let Err(e) = params::prepare_server(
