@@ -252,6 +252,45 @@ async fn pgbouncer_tables_and_commands() {
     assert_eq!(code(&e).as_deref(), Some("42704"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stats_counts_the_time_clients_waited_for_a_server_connection() {
+    let pg = pgvalve::testkit::TestPostgres::start(Default::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgvalve.toml");
+    std::fs::write(&path, config_text(&pg, "1")).unwrap();
+    let proxy = ProxyHandle::start(pgvalve::config::load(&path).unwrap()).await.unwrap();
+    let url = format!("postgres://app:app-secret@{}/app", proxy.local_addr());
+    let admin = connect(&format!("postgres://app:app-secret@{}/pgvalve", proxy.local_addr()))
+        .await
+        .unwrap();
+    let wait_us = |rows: &Rows| {
+        rows.iter()
+            .find(|r| r["database"] == "app")
+            .map_or(0, |r| r["total_wait_time"].parse::<u64>().unwrap())
+    };
+
+    // The only server connection is held in a transaction for 400 ms; a second client waits.
+    let first = connect(&url).await.unwrap();
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let second = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            c.simple_query("SELECT 1").await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, before) = table(&admin, "SHOW STATS").await;
+    first.batch_execute("COMMIT").await.unwrap();
+    within(Duration::from_secs(10), second).await.unwrap();
+    let (_, after) = table(&admin, "SHOW STATS").await;
+    let waited = wait_us(&after) - wait_us(&before);
+    assert!(
+        (300_000..10_000_000).contains(&waited),
+        "total_wait_time grew by {waited} µs for a wait of about 400 ms"
+    );
+}
+
 fn config_text(pg: &pgvalve::testkit::TestPostgres, pool_size: &str) -> String {
     format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[pool]\npool_mode = \"transaction\"\npool_size = {pool_size}\n\
