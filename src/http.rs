@@ -31,7 +31,7 @@ async fn healthz() -> &'static str {
 /// Ready when accepting clients and some pool holds a server connection, or else one of
 /// the configured servers accepts a connection within a second.
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    if *shared.phase.borrow() != Phase::Running {
+    if shared.phase_bell.now() != Phase::Running {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
     if shared.pools.stats().iter().any(|p| p.open > 0) {

@@ -33,9 +33,7 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// Client admission.
     pub admission: Admission,
-    /// Shutdown phase, for the proxy's tasks.
-    pub phase: watch::Receiver<Phase>,
-    /// Shutdown phase, for sessions.
+    /// Shutdown phase (the proxy's own tasks watch a `watch` receiver of it).
     pub phase_bell: Arc<crate::shutdown::PhaseBell>,
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
     pub decoy_verifier: ScramVerifier,
@@ -117,7 +115,6 @@ impl ProxyHandle {
             pauses: Default::default(),
             reloads: Default::default(),
             shutdown_requested: Default::default(),
-            phase: phase.clone(),
             phase_bell,
             decoy_verifier: ScramVerifier::from_password(&decoy),
             pins: Arc::default(),

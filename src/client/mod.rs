@@ -408,7 +408,7 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
             identity,
         ));
     }
-    if *shared.phase.borrow() != Phase::Running {
+    if shared.phase_bell.now() != Phase::Running {
         return Err(SessionError::Shutdown);
     }
     if p.params.contains_key("replication") {
@@ -564,10 +564,7 @@ async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -
         addr: client.peer,
         local: client.stream.local_addr().ok(),
     });
-    let stats = shared.pools.stats.counters(&crate::pool::PoolKey {
-        database: route.database.clone(),
-        user: route.user.clone(),
-    });
+    let stats = shared.pools.stats.counters(&crate::pool::PoolKey::of(&route));
     let seat = Seat {
         registered,
         pool: crate::pool::PoolKey::label(&route.database, &route.user).into(),

@@ -39,6 +39,14 @@ pub struct PoolKey {
 }
 
 impl PoolKey {
+    /// The key of `route`'s pool.
+    pub fn of(route: &Route) -> Self {
+        PoolKey {
+            database: route.database.clone(),
+            user: route.user.clone(),
+        }
+    }
+
     /// The pool's name in admission (its fair-queue gate) and in messages to clients.
     pub fn label(database: &str, user: &str) -> String {
         format!("database \"{database}\" user \"{user}\"")
@@ -170,10 +178,7 @@ impl PoolSet {
 
     /// The pool of `route` (created on first use), with the configuration in force now.
     pub fn pool(&self, route: &Route) -> Pool {
-        let key = PoolKey {
-            database: route.database.clone(),
-            user: route.user.clone(),
-        };
+        let key = PoolKey::of(route);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = pools.get(&key) {
             return e.pool.clone();
