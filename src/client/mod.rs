@@ -268,7 +268,7 @@ impl Seat {
         shared.pauses.wait_resumed(&self.route.database).await;
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
-        let pool_size = pool.status().max_size as u32;
+        let pool_size = pool.manager().size() as u32;
         let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
         tokio::pin!(acquire);
         // Most grants come at once: then no clock is read and no timer made.

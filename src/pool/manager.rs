@@ -5,7 +5,7 @@
 //! connection holds one slot of [`ServerSlots`] (`max_server_connections`) for its whole life;
 //! when none is free, an idle connection of some pool is closed to make room.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,6 +162,9 @@ pub struct ServerManager {
     pub backoff: Backoff,
     /// Longest spacing (server_login_retry).
     pub login_retry: Duration,
+    /// The pool's max size, kept with every resize: read at each checkout without the pool's
+    /// lock (`Pool::status` takes it).
+    pub size: AtomicUsize,
 }
 
 impl managed::Manager for ServerManager {
@@ -180,6 +183,11 @@ impl managed::Manager for ServerManager {
 }
 
 impl ServerManager {
+    /// The pool's max size (pool_size as configured now).
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
     async fn open(&self) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         self.backoff.admit(&addr, self.login_retry)?;

@@ -10,7 +10,7 @@ mod manager;
 pub mod pause;
 pub mod stats;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -201,6 +201,7 @@ impl PoolSet {
             failed: Arc::clone(&failed),
             backoff: Default::default(),
             login_retry: config.pool.server_login_retry,
+            size: AtomicUsize::new(route.pool_size as usize),
         };
         let pool = Pool::builder(manager)
             .max_size(route.pool_size as usize)
@@ -256,7 +257,7 @@ impl PoolSet {
                 database: route.database.clone(),
                 user: route.user.clone(),
                 waited: pool.manager().slot_wait,
-                pool_size: pool.status().max_size as u32,
+                pool_size: pool.manager().size() as u32,
             }),
             Ok(Err(PoolError::Backend(e))) => Err(CheckoutError::Server(e)),
             Ok(Err(PoolError::PostCreateHook(_) | PoolError::NoRuntimeSpecified | PoolError::Closed)) => {
@@ -296,6 +297,7 @@ impl PoolSet {
                     e.pool.status().max_size
                 ));
                 e.pool.resize(size);
+                e.pool.manager().size.store(size, Ordering::Relaxed);
             }
             true
         });

@@ -7,6 +7,7 @@
 //! use; `RESUME` lets the waiting clients go.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 
@@ -14,12 +15,16 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct Pauses {
     paused: watch::Sender<BTreeSet<String>>,
+    /// Whether anything is paused: read before every checkout, so the common case takes no
+    /// lock (the set's lock is shared by every session).
+    any: AtomicBool,
 }
 
 impl Default for Pauses {
     fn default() -> Self {
         Self {
             paused: watch::Sender::new(BTreeSet::new()),
+            any: AtomicBool::new(false),
         }
     }
 }
@@ -31,24 +36,34 @@ impl Pauses {
     /// Pauses `database` (None: all). False when it already was.
     pub fn pause(&self, database: Option<&str>) -> bool {
         let name = database.unwrap_or(ALL).to_string();
-        self.paused.send_if_modified(|set| set.insert(name))
+        self.paused.send_if_modified(|set| {
+            self.any.store(true, Ordering::Release);
+            set.insert(name)
+        })
     }
 
     /// Resumes `database` (None: all, and every database paused by name). False when it
     /// was not paused.
     pub fn resume(&self, database: Option<&str>) -> bool {
-        self.paused.send_if_modified(|set| match database {
-            None => {
-                let any = !set.is_empty();
-                set.clear();
-                any
-            }
-            Some(d) => set.remove(d),
+        self.paused.send_if_modified(|set| {
+            let changed = match database {
+                None => {
+                    let any = !set.is_empty();
+                    set.clear();
+                    any
+                }
+                Some(d) => set.remove(d),
+            };
+            self.any.store(!set.is_empty(), Ordering::Release);
+            changed
         })
     }
 
     /// Whether `database` is paused now (by name or through "*").
     pub fn is_paused(&self, database: &str) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
         let set = self.paused.borrow();
         !set.is_empty() && (set.contains(ALL) || set.contains(database))
     }
