@@ -500,6 +500,7 @@ async fn session(
         cancel: None,
         session: Some(seat.registered.info.clone()),
         stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
+        reuse: Default::default(),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
                 prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)

@@ -115,6 +115,11 @@ pub struct Responses {
 }
 
 impl Responses {
+    /// Nothing outstanding and no COPY under way: it can serve the next relay as it is.
+    pub fn is_idle(&self) -> bool {
+        self.q.is_empty() && self.accepted.is_empty() && !self.copy_in && self.ignored_syncs == 0
+    }
+
     /// Adds a request; returns the proxy answers due now (when nothing is ahead of them).
     pub fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
         match e {

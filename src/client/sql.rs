@@ -17,13 +17,13 @@ const TRIGGERS: &[&[u8]] = &[
     b"discard",
 ];
 
-/// For each byte, which of `words` (at most 8, lower case, starting with a letter) start
-/// with it in either case, as a bit mask of their indices.
-const fn first_bytes(words: &[&[u8]]) -> [u8; 256] {
+/// For each byte, which of `words` (at most 8, lower case letters, at least two) have it,
+/// in either case, at position `at`, as a bit mask of their indices.
+const fn letter_at(words: &[&[u8]], at: usize) -> [u8; 256] {
     let mut t = [0u8; 256];
     let mut i = 0;
     while i < words.len() {
-        let b = words[i][0];
+        let b = words[i][at];
         t[b as usize] |= 1 << i;
         t[(b & !0x20) as usize] |= 1 << i;
         i += 1;
@@ -31,15 +31,36 @@ const fn first_bytes(words: &[&[u8]]) -> [u8; 256] {
     t
 }
 
+/// The first two letters of some words, for [`contains_any`].
+struct Filter {
+    first: [u8; 256],
+    second: [u8; 256],
+}
+
+impl Filter {
+    const fn of(words: &[&[u8]]) -> Self {
+        Self {
+            first: letter_at(words, 0),
+            second: letter_at(words, 1),
+        }
+    }
+}
+
 const DEALLOCATES: &[&[u8]] = &[b"deallocate", b"discard"];
-const TRIGGER_FIRST: [u8; 256] = first_bytes(TRIGGERS);
-const DEALLOCATE_FIRST: [u8; 256] = first_bytes(DEALLOCATES);
+static TRIGGER_FILTER: Filter = Filter::of(TRIGGERS);
+static DEALLOCATE_FILTER: Filter = Filter::of(DEALLOCATES);
 
 /// Whether any of `words` appears in `sql`, in any case. Only the words starting with the
-/// byte at a position are compared there (`first`, from [`first_bytes`]).
-fn contains_any(sql: &[u8], words: &[&[u8]], first: &[u8; 256]) -> bool {
-    for (i, &b) in sql.iter().enumerate() {
-        let mut m = first[b as usize];
+/// two bytes at a position (`filter`) are compared there: in ordinary SQL that is rare, so
+/// the scan costs about two table lookups per byte.
+fn contains_any(sql: &[u8], words: &[&[u8]], filter: &Filter) -> bool {
+    let next = sql.get(1..).unwrap_or_default();
+    for (i, (&a, &b)) in sql.iter().zip(next).enumerate() {
+        let m0 = filter.first[a as usize];
+        if m0 == 0 {
+            continue;
+        }
+        let mut m = m0 & filter.second[b as usize];
         while m != 0 {
             let w = words[m.trailing_zeros() as usize];
             m &= m - 1;
@@ -54,12 +75,12 @@ fn contains_any(sql: &[u8], words: &[&[u8]], first: &[u8; 256]) -> bool {
 /// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
 /// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
 pub fn might_change_session(sql: &[u8]) -> bool {
-    contains_any(sql, TRIGGERS, &TRIGGER_FIRST)
+    contains_any(sql, TRIGGERS, &TRIGGER_FILTER)
 }
 
 /// Cheap pre-check for [`deallocates_all`]: false when neither DEALLOCATE nor DISCARD appears.
 pub fn might_deallocate(sql: &[u8]) -> bool {
-    contains_any(sql, DEALLOCATES, &DEALLOCATE_FIRST)
+    contains_any(sql, DEALLOCATES, &DEALLOCATE_FILTER)
 }
 
 /// Why a statement ties the client to its server connection, or None.

@@ -168,16 +168,18 @@ pub struct ServerManager {
 }
 
 impl managed::Manager for ServerManager {
-    type Type = ServerConn;
+    /// Boxed: deadpool moves its objects by value several times per checkout and return,
+    /// and a connection is a few hundred bytes.
+    type Type = Box<ServerConn>;
     type Error = ServerError;
 
-    async fn create(&self) -> Result<ServerConn, ServerError> {
+    async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
         // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside every
         // checkout's future (which every idle client's task is sized for).
-        Box::pin(self.open()).await
+        Box::pin(self.open()).await.map(Box::new)
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ServerError> {
+    async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<ServerError> {
         self.check(conn, metrics)
     }
 }

@@ -34,7 +34,7 @@ pub use timeouts::Timeouts;
 use timeouts::{expired, Clocks};
 use tracker::Tracker;
 use txn::{client_frames, note_pin, server_messages};
-use write::{consumed, drain, ensure_space, forward, move_ready, write_now};
+use write::{consumed, drain, ensure_space, forward, move_ready, send, write_now};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -89,7 +89,20 @@ pub struct Mode {
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
     /// The session's tally of transactions, queries and bytes for its pool's SHOW STATS.
     pub stats: Option<crate::pool::stats::Local>,
+    /// Buffers kept from one transaction's relay to the next (see [`Reuse`]).
+    pub reuse: Reuse,
 }
+
+/// What statement tracking allocates in every relay, kept between transactions while small:
+/// the buffer renamed client messages are written to, and the queue of expected answers.
+#[derive(Debug, Default)]
+pub struct Reuse {
+    scratch: BytesMut,
+    responses: Responses,
+}
+
+/// Largest scratch buffer kept between transactions (an idle client holds it).
+const REUSE_MAX: usize = 4096;
 
 /// The lock monitor cancelled this session's query: replaces the first whole "query
 /// canceled" ErrorResponse (57014) in `s_in` after the first `skip` bytes (the rest of a
@@ -291,7 +304,8 @@ where
         mode.statements.is_none(),
     );
     t.tally.server_assignments = 1;
-    let mut responses = Responses::default();
+    let mut responses = std::mem::take(&mut mode.reuse.responses);
+    let mut scratch = std::mem::take(&mut mode.reuse.scratch);
     let mut prepared = std::mem::take(&mut out.prepared);
     let (mut c_out, mut s_out) = (BytesMut::new(), BytesMut::new());
     let mut cwalk = MessageWalker::new(max_client_message);
@@ -320,7 +334,7 @@ where
             c_new = false;
             if let Some(st) = mode.statements.as_mut() {
                 let mut outs = Outputs {
-                    server: &mut c_out,
+                    server: &mut scratch,
                     client: &mut s_out,
                     responses: &mut responses,
                     conn: &mut prepared,
@@ -329,7 +343,7 @@ where
                     break Err(e);
                 }
                 note_pin(&t, mode);
-                if write_now(&sw, &mut c_out).is_err() {
+                if send(&mut scratch, &mut c_out, &sw).is_err() {
                     out.server_broken = true;
                     break Ok(RelayEnd::ServerGone);
                 }
@@ -500,6 +514,13 @@ where
     out.prepared = prepared;
     if let Some(st) = &mode.statements {
         st.note_accepted(&mut responses);
+    }
+    if responses.is_idle() {
+        mode.reuse.responses = responses;
+    }
+    if scratch.capacity() <= REUSE_MAX {
+        scratch.clear();
+        mode.reuse.scratch = scratch;
     }
     out.last_server_tag = t.last_server_tag;
     out.c_in = c_in;

@@ -81,3 +81,20 @@ pub(super) fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &im
     move_ready(input, out, n - sent);
     Ok(())
 }
+
+/// Sends all of `scratch` on (and empties it, keeping its allocation): straight from it when
+/// nothing is queued in `out` before it, queuing in `out` whatever the socket does not take.
+pub(super) fn send(scratch: &mut BytesMut, out: &mut BytesMut, w: &impl TryWrite) -> Result<(), ()> {
+    let mut sent = 0;
+    while out.is_empty() && sent < scratch.len() {
+        match w.try_write_now(&scratch[sent..]) {
+            Ok(0) => return Err(()),
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(()),
+        }
+    }
+    out.extend_from_slice(&scratch[sent..]);
+    scratch.clear();
+    write_now(w, out)
+}
