@@ -501,7 +501,9 @@ where
     // Whole requests went to the server and whole answers came back: what is still due is
     // known, so a connection whose client left can be brought back to idle (transaction mode).
     // Its state is known outright ('?' otherwise) when nothing is due and nothing unforwarded.
-    let framed = !t.unsynced && !t.copy && swalk.at_boundary() && cwalk.at_boundary() && c_out.is_empty();
+    // (Renamed client messages not yet sent, after a protocol error, count as unsent.)
+    let framed =
+        !t.unsynced && !t.copy && swalk.at_boundary() && cwalk.at_boundary() && c_out.is_empty() && scratch.is_empty();
     let clean = framed && t.pending == 0 && s_out.is_empty() && s_in.is_empty();
     out.status = if clean { t.status } else { b'?' };
     out.recover = framed.then_some(crate::server::Recover {
