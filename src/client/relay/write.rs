@@ -50,15 +50,25 @@ pub(super) async fn drain<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> Resul
 
 /// Writes as much of `out` as the socket takes now, without waiting. `Err` when it failed.
 pub(super) fn write_now(w: &impl TryWrite, out: &mut BytesMut) -> Result<(), ()> {
-    while !out.is_empty() {
-        match w.try_write_now(out) {
+    let n = write_some(w, out)?;
+    if n > 0 {
+        consumed(out, n);
+    }
+    Ok(())
+}
+
+/// Writes as much of `buf` as the socket takes now; the count written, `Err` when it failed.
+fn write_some(w: &impl TryWrite, buf: &[u8]) -> Result<usize, ()> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match w.try_write_now(&buf[sent..]) {
             Ok(0) => return Err(()),
-            Ok(n) => consumed(out, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(_) => return Err(()),
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// Sends the first `n` (scanned) bytes of `input` on: straight from `input` when nothing is
@@ -68,15 +78,7 @@ pub(super) fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &im
         move_ready(input, out, n);
         return write_now(w, out);
     }
-    let mut sent = 0;
-    while sent < n {
-        match w.try_write_now(&input[sent..n]) {
-            Ok(0) => return Err(()),
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return Err(()),
-        }
-    }
+    let sent = write_some(w, &input[..n])?;
     input.advance(sent);
     move_ready(input, out, n - sent);
     Ok(())
@@ -85,15 +87,7 @@ pub(super) fn forward(input: &mut BytesMut, n: usize, out: &mut BytesMut, w: &im
 /// Sends all of `scratch` on (and empties it, keeping its allocation): straight from it when
 /// nothing is queued in `out` before it, queuing in `out` whatever the socket does not take.
 pub(super) fn send(scratch: &mut BytesMut, out: &mut BytesMut, w: &impl TryWrite) -> Result<(), ()> {
-    let mut sent = 0;
-    while out.is_empty() && sent < scratch.len() {
-        match w.try_write_now(&scratch[sent..]) {
-            Ok(0) => return Err(()),
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return Err(()),
-        }
-    }
+    let sent = if out.is_empty() { write_some(w, scratch)? } else { 0 };
     out.extend_from_slice(&scratch[sent..]);
     scratch.clear();
     write_now(w, out)
