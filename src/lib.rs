@@ -8,7 +8,8 @@
 //!                 └──────────────── relay (bytes both ways, headers only) ──────────┘
 //! ```
 //!
-//! - [`listener`]: accepts sockets, takes an admission permit, spawns a session.
+//! - [`listener`]: accepts sockets, takes an admission permit, spawns a session (on a
+//!   [`session_threads`] event loop while every pool is in session mode).
 //! - [`client`]: one session — first packet, authentication, parameters, relay.
 //! - [`admission`]: client identities, per-identity caps and login rate (before auth), the
 //!   fair queue for server connections, surge detection.
@@ -56,6 +57,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod session_threads;
 pub mod sessions;
 pub mod shutdown;
 pub mod testkit;

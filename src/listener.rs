@@ -4,6 +4,8 @@
 //! `max_client_connections` is reached) which moves into its task, so the slot is returned
 //! when the session ends however it ends. Accept errors (such as running out of file
 //! descriptors) back off instead of spinning. Stops accepting when the phase leaves Running.
+//! While every pool is in session mode, sessions run on the session threads
+//! ([`crate::session_threads`]), one thread per session; otherwise on the shared runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +16,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::client;
 use crate::proxy::Shared;
+use crate::session_threads::SessionThreads;
 use crate::shutdown::Phase;
 
 /// Accepts until shutdown; the socket closes when this returns.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker, mut phase: watch::Receiver<Phase>) {
+/// Sessions go to the session threads, when there are any, while every pool is in session mode.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    mut phase: watch::Receiver<Phase>,
+    threads: Option<Arc<SessionThreads>>,
+) {
     let mut backoff = Duration::from_millis(1);
     loop {
         tokio::select! {
@@ -25,7 +35,14 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracke
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(1);
                     let permit = shared.admission.admit_client();
-                    tracker.spawn(client::serve(shared.clone(), stream, peer, permit));
+                    match &threads {
+                        Some(t) if shared.config().all_session_mode() => {
+                            t.spawn(&tracker, shared.clone(), stream, peer, permit);
+                        }
+                        _ => {
+                            tracker.spawn(client::serve(shared.clone(), stream, peer, permit, false));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; backing off {:?}", backoff);

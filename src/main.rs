@@ -55,6 +55,8 @@ struct TlsArgs {
     server_tls_ca: Option<PathBuf>,
 }
 
+// Parsed once at start: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the proxy.
@@ -84,6 +86,9 @@ enum Cmd {
         /// Runtime worker threads (0 = one per CPU core).
         #[arg(long, env = "PGVALVE_WORKER_THREADS")]
         worker_threads: Option<usize>,
+        /// Session-mode event loops, one thread each (0 = off; default: one per worker thread).
+        #[arg(long, env = "PGVALVE_SESSION_THREADS")]
+        session_threads: Option<usize>,
         /// Address of /metrics, /healthz and /readyz, e.g. 127.0.0.1:9930.
         #[arg(long, env = "PGVALVE_HTTP_LISTEN")]
         http_listen: Option<String>,
@@ -157,6 +162,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_client_connections,
         max_server_connections,
         worker_threads,
+        session_threads,
         http_listen,
         tls,
     } = cmd
@@ -177,6 +183,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         max_client_connections: *max_client_connections,
         max_server_connections: *max_server_connections,
         worker_threads: *worker_threads,
+        session_threads: *session_threads,
         http_listen: http_listen.clone(),
         tls: config::TlsSettings {
             client_tls_cert_file: tls.client_tls_cert.clone(),

@@ -20,6 +20,7 @@ use crate::admission::Admission;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ScramVerifier};
 use crate::pool::PoolSet;
+use crate::session_threads::SessionThreads;
 use crate::shutdown::{Phase, PhaseSender};
 
 /// State every session of one proxy shares.
@@ -74,6 +75,7 @@ pub struct ProxyHandle {
     phase_tx: Arc<PhaseSender>,
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
+    threads: Option<Arc<SessionThreads>>,
 }
 
 impl ProxyHandle {
@@ -122,11 +124,13 @@ impl ProxyHandle {
             live_config: config,
         });
         let tracker = TaskTracker::new();
+        let threads = session_threads(&shared.config());
         let accept = tokio::spawn(crate::listener::run(
             listener,
             shared.clone(),
             tracker.clone(),
             phase.clone(),
+            threads.clone(),
         ));
         let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
         let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
@@ -145,6 +149,7 @@ impl ProxyHandle {
             phase_tx: Arc::new(phase_tx),
             tracker,
             tasks,
+            threads,
         }
     }
 
@@ -156,6 +161,11 @@ impl ProxyHandle {
     /// The HTTP endpoint's address, when configured.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The session threads, when there are any (see [`crate::session_threads`]).
+    pub fn session_threads(&self) -> Option<&SessionThreads> {
+        self.threads.as_deref()
     }
 
     /// Shared state (pools, admission) for inspection.
@@ -230,6 +240,9 @@ impl ProxyHandle {
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(t) = &self.threads {
+            t.stop().await;
+        }
         tracing::info!("pgvalve stopped");
     }
 }
@@ -282,6 +295,22 @@ async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) 
                 }
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+        }
+    }
+}
+
+/// The session threads the configuration asks for (none if they cannot be started: sessions
+/// then run on the shared runtime).
+fn session_threads(config: &Config) -> Option<Arc<SessionThreads>> {
+    let n = crate::session_threads::wanted(config.proxy.session_threads, config.proxy.worker_threads);
+    if n == 0 {
+        return None;
+    }
+    match SessionThreads::start(n) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start session threads; sessions run on the shared runtime");
+            None
         }
     }
 }

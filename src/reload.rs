@@ -111,6 +111,10 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         "proxy.worker_threads",
         old.proxy.worker_threads == new.proxy.worker_threads,
     );
+    check(
+        "proxy.session_threads",
+        old.proxy.session_threads == new.proxy.session_threads,
+    );
     check("locks.enabled", old.locks.enabled == new.locks.enabled);
     v
 }

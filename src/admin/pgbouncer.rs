@@ -331,6 +331,11 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
         ("max_startup_packet_size", p.max_startup_packet_size.to_string(), true),
         ("shutdown_timeout", d(p.shutdown_timeout), true),
         ("worker_threads", p.worker_threads.to_string(), false),
+        (
+            "session_threads",
+            p.session_threads.map_or_else(|| "auto".to_string(), |n| n.to_string()),
+            false,
+        ),
         ("pool_mode", q.pool_mode.to_string(), true),
         ("pool_size", q.pool_size.to_string(), true),
         ("max_server_connections", q.max_server_connections.to_string(), false),

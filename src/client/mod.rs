@@ -189,8 +189,16 @@ impl SessionError {
     }
 }
 
-/// Serves one client connection to its end.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, permit: Option<ClientPermit>) {
+/// Serves one client connection to its end. `on_session_thread`: the task runs on a session
+/// thread ([`crate::session_threads`]), so a session-mode server connection is registered
+/// with this thread's event loop before the relay.
+pub async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<ClientPermit>,
+    on_session_thread: bool,
+) {
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, peer);
     let span = tracing::info_span!(
@@ -202,7 +210,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, per
     );
     // The login and session-mode future is boxed: it is freed once a transaction-mode client
     // is logged in, so an idle client's task holds only what it needs between transactions.
-    let mut t = match Box::pin(session(&shared, &mut client, permit, &span)).await {
+    let mut t = match Box::pin(session(&shared, &mut client, permit, &span, on_session_thread)).await {
         Ok(Some(t)) => t,
         Ok(None) => return,
         Err(e) => return Box::pin(ended(&mut client, &span, e)).await,
@@ -471,6 +479,7 @@ async fn session(
     client: &mut ClientConn,
     permit: Option<ClientPermit>,
     span: &tracing::Span,
+    on_session_thread: bool,
 ) -> Result<Option<Box<TxnSession>>, SessionError> {
     let Started {
         mut server,
@@ -517,6 +526,12 @@ async fn session(
             mode,
             _permit: permit,
         })));
+    }
+    if on_session_thread {
+        // The connection may come from a session that ran on another thread.
+        if let Err(e) = server.stream.rehome() {
+            tracing::debug!(error = %e, "server connection left on its event loop");
+        }
     }
     let max = shared.config().proxy.max_message_size.0;
     // Boxed: once per session, and the transaction-mode sessions' tasks stay small.

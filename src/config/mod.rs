@@ -208,6 +208,8 @@ pub struct Overrides {
     pub max_server_connections: Option<u32>,
     /// `--worker-threads`.
     pub worker_threads: Option<usize>,
+    /// `--session-threads`.
+    pub session_threads: Option<usize>,
     /// `--http-listen`.
     pub http_listen: Option<String>,
     /// `--client-tls-cert`, `--client-tls-key`, `--client-tls-mode`, `--server-tls-mode`,
@@ -283,6 +285,9 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     }
     if let Some(n) = ov.worker_threads {
         f.proxy.worker_threads = n;
+    }
+    if let Some(n) = ov.session_threads {
+        f.proxy.session_threads = Some(n);
     }
     if let Some(l) = &ov.http_listen {
         f.http.listen = Some(l.clone());
@@ -531,6 +536,16 @@ impl Config {
                 .or(db.pool_mode)
                 .unwrap_or(self.pool.pool_mode),
         })
+    }
+
+    /// Whether every pool is in session mode (no database or user says transaction).
+    pub fn all_session_mode(&self) -> bool {
+        self.pool.pool_mode == PoolMode::Session
+            && self
+                .databases
+                .values()
+                .all(|d| d.pool_mode != Some(PoolMode::Transaction))
+            && self.users.values().all(|u| u.pool_mode != Some(PoolMode::Transaction))
     }
 
     /// Wraps the config for sharing.

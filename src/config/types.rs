@@ -122,6 +122,11 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads (0 = one per CPU core). Needs a restart to change.
     pub worker_threads: usize,
+    /// Single-threaded event loops that client sessions run on while every pool is in session
+    /// mode (each session with its server connection on one thread; see
+    /// [`crate::session_threads`]). None: as many as `worker_threads` when that is 2 or more
+    /// (0 counts the cores); 0: off. Needs a restart to change.
+    pub session_threads: Option<usize>,
     /// A user in `[users]` (with a server password) that looks up users not listed in
     /// `[users]` with `auth_query` (none: only listed users may log in).
     pub auth_user: Option<String>,
@@ -151,6 +156,7 @@ impl Default for ProxySettings {
             max_startup_packet_size: 10_000,
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: 0,
+            session_threads: None,
             auth_user: None,
             auth_query: DEFAULT_AUTH_QUERY.to_string(),
             auth_dbname: None,

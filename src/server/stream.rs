@@ -53,6 +53,31 @@ pub fn is_socket_dir(host: &str) -> bool {
 }
 
 impl ServerStream {
+    /// Registers the socket with the event loop of the calling thread (a session thread, see
+    /// [`crate::session_threads`]) so its readiness wakes no other thread: the descriptor is
+    /// duplicated, the copy registered here, the old registration dropped. TLS streams stay
+    /// where they are (they work from any thread).
+    ///
+    /// # Errors
+    /// A failed `dup` or registration; the stream is unchanged then.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        match self {
+            ServerStream::Tcp(s) => {
+                let copy = std::net::TcpStream::from(s.as_fd().try_clone_to_owned()?);
+                copy.set_nonblocking(true)?;
+                *s = TcpStream::from_std(copy)?;
+            }
+            ServerStream::Unix(s) => {
+                let copy = std::os::unix::net::UnixStream::from(s.as_fd().try_clone_to_owned()?);
+                copy.set_nonblocking(true)?;
+                *s = UnixStream::from_std(copy)?;
+            }
+            ServerStream::Tls(_) => {}
+        }
+        Ok(())
+    }
+
     /// Connects to `host`:`port` (a socket directory when `host` starts with `/`).
     ///
     /// # Errors

@@ -136,3 +136,55 @@ async fn graceful_shutdown_lets_transactions_finish() {
     let n: i64 = direct.query_one("SELECT count(*) FROM d", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
 }
+
+/// Session mode runs sessions on the session threads; one server connection serves clients on
+/// every thread in turn (moved to each one's event loop), a cancel still reaches it, and once
+/// a pool is in transaction mode new sessions run on the shared runtime again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_threads_share_server_connections_and_step_aside_for_transaction_mode() {
+    let s = Setup::new(|f| {
+        f.pool.pool_size = 1;
+        f.proxy.session_threads = Some(3);
+    })
+    .await;
+    let threads = s.proxy.session_threads().expect("session threads started");
+    assert_eq!(threads.len(), 3);
+    let mut pids = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let c = s.client().await;
+        let row = c
+            .query_one("SELECT pg_backend_pid(), $1::int + 1", &[&i])
+            .await
+            .unwrap();
+        pids.insert(row.get::<_, i32>(0));
+        assert_eq!(row.get::<_, i32>(1), i + 1);
+        let rows = c.simple_query("SELECT generate_series(1, 20000)").await.unwrap();
+        let rows = rows
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(rows, 20000);
+    }
+    assert_eq!(pids.len(), 1, "one server connection (pool_size = 1) on every thread");
+    assert_eq!(threads.spawned(), 6);
+
+    // A cancel reaches the query of a session on a session thread.
+    let c = s.client().await;
+    let token = c.cancel_token();
+    let running = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = within(Duration::from_secs(5), running).await.unwrap().unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("57014"), "{err}");
+    assert_eq!(threads.spawned(), 8, "the cancel request's connection too");
+
+    let mut f = s.pg.file_config();
+    f.pool.pool_size = 1;
+    f.proxy.session_threads = Some(3);
+    f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
+    s.proxy.reload(pgvalve::config::Config::validate(f, "reload").unwrap());
+    let c = s.client().await;
+    let n: i64 = c.query_one("SELECT 41::bigint + 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 42);
+    assert_eq!(threads.spawned(), 8, "transaction mode: the shared runtime");
+}
