@@ -127,3 +127,23 @@ fn identity_rules_parse_and_bad_ranges_name_the_rule() {
     let unknown = format!("{MINIMAL}\n[[identity]]\nname = \"x\"\nsrc = \"10.0.0.0/8\"\n");
     assert!(parse_toml("t", &unknown).is_err());
 }
+
+#[test]
+fn session_threads_apply_only_while_every_pool_is_in_session_mode() {
+    let parse = |extra: &str| Config::validate(parse_toml("t", &format!("{MINIMAL}\n{extra}")).unwrap(), "t").unwrap();
+    let c = parse("");
+    assert!(c.all_session_mode());
+    assert_eq!(c.proxy.session_threads, None);
+    let c = parse("[proxy]\nsession_threads = 3\n");
+    assert_eq!(c.proxy.session_threads, Some(3));
+    assert!(!parse("[pool]\npool_mode = \"transaction\"\n").all_session_mode());
+    let db = MINIMAL.replace("port = 5433", "port = 5433\npool_mode = \"transaction\"");
+    let c = Config::validate(parse_toml("t", &db).unwrap(), "t").unwrap();
+    assert!(!c.all_session_mode(), "a database in transaction mode");
+    let user = MINIMAL.replace(
+        "password = \"secret\"",
+        "password = \"secret\"\npool_mode = \"transaction\"",
+    );
+    let c = Config::validate(parse_toml("t", &user).unwrap(), "t").unwrap();
+    assert!(!c.all_session_mode(), "a user in transaction mode");
+}
