@@ -25,6 +25,7 @@ pub mod rate;
 mod refusal;
 pub mod surge;
 mod tick;
+mod wait;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -36,6 +37,7 @@ pub use tick::IdentityStatus;
 
 use identity::{ClientFacts, Rule};
 use queue::{Request, Scheduler, ShareLimits};
+pub use wait::{Acquired, Queued};
 
 /// Surge episodes kept for SHOW SURGES.
 const SURGE_HISTORY: usize = 256;
@@ -281,59 +283,94 @@ impl Admission {
     /// # Errors
     /// [`Refusal::QueueFull`], [`Refusal::ServerCap`] or [`Refusal::QueueTimeout`].
     pub async fn acquire(&self, member: &Member, pool: &Arc<str>, pool_size: u32) -> Result<ServerGrant, Refusal> {
-        let id = &member.identity;
-        let grant = || ServerGrant {
-            admission: self.clone(),
-            pool: pool.clone(),
-            identity: id.clone(),
-        };
-        let (ticket, rx, timeout) = {
-            let mut st = self.state();
-            match st.sched.request(pool, pool_size, id) {
-                Request::Granted => {
-                    count(&mut st, id, |c| c.grants += 1);
-                    return Ok(grant());
-                }
-                Request::QueueFull(waiting) => {
-                    let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
-                    let r = Refusal::QueueFull {
-                        identity: id.to_string(),
-                        waiting,
-                        max,
-                    };
-                    count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
-                    return Err(r);
-                }
-                Request::Queued(ticket, rx) => {
-                    let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
-                    (ticket, rx, timeout)
+        match self.request(member, pool, pool_size)? {
+            Acquired::Granted(g) => Ok(g),
+            Acquired::Queued(mut q) => {
+                let deadline = q.since() + q.timeout();
+                match tokio::time::timeout_at(deadline, q.granted()).await {
+                    Ok(r) => r.map(|(g, _)| g),
+                    Err(_) => q.give_up().map(|(g, _)| g),
                 }
             }
-        };
-        let started = Instant::now();
-        let mut guard = QueueGuard {
-            admission: self,
-            pool,
-            identity: id,
-            ticket,
-            armed: true,
-        };
-        let woke = tokio::time::timeout(timeout, rx).await;
-        guard.armed = false;
+        }
+    }
+
+    /// The first step of [`Self::acquire`], without waiting: a grant now, or a place in the
+    /// queue that the caller waits on with its own timer (one timer for the queue timeout and
+    /// the queued NOTICE, see `client::Seat::checkout`).
+    ///
+    /// # Errors
+    /// [`Refusal::QueueFull`].
+    pub fn request<'a>(
+        &'a self,
+        member: &'a Member,
+        pool: &'a Arc<str>,
+        pool_size: u32,
+    ) -> Result<Acquired<'a>, Refusal> {
+        let id = &member.identity;
         let mut st = self.state();
-        if matches!(woke, Ok(Ok(()))) || !st.sched.cancel(pool, id, ticket) {
+        match st.sched.request(pool, pool_size, id) {
+            Request::Granted => {
+                count(&mut st, id, |c| c.grants += 1);
+                Ok(Acquired::Granted(ServerGrant {
+                    admission: self.clone(),
+                    pool: pool.clone(),
+                    identity: id.clone(),
+                }))
+            }
+            Request::QueueFull(waiting) => {
+                let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
+                let r = Refusal::QueueFull {
+                    identity: id.to_string(),
+                    waiting,
+                    max,
+                };
+                count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
+                Err(r)
+            }
+            Request::Queued(ticket, rx) => {
+                let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
+                drop(st);
+                Ok(Acquired::Queued(Queued {
+                    admission: self,
+                    pool,
+                    identity: id,
+                    ticket,
+                    rx,
+                    pool_size,
+                    timeout,
+                    since: Instant::now(),
+                    armed: true,
+                }))
+            }
+        }
+    }
+
+    /// A queued request ends: granted (`woke`, or found granted when leaving the queue), with
+    /// how long it waited, or refused for waiting too long.
+    fn finish_wait(&self, q: &mut Queued<'_>, woke: bool) -> Result<(ServerGrant, Duration), Refusal> {
+        q.armed = false;
+        let (pool, id) = (q.pool, q.identity);
+        let mut st = self.state();
+        if woke || !st.sched.cancel(pool, id, q.ticket) {
             count(&mut st, id, |c| {
                 c.grants += 1;
                 c.queued += 1;
             });
+            let waited = q.since.elapsed();
             if let Some(i) = st.ids.get_mut(id) {
                 let h = i.queue_wait.get_or_insert_with(|| self.inner.events.queue_wait(id));
-                h.record(started.elapsed().as_secs_f64());
+                h.record(waited.as_secs_f64());
             }
             drop(st);
-            return Ok(grant());
+            let grant = ServerGrant {
+                admission: self.clone(),
+                pool: pool.clone(),
+                identity: id.clone(),
+            };
+            return Ok((grant, waited));
         }
-        let r = self.timeout_refusal(&st, id, pool, pool_size, timeout);
+        let r = self.timeout_refusal(&st, id, pool, q.pool_size, q.timeout);
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
         Err(r)
     }
@@ -369,27 +406,6 @@ impl Admission {
 fn count(st: &mut State, id: &str, f: impl FnOnce(&mut Counters)) {
     if let Some(i) = st.ids.get_mut(id) {
         f(&mut i.counters);
-    }
-}
-
-/// Leaves the queue if the waiting future is dropped (cancel-safety).
-struct QueueGuard<'a> {
-    admission: &'a Admission,
-    pool: &'a Arc<str>,
-    identity: &'a Arc<str>,
-    ticket: u64,
-    armed: bool,
-}
-
-impl Drop for QueueGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut st = self.admission.state();
-            if !st.sched.cancel(self.pool, self.identity, self.ticket) {
-                // Granted just before the drop: give it straight back.
-                st.sched.release(self.pool, self.identity);
-            }
-        }
     }
 }
 

@@ -170,6 +170,44 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_queued_request_given_up_or_dropped_as_its_grant_arrives_keeps_or_returns_it() {
+    let a = Admission::new(config(AdmissionSettings::default(), vec![]), Default::default());
+    let (m0, m1) = (a.login(&facts("x")).await.unwrap(), a.login(&facts("x")).await.unwrap());
+    let p = pool();
+    let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1) else {
+        panic!("the first request is granted at once")
+    };
+    let Ok(Acquired::Queued(q)) = a.request(&m1, &p, 1) else {
+        panic!("the second one queues")
+    };
+    assert_eq!(q.timeout(), Duration::from_secs(30), "query_wait_timeout");
+    tokio::time::advance(Duration::from_millis(40)).await;
+    drop(g); // the grant moves to the waiter at once
+    let (g, waited) = q.give_up().expect("the grant that arrived is kept");
+    assert_eq!(waited, Duration::from_millis(40));
+    assert_eq!(a.identity("x").unwrap().servers, 1);
+
+    let Ok(Acquired::Queued(q)) = a.request(&m0, &p, 1) else {
+        panic!("queues behind the grant held")
+    };
+    drop(g);
+    drop(q); // granted meanwhile, never claimed: given back
+    assert_eq!(a.identity("x").unwrap().servers, 0);
+    assert_eq!(a.identity("x").unwrap().waiting, 0);
+
+    let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1) else {
+        panic!("the returned grant is free again")
+    };
+    let Ok(Acquired::Queued(q)) = a.request(&m1, &p, 1) else {
+        panic!("queues")
+    };
+    let r = q.give_up().expect_err("no grant arrived");
+    assert_eq!(r.reason(), "queue_timeout");
+    assert_eq!(a.identity("x").unwrap().waiting, 0);
+    drop(g);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_surge_is_recorded_once_and_damped() {
     let settings = AdmissionSettings {
         surge_min_rate: 20.0,

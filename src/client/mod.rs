@@ -14,12 +14,9 @@ mod relay;
 mod sql;
 mod txn;
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -36,7 +33,7 @@ pub use relay::{Mode, RelayEnd};
 #[doc(hidden)]
 pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
 
-use crate::admission::{ClientPermit, Member, Refusal, ServerGrant};
+use crate::admission::{Acquired, ClientPermit, Member, Queued, Refusal, ServerGrant};
 use crate::cancel::CancelKey;
 use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
@@ -277,12 +274,10 @@ impl Seat {
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
         let pool_size = pool.manager().size() as u32;
-        let acquire = shared.admission.acquire(&self.member, &self.pool, pool_size);
-        tokio::pin!(acquire);
         // Most grants come at once: then no clock is read and no timer made.
-        let grant = match crate::poll_once(acquire.as_mut()).await {
-            Poll::Ready(g) => g?,
-            Poll::Pending => self.queued(client, acquire, pool_size).await?,
+        let grant = match shared.admission.request(&self.member, &self.pool, pool_size)? {
+            Acquired::Granted(g) => g,
+            Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
         };
         let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
             Ok(s) => s,
@@ -300,29 +295,39 @@ impl Seat {
     }
 
     /// Waits for a grant that did not come at once, with a NOTICE to the client once it has
-    /// waited `queue_notice_after`; the wait counts in the pool's SHOW STATS.
+    /// waited `queue_notice_after`, up to the queue timeout (one timer for both); the wait
+    /// counts in the pool's SHOW STATS.
     async fn queued(
         &self,
         client: &mut ClientConn,
-        mut acquire: Pin<&mut impl Future<Output = Result<ServerGrant, Refusal>>>,
+        mut q: Queued<'_>,
         pool_size: u32,
     ) -> Result<ServerGrant, SessionError> {
-        let started = std::time::Instant::now();
         let notice = self.member.notice_after();
-        let grant = tokio::select! {
-            biased;
-            g = &mut acquire => g?,
-            _ = tokio::time::sleep(notice), if !notice.is_zero() => {
-                let msg = format!(
-                    "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={pool_size})",
-                    self.member.identity(), self.pool
-                );
-                messages::notice_response("00000", &msg, &mut client.wbuf);
-                client.flush().await?;
-                acquire.await?
+        let timeout_at = q.since() + q.timeout();
+        let mut noticed = notice.is_zero() || notice >= q.timeout();
+        let first = if noticed { timeout_at } else { q.since() + notice };
+        let timer = tokio::time::sleep_until(first);
+        tokio::pin!(timer);
+        let (grant, waited) = loop {
+            tokio::select! {
+                biased;
+                g = q.granted() => break g?,
+                () = &mut timer => {
+                    if noticed {
+                        break q.give_up()?;
+                    }
+                    noticed = true;
+                    let msg = format!(
+                        "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={pool_size})",
+                        self.member.identity(), self.pool
+                    );
+                    messages::notice_response("00000", &msg, &mut client.wbuf);
+                    client.flush().await?;
+                    timer.as_mut().reset(timeout_at);
+                }
             }
         };
-        let waited = started.elapsed();
         if waited >= Duration::from_millis(1) {
             self.stats.add(&crate::pool::stats::Totals {
                 wait_us: waited.as_micros() as u64,
