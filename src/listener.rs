@@ -5,7 +5,7 @@
 //! when the session ends however it ends. Accept errors (such as running out of file
 //! descriptors) back off instead of spinning. Stops accepting when the phase leaves Running.
 //! While every pool is in session mode, sessions run on the session threads
-//! ([`crate::session_threads`]), one thread per session; otherwise on the shared runtime.
+//! ([`crate::session_threads`]), each session on one of them; otherwise on the shared runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
