@@ -312,11 +312,7 @@ impl Admission {
         match st.sched.request(pool, pool_size, id) {
             Request::Granted => {
                 count(&mut st, id, |c| c.grants += 1);
-                Ok(Acquired::Granted(ServerGrant {
-                    admission: self.clone(),
-                    pool: pool.clone(),
-                    identity: id.clone(),
-                }))
+                Ok(Acquired::Granted(self.grant(pool, id)))
             }
             Request::QueueFull(waiting) => {
                 let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
@@ -346,6 +342,14 @@ impl Admission {
         }
     }
 
+    fn grant(&self, pool: &Arc<str>, identity: &Arc<str>) -> ServerGrant {
+        ServerGrant {
+            admission: self.clone(),
+            pool: pool.clone(),
+            identity: identity.clone(),
+        }
+    }
+
     /// A queued request ends: granted (`woke`, or found granted when leaving the queue), with
     /// how long it waited, or refused for waiting too long.
     fn finish_wait(&self, q: &mut Queued<'_>, woke: bool) -> Result<(ServerGrant, Duration), Refusal> {
@@ -363,12 +367,7 @@ impl Admission {
                 h.record(waited.as_secs_f64());
             }
             drop(st);
-            let grant = ServerGrant {
-                admission: self.clone(),
-                pool: pool.clone(),
-                identity: id.clone(),
-            };
-            return Ok((grant, waited));
+            return Ok((self.grant(pool, id), waited));
         }
         let r = self.timeout_refusal(&st, id, pool, q.pool_size, q.timeout);
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);

@@ -67,8 +67,9 @@ impl Queued<'_> {
     /// [`Refusal::QueueTimeout`], or [`Refusal::ServerCap`] when the identity's own cap held
     /// it back.
     pub fn give_up(mut self) -> Result<(ServerGrant, Duration), Refusal> {
-        let woke = matches!(self.rx.try_recv(), Ok(()));
-        self.admission.finish_wait(&mut self, woke)
+        // A grant that arrived has taken the client out of the queue: leaving it then fails,
+        // and the grant is kept.
+        self.admission.finish_wait(&mut self, false)
     }
 }
 
