@@ -7,8 +7,9 @@
 //! 2. after the startup packet and *before* authentication, [`Admission::login`] names the
 //!    client's identity ([`identity`]) and applies its client cap and login rate ([`rate`]),
 //!    and counts the login for surge detection ([`surge`]); it returns a [`Member`];
-//! 3. before every pool checkout, [`Admission::acquire`] takes a [`ServerGrant`] from the fair
-//!    queue ([`queue`]), waiting up to the identity's `queue_timeout`.
+//! 3. before every pool checkout, [`Admission::request`] takes a [`ServerGrant`] from the fair
+//!    queue ([`queue`]) or queues the client ([`Queued`]), which then waits up to the
+//!    identity's `queue_timeout`.
 //!
 //! All of it is decided under one lock, so limits hold exactly under the multi-threaded
 //! runtime; refusals are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
@@ -278,10 +279,12 @@ impl Admission {
 
     /// Takes a server grant for `pool` (size `pool_size`) for `member`'s identity, waiting in
     /// the fair queue up to its `queue_timeout`. Cancel-safe: dropping the future leaves the
-    /// queue (or gives back a grant that arrived meanwhile).
+    /// queue (or gives back a grant that arrived meanwhile). The tests' shorthand for
+    /// [`Self::request`] and its wait; sessions wait with their own timer (`Seat::queued`).
     ///
     /// # Errors
     /// [`Refusal::QueueFull`], [`Refusal::ServerCap`] or [`Refusal::QueueTimeout`].
+    #[cfg(test)]
     pub async fn acquire(&self, member: &Member, pool: &Arc<str>, pool_size: u32) -> Result<ServerGrant, Refusal> {
         match self.request(member, pool, pool_size)? {
             Acquired::Granted(g) => Ok(g),
@@ -295,9 +298,9 @@ impl Admission {
         }
     }
 
-    /// The first step of [`Self::acquire`], without waiting: a grant now, or a place in the
-    /// queue that the caller waits on with its own timer (one timer for the queue timeout and
-    /// the queued NOTICE, see `client::Seat::checkout`).
+    /// A server grant for `pool` (size `pool_size`) for `member`'s identity, without waiting:
+    /// a grant now, or a place in the fair queue that the caller waits on with its own timer
+    /// (one timer for the queue timeout and the queued NOTICE, see `client::Seat::checkout`).
     ///
     /// # Errors
     /// [`Refusal::QueueFull`].
