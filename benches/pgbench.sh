@@ -12,6 +12,8 @@
 #   PGVALVE_B=/tmp/old/pgvalve benches/pgbench.sh   # A/B: the second pgvalve is another binary
 #   ALSO_PREPARED=1 POOL_MODE=transaction benches/pgbench.sh  # + pgvalve with -M prepared, in
 #                                           # the same run, vs pgvalve with PGBENCH_MODE
+#   RELAY_FLOOR=1 benches/pgbench.sh        # + "floor": a logic-free C byte relay (needs cc;
+#                                           # RELAY_THREADS loops, default 2), the extra hop alone
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
@@ -47,6 +49,7 @@ proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
     pgvalve) pgrep -f -- "--listen 127.0.0.1:$VPORT" | head -1 ;;
     rules) pgrep -f -- "--listen 127.0.0.1:$RPORT" | head -1 ;;
     pgbouncer) pgrep -f -- "$WORK/pgbouncer.ini" | grep -v runuser | tail -1 ;;
+    floor) pgrep -f -- "$WORK/relay_floor $FPORT" | head -1 ;;
   esac
 }
 cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -86,6 +89,15 @@ if [[ -n "${ALSO_PREPARED:-}" ]]; then
   for c in "${CLIENT_LIST[@]}"; do
     v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[pgvalve@prepared,$c]}")
     awk -v c="$c" -v v="$v" -v r="$r" -v m="$MODE" 'BEGIN{printf "  %s clients: prepared %s tps, %s %s tps, prepared/%s %.2f\n", c, r, m, v, m, r/v}'
+  done
+fi
+if [[ -n "${RELAY_FLOOR:-}" ]]; then
+  echo
+  echo "floor (logic-free C relay, ${RELAY_THREADS:-2} loops, one server connection per client) vs direct, same run:"
+  for c in "${CLIENT_LIST[@]}"; do
+    d=$(median <<<"${TPS[direct,$c]}"); f=$(median <<<"${TPS[floor,$c]}"); v=$(median <<<"${TPS[pgvalve,$c]}")
+    cf=$(median <<<"${CPU[floor,$c]}")
+    awk -v c="$c" -v d="$d" -v f="$f" -v v="$v" -v cf="$cf" 'BEGIN{printf "  %s clients: floor %s tps, floor/direct %.2f, pgvalve/floor %.2f; floor CPU us/tx %s\n", c, f, (d>0 ? f/d : 0), (f>0 ? v/f : 0), cf}'
   done
 fi
 if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then

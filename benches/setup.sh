@@ -54,6 +54,16 @@ if [[ -n "${RULES_CONFIG:-}" || -n "${PGVALVE_B:-}" ]]; then
   BIN="${PGVALVE_B:-$PGVALVE}" start_pgvalve "$RPORT" "$WORK/pgvalve-rules.log" ${RULES_CONFIG:+-c "$RULES_CONFIG"}
   TARGETS+=(rules:$RPORT)
 fi
+# RELAY_FLOOR=1: "floor", a logic-free byte relay in C (benches/relay_floor.c) with
+# RELAY_THREADS event loops (default 2): what any proxy's extra hop costs on this machine.
+if [[ -n "${RELAY_FLOOR:-}" ]]; then
+  FPORT=$(free_port)
+  FLOOR_UPSTREAM=127.0.0.1:$PGPORT; [[ $SERVER_LEG == unix ]] && FLOOR_UPSTREAM=$WORK/.s.PGSQL.$PGPORT
+  cc -O2 -pthread -o "$WORK/relay_floor" benches/relay_floor.c
+  "$WORK/relay_floor" "$FPORT" "$FLOOR_UPSTREAM" "${RELAY_THREADS:-2}" >"$WORK/relay_floor.log" 2>&1 &
+  PIDS+=($!)
+  TARGETS+=(floor:$FPORT)
+fi
 PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
 if [[ -z "$PGBOUNCER" && $(id -u) == 0 && -z "${NO_PGBOUNCER_INSTALL:-}" ]]; then
   echo "installing pgbouncer from the system's packages (NO_PGBOUNCER_INSTALL=1 to skip)" >&2
