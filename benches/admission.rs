@@ -6,7 +6,14 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pgvalve::admission::identity::{identify, ClientFacts, IdentityRule, Rule};
-use pgvalve::admission::queue::{Request, Scheduler, ShareLimits};
+use pgvalve::admission::queue::{Due, Request, Scheduler, ShareLimits};
+
+/// Queued now, due in an hour: the benchmark never waits.
+fn far() -> (tokio::time::Instant, Due) {
+    let now = tokio::time::Instant::now();
+    let deadline = now + std::time::Duration::from_secs(3600);
+    (now, Due { notice: None, deadline })
+}
 
 fn rules(n: usize) -> Vec<Rule> {
     (0..n)
@@ -47,7 +54,7 @@ fn bench(c: &mut Criterion) {
     }
     g.bench_function("grant_release_uncontended", |b| {
         b.iter(|| {
-            assert!(matches!(s.request(&gate, 20, &ids[0]), Request::Granted));
+            assert!(matches!(s.request(&gate, 20, &ids[0], far), Request::Granted));
             s.release(&gate, &ids[0]);
         })
     });
@@ -58,14 +65,14 @@ fn bench(c: &mut Criterion) {
     }
     let mut held = Vec::new();
     for i in 0..20 {
-        assert!(matches!(s.request(&gate, 20, &ids[i % 8]), Request::Granted));
+        assert!(matches!(s.request(&gate, 20, &ids[i % 8], far), Request::Granted));
         held.push(ids[i % 8].clone());
     }
     let mut waiters = Vec::new();
     g.bench_function("release_to_fair_queue_8_identities", |b| {
         b.iter(|| {
             let id = held.remove(0);
-            if let Request::Queued(_, rx) = s.request(&gate, 20, &id) {
+            if let Request::Queued(_, rx) = s.request(&gate, 20, &id, far) {
                 waiters.push((id.clone(), rx));
             }
             s.release(&gate, &id);

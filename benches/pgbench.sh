@@ -53,9 +53,15 @@ proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
   esac
 }
 cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Direct runs first; the proxies after it take turns in each rep (rotated by one), so none is
+# always the one that runs while direct's backends are still exiting. Balanced when REPS is a
+# multiple of the number of proxies.
+PROXIES=("${TARGETS[@]:1}")
 for ((rep = 1; rep <= REPS; rep++)); do
+  k=$(((rep - 1) % ${#PROXIES[@]}))
+  ORDER=("${TARGETS[0]}" "${PROXIES[@]:k}" "${PROXIES[@]:0:k}")
   for c in "${CLIENT_LIST[@]}"; do
-    for t in "${TARGETS[@]}"; do
+    for t in "${ORDER[@]}"; do
       name=${t%%:*}; port=${t##*:}; mode=$MODE; [[ $name == *@* ]] && mode=${name#*@}
       pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
       out=$(timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)

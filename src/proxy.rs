@@ -134,9 +134,10 @@ impl ProxyHandle {
         ));
         let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
         let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
+        let clock = tokio::spawn(queue_clock(shared.clone(), phase.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let monitor = tokio::spawn(crate::locks::run(shared.clone(), phase.clone()));
-        let mut tasks = vec![accept, reaper, ticker, monitor];
+        let mut tasks = vec![accept, reaper, ticker, clock, monitor];
         if let Some(l) = http {
             tasks.push(tokio::spawn(crate::http::serve(l, shared.clone(), phase)));
             tracing::info!(addr = ?http_addr, "metrics and health on http://{}/metrics", http_addr.map(|a| a.to_string()).unwrap_or_default());
@@ -296,6 +297,14 @@ async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) 
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }
+    }
+}
+
+/// Admission's queue clock (queued NOTICEs and queue timeouts) until the proxy has stopped.
+async fn queue_clock(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    tokio::select! {
+        () = shared.admission.queue_clock() => {}
+        _ = phase.wait_for(|p| *p == Phase::Stopped) => {}
     }
 }
 

@@ -13,7 +13,9 @@
 //!
 //! All of it is decided under one lock, so limits hold exactly under the multi-threaded
 //! runtime; refusals are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
-//! for surge detection and cleanup; [`Admission::reload`] applies new limits to everyone.
+//! for surge detection and cleanup; [`Admission::queue_clock`] runs beside it and tells
+//! queued clients when their NOTICE and their timeout are due (one timer for the whole
+//! queue, none per wait); [`Admission::reload`] applies new limits to everyone.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,8 +39,8 @@ pub use surge::SurgeEvent;
 pub use tick::IdentityStatus;
 
 use identity::{ClientFacts, Rule};
-use queue::{Request, Scheduler, ShareLimits};
-pub use wait::{Acquired, Queued};
+use queue::{Due, Request, Scheduler, ShareLimits};
+pub use wait::{Acquired, Queued, Waited};
 
 /// Surge episodes kept for SHOW SURGES.
 const SURGE_HISTORY: usize = 256;
@@ -87,6 +89,8 @@ struct State {
     sched: Scheduler,
     ids: crate::FastMap<Arc<str>, Ident>,
     surges: VecDeque<SurgeEvent>,
+    /// When the queue clock looks at the queue next.
+    clock_at: Instant,
 }
 
 #[derive(Debug)]
@@ -95,6 +99,8 @@ struct Inner {
     clients: Arc<Semaphore>,
     max_clients: u32,
     state: Mutex<State>,
+    /// Rung when a client is queued with a due time before the queue clock's next look.
+    clock_bell: tokio::sync::Notify,
 }
 
 /// Admission control of one proxy (cheap to clone).
@@ -157,7 +163,9 @@ impl Admission {
                     sched: Scheduler::default(),
                     ids: Default::default(),
                     surges: VecDeque::new(),
+                    clock_at: Instant::now(),
                 }),
+                clock_bell: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -278,9 +286,9 @@ impl Admission {
     }
 
     /// Takes a server grant for `pool` (size `pool_size`) for `member`'s identity, waiting in
-    /// the fair queue up to its `queue_timeout`. Cancel-safe: dropping the future leaves the
-    /// queue (or gives back a grant that arrived meanwhile). The tests' shorthand for
-    /// [`Self::request`] and its wait; sessions wait with their own timer (`Seat::queued`).
+    /// the fair queue up to its `queue_timeout` (the queue clock must run). Cancel-safe:
+    /// dropping the future leaves the queue (or gives back a grant that arrived meanwhile).
+    /// The tests' shorthand for [`Self::request`] and its wait (`Seat::queued` in sessions).
     ///
     /// # Errors
     /// [`Refusal::QueueFull`], [`Refusal::ServerCap`] or [`Refusal::QueueTimeout`].
@@ -288,19 +296,16 @@ impl Admission {
     pub async fn acquire(&self, member: &Member, pool: &Arc<str>, pool_size: u32) -> Result<ServerGrant, Refusal> {
         match self.request(member, pool, pool_size)? {
             Acquired::Granted(g) => Ok(g),
-            Acquired::Queued(mut q) => {
-                let deadline = q.since() + q.timeout();
-                match tokio::time::timeout_at(deadline, q.granted()).await {
-                    Ok(r) => r.map(|(g, _)| g),
-                    Err(_) => q.give_up().map(|(g, _)| g),
+            Acquired::Queued(mut q) => loop {
+                if let Waited::Granted(g, _) = q.next().await? {
+                    return Ok(g);
                 }
-            }
+            },
         }
     }
 
     /// A server grant for `pool` (size `pool_size`) for `member`'s identity, without waiting:
-    /// a grant now, or a place in the fair queue that the caller waits on with its own timer
-    /// (one timer for the queue timeout and the queued NOTICE, see `client::Seat::checkout`).
+    /// a grant now, or a place in the fair queue that the caller waits on ([`Queued::next`]).
     ///
     /// # Errors
     /// [`Refusal::QueueFull`].
@@ -311,10 +316,25 @@ impl Admission {
         pool_size: u32,
     ) -> Result<Acquired<'a>, Refusal> {
         let id = &member.identity;
-        let mut st = self.state();
-        match st.sched.request(pool, pool_size, id) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        // Most grants come at once: then no clock is read.
+        let (ids, default_timeout) = (&st.ids, st.query_wait_timeout);
+        let mut queued = None;
+        let decided = st.sched.request(pool, pool_size, id, || {
+            let now = Instant::now();
+            let timeout = ids.get(id).map_or(default_timeout, |i| i.limits.queue_timeout);
+            let notice = member.notice_after;
+            let due = Due {
+                notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
+                deadline: now + timeout,
+            };
+            queued = Some((now, timeout, due));
+            (now, due)
+        });
+        match decided {
             Request::Granted => {
-                count(&mut st, id, |c| c.grants += 1);
+                count(st, id, |c| c.grants += 1);
                 Ok(Acquired::Granted(self.grant(pool, id)))
             }
             Request::QueueFull(waiting) => {
@@ -324,12 +344,16 @@ impl Admission {
                     waiting,
                     max,
                 };
-                count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
+                count(st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
                 Err(r)
             }
             Request::Queued(ticket, rx) => {
-                let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
-                drop(st);
+                let (now, timeout, due) = queued.expect("invariant: asked when queued");
+                if due.next() < st.clock_at {
+                    st.clock_at = due.next();
+                    self.inner.clock_bell.notify_one();
+                }
+                drop(guard);
                 Ok(Acquired::Queued(Queued {
                     admission: self,
                     pool,
@@ -338,7 +362,7 @@ impl Admission {
                     rx,
                     pool_size,
                     timeout,
-                    since: Instant::now(),
+                    since: now,
                     armed: true,
                 }))
             }
@@ -353,28 +377,32 @@ impl Admission {
         }
     }
 
-    /// A queued request ends: granted (`woke`, or found granted when leaving the queue), with
-    /// how long it waited, or refused for waiting too long.
-    fn finish_wait(&self, q: &mut Queued<'_>, woke: bool) -> Result<(ServerGrant, Duration), Refusal> {
+    /// A queued request was granted: the grant, with how long it waited.
+    fn finish_wait(&self, q: &mut Queued<'_>) -> (ServerGrant, Duration) {
         q.armed = false;
         let (pool, id) = (q.pool, q.identity);
         let mut st = self.state();
-        if woke || !st.sched.cancel(pool, id, q.ticket) {
-            count(&mut st, id, |c| {
-                c.grants += 1;
-                c.queued += 1;
-            });
-            let waited = q.since.elapsed();
-            if let Some(i) = st.ids.get_mut(id) {
-                let h = i.queue_wait.get_or_insert_with(|| self.inner.events.queue_wait(id));
-                h.record(waited.as_secs_f64());
-            }
-            drop(st);
-            return Ok((self.grant(pool, id), waited));
+        count(&mut st, id, |c| {
+            c.grants += 1;
+            c.queued += 1;
+        });
+        let waited = q.since.elapsed();
+        if let Some(i) = st.ids.get_mut(id) {
+            let h = i.queue_wait.get_or_insert_with(|| self.inner.events.queue_wait(id));
+            h.record(waited.as_secs_f64());
         }
+        drop(st);
+        (self.grant(pool, id), waited)
+    }
+
+    /// A queued request waited its timeout (the queue clock took it out): the refusal.
+    fn timed_out(&self, q: &mut Queued<'_>) -> Refusal {
+        q.armed = false;
+        let (pool, id) = (q.pool, q.identity);
+        let mut st = self.state();
         let r = self.timeout_refusal(&st, id, pool, q.pool_size, q.timeout);
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
-        Err(r)
+        r
     }
 
     fn timeout_refusal(&self, st: &State, id: &str, pool: &str, pool_size: u32, waited: Duration) -> Refusal {
@@ -423,11 +451,6 @@ impl Member {
     /// The client's identity.
     pub fn identity(&self) -> &Arc<str> {
         &self.identity
-    }
-
-    /// Queue time after which the client is sent a NOTICE (zero: never).
-    pub fn notice_after(&self) -> Duration {
-        self.notice_after
     }
 }
 

@@ -9,12 +9,15 @@
 //! used at once when only one identity waits (work-conserving). On top: `max_server_connections`
 //! per identity (across gates), `min_server_connections` reserved per gate, `max_queue`.
 //!
-//! Plain data under the admission lock: no I/O, no await; waiters are woken by oneshot.
+//! Plain data under the admission lock: no I/O, no await; waiters are told by oneshot
+//! ([`Signal`]). A waiter has no timer of its own: [`Scheduler::sweep`], run by admission's
+//! queue clock, sends the queued NOTICE and the timeout when they are due.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// The limits the scheduler needs for one identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +56,45 @@ struct Share {
     lock_holders: u32,
 }
 
+/// What a waiting client is told.
+#[derive(Debug)]
+pub enum Signal {
+    /// It holds a grant now (it has left the queue).
+    Granted,
+    /// It has waited its notice time and is still queued; what follows comes on this receiver.
+    Notice(oneshot::Receiver<Signal>),
+    /// It waited its timeout and has left the queue without a grant.
+    TimedOut,
+}
+
+/// When a waiter is due for its NOTICE (None: never) and for its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// When to tell it that it is queued.
+    pub notice: Option<Instant>,
+    /// When it leaves the queue without a grant.
+    pub deadline: Instant,
+}
+
+impl Due {
+    /// The earlier of the two.
+    pub fn next(&self) -> Instant {
+        self.notice.map_or(self.deadline, |n| n.min(self.deadline))
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    tx: oneshot::Sender<Signal>,
+    since: Instant,
+    due: Due,
+}
+
 #[derive(Debug, Default)]
 struct Flow {
     in_use: u32,
-    waiting: VecDeque<(u64, oneshot::Sender<()>, std::time::Instant)>,
+    waiting: VecDeque<Waiter>,
     /// Virtual time of this flow's next grant.
     pass: f64,
 }
@@ -76,7 +114,7 @@ pub enum Request {
     /// A grant is held now.
     Granted,
     /// Queued: wait on the receiver; the id cancels.
-    Queued(u64, oneshot::Receiver<()>),
+    Queued(u64, oneshot::Receiver<Signal>),
     /// The identity already has `max_queue` clients waiting.
     QueueFull(u32),
 }
@@ -124,8 +162,15 @@ impl Scheduler {
         }
     }
 
-    /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate).
-    pub fn request(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>) -> Request {
+    /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate);
+    /// a client that has to wait is queued from and until what `when` says (asked only then).
+    pub fn request(
+        &mut self,
+        gate: &Arc<str>,
+        capacity: u32,
+        id: &Arc<str>,
+        when: impl FnOnce() -> (Instant, Due),
+    ) -> Request {
         if !self.shares.contains_key(id) {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
@@ -146,6 +191,7 @@ impl Scheduler {
         }
         share.waiting += 1;
         self.next_id += 1;
+        let (now, due) = when();
         let (tx, rx) = oneshot::channel();
         let g = self.gates.get_mut(gate).expect("invariant: created above");
         g.waiting += 1;
@@ -155,7 +201,12 @@ impl Scheduler {
             // Newly backlogged: no credit for the time it did not wait.
             flow.pass = flow.pass.max(vtime);
         }
-        flow.waiting.push_back((self.next_id, tx, std::time::Instant::now()));
+        flow.waiting.push_back(Waiter {
+            ticket: self.next_id,
+            tx,
+            since: now,
+            due,
+        });
         Request::Queued(self.next_id, rx)
     }
 
@@ -168,7 +219,7 @@ impl Scheduler {
         let Some(flow) = g.flows.get_mut(id) else {
             return false;
         };
-        let Some(pos) = flow.waiting.iter().position(|(t, _, _)| *t == ticket) else {
+        let Some(pos) = flow.waiting.iter().position(|w| w.ticket == ticket) else {
             return false;
         };
         flow.waiting.remove(pos);
@@ -278,13 +329,13 @@ impl Scheduler {
             let Some(id) = self.pick(gate) else { return };
             let g = self.gates.get_mut(gate).expect("invariant: present");
             let flow = g.flows.get_mut(&id).expect("invariant: picked");
-            let (_, tx, _) = flow.waiting.pop_front().expect("invariant: picked flows wait");
+            let w = flow.waiting.pop_front().expect("invariant: picked flows wait");
             g.waiting -= 1;
             if let Some(s) = self.shares.get_mut(&id) {
                 s.waiting -= 1;
             }
             self.grant(gate, &id);
-            if tx.send(()).is_err() {
+            if w.tx.send(Signal::Granted).is_err() {
                 // Unreachable while waiters cancel under the lock; never leak a grant.
                 self.release(gate, &id);
             }
@@ -338,9 +389,48 @@ impl Scheduler {
             .get(gate)
             .into_iter()
             .flat_map(|g| g.flows.values())
-            .filter_map(|f| f.waiting.front().map(|(_, _, since)| since.elapsed()))
+            .filter_map(|f| f.waiting.front().map(|w| w.since.elapsed()))
             .max()
             .unwrap_or_default()
+    }
+
+    /// Sends the NOTICE to waiters whose notice time has come and times out those whose
+    /// deadline has passed (they leave the queue). Returns when the next waiter is due.
+    pub fn sweep(&mut self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut left: Vec<(Arc<str>, u32)> = Vec::new();
+        for g in self.gates.values_mut() {
+            for (id, f) in g.flows.iter_mut() {
+                if f.waiting.iter().any(|w| w.due.deadline <= now) {
+                    let before = f.waiting.len();
+                    for w in std::mem::take(&mut f.waiting) {
+                        if w.due.deadline <= now {
+                            let _ = w.tx.send(Signal::TimedOut);
+                        } else {
+                            f.waiting.push_back(w);
+                        }
+                    }
+                    let n = (before - f.waiting.len()) as u32;
+                    g.waiting -= n;
+                    left.push((id.clone(), n));
+                }
+                for w in f.waiting.iter_mut() {
+                    if w.due.notice.is_some_and(|at| at <= now) {
+                        w.due.notice = None;
+                        let (tx, rx) = oneshot::channel();
+                        let _ = std::mem::replace(&mut w.tx, tx).send(Signal::Notice(rx));
+                    }
+                    let due = w.due.next();
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
+        }
+        for (id, n) in left {
+            if let Some(s) = self.shares.get_mut(&id) {
+                s.waiting -= n;
+            }
+        }
+        next
     }
 
     /// Grants in use and waiters of a gate.

@@ -1,6 +1,20 @@
-//! Unit tests of the fair queue's decisions (no I/O, no clock).
+//! Unit tests of the fair queue's decisions and of its sweep (no I/O, no runtime).
+
+use std::time::Duration;
 
 use super::*;
+
+/// Queued now, due in an hour (the decisions under test never wait that long).
+fn far() -> (Instant, Due) {
+    let now = Instant::now();
+    (
+        now,
+        Due {
+            notice: None,
+            deadline: now + Duration::from_secs(3600),
+        },
+    )
+}
 
 fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
     ShareLimits {
@@ -17,7 +31,7 @@ struct Bench {
     gate: Arc<str>,
     cap: u32,
     /// Waiting receivers per identity, FIFO.
-    waiting: HashMap<String, VecDeque<oneshot::Receiver<()>>>,
+    waiting: HashMap<String, VecDeque<oneshot::Receiver<Signal>>>,
     held: HashMap<String, u32>,
 }
 
@@ -38,7 +52,7 @@ impl Bench {
 
     /// Requests a grant; true when granted at once.
     fn ask(&mut self, id: &str) -> bool {
-        match self.s.request(&self.gate, self.cap, &Arc::from(id)) {
+        match self.s.request(&self.gate, self.cap, &Arc::from(id), far) {
             Request::Granted => {
                 *self.held.entry(id.into()).or_default() += 1;
                 true
@@ -166,14 +180,14 @@ fn queue_bound_and_cancel() {
     let mut s = Scheduler::default();
     let (gate, a): (Arc<str>, Arc<str>) = (Arc::from("pool"), Arc::from("a"));
     s.set_limits(&a, limits(0, 0, 1, 2));
-    assert!(matches!(s.request(&gate, 1, &a), Request::Granted));
-    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a) else {
+    assert!(matches!(s.request(&gate, 1, &a, far), Request::Granted));
+    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a, far) else {
         panic!()
     };
-    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a) else {
+    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a, far) else {
         panic!()
     };
-    assert!(matches!(s.request(&gate, 1, &a), Request::QueueFull(2)));
+    assert!(matches!(s.request(&gate, 1, &a, far), Request::QueueFull(2)));
     assert!(s.cancel(&gate, &a, t2), "a queued waiter leaves the queue");
     assert!(!s.cancel(&gate, &a, t2));
     s.release(&gate, &a);
@@ -213,4 +227,47 @@ fn lock_holders_at_their_cap_hold_back_new_grants() {
     // Collect the woken waiter.
     b.release("web");
     assert_eq!(b.held("migr"), 2, "released by the monitor's next count");
+}
+
+#[test]
+fn sweep_sends_due_notices_and_times_out_only_the_due() {
+    let mut s = Scheduler::default();
+    let (gate, a, b): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("pool"), Arc::from("a"), Arc::from("b"));
+    let t0 = Instant::now();
+    let secs = Duration::from_secs;
+    let due = |notice: u64, deadline: u64| {
+        move || {
+            let due = Due {
+                notice: (notice > 0).then(|| t0 + secs(notice)),
+                deadline: t0 + secs(deadline),
+            };
+            (t0, due)
+        }
+    };
+    assert!(matches!(s.request(&gate, 1, &a, due(0, 100)), Request::Granted));
+    let Request::Queued(_, mut ra) = s.request(&gate, 1, &a, due(5, 10)) else {
+        panic!("a queues")
+    };
+    let Request::Queued(_, mut rb) = s.request(&gate, 1, &b, due(0, 3)) else {
+        panic!("b queues")
+    };
+    assert_eq!(s.sweep(t0 + secs(1)), Some(t0 + secs(3)), "b's deadline is next");
+    assert!(ra.try_recv().is_err() && rb.try_recv().is_err(), "nothing due yet");
+    assert_eq!(s.sweep(t0 + secs(3)), Some(t0 + secs(5)), "then a's notice");
+    assert!(matches!(rb.try_recv(), Ok(Signal::TimedOut)));
+    assert_eq!(s.status("b"), ShareStatus { servers: 0, waiting: 0 });
+    assert_eq!(s.gate_status("pool"), (1, 1), "a still waits");
+    assert_eq!(s.sweep(t0 + secs(5)), Some(t0 + secs(10)), "then a's deadline");
+    let Ok(Signal::Notice(mut ra)) = ra.try_recv() else {
+        panic!("a is told it is queued")
+    };
+    assert_eq!(s.sweep(t0 + secs(6)), Some(t0 + secs(10)), "one notice only");
+    assert!(ra.try_recv().is_err());
+    s.release(&gate, &a);
+    assert!(
+        matches!(ra.try_recv(), Ok(Signal::Granted)),
+        "the grant comes on the channel the notice gave"
+    );
+    assert_eq!(s.status("a"), ShareStatus { servers: 1, waiting: 0 });
+    assert_eq!(s.sweep(t0 + secs(20)), None, "nobody waits");
 }

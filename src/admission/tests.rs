@@ -25,6 +25,14 @@ fn facts(app: &str) -> ClientFacts<'_> {
     }
 }
 
+/// Admission under `c` with its queue clock running (queued NOTICEs and timeouts).
+fn started(c: AdmissionConfig) -> Admission {
+    let a = Admission::new(c, Default::default());
+    let clock = a.clone();
+    tokio::spawn(async move { clock.queue_clock().await });
+    a
+}
+
 fn pool() -> Arc<str> {
     Arc::from("database \"app\" user \"app\"")
 }
@@ -37,7 +45,7 @@ async fn client_cap_per_identity_refuses_before_anything_else() {
         max_client_connections: Some(2),
         ..Default::default()
     };
-    let a = Admission::new(config(AdmissionSettings::default(), vec![rule]), Default::default());
+    let a = started(config(AdmissionSettings::default(), vec![rule]));
     let m1 = a.login(&facts("web-1")).await.unwrap();
     let _m2 = a.login(&facts("web-2")).await.unwrap();
     let r = a.login(&facts("web-3")).await.unwrap_err();
@@ -67,7 +75,7 @@ async fn login_rate_spreads_a_storm_and_refuses_beyond_the_wait() {
         queue_timeout: Some(Duration::from_secs(1)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]), Default::default());
+    let a = started(config(settings, vec![]));
     let start = Instant::now();
     let logins: Vec<_> = (0..30)
         .map(|_| {
@@ -106,7 +114,7 @@ async fn queue_timeout_and_server_cap_have_distinct_messages() {
         queue_timeout: Some(Duration::from_secs(3)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![rule]), Default::default());
+    let a = started(config(settings, vec![rule]));
     let (c1, c2) = (
         a.login(&facts("capped")).await.unwrap(),
         a.login(&facts("capped")).await.unwrap(),
@@ -139,7 +147,7 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
         max_queue: 1,
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]), Default::default());
+    let a = started(config(settings, vec![]));
     let mut m = Vec::new();
     for _ in 0..3 {
         m.push(a.login(&facts("x")).await.unwrap());
@@ -170,41 +178,53 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_queued_request_given_up_or_dropped_as_its_grant_arrives_keeps_or_returns_it() {
-    let a = Admission::new(config(AdmissionSettings::default(), vec![]), Default::default());
+async fn a_queued_request_is_granted_told_timed_out_or_gives_its_grant_back() {
+    let a = started(config(AdmissionSettings::default(), vec![]));
     let (m0, m1) = (a.login(&facts("x")).await.unwrap(), a.login(&facts("x")).await.unwrap());
     let p = pool();
     let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1) else {
         panic!("the first request is granted at once")
     };
-    let Ok(Acquired::Queued(q)) = a.request(&m1, &p, 1) else {
+    let Ok(Acquired::Queued(mut q)) = a.request(&m1, &p, 1) else {
         panic!("the second one queues")
     };
     assert_eq!(q.timeout(), Duration::from_secs(30), "query_wait_timeout");
     tokio::time::advance(Duration::from_millis(40)).await;
     drop(g); // the grant moves to the waiter at once
-    let (g, waited) = q.give_up().expect("the grant that arrived is kept");
+    let Ok(Waited::Granted(g, waited)) = q.next().await else {
+        panic!("the grant arrives")
+    };
     assert_eq!(waited, Duration::from_millis(40));
-    assert_eq!(a.identity("x").unwrap().servers, 1);
+    drop(q);
+    assert_eq!(a.identity("x").unwrap().servers, 1, "a claimed grant stays claimed");
 
-    let Ok(Acquired::Queued(q)) = a.request(&m0, &p, 1) else {
+    // queue_notice_after (5 s by default), then query_wait_timeout (30 s), from the clock.
+    let Ok(Acquired::Queued(mut q)) = a.request(&m0, &p, 1) else {
         panic!("queues behind the grant held")
     };
-    drop(g);
-    drop(q); // granted meanwhile, never claimed: given back
-    assert_eq!(a.identity("x").unwrap().servers, 0);
-    assert_eq!(a.identity("x").unwrap().waiting, 0);
+    let t = Instant::now();
+    assert!(matches!(q.next().await, Ok(Waited::Notice)));
+    assert_eq!(t.elapsed(), Duration::from_secs(5));
+    let r = q.next().await.expect_err("no grant arrived");
+    assert_eq!(t.elapsed(), Duration::from_secs(30));
+    assert_eq!(r.reason(), "queue_timeout");
+    drop(q);
+    let x = a.identity("x").unwrap();
+    assert_eq!((x.servers, x.waiting, x.counters.refused["queue_timeout"]), (1, 0, 1));
 
-    let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1) else {
-        panic!("the returned grant is free again")
-    };
-    let Ok(Acquired::Queued(q)) = a.request(&m1, &p, 1) else {
+    // Dropped with its NOTICE and then its grant unread: the grant goes back.
+    let Ok(Acquired::Queued(q)) = a.request(&m0, &p, 1) else {
         panic!("queues")
     };
-    let r = q.give_up().expect_err("no grant arrived");
-    assert_eq!(r.reason(), "queue_timeout");
-    assert_eq!(a.identity("x").unwrap().waiting, 0);
+    tokio::time::sleep(Duration::from_secs(6)).await; // the clock sends the NOTICE
     drop(g);
+    drop(q);
+    let x = a.identity("x").unwrap();
+    assert_eq!((x.servers, x.waiting), (0, 0));
+    assert!(
+        matches!(a.request(&m1, &p, 1), Ok(Acquired::Granted(_))),
+        "the grant is free again"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -215,7 +235,7 @@ async fn a_surge_is_recorded_once_and_damped() {
         queue_timeout: Some(Duration::from_millis(100)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]), Default::default());
+    let a = started(config(settings, vec![]));
     let mut members = Vec::new();
     for _ in 0..5 {
         members.push(a.login(&facts("django")).await.unwrap());
@@ -265,7 +285,7 @@ async fn reload_changes_caps_of_connected_identities() {
         max_client_connections: Some(max),
         ..Default::default()
     };
-    let a = Admission::new(config(AdmissionSettings::default(), vec![rule(1)]), Default::default());
+    let a = started(config(AdmissionSettings::default(), vec![rule(1)]));
     let _m = a.login(&facts("web")).await.unwrap();
     assert_eq!(a.login(&facts("web")).await.unwrap_err().reason(), "client_cap");
     a.reload(config(AdmissionSettings::default(), vec![rule(3)]));
@@ -288,7 +308,7 @@ async fn caps_hold_exactly_under_races() {
         queue_timeout: Some(Duration::from_secs(30)),
         ..Default::default()
     };
-    let a = Admission::new(config(settings, vec![]), Default::default());
+    let a = started(config(settings, vec![]));
     let (clients, servers) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let (peak_c, peak_s) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let tasks: Vec<_> = (0..64)

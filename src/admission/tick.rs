@@ -12,6 +12,9 @@ use tokio::time::Instant;
 use super::surge::{Change, SurgeEvent};
 use super::{share_limits, Admission, AdmissionConfig, Counters, Limits, SURGE_HISTORY};
 
+/// The queue clock looks at the queue at least this often.
+const CLOCK_LOOK: Duration = Duration::from_secs(1);
+
 /// Identities with no clients are forgotten this long after their last client left.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
@@ -47,6 +50,28 @@ pub struct IdentityStatus {
 }
 
 impl Admission {
+    /// The queue clock: sends queued clients their NOTICE and their timeout when due (see
+    /// [`super::queue::Scheduler::sweep`]), then sleeps until the next one is due (a second
+    /// at most), or until a client is queued with an earlier due time. Runs until dropped;
+    /// the proxy runs it beside [`Self::tick`].
+    pub async fn queue_clock(&self) {
+        loop {
+            let at = {
+                let mut st = self.state();
+                let now = Instant::now();
+                let look = now + CLOCK_LOOK;
+                let at = st.sched.sweep(now).map_or(look, |next| next.min(look));
+                st.clock_at = at;
+                at
+            };
+            // A bell rung since the lock was released is kept (Notify stores one permit).
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = self.inner.clock_bell.notified() => {}
+            }
+        }
+    }
+
     /// Closes one second of surge windows (`every` since the last tick), logs episodes that
     /// start or end, and forgets identities idle for a while.
     pub fn tick(&self, every: Duration) {

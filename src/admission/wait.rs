@@ -1,10 +1,10 @@
 //! A place in the fair queue for a server connection, waited on by the caller.
 //!
 //! Part of admission. [`super::Admission::request`] grants at once or queues; a queued
-//! client waits on [`Queued::granted`] under a timer of its own (the session uses one timer
-//! for both the queued NOTICE and the queue timeout) and calls [`Queued::give_up`] when the
-//! timeout passes. Dropping a `Queued` leaves the queue, or gives back a grant that arrived
-//! meanwhile (cancel safety).
+//! client waits on [`Queued::next`], which ends with the grant, with the word that its
+//! NOTICE is due (then it waits again), or with its timeout. The waiter needs no timer: the
+//! queue clock ([`super::Admission::queue_clock`]) sends both in time. Dropping a `Queued`
+//! leaves the queue, or gives back a grant that arrived meanwhile (cancel safety).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::queue::Signal;
 use super::{Admission, Refusal, ServerGrant};
 
 /// What [`Admission::request`] decided.
@@ -23,6 +24,16 @@ pub enum Acquired<'a> {
     Queued(Queued<'a>),
 }
 
+/// What a wait in the queue came to (see [`Queued::next`]).
+#[derive(Debug)]
+pub enum Waited {
+    /// The grant, and how long the client waited for it.
+    Granted(ServerGrant, Duration),
+    /// The client has waited its `queue_notice_after` and is still queued: tell it, and wait
+    /// again.
+    Notice,
+}
+
 /// A client waiting in the fair queue.
 #[derive(Debug)]
 pub struct Queued<'a> {
@@ -30,7 +41,7 @@ pub struct Queued<'a> {
     pub(super) pool: &'a Arc<str>,
     pub(super) identity: &'a Arc<str>,
     pub(super) ticket: u64,
-    pub(super) rx: oneshot::Receiver<()>,
+    pub(super) rx: oneshot::Receiver<Signal>,
     pub(super) pool_size: u32,
     pub(super) timeout: Duration,
     pub(super) since: Instant,
@@ -39,37 +50,43 @@ pub struct Queued<'a> {
 }
 
 impl Queued<'_> {
-    /// When it was queued.
-    pub fn since(&self) -> Instant {
-        self.since
-    }
-
     /// How long it may wait (the identity's `queue_timeout`, else `query_wait_timeout`).
+    #[cfg(test)]
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// Waits for the grant; with it, how long the wait was. Cancel safe: after a cancelled
-    /// call the client is still queued.
-    ///
-    /// # Errors
-    /// [`Refusal::QueueTimeout`] or [`Refusal::ServerCap`] only if the queue entry vanished
-    /// without a grant, which the scheduler never does.
-    pub async fn granted(&mut self) -> Result<(ServerGrant, Duration), Refusal> {
-        let woke = (&mut self.rx).await.is_ok();
-        self.admission.finish_wait(self, woke)
-    }
-
-    /// Leaves the queue after waiting too long: the refusal to tell the client, or the grant
-    /// if it arrived just now.
+    /// Waits for what comes next: the grant, or the NOTICE being due. Cancel safe: after a
+    /// cancelled call the client is still queued.
     ///
     /// # Errors
     /// [`Refusal::QueueTimeout`], or [`Refusal::ServerCap`] when the identity's own cap held
-    /// it back.
-    pub fn give_up(mut self) -> Result<(ServerGrant, Duration), Refusal> {
-        // A grant that arrived has taken the client out of the queue: leaving it then fails,
-        // and the grant is kept.
-        self.admission.finish_wait(&mut self, false)
+    /// it back, once the client has waited its timeout.
+    pub async fn next(&mut self) -> Result<Waited, Refusal> {
+        match (&mut self.rx).await {
+            Ok(Signal::Granted) => {
+                let (g, waited) = self.admission.finish_wait(self);
+                Ok(Waited::Granted(g, waited))
+            }
+            Ok(Signal::Notice(rx)) => {
+                self.rx = rx;
+                Ok(Waited::Notice)
+            }
+            // Err: the queue dropped the entry without a word, which it never does; no grant
+            // came with it either way.
+            Ok(Signal::TimedOut) | Err(_) => Err(self.admission.timed_out(self)),
+        }
+    }
+}
+
+/// Whether a grant is waiting in `rx` (following NOTICEs not yet read).
+fn holds_grant(rx: &mut oneshot::Receiver<Signal>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(Signal::Granted) => return true,
+            Ok(Signal::Notice(next)) => *rx = next,
+            Ok(Signal::TimedOut) | Err(_) => return false,
+        }
     }
 }
 
@@ -77,8 +94,9 @@ impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if self.armed {
             let mut st = self.admission.state();
-            if !st.sched.cancel(self.pool, self.identity, self.ticket) {
-                // Granted just before the drop: give it straight back.
+            // Not in the queue any more: granted (give it straight back) or timed out. Both
+            // are decided under this lock, so the signal is in the channel already.
+            if !st.sched.cancel(self.pool, self.identity, self.ticket) && holds_grant(&mut self.rx) {
                 st.sched.release(self.pool, self.identity);
             }
         }

@@ -33,7 +33,7 @@ pub use relay::{Mode, RelayEnd};
 #[doc(hidden)]
 pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
 
-use crate::admission::{Acquired, ClientPermit, Member, Queued, Refusal, ServerGrant};
+use crate::admission::{Acquired, ClientPermit, Member, Queued, Refusal, ServerGrant, Waited};
 use crate::cancel::CancelKey;
 use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::error::{sqlstate, PgError, Side};
@@ -295,36 +295,25 @@ impl Seat {
     }
 
     /// Waits for a grant that did not come at once, with a NOTICE to the client once it has
-    /// waited `queue_notice_after`, up to the queue timeout (one timer for both); the wait
-    /// counts in the pool's SHOW STATS.
+    /// waited `queue_notice_after`, up to the queue timeout (both sent by admission's queue
+    /// clock, so the wait arms no timer); the wait counts in the pool's SHOW STATS.
     async fn queued(
         &self,
         client: &mut ClientConn,
         mut q: Queued<'_>,
         pool_size: u32,
     ) -> Result<ServerGrant, SessionError> {
-        let notice = self.member.notice_after();
-        let timeout_at = q.since() + q.timeout();
-        let mut noticed = notice.is_zero() || notice >= q.timeout();
-        let first = if noticed { timeout_at } else { q.since() + notice };
-        let timer = tokio::time::sleep_until(first);
-        tokio::pin!(timer);
         let (grant, waited) = loop {
-            tokio::select! {
-                biased;
-                g = q.granted() => break g?,
-                () = &mut timer => {
-                    if noticed {
-                        break q.give_up()?;
-                    }
-                    noticed = true;
+            match q.next().await? {
+                Waited::Granted(g, waited) => break (g, waited),
+                Waited::Notice => {
                     let msg = format!(
                         "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={pool_size})",
-                        self.member.identity(), self.pool
+                        self.member.identity(),
+                        self.pool
                     );
                     messages::notice_response("00000", &msg, &mut client.wbuf);
                     client.flush().await?;
-                    timer.as_mut().reset(timeout_at);
                 }
             }
         };
