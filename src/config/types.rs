@@ -315,7 +315,7 @@ pub struct LockSettings {
     pub dangerous_modes: Vec<String>,
     /// Ended lock episodes kept for SHOW LOCK_HISTORY.
     pub history: usize,
-    /// The user (from [users]) the monitor logs in as (default: the first user).
+    /// The user (from `[users]`) the monitor logs in as (default: the first user).
     pub user: Option<String>,
 }
 

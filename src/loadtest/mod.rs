@@ -4,7 +4,7 @@
 //!
 //! Beside the proxy flow, not part of it: the clients are tokio-postgres (independent of
 //! pgvalve's own protocol code, so a shared bug cannot cancel out). [`plan`] says what runs
-//! (scenarios and TOML scenario files), [`run`] runs it, [`measure`] records, [`report`] and
+//! (scenarios and TOML scenario files), [`run`](mod@run) runs it, [`measure`] records, [`report`] and
 //! [`html`] show the results (terminal table, JSON, HTML with SVG charts).
 
 pub mod compare;

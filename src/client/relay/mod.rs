@@ -89,7 +89,7 @@ pub struct Mode {
     pub session: Option<std::sync::Arc<crate::sessions::SessionInfo>>,
     /// The session's tally of transactions, queries and bytes for its pool's SHOW STATS.
     pub stats: Option<crate::pool::stats::Local>,
-    /// Buffers kept from one transaction's relay to the next (see [`Reuse`]).
+    /// Buffers kept from one transaction's relay to the next (see `Reuse`).
     pub reuse: Reuse,
 }
 
