@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     }
     g.bench_function("grant_release_uncontended", |b| {
         b.iter(|| {
-            assert!(matches!(s.request(&gate, 20, &ids[0], far), Request::Granted));
+            assert!(matches!(s.request(&gate, 20, &ids[0], far()), Request::Granted));
             s.release(&gate, &ids[0]);
         })
     });
@@ -65,14 +65,14 @@ fn bench(c: &mut Criterion) {
     }
     let mut held = Vec::new();
     for i in 0..20 {
-        assert!(matches!(s.request(&gate, 20, &ids[i % 8], far), Request::Granted));
+        assert!(matches!(s.request(&gate, 20, &ids[i % 8], far()), Request::Granted));
         held.push(ids[i % 8].clone());
     }
     let mut waiters = Vec::new();
     g.bench_function("release_to_fair_queue_8_identities", |b| {
         b.iter(|| {
             let id = held.remove(0);
-            if let Request::Queued(_, rx) = s.request(&gate, 20, &id, far) {
+            if let Request::Queued(_, rx) = s.request(&gate, 20, &id, far()) {
                 waiters.push((id.clone(), rx));
             }
             s.release(&gate, &id);

@@ -49,7 +49,7 @@ proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
     pgvalve) pgrep -f -- "--listen 127.0.0.1:$VPORT" | head -1 ;;
     rules) pgrep -f -- "--listen 127.0.0.1:$RPORT" | head -1 ;;
     pgbouncer) pgrep -f -- "$WORK/pgbouncer.ini" | grep -v runuser | tail -1 ;;
-    floor) pgrep -f -- "$WORK/relay_floor $FPORT" | head -1 ;;
+    floor) echo "$FLOOR_PID" ;;
   esac
 }
 cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }

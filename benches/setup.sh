@@ -61,7 +61,8 @@ if [[ -n "${RELAY_FLOOR:-}" ]]; then
   FLOOR_UPSTREAM=127.0.0.1:$PGPORT; [[ $SERVER_LEG == unix ]] && FLOOR_UPSTREAM=$WORK/.s.PGSQL.$PGPORT
   cc -O2 -pthread -o "$WORK/relay_floor" benches/relay_floor.c
   "$WORK/relay_floor" "$FPORT" "$FLOOR_UPSTREAM" "${RELAY_THREADS:-2}" >"$WORK/relay_floor.log" 2>&1 &
-  PIDS+=($!)
+  FLOOR_PID=$!
+  PIDS+=($FLOOR_PID)
   TARGETS+=(floor:$FPORT)
 fi
 PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)

@@ -318,21 +318,15 @@ impl Admission {
         let id = &member.identity;
         let mut guard = self.state();
         let st = &mut *guard;
-        // Most grants come at once: then no clock is read.
-        let (ids, default_timeout) = (&st.ids, st.query_wait_timeout);
-        let mut queued = None;
-        let decided = st.sched.request(pool, pool_size, id, || {
-            let now = Instant::now();
-            let timeout = ids.get(id).map_or(default_timeout, |i| i.limits.queue_timeout);
-            let notice = member.notice_after;
-            let due = Due {
-                notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
-                deadline: now + timeout,
-            };
-            queued = Some((now, timeout, due));
-            (now, due)
-        });
-        match decided {
+        // When the client would be due, should it have to wait.
+        let now = Instant::now();
+        let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
+        let notice = member.notice_after;
+        let due = Due {
+            notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
+            deadline: now + timeout,
+        };
+        match st.sched.request(pool, pool_size, id, (now, due)) {
             Request::Granted => {
                 count(st, id, |c| c.grants += 1);
                 Ok(Acquired::Granted(self.grant(pool, id)))
@@ -348,7 +342,6 @@ impl Admission {
                 Err(r)
             }
             Request::Queued(ticket, rx) => {
-                let (now, timeout, due) = queued.expect("invariant: asked when queued");
                 if due.next() < st.clock_at {
                     st.clock_at = due.next();
                     self.inner.clock_bell.notify_one();

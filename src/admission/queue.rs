@@ -163,14 +163,8 @@ impl Scheduler {
     }
 
     /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate);
-    /// a client that has to wait is queued from and until what `when` says (asked only then).
-    pub fn request(
-        &mut self,
-        gate: &Arc<str>,
-        capacity: u32,
-        id: &Arc<str>,
-        when: impl FnOnce() -> (Instant, Due),
-    ) -> Request {
+    /// a client that has to wait is queued from and until what `when` says: (now, due).
+    pub fn request(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>, when: (Instant, Due)) -> Request {
         if !self.shares.contains_key(id) {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
@@ -191,7 +185,7 @@ impl Scheduler {
         }
         share.waiting += 1;
         self.next_id += 1;
-        let (now, due) = when();
+        let (now, due) = when;
         let (tx, rx) = oneshot::channel();
         let g = self.gates.get_mut(gate).expect("invariant: created above");
         g.waiting += 1;

@@ -52,7 +52,7 @@ impl Bench {
 
     /// Requests a grant; true when granted at once.
     fn ask(&mut self, id: &str) -> bool {
-        match self.s.request(&self.gate, self.cap, &Arc::from(id), far) {
+        match self.s.request(&self.gate, self.cap, &Arc::from(id), far()) {
             Request::Granted => {
                 *self.held.entry(id.into()).or_default() += 1;
                 true
@@ -180,14 +180,14 @@ fn queue_bound_and_cancel() {
     let mut s = Scheduler::default();
     let (gate, a): (Arc<str>, Arc<str>) = (Arc::from("pool"), Arc::from("a"));
     s.set_limits(&a, limits(0, 0, 1, 2));
-    assert!(matches!(s.request(&gate, 1, &a, far), Request::Granted));
-    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a, far) else {
+    assert!(matches!(s.request(&gate, 1, &a, far()), Request::Granted));
+    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a, far()) else {
         panic!()
     };
-    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a, far) else {
+    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a, far()) else {
         panic!()
     };
-    assert!(matches!(s.request(&gate, 1, &a, far), Request::QueueFull(2)));
+    assert!(matches!(s.request(&gate, 1, &a, far()), Request::QueueFull(2)));
     assert!(s.cancel(&gate, &a, t2), "a queued waiter leaves the queue");
     assert!(!s.cancel(&gate, &a, t2));
     s.release(&gate, &a);
@@ -236,13 +236,11 @@ fn sweep_sends_due_notices_and_times_out_only_the_due() {
     let t0 = Instant::now();
     let secs = Duration::from_secs;
     let due = |notice: u64, deadline: u64| {
-        move || {
-            let due = Due {
-                notice: (notice > 0).then(|| t0 + secs(notice)),
-                deadline: t0 + secs(deadline),
-            };
-            (t0, due)
-        }
+        let due = Due {
+            notice: (notice > 0).then(|| t0 + secs(notice)),
+            deadline: t0 + secs(deadline),
+        };
+        (t0, due)
     };
     assert!(matches!(s.request(&gate, 1, &a, due(0, 100)), Request::Granted));
     let Request::Queued(_, mut ra) = s.request(&gate, 1, &a, due(5, 10)) else {

@@ -274,7 +274,7 @@ impl Seat {
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
         let pool_size = pool.manager().size() as u32;
-        // Most grants come at once: then no clock is read and no timer made.
+        // Most grants come at once: then no timer is made.
         let grant = match shared.admission.request(&self.member, &self.pool, pool_size)? {
             Acquired::Granted(g) => g,
             Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
