@@ -1,6 +1,8 @@
 //! PostgreSQL v3 wire protocol, as much as the proxy needs: header framing on the hot path,
-//! the startup packet, and the few messages the proxy says or reads itself.
+//! the startup packet, the few messages the proxy says or reads itself, and the wire
+//! vocabulary (message tags, the C-string reader) everything else reads from.
 
 pub mod frame;
 pub mod messages;
 pub mod startup;
+pub mod tags;
