@@ -1,6 +1,6 @@
 //! pgvalve: a connection-limiting PostgreSQL proxy.
 //!
-//! # Layout (the flow of a client connection)
+//! # The flow of a client connection
 //!
 //! ```text
 //! listener ─▶ client (startup, auth) ─▶ admission ─▶ pool (per database+user) ─▶ server ─▶ PostgreSQL
@@ -8,20 +8,53 @@
 //!                 └──────────────── relay (bytes both ways, headers only) ──────────┘
 //! ```
 //!
+//! # Layers: dependencies point one way, the way the data flows
+//!
+//! ```text
+//! proxy                          the one composition root: builds every service, hands out handles
+//!   │
+//! listener · admin · http        beside the session: accept, the console, /metrics and /readyz
+//! session_threads                the event loops the listener hands sessions to
+//!   │
+//! client                         the session: startup, auth, checkout, relay (takes client::Services)
+//!   │
+//! reload · locks                 reload publishes to pools and admission; the lock monitor reads
+//!   │                            the session registry and tells admission
+//! pool · cancel                  server connections per database+user; cancel-key routing
+//!   │
+//! admission · server · sessions  identities, caps, queues; one PostgreSQL connection (and
+//!   │                            auth_query); the session registry
+//! tls · observe                  TLS stream glue; the per-proxy metrics recorder
+//!   │
+//! config                         every settings type: load, parse, validate (TLS loaded too)
+//!   │
+//! protocol · error · shutdown    the wire (framing, messages, tags); errors with side and
+//!                                SQLSTATE; phases
+//! ```
+//!
+//! A module imports only from the layers below it (`python3 ../shared/tools/modcycles.py src`
+//! finds no cycle). Each task receives the narrow handles it uses, built by [`proxy`]: a
+//! session gets [`client::Services`]; the lock monitor a [`locks::Watch`]; the HTTP endpoint
+//! [`http::Sources`]; the console [`admin::AdminConsole`], plugged into the session as a
+//! [`client::Console`] so the session never imports the console; reloads a
+//! [`reload::Reloader`].
+//!
 //! - [`listener`]: accepts sockets, takes an admission permit, spawns a session (on a
 //!   [`session_threads`] event loop while every pool is in session mode).
 //! - [`client`]: one session — first packet, authentication, parameters, relay.
 //! - [`admission`]: client identities, per-identity caps and login rate (before auth), the
 //!   fair queue for server connections, surge detection.
 //! - [`pool`]: deadpool pools of server connections, global `max_server_connections`.
-//! - [`server`]: one PostgreSQL connection: login, reset, cancel.
-//! - [`protocol`]: header framing (hot path) and the messages the proxy says itself.
+//! - [`server`]: one PostgreSQL connection: login, reset, cancel; auth_query look-ups.
+//! - [`protocol`]: header framing (hot path), the messages the proxy says itself, the wire
+//!   vocabulary (named tags, the C-string reader).
 //!
 //! Beside the flow: [`locks`] (the lock monitor), [`sessions`] (who uses which backend),
-//! [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (Prometheus metrics) served by [`http`] with health checks,
-//! [`config`] (load, validate), [`cancel`] (cancel-key routing),
-//! [`shutdown`] (phases), [`proxy`] (the handle that owns it all), [`testkit`] (throwaway
-//! PostgreSQL for tests and the demo), [`demo`], [`loadtest`] (the load-test harness).
+//! [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (the metrics
+//! recorder) scraped by [`http`] with health checks, [`config`] (load, parse, validate),
+//! [`cancel`] (cancel-key routing), [`reload`], [`shutdown`] (phases), [`proxy`] (the handle
+//! that owns it all), [`testkit`] (throwaway PostgreSQL for tests and the demo), [`demo`],
+//! [`loadtest`] (the load-test harness).
 //!
 //! No global mutable state: everything a task needs is passed in as a handle.
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::client;
-use crate::proxy::Shared;
+use crate::client::Services;
 use crate::session_threads::SessionThreads;
 use crate::shutdown::Phase;
 
@@ -23,7 +23,7 @@ use crate::shutdown::Phase;
 /// Sessions go to the session threads, when there are any, while every pool is in session mode.
 pub async fn run(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Services>,
     tracker: TaskTracker,
     mut phase: watch::Receiver<Phase>,
     threads: Option<Arc<SessionThreads>>,

@@ -1,19 +1,17 @@
 //! Prometheus metrics of one proxy: what admission, the pools and the sessions report.
 //!
-//! Beside the flow. Two parts: *events* (histograms and counters recorded as things happen,
+//! A service at the bottom (admission records into it). Two parts: *events* (histograms and counters recorded as things happen,
 //! e.g. how long a queued client waited) live in a long-lived recorder owned by the proxy —
 //! not the process-global one, so several proxies in one process keep their numbers apart;
 //! *state* (connections, waiting clients, refusals, surges, pool sizes) is read from admission
 //! and the pools at scrape time into a fresh recorder, so a forgotten identity's series
-//! disappear with it. Both render as Prometheus text with real histograms (buckets).
+//! disappear with it; that scrape is the HTTP endpoint's. Both render as
+//! Prometheus text with real histograms (buckets).
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
-
-use crate::proxy::Shared;
 
 /// Every metric family pgvalve exports (the dashboard, the alert rules and the tests check
 /// against this list).
@@ -53,21 +51,21 @@ pub const METRICS: &[&str] = &[
     "pgvalve_transactions_total",
 ];
 
-const META: Metadata<'static> = Metadata::new("pgvalve", Level::INFO, None);
+pub(crate) const META: Metadata<'static> = Metadata::new("pgvalve", Level::INFO, None);
 
 /// Buckets for every `_seconds` histogram: 1 ms to 2 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-fn recorder() -> PrometheusRecorder {
+pub(crate) fn recorder() -> PrometheusRecorder {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
         .expect("invariant: the bucket list is not empty")
         .build_recorder()
 }
 
-fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+pub(crate) fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
     Key::from_parts(
         name,
         labels
@@ -111,151 +109,4 @@ impl Events {
         h.run_upkeep();
         h.render()
     }
-}
-
-struct Snapshot(PrometheusRecorder);
-
-impl Snapshot {
-    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], v: f64) {
-        self.0.register_gauge(&key(name, labels), &META).set(v);
-    }
-
-    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)], v: u64) {
-        self.0.register_counter(&key(name, labels), &META).absolute(v);
-    }
-}
-
-/// Everything, as Prometheus text: the state read now, then the events.
-pub fn render(shared: &Shared) -> String {
-    let s = Snapshot(recorder());
-    s.gauge("pgvalve_clients_connected", &[], shared.admission.clients() as f64);
-    for (reason, n) in shared.pins.by_reason() {
-        s.counter("pgvalve_session_pins_total", &[("reason", reason)], n);
-    }
-    s.counter(
-        "pgvalve_config_reloads_total",
-        &[("result", "ok")],
-        shared.reloads.ok.load(Relaxed),
-    );
-    s.counter(
-        "pgvalve_config_reloads_total",
-        &[("result", "failed")],
-        shared.reloads.failed.load(Relaxed),
-    );
-    for (k, t) in shared.pools.stats.totals() {
-        let l: &[(&'static str, &str)] = &[("database", &k.database), ("user", &k.user)];
-        s.counter("pgvalve_transactions_total", l, t.xacts);
-        s.counter("pgvalve_queries_total", l, t.queries);
-        s.counter("pgvalve_server_assignments_total", l, t.server_assignments);
-        s.counter("pgvalve_client_received_bytes_total", l, t.received);
-        s.counter("pgvalve_client_sent_bytes_total", l, t.sent);
-    }
-    let mut by_state: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
-    for c in shared.sessions.all() {
-        let state = if c.backend().is_some() { "active" } else { "idle" };
-        *by_state.entry((c.client.identity.to_string(), state)).or_default() += 1;
-    }
-    for ((identity, state), n) in by_state {
-        s.gauge(
-            "pgvalve_client_connections",
-            &[("identity", &identity), ("state", state)],
-            n as f64,
-        );
-    }
-    for i in shared.admission.identities() {
-        let id: &[(&'static str, &str)] = &[("identity", &i.identity)];
-        s.gauge("pgvalve_identity_client_connections", id, f64::from(i.clients));
-        s.gauge("pgvalve_identity_server_connections", id, f64::from(i.servers));
-        s.gauge("pgvalve_identity_waiting_clients", id, f64::from(i.waiting));
-        s.gauge(
-            "pgvalve_identity_max_client_connections",
-            id,
-            f64::from(i.limits.max_clients),
-        );
-        s.gauge(
-            "pgvalve_identity_max_server_connections",
-            id,
-            f64::from(i.limits.max_servers),
-        );
-        s.gauge("pgvalve_identity_login_rate", id, i.login_rate);
-        s.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
-        s.gauge("pgvalve_identity_client_growth_1s", id, i.delta_1s as f64);
-        s.gauge("pgvalve_identity_client_growth_10s", id, i.delta_10s as f64);
-        s.gauge("pgvalve_identity_surging", id, if i.surging { 1.0 } else { 0.0 });
-        s.counter("pgvalve_identity_logins_total", id, i.counters.admitted);
-        s.counter("pgvalve_identity_server_grants_total", id, i.counters.grants);
-        s.counter("pgvalve_identity_server_grants_queued_total", id, i.counters.queued);
-        s.counter("pgvalve_surge_events_total", id, i.counters.surges);
-        for (reason, n) in &i.counters.refused {
-            s.counter(
-                "pgvalve_refusals_total",
-                &[("identity", &i.identity), ("reason", reason)],
-                *n,
-            );
-        }
-    }
-    for p in shared.pools.stats() {
-        let (db, user) = (p.key.database.as_str(), p.key.user.as_str());
-        let active = p.open.saturating_sub(p.idle) as f64;
-        s.gauge(
-            "pgvalve_pool_size",
-            &[("database", db), ("user", user)],
-            p.pool_size as f64,
-        );
-        for (state, v) in [("active", active), ("idle", p.idle as f64)] {
-            s.gauge(
-                "pgvalve_server_connections",
-                &[("database", db), ("user", user), ("state", state)],
-                v,
-            );
-        }
-        s.counter(
-            "pgvalve_server_connections_opened_total",
-            &[("database", db), ("user", user)],
-            p.created,
-        );
-        s.counter(
-            "pgvalve_server_connect_failures_total",
-            &[("database", db), ("user", user)],
-            p.connect_failures,
-        );
-    }
-    {
-        let locks = shared.locks.state();
-        let mut held: std::collections::HashMap<(String, String), u64> = Default::default();
-        let mut blocked = std::collections::HashSet::new();
-        for l in &locks.current {
-            if l.dangerous {
-                let id = l
-                    .session
-                    .as_ref()
-                    .map_or("external".to_string(), |x| x.client.identity.to_string());
-                *held.entry((id, l.row.mode.clone())).or_default() += 1;
-            }
-            if !l.row.granted {
-                blocked.insert(l.row.pid);
-            }
-        }
-        for ((id, mode), n) in held {
-            s.gauge(
-                "pgvalve_dangerous_locks",
-                &[("identity", &id), ("mode", &mode)],
-                n as f64,
-            );
-        }
-        s.gauge("pgvalve_blocked_backends", &[], blocked.len() as f64);
-        for (id, n) in &locks.episodes {
-            s.counter("pgvalve_lock_episodes_total", &[("identity", id)], *n);
-        }
-        for ((id, action), n) in &locks.actions {
-            s.counter(
-                "pgvalve_lock_actions_total",
-                &[("identity", id), ("action", action)],
-                *n,
-            );
-        }
-    }
-    let mut out = s.0.handle().render();
-    out.push_str(&shared.events.render());
-    out
 }

@@ -1,8 +1,11 @@
-//! A running proxy: its shared state and the handle to stop it.
+//! A running proxy: the one composition root, and the handle to stop it.
 //!
-//! Owns the pieces of the flow — listener, admission, pools, cancel registry — and passes
-//! them to tasks as one `Arc<Shared>`; nothing is global, so a test can run several proxies
-//! in one process. [`ProxyHandle::shutdown`] drives the drain described in [`crate::shutdown`].
+//! Builds every service — admission, pools, cancel registry, session registry, lock
+//! monitor, reloads, metrics — and hands each task the narrow handles it uses: sessions get
+//! [`Services`], the lock monitor a [`crate::locks::Watch`], the HTTP endpoint its
+//! [`crate::http::Sources`], the console an [`AdminConsole`]. Nothing is global, so a test can
+//! run several proxies in one process. [`ProxyHandle::shutdown`] drives the drain described in
+//! [`crate::shutdown`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,53 +19,83 @@ use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
-use crate::admission::Admission;
+use tokio::sync::Notify;
+
+use crate::admin::AdminConsole;
+use crate::admission::{Admission, AdmissionConfig};
 use crate::cancel::CancelRegistry;
+use crate::client::{Services, StatementRegistry};
 use crate::config::{Config, ScramVerifier};
+use crate::locks::LockMonitor;
+use crate::observe::Events;
 use crate::pool::PoolSet;
+use crate::reload::{Reloaded, Reloader};
+use crate::server::auth_query::AuthQuery;
 use crate::session_threads::SessionThreads;
 use crate::shutdown::{Phase, PhaseSender};
 
-/// State every session of one proxy shares.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration in force (replaced whole by a reload; see [`Shared::config`]).
-    pub live_config: Arc<ArcSwap<Config>>,
-    /// Server connection pools.
-    pub pools: PoolSet,
-    /// Cancel keys.
-    pub cancels: Arc<CancelRegistry>,
-    /// Client admission.
-    pub admission: Admission,
-    /// Shutdown phase (the proxy's own tasks watch a `watch` receiver of it).
-    pub phase_bell: Arc<crate::shutdown::PhaseBell>,
-    /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
-    pub decoy_verifier: ScramVerifier,
-    /// Users looked up with auth_query: verifiers, learned keys, failed logins.
-    pub auth: Arc<crate::client::auth_query::AuthQuery>,
-    /// Sessions pinned to a server connection in transaction mode, so far.
-    pub pins: Arc<crate::sessions::Pins>,
-    /// Proxy-wide ids of prepared statement definitions (transaction mode).
-    pub statements: Arc<crate::client::StatementRegistry>,
-    /// Event metrics (histograms).
-    pub events: crate::observe::Events,
-    /// Client sessions and the backends they use.
-    pub sessions: Arc<crate::sessions::Sessions>,
-    /// What the lock monitor saw.
-    pub locks: Arc<crate::locks::LockMonitor>,
-    /// Databases paused from the console.
-    pub pauses: crate::pool::Pauses,
-    /// Reloads and what to reload from.
-    pub reloads: crate::reload::Reloads,
-    /// The console asked for SHUTDOWN.
-    pub shutdown_requested: tokio::sync::Notify,
+/// The services one proxy builds, before its tasks start.
+struct Built {
+    services: Arc<Services>,
+    events: Events,
+    locks: Arc<LockMonitor>,
+    reloader: Arc<Reloader>,
+    shutdown_requested: Arc<Notify>,
 }
 
-impl Shared {
-    /// The configuration in force now (cheap: no shared reference count is touched). Take
-    /// it once per use and do not hold it across long waits: a reload may replace it.
-    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
-        self.live_config.load()
+impl Built {
+    fn new(config: Config, phase_bell: Arc<crate::shutdown::PhaseBell>) -> Built {
+        let live_config = Arc::new(ArcSwap::from_pointee(config));
+        let admission_config = AdmissionConfig::from_config(&live_config.load());
+        let events = Events::default();
+        let auth = Arc::new(AuthQuery::default());
+        let pools = PoolSet::new(live_config.clone(), auth.clone());
+        let admission = Admission::new(admission_config, events.clone());
+        let locks = Arc::new(LockMonitor::default());
+        let reloader = Arc::new(Reloader::new(live_config.clone(), pools.clone(), admission.clone()));
+        let shutdown_requested = Arc::new(Notify::new());
+        let console = AdminConsole::new(locks.clone(), reloader.clone(), shutdown_requested.clone());
+        let services = Arc::new(Services {
+            pools,
+            auth,
+            cancels: Arc::new(CancelRegistry::new()),
+            admission,
+            sessions: Arc::default(),
+            pauses: Default::default(),
+            phase_bell,
+            decoy_verifier: ScramVerifier::from_password(&hex_nonce()),
+            pins: Arc::default(),
+            statements: Arc::new(StatementRegistry::default()),
+            console: Arc::new(console),
+            live_config,
+        });
+        Built {
+            services,
+            events,
+            locks,
+            reloader,
+            shutdown_requested,
+        }
+    }
+
+    fn lock_watch(&self) -> crate::locks::Watch {
+        let s = &self.services;
+        crate::locks::Watch {
+            live_config: s.live_config.clone(),
+            pools: s.pools.clone(),
+            sessions: s.sessions.clone(),
+            admission: s.admission.clone(),
+            locks: self.locks.clone(),
+        }
+    }
+
+    fn http_sources(&self) -> crate::http::Sources {
+        crate::http::Sources {
+            services: self.services.clone(),
+            events: self.events.clone(),
+            locks: self.locks.clone(),
+            reloader: self.reloader.clone(),
+        }
     }
 }
 
@@ -71,7 +104,9 @@ impl Shared {
 pub struct ProxyHandle {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    shared: Arc<Services>,
+    reloader: Arc<Reloader>,
+    shutdown_requested: Arc<Notify>,
     phase_tx: Arc<PhaseSender>,
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
@@ -100,29 +135,9 @@ impl ProxyHandle {
     /// Starts serving on already bound listeners.
     pub fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
-        let config = Arc::new(ArcSwap::from_pointee(config));
-        let admission_config = crate::admission::AdmissionConfig::from_config(&config.load());
         let (phase_tx, phase, phase_bell) = PhaseSender::new();
-        let decoy = hex_nonce();
-        let events = crate::observe::Events::default();
-        let auth = Arc::new(crate::client::auth_query::AuthQuery::default());
-        let shared = Arc::new(Shared {
-            pools: PoolSet::new(config.clone(), auth.clone()),
-            auth,
-            cancels: Arc::new(CancelRegistry::new()),
-            admission: Admission::new(admission_config, events.clone()),
-            events,
-            sessions: Arc::default(),
-            locks: Arc::default(),
-            pauses: Default::default(),
-            reloads: Default::default(),
-            shutdown_requested: Default::default(),
-            phase_bell,
-            decoy_verifier: ScramVerifier::from_password(&decoy),
-            pins: Arc::default(),
-            statements: Arc::default(),
-            live_config: config,
-        });
+        let built = Built::new(config, phase_bell);
+        let shared = built.services.clone();
         let tracker = TaskTracker::new();
         let threads = session_threads(&shared.config());
         let accept = tokio::spawn(crate::listener::run(
@@ -136,10 +151,14 @@ impl ProxyHandle {
         let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
         let clock = tokio::spawn(queue_clock(shared.clone(), phase.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-        let monitor = tokio::spawn(crate::locks::run(shared.clone(), phase.clone()));
+        let monitor = tokio::spawn(crate::locks::run(built.lock_watch(), phase.clone()));
         let mut tasks = vec![accept, reaper, ticker, clock, monitor];
         if let Some(l) = http {
-            tasks.push(tokio::spawn(crate::http::serve(l, shared.clone(), phase)));
+            tasks.push(tokio::spawn(crate::http::serve(
+                l,
+                Arc::new(built.http_sources()),
+                phase,
+            )));
             tracing::info!(addr = ?http_addr, "metrics and health on http://{}/metrics", http_addr.map(|a| a.to_string()).unwrap_or_default());
         }
         tracing::info!(%addr, "pgvalve listening");
@@ -147,6 +166,8 @@ impl ProxyHandle {
             addr,
             http_addr,
             shared,
+            reloader: built.reloader,
+            shutdown_requested: built.shutdown_requested,
             phase_tx: Arc::new(phase_tx),
             tracker,
             tasks,
@@ -169,15 +190,15 @@ impl ProxyHandle {
         self.threads.as_deref()
     }
 
-    /// Shared state (pools, admission) for inspection.
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// The sessions' services (pools, admission, pins ...) for inspection.
+    pub fn shared(&self) -> &Arc<Services> {
         &self.shared
     }
 
     /// Applies a new, already validated configuration (see [`crate::reload`]): pool sizes,
     /// limits, identity rules, timeouts and users take effect without dropping clients.
-    pub fn reload(&self, config: Config) -> crate::reload::Reloaded {
-        crate::reload::apply(&self.shared, config)
+    pub fn reload(&self, config: Config) -> Reloaded {
+        self.reloader.apply(config)
     }
 
     /// Reads the configuration again from the source set by [`ProxyHandle::set_reload_source`]
@@ -185,18 +206,18 @@ impl ProxyHandle {
     ///
     /// # Errors
     /// Why it was refused (the configuration in force stays).
-    pub fn reload_from_source(&self) -> Result<crate::reload::Reloaded, String> {
-        crate::reload::reload(&self.shared)
+    pub fn reload_from_source(&self) -> Result<Reloaded, String> {
+        self.reloader.reload()
     }
 
     /// Sets what reloads read: the config file (None: quick start) and the overrides.
     pub fn set_reload_source(&self, path: Option<std::path::PathBuf>, overrides: crate::config::Overrides) {
-        self.shared.reloads.set_source(path, overrides);
+        self.reloader.set_source(path, overrides);
     }
 
     /// Resolves when the console asked for SHUTDOWN.
     pub async fn shutdown_requested(&self) {
-        self.shared.shutdown_requested.notified().await;
+        self.shutdown_requested.notified().await;
     }
 
     /// Watches the shutdown phase.
@@ -259,7 +280,7 @@ impl StopSignal {
     }
 }
 
-async fn reap_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+async fn reap_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     let every = shared.pools.reap_interval();
     loop {
         tokio::select! {
@@ -278,7 +299,7 @@ async fn reap_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
 pub const STATS_PERIOD_SECS: u64 = 60;
 
 /// Once a second: surge detection and cleanup in admission; the stats period.
-async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+async fn admission_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
@@ -301,7 +322,7 @@ async fn admission_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) 
 }
 
 /// Admission's queue clock (queued NOTICEs and queue timeouts) until the proxy has stopped.
-async fn queue_clock(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+async fn queue_clock(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     tokio::select! {
         () = shared.admission.queue_clock() => {}
         _ = phase.wait_for(|p| *p == Phase::Stopped) => {}

@@ -1,6 +1,7 @@
 //! Live reload: SIGHUP and the console's `RELOAD`.
 //!
-//! Beside the flow (config + reload). The new file is read, parsed and validated off to the
+//! A service above config, the pools and admission, which it takes as handles ([`Reloader`]);
+//! the console and the proxy call it. The new file is read, parsed and validated off to the
 //! side ([`crate::config::load_with`]); only a configuration that is valid as a whole is
 //! published, in one step: the live [`Config`] is swapped, the pools are resized or retired
 //! ([`crate::pool::PoolSet::reload`]) and admission takes the new limits and identity rules.
@@ -12,12 +13,20 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::config::{self, Config, Overrides};
-use crate::proxy::Shared;
+use arc_swap::{ArcSwap, Guard};
 
-/// Where a reload reads the configuration from, and how reloads went.
-#[derive(Debug, Default)]
-pub struct Reloads {
+use crate::admission::{Admission, AdmissionConfig};
+use crate::config::{self, Config, Overrides};
+use crate::pool::PoolSet;
+
+/// What a reload publishes to (the live configuration, the pools, admission), where it reads
+/// the configuration from, and how reloads went. The proxy builds one; the console's
+/// `RELOAD`, SIGHUP and [`crate::ProxyHandle::reload`] use it.
+#[derive(Debug)]
+pub struct Reloader {
+    live_config: Arc<ArcSwap<Config>>,
+    pools: PoolSet,
+    admission: Admission,
     source: Mutex<Option<(Option<PathBuf>, Overrides)>>,
     /// Reloads applied.
     pub ok: AtomicU64,
@@ -34,60 +43,76 @@ pub struct Reloaded {
     pub restart_needed: Vec<String>,
 }
 
-impl Reloads {
+impl Reloader {
+    /// A reloader that publishes to these handles.
+    pub fn new(live_config: Arc<ArcSwap<Config>>, pools: PoolSet, admission: Admission) -> Self {
+        Reloader {
+            live_config,
+            pools,
+            admission,
+            source: Mutex::default(),
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    fn config(&self) -> Guard<Arc<Config>> {
+        self.live_config.load()
+    }
+
     /// Sets what `RELOAD` and SIGHUP read: the config file (None: the quick start) and the
     /// command-line overrides.
     pub fn set_source(&self, path: Option<PathBuf>, overrides: Overrides) {
         *self.source.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, overrides));
     }
-}
 
-/// Reads the configuration again from its source and applies it.
-///
-/// # Errors
-/// Why the new configuration was refused (nothing changed): no source, or the file's error.
-pub fn reload(shared: &Shared) -> Result<Reloaded, String> {
-    let source = shared.reloads.source.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let result = match source {
-        None => Err("this pgvalve was started without a configuration source to reload".to_string()),
-        Some((path, ov)) => config::load_with(path.as_deref(), &ov).map_err(|e| e.to_string()),
-    };
-    match result {
-        Ok(c) => Ok(apply(shared, c)),
-        Err(e) => {
-            shared.reloads.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "reload failed; the running configuration stays");
-            Err(e)
+    /// Reads the configuration again from its source and applies it.
+    ///
+    /// # Errors
+    /// Why the new configuration was refused (nothing changed): no source, or the file's error.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let source = self.source.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = match source {
+            None => Err("this pgvalve was started without a configuration source to reload".to_string()),
+            Some((path, ov)) => config::load_with(path.as_deref(), &ov).map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(c) => Ok(self.apply(c)),
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+                Err(e)
+            }
         }
     }
-}
 
-/// Publishes an already validated configuration.
-pub fn apply(shared: &Shared, new: Config) -> Reloaded {
-    let old = shared.config();
-    let mut r = Reloaded {
-        restart_needed: restart_needed(&old, &new),
-        ..Default::default()
-    };
-    if old.pool != new.pool {
-        r.changes.push("[pool] settings".into());
+    /// Publishes an already validated configuration.
+    pub fn apply(&self, new: Config) -> Reloaded {
+        let old = self.config();
+        let mut r = Reloaded {
+            restart_needed: restart_needed(&old, &new),
+            ..Default::default()
+        };
+        if old.pool != new.pool {
+            r.changes.push("[pool] settings".into());
+        }
+        if old.users.keys().ne(new.users.keys()) || old.databases != new.databases {
+            r.changes.push("[users] or [databases]".into());
+        }
+        if old.admin != new.admin || old.locks != new.locks {
+            r.changes.push("[admin] or [locks]".into());
+        }
+        let admission = AdmissionConfig::from_config(&new);
+        self.live_config.store(Arc::new(new));
+        r.changes.extend(self.pools.reload(&self.config()));
+        self.admission.reload(admission);
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(changes = ?r.changes, "configuration reloaded");
+        for s in &r.restart_needed {
+            tracing::warn!(setting = %s, "changed in the configuration but applies only at the next start");
+        }
+        r
     }
-    if old.users.keys().ne(new.users.keys()) || old.databases != new.databases {
-        r.changes.push("[users] or [databases]".into());
-    }
-    if old.admin != new.admin || old.locks != new.locks {
-        r.changes.push("[admin] or [locks]".into());
-    }
-    let admission = crate::admission::AdmissionConfig::from_config(&new);
-    shared.live_config.store(Arc::new(new));
-    r.changes.extend(shared.pools.reload(&shared.config()));
-    shared.admission.reload(admission);
-    shared.reloads.ok.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(changes = ?r.changes, "configuration reloaded");
-    for s in &r.restart_needed {
-        tracing::warn!(setting = %s, "changed in the configuration but applies only at the next start");
-    }
-    r
 }
 
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {

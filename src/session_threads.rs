@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::ClientPermit;
-use crate::proxy::Shared;
+use crate::client::Services;
 
 /// The session threads of one proxy; they stop when this is dropped or [`Self::stop`]ped.
 #[derive(Debug)]
@@ -80,7 +80,7 @@ impl SessionThreads {
     pub fn spawn(
         &self,
         tracker: &TaskTracker,
-        shared: Arc<Shared>,
+        shared: Arc<Services>,
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
         permit: Option<ClientPermit>,

@@ -7,12 +7,17 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
+use super::Admin;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::messages;
-use crate::proxy::Shared;
 
 /// Runs `words` (upper-cased command words) if it is a control command; None when it is not.
-pub(super) async fn run(shared: &Shared, words: &[&str], raw: &str, out: &mut BytesMut) -> Option<Result<(), PgError>> {
+pub(super) async fn run(
+    shared: &Admin<'_>,
+    words: &[&str],
+    raw: &str,
+    out: &mut BytesMut,
+) -> Option<Result<(), PgError>> {
     let arg = raw.split_whitespace().nth(1).map(|a| a.trim_matches('"'));
     let r = match words {
         ["PAUSE"] | ["PAUSE", _] => pause(shared, arg, out).await,
@@ -32,7 +37,7 @@ pub(super) async fn run(shared: &Shared, words: &[&str], raw: &str, out: &mut By
 
 /// PAUSE [db]: new transactions of the database (all when none is named) wait; returns once
 /// none of its server connections is in use, after closing the idle ones.
-async fn pause(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), PgError> {
+async fn pause(shared: &Admin<'_>, db: Option<&str>, out: &mut BytesMut) -> Result<(), PgError> {
     if let Some(d) = db {
         if !shared.config().databases.contains_key(d) && !shared.config().databases.contains_key("*") {
             return Err(PgError::error(
@@ -55,7 +60,7 @@ async fn pause(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<
     Ok(())
 }
 
-fn resume(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), PgError> {
+fn resume(shared: &Admin<'_>, db: Option<&str>, out: &mut BytesMut) -> Result<(), PgError> {
     if !shared.pauses.resume(db) {
         return Err(PgError::error(
             sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -70,8 +75,8 @@ fn resume(shared: &Shared, db: Option<&str>, out: &mut BytesMut) -> Result<(), P
     Ok(())
 }
 
-fn reload(shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> {
-    match crate::reload::reload(shared) {
+fn reload(shared: &Admin<'_>, out: &mut BytesMut) -> Result<(), PgError> {
+    match shared.reloader.reload() {
         Ok(r) => {
             for c in &r.changes {
                 messages::notice_response("00000", &format!("pgvalve: reload: {c}"), out);
@@ -93,7 +98,7 @@ fn reload(shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> {
     }
 }
 
-fn kill_client(shared: &Shared, id: &str, out: &mut BytesMut) -> Result<(), PgError> {
+fn kill_client(shared: &Admin<'_>, id: &str, out: &mut BytesMut) -> Result<(), PgError> {
     let session = u64::from_str_radix(id.trim_start_matches("0x"), 16)
         .ok()
         .filter(|_| id.starts_with("0x"))

@@ -10,38 +10,70 @@ mod control;
 mod pgbouncer;
 mod show;
 
-use crate::client::{ClientConn, SessionError};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
+
+use crate::client::{ClientConn, Console, Services, SessionError};
 use crate::error::{sqlstate, PgError};
+use crate::locks::LockMonitor;
 use crate::protocol::messages;
-use crate::proxy::Shared;
+use crate::reload::Reloader;
 
-/// The console's database names.
-pub const DATABASES: &[&str] = &["pgvalve", "pgbouncer"];
+pub use crate::client::{is_console, role, Role, DATABASES};
 
-/// True when `database` is the console.
-pub fn is_console(database: &str) -> bool {
-    DATABASES.contains(&database)
+/// The console's own handles (the lock monitor, reloads, the SHUTDOWN signal); the sessions'
+/// services come with each console user ([`crate::client::Console::serve`]).
+#[derive(Debug)]
+pub struct AdminConsole {
+    locks: Arc<LockMonitor>,
+    reloader: Arc<Reloader>,
+    shutdown_requested: Arc<Notify>,
 }
 
-/// What a console user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Every command.
-    Admin,
-    /// SHOW commands only.
-    Stats,
+impl AdminConsole {
+    /// A console over these handles.
+    pub fn new(locks: Arc<LockMonitor>, reloader: Arc<Reloader>, shutdown_requested: Arc<Notify>) -> Self {
+        AdminConsole {
+            locks,
+            reloader,
+            shutdown_requested,
+        }
+    }
 }
 
-/// The console role of `user`, if any.
-pub fn role(shared: &Shared, user: &str) -> Option<Role> {
-    let config = shared.config();
-    let a = &config.admin;
-    if a.admin_users.iter().any(|u| u == user) {
-        Some(Role::Admin)
-    } else if a.stats_users.iter().any(|u| u == user) {
-        Some(Role::Stats)
-    } else {
-        None
+impl Console for AdminConsole {
+    fn serve<'a>(
+        &'a self,
+        services: &'a Services,
+        client: &'a mut ClientConn,
+        role: Role,
+    ) -> BoxFuture<'a, Result<(), SessionError>> {
+        let admin = Admin {
+            services,
+            locks: &self.locks,
+            reloader: &self.reloader,
+            shutdown_requested: &self.shutdown_requested,
+        };
+        Box::pin(async move { serve(&admin, client, role).await })
+    }
+}
+
+/// What a console command sees: the sessions' services (through `Deref`) and the console's
+/// own handles.
+pub(crate) struct Admin<'a> {
+    services: &'a Services,
+    locks: &'a LockMonitor,
+    reloader: &'a Reloader,
+    shutdown_requested: &'a Notify,
+}
+
+impl std::ops::Deref for Admin<'_> {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        self.services
     }
 }
 
@@ -49,7 +81,7 @@ pub fn role(shared: &Shared, user: &str) -> Option<Role> {
 ///
 /// # Errors
 /// Client I/O and protocol errors.
-pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Result<(), SessionError> {
+async fn serve(shared: &Admin<'_>, client: &mut ClientConn, role: Role) -> Result<(), SessionError> {
     for (name, value) in [
         (
             "server_version",
@@ -98,7 +130,7 @@ pub async fn serve(shared: &Shared, client: &mut ClientConn, role: Role) -> Resu
 }
 
 /// Runs one console command (several separated by `;` run in turn) into `out`.
-async fn run(shared: &Shared, role: Role, sql: &str, out: &mut bytes::BytesMut) {
+async fn run(shared: &Admin<'_>, role: Role, sql: &str, out: &mut bytes::BytesMut) {
     let commands: Vec<&str> = sql.split(';').map(str::trim).filter(|c| !c.is_empty()).collect();
     if commands.is_empty() {
         put_empty(out);

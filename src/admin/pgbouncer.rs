@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::show::{s, secs, time, Table};
+use super::Admin;
 use crate::config::Config;
 use crate::protocol::messages::ColumnType::{Int8, Text};
-use crate::proxy::Shared;
 
 /// Sessions per (database, user): (clients, clients holding a server connection).
-fn clients_per_pool(shared: &Shared) -> BTreeMap<(String, String), (u64, u64)> {
+fn clients_per_pool(shared: &Admin<'_>) -> BTreeMap<(String, String), (u64, u64)> {
     let mut m: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for c in shared.sessions.all() {
         let e = m.entry((c.client.database.clone(), c.client.user.clone())).or_default();
@@ -26,7 +26,7 @@ fn clients_per_pool(shared: &Shared) -> BTreeMap<(String, String), (u64, u64)> {
     m
 }
 
-pub(super) fn pools(shared: &Shared) -> Table {
+pub(super) fn pools(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("database", Text),
         ("user", Text),
@@ -80,7 +80,7 @@ pub(super) fn pools(shared: &Shared) -> Table {
     t
 }
 
-pub(super) fn servers(shared: &Shared) -> Table {
+pub(super) fn servers(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(
         &[
             super::show::CONNECTION_COLUMNS,
@@ -153,7 +153,7 @@ pub(super) fn servers(shared: &Shared) -> Table {
     t
 }
 
-pub(super) fn stats(shared: &Shared) -> Table {
+pub(super) fn stats(shared: &Admin<'_>) -> Table {
     use crate::pool::stats::Totals;
     let mut t = Table::new(&[
         ("database", Text),
@@ -222,7 +222,7 @@ pub(super) fn stats(shared: &Shared) -> Table {
     t
 }
 
-pub(super) fn databases(shared: &Shared) -> Table {
+pub(super) fn databases(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("name", Text),
         ("host", Text),
@@ -271,7 +271,7 @@ pub(super) fn databases(shared: &Shared) -> Table {
     t
 }
 
-pub(super) fn users(shared: &Shared) -> Table {
+pub(super) fn users(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("name", Text),
         ("pool_size", Int8),
@@ -304,7 +304,7 @@ pub(super) fn users(shared: &Shared) -> Table {
 
 /// `SHOW CONFIG`: every setting with its value, default, and whether RELOAD changes it.
 /// Passwords and verifiers are never listed.
-pub(super) fn config(shared: &Shared) -> Table {
+pub(super) fn config(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[("key", Text), ("value", Text), ("default", Text), ("changeable", Text)]);
     let c = shared.config();
     let d = Config::default_settings();

@@ -6,10 +6,10 @@
 
 use bytes::BytesMut;
 
+use super::Admin;
 use super::Role;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::messages::{self, ColumnType};
-use crate::proxy::Shared;
 
 use ColumnType::{Float8, Int8, Text};
 
@@ -101,7 +101,7 @@ pub(super) fn time(t: std::time::SystemTime) -> Option<String> {
     s(humantime::format_rfc3339_millis(t))
 }
 
-fn limits(shared: &Shared) -> Table {
+fn limits(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("identity", Text),
         ("rule", Text),
@@ -169,7 +169,7 @@ fn limits(shared: &Shared) -> Table {
     t
 }
 
-fn surges(shared: &Shared) -> Table {
+fn surges(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("identity", Text),
         ("started", Text),
@@ -197,7 +197,7 @@ fn surges(shared: &Shared) -> Table {
     t
 }
 
-fn locks(shared: &Shared) -> Table {
+fn locks(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("pid", Int8),
         ("source", Text),
@@ -269,7 +269,7 @@ pub(super) const CONNECTION_COLUMNS: &[(&str, ColumnType)] = &[
     ("id", Int8),
 ];
 
-fn clients(shared: &Shared) -> Table {
+fn clients(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[CONNECTION_COLUMNS, &[("identity", Text), ("backend_pid", Int8)]].concat());
     for c in shared.sessions.all() {
         let backend = c.backend();
@@ -303,7 +303,7 @@ fn clients(shared: &Shared) -> Table {
     t
 }
 
-fn lock_history(shared: &Shared) -> Table {
+fn lock_history(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(&[
         ("identity", Text),
         ("session_id", Int8),
@@ -344,7 +344,7 @@ fn lock_history(shared: &Shared) -> Table {
 /// # Errors
 /// What the client is told: 42601 for an unknown command, 42501 for a command the user may
 /// not run.
-pub fn command(shared: &Shared, role: Role, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
+pub fn command(shared: &Admin<'_>, role: Role, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
     let words: Vec<String> = command.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let table = match words.as_slice() {

@@ -9,63 +9,7 @@
 
 use std::net::IpAddr;
 
-use serde::Deserialize;
-
-use super::limits::{self, LimitOverrides};
-
-/// One `[[identity]]` rule as written in the config file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityRule {
-    /// The identity's name; may use {application_name}, {user}, {database}, {source}.
-    pub name: String,
-    /// Glob on application_name (`*` any run, `?` one character).
-    pub application_name: Option<String>,
-    /// Source address range, e.g. "10.1.0.0/16" or "::1/128".
-    pub source: Option<String>,
-    /// User name, exactly.
-    pub user: Option<String>,
-    /// Database name, exactly.
-    pub database: Option<String>,
-    /// Limit overrides for this rule's identities (see `[admission]`).
-    pub max_client_connections: Option<u32>,
-    /// See `[admission]`.
-    pub max_server_connections: Option<u32>,
-    /// See `[admission]`.
-    pub min_server_connections: Option<u32>,
-    /// See `[admission]`.
-    pub weight: Option<u32>,
-    /// See `[admission]`.
-    pub max_queue: Option<u32>,
-    /// See `[admission]`.
-    #[serde(default, with = "humantime_serde::option")]
-    pub queue_timeout: Option<std::time::Duration>,
-    /// See `[admission]`.
-    pub max_connect_rate: Option<f64>,
-    /// See `[admission]`.
-    pub connect_burst: Option<u32>,
-    /// See `[admission]`.
-    pub surge_damping: Option<f64>,
-    /// See `[admission]`.
-    #[serde(default, with = "humantime_serde::option")]
-    pub max_lock_hold: Option<std::time::Duration>,
-    /// See `[admission]`.
-    pub lock_action: Option<super::limits::LockAction>,
-    /// See `[admission]`.
-    pub max_lock_holders: Option<u32>,
-}
-
-/// A validated rule.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    name: String,
-    application_name: Option<String>,
-    source: Option<(IpAddr, u8)>,
-    user: Option<String>,
-    database: Option<String>,
-    /// The limits this rule sets for its identities.
-    pub limits: LimitOverrides,
-}
+pub use crate::config::{parse_cidr, IdentityRule, Rule};
 
 /// What a client says about itself.
 #[derive(Debug, Clone, Copy)]
@@ -78,28 +22,6 @@ pub struct ClientFacts<'a> {
     pub user: &'a str,
     /// Database.
     pub database: &'a str,
-}
-
-/// Parses "addr/bits" (or a bare address, meaning that one host).
-///
-/// # Errors
-/// A message naming what is wrong.
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, bits) = s.split_once('/').unwrap_or((s, ""));
-    let addr: IpAddr = addr
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not an address range like 10.0.0.0/8"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let bits = if bits.is_empty() {
-        max
-    } else {
-        bits.parse().map_err(|_| format!("bad prefix length in {s:?}"))?
-    };
-    if bits > max {
-        return Err(format!("prefix length {bits} is too long for {addr}"));
-    }
-    Ok((addr, bits))
 }
 
 fn in_range(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
@@ -147,59 +69,14 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-impl Rule {
-    /// Validates a rule from the file.
-    ///
-    /// # Errors
-    /// What is wrong with which field.
-    pub fn new(r: IdentityRule) -> Result<Rule, (String, String)> {
-        if r.name.trim().is_empty() {
-            return Err(("name".into(), "must not be empty".into()));
-        }
-        let source = r
-            .source
-            .as_deref()
-            .map(parse_cidr)
-            .transpose()
-            .map_err(|e| ("source".to_string(), e))?;
-        let limits = LimitOverrides {
-            max_client_connections: r.max_client_connections,
-            max_server_connections: r.max_server_connections,
-            min_server_connections: r.min_server_connections,
-            weight: r.weight,
-            max_queue: r.max_queue,
-            queue_timeout: r.queue_timeout,
-            max_connect_rate: r.max_connect_rate,
-            connect_burst: r.connect_burst,
-            surge_damping: r.surge_damping,
-            max_lock_hold: r.max_lock_hold,
-            lock_action: r.lock_action,
-            max_lock_holders: r.max_lock_holders,
-        };
-        limits::validate(&limits)?;
-        Ok(Rule {
-            name: r.name,
-            application_name: r.application_name,
-            source,
-            user: r.user,
-            database: r.database,
-            limits,
-        })
-    }
-
-    /// The rule's name as written (a template); rules are told apart by it on reload.
-    pub fn template(&self) -> &str {
-        &self.name
-    }
-
-    fn matches(&self, c: &ClientFacts<'_>) -> bool {
-        self.application_name
-            .as_deref()
-            .is_none_or(|g| glob(g, c.application_name))
-            && self.source.is_none_or(|r| in_range(c.source, r))
-            && self.user.as_deref().is_none_or(|u| u == c.user)
-            && self.database.as_deref().is_none_or(|d| d == c.database)
-    }
+/// True when `rule` applies to the client `c`.
+fn matches(rule: &Rule, c: &ClientFacts<'_>) -> bool {
+    rule.application_name
+        .as_deref()
+        .is_none_or(|g| glob(g, c.application_name))
+        && rule.source.is_none_or(|r| in_range(c.source, r))
+        && rule.user.as_deref().is_none_or(|u| u == c.user)
+        && rule.database.as_deref().is_none_or(|d| d == c.database)
 }
 
 fn expand(template: &str, c: &ClientFacts<'_>) -> String {
@@ -218,7 +95,7 @@ pub fn identify(rules: &[Rule], c: &ClientFacts<'_>) -> String {
 
 /// The identity and the rule that named it (None: the default identity).
 pub fn identify_with_rule<'r>(rules: &'r [Rule], c: &ClientFacts<'_>) -> (String, Option<&'r Rule>) {
-    match rules.iter().find(|r| r.matches(c)) {
+    match rules.iter().find(|r| matches(r, c)) {
         Some(r) => (expand(&r.name, c), Some(r)),
         None if !c.application_name.is_empty() => (c.application_name.to_string(), None),
         None => (c.source.to_string(), None),

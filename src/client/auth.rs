@@ -8,10 +8,10 @@
 use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth};
 
 use super::conn::{ClientConn, MAX_AUTH_MESSAGE};
+use super::Services;
 use super::SessionError;
 use crate::config::{AuthType, Config, ScramVerifier};
 use crate::protocol::messages;
-use crate::proxy::Shared;
 
 const SCRAM: &str = "SCRAM-SHA-256";
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
@@ -25,7 +25,7 @@ const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// server error, and client I/O or protocol errors.
 pub async fn authenticate(
     client: &mut ClientConn,
-    shared: &Shared,
+    shared: &Services,
     user: &str,
     database: &str,
 ) -> Result<(), SessionError> {

@@ -6,11 +6,12 @@
 //! the pool for a server connection, applies the client's parameters on it, and relays.
 
 mod auth;
-pub mod auth_query;
 mod conn;
+mod console;
 mod params;
 mod prepared;
 mod relay;
+mod services;
 mod sql;
 mod txn;
 
@@ -25,11 +26,13 @@ use tracing::Instrument;
 #[doc(hidden)]
 pub use auth::scram_exchange;
 pub use conn::{ClientConn, ClientStream};
+pub use console::{is_console, role, Console, Role, DATABASES};
 pub use params::parse_options;
 pub use prepared::Registry as StatementRegistry;
 #[doc(hidden)]
 pub use relay::exercise;
 pub use relay::{Mode, RelayEnd};
+pub use services::Services;
 #[doc(hidden)]
 pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
 
@@ -41,7 +44,6 @@ use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::frame::FrameError;
 use crate::protocol::messages;
 use crate::protocol::startup::{InitialPacket, StartupError, StartupParams};
-use crate::proxy::Shared;
 use crate::server::ServerError;
 use crate::shutdown::Phase;
 
@@ -187,10 +189,10 @@ impl SessionError {
 }
 
 /// Serves one client connection to its end. `on_session_thread`: the task runs on a session
-/// thread ([`crate::session_threads`]), so a session-mode server connection is registered
+/// thread (see the listener), so a session-mode server connection is registered
 /// with this thread's event loop before the relay.
 pub async fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<Services>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: Option<ClientPermit>,
@@ -269,7 +271,11 @@ pub(crate) struct Seat {
 impl Seat {
     /// A server connection: a grant from the fair queue (with a NOTICE to the client once it
     /// has waited `queue_notice_after`), then a connection from the pool.
-    pub(crate) async fn checkout(&self, shared: &Shared, client: &mut ClientConn) -> Result<PooledConn, SessionError> {
+    pub(crate) async fn checkout(
+        &self,
+        shared: &Services,
+        client: &mut ClientConn,
+    ) -> Result<PooledConn, SessionError> {
         shared.pauses.wait_resumed(&self.route.database).await;
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
@@ -328,7 +334,7 @@ impl Seat {
 
     /// The session's pool: the one used last while it is open (a reload that changes its
     /// server or settings closes it), else the pool set's current one.
-    fn server_pool(&self, shared: &Shared) -> crate::pool::Pool {
+    fn server_pool(&self, shared: &Services) -> crate::pool::Pool {
         let mut cached = self.server_pool.lock().unwrap_or_else(|p| p.into_inner());
         match &*cached {
             Some(p) if !p.is_closed() => p.clone(),
@@ -351,7 +357,7 @@ impl Seat {
 /// Reads the first packet(s): runs TLS (after SSLRequest, or at once when the client opens
 /// with a TLS handshake) or answers 'N', answers GSSENC with 'N', forwards a cancel, or
 /// returns the startup parameters.
-async fn opening(shared: &Shared, client: &mut ClientConn) -> Result<Opening, SessionError> {
+async fn opening(shared: &Services, client: &mut ClientConn) -> Result<Opening, SessionError> {
     let (max, tls) = {
         let c = shared.config();
         (c.proxy.max_startup_packet_size, c.tls.client.clone())
@@ -395,10 +401,10 @@ enum LoggedIn {
     /// An application client, admitted under its identity.
     Client(StartupParams, Member),
     /// A user of the admin console.
-    Console(crate::admin::Role),
+    Console(Role),
 }
 
-async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Result<Option<LoggedIn>, SessionError> {
+async fn login(shared: &Services, client: &mut ClientConn, permit_ok: bool) -> Result<Option<LoggedIn>, SessionError> {
     let p = match opening(shared, client).await? {
         Opening::Cancel => return Ok(None),
         Opening::Startup(p) => p,
@@ -421,9 +427,9 @@ async fn login(shared: &Shared, client: &mut ClientConn, permit_ok: bool) -> Res
     tracing::Span::current()
         .record("user", p.user())
         .record("db", p.database());
-    if crate::admin::is_console(p.database()) {
+    if is_console(p.database()) {
         auth::authenticate(client, shared, p.user(), p.database()).await?;
-        let role = crate::admin::role(shared, p.user()).ok_or_else(|| SessionError::NotConsoleUser(p.user().into()))?;
+        let role = role(&shared.config(), p.user()).ok_or_else(|| SessionError::NotConsoleUser(p.user().into()))?;
         return Ok(Some(LoggedIn::Console(role)));
     }
     // Before authentication: a client refused here costs no SCRAM work.
@@ -444,7 +450,7 @@ enum Entry {
     /// An application session with its first server connection.
     Session(Box<Started>),
     /// The admin console.
-    Console(crate::admin::Role),
+    Console(Role),
 }
 
 /// A logged-in client with its first server connection.
@@ -469,7 +475,7 @@ pub(crate) struct TxnSession {
 /// first transaction. Login and setup run inside the session's tracing span; the relay does
 /// not enter it on every poll (it logs nothing on the hot path).
 async fn session(
-    shared: &Arc<Shared>,
+    shared: &Arc<Services>,
     client: &mut ClientConn,
     permit: Option<ClientPermit>,
     span: &tracing::Span,
@@ -482,7 +488,7 @@ async fn session(
         seat,
     } = match Box::pin(setup(shared, client, permit.is_some()).instrument(span.clone())).await? {
         None => return Ok(None),
-        Some(Entry::Console(role)) => return Box::pin(crate::admin::serve(shared, client, role)).await.map(|()| None),
+        Some(Entry::Console(role)) => return shared.console.serve(shared, client, role).await.map(|()| None),
         Some(Entry::Session(s)) => *s,
     };
     let route = &seat.route;
@@ -547,7 +553,11 @@ async fn session(
 
 /// Login, routing, a server connection with the client's parameters applied, and the
 /// welcome (ParameterStatus, BackendKeyData, ReadyForQuery). None for a cancel request.
-async fn setup(shared: &Arc<Shared>, client: &mut ClientConn, permit_ok: bool) -> Result<Option<Entry>, SessionError> {
+async fn setup(
+    shared: &Arc<Services>,
+    client: &mut ClientConn,
+    permit_ok: bool,
+) -> Result<Option<Entry>, SessionError> {
     let timeout = shared.config().proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
     let (p, member) = match login.await.map_err(|_| SessionError::LoginTimeout(timeout))?? {

@@ -14,10 +14,10 @@ use std::time::Duration;
 use super::conn::ClientConn;
 use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
+use super::Services;
 use super::{Seat, SessionError, TxnSession};
 use crate::cancel::CancelKey;
 use crate::protocol::startup::StartupParams;
-use crate::proxy::Shared;
 use crate::shutdown::{Phase, PhaseWatch};
 
 /// What an idle client (holding no server connection) does next.
@@ -53,7 +53,7 @@ async fn next_request(client: &mut ClientConn, phase: &mut PhaseWatch, seat: &Se
 /// # Errors
 /// [`SessionError`] to tell the client (no server connection in time, shutdown, a protocol
 /// violation).
-pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSession) -> Result<(), SessionError> {
+pub async fn serve(shared: &Arc<Services>, client: &mut ClientConn, t: &mut TxnSession) -> Result<(), SessionError> {
     let TxnSession {
         key,
         params: p,
@@ -102,7 +102,7 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, t: &mut TxnSes
 
 /// What a session's transactions share.
 struct Ctx<'a> {
-    shared: &'a Arc<Shared>,
+    shared: &'a Arc<Services>,
     key: &'a CancelKey,
     p: &'a StartupParams,
     seat: &'a Seat,

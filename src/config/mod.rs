@@ -4,6 +4,8 @@
 //! (shared as `Arc<Config>`). Errors name the file, the line (for what serde reads) and the
 //! field (for what validation refuses). Secrets never appear in `Debug` output.
 
+mod admission;
+mod tls;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -15,6 +17,8 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
+pub use admission::{parse_cidr, validate_limits, AdmissionSettings, IdentityRule, LimitOverrides, LockAction, Rule};
+pub use tls::{end_point_hash, ClientTls, ServerTls, Tls};
 pub use types::{
     AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
     ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
@@ -161,13 +165,13 @@ pub struct Config {
     /// `[http] listen`, parsed.
     pub http_listen: Option<SocketAddr>,
     /// `[admission]`, validated.
-    pub admission: crate::admission::AdmissionSettings,
+    pub admission: AdmissionSettings,
     /// `[[identity]]` rules, validated, in order.
-    pub identities: Vec<crate::admission::identity::Rule>,
+    pub identities: Vec<Rule>,
     /// `[tls]` as written.
     pub tls_settings: TlsSettings,
     /// `[tls]` loaded: acceptor and connector with their certificates.
-    pub tls: crate::tls::Tls,
+    pub tls: Tls,
 }
 
 impl Config {
@@ -186,7 +190,7 @@ impl Config {
             admission: f.admission,
             identities: Vec::new(),
             tls_settings: f.tls,
-            tls: crate::tls::Tls::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -493,11 +497,10 @@ impl Config {
         }
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
-            let rule = crate::admission::identity::Rule::new(r)
-                .map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
+            let rule = Rule::new(r).map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
             identities.push(rule);
         }
-        let tls = crate::tls::Tls::load(&f.tls).map_err(|(field, reason)| invalid(&format!("tls.{field}"), reason))?;
+        let tls = Tls::load(&f.tls).map_err(|(field, reason)| invalid(&format!("tls.{field}"), reason))?;
         Ok(Config {
             proxy: f.proxy,
             pool: f.pool,

@@ -123,8 +123,7 @@ pub struct ProxySettings {
     /// Runtime worker threads (0 = one per CPU core). Needs a restart to change.
     pub worker_threads: usize,
     /// Single-threaded event loops that client sessions run on while every pool is in session
-    /// mode (each session with its server connection on one thread; see
-    /// [`crate::session_threads`]). None: as many as `worker_threads` when that is 2 or more
+    /// mode (each session with its server connection on one thread). None: as many as `worker_threads` when that is 2 or more
     /// (0 counts the cores); 0: off. Needs a restart to change.
     pub session_threads: Option<usize>,
     /// A user in `[users]` (with a server password) that looks up users not listed in
@@ -459,10 +458,10 @@ pub struct FileConfig {
     pub locks: LockSettings,
     /// `[admission]`: per-identity limits and surge detection.
     #[serde(default)]
-    pub admission: crate::admission::AdmissionSettings,
+    pub admission: super::AdmissionSettings,
     /// `[[identity]]`: ordered rules naming client identities.
     #[serde(default)]
-    pub identity: Vec<crate::admission::identity::IdentityRule>,
+    pub identity: Vec<super::IdentityRule>,
 }
 
 #[cfg(test)]

@@ -24,7 +24,12 @@ use tokio_postgres::NoTls;
 
 pub use record::{Episode, LockView, Recorder, Row};
 
-use crate::proxy::Shared;
+use arc_swap::{ArcSwap, Guard};
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::pool::PoolSet;
+use crate::sessions::Sessions;
 use crate::shutdown::Phase;
 
 /// The one query of a poll.
@@ -55,6 +60,30 @@ impl LockMonitor {
     }
 }
 
+/// What the monitor's task reads and tells: the live configuration, the pools (which
+/// databases are in use), the session registry (who uses which backend), admission (each
+/// identity's lock policy, and holders per identity for `max_lock_holders`) and the
+/// monitor's own state.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// The configuration in force.
+    pub live_config: Arc<ArcSwap<Config>>,
+    /// The server connection pools.
+    pub pools: PoolSet,
+    /// Client sessions and the backends they use.
+    pub sessions: Arc<Sessions>,
+    /// Client admission.
+    pub admission: Admission,
+    /// Where the monitor records what it saw.
+    pub locks: Arc<LockMonitor>,
+}
+
+impl Watch {
+    fn config(&self) -> Guard<Arc<Config>> {
+        self.live_config.load()
+    }
+}
+
 /// A database to watch, with the credentials to do it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Target {
@@ -67,7 +96,7 @@ struct Target {
 
 /// The databases in use: every configured one, and those reached through `"*"` that have a
 /// pool.
-fn targets(shared: &Shared) -> Vec<Target> {
+fn targets(shared: &Watch) -> Vec<Target> {
     let c = shared.config();
     let Some(user) = c.locks.user.clone().or_else(|| c.users.keys().next().cloned()) else {
         return Vec::new();
@@ -140,7 +169,7 @@ pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_pos
 }
 
 /// One round: poll every target, record, act.
-async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Client>) {
+async fn round(shared: &Watch, conns: &mut HashMap<Target, tokio_postgres::Client>) {
     let config = shared.config();
     let cfg = &config.locks;
     let mut rows = Vec::new();
@@ -207,7 +236,7 @@ async fn round(shared: &Shared, conns: &mut HashMap<Target, tokio_postgres::Clie
 }
 
 /// Between polls: drops the locks of holders whose transaction has ended.
-fn release_ended(shared: &Shared) {
+fn release_ended(shared: &Watch) {
     let holders = {
         let mut rec = shared.locks.state();
         if !rec.release_ended(shared.config().locks.history) {
@@ -219,7 +248,7 @@ fn release_ended(shared: &Shared) {
 }
 
 /// Polls until the proxy stops.
-pub async fn run(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+pub async fn run(shared: Watch, mut phase: watch::Receiver<Phase>) {
     if !shared.config().locks.enabled {
         return;
     }

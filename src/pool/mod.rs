@@ -133,7 +133,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn of(config: &Config, route: &Route, auth: &crate::client::auth_query::AuthQuery) -> Self {
+    fn of(config: &Config, route: &Route, auth: &crate::server::auth_query::AuthQuery) -> Self {
         let cfg = &config.pool;
         let looked_up = !config.users.contains_key(&route.user) && config.proxy.auth_user.is_some();
         Shape {
@@ -150,7 +150,7 @@ impl Shape {
 pub struct PoolSet {
     config: Arc<ArcSwap<Config>>,
     /// Keys of users looked up with auth_query (they have no password in the config).
-    auth: Arc<crate::client::auth_query::AuthQuery>,
+    auth: Arc<crate::server::auth_query::AuthQuery>,
     pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>>,
     slots: Arc<ServerSlots>,
     /// Traffic counters per pool.
@@ -165,7 +165,7 @@ impl std::fmt::Debug for PoolSet {
 
 impl PoolSet {
     /// Pools for the live `config` (none open until first used).
-    pub fn new(config: Arc<ArcSwap<Config>>, auth: Arc<crate::client::auth_query::AuthQuery>) -> Self {
+    pub fn new(config: Arc<ArcSwap<Config>>, auth: Arc<crate::server::auth_query::AuthQuery>) -> Self {
         let slots = ServerSlots::new(config.load().pool.max_server_connections);
         Self {
             config,

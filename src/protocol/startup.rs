@@ -15,6 +15,8 @@ pub const SSL_REQUEST_CODE: i32 = 80877103;
 pub const GSSENC_REQUEST_CODE: i32 = 80877104;
 /// Request code of a CancelRequest.
 pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// The ALPN protocol name of PostgreSQL (required for direct TLS).
+pub const ALPN: &[u8] = b"postgresql";
 
 /// The first packet of a connection, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]

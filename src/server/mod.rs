@@ -16,6 +16,7 @@ use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+pub mod auth_query;
 pub mod scram;
 pub mod statements;
 pub mod stream;

@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::ServerTlsMode;
-use crate::tls::ServerTls;
+use crate::config::{ServerTls, ServerTlsMode};
+pub use crate::tls::TryWrite;
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub fn is_socket_dir(host: &str) -> bool {
 
 impl ServerStream {
     /// Registers the socket with the event loop of the calling thread (a session thread, see
-    /// [`crate::session_threads`]) so its readiness wakes no other thread: the descriptor is
+    /// the session threads) so its readiness wakes no other thread: the descriptor is
     /// duplicated, the copy registered here, the old registration dropped. TLS streams stay
     /// where they are (they work from any thread).
     ///
@@ -164,21 +164,6 @@ impl AsyncWrite for ServerStream {
     }
 }
 
-/// The write half of a split stream, writable without waiting.
-pub trait TryWrite {
-    /// Writes what the socket takes now.
-    ///
-    /// # Errors
-    /// `WouldBlock` when it takes nothing, or the socket error.
-    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize>;
-
-    /// True while the writer holds bytes the socket has not taken yet (TLS records); the
-    /// relay then flushes before it waits for anything else to write.
-    fn backlog(&self) -> bool {
-        false
-    }
-}
-
 /// Asks for TLS (SSLRequest) as `tls.mode` says and runs the handshake.
 async fn start_tls(mut s: TcpStream, host: &str, tls: &ServerTls) -> io::Result<ServerStream> {
     let Some(connector) = tls.connector.as_ref().filter(|_| tls.mode != ServerTlsMode::Disable) else {
@@ -210,16 +195,4 @@ async fn start_tls(mut s: TcpStream, host: &str, tls: &ServerTls) -> io::Result<
         .await
         .map_err(|e| io::Error::other(format!("TLS handshake (server_tls_mode = {}): {e}", tls.mode)))?;
     Ok(ServerStream::Tls(Box::new(stream)))
-}
-
-impl TryWrite for tokio::net::tcp::WriteHalf<'_> {
-    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
-        self.as_ref().try_write(buf)
-    }
-}
-
-impl TryWrite for tokio::net::unix::WriteHalf<'_> {
-    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
-        self.as_ref().try_write(buf)
-    }
 }

@@ -2,7 +2,8 @@
 //! in PostgreSQL. Their SCRAM verifier authenticates the client; the ClientKey the client
 //! proves is kept (never a password) so the server leg can log in as that user.
 //!
-//! Part of client authentication. Lookups run on a connection of their own as `auth_user`,
+//! Part of the server side (client authentication asks it, the pool logs in with what it
+//! learned). Lookups run on a connection of their own as `auth_user`,
 //! with the query's `$1` bound as a parameter; results (also "no such user") are cached for
 //! `auth_cache_ttl`; failed logins are limited per user and client address, and per address
 //! across users, so guessing does not turn into a stream of lookups.

@@ -1,7 +1,10 @@
 //! The HTTP endpoint (`[http] listen`): `/metrics` (Prometheus text), `/healthz` (the process
 //! is up), `/readyz` (the listener accepts clients and PostgreSQL can be reached).
 //!
-//! Beside the flow; started by the proxy when configured, stopped with it.
+//! Beside the client session; started by the proxy when configured, stopped with it. It reads
+//! the services through [`Sources`], the handles the proxy gives it.
+
+mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +17,30 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::proxy::Shared;
+use crate::client::Services;
+use crate::locks::LockMonitor;
+use crate::observe::Events;
+use crate::reload::Reloader;
 use crate::shutdown::Phase;
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// What the endpoint reads: the sessions' services, the event metrics, the lock monitor and
+/// the reload counters.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The sessions' services (configuration, pools, admission, registry, phase).
+    pub services: Arc<Services>,
+    /// Event metrics.
+    pub events: Events,
+    /// What the lock monitor saw.
+    pub locks: Arc<LockMonitor>,
+    /// Reload counters.
+    pub reloader: Arc<Reloader>,
+}
+
+async fn metrics(State(shared): State<Arc<Sources>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::observe::render(&shared),
+        metrics::render(&shared),
     )
 }
 
@@ -30,7 +50,8 @@ async fn healthz() -> &'static str {
 
 /// Ready when accepting clients and some pool holds a server connection, or else one of
 /// the configured servers accepts a connection within a second.
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+async fn readyz(State(shared): State<Arc<Sources>>) -> (StatusCode, &'static str) {
+    let shared = &shared.services;
     if shared.phase_bell.now() != Phase::Running {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
@@ -48,7 +69,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
 }
 
 /// Serves until the proxy stops.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Sources>, mut phase: watch::Receiver<Phase>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
