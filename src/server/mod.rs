@@ -16,92 +16,19 @@ use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+mod error;
 pub mod scram;
 pub mod statements;
 pub mod stream;
+pub use error::ServerError;
 pub use stream::{ServerAddr, ServerStream};
 
 use crate::config::Secret;
-use crate::error::{sqlstate, PgError};
 use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages::parse_server_error;
 
 /// Largest message the proxy reads whole from a server (during login and its own queries).
 pub const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
-
-/// What can go wrong talking to PostgreSQL.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// TCP connect failed.
-    #[error("cannot connect to server {addr}: {source}")]
-    Connect {
-        /// host:port.
-        addr: String,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
-    /// Connect plus login took longer than server_connect_timeout.
-    #[error("timed out connecting to server {addr} after {timeout:?} (server_connect_timeout)")]
-    ConnectTimeout {
-        /// host:port.
-        addr: String,
-        /// The limit.
-        timeout: Duration,
-    },
-    /// An established connection failed.
-    #[error("server connection lost: {0}")]
-    Io(#[from] io::Error),
-    /// The server sent something that is not valid protocol.
-    #[error("server sent an invalid message: {0}")]
-    Protocol(String),
-    /// PostgreSQL refused with an ErrorResponse (login refused, bad parameter...).
-    #[error("{0}")]
-    Postgres(PgError),
-    /// The server asked for an authentication method the proxy cannot do.
-    #[error("server requested {0} authentication, which pgvalve does not support")]
-    UnsupportedAuth(&'static str),
-    /// The server asked for a password and none is configured.
-    #[error("server requested a password for user \"{0}\" but none is configured (server_password)")]
-    NoPassword(String),
-    /// The server could not be reached lately; the pool waits before trying again.
-    #[error("server {addr} is unreachable ({last}); pgvalve tries again in {} (server_login_retry)", humantime::format_duration(Duration::from_millis(retry_in.as_millis() as u64)))]
-    Unreachable {
-        /// host:port.
-        addr: String,
-        /// The last attempt's error.
-        last: String,
-        /// Until the next attempt.
-        retry_in: Duration,
-    },
-    /// The global cap on server connections is reached and nothing idle could be closed.
-    #[error("no server connection slot free (max_server_connections={0})")]
-    NoSlot(u32),
-}
-
-impl ServerError {
-    /// The server could not be reached at all (or is starting up / shutting down): worth
-    /// waiting before trying again, unlike a refused login.
-    pub fn unreachable(&self) -> bool {
-        match self {
-            ServerError::Connect { .. } | ServerError::ConnectTimeout { .. } | ServerError::Io(_) => true,
-            ServerError::Postgres(e) => e.code.starts_with("57P"),
-            _ => false,
-        }
-    }
-
-    /// The error the client is told.
-    pub fn client_error(&self) -> PgError {
-        match self {
-            ServerError::Postgres(e) => PgError { severity: crate::error::Severity::Fatal, ..e.clone() },
-            ServerError::Unreachable { .. } => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}"))
-                .with_hint("Check that PostgreSQL is up and reachable from pgvalve; clients fail at once until it answers again."),
-            ServerError::NoSlot(_) => PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgvalve: {self}"))
-                .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
-            _ => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
-        }
-    }
-}
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
