@@ -29,9 +29,9 @@ pub enum SessionError {
     /// Any other protocol violation by the client.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The server broke the protocol.
+    /// The server broke the protocol (a bad message header while relaying).
     #[error("server protocol violation: {0}")]
-    ServerProtocol(String),
+    ServerProtocol(#[source] FrameError),
     /// Wrong password (or unknown user).
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
@@ -71,9 +71,12 @@ pub enum SessionError {
     /// Ended from outside (KILL_CLIENT) between two transactions.
     #[error("{}", .0.message)]
     Killed(PgError),
-    /// The TLS handshake failed, or a direct TLS client did not say ALPN "postgresql".
+    /// A direct TLS client that cannot be served (no TLS configured, no ALPN "postgresql").
     #[error("{0}")]
     Tls(String),
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(#[source] io::Error),
     /// Plaintext with client_tls_mode = require.
     #[error("pgvalve: TLS is required (client_tls_mode = require): connection from {0} without encryption refused")]
     TlsRequired(std::net::IpAddr),
@@ -99,6 +102,7 @@ impl SessionError {
             | Unsupported(_)
             | NotConsoleUser(_)
             | Tls(_)
+            | TlsHandshake(_)
             | TlsRequired(_)
             | PlaintextAfterSslRequest => Side::Client,
             ServerProtocol(_) | Server(_) | Checkout(CheckoutError::Server(_)) => Side::Server,
@@ -111,7 +115,7 @@ impl SessionError {
         use SessionError::*;
         let fatal = |code, msg: String| Some(PgError::fatal(code, msg));
         match self {
-            ClientGone(_) | Tls(_) => None,
+            ClientGone(_) | Tls(_) | TlsHandshake(_) => None,
             TlsRequired(_) => Some(
                 PgError::fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
                     .with_hint("Connect with sslmode=require (or verify-ca / verify-full)."),
@@ -153,5 +157,19 @@ impl SessionError {
             Side::Server => tracing::warn!(error = %self, "server failure"),
             Side::Proxy => tracing::info!(error = %self, "client refused"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_causes_read_as_before() {
+        let e = SessionError::ServerProtocol(FrameError::BadLength(2));
+        assert_eq!(e.to_string(), "server protocol violation: invalid message length 2");
+        let e = SessionError::TlsHandshake(io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer"));
+        assert_eq!(e.to_string(), "TLS handshake failed: reset by peer");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

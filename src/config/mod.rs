@@ -33,7 +33,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// TOML syntax or a field of the wrong name or type.
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{path}:{line}:{column}: {}", .source.message())]
     Parse {
         /// The file.
         path: String,
@@ -41,8 +41,18 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column.
         column: usize,
-        /// What is wrong.
-        message: String,
+        /// What is wrong (boxed: it is large, and every `Result` of loading carries it).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// `--upstream` is not a postgres:// URL.
+    #[error("{path}: upstream: not a postgres:// URL: {source}")]
+    Upstream {
+        /// Where the URL came from ("command line").
+        path: String,
+        /// What the URL parser said.
+        #[source]
+        source: tokio_postgres::Error,
     },
     /// A value that parses but cannot work.
     #[error("{path}: {field}: {reason}")]
@@ -54,6 +64,15 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl ConfigError {
+    fn upstream(path: &str, source: tokio_postgres::Error) -> Self {
+        ConfigError::Upstream {
+            path: path.to_string(),
+            source,
+        }
+    }
 }
 
 /// A pg_authid-style SCRAM-SHA-256 verifier.
@@ -255,7 +274,7 @@ pub fn parse_toml(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
             path: name.to_string(),
             line,
             column,
-            message: e.message().to_string(),
+            source: Box::new(e),
         }
     })
 }
@@ -306,7 +325,7 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
             field: "upstream".into(),
             reason,
         };
-        let pg = tokio_postgres::Config::from_str(url).map_err(|e| invalid(format!("not a postgres:// URL: {e}")))?;
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| ConfigError::upstream(name, e))?;
         let user = pg
             .get_user()
             .ok_or_else(|| invalid("the URL names no user".into()))?

@@ -147,3 +147,16 @@ fn session_threads_apply_only_while_every_pool_is_in_session_mode() {
     let c = Config::validate(parse_toml("t", &user).unwrap(), "t").unwrap();
     assert!(!c.all_session_mode(), "a user in transaction mode");
 }
+
+#[test]
+fn typed_causes_read_as_before() {
+    let e = parse_toml("f", "[databases.x]\nhots = \"a\"\n").unwrap_err();
+    assert!(e.to_string().starts_with("f:2:1: unknown field `hots`"), "{e}");
+    assert!(std::error::Error::source(&e).is_some());
+    let ov = Overrides {
+        upstream: Some("postgres://u@h:notaport/db".into()),
+        ..Default::default()
+    };
+    let e = load_with(None, &ov).unwrap_err().to_string();
+    assert!(e.starts_with("command line: upstream: not a postgres:// URL: "), "{e}");
+}

@@ -7,6 +7,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::error::{sqlstate, PgError};
+use crate::protocol::frame::FrameError;
 
 /// What can go wrong talking to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,16 @@ pub enum ServerError {
     /// An established connection failed.
     #[error("server connection lost: {0}")]
     Io(#[from] io::Error),
-    /// The server sent something that is not valid protocol.
+    /// The server sent a message header that cannot be accepted.
+    #[error("server sent an invalid message: {0}")]
+    Frame(#[from] FrameError),
+    /// A server message that does not decode, or a SCRAM message that does not parse.
+    #[error("server sent an invalid message: {0}")]
+    Decode(#[source] io::Error),
+    /// The server's SCRAM signature (SASLFinal) did not verify.
+    #[error("server sent an invalid message: server signature: {0}")]
+    Signature(#[source] io::Error),
+    /// The server sent a message that is not valid where it came.
     #[error("server sent an invalid message: {0}")]
     Protocol(String),
     /// PostgreSQL refused with an ErrorResponse (login refused, bad parameter...).
@@ -48,7 +58,8 @@ pub enum ServerError {
     Unreachable {
         /// host:port.
         addr: String,
-        /// The last attempt's error.
+        /// The last attempt's error, as it read (the error itself went to the client that
+        /// made that attempt).
         last: String,
         /// Until the next attempt.
         retry_in: Duration,
@@ -79,5 +90,26 @@ impl ServerError {
                 .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
             _ => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_causes_read_as_before() {
+        let frame = ServerError::from(FrameError::BadLength(2));
+        assert_eq!(
+            frame.to_string(),
+            "server sent an invalid message: invalid message length 2"
+        );
+        assert!(std::error::Error::source(&frame).is_some());
+        let sig = ServerError::Signature(io::Error::new(io::ErrorKind::InvalidData, "invalid server signature"));
+        assert_eq!(
+            sig.to_string(),
+            "server sent an invalid message: server signature: invalid server signature"
+        );
+        assert!(!frame.unreachable() && !sig.unreachable());
     }
 }

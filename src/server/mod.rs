@@ -165,14 +165,14 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
     match backend::Message::parse(&mut b) {
         Ok(Some(m)) => Ok(m),
         Ok(None) => Err(ServerError::Protocol("truncated message".into())),
-        Err(e) => Err(ServerError::Protocol(e.to_string())),
+        Err(e) => Err(ServerError::Decode(e)),
     }
 }
 
 /// Decodes a login message and reads the fields login reads (for the fuzz targets).
 #[doc(hidden)]
 pub fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
-    let bad = |e: io::Error| ServerError::Protocol(e.to_string());
+    let bad = ServerError::Decode;
     match parse(frame)? {
         backend::Message::AuthenticationMd5Password(b) => drop(b.salt()),
         backend::Message::AuthenticationSasl(b) => {
@@ -200,9 +200,7 @@ impl ServerConn {
     /// Cancel safe: partial data stays in `rbuf`.
     pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
         loop {
-            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)
-                .map_err(|e| ServerError::Protocol(e.to_string()))?
-            {
+            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)? {
                 return Ok(f);
             }
             self.rbuf.reserve(8192);
@@ -252,15 +250,14 @@ impl ServerConn {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
-                    s.update(b.data()).map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    s.update(b.data()).map_err(ServerError::Decode)?;
                     frontend::sasl_response(s.message(), &mut w)?;
                 }
                 backend::Message::AuthenticationSaslFinal(b) => {
                     let mut s = scram
                         .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLFinal".into()))?;
-                    s.finish(b.data())
-                        .map_err(|e| ServerError::Protocol(format!("server signature: {e}")))?;
+                    s.finish(b.data()).map_err(ServerError::Signature)?;
                 }
                 backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
                     return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"))
@@ -269,8 +266,8 @@ impl ServerConn {
                     return Err(ServerError::UnsupportedAuth("Kerberos/SCM"))
                 }
                 backend::Message::ParameterStatus(p) => self.set_param(
-                    p.name().map_err(|e| ServerError::Protocol(e.to_string()))?,
-                    p.value().map_err(|e| ServerError::Protocol(e.to_string()))?,
+                    p.name().map_err(ServerError::Decode)?,
+                    p.value().map_err(ServerError::Decode)?,
                 ),
                 backend::Message::BackendKeyData(k) => (self.pid, self.secret) = (k.process_id(), k.secret_key()),
                 backend::Message::ErrorResponse(_) => return Err(self.error_of(&frame)),
