@@ -15,6 +15,8 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
+use crate::error::{sqlstate, Side, Sided};
+
 pub use types::{
     AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
     ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
@@ -71,6 +73,22 @@ impl ConfigError {
         ConfigError::Upstream {
             path: path.to_string(),
             source,
+        }
+    }
+}
+
+/// The operator's to fix; a console `RELOAD` it refuses is told as config_file_error.
+impl Sided for ConfigError {
+    fn side(&self) -> Side {
+        Side::Config
+    }
+
+    fn sqlstate(&self) -> &str {
+        match self {
+            ConfigError::Read { .. }
+            | ConfigError::Parse { .. }
+            | ConfigError::Upstream { .. }
+            | ConfigError::Invalid { .. } => sqlstate::CONFIG_FILE_ERROR,
         }
     }
 }

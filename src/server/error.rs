@@ -1,4 +1,4 @@
-//! What can go wrong talking to PostgreSQL, and what the client is told.
+//! What can go wrong talking to PostgreSQL, whose fault it is and what the client is told.
 //!
 //! Part of the server connection ([`super`]); the pool hands these on to the client session
 //! (inside `CheckoutError`), which sends [`ServerError::client_error`].
@@ -6,7 +6,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Severity, Side, Sided};
 use crate::protocol::frame::FrameError;
 
 /// What can go wrong talking to PostgreSQL.
@@ -82,13 +82,55 @@ impl ServerError {
 
     /// The error the client is told.
     pub fn client_error(&self) -> PgError {
+        let code = self.sqlstate();
         match self {
-            ServerError::Postgres(e) => PgError { severity: crate::error::Severity::Fatal, ..e.clone() },
-            ServerError::Unreachable { .. } => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}"))
+            ServerError::Postgres(e) => PgError { severity: Severity::Fatal, ..e.clone() },
+            ServerError::Unreachable { .. } => PgError::fatal(code, format!("pgvalve: {self}"))
                 .with_hint("Check that PostgreSQL is up and reachable from pgvalve; clients fail at once until it answers again."),
-            ServerError::NoSlot(_) => PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgvalve: {self}"))
+            ServerError::NoSlot(_) => PgError::fatal(code, format!("pgvalve: {self}"))
                 .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
-            _ => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
+            _ => PgError::fatal(code, format!("pgvalve: {self}")),
+        }
+    }
+}
+
+/// PostgreSQL's own refusals keep its SQLSTATE; every other failure to get or keep a
+/// working connection is connection_failure, but for the proxy's own cap (too_many_connections)
+/// and a password the configuration lacks.
+impl Sided for ServerError {
+    fn side(&self) -> Side {
+        use ServerError::*;
+        match self {
+            Connect { .. }
+            | ConnectTimeout { .. }
+            | Io(_)
+            | Frame(_)
+            | Decode(_)
+            | Signature(_)
+            | Protocol(_)
+            | Postgres(_)
+            | UnsupportedAuth(_)
+            | Unreachable { .. } => Side::Server,
+            NoPassword(_) => Side::Config,
+            NoSlot(_) => Side::Proxy,
+        }
+    }
+
+    fn sqlstate(&self) -> &str {
+        use ServerError::*;
+        match self {
+            Postgres(e) => &e.code,
+            NoSlot(_) => sqlstate::TOO_MANY_CONNECTIONS,
+            Connect { .. }
+            | ConnectTimeout { .. }
+            | Io(_)
+            | Frame(_)
+            | Decode(_)
+            | Signature(_)
+            | Protocol(_)
+            | UnsupportedAuth(_)
+            | NoPassword(_)
+            | Unreachable { .. } => sqlstate::CONNECTION_FAILURE,
         }
     }
 }
@@ -96,6 +138,73 @@ impl ServerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn os(kind: io::ErrorKind) -> io::Error {
+        io::Error::new(kind, "os says no")
+    }
+
+    #[test]
+    fn server_errors_know_their_side_and_code() {
+        let addr = || "db:5432".to_string();
+        let cases = [
+            (
+                ServerError::Connect {
+                    addr: addr(),
+                    source: os(io::ErrorKind::ConnectionRefused),
+                },
+                Side::Server,
+                "08006",
+            ),
+            (
+                ServerError::ConnectTimeout {
+                    addr: addr(),
+                    timeout: Duration::from_secs(5),
+                },
+                Side::Server,
+                "08006",
+            ),
+            (ServerError::Io(os(io::ErrorKind::UnexpectedEof)), Side::Server, "08006"),
+            (FrameError::BadLength(2).into(), Side::Server, "08006"),
+            (
+                ServerError::Decode(os(io::ErrorKind::InvalidData)),
+                Side::Server,
+                "08006",
+            ),
+            (
+                ServerError::Signature(os(io::ErrorKind::InvalidData)),
+                Side::Server,
+                "08006",
+            ),
+            (ServerError::Protocol("truncated message".into()), Side::Server, "08006"),
+            (
+                ServerError::Postgres(PgError::error("3D000", "database \"x\" does not exist")),
+                Side::Server,
+                "3D000",
+            ),
+            (
+                ServerError::Postgres(PgError::fatal("57P01", "terminating connection")),
+                Side::Server,
+                "57P01",
+            ),
+            (ServerError::UnsupportedAuth("GSSAPI/SSPI"), Side::Server, "08006"),
+            (ServerError::NoPassword("app".into()), Side::Config, "08006"),
+            (
+                ServerError::Unreachable {
+                    addr: addr(),
+                    last: "refused".into(),
+                    retry_in: Duration::from_secs(1),
+                },
+                Side::Server,
+                "08006",
+            ),
+            (ServerError::NoSlot(10), Side::Proxy, "53300"),
+        ];
+        for (e, side, code) in cases {
+            assert_eq!((e.side(), e.sqlstate()), (side, code), "{e}");
+            let told = e.client_error();
+            assert_eq!((told.severity, told.code.as_str()), (Severity::Fatal, code), "{e}");
+        }
+    }
 
     #[test]
     fn typed_causes_read_as_before() {
