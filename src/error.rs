@@ -2,7 +2,9 @@
 //!
 //! Every failure in the flow (client session, admission, pool, server connection) ends up as
 //! a [`PgError`]: what the client is told, as an ErrorResponse with the SQLSTATE PostgreSQL
-//! itself would use. [`Side`] says whose fault it was, which picks the log level.
+//! itself would use. [`Side`] says whose fault it was, which picks the log level. Every
+//! error type of the flow answers both through [`Sided`], decided where the error is made:
+//! an error that wraps another asks it instead of deciding again.
 
 use std::fmt;
 
@@ -51,6 +53,19 @@ pub enum Side {
     Server,
     /// A limit of the proxy (capacity, timeout, shutdown) or a bug.
     Proxy,
+    /// The operator's configuration: a file that cannot be used, or a setting the server
+    /// needs and does not have.
+    Config,
+}
+
+/// An error that knows whose fault it is and the SQLSTATE the client is told.
+pub trait Sided {
+    /// Whose fault it is.
+    fn side(&self) -> Side;
+
+    /// The SQLSTATE of the ErrorResponse the client is sent for it (or would be, when the
+    /// client is gone or the error is never sent to one).
+    fn sqlstate(&self) -> &str;
 }
 
 /// ErrorResponse severity.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Side, Sided};
 
 /// Why a client was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -156,6 +156,76 @@ impl Refusal {
                 "Retry later, shorten the transactions that hold server connections, or raise pool_size (and PostgreSQL's max_connections)."
             }
         };
-        PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, self.to_string()).with_hint(hint)
+        PgError::fatal(self.sqlstate(), self.to_string()).with_hint(hint)
+    }
+}
+
+/// Every refusal is a limit of the proxy, told as too_many_connections.
+impl Sided for Refusal {
+    fn side(&self) -> Side {
+        Side::Proxy
+    }
+
+    fn sqlstate(&self) -> &str {
+        sqlstate::TOO_MANY_CONNECTIONS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_is_the_proxys_53300() {
+        let (identity, waited, key) = ("app".to_string(), Duration::from_secs(1), "queue_timeout");
+        let all = [
+            Refusal::ClientCap {
+                identity: identity.clone(),
+                clients: 3,
+                max: 3,
+            },
+            Refusal::ConnectRate {
+                identity: identity.clone(),
+                rate: 1.0,
+                burst: 1,
+                damped: false,
+            },
+            Refusal::QueueFull {
+                identity: identity.clone(),
+                waiting: 2,
+                max: 2,
+            },
+            Refusal::ServerCap {
+                identity: identity.clone(),
+                held: 1,
+                max: 1,
+                waited,
+                key,
+            },
+            Refusal::LockHolders {
+                identity: identity.clone(),
+                holders: 1,
+                max: 1,
+                waited,
+                key,
+            },
+            Refusal::ServerSlots {
+                identity: identity.clone(),
+                max: 4,
+                waited,
+            },
+            Refusal::QueueTimeout {
+                identity,
+                pool: "database \"d\" user \"u\"".into(),
+                pool_size: 2,
+                held: 0,
+                waited,
+                key,
+            },
+        ];
+        for r in all {
+            assert_eq!((r.side(), r.sqlstate()), (Side::Proxy, "53300"), "{r}");
+            assert_eq!(r.client_error().code, "53300", "{r}");
+        }
     }
 }

@@ -211,7 +211,7 @@ impl ClientConn {
         // Boxed: the handshake future is large and rare.
         let tls = Box::pin(acceptor.accept(tcp))
             .await
-            .map_err(|e| SessionError::Tls(format!("TLS handshake failed: {e}")))?;
+            .map_err(SessionError::TlsHandshake)?;
         if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN) {
             return Err(SessionError::Tls(
                 "direct TLS connection without ALPN \"postgresql\"".into(),

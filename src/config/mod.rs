@@ -17,6 +17,8 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
+use crate::error::{sqlstate, Side, Sided};
+
 pub use admission::{parse_cidr, validate_limits, AdmissionSettings, IdentityRule, LimitOverrides, LockAction, Rule};
 pub use tls::{end_point_hash, ClientTls, ServerTls, Tls};
 pub use types::{
@@ -37,7 +39,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// TOML syntax or a field of the wrong name or type.
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{path}:{line}:{column}: {}", .source.message())]
     Parse {
         /// The file.
         path: String,
@@ -45,8 +47,18 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column.
         column: usize,
-        /// What is wrong.
-        message: String,
+        /// What is wrong (boxed: it is large, and every `Result` of loading carries it).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// `--upstream` is not a postgres:// URL.
+    #[error("{path}: upstream: not a postgres:// URL: {source}")]
+    Upstream {
+        /// Where the URL came from ("command line").
+        path: String,
+        /// What the URL parser said.
+        #[source]
+        source: tokio_postgres::Error,
     },
     /// A value that parses but cannot work.
     #[error("{path}: {field}: {reason}")]
@@ -58,6 +70,31 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl ConfigError {
+    fn upstream(path: &str, source: tokio_postgres::Error) -> Self {
+        ConfigError::Upstream {
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+/// The operator's to fix; a console `RELOAD` it refuses is told as config_file_error.
+impl Sided for ConfigError {
+    fn side(&self) -> Side {
+        Side::Config
+    }
+
+    fn sqlstate(&self) -> &str {
+        match self {
+            ConfigError::Read { .. }
+            | ConfigError::Parse { .. }
+            | ConfigError::Upstream { .. }
+            | ConfigError::Invalid { .. } => sqlstate::CONFIG_FILE_ERROR,
+        }
+    }
 }
 
 /// A pg_authid-style SCRAM-SHA-256 verifier.
@@ -259,7 +296,7 @@ pub fn parse_toml(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
             path: name.to_string(),
             line,
             column,
-            message: e.message().to_string(),
+            source: Box::new(e),
         }
     })
 }
@@ -310,7 +347,7 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
             field: "upstream".into(),
             reason,
         };
-        let pg = tokio_postgres::Config::from_str(url).map_err(|e| invalid(format!("not a postgres:// URL: {e}")))?;
+        let pg = tokio_postgres::Config::from_str(url).map_err(|e| ConfigError::upstream(name, e))?;
         let user = pg
             .get_user()
             .ok_or_else(|| invalid("the URL names no user".into()))?

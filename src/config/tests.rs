@@ -147,3 +147,35 @@ fn session_threads_apply_only_while_every_pool_is_in_session_mode() {
     let c = Config::validate(parse_toml("t", &user).unwrap(), "t").unwrap();
     assert!(!c.all_session_mode(), "a user in transaction mode");
 }
+
+#[test]
+fn config_errors_are_the_operators_config_file_errors() {
+    let read = load(Path::new("/nonexistent/pgvalve.toml")).unwrap_err();
+    let parse = parse_toml("t", "[pool]\nbogus = 1\n").unwrap_err();
+    let invalid = parse_and_validate(&format!("{MINIMAL}\n[http]\nlisten = \"nowhere\"\n")).unwrap_err();
+    let ov = Overrides {
+        upstream: Some("postgres://u@h:notaport/db".into()),
+        ..Default::default()
+    };
+    let upstream = load_with(None, &ov).unwrap_err();
+    assert!(matches!(read, ConfigError::Read { .. }), "{read}");
+    assert!(matches!(parse, ConfigError::Parse { .. }), "{parse}");
+    assert!(matches!(invalid, ConfigError::Invalid { .. }), "{invalid}");
+    assert!(matches!(upstream, ConfigError::Upstream { .. }), "{upstream}");
+    for e in [read, parse, invalid, upstream] {
+        assert_eq!((e.side(), e.sqlstate()), (Side::Config, "F0000"), "{e}");
+    }
+}
+
+#[test]
+fn typed_causes_read_as_before() {
+    let e = parse_toml("f", "[databases.x]\nhots = \"a\"\n").unwrap_err();
+    assert!(e.to_string().starts_with("f:2:1: unknown field `hots`"), "{e}");
+    assert!(std::error::Error::source(&e).is_some());
+    let ov = Overrides {
+        upstream: Some("postgres://u@h:notaport/db".into()),
+        ..Default::default()
+    };
+    let e = load_with(None, &ov).unwrap_err().to_string();
+    assert!(e.starts_with("command line: upstream: not a postgres:// URL: "), "{e}");
+}

@@ -26,7 +26,7 @@ pub use stats::Stats;
 
 use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Side, Sided};
 use crate::server::{ServerError, ServerTarget};
 
 /// Pools are keyed by the database name the client asked for and the user.
@@ -81,7 +81,7 @@ impl CheckoutError {
     pub fn client_error(&self) -> PgError {
         match self {
             CheckoutError::Timeout { database, user, waited, pool_size } => PgError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
+                self.sqlstate(),
                 format!(
                     "pgvalve: no server connection available for database \"{database}\" user \"{user}\": all {pool_size} are in use (pool_size={pool_size}); waited {} (query_wait_timeout)",
                     humantime::format_duration(*waited)
@@ -89,7 +89,24 @@ impl CheckoutError {
             )
             .with_hint("Retry later, raise pool_size (and PostgreSQL's max_connections), or shorten the sessions that hold server connections."),
             CheckoutError::Server(e) => e.client_error(),
-            CheckoutError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgvalve is shutting down"),
+            CheckoutError::Closed => PgError::fatal(self.sqlstate(), "pgvalve is shutting down"),
+        }
+    }
+}
+
+impl Sided for CheckoutError {
+    fn side(&self) -> Side {
+        match self {
+            CheckoutError::Timeout { .. } | CheckoutError::Closed => Side::Proxy,
+            CheckoutError::Server(e) => e.side(),
+        }
+    }
+
+    fn sqlstate(&self) -> &str {
+        match self {
+            CheckoutError::Timeout { .. } => sqlstate::TOO_MANY_CONNECTIONS,
+            CheckoutError::Server(e) => e.sqlstate(),
+            CheckoutError::Closed => sqlstate::ADMIN_SHUTDOWN,
         }
     }
 }
@@ -409,6 +426,33 @@ impl PoolSet {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         for e in pools.values() {
             e.pool.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkout_errors_know_their_side_and_code() {
+        let timeout = CheckoutError::Timeout {
+            database: "d".into(),
+            user: "u".into(),
+            waited: Duration::from_secs(5),
+            pool_size: 2,
+        };
+        let refused = PgError::fatal("28P01", "password authentication failed for user \"u\"");
+        let cases = [
+            (timeout, Side::Proxy, "53300"),
+            (CheckoutError::Closed, Side::Proxy, "57P01"),
+            (ServerError::Postgres(refused).into(), Side::Server, "28P01"),
+            (ServerError::NoSlot(10).into(), Side::Proxy, "53300"),
+            (ServerError::NoPassword("u".into()).into(), Side::Config, "08006"),
+        ];
+        for (e, side, code) in cases {
+            assert_eq!((e.side(), e.sqlstate()), (side, code), "{e}");
+            assert_eq!(e.client_error().code, code, "{e}");
         }
     }
 }

@@ -11,6 +11,8 @@
 
 use bytes::BytesMut;
 
+use crate::error::{sqlstate, Side, Sided};
+
 /// Bytes in a message header: type byte + length.
 pub const HEADER_LEN: usize = 5;
 
@@ -30,6 +32,21 @@ pub enum FrameError {
         /// The limit in force.
         max: usize,
     },
+}
+
+/// The client's: the session frames client messages with it. A server's bad header reaches
+/// the client wrapped in a server-side error (`ServerError::Frame`,
+/// `SessionError::ServerProtocol`), which answers for it.
+impl Sided for FrameError {
+    fn side(&self) -> Side {
+        Side::Client
+    }
+
+    fn sqlstate(&self) -> &str {
+        match self {
+            FrameError::BadLength(_) | FrameError::TooLarge { .. } => sqlstate::PROTOCOL_VIOLATION,
+        }
+    }
 }
 
 /// One whole message: `bytes` holds the type byte, the length and the body.
@@ -222,6 +239,18 @@ mod tests {
         assert_eq!(split_frame(&mut b, 100), Err(FrameError::BadLength(-1)));
         let mut b = BytesMut::from(&[b'd', 0x40, 0, 0, 0][..]);
         assert!(matches!(split_frame(&mut b, 1 << 20), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn frame_errors_are_the_clients_protocol_violations() {
+        let too_large = FrameError::TooLarge {
+            tag: 'd',
+            len: 1 << 30,
+            max: 1 << 20,
+        };
+        for e in [FrameError::BadLength(3), too_large] {
+            assert_eq!((e.side(), e.sqlstate()), (Side::Client, "08P01"), "{e}");
+        }
     }
 
     #[test]

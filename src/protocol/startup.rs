@@ -9,6 +9,8 @@ use bytes::{Buf, BytesMut};
 use pgwire::messages::startup::Startup;
 use pgwire::messages::{DecodeContext, Message};
 
+use crate::error::{sqlstate, Side, Sided};
+
 /// Request code of an SSLRequest.
 pub const SSL_REQUEST_CODE: i32 = 80877103;
 /// Request code of a GSSENCRequest.
@@ -58,6 +60,19 @@ pub enum StartupError {
     /// The body could not be decoded.
     #[error("invalid startup packet layout: {0}")]
     Malformed(String),
+}
+
+impl Sided for StartupError {
+    fn side(&self) -> Side {
+        Side::Client
+    }
+
+    fn sqlstate(&self) -> &str {
+        match self {
+            StartupError::UnsupportedProtocol { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+            StartupError::BadLength { .. } | StartupError::Malformed(_) => sqlstate::PROTOCOL_VIOLATION,
+        }
+    }
 }
 
 /// Startup parameters by name, in name order. A client sends a handful, and they are kept for
@@ -294,6 +309,18 @@ mod tests {
         for cut in 0..full.len() {
             let mut b = BytesMut::from(&full[..cut]);
             assert_eq!(split_initial(&mut b, 10000), Ok(None));
+        }
+    }
+
+    #[test]
+    fn startup_errors_are_the_clients() {
+        let cases = [
+            (StartupError::BadLength { len: 4, max: 10000 }, "08P01"),
+            (StartupError::UnsupportedProtocol { major: 2, minor: 0 }, "0A000"),
+            (StartupError::Malformed("incomplete".into()), "08P01"),
+        ];
+        for (e, code) in cases {
+            assert_eq!((e.side(), e.sqlstate()), (Side::Client, code), "{e}");
         }
     }
 }

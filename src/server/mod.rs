@@ -17,92 +17,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
 pub mod auth_query;
+mod error;
 pub mod scram;
 pub mod statements;
 pub mod stream;
+pub use error::ServerError;
 pub use stream::{ServerAddr, ServerStream};
 
 use crate::config::Secret;
-use crate::error::{sqlstate, PgError};
 use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages::parse_server_error;
 
 /// Largest message the proxy reads whole from a server (during login and its own queries).
 pub const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
-
-/// What can go wrong talking to PostgreSQL.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// TCP connect failed.
-    #[error("cannot connect to server {addr}: {source}")]
-    Connect {
-        /// host:port.
-        addr: String,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
-    /// Connect plus login took longer than server_connect_timeout.
-    #[error("timed out connecting to server {addr} after {timeout:?} (server_connect_timeout)")]
-    ConnectTimeout {
-        /// host:port.
-        addr: String,
-        /// The limit.
-        timeout: Duration,
-    },
-    /// An established connection failed.
-    #[error("server connection lost: {0}")]
-    Io(#[from] io::Error),
-    /// The server sent something that is not valid protocol.
-    #[error("server sent an invalid message: {0}")]
-    Protocol(String),
-    /// PostgreSQL refused with an ErrorResponse (login refused, bad parameter...).
-    #[error("{0}")]
-    Postgres(PgError),
-    /// The server asked for an authentication method the proxy cannot do.
-    #[error("server requested {0} authentication, which pgvalve does not support")]
-    UnsupportedAuth(&'static str),
-    /// The server asked for a password and none is configured.
-    #[error("server requested a password for user \"{0}\" but none is configured (server_password)")]
-    NoPassword(String),
-    /// The server could not be reached lately; the pool waits before trying again.
-    #[error("server {addr} is unreachable ({last}); pgvalve tries again in {} (server_login_retry)", humantime::format_duration(Duration::from_millis(retry_in.as_millis() as u64)))]
-    Unreachable {
-        /// host:port.
-        addr: String,
-        /// The last attempt's error.
-        last: String,
-        /// Until the next attempt.
-        retry_in: Duration,
-    },
-    /// The global cap on server connections is reached and nothing idle could be closed.
-    #[error("no server connection slot free (max_server_connections={0})")]
-    NoSlot(u32),
-}
-
-impl ServerError {
-    /// The server could not be reached at all (or is starting up / shutting down): worth
-    /// waiting before trying again, unlike a refused login.
-    pub fn unreachable(&self) -> bool {
-        match self {
-            ServerError::Connect { .. } | ServerError::ConnectTimeout { .. } | ServerError::Io(_) => true,
-            ServerError::Postgres(e) => e.code.starts_with("57P"),
-            _ => false,
-        }
-    }
-
-    /// The error the client is told.
-    pub fn client_error(&self) -> PgError {
-        match self {
-            ServerError::Postgres(e) => PgError { severity: crate::error::Severity::Fatal, ..e.clone() },
-            ServerError::Unreachable { .. } => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}"))
-                .with_hint("Check that PostgreSQL is up and reachable from pgvalve; clients fail at once until it answers again."),
-            ServerError::NoSlot(_) => PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgvalve: {self}"))
-                .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
-            _ => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgvalve: {self}")),
-        }
-    }
-}
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,14 +166,14 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
     match backend::Message::parse(&mut b) {
         Ok(Some(m)) => Ok(m),
         Ok(None) => Err(ServerError::Protocol("truncated message".into())),
-        Err(e) => Err(ServerError::Protocol(e.to_string())),
+        Err(e) => Err(ServerError::Decode(e)),
     }
 }
 
 /// Decodes a login message and reads the fields login reads (for the fuzz targets).
 #[doc(hidden)]
 pub fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
-    let bad = |e: io::Error| ServerError::Protocol(e.to_string());
+    let bad = ServerError::Decode;
     match parse(frame)? {
         backend::Message::AuthenticationMd5Password(b) => drop(b.salt()),
         backend::Message::AuthenticationSasl(b) => {
@@ -274,9 +201,7 @@ impl ServerConn {
     /// Cancel safe: partial data stays in `rbuf`.
     pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
         loop {
-            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)
-                .map_err(|e| ServerError::Protocol(e.to_string()))?
-            {
+            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)? {
                 return Ok(f);
             }
             self.rbuf.reserve(8192);
@@ -326,15 +251,14 @@ impl ServerConn {
                     let s = scram
                         .as_mut()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLContinue".into()))?;
-                    s.update(b.data()).map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    s.update(b.data()).map_err(ServerError::Decode)?;
                     frontend::sasl_response(s.message(), &mut w)?;
                 }
                 backend::Message::AuthenticationSaslFinal(b) => {
                     let mut s = scram
                         .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASLFinal".into()))?;
-                    s.finish(b.data())
-                        .map_err(|e| ServerError::Protocol(format!("server signature: {e}")))?;
+                    s.finish(b.data()).map_err(ServerError::Signature)?;
                 }
                 backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
                     return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"))
@@ -343,8 +267,8 @@ impl ServerConn {
                     return Err(ServerError::UnsupportedAuth("Kerberos/SCM"))
                 }
                 backend::Message::ParameterStatus(p) => self.set_param(
-                    p.name().map_err(|e| ServerError::Protocol(e.to_string()))?,
-                    p.value().map_err(|e| ServerError::Protocol(e.to_string()))?,
+                    p.name().map_err(ServerError::Decode)?,
+                    p.value().map_err(ServerError::Decode)?,
                 ),
                 backend::Message::BackendKeyData(k) => (self.pid, self.secret) = (k.process_id(), k.secret_key()),
                 backend::Message::ErrorResponse(_) => return Err(self.error_of(&frame)),

@@ -397,7 +397,7 @@ where
                 Ok(n) => n,
                 Err(e) => {
                     out.server_broken = true;
-                    break Err(SessionError::ServerProtocol(e.to_string()));
+                    break Err(SessionError::ServerProtocol(e));
                 }
             };
             if forward(&mut s_in, n, &mut s_out, &cw).is_err() {

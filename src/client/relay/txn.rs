@@ -170,7 +170,7 @@ pub(super) fn server_messages(
                     }
                 }
             })
-            .map_err(|e| SessionError::ServerProtocol(e.to_string()))?;
+            .map_err(SessionError::ServerProtocol)?;
         move_ready(s_in, s_out, n);
         s_in.advance(swallow);
         for b in &after {
