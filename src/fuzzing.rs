@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 
 use crate::protocol::frame::{split_frame, MessageWalker, Walk};
-use crate::protocol::{messages, startup};
+use crate::protocol::{messages, startup, tags};
 
 pub use crate::client::exercise::{plain_traffic, transaction_traffic};
 
@@ -22,7 +22,7 @@ pub fn frames(data: &[u8], max: usize, cut: usize) {
     }
     let mut w = MessageWalker::new(max);
     for part in [&data[..cut], &data[cut..]] {
-        match w.scan(part, |t| t == b'Z', |_, _| Walk::Continue) {
+        match w.scan(part, |t| t == tags::backend::READY_FOR_QUERY, |_, _| Walk::Continue) {
             Ok(n) => assert!(n <= part.len()),
             Err(_) => break,
         }

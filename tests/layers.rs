@@ -46,9 +46,16 @@ fn used_modules(text: &str) -> Vec<String> {
         let rest = &text[i + "crate::".len()..];
         if let Some(group) = rest.strip_prefix('{') {
             let group = &group[..group.find('}').unwrap_or(group.len())];
-            used.extend(group.split(',').map(|n| n.trim().split("::").next().unwrap_or("").to_string()));
+            used.extend(
+                group
+                    .split(',')
+                    .map(|n| n.trim().split("::").next().unwrap_or("").to_string()),
+            );
         } else {
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             used.push(name);
         }
     }
@@ -67,14 +74,21 @@ fn every_module_uses_only_its_layer_and_the_layers_below() {
         if ["lib.rs", "main.rs", "tests.rs"].contains(&name) || name.ends_with("_tests.rs") {
             continue;
         }
-        let top = rel.components().next().and_then(|c| c.as_os_str().to_str()).unwrap_or("");
+        let top = rel
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .unwrap_or("");
         let top = top.trim_end_matches(".rs");
         let mine = layer_of(top).unwrap_or_else(|| panic!("src/{top} is in no layer: add it to LAYERS and the README"));
         let text = std::fs::read_to_string(&f).expect("readable source");
         for used in used_modules(&text) {
             if let Some(theirs) = layer_of(&used) {
                 if theirs > mine {
-                    wrong.entry(rel.display().to_string()).or_insert_with(Vec::new).push(used);
+                    wrong
+                        .entry(rel.display().to_string())
+                        .or_insert_with(Vec::new)
+                        .push(used);
                 }
             }
         }

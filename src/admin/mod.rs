@@ -19,6 +19,7 @@ use crate::client::{ClientConn, Console, Services, SessionError};
 use crate::error::{sqlstate, PgError};
 use crate::locks::LockMonitor;
 use crate::protocol::messages;
+use crate::protocol::tags::{backend, frontend, status};
 use crate::reload::Reloader;
 
 pub use crate::client::{is_console, role, Role, DATABASES};
@@ -96,23 +97,23 @@ async fn serve(shared: &Admin<'_>, client: &mut ClientConn, role: Role) -> Resul
         messages::parameter_status(name, value, &mut client.wbuf);
     }
     messages::backend_key_data(0, 0, &mut client.wbuf);
-    messages::ready_for_query(b'I', &mut client.wbuf);
+    messages::ready_for_query(status::IDLE, &mut client.wbuf);
     client.flush().await?;
     let max = shared.config().proxy.max_message_size.0.min(1 << 20);
     let mut failed_extended = false;
     loop {
         let frame = client.read_frame(max).await?;
         match frame.tag {
-            b'Q' => {
+            frontend::QUERY => {
                 let body = frame.body();
                 let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
                 run(shared, role, &sql, &mut client.wbuf).await;
-                messages::ready_for_query(b'I', &mut client.wbuf);
+                messages::ready_for_query(status::IDLE, &mut client.wbuf);
             }
-            b'X' => return Ok(()),
-            b'S' => {
+            frontend::TERMINATE => return Ok(()),
+            frontend::SYNC => {
                 failed_extended = false;
-                messages::ready_for_query(b'I', &mut client.wbuf);
+                messages::ready_for_query(status::IDLE, &mut client.wbuf);
             }
             _ if failed_extended => continue,
             _ => {
@@ -153,6 +154,5 @@ async fn run(shared: &Admin<'_>, role: Role, sql: &str, out: &mut bytes::BytesMu
 }
 
 fn put_empty(out: &mut bytes::BytesMut) {
-    // EmptyQueryResponse.
-    out.extend_from_slice(&[b'I', 0, 0, 0, 4]);
+    out.extend_from_slice(&[backend::EMPTY_QUERY_RESPONSE, 0, 0, 0, 4]);
 }

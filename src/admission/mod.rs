@@ -80,6 +80,22 @@ struct Ident {
     queue_wait: Option<metrics::Histogram>,
 }
 
+impl Ident {
+    /// The identity as its first client finds it, under `limits` (named by `rule`).
+    fn first(limits: Limits, rule: Option<&Rule>, now: Instant) -> Self {
+        Ident {
+            bucket: rate::Bucket::new(limits.connect_burst, now),
+            limits,
+            rule: rule.map(|r| r.template().to_string()),
+            clients: 0,
+            surge: Default::default(),
+            counters: Default::default(),
+            last_seen: now,
+            queue_wait: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     settings: AdmissionSettings,
@@ -145,6 +161,24 @@ fn share_limits(l: &Limits) -> ShareLimits {
         max_queue: l.max_queue,
         max_lock_holders: l.max_lock_holders,
     }
+}
+
+/// The login rate and burst an identity runs under now, and whether a surge damps them: during
+/// a surge `surge_damping` of its connect rate (of `surge_min_rate` when it has none).
+fn login_rate(l: &Limits, surging: bool, surge_min_rate: f64) -> (f64, u32, bool) {
+    let damped = surging && l.surge_damping > 0.0;
+    let (rate, burst) = if damped {
+        let base = if l.connect_rate > 0.0 {
+            l.connect_rate
+        } else {
+            surge_min_rate
+        };
+        let r = base * l.surge_damping;
+        (r, (r.ceil() as u32).max(1))
+    } else {
+        (l.connect_rate, l.connect_burst)
+    };
+    (rate, burst, damped)
 }
 
 impl Admission {
@@ -221,16 +255,7 @@ impl Admission {
                 &rule.map(|r| r.limits.clone()).unwrap_or_default(),
                 query_wait_timeout,
             );
-            Ident {
-                bucket: rate::Bucket::new(limits.connect_burst, now),
-                limits,
-                rule: rule.map(|r| r.template().to_string()),
-                clients: 0,
-                surge: Default::default(),
-                counters: Default::default(),
-                last_seen: now,
-                queue_wait: None,
-            }
+            Ident::first(limits, rule, now)
         });
         ident.last_seen = now;
         ident.surge.login();
@@ -248,18 +273,7 @@ impl Admission {
             };
             return refuse(ident, r);
         }
-        let damped = ident.surge.active() && l.surge_damping > 0.0;
-        let (rate, burst) = if damped {
-            let base = if l.connect_rate > 0.0 {
-                l.connect_rate
-            } else {
-                st.settings.surge_min_rate
-            };
-            let r = base * l.surge_damping;
-            (r, (r.ceil() as u32).max(1))
-        } else {
-            (l.connect_rate, l.connect_burst)
-        };
+        let (rate, burst, damped) = login_rate(l, ident.surge.active(), st.settings.surge_min_rate);
         let max_wait = l.queue_timeout.min(st.login_wait);
         let wait = match ident.bucket.take(now, rate, burst, max_wait) {
             Ok(w) => w,

@@ -43,6 +43,7 @@ use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::messages;
 use crate::protocol::startup::{InitialPacket, StartupParams};
+use crate::protocol::tags;
 use crate::server::ServerError;
 use crate::shutdown::Phase;
 
@@ -235,12 +236,12 @@ async fn opening(shared: &Services, client: &mut ClientConn) -> Result<Opening, 
                     if !client.rbuf.is_empty() {
                         return Err(SessionError::PlaintextAfterSslRequest);
                     }
-                    client.send_byte(b'S').await?;
+                    client.send_byte(tags::encryption::SSL_ACCEPTED).await?;
                     client.start_tls(acceptor, false).await?;
                 }
-                None => client.send_byte(b'N').await?,
+                None => client.send_byte(tags::encryption::REFUSED).await?,
             },
-            InitialPacket::GssEncRequest => client.send_byte(b'N').await?,
+            InitialPacket::GssEncRequest => client.send_byte(tags::encryption::REFUSED).await?,
             InitialPacket::Cancel { pid, secret } => {
                 shared.cancels.cancel(pid, &secret).await;
                 return Ok(Opening::Cancel);
@@ -469,7 +470,7 @@ async fn setup(
         messages::parameter_status(name, value, &mut client.wbuf);
     }
     messages::backend_key_data(key.pid, key.secret, &mut client.wbuf);
-    messages::ready_for_query(b'I', &mut client.wbuf);
+    messages::ready_for_query(tags::status::IDLE, &mut client.wbuf);
     client.flush().await?;
     tracing::debug!(backend_pid = server.pid, mode = %seat.route.pool_mode, "session started");
     Ok(Some(Entry::Session(Box::new(Started {

@@ -18,6 +18,7 @@ use super::Services;
 use super::{Seat, SessionError, TxnSession};
 use crate::cancel::CancelKey;
 use crate::protocol::startup::StartupParams;
+use crate::protocol::tags;
 use crate::shutdown::{Phase, PhaseWatch};
 
 /// What an idle client (holding no server connection) does next.
@@ -33,7 +34,11 @@ enum Next {
 async fn next_request(client: &mut ClientConn, phase: &mut PhaseWatch, seat: &Seat) -> Result<Next, SessionError> {
     loop {
         if let Some(&tag) = client.rbuf.first() {
-            return Ok(if tag == b'X' { Next::Terminate } else { Next::Request });
+            return Ok(if tag == tags::frontend::TERMINATE {
+                Next::Terminate
+            } else {
+                Next::Request
+            });
         }
         if phase.now() != Phase::Running {
             return Ok(Next::Shutdown);

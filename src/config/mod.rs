@@ -7,6 +7,7 @@
 mod admission;
 mod tls;
 pub mod types;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -394,106 +395,17 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first field that cannot work.
-    pub fn validate(f: FileConfig, name: &str) -> Result<Config, ConfigError> {
+    pub fn validate(mut f: FileConfig, name: &str) -> Result<Config, ConfigError> {
         let invalid = |field: &str, reason: String| ConfigError::Invalid {
             path: name.to_string(),
             field: field.to_string(),
             reason,
         };
-        let listen: SocketAddr = f.proxy.listen.parse().map_err(|_| {
-            invalid(
-                "proxy.listen",
-                format!("{:?} is not an address like 127.0.0.1:6432", f.proxy.listen),
-            )
-        })?;
-        if f.proxy.max_client_connections == 0 {
-            return Err(invalid("proxy.max_client_connections", "must be at least 1".into()));
-        }
-        if f.proxy.max_message_size.0 < 8192 || f.proxy.max_message_size.0 > (1 << 30) {
-            return Err(invalid("proxy.max_message_size", "must be between 8kB and 1GB".into()));
-        }
-        if !(64..=1 << 20).contains(&f.proxy.max_startup_packet_size) {
-            return Err(invalid(
-                "proxy.max_startup_packet_size",
-                "must be between 64 and 1MB".into(),
-            ));
-        }
-        if f.pool.pool_size == 0 {
-            return Err(invalid("pool.pool_size", "must be at least 1".into()));
-        }
-        if f.databases.is_empty() {
-            return Err(invalid(
-                "databases",
-                "no database is configured: add [databases.NAME] (or \"*\"), or use --upstream".into(),
-            ));
-        }
-        for (db, d) in &f.databases {
-            if d.pool_size == Some(0) {
-                return Err(invalid(
-                    &format!("databases.{db}.pool_size"),
-                    "must be at least 1".into(),
-                ));
-            }
-        }
-        if f.pool.session_state == SessionStatePolicy::Reject && f.pool.max_prepared_statements == 0 {
-            return Err(invalid(
-                "pool.session_state",
-                "\"reject\" needs statement tracking: set max_prepared_statements above 0".into(),
-            ));
-        }
-        if f.users.is_empty() {
-            return Err(invalid(
-                "users",
-                "no user is configured: add [users.NAME], or use --upstream".into(),
-            ));
-        }
-        let mut users = BTreeMap::new();
-        for (name, u) in f.users {
-            let field = format!("users.{name}");
-            if u.pool_size == Some(0) {
-                return Err(invalid(&format!("{field}.pool_size"), "must be at least 1".into()));
-            }
-            let client_verifier = match (&u.scram_verifier, &u.password) {
-                (Some(v), _) => Some(
-                    v.0.parse()
-                        .map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?,
-                ),
-                (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
-                (None, None) if f.proxy.auth_type == AuthType::Trust => None,
-                (None, None) => {
-                    return Err(invalid(
-                        &field,
-                        "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into(),
-                    ))
-                }
-            };
-            let server_password = u.server_password.or(u.password);
-            users.insert(
-                name,
-                User {
-                    client_verifier,
-                    server_password,
-                    pool_size: u.pool_size,
-                    pool_mode: u.pool_mode,
-                },
-            );
-        }
-        if let Some(a) = &f.proxy.auth_user {
-            match users.get(a) {
-                Some(u) if u.server_password.is_some() => {}
-                Some(_) => return Err(invalid("proxy.auth_user", format!("user {a:?} has no server password"))),
-                None => return Err(invalid("proxy.auth_user", format!("user {a:?} is not in [users]"))),
-            }
-            if f.proxy.auth_type == AuthType::Trust {
-                return Err(invalid(
-                    "proxy.auth_user",
-                    "auth_query needs auth_type = \"scram-sha-256\"".into(),
-                ));
-            }
-        }
-        if let Some(d) = f.proxy.auth_dbname.as_ref().filter(|d| !f.databases.contains_key(*d)) {
-            return Err(invalid("proxy.auth_dbname", format!("{d:?} is not in [databases]")));
-        }
+        // In this order: the error names the first field that cannot work.
+        let listen = validate::proxy(&f, &invalid)?;
+        validate::pools(&f, &invalid)?;
+        let users = validate::users(std::mem::take(&mut f.users), f.proxy.auth_type, &invalid)?;
+        validate::auth_query(&f, &users, &invalid)?;
         let http_listen = match &f.http.listen {
             None => None,
             Some(l) => Some(
@@ -504,34 +416,8 @@ impl Config {
         f.admission
             .validate()
             .map_err(|(field, reason)| invalid(&format!("admission.{field}"), reason))?;
-        for (field, list) in [
-            ("admin.admin_users", &f.admin.admin_users),
-            ("admin.stats_users", &f.admin.stats_users),
-        ] {
-            if let Some(u) = list.iter().find(|u| !users.contains_key(*u)) {
-                return Err(invalid(field, format!("user {u:?} is not in [users]")));
-            }
-        }
-        let l = &f.locks;
-        if l.poll_interval < std::time::Duration::from_millis(100) || l.poll_timeout.is_zero() {
-            return Err(invalid(
-                "locks.poll_interval",
-                "poll_interval must be at least 100ms and poll_timeout more than 0s".into(),
-            ));
-        }
-        if let Some(m) = l
-            .dangerous_modes
-            .iter()
-            .find(|m| !types::LOCK_MODES.contains(&m.as_str()))
-        {
-            return Err(invalid(
-                "locks.dangerous_modes",
-                format!("{m:?} is not a lock mode ({})", types::LOCK_MODES.join(", ")),
-            ));
-        }
-        if let Some(u) = l.user.as_ref().filter(|u| !users.contains_key(*u)) {
-            return Err(invalid("locks.user", format!("user {u:?} is not in [users]")));
-        }
+        validate::admin_users(&f, &users, &invalid)?;
+        validate::locks(&f, &users, &invalid)?;
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = Rule::new(r).map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;

@@ -27,103 +27,136 @@ impl Snapshot {
 /// Everything, as Prometheus text: the state read now, then the events.
 pub(super) fn render(shared: &Sources) -> String {
     let s = Snapshot(recorder());
-    s.gauge(
-        "pgvalve_clients_connected",
-        &[],
-        shared.services.admission.clients() as f64,
-    );
-    for (reason, n) in shared.services.pins.by_reason() {
-        s.counter("pgvalve_session_pins_total", &[("reason", reason)], n);
-    }
-    s.counter(
-        "pgvalve_config_reloads_total",
-        &[("result", "ok")],
-        shared.reloader.ok.load(Relaxed),
-    );
-    s.counter(
-        "pgvalve_config_reloads_total",
-        &[("result", "failed")],
-        shared.reloader.failed.load(Relaxed),
-    );
-    for (k, t) in shared.services.pools.stats.totals() {
-        let l: &[(&'static str, &str)] = &[("database", &k.database), ("user", &k.user)];
-        s.counter("pgvalve_transactions_total", l, t.xacts);
-        s.counter("pgvalve_queries_total", l, t.queries);
-        s.counter("pgvalve_server_assignments_total", l, t.server_assignments);
-        s.counter("pgvalve_client_received_bytes_total", l, t.received);
-        s.counter("pgvalve_client_sent_bytes_total", l, t.sent);
-    }
-    let mut by_state: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
-    for c in shared.services.sessions.all() {
-        let state = if c.backend().is_some() { "active" } else { "idle" };
-        *by_state.entry((c.client.identity.to_string(), state)).or_default() += 1;
-    }
-    for ((identity, state), n) in by_state {
-        s.gauge(
-            "pgvalve_client_connections",
-            &[("identity", &identity), ("state", state)],
-            n as f64,
+    s.proxy(shared);
+    s.traffic(shared);
+    s.client_connections(shared);
+    s.identities(shared);
+    s.pools(shared);
+    s.locks(shared);
+    let mut out = s.0.handle().render();
+    out.push_str(&shared.events.render());
+    out
+}
+
+impl Snapshot {
+    /// The proxy as a whole: clients connected, session pins by reason, config reloads.
+    fn proxy(&self, shared: &Sources) {
+        self.gauge(
+            "pgvalve_clients_connected",
+            &[],
+            shared.services.admission.clients() as f64,
+        );
+        for (reason, n) in shared.services.pins.by_reason() {
+            self.counter("pgvalve_session_pins_total", &[("reason", reason)], n);
+        }
+        self.counter(
+            "pgvalve_config_reloads_total",
+            &[("result", "ok")],
+            shared.reloader.ok.load(Relaxed),
+        );
+        self.counter(
+            "pgvalve_config_reloads_total",
+            &[("result", "failed")],
+            shared.reloader.failed.load(Relaxed),
         );
     }
-    for i in shared.services.admission.identities() {
-        let id: &[(&'static str, &str)] = &[("identity", &i.identity)];
-        s.gauge("pgvalve_identity_client_connections", id, f64::from(i.clients));
-        s.gauge("pgvalve_identity_server_connections", id, f64::from(i.servers));
-        s.gauge("pgvalve_identity_waiting_clients", id, f64::from(i.waiting));
-        s.gauge(
-            "pgvalve_identity_max_client_connections",
-            id,
-            f64::from(i.limits.max_clients),
-        );
-        s.gauge(
-            "pgvalve_identity_max_server_connections",
-            id,
-            f64::from(i.limits.max_servers),
-        );
-        s.gauge("pgvalve_identity_login_rate", id, i.login_rate);
-        s.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
-        s.gauge("pgvalve_identity_client_growth_1s", id, i.delta_1s as f64);
-        s.gauge("pgvalve_identity_client_growth_10s", id, i.delta_10s as f64);
-        s.gauge("pgvalve_identity_surging", id, if i.surging { 1.0 } else { 0.0 });
-        s.counter("pgvalve_identity_logins_total", id, i.counters.admitted);
-        s.counter("pgvalve_identity_server_grants_total", id, i.counters.grants);
-        s.counter("pgvalve_identity_server_grants_queued_total", id, i.counters.queued);
-        s.counter("pgvalve_surge_events_total", id, i.counters.surges);
-        for (reason, n) in &i.counters.refused {
-            s.counter(
-                "pgvalve_refusals_total",
-                &[("identity", &i.identity), ("reason", reason)],
-                *n,
+
+    /// Traffic per pool (database, user): transactions, queries, assignments, bytes.
+    fn traffic(&self, shared: &Sources) {
+        for (k, t) in shared.services.pools.stats.totals() {
+            let l: &[(&'static str, &str)] = &[("database", &k.database), ("user", &k.user)];
+            self.counter("pgvalve_transactions_total", l, t.xacts);
+            self.counter("pgvalve_queries_total", l, t.queries);
+            self.counter("pgvalve_server_assignments_total", l, t.server_assignments);
+            self.counter("pgvalve_client_received_bytes_total", l, t.received);
+            self.counter("pgvalve_client_sent_bytes_total", l, t.sent);
+        }
+    }
+
+    /// Client connections per identity, active (holding a server connection) or idle.
+    fn client_connections(&self, shared: &Sources) {
+        let mut by_state: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
+        for c in shared.services.sessions.all() {
+            let state = if c.backend().is_some() { "active" } else { "idle" };
+            *by_state.entry((c.client.identity.to_string(), state)).or_default() += 1;
+        }
+        for ((identity, state), n) in by_state {
+            self.gauge(
+                "pgvalve_client_connections",
+                &[("identity", &identity), ("state", state)],
+                n as f64,
             );
         }
     }
-    for p in shared.services.pools.stats() {
-        let (db, user) = (p.key.database.as_str(), p.key.user.as_str());
-        let active = p.open.saturating_sub(p.idle) as f64;
-        s.gauge(
-            "pgvalve_pool_size",
-            &[("database", db), ("user", user)],
-            p.pool_size as f64,
-        );
-        for (state, v) in [("active", active), ("idle", p.idle as f64)] {
-            s.gauge(
-                "pgvalve_server_connections",
-                &[("database", db), ("user", user), ("state", state)],
-                v,
+
+    /// Admission per identity: connections, limits, login rates, surges, grants, refusals.
+    fn identities(&self, shared: &Sources) {
+        for i in shared.services.admission.identities() {
+            let id: &[(&'static str, &str)] = &[("identity", &i.identity)];
+            self.gauge("pgvalve_identity_client_connections", id, f64::from(i.clients));
+            self.gauge("pgvalve_identity_server_connections", id, f64::from(i.servers));
+            self.gauge("pgvalve_identity_waiting_clients", id, f64::from(i.waiting));
+            self.gauge(
+                "pgvalve_identity_max_client_connections",
+                id,
+                f64::from(i.limits.max_clients),
+            );
+            self.gauge(
+                "pgvalve_identity_max_server_connections",
+                id,
+                f64::from(i.limits.max_servers),
+            );
+            self.gauge("pgvalve_identity_login_rate", id, i.login_rate);
+            self.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
+            self.gauge("pgvalve_identity_client_growth_1s", id, i.delta_1s as f64);
+            self.gauge("pgvalve_identity_client_growth_10s", id, i.delta_10s as f64);
+            self.gauge("pgvalve_identity_surging", id, if i.surging { 1.0 } else { 0.0 });
+            self.counter("pgvalve_identity_logins_total", id, i.counters.admitted);
+            self.counter("pgvalve_identity_server_grants_total", id, i.counters.grants);
+            self.counter("pgvalve_identity_server_grants_queued_total", id, i.counters.queued);
+            self.counter("pgvalve_surge_events_total", id, i.counters.surges);
+            for (reason, n) in &i.counters.refused {
+                self.counter(
+                    "pgvalve_refusals_total",
+                    &[("identity", &i.identity), ("reason", reason)],
+                    *n,
+                );
+            }
+        }
+    }
+
+    /// Server connections per pool: size, active and idle, opened, failed connects.
+    fn pools(&self, shared: &Sources) {
+        for p in shared.services.pools.stats() {
+            let (db, user) = (p.key.database.as_str(), p.key.user.as_str());
+            let active = p.open.saturating_sub(p.idle) as f64;
+            self.gauge(
+                "pgvalve_pool_size",
+                &[("database", db), ("user", user)],
+                p.pool_size as f64,
+            );
+            for (state, v) in [("active", active), ("idle", p.idle as f64)] {
+                self.gauge(
+                    "pgvalve_server_connections",
+                    &[("database", db), ("user", user), ("state", state)],
+                    v,
+                );
+            }
+            self.counter(
+                "pgvalve_server_connections_opened_total",
+                &[("database", db), ("user", user)],
+                p.created,
+            );
+            self.counter(
+                "pgvalve_server_connect_failures_total",
+                &[("database", db), ("user", user)],
+                p.connect_failures,
             );
         }
-        s.counter(
-            "pgvalve_server_connections_opened_total",
-            &[("database", db), ("user", user)],
-            p.created,
-        );
-        s.counter(
-            "pgvalve_server_connect_failures_total",
-            &[("database", db), ("user", user)],
-            p.connect_failures,
-        );
     }
-    {
+
+    /// The lock watcher: dangerous locks held, blocked backends, episodes, actions.
+    fn locks(&self, shared: &Sources) {
         let locks = shared.locks.state();
         let mut held: std::collections::HashMap<(String, String), u64> = Default::default();
         let mut blocked = std::collections::HashSet::new();
@@ -140,25 +173,22 @@ pub(super) fn render(shared: &Sources) -> String {
             }
         }
         for ((id, mode), n) in held {
-            s.gauge(
+            self.gauge(
                 "pgvalve_dangerous_locks",
                 &[("identity", &id), ("mode", &mode)],
                 n as f64,
             );
         }
-        s.gauge("pgvalve_blocked_backends", &[], blocked.len() as f64);
+        self.gauge("pgvalve_blocked_backends", &[], blocked.len() as f64);
         for (id, n) in &locks.episodes {
-            s.counter("pgvalve_lock_episodes_total", &[("identity", id)], *n);
+            self.counter("pgvalve_lock_episodes_total", &[("identity", id)], *n);
         }
         for ((id, action), n) in &locks.actions {
-            s.counter(
+            self.counter(
                 "pgvalve_lock_actions_total",
                 &[("identity", id), ("action", action)],
                 *n,
             );
         }
     }
-    let mut out = s.0.handle().render();
-    out.push_str(&shared.events.render());
-    out
 }

@@ -268,15 +268,7 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
     plan.check()?;
     let base = tokio_postgres::Config::from_str(&plan.target).map_err(|e| format!("target: {e}"))?;
     setup(&base, plan).await?;
-    let observer = match observe {
-        Some(url) => {
-            let cfg = tokio_postgres::Config::from_str(url).map_err(|e| format!("--observe: {e}"))?;
-            let (c, conn) = cfg.connect(NoTls).await.map_err(|e| format!("--observe: {e}"))?;
-            tokio::spawn(conn);
-            Some(c)
-        }
-        None => None,
-    };
+    let observer = connect_observer(observe).await?;
     let start = Instant::now();
     let before = match &observer {
         Some(c) => measure::sample(c, start).await.map(|(s, _)| s.server_connections),
@@ -302,35 +294,7 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
                 break;
             }
         }
-        let round_start = Instant::now();
-        let deadline = round_start + plan.duration;
-        let mut tasks = Vec::new();
-        for (g, report) in plan.groups.iter().zip(&reports) {
-            let mut cfg = base.clone();
-            cfg.application_name(&g.name);
-            let ctx = Ctx {
-                cfg,
-                group: g.clone(),
-                report: report.clone(),
-                live: live.clone(),
-                stop: stop.clone(),
-                start,
-                rows: plan.rows,
-                ticket: Arc::new(AtomicU64::new(0)),
-            };
-            for i in 0..g.clients {
-                let delay = plan.ramp.mul_f64(i as f64 / g.clients.max(1) as f64);
-                let ctx = ctx.clone();
-                tasks.push(tokio::spawn(async move {
-                    if nap(delay, &ctx.stop, deadline).await || delay.is_zero() {
-                        client(ctx, i, round_start, deadline).await;
-                    }
-                }));
-            }
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
+        run_round(plan, &base, &reports, &live, &stop, start).await;
     }
     quit.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
@@ -357,4 +321,56 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
         elapsed,
         stopped: stop.load(Ordering::Relaxed),
     })
+}
+
+/// The `--observe` connection straight to PostgreSQL, when one is asked for.
+async fn connect_observer(observe: Option<&str>) -> Result<Option<tokio_postgres::Client>, String> {
+    let Some(url) = observe else {
+        return Ok(None);
+    };
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| format!("--observe: {e}"))?;
+    let (c, conn) = cfg.connect(NoTls).await.map_err(|e| format!("--observe: {e}"))?;
+    tokio::spawn(conn);
+    Ok(Some(c))
+}
+
+/// One round: every group's clients, started over `plan.ramp`, each until the round's
+/// deadline (or `stop`); returns when all have ended.
+async fn run_round(
+    plan: &Plan,
+    base: &tokio_postgres::Config,
+    reports: &[Arc<Mutex<GroupReport>>],
+    live: &Arc<Live>,
+    stop: &Arc<AtomicBool>,
+    start: Instant,
+) {
+    let round_start = Instant::now();
+    let deadline = round_start + plan.duration;
+    let mut tasks = Vec::new();
+    for (g, report) in plan.groups.iter().zip(reports) {
+        let mut cfg = base.clone();
+        cfg.application_name(&g.name);
+        let ctx = Ctx {
+            cfg,
+            group: g.clone(),
+            report: report.clone(),
+            live: live.clone(),
+            stop: stop.clone(),
+            start,
+            rows: plan.rows,
+            ticket: Arc::new(AtomicU64::new(0)),
+        };
+        for i in 0..g.clients {
+            let delay = plan.ramp.mul_f64(i as f64 / g.clients.max(1) as f64);
+            let ctx = ctx.clone();
+            tasks.push(tokio::spawn(async move {
+                if nap(delay, &ctx.stop, deadline).await || delay.is_zero() {
+                    client(ctx, i, round_start, deadline).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
 }

@@ -96,6 +96,39 @@ impl Episode {
     pub fn held(&self) -> Duration {
         self.since.elapsed()
     }
+
+    /// The episode of `row`'s lock on `relation`, first seen now; `session` (None: an
+    /// external backend) was at transaction count `ends`.
+    fn begin(row: &Row, session: Option<&Arc<SessionInfo>>, relation: String, ends: u64) -> Self {
+        Episode {
+            pid: row.pid,
+            identity: session.map_or("external".into(), |s| s.client.identity.to_string()),
+            session_id: session.map(|s| s.id),
+            addr: session.map_or(row.addr.clone(), |s| s.client.addr.to_string()),
+            relation,
+            mode: row.mode.clone(),
+            started: SystemTime::now(),
+            since: Instant::now(),
+            ended: None,
+            max_blocked: 0,
+            ended_by: String::new(),
+            warned: false,
+            acted: None,
+            txn: session.map(|s| (s.clone(), ends)),
+        }
+    }
+
+    /// Logs "lock held" once, when the lock has been held `warn_after`.
+    fn warn_once(&mut self, row: &Row, held: Duration, blocked: usize, warn_after: Duration) {
+        if !self.warned && held >= warn_after {
+            self.warned = true;
+            tracing::warn!(
+                identity = %self.identity, session = ?self.session_id, pid = self.pid, client = %self.addr,
+                relation = %self.relation, mode = %self.mode, held_seconds = held.as_secs(), blocked,
+                state = %row.state, query = %row.query, "lock held"
+            );
+        }
+    }
 }
 
 /// An action the monitor must take now.
@@ -180,17 +213,8 @@ impl Recorder {
         policy: impl Fn(&str) -> Option<(Duration, LockAction)>,
     ) -> Vec<Act> {
         let blocks = blocking(&rows);
-        let mut acts = Vec::new();
+        let mut acts = self.terminate_still_holding(&rows);
         let mut seen = HashSet::new();
-        // Ordered ended at the last poll and still holding: terminate from the monitor.
-        let still: Vec<i32> = self
-            .pending_terminate
-            .drain()
-            .filter(|p| rows.iter().any(|r| r.pid == *p))
-            .collect();
-        for pid in still {
-            acts.push(Act::Terminate(pid, None, PgError::fatal("57P01", "")));
-        }
         self.current.clear();
         for row in rows {
             let (b, bt) = blocks.get(&row.pid).copied().unwrap_or((0, 0));
@@ -210,45 +234,15 @@ impl Recorder {
                 let key = episode_key(&row);
                 let relation = key.1.clone();
                 seen.insert(key.clone());
-                let ep = self.open.entry(key).or_insert_with(|| Episode {
-                    pid: row.pid,
-                    identity: session
-                        .as_ref()
-                        .map_or("external".into(), |s| s.client.identity.to_string()),
-                    session_id: session.as_ref().map(|s| s.id),
-                    addr: session.as_ref().map_or(row.addr.clone(), |s| s.client.addr.to_string()),
-                    relation,
-                    mode: row.mode.clone(),
-                    started: SystemTime::now(),
-                    since: Instant::now(),
-                    ended: None,
-                    max_blocked: 0,
-                    ended_by: String::new(),
-                    warned: false,
-                    acted: None,
-                    txn: session.as_ref().map(|s| (s.clone(), ends)),
-                });
+                let ep = self
+                    .open
+                    .entry(key)
+                    .or_insert_with(|| Episode::begin(&row, session.as_ref(), relation, ends));
                 ep.max_blocked = ep.max_blocked.max(bt);
                 held = ep.held();
-                if !ep.warned && held >= rules.warn_after {
-                    ep.warned = true;
-                    tracing::warn!(
-                        identity = %ep.identity, session = ?ep.session_id, pid = ep.pid, client = %ep.addr,
-                        relation = %ep.relation, mode = %ep.mode, held_seconds = held.as_secs(), blocked = bt,
-                        state = %row.state, query = %row.query, "lock held"
-                    );
-                }
-                if let (Some(s), None) = (&session, ep.acted) {
-                    if let Some((limit, action)) =
-                        policy(&s.client.identity).filter(|(l, _)| !l.is_zero() && held >= *l)
-                    {
-                        ep.acted = Some(action);
-                        acts.extend(act(ep, s, &row, limit, action, held));
-                        *self
-                            .actions
-                            .entry((ep.identity.clone(), action.to_string()))
-                            .or_default() += 1;
-                    }
+                ep.warn_once(&row, held, bt, rules.warn_after);
+                if let Some(s) = &session {
+                    acts.extend(enforce(ep, s, &row, held, &policy, &mut self.actions));
                 }
             }
             self.current.push(LockView {
@@ -304,6 +298,16 @@ impl Recorder {
         out
     }
 
+    /// Backends ordered ended at the last poll that still show in this one's `rows`: they are
+    /// terminated from the monitor now.
+    fn terminate_still_holding(&mut self, rows: &[Row]) -> Vec<Act> {
+        self.pending_terminate
+            .drain()
+            .filter(|p| rows.iter().any(|r| r.pid == *p))
+            .map(|pid| Act::Terminate(pid, None, PgError::fatal("57P01", "")))
+            .collect()
+    }
+
     fn close_unseen(&mut self, seen: &HashSet<(i32, String, String)>, bound: usize) {
         let ended: Vec<_> = self.open.keys().filter(|k| !seen.contains(*k)).cloned().collect();
         for k in ended {
@@ -325,6 +329,26 @@ impl Recorder {
             self.history.push_back(ep);
         }
     }
+}
+
+/// The identity's `policy` on a pgvalve session's episode, once: when the lock has been held
+/// past its max_lock_hold, the action taken (counted in `actions` per identity and action).
+fn enforce(
+    ep: &mut Episode,
+    s: &Arc<SessionInfo>,
+    row: &Row,
+    held: Duration,
+    policy: impl Fn(&str) -> Option<(Duration, LockAction)>,
+    actions: &mut HashMap<(String, String), u64>,
+) -> Option<Act> {
+    if ep.acted.is_some() {
+        return None;
+    }
+    let (limit, action) = policy(&s.client.identity).filter(|(l, _)| !l.is_zero() && held >= *l)?;
+    ep.acted = Some(action);
+    let due = act(ep, s, row, limit, action, held);
+    *actions.entry((ep.identity.clone(), action.to_string())).or_default() += 1;
+    due
 }
 
 fn act(

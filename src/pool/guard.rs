@@ -13,6 +13,7 @@ use deadpool::managed::Object;
 
 use super::manager::ServerManager;
 use crate::admission::ServerGrant;
+use crate::protocol::tags;
 use crate::server::{send_cancel, ServerConn};
 
 /// A server connection checked out of a pool, with the admission grant it was taken under.
@@ -105,7 +106,7 @@ fn discard(obj: Object<ServerManager>) {
         }
     }
     let conn = Object::take(obj);
-    if conn.status != b'I' || !conn.rbuf.is_empty() {
+    if conn.status != tags::status::IDLE || !conn.rbuf.is_empty() {
         // The backend may be busy in a query: cancel it so its transaction ends now rather
         // than when it next writes to the closed socket.
         let (addr, pid, secret) = (conn.addr.clone(), conn.pid, conn.secret);

@@ -19,6 +19,7 @@ use postgres_protocol::message::backend;
 
 use crate::error::{PgError, Severity};
 use crate::protocol::frame::Frame;
+use crate::protocol::tags::{self, field, frontend};
 
 fn put<M: Message>(m: M, out: &mut BytesMut) {
     // Encoding into a BytesMut only fails for values over the protocol's size limits, which
@@ -61,11 +62,11 @@ pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     put(BackendKeyData::new(pid, SecretKey::I32(secret)), out);
 }
 
-/// ReadyForQuery with the status byte `I`, `T` or `E`.
+/// ReadyForQuery with the status byte `I`, `T` or `E` ([`tags::status`]).
 pub fn ready_for_query(status: u8, out: &mut BytesMut) {
     let status = match status {
-        b'T' => TransactionStatus::Transaction,
-        b'E' => TransactionStatus::Error,
+        tags::status::IN_TRANSACTION => TransactionStatus::Transaction,
+        tags::status::FAILED => TransactionStatus::Error,
         _ => TransactionStatus::Idle,
     };
     put(ReadyForQuery::new(status), out);
@@ -78,16 +79,16 @@ pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) 
 
 fn fields(e: &PgError) -> Vec<(u8, String)> {
     let mut f = vec![
-        (b'S', e.severity.as_str().to_string()),
-        (b'V', e.severity.as_str().to_string()),
-        (b'C', e.code.clone()),
-        (b'M', e.message.clone()),
+        (field::SEVERITY, e.severity.as_str().to_string()),
+        (field::SEVERITY_V, e.severity.as_str().to_string()),
+        (field::CODE, e.code.clone()),
+        (field::MESSAGE, e.message.clone()),
     ];
     if let Some(d) = &e.detail {
-        f.push((b'D', d.clone()));
+        f.push((field::DETAIL, d.clone()));
     }
     if let Some(h) = &e.hint {
-        f.push((b'H', h.clone()));
+        f.push((field::HINT, h.clone()));
     }
     f
 }
@@ -101,10 +102,10 @@ pub fn error_response(e: &PgError, out: &mut BytesMut) {
 pub fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
     put(
         NoticeResponse::new(vec![
-            (b'S', "NOTICE".into()),
-            (b'V', "NOTICE".into()),
-            (b'C', code.into()),
-            (b'M', message.into()),
+            (field::SEVERITY, "NOTICE".into()),
+            (field::SEVERITY_V, "NOTICE".into()),
+            (field::CODE, code.into()),
+            (field::MESSAGE, message.into()),
         ]),
         out,
     );
@@ -162,10 +163,9 @@ pub fn command_complete(tag: &str, out: &mut BytesMut) {
 /// Returns `None` for a malformed body (checked here, before pgwire sees it).
 pub fn sasl_initial_response(frame: Frame) -> Option<(String, Bytes)> {
     let body = frame.body();
-    let nul = body.iter().position(|&b| b == 0)?;
-    let rest = body.get(nul + 1..)?;
+    let (_mechanism, rest) = tags::split_cstr(body)?;
     let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-    if len < 0 || rest.len() - 4 != len as usize || frame.tag != b'p' {
+    if len < 0 || rest.len() - 4 != len as usize || frame.tag != frontend::PASSWORD {
         return None;
     }
     let mut bytes = frame.bytes;
@@ -176,7 +176,7 @@ pub fn sasl_initial_response(frame: Frame) -> Option<(String, Bytes)> {
 
 /// The SASL payload of a client's SASLResponse.
 pub fn sasl_response(frame: Frame) -> Option<Bytes> {
-    if frame.tag != b'p' {
+    if frame.tag != frontend::PASSWORD {
         return None;
     }
     let mut bytes = frame.bytes;
@@ -196,11 +196,11 @@ pub fn parse_server_error(frame: &Frame) -> Option<PgError> {
     while let Ok(Some(f)) = it.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'V' if v == "FATAL" || v == "PANIC" => e.severity = Severity::Fatal,
-            b'C' => e.code = v,
-            b'M' => e.message = v,
-            b'D' => e.detail = Some(v),
-            b'H' => e.hint = Some(v),
+            field::SEVERITY_V if v == "FATAL" || v == "PANIC" => e.severity = Severity::Fatal,
+            field::CODE => e.code = v,
+            field::MESSAGE => e.message = v,
+            field::DETAIL => e.detail = Some(v),
+            field::HINT => e.hint = Some(v),
             _ => {}
         }
     }

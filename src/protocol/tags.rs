@@ -97,6 +97,14 @@ pub mod status {
     pub const FAILED: u8 = b'E';
 }
 
+/// The one unframed byte that answers an SSLRequest or GSSENCRequest, before any message.
+pub mod encryption {
+    /// SSLRequest accepted: the TLS handshake follows.
+    pub const SSL_ACCEPTED: u8 = b'S';
+    /// Encryption refused: the session goes on in plain text (or the client gives up).
+    pub const REFUSED: u8 = b'N';
+}
+
 /// What a Describe or Close names: the byte before the name.
 pub mod target {
     /// A prepared statement.

@@ -27,6 +27,7 @@ pub use stream::{ServerAddr, ServerStream};
 use crate::config::Secret;
 use crate::protocol::frame::{split_frame, Frame};
 use crate::protocol::messages::parse_server_error;
+use crate::protocol::tags;
 
 /// Largest message the proxy reads whole from a server (during login and its own queries).
 pub const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
@@ -143,7 +144,7 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         secret: 0,
         addr: peer,
         params: Vec::new(),
-        status: b'I',
+        status: tags::status::IDLE,
         broken: false,
         idle_since: Instant::now(),
         slot: None,
@@ -304,12 +305,12 @@ impl ServerConn {
                     loop {
                         let f = self.read_frame().await.ok()?;
                         match f.tag {
-                            b'Z' => {
+                            tags::backend::READY_FOR_QUERY => {
                                 self.status = f.body().first().copied()?;
                                 break;
                             }
                             // COPY started after all: the server waits for data; give up.
-                            b'G' | b'W' => return None,
+                            tags::backend::COPY_IN_RESPONSE | tags::backend::COPY_BOTH_RESPONSE => return None,
                             _ => {}
                         }
                     }
@@ -317,7 +318,7 @@ impl ServerConn {
             } else {
                 self.status = r.status;
             }
-            if matches!(self.status, b'T' | b'E') {
+            if matches!(self.status, tags::status::IN_TRANSACTION | tags::status::FAILED) {
                 self.simple_query("ROLLBACK").await.ok()?;
             }
             self.is_clean().then_some(())
@@ -432,15 +433,15 @@ impl ServerConn {
                 }
             };
             match frame.tag {
-                b'E' => failure = Some(self.error_of(&frame)),
-                b'S' => {
+                tags::backend::ERROR_RESPONSE => failure = Some(self.error_of(&frame)),
+                tags::backend::PARAMETER_STATUS => {
                     if let Ok(backend::Message::ParameterStatus(p)) = parse(&frame) {
                         if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
                             self.set_param(n, v);
                         }
                     }
                 }
-                b'D' => {
+                tags::backend::DATA_ROW => {
                     if let (Some(rows), Ok(backend::Message::DataRow(d))) = (rows.as_mut(), parse(&frame)) {
                         let mut row = Vec::new();
                         let mut ranges = d.ranges();
@@ -450,11 +451,13 @@ impl ServerConn {
                         rows.push(row);
                     }
                 }
-                b'Z' => {
+                tags::backend::READY_FOR_QUERY => {
                     self.status = frame.body().first().copied().unwrap_or(b'?');
                     return failure.map_or(Ok(()), Err);
                 }
-                b'G' | b'H' | b'W' => {
+                tags::backend::COPY_IN_RESPONSE
+                | tags::backend::COPY_OUT_RESPONSE
+                | tags::backend::COPY_BOTH_RESPONSE => {
                     self.broken = true;
                     return Err(ServerError::Protocol("COPY in a proxy query".into()));
                 }
@@ -472,7 +475,7 @@ impl ServerConn {
 
     /// True when the connection can serve another client: idle, nothing unread, not broken.
     pub fn is_clean(&self) -> bool {
-        !self.broken && self.status == b'I' && self.rbuf.is_empty()
+        !self.broken && self.status == tags::status::IDLE && self.rbuf.is_empty()
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{ServerTls, ServerTlsMode};
+use crate::protocol::tags::encryption;
 pub use crate::tls::TryWrite;
 
 /// Where a server listens.
@@ -175,9 +176,9 @@ async fn start_tls(mut s: TcpStream, host: &str, tls: &ServerTls) -> io::Result<
     s.write_all(&request).await?;
     // Exactly one byte: anything after it would be unencrypted data the server had no right to send.
     match s.read_u8().await? {
-        b'S' => {}
-        b'N' if tls.mode == ServerTlsMode::Prefer => return Ok(ServerStream::Tcp(s)),
-        b'N' => {
+        encryption::SSL_ACCEPTED => {}
+        encryption::REFUSED if tls.mode == ServerTlsMode::Prefer => return Ok(ServerStream::Tcp(s)),
+        encryption::REFUSED => {
             return Err(io::Error::other(format!(
                 "the server does not offer TLS (server_tls_mode = {})",
                 tls.mode

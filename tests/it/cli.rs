@@ -229,6 +229,7 @@ async fn sighup_reloads_identity_caps_and_a_bad_file_keeps_the_running_config() 
         .expect("the first client was not dropped");
 }
 
+#[allow(clippy::too_many_lines)] // a test: the 80-line rule is for non-test code
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_debug_output_the_console_or_metrics() {
     let pg = TestPostgres::start(PgOptions::default()).await.unwrap();

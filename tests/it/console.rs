@@ -24,6 +24,7 @@ fn user(password: &str) -> UserConfig {
     }
 }
 
+#[allow(clippy::too_many_lines)] // a test: the 80-line rule is for non-test code
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_shows_identities_to_admins_and_stats_users_only() {
     let s = Setup::new(|f| {

@@ -151,6 +151,7 @@ const PGBOUNCER: &[(&str, &[&str])] = &[
     ("SHOW CLIENTS", CONNECTION),
 ];
 
+#[allow(clippy::too_many_lines)] // a test: the 80-line rule is for non-test code
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_tables_and_commands() {
     let s = Setup::new(|f| {

@@ -145,6 +145,7 @@ async fn pooled_connections_closed_by_postgresql_are_never_handed_out() {
     }
 }
 
+#[allow(clippy::too_many_lines)] // a test: the 80-line rule is for non-test code
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_restart_under_load_loses_nothing_and_recovers_fast() {
     use std::collections::BTreeSet;

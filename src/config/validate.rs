@@ -1,0 +1,176 @@
+//! The checks [`Config::validate`](super::Config::validate) runs, one per part of the file,
+//! in the order it runs them (its error names the first field that cannot work). Part of
+//! `config/`: each takes the parsed [`FileConfig`] (or the part it consumes) and returns what
+//! it validated.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use super::types::{self, AuthType, FileConfig, SessionStatePolicy, UserConfig};
+use super::{ConfigError, ScramVerifier, User};
+
+/// Builds the [`ConfigError::Invalid`] for a field of the file being validated.
+pub(super) type Invalid<'a> = dyn Fn(&str, String) -> ConfigError + 'a;
+
+/// `[proxy]`: the listen address (returned parsed) and the connection and message limits.
+pub(super) fn proxy(f: &FileConfig, invalid: &Invalid) -> Result<SocketAddr, ConfigError> {
+    let listen: SocketAddr = f.proxy.listen.parse().map_err(|_| {
+        invalid(
+            "proxy.listen",
+            format!("{:?} is not an address like 127.0.0.1:6432", f.proxy.listen),
+        )
+    })?;
+    if f.proxy.max_client_connections == 0 {
+        return Err(invalid("proxy.max_client_connections", "must be at least 1".into()));
+    }
+    if f.proxy.max_message_size.0 < 8192 || f.proxy.max_message_size.0 > (1 << 30) {
+        return Err(invalid("proxy.max_message_size", "must be between 8kB and 1GB".into()));
+    }
+    if !(64..=1 << 20).contains(&f.proxy.max_startup_packet_size) {
+        return Err(invalid(
+            "proxy.max_startup_packet_size",
+            "must be between 64 and 1MB".into(),
+        ));
+    }
+    Ok(listen)
+}
+
+/// `[pool]` and `[databases]`: at least one database, no pool of size 0, and statement
+/// tracking where the session-state policy needs it.
+pub(super) fn pools(f: &FileConfig, invalid: &Invalid) -> Result<(), ConfigError> {
+    if f.pool.pool_size == 0 {
+        return Err(invalid("pool.pool_size", "must be at least 1".into()));
+    }
+    if f.databases.is_empty() {
+        return Err(invalid(
+            "databases",
+            "no database is configured: add [databases.NAME] (or \"*\"), or use --upstream".into(),
+        ));
+    }
+    for (db, d) in &f.databases {
+        if d.pool_size == Some(0) {
+            return Err(invalid(
+                &format!("databases.{db}.pool_size"),
+                "must be at least 1".into(),
+            ));
+        }
+    }
+    if f.pool.session_state == SessionStatePolicy::Reject && f.pool.max_prepared_statements == 0 {
+        return Err(invalid(
+            "pool.session_state",
+            "\"reject\" needs statement tracking: set max_prepared_statements above 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `[users]`: at least one, each with a way to authenticate its clients under `auth_type`;
+/// builds the validated users (client verifier, server password).
+pub(super) fn users(
+    file_users: BTreeMap<String, UserConfig>,
+    auth_type: AuthType,
+    invalid: &Invalid,
+) -> Result<BTreeMap<String, User>, ConfigError> {
+    if file_users.is_empty() {
+        return Err(invalid(
+            "users",
+            "no user is configured: add [users.NAME], or use --upstream".into(),
+        ));
+    }
+    let mut users = BTreeMap::new();
+    for (name, u) in file_users {
+        let field = format!("users.{name}");
+        if u.pool_size == Some(0) {
+            return Err(invalid(&format!("{field}.pool_size"), "must be at least 1".into()));
+        }
+        let client_verifier = match (&u.scram_verifier, &u.password) {
+            (Some(v), _) => Some(
+                v.0.parse()
+                    .map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?,
+            ),
+            (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
+            (None, None) if auth_type == AuthType::Trust => None,
+            (None, None) => {
+                return Err(invalid(
+                    &field,
+                    "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into(),
+                ))
+            }
+        };
+        let server_password = u.server_password.or(u.password);
+        users.insert(
+            name,
+            User {
+                client_verifier,
+                server_password,
+                pool_size: u.pool_size,
+                pool_mode: u.pool_mode,
+            },
+        );
+    }
+    Ok(users)
+}
+
+/// auth_query: `auth_user` is a user with a server password (under SCRAM), `auth_dbname`
+/// a configured database.
+pub(super) fn auth_query(f: &FileConfig, users: &BTreeMap<String, User>, invalid: &Invalid) -> Result<(), ConfigError> {
+    if let Some(a) = &f.proxy.auth_user {
+        match users.get(a) {
+            Some(u) if u.server_password.is_some() => {}
+            Some(_) => return Err(invalid("proxy.auth_user", format!("user {a:?} has no server password"))),
+            None => return Err(invalid("proxy.auth_user", format!("user {a:?} is not in [users]"))),
+        }
+        if f.proxy.auth_type == AuthType::Trust {
+            return Err(invalid(
+                "proxy.auth_user",
+                "auth_query needs auth_type = \"scram-sha-256\"".into(),
+            ));
+        }
+    }
+    if let Some(d) = f.proxy.auth_dbname.as_ref().filter(|d| !f.databases.contains_key(*d)) {
+        return Err(invalid("proxy.auth_dbname", format!("{d:?} is not in [databases]")));
+    }
+    Ok(())
+}
+
+/// `[admin]`: every console user is a configured user.
+pub(super) fn admin_users(
+    f: &FileConfig,
+    users: &BTreeMap<String, User>,
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    for (field, list) in [
+        ("admin.admin_users", &f.admin.admin_users),
+        ("admin.stats_users", &f.admin.stats_users),
+    ] {
+        if let Some(u) = list.iter().find(|u| !users.contains_key(*u)) {
+            return Err(invalid(field, format!("user {u:?} is not in [users]")));
+        }
+    }
+    Ok(())
+}
+
+/// `[locks]`: a workable poll, known lock modes, a configured user.
+pub(super) fn locks(f: &FileConfig, users: &BTreeMap<String, User>, invalid: &Invalid) -> Result<(), ConfigError> {
+    let l = &f.locks;
+    if l.poll_interval < std::time::Duration::from_millis(100) || l.poll_timeout.is_zero() {
+        return Err(invalid(
+            "locks.poll_interval",
+            "poll_interval must be at least 100ms and poll_timeout more than 0s".into(),
+        ));
+    }
+    if let Some(m) = l
+        .dangerous_modes
+        .iter()
+        .find(|m| !types::LOCK_MODES.contains(&m.as_str()))
+    {
+        return Err(invalid(
+            "locks.dangerous_modes",
+            format!("{m:?} is not a lock mode ({})", types::LOCK_MODES.join(", ")),
+        ));
+    }
+    if let Some(u) = l.user.as_ref().filter(|u| !users.contains_key(*u)) {
+        return Err(invalid("locks.user", format!("user {u:?} is not in [users]")));
+    }
+    Ok(())
+}
