@@ -14,12 +14,16 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol::tags::{backend, frontend, split_cstr, status, target};
+
 pub use crate::server::statements::ServerStatements;
 
 /// ParseComplete.
-pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+pub const PARSE_COMPLETE: &[u8] = &[backend::PARSE_COMPLETE, 0, 0, 0, 4];
 /// CloseComplete.
-pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+pub const CLOSE_COMPLETE: &[u8] = &[backend::CLOSE_COMPLETE, 0, 0, 0, 4];
+/// ReadyForQuery, idle.
+const READY_IDLE: &[u8] = &[backend::READY_FOR_QUERY, 0, 0, 0, 5, status::IDLE];
 
 /// Proxy-wide: statement definition (everything in a Parse after its name) → id, and which
 /// definitions a server has accepted.
@@ -174,29 +178,41 @@ impl Responses {
     /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
     /// saying a cached plan changed its result type), updating `conn`'s statements.
     pub fn on_server(&mut self, tag: u8, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
-        if matches!(tag, b'N' | b'S' | b'A') {
+        if matches!(
+            tag,
+            backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE
+        ) {
             return OnServer::Forward(Vec::new());
         }
         let Some(&head) = self.q.front() else {
             return OnServer::Forward(Vec::new());
         };
-        if tag == b'E' {
+        if tag == backend::ERROR_RESPONSE {
             return self.on_error(head, stale_plan, conn);
         }
-        if let (Expect::Execute(_), b'G') = (head, tag) {
+        if let (Expect::Execute(_), backend::COPY_IN_RESPONSE) = (head, tag) {
             self.start_copy_in();
         }
         let (done, swallow) = match (head, tag) {
-            (Expect::Query, b'Z') | (Expect::Sync, b'Z') => (true, false),
-            (Expect::Parse(_), b'1') | (Expect::Bind(_), b'2') | (Expect::Close, b'3') => (true, false),
-            (Expect::DescribeStatement | Expect::DescribePortal, b'T' | b'n') => (true, false),
-            (Expect::Execute(_), b'C' | b'I' | b's') => (true, false),
-            (Expect::SwallowParse(_), b'1') | (Expect::SwallowClose, b'3') => (true, true),
+            (Expect::Query | Expect::Sync, backend::READY_FOR_QUERY) => (true, false),
+            (Expect::Parse(_), backend::PARSE_COMPLETE)
+            | (Expect::Bind(_), backend::BIND_COMPLETE)
+            | (Expect::Close, backend::CLOSE_COMPLETE) => (true, false),
+            (Expect::DescribeStatement | Expect::DescribePortal, backend::ROW_DESCRIPTION | backend::NO_DATA) => {
+                (true, false)
+            }
+            (
+                Expect::Execute(_),
+                backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE | backend::PORTAL_SUSPENDED,
+            ) => (true, false),
+            (Expect::SwallowParse(_), backend::PARSE_COMPLETE) | (Expect::SwallowClose, backend::CLOSE_COMPLETE) => {
+                (true, true)
+            }
             _ => (false, false),
         };
         if done {
             self.q.pop_front();
-            if let (Expect::Parse(Some(id)) | Expect::SwallowParse(id), b'1') = (head, tag) {
+            if let (Expect::Parse(Some(id)) | Expect::SwallowParse(id), backend::PARSE_COMPLETE) = (head, tag) {
                 self.accepted.push(id);
             }
         }
@@ -237,7 +253,7 @@ impl Responses {
 /// Builds a Parse of statement `id` under its server name.
 pub fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
     let name = server_name(id);
-    out.put_u8(b'P');
+    out.put_u8(frontend::PARSE);
     out.put_i32((4 + name.len() + 1 + def.len()) as i32);
     out.put_slice(name.as_bytes());
     out.put_u8(0);
@@ -247,9 +263,9 @@ pub fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
 /// Builds a Close of statement `id`.
 pub fn close_message(id: u64, out: &mut BytesMut) {
     let name = server_name(id);
-    out.put_u8(b'C');
+    out.put_u8(frontend::CLOSE);
     out.put_i32((4 + 1 + name.len() + 1) as i32);
-    out.put_u8(b'S');
+    out.put_u8(target::STATEMENT);
     out.put_slice(name.as_bytes());
     out.put_u8(0);
 }
@@ -324,37 +340,12 @@ impl ClientStatements {
     /// Handles one whole client message (header included) in transaction mode.
     pub fn on_client(&mut self, msg: Bytes, out: &mut Outputs<'_>) {
         let body = &msg[5..];
+        let statement = body.first() == Some(&target::STATEMENT);
         match msg[0] {
-            b'P' => self.on_parse(msg.clone(), body, out),
-            b'B' => self.on_bind(msg.clone(), body, out),
-            b'D' => {
-                let named = body.first() == Some(&b'S') && body.len() > 2;
-                let def = named
-                    .then(|| split_cstr(&body[1..]).and_then(|(n, _)| self.by_name.get(n)))
-                    .flatten()
-                    .cloned();
-                match def {
-                    Some(def) => {
-                        self.ensure(&def, out);
-                        let name = server_name(def.id);
-                        out.server.put_u8(b'D');
-                        out.server.put_i32((4 + 1 + name.len() + 1) as i32);
-                        out.server.put_u8(b'S');
-                        out.server.put_slice(name.as_bytes());
-                        out.server.put_u8(0);
-                        out.expect(Expect::DescribeStatement);
-                    }
-                    None => {
-                        out.server.put_slice(&msg);
-                        out.expect(if body.first() == Some(&b'S') {
-                            Expect::DescribeStatement
-                        } else {
-                            Expect::DescribePortal
-                        });
-                    }
-                }
-            }
-            b'C' if body.first() == Some(&b'S') && body.len() > 2 => {
+            frontend::PARSE => self.on_parse(msg.clone(), body, out),
+            frontend::BIND => self.on_bind(msg.clone(), body, out),
+            frontend::DESCRIBE => self.on_describe(&msg, body, out),
+            frontend::CLOSE if statement && body.len() > 2 => {
                 if let Some((name, _)) = split_cstr(&body[1..]) {
                     self.by_name.remove(name);
                 }
@@ -363,18 +354,43 @@ impl ClientStatements {
             tag => {
                 out.server.put_slice(&msg);
                 match tag {
-                    b'C' => out.expect(Expect::Close),
-                    b'E' => {
+                    frontend::CLOSE => out.expect(Expect::Close),
+                    frontend::EXECUTE => {
                         let unnamed = body.first() == Some(&0);
                         out.expect(Expect::Execute(if unnamed { self.unnamed_portal } else { None }));
                     }
-                    b'S' => out.expect(Expect::Sync),
-                    b'c' | b'f' => out.expect(Expect::CopyEnd),
-                    b'Q' | b'F' => out.expect(Expect::Query),
+                    frontend::SYNC => out.expect(Expect::Sync),
+                    frontend::COPY_DONE | frontend::COPY_FAIL => out.expect(Expect::CopyEnd),
+                    frontend::QUERY | frontend::FUNCTION_CALL => out.expect(Expect::Query),
                     _ => {}
                 }
             }
         }
+    }
+
+    fn on_describe(&mut self, msg: &[u8], body: &[u8], out: &mut Outputs<'_>) {
+        let statement = body.first() == Some(&target::STATEMENT);
+        let def = (statement && body.len() > 2)
+            .then(|| split_cstr(&body[1..]).and_then(|(n, _)| self.by_name.get(n)))
+            .flatten()
+            .cloned();
+        let Some(def) = def else {
+            out.server.put_slice(msg);
+            out.expect(if statement {
+                Expect::DescribeStatement
+            } else {
+                Expect::DescribePortal
+            });
+            return;
+        };
+        self.ensure(&def, out);
+        let name = server_name(def.id);
+        out.server.put_u8(frontend::DESCRIBE);
+        out.server.put_i32((4 + 1 + name.len() + 1) as i32);
+        out.server.put_u8(target::STATEMENT);
+        out.server.put_slice(name.as_bytes());
+        out.server.put_u8(0);
+        out.expect(Expect::DescribeStatement);
     }
 
     fn on_parse(&mut self, msg: Bytes, body: &[u8], out: &mut Outputs<'_>) {
@@ -420,7 +436,7 @@ impl ClientStatements {
         };
         self.ensure(&def, out);
         let name = server_name(def.id);
-        out.server.put_u8(b'B');
+        out.server.put_u8(frontend::BIND);
         out.server
             .put_i32((4 + portal.len() + 1 + name.len() + 1 + rest.len()) as i32);
         out.server.put_slice(portal);
@@ -458,7 +474,7 @@ impl ClientStatements {
             }
             let end = pos + 1 + len as usize;
             match head[0] {
-                b'P' => {
+                frontend::PARSE => {
                     let Some((name, def)) = split_cstr(&buf[pos + 5..end]) else {
                         return false;
                     };
@@ -467,12 +483,12 @@ impl ClientStatements {
                     };
                     found.push((name.to_vec(), id, Bytes::copy_from_slice(def)));
                 }
-                b'S' if !found.is_empty() => {
+                frontend::SYNC if !found.is_empty() => {
                     for (name, id, def) in found {
                         self.by_name.insert(name, StmtDef { id, def });
                         answer.put_slice(PARSE_COMPLETE);
                     }
-                    answer.put_slice(b"Z\0\0\0\x05I");
+                    answer.put_slice(READY_IDLE);
                     let _ = buf.split_to(end);
                     return true;
                 }
@@ -490,132 +506,6 @@ impl ClientStatements {
     }
 }
 
-/// Splits `s` at its first NUL: (text, rest after the NUL).
-pub fn split_cstr(s: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = s.iter().position(|&b| b == 0)?;
-    Some((&s[..nul], &s[nul + 1..]))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn registry_shares_ids_for_identical_definitions() {
-        let r = Registry::default();
-        let a = r.id_for(&Bytes::from_static(b"SELECT 1\0\0\0"));
-        let b = r.id_for(&Bytes::from_static(b"SELECT 2\0\0\0"));
-        assert_ne!(a, b);
-        assert_eq!(r.id_for(&Bytes::from_static(b"SELECT 1\0\0\0")), a);
-    }
-
-    #[test]
-    fn synthetic_answers_wait_their_turn() {
-        let mut conn = ServerStatements::default();
-        let mut r = Responses::default();
-        assert!(r.push(Expect::Bind(Some(1))).is_empty());
-        // A skipped Parse behind an outstanding Bind is answered after BindComplete.
-        assert!(r.push(Expect::Synthetic(PARSE_COMPLETE)).is_empty());
-        r.push(Expect::Sync);
-        assert_eq!(
-            r.on_server(b'2', false, &mut conn),
-            OnServer::Forward(vec![PARSE_COMPLETE])
-        );
-        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
-        assert!(r.is_empty());
-        // With nothing ahead, the answer is due at once.
-        assert_eq!(r.push(Expect::Synthetic(CLOSE_COMPLETE)), vec![CLOSE_COMPLETE]);
-    }
-
-    #[test]
-    fn injected_parse_is_swallowed_and_errors_skip_to_sync() {
-        let mut conn = ServerStatements::default();
-        conn.insert(7, 10);
-        conn.insert(8, 10);
-        let mut r = Responses::default();
-        r.push(Expect::SwallowParse(7));
-        r.push(Expect::Bind(Some(7)));
-        r.push(Expect::Execute(Some(7)));
-        r.push(Expect::SwallowParse(8));
-        r.push(Expect::Synthetic(PARSE_COMPLETE));
-        r.push(Expect::Sync);
-        assert_eq!(r.on_server(b'1', false, &mut conn), OnServer::Swallow(vec![]));
-        assert_eq!(r.on_server(b'2', false, &mut conn), OnServer::Forward(vec![]));
-        assert_eq!(r.on_server(b'D', false, &mut conn), OnServer::Forward(vec![]));
-        // The Execute fails: the injected Parse of 8 and the synthetic answer are skipped.
-        assert_eq!(r.on_server(b'E', false, &mut conn), OnServer::Forward(vec![]));
-        assert!(conn.touch(7) && !conn.touch(8), "statement 8 was never prepared");
-        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
-        assert!(r.is_empty());
-    }
-
-    #[test]
-    fn syncs_sent_during_copy_in_get_no_answer() {
-        let mut conn = ServerStatements::default();
-        let mut r = Responses::default();
-        // Bind, Execute, Sync (sent before the server said COPY), data, CopyDone, Sync, Close, Sync.
-        r.push(Expect::Bind(None));
-        r.push(Expect::Execute(None));
-        r.push(Expect::Sync);
-        assert_eq!(r.on_server(b'2', false, &mut conn), OnServer::Forward(vec![]));
-        assert_eq!(r.on_server(b'G', false, &mut conn), OnServer::Forward(vec![]));
-        assert_eq!(r.ignored_syncs, 1);
-        r.push(Expect::Sync); // during COPY IN: ignored by the server too
-        assert_eq!(r.ignored_syncs, 2);
-        r.push(Expect::CopyEnd);
-        r.push(Expect::Sync);
-        r.push(Expect::Synthetic(CLOSE_COMPLETE));
-        r.push(Expect::Sync);
-        assert_eq!(r.on_server(b'C', false, &mut conn), OnServer::Forward(vec![]));
-        assert_eq!(
-            r.on_server(b'Z', false, &mut conn),
-            OnServer::Forward(vec![CLOSE_COMPLETE])
-        );
-        assert_eq!(r.on_server(b'Z', false, &mut conn), OnServer::Forward(vec![]));
-        assert!(r.is_empty());
-    }
-
-    #[test]
-    fn stale_plan_forgets_the_statement() {
-        let mut conn = ServerStatements::default();
-        conn.insert(3, 10);
-        let mut r = Responses::default();
-        r.push(Expect::Bind(Some(3)));
-        r.push(Expect::Sync);
-        r.on_server(b'E', true, &mut conn);
-        assert!(!conn.touch(3));
-    }
-
-    #[test]
-    fn known_parses_are_answered_without_a_server() {
-        let reg = Arc::new(Registry::default());
-        let def = Bytes::from_static(b"SELECT 1\0\0\0");
-        let mut st = ClientStatements::new(reg.clone(), 10);
-        let mut batch = BytesMut::new();
-        batch.put_slice(b"P\0\0\0\x12s1\0SELECT 1\0\0\0");
-        batch.put_slice(b"S\0\0\0\x04");
-        let mut answer = BytesMut::new();
-        // Unknown to any server yet: the server must see it.
-        let id = reg.id_for(&def);
-        assert!(!st.answer_known_parses(&mut batch.clone(), &mut answer));
-        reg.mark_accepted(id);
-        let mut buf = batch.clone();
-        assert!(st.answer_known_parses(&mut buf, &mut answer));
-        assert!(buf.is_empty());
-        assert_eq!(&answer[..], b"1\0\0\0\x04Z\0\0\0\x05I");
-        assert_eq!(st.by_name[&b"s1"[..]].id, id);
-        // Anything else in the batch (here a Bind) needs the server.
-        let mut other = BytesMut::from(&b"B\0\0\0\x0c\0s1\0\0\0\0\0S\0\0\0\x04"[..]);
-        assert!(!st.answer_known_parses(&mut other, &mut answer));
-    }
-
-    #[test]
-    fn messages_encode() {
-        let mut b = BytesMut::new();
-        parse_message(5, b"SELECT 1\0\0\0", &mut b);
-        assert_eq!(&b[..], b"P\0\0\0\x15pgv_5\0SELECT 1\0\0\0");
-        let mut b = BytesMut::new();
-        close_message(5, &mut b);
-        assert_eq!(&b[..], b"C\0\0\0\x0bSpgv_5\0");
-    }
-}
+#[path = "prepared_tests.rs"]
+mod tests;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::txn::{note_reported, pin_reason};
 use crate::pool::stats::Totals;
 use crate::protocol::frame::{FrameError, MessageWalker, Seen, Walk};
+use crate::protocol::tags::{backend, frontend, status};
 
 /// What the session knows of the server connection's state, from headers alone.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +70,7 @@ impl Tracker {
         let inspect = self.inspect;
         walk.scan(
             buf,
-            |tag| inspect && (tag == b'Q' || tag == b'P'),
+            |tag| inspect && (tag == frontend::QUERY || tag == frontend::PARSE),
             |s, m| self.on_client(s, m),
         )
     }
@@ -88,9 +89,13 @@ impl Tracker {
         let txn = reported.is_some();
         walk.scan(
             buf,
-            |tag| tag == b'Z' || (txn && tag == b'S') || (explain && tag == b'E'),
+            |tag| {
+                tag == backend::READY_FOR_QUERY
+                    || (txn && tag == backend::PARAMETER_STATUS)
+                    || (explain && tag == backend::ERROR_RESPONSE)
+            },
             |s, m| {
-                if let (b'S', Some(r)) = (s.tag, reported.as_mut()) {
+                if let (backend::PARAMETER_STATUS, Some(r)) = (s.tag, reported.as_mut()) {
                     note_reported(m, r);
                 }
                 self.on_server(s, m)
@@ -106,25 +111,25 @@ impl Tracker {
             }
         }
         match s.tag {
-            b'X' => {
+            frontend::TERMINATE => {
                 self.terminate = true;
                 return Walk::StopBefore;
             }
-            b'Q' | b'F' => self.request(),
-            b'S' => {
+            frontend::QUERY | frontend::FUNCTION_CALL => self.request(),
+            frontend::SYNC => {
                 self.request();
                 self.unsynced = false;
             }
-            b'P' => {
+            frontend::PARSE => {
                 self.unsynced = true;
                 self.tally.parses += 1;
             }
-            b'B' => {
+            frontend::BIND => {
                 self.unsynced = true;
                 self.tally.binds += 1;
             }
-            b'D' | b'E' | b'C' | b'H' => self.unsynced = true,
-            b'c' | b'f' => self.copy = false,
+            frontend::DESCRIBE | frontend::EXECUTE | frontend::CLOSE | frontend::FLUSH => self.unsynced = true,
+            frontend::COPY_DONE | frontend::COPY_FAIL => self.copy = false,
             _ => {}
         }
         Walk::Continue
@@ -135,7 +140,7 @@ impl Tracker {
         if self.pending == 0 {
             let now = Instant::now();
             self.busy_since = Some(now);
-            if self.status == b'I' && self.xact_since.is_none() {
+            if self.status == status::IDLE && self.xact_since.is_none() {
                 self.xact_since = Some(now);
             }
         }
@@ -144,11 +149,11 @@ impl Tracker {
 
     pub(super) fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         match s.tag {
-            b'G' | b'W' => self.copy = true,
-            b'E' => self.copy = false,
+            backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => self.copy = true,
+            backend::ERROR_RESPONSE => self.copy = false,
             _ => {}
         }
-        if s.tag == b'Z' {
+        if s.tag == backend::READY_FOR_QUERY {
             self.status = msg.get(5).copied().unwrap_or(b'?');
             self.pending = self.pending.saturating_sub(1);
             self.tally.queries += 1;
@@ -158,13 +163,13 @@ impl Tracker {
                 if let Some(t) = self.busy_since.take() {
                     self.tally.query_us += now.duration_since(t).as_micros() as u64;
                 }
-                if self.status == b'I' {
+                if self.status == status::IDLE {
                     if let Some(t) = self.xact_since.take() {
                         self.tally.xact_us += now.duration_since(t).as_micros() as u64;
                     }
                 }
             }
-            if self.status == b'I' {
+            if self.status == status::IDLE {
                 self.ends += 1;
                 self.tally.xacts += 1;
             }
