@@ -146,16 +146,19 @@ pub async fn run(
         server.recover = None;
         return Ok(RelayEnd::ClientDone);
     }
-    let mut relay = Relay::new(client, server, phase, max_client_message, mode);
-    let end = match &mut client.stream {
-        ClientStream::Tcp(c) => server_side(c.split(), &mut server.stream, &mut relay).await,
-        ClientStream::Tls(c) => {
-            let lock = std::sync::Mutex::new(&mut **c);
-            server_side((Locked(&lock), Locked(&lock)), &mut server.stream, &mut relay).await
-        }
-        ClientStream::Closed => Ok(RelayEnd::ClientDone), // (checked above)
+    // A block, so the relay's space in this future is free again while the client is told.
+    let (end, left) = {
+        let mut relay = Relay::new(client, server, phase, max_client_message, mode);
+        let end = match &mut client.stream {
+            ClientStream::Tcp(c) => server_side(c.split(), &mut server.stream, &mut relay).await,
+            ClientStream::Tls(c) => {
+                let lock = std::sync::Mutex::new(&mut **c);
+                server_side((Locked(&lock), Locked(&lock)), &mut server.stream, &mut relay).await
+            }
+            ClientStream::Closed => Ok(RelayEnd::ClientDone), // (checked above)
+        };
+        (end, relay.finish(client, server))
     };
-    let left = relay.finish(client, server);
     if let Ok(end) = &end {
         tell_client(client, *end, left).await;
     }

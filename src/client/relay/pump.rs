@@ -289,6 +289,7 @@ impl<'m> Relay<'m> {
     }
 
     /// Idle outside a transaction, nothing outstanding and nothing in flight either way.
+    #[inline]
     fn at_rest(&self, cw: &impl TryWrite, sw: &impl TryWrite) -> bool {
         let t = &self.t;
         t.pending == 0

@@ -1,7 +1,7 @@
 //! The relay's ties to the session that runs it: pins logged and counted, transaction ends
 //! told to the session registry (for the lock monitor), traffic folded into the pool's
 //! SHOW STATS, tracked parameters the server reported, and the lock monitor's explanation put
-//! in place of the server's "query canceled". The parts of [`Mode`] these need, borrowed
+//! in place of the server's "query canceled". The parts of [`Mode`](super::Mode) these need, borrowed
 //! apart once when the relay starts.
 
 use std::time::Instant;
@@ -16,12 +16,13 @@ use crate::protocol::frame::{peek_header, Frame};
 use crate::protocol::tags::backend;
 use crate::sessions::{Pins, SessionInfo};
 
-/// What the relay reads and updates of its session ([`Mode`]'s fields but the statements,
-/// the limits and the reuse buffers, which the relay's other parts borrow).
+/// What the relay reads and updates of its session: the fields of [`Mode`](super::Mode) but
+/// the statements, the limits and the reuse buffers, which the relay's other parts borrow.
 pub(super) struct Session<'m> {
-    /// Transaction pooling ([`Mode::transaction`]).
+    /// Transaction pooling ([`Mode::transaction`](super::Mode::transaction)).
     pub(super) transaction: bool,
-    /// Why the session is pinned ([`Mode::pinned`]): set when the tracker finds a pin.
+    /// Why the session is pinned ([`Mode::pinned`](super::Mode::pinned)): set when the
+    /// tracker finds a pin.
     pub(super) pinned: &'m mut Option<&'static str>,
     /// Who the client is, for the log line of a pin.
     pub(super) who: &'m str,

@@ -29,7 +29,7 @@ pub(super) enum Statements<'m> {
 pub(super) enum ToServer<'a> {
     /// The first n bytes of the client's buffer, as they came.
     Scanned(usize),
-    /// Renamed into this buffer (sent, it is emptied); the proxy's own answers to the client
+    /// Renamed into this buffer (emptied when sent); the proxy's own answers to the client
     /// may be waiting too.
     Renamed(&'a mut BytesMut),
 }
@@ -125,11 +125,11 @@ pub(super) struct Tracked<'m> {
     /// Where `scratch` and `responses` are kept between relays.
     reuse: &'m mut Reuse,
     /// The server connection's statements (moved in and out).
-    pub(super) conn: ServerStatements,
+    conn: ServerStatements,
     /// Renamed client messages, until sent.
-    pub(super) scratch: BytesMut,
+    scratch: BytesMut,
     /// Answers outstanding, in order.
-    pub(super) responses: Responses,
+    responses: Responses,
     /// Make statements that change session state fail instead of pinning.
     reject: bool,
     /// Largest client message.
