@@ -36,7 +36,7 @@ mod tracker;
 mod txn;
 mod write;
 
-use pump::{End, Leftover, Relay};
+use pump::{End, Relay};
 pub use timeouts::Timeouts;
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -146,21 +146,22 @@ pub async fn run(
         server.recover = None;
         return Ok(RelayEnd::ClientDone);
     }
-    // A block, so the relay's space in this future is free again while the client is told.
-    let (end, left) = {
-        let mut relay = Relay::new(client, server, phase, max_client_message, mode);
-        let end = match &mut client.stream {
-            ClientStream::Tcp(c) => server_side(c.split(), &mut server.stream, &mut relay).await,
-            ClientStream::Tls(c) => {
-                let lock = std::sync::Mutex::new(&mut **c);
-                server_side((Locked(&lock), Locked(&lock)), &mut server.stream, &mut relay).await
-            }
-            ClientStream::Closed => Ok(RelayEnd::ClientDone), // (checked above)
-        };
-        (end, relay.finish(client, server))
+    let mut relay = Relay::new(client, server, phase, max_client_message, mode);
+    let end = match &mut client.stream {
+        ClientStream::Tcp(c) => server_side(c.split(), &mut server.stream, &mut relay).await,
+        ClientStream::Tls(c) => {
+            let lock = std::sync::Mutex::new(&mut **c);
+            server_side((Locked(&lock), Locked(&lock)), &mut server.stream, &mut relay).await
+        }
+        ClientStream::Closed => Ok(RelayEnd::ClientDone), // (checked above)
     };
-    if let Ok(end) = &end {
-        tell_client(client, *end, left).await;
+    relay.finish(client, server);
+    // Unless it ended quietly, the client gets the server bytes still owed, then the reason.
+    if let Ok(why @ (RelayEnd::ServerGone | RelayEnd::TimedOut | RelayEnd::Shutdown)) = end {
+        client.write_out(relay.unsent()).await;
+        if let Some(e) = last_words(why, relay.last_server_tag(), relay.take_error()) {
+            client.send_error(&e).await;
+        }
     }
     end
 }
@@ -181,17 +182,16 @@ where
     }
 }
 
-/// Tells the client why its session ends when the relay did not end quietly: the server
-/// bytes still owed first, then an error (unless the server's own error came last).
-async fn tell_client(client: &mut ClientConn, end: RelayEnd, left: Leftover) {
-    let error = match end {
-        RelayEnd::ServerGone => (left.last_server_tag != backend::ERROR_RESPONSE).then(|| {
-            PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                "pgvalve: server closed the connection unexpectedly",
-            )
-        }),
-        RelayEnd::TimedOut => left.error,
+/// The error that tells the client why the relay ended `end` (after the server's last
+/// message, of type `last_server_tag`; `error`: what a timeout or a verdict ended it with).
+/// None when the server's own error says it, and for the ends the client is not told of.
+fn last_words(end: RelayEnd, last_server_tag: u8, error: Option<PgError>) -> Option<PgError> {
+    match end {
+        RelayEnd::ServerGone if last_server_tag != backend::ERROR_RESPONSE => Some(PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "pgvalve: server closed the connection unexpectedly",
+        )),
+        RelayEnd::TimedOut => error,
         RelayEnd::Shutdown => Some(
             PgError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
@@ -199,10 +199,29 @@ async fn tell_client(client: &mut ClientConn, end: RelayEnd, left: Leftover) {
             )
             .with_detail("pgvalve is shutting down"),
         ),
-        RelayEnd::ClientDone | RelayEnd::Idle => return,
-    };
-    client.write_out(&left.s_out).await;
-    if let Some(e) = &error {
-        client.send_error(e).await;
+        RelayEnd::ServerGone | RelayEnd::ClientDone | RelayEnd::Idle => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_words_name_the_reason_unless_the_server_already_did() {
+        let gone = last_words(RelayEnd::ServerGone, backend::DATA_ROW, None).expect("told");
+        assert_eq!(gone.code, sqlstate::CONNECTION_FAILURE);
+        assert!(last_words(RelayEnd::ServerGone, backend::ERROR_RESPONSE, None).is_none());
+        let limit = PgError::fatal("25P04", "too long");
+        assert_eq!(
+            last_words(RelayEnd::TimedOut, 0, Some(limit))
+                .map(|e| e.code)
+                .as_deref(),
+            Some("25P04")
+        );
+        let shutdown = last_words(RelayEnd::Shutdown, backend::READY_FOR_QUERY, None).expect("told");
+        assert_eq!(shutdown.code, sqlstate::ADMIN_SHUTDOWN);
+        assert!(last_words(RelayEnd::Idle, 0, Some(PgError::fatal("25P04", "x"))).is_none());
+        assert!(last_words(RelayEnd::ClientDone, 0, None).is_none());
     }
 }

@@ -59,16 +59,6 @@ pub(super) struct Relay<'m> {
     error: Option<PgError>,
 }
 
-/// What the client is still owed when the relay has ended.
-pub(super) struct Leftover {
-    /// Server bytes read but not yet written to the client.
-    pub(super) s_out: BytesMut,
-    /// Type of the last message from the server.
-    pub(super) last_server_tag: u8,
-    /// What a timeout or a verdict ended the relay with.
-    pub(super) error: Option<PgError>,
-}
-
 impl<'m> Relay<'m> {
     /// A relay between `client` and `server`, taking their unread bytes (and the server
     /// connection's statements); `mode` is borrowed apart here, once, for the relay's parts.
@@ -320,9 +310,10 @@ impl<'m> Relay<'m> {
         Ok(RelayEnd::TimedOut)
     }
 
-    /// Hands the unread bytes back, and what is known of the server connection: whether it
-    /// may be reused as it is, or brought back to idle if the client is gone.
-    pub(super) fn finish(self, client: &mut ClientConn, server: &mut ServerConn) -> Leftover {
+    /// Hands the unread bytes back (the relay keeps what is owed to the client), and what
+    /// is known of the server connection: whether it may be reused as it is, or brought back
+    /// to idle if the client is gone. Once, when the relay has ended.
+    pub(super) fn finish(&mut self, client: &mut ClientConn, server: &mut ServerConn) {
         let t = &self.t;
         // Whole requests went to the server and whole answers came back: what is still due is
         // known, so a connection whose client left can be brought back to idle (transaction
@@ -343,15 +334,25 @@ impl<'m> Relay<'m> {
         });
         server.broken |= self.server_broken;
         self.session.finish(t);
-        if let Statements::Tracked(tr) = self.statements {
+        if let Statements::Tracked(tr) = std::mem::replace(&mut self.statements, Statements::Plain) {
             server.prepared = tr.finish();
         }
-        server.rbuf = self.s_in;
-        client.rbuf = self.c_in;
-        Leftover {
-            s_out: self.s_out,
-            last_server_tag: self.t.last_server_tag,
-            error: self.error,
-        }
+        server.rbuf = std::mem::take(&mut self.s_in);
+        client.rbuf = std::mem::take(&mut self.c_in);
+    }
+
+    /// Server bytes read but not yet written to the client.
+    pub(super) fn unsent(&self) -> &[u8] {
+        &self.s_out
+    }
+
+    /// Type of the last message from the server.
+    pub(super) fn last_server_tag(&self) -> u8 {
+        self.t.last_server_tag
+    }
+
+    /// What a timeout or a verdict ended the relay with.
+    pub(super) fn take_error(&mut self) -> Option<PgError> {
+        self.error.take()
     }
 }

@@ -79,8 +79,8 @@ impl Session<'_> {
     }
 
     /// The relay ends: the traffic not yet folded in is kept for the next fold.
-    pub(super) fn finish(self, t: &Tracker) {
-        if let Some(l) = self.stats {
+    pub(super) fn finish(&mut self, t: &Tracker) {
+        if let Some(l) = self.stats.as_deref_mut() {
             l.pending.add(&t.tally);
         }
     }
