@@ -16,7 +16,7 @@ use crate::server::{send_cancel, ServerAddr};
 
 /// The backend a cancel should reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CancelTarget {
+pub(crate) struct CancelTarget {
     /// Server address.
     pub addr: ServerAddr,
     /// Backend pid.
@@ -29,7 +29,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<CancelTarget>>>;
 
 /// Keys of all live sessions of one proxy.
 #[derive(Debug)]
-pub struct CancelRegistry {
+pub(crate) struct CancelRegistry {
     sessions: Mutex<HashMap<i32, (i32, Slot)>>,
     next_pid: AtomicU32,
     rng: SystemRandom,
@@ -43,7 +43,7 @@ impl Default for CancelRegistry {
 
 impl CancelRegistry {
     /// An empty registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let rng = SystemRandom::new();
         let mut seed = [0u8; 2];
         let _ = rng.fill(&mut seed);
@@ -55,7 +55,7 @@ impl CancelRegistry {
     }
 
     /// Issues a key for a new session; the key is forgotten when the handle drops.
-    pub fn register(self: &Arc<Self>) -> CancelKey {
+    pub(crate) fn register(self: &Arc<Self>) -> CancelKey {
         let mut b = [0u8; 4];
         let _ = self.rng.fill(&mut b);
         let secret = i32::from_be_bytes(b);
@@ -78,7 +78,7 @@ impl CancelRegistry {
 
     /// Handles a CancelRequest: forwards it if the key matches a session that holds a server
     /// connection. Wrong keys are ignored silently, as PostgreSQL does.
-    pub async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
+    pub(crate) async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
         let slot = {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             match sessions.get(&pid) {
@@ -97,21 +97,11 @@ impl CancelRegistry {
             None => false,
         }
     }
-
-    /// Number of registered sessions.
-    pub fn len(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// True when no session is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One session's cancel key.
 #[derive(Debug)]
-pub struct CancelKey {
+pub(crate) struct CancelKey {
     /// The pid the client was given.
     pub pid: i32,
     /// The secret the client was given.
@@ -122,7 +112,7 @@ pub struct CancelKey {
 
 impl CancelKey {
     /// Points cancels at `target` (or nowhere). Waits for a cancel in flight to finish.
-    pub async fn set_target(&self, target: Option<CancelTarget>) {
+    pub(crate) async fn set_target(&self, target: Option<CancelTarget>) {
         // Uncontended but for a cancel being forwarded: no wait (and no future) then.
         match self.slot.try_lock() {
             Ok(mut slot) => *slot = target,

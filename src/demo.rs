@@ -49,13 +49,13 @@ pub struct SurgeResult {
     /// Clients refused with SQLSTATE 53300.
     pub refused: usize,
     /// Other failures, first message.
-    pub other_errors: usize,
+    pub(crate) other_errors: usize,
     /// One example of an error message.
-    pub example_error: Option<String>,
+    pub(crate) example_error: Option<String>,
     /// Highest number of client backends seen on PostgreSQL.
     pub peak_server_connections: i64,
     /// Median latency from release to commit.
-    pub p50: Duration,
+    pub(crate) p50: Duration,
     /// 99th percentile latency.
     pub p99: Duration,
 }

@@ -9,44 +9,40 @@
 use std::fmt;
 
 /// SQLSTATE codes the proxy itself sends (PostgreSQL Appendix A).
-pub mod sqlstate {
+pub(crate) mod sqlstate {
     /// too_many_connections: every refusal for lack of capacity.
-    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
     /// invalid_password.
-    pub const INVALID_PASSWORD: &str = "28P01";
+    pub(crate) const INVALID_PASSWORD: &str = "28P01";
     /// invalid_authorization_specification.
-    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub(crate) const INVALID_AUTHORIZATION: &str = "28000";
     /// invalid_catalog_name: unknown database.
-    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub(crate) const INVALID_CATALOG_NAME: &str = "3D000";
     /// protocol_violation.
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub(crate) const PROTOCOL_VIOLATION: &str = "08P01";
     /// connection_failure: the server cannot be reached.
-    pub const CONNECTION_FAILURE: &str = "08006";
+    pub(crate) const CONNECTION_FAILURE: &str = "08006";
     /// query_canceled.
-    pub const QUERY_CANCELED: &str = "57014";
+    pub(crate) const QUERY_CANCELED: &str = "57014";
     /// admin_shutdown.
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
     /// feature_not_supported.
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    /// program_limit_exceeded: a message above max_message_size.
-    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// syntax_error: an unknown console command.
-    pub const SYNTAX_ERROR: &str = "42601";
+    pub(crate) const SYNTAX_ERROR: &str = "42601";
     /// insufficient_privilege.
-    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub(crate) const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// object_not_in_prerequisite_state: RESUME of what is not paused.
-    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub(crate) const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// undefined_object: KILL_CLIENT of an unknown id.
-    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub(crate) const UNDEFINED_OBJECT: &str = "42704";
     /// config_file_error: RELOAD refused.
-    pub const CONFIG_FILE_ERROR: &str = "F0000";
-    /// internal_error.
-    pub const INTERNAL_ERROR: &str = "XX000";
+    pub(crate) const CONFIG_FILE_ERROR: &str = "F0000";
 }
 
 /// Whose fault a failure is: decides log level and whether the client is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// The client misbehaved or went away.
     Client,
     /// PostgreSQL failed or refused.
@@ -59,7 +55,7 @@ pub enum Side {
 }
 
 /// An error that knows whose fault it is and the SQLSTATE the client is told.
-pub trait Sided {
+pub(crate) trait Sided {
     /// Whose fault it is.
     fn side(&self) -> Side;
 
@@ -97,14 +93,14 @@ pub struct PgError {
     /// Primary message.
     pub message: String,
     /// Optional DETAIL.
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     /// Optional HINT.
     pub hint: Option<String>,
 }
 
 impl PgError {
     /// A FATAL error with a code and message.
-    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn fatal(code: &str, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Fatal,
             code: code.to_string(),
@@ -123,13 +119,13 @@ impl PgError {
     }
 
     /// Adds a HINT.
-    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+    pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
     }
 
     /// Adds a DETAIL.
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
     }

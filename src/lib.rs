@@ -60,6 +60,9 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// The docs describe the internals for the developers too (`cargo doc --document-private-items`),
+// so public pages may name crate-private items.
+#![allow(rustdoc::private_intra_doc_links)]
 
 /// A hash map for the per-transaction paths (admission, pools, statements): foldhash,
 /// seeded at random per map, in place of SipHash.
@@ -71,30 +74,30 @@ pub(crate) async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut 
     std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
 }
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod admission;
-pub mod cancel;
-pub mod client;
+pub(crate) mod cancel;
+pub(crate) mod client;
 pub mod config;
 pub mod demo;
-pub mod error;
+pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod http;
-pub mod listener;
+pub(crate) mod http;
+pub(crate) mod listener;
 pub mod loadtest;
 pub mod locks;
 pub mod observe;
-pub mod pool;
+pub(crate) mod pool;
 pub mod protocol;
 pub mod proxy;
-pub mod reload;
-pub mod server;
-pub mod session_threads;
-pub mod sessions;
+pub(crate) mod reload;
+pub(crate) mod server;
+pub(crate) mod session_threads;
+pub(crate) mod sessions;
 pub mod shutdown;
 pub mod testkit;
-pub mod tls;
+pub(crate) mod tls;
 
 pub use config::Config;
 pub use proxy::ProxyHandle;

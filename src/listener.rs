@@ -21,7 +21,7 @@ use crate::shutdown::Phase;
 
 /// Accepts until shutdown; the socket closes when this returns.
 /// Sessions go to the session threads, when there are any, while every pool is in session mode.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     shared: Arc<Services>,
     tracker: TaskTracker,

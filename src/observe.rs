@@ -98,7 +98,7 @@ impl Default for Events {
 impl Events {
     /// Where an identity's queue waits are recorded (registered once per identity, so
     /// recording a wait builds no key and looks nothing up).
-    pub fn queue_wait(&self, identity: &str) -> metrics::Histogram {
+    pub(crate) fn queue_wait(&self, identity: &str) -> metrics::Histogram {
         let k = key("pgvalve_queue_wait_seconds", &[("identity", identity)]);
         self.recorder.register_histogram(&k, &META)
     }

@@ -127,13 +127,8 @@ impl ProxyHandle {
         Ok(Self::serve_with_http(listener, http, config))
     }
 
-    /// Starts serving on an already bound listener (no HTTP endpoint).
-    pub fn serve(listener: TcpListener, config: Config) -> ProxyHandle {
-        Self::serve_with_http(listener, None, config)
-    }
-
     /// Starts serving on already bound listeners.
-    pub fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
+    pub(crate) fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
         let (phase_tx, phase, phase_bell) = PhaseSender::new();
         let built = Built::new(config, phase_bell);
@@ -243,7 +238,7 @@ impl ProxyHandle {
     }
 
     /// Starts the drain without waiting (a later [`ProxyHandle::shutdown`] completes it).
-    pub fn begin_drain(&self) {
+    pub(crate) fn begin_drain(&self) {
         self.phase_tx.begin_drain();
     }
 
@@ -296,7 +291,7 @@ async fn reap_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
 }
 
 /// SHOW STATS averages over this many seconds (PgBouncer's default `stats_period`).
-pub const STATS_PERIOD_SECS: u64 = 60;
+pub(crate) const STATS_PERIOD_SECS: u64 = 60;
 
 /// Once a second: surge detection and cleanup in admission; the stats period.
 async fn admission_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {

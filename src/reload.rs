@@ -23,7 +23,7 @@ use crate::pool::PoolSet;
 /// the configuration from, and how reloads went. The proxy builds one; the console's
 /// `RELOAD`, SIGHUP and [`crate::ProxyHandle::reload`] use it.
 #[derive(Debug)]
-pub struct Reloader {
+pub(crate) struct Reloader {
     live_config: Arc<ArcSwap<Config>>,
     pools: PoolSet,
     admission: Admission,
@@ -40,12 +40,12 @@ pub struct Reloaded {
     /// What changed, one line each.
     pub changes: Vec<String>,
     /// Settings that changed in the file but apply only at the next start.
-    pub restart_needed: Vec<String>,
+    pub(crate) restart_needed: Vec<String>,
 }
 
 impl Reloader {
     /// A reloader that publishes to these handles.
-    pub fn new(live_config: Arc<ArcSwap<Config>>, pools: PoolSet, admission: Admission) -> Self {
+    pub(crate) fn new(live_config: Arc<ArcSwap<Config>>, pools: PoolSet, admission: Admission) -> Self {
         Reloader {
             live_config,
             pools,
@@ -62,7 +62,7 @@ impl Reloader {
 
     /// Sets what `RELOAD` and SIGHUP read: the config file (None: the quick start) and the
     /// command-line overrides.
-    pub fn set_source(&self, path: Option<PathBuf>, overrides: Overrides) {
+    pub(crate) fn set_source(&self, path: Option<PathBuf>, overrides: Overrides) {
         *self.source.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, overrides));
     }
 
@@ -70,7 +70,7 @@ impl Reloader {
     ///
     /// # Errors
     /// Why the new configuration was refused (nothing changed): no source, or the file's error.
-    pub fn reload(&self) -> Result<Reloaded, String> {
+    pub(crate) fn reload(&self) -> Result<Reloaded, String> {
         let source = self.source.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let result = match source {
             None => Err("this pgvalve was started without a configuration source to reload".to_string()),
@@ -87,7 +87,7 @@ impl Reloader {
     }
 
     /// Publishes an already validated configuration.
-    pub fn apply(&self, new: Config) -> Reloaded {
+    pub(crate) fn apply(&self, new: Config) -> Reloaded {
         let old = self.config();
         let mut r = Reloaded {
             restart_needed: restart_needed(&old, &new),

@@ -127,7 +127,7 @@ impl Drop for SessionThreads {
 /// How many session threads a configuration asks for: `session_threads` when set, else as
 /// many as the runtime has workers when that is two or more (none with one worker: the whole
 /// proxy is one event loop then).
-pub fn wanted(session_threads: Option<usize>, worker_threads: usize) -> usize {
+pub(crate) fn wanted(session_threads: Option<usize>, worker_threads: usize) -> usize {
     match (session_threads, worker_threads) {
         (Some(n), _) => n,
         (None, 1) => 0,

@@ -26,7 +26,7 @@ use crate::error::PgError;
 /// closes the server connection (PostgreSQL rolls back) and tells the client `error`.
 /// Waiting costs the relay no lock: a flag and an atomic waker.
 #[derive(Debug, Default)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     delivered: AtomicBool,
     /// Boxed: rare, and every session carries the slot.
     error: Mutex<Option<Box<PgError>>>,
@@ -35,7 +35,7 @@ pub struct Verdict {
 
 impl Verdict {
     /// Delivers `error` to the session (the first verdict wins).
-    pub fn deliver(&self, error: PgError) {
+    pub(crate) fn deliver(&self, error: PgError) {
         let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if e.is_none() {
             *e = Some(Box::new(error));
@@ -45,14 +45,14 @@ impl Verdict {
     }
 
     /// Drops a verdict not acted on (the transaction it was for has ended).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         if self.delivered.swap(false, Ordering::AcqRel) {
             self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
     /// Waits for a verdict (cancel-safe; a verdict delivered earlier is seen at once).
-    pub async fn wait(&self) -> PgError {
+    pub(crate) async fn wait(&self) -> PgError {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
             if self.delivered.swap(false, Ordering::AcqRel) {
@@ -79,7 +79,7 @@ pub struct SessionInfo {
     /// When the current backend was assigned (unix ms; 0: none).
     backend_since: AtomicU64,
     /// Orders for this session.
-    pub verdict: Verdict,
+    pub(crate) verdict: Verdict,
     /// KILL_CLIENT: the verdict stays until the session has ended.
     killed: AtomicBool,
     /// Transactions (and single statements outside one) that ended: ReadyForQuery 'I' seen.
@@ -98,7 +98,7 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     /// Records the backend serving the session now (0: none).
-    pub fn set_backend(&self, pid: i32) {
+    pub(crate) fn set_backend(&self, pid: i32) {
         self.backend.store(pid, Ordering::Relaxed);
         if pid != 0 {
             let ms = SystemTime::now()
@@ -109,7 +109,7 @@ impl SessionInfo {
     }
 
     /// When the current backend was assigned.
-    pub fn backend_since(&self) -> Option<SystemTime> {
+    pub(crate) fn backend_since(&self) -> Option<SystemTime> {
         match self.backend_since.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
@@ -129,7 +129,7 @@ impl SessionInfo {
 
     /// The session gave its server connection back: a verdict meant for that transaction is
     /// dropped (not a kill).
-    pub fn transaction_over(&self) {
+    pub(crate) fn transaction_over(&self) {
         if !self.killed() {
             self.verdict.clear();
         }
@@ -143,7 +143,7 @@ impl SessionInfo {
     /// The relay saw `n` ReadyForQuery 'I': every transaction-level lock the session held is
     /// gone. Wakes the monitor when it recorded the session holding one; drops a cancel
     /// explanation that was not needed.
-    pub fn transactions_ended(&self, n: u64) {
+    pub(crate) fn transactions_ended(&self, n: u64) {
         self.ends.fetch_add(n, Ordering::SeqCst);
         if self.holds_locks.load(Ordering::SeqCst) && self.holds_locks.swap(false, Ordering::SeqCst) {
             self.released.notify_one();
@@ -161,7 +161,7 @@ impl SessionInfo {
     /// The monitor saw the session hold a dangerous lock in a poll taken when [`Self::ends`]
     /// was `before`. False when that transaction has ended since (the lock is gone); true when
     /// the relay will wake the monitor at its end.
-    pub fn mark_holding(&self, before: u64) -> bool {
+    pub(crate) fn mark_holding(&self, before: u64) -> bool {
         self.holds_locks.store(true, Ordering::SeqCst);
         if self.ends() != before {
             self.holds_locks.store(false, Ordering::SeqCst);
@@ -171,18 +171,18 @@ impl SessionInfo {
     }
 
     /// The monitor cancels the session's query: `e` replaces PostgreSQL's cancel error.
-    pub fn explain_cancel(&self, e: PgError) {
+    pub(crate) fn explain_cancel(&self, e: PgError) {
         *self.cancel_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(e));
         self.cancel_pending.store(true, Ordering::Release);
     }
 
     /// A cancel explanation is waiting (one atomic load; the relay checks it per server read).
-    pub fn cancel_pending(&self) -> bool {
+    pub(crate) fn cancel_pending(&self) -> bool {
         self.cancel_pending.load(Ordering::Acquire)
     }
 
     /// Takes the cancel explanation.
-    pub fn take_cancel_note(&self) -> Option<PgError> {
+    pub(crate) fn take_cancel_note(&self) -> Option<PgError> {
         self.cancel_pending.store(false, Ordering::Release);
         self.cancel_note
             .lock()
@@ -206,7 +206,7 @@ pub struct SessionClient {
     /// Client address.
     pub addr: SocketAddr,
     /// The proxy's address the client connected to.
-    pub local: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
 }
 
 /// Sessions pinned to their server connection in transaction mode, by reason (a pin is
@@ -226,7 +226,7 @@ impl Pins {
     }
 
     /// Pins so far, by reason.
-    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn by_reason(&self) -> Vec<(&'static str, u64)> {
         let mut v: Vec<_> = self
             .0
             .lock()
@@ -254,7 +254,7 @@ pub struct Sessions {
 
 /// Keeps a session registered; it leaves the registry when dropped.
 #[derive(Debug)]
-pub struct Registered {
+pub(crate) struct Registered {
     sessions: Arc<Sessions>,
     /// The session.
     pub info: Arc<SessionInfo>,
@@ -272,7 +272,7 @@ impl Drop for Registered {
 
 impl Sessions {
     /// Registers a session.
-    pub fn register(self: &Arc<Self>, client: SessionClient) -> Registered {
+    pub(crate) fn register(self: &Arc<Self>, client: SessionClient) -> Registered {
         let info = Arc::new(SessionInfo {
             id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
             client,
@@ -327,7 +327,7 @@ impl Sessions {
     }
 
     /// Sessions that hold a server connection now, by backend pid.
-    pub fn by_backend(&self) -> HashMap<i32, Arc<SessionInfo>> {
+    pub(crate) fn by_backend(&self) -> HashMap<i32, Arc<SessionInfo>> {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -29,7 +29,7 @@ pub enum Phase {
 /// takes the channel's lock each time it is polled, and every session polls it in every
 /// round of its relay).
 #[derive(Debug, Default)]
-pub struct PhaseBell {
+pub(crate) struct PhaseBell {
     phase: AtomicU8,
     next_id: AtomicU64,
     watchers: Mutex<crate::FastMap<u64, Arc<AtomicWaker>>>,
@@ -37,7 +37,7 @@ pub struct PhaseBell {
 
 impl PhaseBell {
     /// The phase now.
-    pub fn now(&self) -> Phase {
+    pub(crate) fn now(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Running,
             1 => Phase::Draining,
@@ -58,21 +58,21 @@ impl PhaseBell {
 /// Sets the phase: for the proxy's own tasks (a `watch` channel) and for its sessions (the
 /// [`PhaseBell`]). Dropping it means Stopped, for both.
 #[derive(Debug)]
-pub struct PhaseSender {
+pub(crate) struct PhaseSender {
     tx: watch::Sender<Phase>,
     bell: Arc<PhaseBell>,
 }
 
 impl PhaseSender {
     /// A sender in `Running`, with the receiver for tasks and the bell for sessions.
-    pub fn new() -> (Self, watch::Receiver<Phase>, Arc<PhaseBell>) {
+    pub(crate) fn new() -> (Self, watch::Receiver<Phase>, Arc<PhaseBell>) {
         let (tx, rx) = watch::channel(Phase::Running);
         let bell = Arc::new(PhaseBell::default());
         (Self { tx, bell: bell.clone() }, rx, bell)
     }
 
     /// Running → Draining (no change in any other phase).
-    pub fn begin_drain(&self) {
+    pub(crate) fn begin_drain(&self) {
         let changed = self.tx.send_if_modified(|p| {
             let change = *p == Phase::Running;
             if change {
@@ -86,13 +86,13 @@ impl PhaseSender {
     }
 
     /// Stopped: everything closes.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let _ = self.tx.send(Phase::Stopped);
         self.bell.ring(Phase::Stopped);
     }
 
     /// A receiver for a task that watches the phase.
-    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
         self.tx.subscribe()
     }
 }
@@ -105,7 +105,7 @@ impl Drop for PhaseSender {
 
 /// The phase as one session follows it.
 #[derive(Debug)]
-pub struct PhaseWatch {
+pub(crate) struct PhaseWatch {
     now: Phase,
     bell: Arc<PhaseBell>,
     id: u64,
@@ -114,7 +114,7 @@ pub struct PhaseWatch {
 
 impl PhaseWatch {
     /// Follows `bell` from its current phase on.
-    pub fn new(bell: &Arc<PhaseBell>) -> Self {
+    pub(crate) fn new(bell: &Arc<PhaseBell>) -> Self {
         let id = bell.next_id.fetch_add(1, Ordering::Relaxed);
         let waker = Arc::new(AtomicWaker::new());
         bell.watchers
@@ -130,12 +130,12 @@ impl PhaseWatch {
     }
 
     /// The phase as of the last change seen.
-    pub fn now(&self) -> Phase {
+    pub(crate) fn now(&self) -> Phase {
         self.now
     }
 
     /// Resolves at the next change. Cancel-safe.
-    pub async fn changed(&mut self) -> Phase {
+    pub(crate) async fn changed(&mut self) -> Phase {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
             let p = self.bell.now();

@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context};
 use tokio_postgres::NoTls;
 
-use crate::config::{parse_toml, Config, FileConfig};
+use crate::config::{parse_toml, FileConfig};
 
 /// How PostgreSQL authenticates TCP clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ impl Default for PgOptions {
 }
 
 /// Superuser password of every test cluster (reachable only on loopback, for minutes).
-pub const SUPERUSER_PASSWORD: &str = "pgvalve-test-superuser";
+pub(crate) const SUPERUSER_PASSWORD: &str = "pgvalve-test-superuser";
 
 /// A running throwaway cluster.
 #[derive(Debug)]
@@ -311,11 +311,6 @@ impl TestPostgres {
         parse_toml("testkit", &text).expect("invariant: the testkit writes valid TOML")
     }
 
-    /// [`TestPostgres::file_config`], validated.
-    pub fn proxy_config(&self) -> Config {
-        Config::validate(self.file_config(), "testkit").expect("invariant: the testkit config is valid")
-    }
-
     /// Restarts the server: `pg_ctl stop -m fast`, then the same start as at first (with the
     /// log file, so no pipe of ours is inherited by the new postmaster). Needs the
     /// multi-threaded runtime (it blocks in place).
@@ -333,7 +328,7 @@ impl TestPostgres {
     }
 
     /// The last `n` lines of the server log.
-    pub fn log_tail(&self, n: usize) -> String {
+    pub(crate) fn log_tail(&self, n: usize) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let mut out = String::new();

@@ -12,12 +12,12 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub use crate::config::{end_point_hash, ClientTls, ServerTls, Tls};
+pub(crate) use crate::config::{end_point_hash, ServerTls};
 
-pub use crate::protocol::startup::ALPN;
+pub(crate) use crate::protocol::startup::ALPN;
 
 /// The write half of a split stream, writable without waiting.
-pub trait TryWrite {
+pub(crate) trait TryWrite {
     /// Writes what the socket takes now.
     ///
     /// # Errors
@@ -44,7 +44,7 @@ impl TryWrite for tokio::net::unix::WriteHalf<'_> {
 }
 
 /// A TLS stream that says whether it holds encrypted bytes not yet written to its socket.
-pub trait Backlog {
+pub(crate) trait Backlog {
     /// True while records wait to be written.
     fn backlog(&self) -> bool;
 }
@@ -63,7 +63,7 @@ impl<IO> Backlog for tokio_rustls::client::TlsStream<IO> {
 
 /// One half of a TLS stream the relay reads and writes at once: both halves share the stream
 /// behind an uncontended lock (the relay polls them from one task, one at a time).
-pub struct Locked<'a, 'b, S>(pub &'a Mutex<&'b mut S>);
+pub(crate) struct Locked<'a, 'b, S>(pub &'a Mutex<&'b mut S>);
 
 impl<S> Locked<'_, '_, S> {
     fn with<R>(&self, f: impl FnOnce(Pin<&mut S>) -> R) -> R
@@ -126,7 +126,7 @@ impl<S: AsyncWrite + Backlog + Unpin> TryWrite for Locked<'_, '_, S> {
 
 /// A non-blocking read of a TLS stream (the pool's liveness probe): `WouldBlock` when
 /// nothing is there.
-pub fn try_read<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn try_read<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> io::Result<usize> {
     let mut cx = Context::from_waker(Waker::noop());
     let mut rb = ReadBuf::new(buf);
     match Pin::new(s).poll_read(&mut cx, &mut rb) {

@@ -22,12 +22,12 @@ use crate::protocol::messages;
 use crate::protocol::tags::{backend, frontend, status};
 use crate::reload::Reloader;
 
-pub use crate::client::{is_console, role, Role, DATABASES};
+pub(crate) use crate::client::Role;
 
 /// The console's own handles (the lock monitor, reloads, the SHUTDOWN signal); the sessions'
 /// services come with each console user ([`crate::client::Console::serve`]).
 #[derive(Debug)]
-pub struct AdminConsole {
+pub(crate) struct AdminConsole {
     locks: Arc<LockMonitor>,
     reloader: Arc<Reloader>,
     shutdown_requested: Arc<Notify>,
@@ -35,7 +35,7 @@ pub struct AdminConsole {
 
 impl AdminConsole {
     /// A console over these handles.
-    pub fn new(locks: Arc<LockMonitor>, reloader: Arc<Reloader>, shutdown_requested: Arc<Notify>) -> Self {
+    pub(crate) fn new(locks: Arc<LockMonitor>, reloader: Arc<Reloader>, shutdown_requested: Arc<Notify>) -> Self {
         AdminConsole {
             locks,
             reloader,

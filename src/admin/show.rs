@@ -344,7 +344,7 @@ fn lock_history(shared: &Admin<'_>) -> Table {
 /// # Errors
 /// What the client is told: 42601 for an unknown command, 42501 for a command the user may
 /// not run.
-pub fn command(shared: &Admin<'_>, role: Role, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
+pub(super) fn command(shared: &Admin<'_>, role: Role, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
     let words: Vec<String> = command.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let table = match words.as_slice() {

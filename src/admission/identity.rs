@@ -39,7 +39,7 @@ fn in_range(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
 }
 
 /// Glob match with `*` and `?`.
-pub fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     // Byte indices that always sit on char boundaries ('*' and '?' are one byte); no allocation.
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let width = |s: &str, i: usize| s[i..].chars().next().map_or(1, char::len_utf8);
@@ -94,7 +94,7 @@ pub fn identify(rules: &[Rule], c: &ClientFacts<'_>) -> String {
 }
 
 /// The identity and the rule that named it (None: the default identity).
-pub fn identify_with_rule<'r>(rules: &'r [Rule], c: &ClientFacts<'_>) -> (String, Option<&'r Rule>) {
+pub(crate) fn identify_with_rule<'r>(rules: &'r [Rule], c: &ClientFacts<'_>) -> (String, Option<&'r Rule>) {
     match rules.iter().find(|r| matches(r, c)) {
         Some(r) => (expand(&r.name, c), Some(r)),
         None if !c.application_name.is_empty() => (c.application_name.to_string(), None),

@@ -12,27 +12,27 @@ pub use crate::config::{AdmissionSettings, LimitOverrides, LockAction};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// Client connections at once (0 = no cap).
-    pub max_clients: u32,
+    pub(crate) max_clients: u32,
     /// Server connections at once, across pools (0 = no cap).
-    pub max_servers: u32,
+    pub(crate) max_servers: u32,
     /// Server connections reserved in each pool it uses.
-    pub min_servers: u32,
+    pub(crate) min_servers: u32,
     /// Scheduling weight (≥ 1).
-    pub weight: u32,
+    pub(crate) weight: u32,
     /// Waiting clients (0 = no bound).
     pub max_queue: u32,
     /// Longest wait for a server connection.
     pub queue_timeout: Duration,
     /// The setting it came from: "queue_timeout", or "query_wait_timeout" when none is set.
-    pub queue_timeout_key: &'static str,
+    pub(crate) queue_timeout_key: &'static str,
     /// NOTICE to a client queued this long (zero = never).
     pub queue_notice_after: Duration,
     /// Logins per second (0 = no limit).
-    pub connect_rate: f64,
+    pub(crate) connect_rate: f64,
     /// Token bucket size.
     pub connect_burst: u32,
     /// Fraction of the connect rate allowed during a surge (0 = no damping).
-    pub surge_damping: f64,
+    pub(crate) surge_damping: f64,
     /// Longest hold of a dangerous lock (zero = no limit).
     pub max_lock_hold: Duration,
     /// What happens past it.
@@ -43,7 +43,7 @@ pub struct Limits {
 
 impl Limits {
     /// `defaults` with `o` applied; `query_wait_timeout` when no queue_timeout is set.
-    pub fn resolve(defaults: &AdmissionSettings, o: &LimitOverrides, query_wait_timeout: Duration) -> Limits {
+    pub(crate) fn resolve(defaults: &AdmissionSettings, o: &LimitOverrides, query_wait_timeout: Duration) -> Limits {
         let rate = o.max_connect_rate.unwrap_or(defaults.max_connect_rate);
         let burst = o.connect_burst.unwrap_or(defaults.connect_burst);
         Limits {

@@ -34,9 +34,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use limits::{AdmissionSettings, LimitOverrides, Limits, LockAction};
-pub use refusal::Refusal;
-pub use surge::SurgeEvent;
-pub use tick::IdentityStatus;
+pub(crate) use refusal::Refusal;
+pub(crate) use surge::SurgeEvent;
 
 use identity::{ClientFacts, Rule};
 use queue::{Due, Request, Scheduler, ShareLimits};
@@ -59,7 +58,7 @@ pub struct Counters {
     /// Refusals by reason (see [`Refusal::reason`]).
     pub refused: HashMap<&'static str, u64>,
     /// Server grants taken, and how many of them had to wait.
-    pub grants: u64,
+    pub(crate) grants: u64,
     /// Grants that waited in the queue.
     pub queued: u64,
     /// Surge episodes so far.
@@ -129,7 +128,7 @@ pub struct Admission {
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
     /// Proxy-wide client cap.
-    pub max_clients: u32,
+    pub(crate) max_clients: u32,
     /// `[admission]`.
     pub settings: AdmissionSettings,
     /// `[[identity]]` rules.
@@ -137,12 +136,12 @@ pub struct AdmissionConfig {
     /// Default queue_timeout.
     pub query_wait_timeout: Duration,
     /// Longest a login may be delayed by the rate limit (a part of client_login_timeout).
-    pub login_wait: Duration,
+    pub(crate) login_wait: Duration,
 }
 
 impl AdmissionConfig {
     /// The admission part of a config.
-    pub fn from_config(c: &crate::config::Config) -> Self {
+    pub(crate) fn from_config(c: &crate::config::Config) -> Self {
         Self {
             max_clients: c.proxy.max_client_connections,
             settings: c.admission.clone(),
@@ -209,7 +208,7 @@ impl Admission {
     }
 
     /// A permit for a new client, or None when `max_client_connections` are connected.
-    pub fn admit_client(&self) -> Option<ClientPermit> {
+    pub(crate) fn admit_client(&self) -> Option<ClientPermit> {
         self.inner
             .clients
             .clone()
@@ -307,7 +306,12 @@ impl Admission {
     /// # Errors
     /// [`Refusal::QueueFull`], [`Refusal::ServerCap`] or [`Refusal::QueueTimeout`].
     #[cfg(test)]
-    pub async fn acquire(&self, member: &Member, pool: &Arc<str>, pool_size: u32) -> Result<ServerGrant, Refusal> {
+    pub(crate) async fn acquire(
+        &self,
+        member: &Member,
+        pool: &Arc<str>,
+        pool_size: u32,
+    ) -> Result<ServerGrant, Refusal> {
         match self.request(member, pool, pool_size)? {
             Acquired::Granted(g) => Ok(g),
             Acquired::Queued(mut q) => loop {

@@ -23,11 +23,11 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShareLimits {
     /// Grants across gates (0 = no cap).
-    pub max_servers: u32,
+    pub(crate) max_servers: u32,
     /// Grants reserved in each gate the identity uses.
-    pub min_servers: u32,
+    pub(crate) min_servers: u32,
     /// Weight (≥ 1).
-    pub weight: u32,
+    pub(crate) weight: u32,
     /// Waiting clients across gates (0 = no bound).
     pub max_queue: u32,
     /// Sessions holding dangerous locks at which new grants stop (0 = no limit).
@@ -314,7 +314,7 @@ impl Scheduler {
     }
 
     /// Hands free grants in `gate` to waiters, fairest first.
-    pub fn dispatch(&mut self, gate: &Arc<str>) {
+    pub(crate) fn dispatch(&mut self, gate: &Arc<str>) {
         loop {
             let Some(g) = self.gates.get(gate) else { return };
             if g.waiting == 0 || g.in_use >= g.capacity {
@@ -338,7 +338,7 @@ impl Scheduler {
 
     /// Sets how many sessions of each identity hold dangerous locks (absent: none); queues
     /// are re-examined when that frees anyone.
-    pub fn set_lock_holders(&mut self, holders: &HashMap<String, u32>) {
+    pub(crate) fn set_lock_holders(&mut self, holders: &HashMap<String, u32>) {
         let mut freed = false;
         for (id, s) in self.shares.iter_mut() {
             let n = holders.get(&**id).copied().unwrap_or(0);
@@ -353,11 +353,6 @@ impl Scheduler {
         }
     }
 
-    /// Sessions of an identity holding dangerous locks, as last set.
-    pub fn lock_holders(&self, id: &str) -> u32 {
-        self.shares.get(id).map_or(0, |s| s.lock_holders)
-    }
-
     /// An identity's grants and waiters.
     pub fn status(&self, id: &str) -> ShareStatus {
         self.shares
@@ -370,7 +365,7 @@ impl Scheduler {
     }
 
     /// Grants an identity holds in a gate.
-    pub fn gate_held(&self, gate: &str, id: &str) -> u32 {
+    pub(crate) fn gate_held(&self, gate: &str, id: &str) -> u32 {
         self.gates
             .get(gate)
             .and_then(|g| g.flows.get(id))
@@ -378,7 +373,7 @@ impl Scheduler {
     }
 
     /// How long the longest waiter of a gate has waited.
-    pub fn gate_max_wait(&self, gate: &str) -> std::time::Duration {
+    pub(crate) fn gate_max_wait(&self, gate: &str) -> std::time::Duration {
         self.gates
             .get(gate)
             .into_iter()
@@ -390,7 +385,7 @@ impl Scheduler {
 
     /// Sends the NOTICE to waiters whose notice time has come and times out those whose
     /// deadline has passed (they leave the queue). Returns when the next waiter is due.
-    pub fn sweep(&mut self, now: Instant) -> Option<Instant> {
+    pub(crate) fn sweep(&mut self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut left: Vec<(Arc<str>, u32)> = Vec::new();
         for g in self.gates.values_mut() {
@@ -428,12 +423,12 @@ impl Scheduler {
     }
 
     /// Grants in use and waiters of a gate.
-    pub fn gate_status(&self, gate: &str) -> (u32, u32) {
+    pub(crate) fn gate_status(&self, gate: &str) -> (u32, u32) {
         self.gates.get(gate).map_or((0, 0), |g| (g.in_use, g.waiting))
     }
 
     /// Forgets identities `keep` rejects once they hold and wait for nothing.
-    pub fn prune(&mut self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn prune(&mut self, keep: impl Fn(&str) -> bool) {
         let idle = |s: &Share| s.servers == 0 && s.waiting == 0;
         self.shares.retain(|id, s| !idle(s) || keep(id));
         let shares = &self.shares;

@@ -12,14 +12,14 @@ use tokio::time::Instant;
 
 /// Tokens for logins.
 #[derive(Debug, Clone)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
     /// A full bucket of `burst` tokens.
-    pub fn new(burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(burst: u32, now: Instant) -> Self {
         Self {
             tokens: f64::from(burst),
             at: now,
@@ -29,7 +29,13 @@ impl Bucket {
     /// Takes a token at `now` under `rate` per second and `burst`. Ok(wait): the login may
     /// proceed after `wait` (zero when a token was there). Err(wait): it would have to wait
     /// longer than `max_wait`, nothing is taken. A rate of 0 means no limit.
-    pub fn take(&mut self, now: Instant, rate: f64, burst: u32, max_wait: Duration) -> Result<Duration, Duration> {
+    pub(crate) fn take(
+        &mut self,
+        now: Instant,
+        rate: f64,
+        burst: u32,
+        max_wait: Duration,
+    ) -> Result<Duration, Duration> {
         if rate <= 0.0 {
             // Unlimited now; when a limit applies later (damping), it starts with a full burst.
             self.tokens = f64::INFINITY;

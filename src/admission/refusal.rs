@@ -132,7 +132,7 @@ impl Refusal {
     }
 
     /// What the client is told: FATAL 53300 with a hint.
-    pub fn client_error(&self) -> PgError {
+    pub(crate) fn client_error(&self) -> PgError {
         let hint = match self {
             Refusal::ClientCap { .. } => {
                 "Close idle connections of this application (or lower its connection pool size), or raise max_client_connections for this identity in pgvalve's config."

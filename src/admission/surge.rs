@@ -29,20 +29,20 @@ pub struct SurgeEvent {
     /// Logins in the second that started it.
     pub rate: f64,
     /// Growth of client connections over the last 10 s when it started.
-    pub delta: i64,
+    pub(crate) delta: i64,
     /// The identity's baseline logins per second before it.
-    pub baseline: f64,
+    pub(crate) baseline: f64,
     /// Highest logins per second during it.
-    pub peak_rate: f64,
+    pub(crate) peak_rate: f64,
     /// Highest 10 s growth during it.
-    pub peak_delta: i64,
+    pub(crate) peak_delta: i64,
     /// What crossed: "rate" or "delta" (or both).
-    pub trigger: &'static str,
+    pub(crate) trigger: &'static str,
 }
 
 /// What a tick found.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Change {
+pub(crate) enum Change {
     /// An episode began.
     Started(SurgeEvent),
     /// The episode ended.
@@ -51,7 +51,7 @@ pub enum Change {
 
 /// The surge state of one identity.
 #[derive(Debug, Clone, Default)]
-pub struct SurgeTrack {
+pub(crate) struct SurgeTrack {
     logins_now: u32,
     /// Logins per closed second, newest last.
     logins: VecDeque<u32>,
@@ -63,18 +63,18 @@ pub struct SurgeTrack {
 
 impl SurgeTrack {
     /// Counts one login.
-    pub fn login(&mut self) {
+    pub(crate) fn login(&mut self) {
         self.logins_now = self.logins_now.saturating_add(1);
     }
 
     /// In a surge episode now.
-    pub fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.episode.is_some()
     }
 
     /// Logins in the last closed second, the 10 s average, growth of client connections in
     /// the last 1 s and 10 s, and the baseline.
-    pub fn rates(&self) -> (f64, f64, i64, i64, f64) {
+    pub(crate) fn rates(&self) -> (f64, f64, i64, i64, f64) {
         let last = self.logins.back().copied().unwrap_or(0);
         let sum: u32 = self.logins.iter().rev().take(10).sum();
         let now = self.clients.back().copied().unwrap_or(0);
@@ -87,7 +87,13 @@ impl SurgeTrack {
 
     /// Closes one second (`every` long) with `clients` connected, and says whether an episode
     /// began or ended.
-    pub fn tick(&mut self, identity: &str, clients: u32, every: Duration, s: &AdmissionSettings) -> Option<Change> {
+    pub(crate) fn tick(
+        &mut self,
+        identity: &str,
+        clients: u32,
+        every: Duration,
+        s: &AdmissionSettings,
+    ) -> Option<Change> {
         self.logins.push_back(std::mem::take(&mut self.logins_now));
         self.clients.push_back(clients);
         while self.logins.len() > WINDOW {
@@ -139,7 +145,7 @@ impl SurgeTrack {
     }
 
     /// True when nothing here is worth keeping (no logins in the window, no episode).
-    pub fn is_quiet(&self) -> bool {
+    pub(crate) fn is_quiet(&self) -> bool {
         self.episode.is_none() && self.logins_now == 0 && self.logins.iter().all(|&n| n == 0) && self.baseline < 0.01
     }
 }

@@ -34,15 +34,15 @@ pub struct IdentityStatus {
     /// Clients waiting for one now.
     pub waiting: u32,
     /// Logins in the last second.
-    pub login_rate: f64,
+    pub(crate) login_rate: f64,
     /// Logins per second over the last 10 s.
-    pub login_rate_10s: f64,
+    pub(crate) login_rate_10s: f64,
     /// Growth of client connections over the last 10 s.
-    pub delta_10s: i64,
+    pub(crate) delta_10s: i64,
     /// Growth of client connections over the last second.
-    pub delta_1s: i64,
+    pub(crate) delta_1s: i64,
     /// Baseline logins per second.
-    pub baseline: f64,
+    pub(crate) baseline: f64,
     /// In a surge episode now.
     pub surging: bool,
     /// Counters since it was first seen.
@@ -54,7 +54,7 @@ impl Admission {
     /// [`super::queue::Scheduler::sweep`]), then sleeps until the next one is due (a second
     /// at most), or until a client is queued with an earlier due time. Runs until dropped;
     /// the proxy runs it beside [`Self::tick`].
-    pub async fn queue_clock(&self) {
+    pub(crate) async fn queue_clock(&self) {
         loop {
             let at = {
                 let mut st = self.state();
@@ -74,7 +74,7 @@ impl Admission {
 
     /// Closes one second of surge windows (`every` since the last tick), logs episodes that
     /// start or end, and forgets identities idle for a while.
-    pub fn tick(&self, every: Duration) {
+    pub(crate) fn tick(&self, every: Duration) {
         let mut st = self.state();
         let st = &mut *st;
         let now = Instant::now();
@@ -201,7 +201,7 @@ impl Admission {
     }
 
     /// An identity's lock policy: (max_lock_hold, lock_action).
-    pub fn lock_policy(&self, id: &str) -> Option<(Duration, super::LockAction)> {
+    pub(crate) fn lock_policy(&self, id: &str) -> Option<(Duration, super::LockAction)> {
         self.state()
             .ids
             .get(id)
@@ -209,7 +209,7 @@ impl Admission {
     }
 
     /// The lock monitor's count of sessions holding dangerous locks, per identity.
-    pub fn set_lock_holders(&self, holders: &std::collections::HashMap<String, u32>) {
+    pub(crate) fn set_lock_holders(&self, holders: &std::collections::HashMap<String, u32>) {
         self.state().sched.set_lock_holders(holders);
     }
 

@@ -23,7 +23,7 @@ const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// # Errors
 /// [`SessionError::AuthFailed`] (28P01) for a wrong password or unknown user, the lookup's
 /// server error, and client I/O or protocol errors.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     client: &mut ClientConn,
     shared: &Services,
     user: &str,
@@ -140,7 +140,7 @@ async fn exchange(client: &mut ClientConn, config: &Config, verifier: &ScramVeri
 /// The SCRAM exchange on a client's first and final messages against a fixed verifier (for
 /// the fuzz targets: pgwire's SCRAM parsers see only what the proxy hands them).
 #[doc(hidden)]
-pub fn scram_exchange(first: &[u8], fin: &[u8]) {
+pub(crate) fn scram_exchange(first: &[u8], fin: &[u8]) {
     let secret = ScramSecret::Verifier {
         salt: vec![7; 16],
         iterations: 1,

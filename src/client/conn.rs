@@ -19,7 +19,7 @@ use crate::protocol::messages;
 use crate::protocol::startup::{split_initial, InitialPacket};
 
 /// Largest message accepted during authentication (SASL messages are a few hundred bytes).
-pub const MAX_AUTH_MESSAGE: usize = 10_000;
+pub(crate) const MAX_AUTH_MESSAGE: usize = 10_000;
 
 /// A client's byte stream.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ impl ClientStream {
     }
 
     /// Whether the connection is encrypted.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
     }
 }
@@ -94,11 +94,11 @@ pub struct ClientConn {
     /// The socket.
     pub stream: ClientStream,
     /// Bytes read and not yet consumed.
-    pub rbuf: BytesMut,
+    pub(crate) rbuf: BytesMut,
     /// What the proxy will write next.
-    pub wbuf: BytesMut,
+    pub(crate) wbuf: BytesMut,
     /// Client address.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
 }
 
 impl ClientConn {
@@ -147,7 +147,7 @@ impl ClientConn {
     ///
     /// # Cancel safety
     /// Cancel safe: partial data stays in the buffer.
-    pub async fn read_initial(&mut self, max: usize) -> Result<InitialPacket, SessionError> {
+    pub(crate) async fn read_initial(&mut self, max: usize) -> Result<InitialPacket, SessionError> {
         loop {
             if let Some(p) = split_initial(&mut self.rbuf, max).map_err(SessionError::Startup)? {
                 return Ok(p);
@@ -160,7 +160,7 @@ impl ClientConn {
     ///
     /// # Cancel safety
     /// Cancel safe: partial data stays in the buffer.
-    pub async fn read_frame(&mut self, max: usize) -> Result<Frame, SessionError> {
+    pub(crate) async fn read_frame(&mut self, max: usize) -> Result<Frame, SessionError> {
         loop {
             if let Some(f) = split_frame(&mut self.rbuf, max).map_err(SessionError::Frame)? {
                 return Ok(f);
@@ -181,7 +181,7 @@ impl ClientConn {
     }
 
     /// Writes `bytes` (what the relay had not written yet), best effort within a second.
-    pub async fn write_out(&mut self, bytes: &[u8]) {
+    pub(crate) async fn write_out(&mut self, bytes: &[u8]) {
         let write = async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
@@ -190,7 +190,7 @@ impl ClientConn {
     }
 
     /// Looks at the first byte without taking it (0x16 opens a direct TLS handshake).
-    pub async fn peek_first(&mut self) -> Result<Option<u8>, SessionError> {
+    pub(crate) async fn peek_first(&mut self) -> Result<Option<u8>, SessionError> {
         let ClientStream::Tcp(s) = &self.stream else {
             return Ok(None);
         };
@@ -204,7 +204,11 @@ impl ClientConn {
 
     /// Runs the TLS handshake on the plain socket. `direct`: the client opened with TLS (no
     /// SSLRequest), which PostgreSQL allows only with ALPN `postgresql`.
-    pub async fn start_tls(&mut self, acceptor: &tokio_rustls::TlsAcceptor, direct: bool) -> Result<(), SessionError> {
+    pub(crate) async fn start_tls(
+        &mut self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        direct: bool,
+    ) -> Result<(), SessionError> {
         let ClientStream::Tcp(tcp) = std::mem::replace(&mut self.stream, ClientStream::Closed) else {
             return Err(SessionError::Protocol("TLS requested twice".into()));
         };
@@ -222,13 +226,13 @@ impl ClientConn {
     }
 
     /// Sends one byte (the answer to SSLRequest / GSSENCRequest).
-    pub async fn send_byte(&mut self, b: u8) -> Result<(), SessionError> {
+    pub(crate) async fn send_byte(&mut self, b: u8) -> Result<(), SessionError> {
         self.wbuf.extend_from_slice(&[b]);
         self.flush().await
     }
 
     /// Sends an ErrorResponse, best effort.
-    pub async fn send_error(&mut self, e: &PgError) {
+    pub(crate) async fn send_error(&mut self, e: &PgError) {
         self.wbuf.clear();
         messages::error_response(e, &mut self.wbuf);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.flush()).await;

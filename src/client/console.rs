@@ -13,10 +13,10 @@ use crate::config::Config;
 use super::{ClientConn, Services, SessionError};
 
 /// The console's database names.
-pub const DATABASES: &[&str] = &["pgvalve", "pgbouncer"];
+pub(crate) const DATABASES: &[&str] = &["pgvalve", "pgbouncer"];
 
 /// True when `database` is the console.
-pub fn is_console(database: &str) -> bool {
+pub(crate) fn is_console(database: &str) -> bool {
     DATABASES.contains(&database)
 }
 
@@ -30,7 +30,7 @@ pub enum Role {
 }
 
 /// The console role of `user` under `config`, if any.
-pub fn role(config: &Config, user: &str) -> Option<Role> {
+pub(crate) fn role(config: &Config, user: &str) -> Option<Role> {
     let a = &config.admin;
     if a.admin_users.iter().any(|u| u == user) {
         Some(Role::Admin)

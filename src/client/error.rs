@@ -143,7 +143,7 @@ impl Sided for SessionError {
 
 impl SessionError {
     /// What the client is told (None when it is gone), with the code of [`Sided::sqlstate`].
-    pub fn client_error(&self) -> Option<PgError> {
+    pub(crate) fn client_error(&self) -> Option<PgError> {
         use SessionError::*;
         let fatal = |msg: String| PgError::fatal(self.sqlstate(), msg);
         Some(match self {

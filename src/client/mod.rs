@@ -24,18 +24,20 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 #[doc(hidden)]
-pub use auth::scram_exchange;
-pub use conn::{ClientConn, ClientStream};
-pub use console::{is_console, role, Console, Role, DATABASES};
-pub use error::SessionError;
-pub use params::parse_options;
-pub use prepared::Registry as StatementRegistry;
+pub(crate) use auth::scram_exchange;
+pub(crate) use conn::ClientConn;
+pub(crate) use console::{is_console, role, Console, Role};
+pub(crate) use error::SessionError;
+pub(crate) use params::parse_options;
+pub(crate) use prepared::Registry as StatementRegistry;
 #[doc(hidden)]
-pub use relay::exercise;
-pub use relay::{Mode, RelayEnd};
-pub use services::Services;
+pub(crate) use relay::exercise;
+pub(crate) use relay::Mode;
+pub(crate) use services::Services;
 #[doc(hidden)]
-pub use sql::{might_change_session as sql_might_change_session, session_state_change as sql_session_state_change};
+pub(crate) use sql::{
+    might_change_session as sql_might_change_session, session_state_change as sql_session_state_change,
+};
 
 use crate::admission::{Acquired, ClientPermit, Member, Queued, Refusal, ServerGrant, Waited};
 use crate::cancel::CancelKey;
@@ -50,7 +52,7 @@ use crate::shutdown::Phase;
 /// Serves one client connection to its end. `on_session_thread`: the task runs on a session
 /// thread (see the listener), so a session-mode server connection is registered
 /// with this thread's event loop before the relay.
-pub async fn serve(
+pub(crate) async fn serve(
     shared: Arc<Services>,
     stream: TcpStream,
     peer: SocketAddr,

@@ -36,7 +36,7 @@ fn split_options(s: &str) -> Vec<String> {
 ///
 /// # Errors
 /// [`SessionError::Unsupported`] for any other switch.
-pub fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
+pub(crate) fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
     let mut out = Vec::new();
     let mut tokens = split_options(s).into_iter();
     while let Some(t) = tokens.next() {
@@ -61,11 +61,11 @@ pub fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionError> {
 
 /// Values the client set after startup for parameters PostgreSQL reports (learned from the
 /// server's ParameterStatus in transaction mode), applied after the startup parameters.
-pub type Reported = std::collections::BTreeMap<String, String>;
+pub(crate) type Reported = std::collections::BTreeMap<String, String>;
 
 /// A key for the set of parameters `p` and `reported` apply: 0 when they apply none (a fresh
 /// or reset server connection needs nothing), else a nonzero hash.
-pub fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
+pub(crate) fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut any = false;
@@ -89,7 +89,7 @@ pub fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
 ///
 /// # Errors
 /// PostgreSQL's refusal of a parameter, or a failed connection.
-pub async fn prepare_server(
+pub(crate) async fn prepare_server(
     server: &mut crate::server::ServerConn,
     p: &StartupParams,
     reported: &Reported,
@@ -114,7 +114,7 @@ pub async fn prepare_server(
 ///
 /// # Errors
 /// [`SessionError::Unsupported`] for an `options` switch other than a setting.
-pub fn apply_query(p: &StartupParams, reported: &Reported) -> Result<Option<String>, SessionError> {
+pub(crate) fn apply_query(p: &StartupParams, reported: &Reported) -> Result<Option<String>, SessionError> {
     let mut settings = Vec::new();
     for (k, v) in p.session_params() {
         if k == "options" {

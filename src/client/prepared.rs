@@ -16,12 +16,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::tags::{backend, frontend, split_cstr, status, target};
 
-pub use crate::server::statements::ServerStatements;
+pub(crate) use crate::server::statements::ServerStatements;
 
 /// ParseComplete.
-pub const PARSE_COMPLETE: &[u8] = &[backend::PARSE_COMPLETE, 0, 0, 0, 4];
+pub(crate) const PARSE_COMPLETE: &[u8] = &[backend::PARSE_COMPLETE, 0, 0, 0, 4];
 /// CloseComplete.
-pub const CLOSE_COMPLETE: &[u8] = &[backend::CLOSE_COMPLETE, 0, 0, 0, 4];
+pub(crate) const CLOSE_COMPLETE: &[u8] = &[backend::CLOSE_COMPLETE, 0, 0, 0, 4];
 /// ReadyForQuery, idle.
 const READY_IDLE: &[u8] = &[backend::READY_FOR_QUERY, 0, 0, 0, 5, status::IDLE];
 
@@ -34,7 +34,7 @@ pub struct Registry {
 
 impl Registry {
     /// The id of a definition, assigning the next one if new.
-    pub fn id_for(&self, def: &Bytes) -> u64 {
+    pub(crate) fn id_for(&self, def: &Bytes) -> u64 {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         let next = ids.len() as u64 + 1;
         ids.entry(def.clone()).or_insert((next, false)).0
@@ -55,22 +55,22 @@ impl Registry {
 }
 
 /// The server-side name of statement `id`.
-pub fn server_name(id: u64) -> String {
+pub(crate) fn server_name(id: u64) -> String {
     format!("pgv_{id}")
 }
 
 /// A statement a client prepared.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StmtDef {
+pub(crate) struct StmtDef {
     /// Proxy-wide id.
     pub id: u64,
     /// Query text, parameter count and types, as in the Parse message after its name.
-    pub def: Bytes,
+    pub(crate) def: Bytes,
 }
 
 /// What the server will answer to one request, or what the proxy answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
+pub(crate) enum Expect {
     /// Query or FunctionCall: ends at ReadyForQuery.
     Query,
     /// Parse (of statement `id`, when named): ParseComplete.
@@ -99,7 +99,7 @@ pub enum Expect {
 
 /// What to do with one server message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OnServer {
+pub(crate) enum OnServer {
     /// Forward it, then send these proxy answers (possibly none).
     Forward(Vec<&'static [u8]>),
     /// Drop it (the answer to an injected message), then send these.
@@ -108,24 +108,24 @@ pub enum OnServer {
 
 /// Outstanding requests of one relay, in order.
 #[derive(Debug, Default)]
-pub struct Responses {
+pub(crate) struct Responses {
     q: VecDeque<Expect>,
     /// Statements whose Parse the server accepted (to record in the registry).
     pub accepted: Vec<u64>,
     /// In COPY IN started by Execute: the server ignores Sync until CopyDone/CopyFail.
     copy_in: bool,
     /// Syncs the server ignored (sent during COPY IN), not yet taken by the relay.
-    pub ignored_syncs: u32,
+    pub(crate) ignored_syncs: u32,
 }
 
 impl Responses {
     /// Nothing outstanding and no COPY under way: it can serve the next relay as it is.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.q.is_empty() && self.accepted.is_empty() && !self.copy_in && self.ignored_syncs == 0
     }
 
     /// Adds a request; returns the proxy answers due now (when nothing is ahead of them).
-    pub fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
+    pub(crate) fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
         match e {
             Expect::Sync if self.copy_in => {
                 self.ignored_syncs += 1;
@@ -159,7 +159,8 @@ impl Responses {
     }
 
     /// True when nothing is outstanding.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.q.is_empty()
     }
 
@@ -177,7 +178,7 @@ impl Responses {
 
     /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
     /// saying a cached plan changed its result type), updating `conn`'s statements.
-    pub fn on_server(&mut self, tag: u8, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
+    pub(crate) fn on_server(&mut self, tag: u8, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
         if matches!(
             tag,
             backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE
@@ -251,7 +252,7 @@ impl Responses {
 }
 
 /// Builds a Parse of statement `id` under its server name.
-pub fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
+pub(crate) fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
     let name = server_name(id);
     out.put_u8(frontend::PARSE);
     out.put_i32((4 + name.len() + 1 + def.len()) as i32);
@@ -261,7 +262,7 @@ pub fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
 }
 
 /// Builds a Close of statement `id`.
-pub fn close_message(id: u64, out: &mut BytesMut) {
+pub(crate) fn close_message(id: u64, out: &mut BytesMut) {
     let name = server_name(id);
     out.put_u8(frontend::CLOSE);
     out.put_i32((4 + 1 + name.len() + 1) as i32);
@@ -272,9 +273,9 @@ pub fn close_message(id: u64, out: &mut BytesMut) {
 
 /// A client's statements, and what it needs to rewrite its messages.
 #[derive(Debug)]
-pub struct ClientStatements {
+pub(crate) struct ClientStatements {
     /// By the client's name.
-    pub by_name: crate::FastMap<Vec<u8>, StmtDef>,
+    pub(crate) by_name: crate::FastMap<Vec<u8>, StmtDef>,
     /// The statement last bound to the unnamed portal (for Execute).
     unnamed_portal: Option<u64>,
     /// Proxy-wide ids.
@@ -285,13 +286,13 @@ pub struct ClientStatements {
 
 /// Where the handling of one client message sends bytes.
 #[derive(Debug)]
-pub struct Outputs<'a> {
+pub(crate) struct Outputs<'a> {
     /// To the server.
     pub server: &'a mut BytesMut,
     /// To the client (the proxy's own answers, when due).
     pub client: &'a mut BytesMut,
     /// Outstanding requests.
-    pub responses: &'a mut Responses,
+    pub(crate) responses: &'a mut Responses,
     /// The server connection's statements.
     pub conn: &'a mut ServerStatements,
 }
@@ -306,7 +307,7 @@ impl Outputs<'_> {
 
 impl ClientStatements {
     /// Statements of a new client session.
-    pub fn new(registry: Arc<Registry>, cap: usize) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, cap: usize) -> Self {
         Self {
             by_name: Default::default(),
             unnamed_portal: None,
@@ -338,7 +339,7 @@ impl ClientStatements {
     }
 
     /// Handles one whole client message (header included) in transaction mode.
-    pub fn on_client(&mut self, msg: Bytes, out: &mut Outputs<'_>) {
+    pub(crate) fn on_client(&mut self, msg: Bytes, out: &mut Outputs<'_>) {
         let body = &msg[5..];
         let statement = body.first() == Some(&target::STATEMENT);
         match msg[0] {
@@ -451,7 +452,7 @@ impl ClientStatements {
     }
 
     /// Records statements the server accepted during this relay.
-    pub fn note_accepted(&self, responses: &mut Responses) {
+    pub(crate) fn note_accepted(&self, responses: &mut Responses) {
         for id in responses.accepted.drain(..) {
             self.registry.mark_accepted(id);
         }
@@ -461,7 +462,7 @@ impl ClientStatements {
     /// has already accepted: one or more named Parse messages, then Sync. `buf` holds the
     /// client's unread bytes; on success the batch is consumed and the answers (ParseComplete
     /// each, then ReadyForQuery 'I') are written to `answer`.
-    pub fn answer_known_parses(&mut self, buf: &mut BytesMut, answer: &mut BytesMut) -> bool {
+    pub(crate) fn answer_known_parses(&mut self, buf: &mut BytesMut, answer: &mut BytesMut) -> bool {
         let mut pos = 0;
         let mut found = Vec::new();
         loop {
@@ -500,7 +501,7 @@ impl ClientStatements {
 
     /// The client ran DEALLOCATE ALL or DISCARD ALL: its statements are gone, and so is
     /// everything the server connection had prepared.
-    pub fn forget_all(&mut self, conn: &mut ServerStatements) {
+    pub(crate) fn forget_all(&mut self, conn: &mut ServerStatements) {
         self.by_name.clear();
         conn.clear();
     }

@@ -23,17 +23,17 @@ use super::{Console, StatementRegistry};
 #[derive(Debug)]
 pub struct Services {
     /// The configuration in force (replaced whole by a reload; see [`Services::config`]).
-    pub live_config: Arc<ArcSwap<Config>>,
+    pub(crate) live_config: Arc<ArcSwap<Config>>,
     /// Server connection pools.
     pub pools: PoolSet,
     /// Cancel keys.
-    pub cancels: Arc<CancelRegistry>,
+    pub(crate) cancels: Arc<CancelRegistry>,
     /// Client admission.
     pub admission: Admission,
     /// Shutdown phase, as sessions follow it.
-    pub phase_bell: Arc<PhaseBell>,
+    pub(crate) phase_bell: Arc<PhaseBell>,
     /// Verifier used for unknown users, so they cost the same SCRAM exchange as known ones.
-    pub decoy_verifier: ScramVerifier,
+    pub(crate) decoy_verifier: ScramVerifier,
     /// Users looked up with auth_query: verifiers, learned keys, failed logins.
     pub auth: Arc<AuthQuery>,
     /// Sessions pinned to a server connection in transaction mode, so far.
@@ -43,7 +43,7 @@ pub struct Services {
     /// Client sessions and the backends they use.
     pub sessions: Arc<Sessions>,
     /// Databases paused from the console.
-    pub pauses: Pauses,
+    pub(crate) pauses: Pauses,
     /// Serves users of the console database.
     pub console: Arc<dyn Console>,
 }

@@ -74,17 +74,17 @@ fn contains_any(sql: &[u8], words: &[&[u8]], filter: &Filter) -> bool {
 
 /// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
 /// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
-pub fn might_change_session(sql: &[u8]) -> bool {
+pub(crate) fn might_change_session(sql: &[u8]) -> bool {
     contains_any(sql, TRIGGERS, &TRIGGER_FILTER)
 }
 
 /// Cheap pre-check for [`deallocates_all`]: false when neither DEALLOCATE nor DISCARD appears.
-pub fn might_deallocate(sql: &[u8]) -> bool {
+pub(crate) fn might_deallocate(sql: &[u8]) -> bool {
     contains_any(sql, DEALLOCATES, &DEALLOCATE_FILTER)
 }
 
 /// Why a statement ties the client to its server connection, or None.
-pub fn session_state_change(sql: &str) -> Option<&'static str> {
+pub(crate) fn session_state_change(sql: &str) -> Option<&'static str> {
     let mut words: Vec<String> = Vec::new();
     let mut reason = None;
     let mut lexer = Lexer {
@@ -117,7 +117,7 @@ pub fn session_state_change(sql: &str) -> Option<&'static str> {
 
 /// Whether `sql` contains DEALLOCATE ALL or DISCARD ALL (the session's prepared statements
 /// are gone afterwards).
-pub fn deallocates_all(sql: &str) -> bool {
+pub(crate) fn deallocates_all(sql: &str) -> bool {
     let mut lexer = Lexer {
         s: sql.as_bytes(),
         i: 0,
@@ -168,7 +168,7 @@ fn is_session_function(w: &str) -> bool {
 /// Parameters PostgreSQL reports with ParameterStatus whenever they change: a SET or RESET of
 /// one of them does not pin, because the proxy learns the new value from the server and
 /// re-applies it on every server connection the client gets.
-pub const TRACKED_PARAMETERS: &[&str] = &[
+pub(crate) const TRACKED_PARAMETERS: &[&str] = &[
     "APPLICATION_NAME",
     "CLIENT_ENCODING",
     "DATESTYLE",

@@ -58,7 +58,11 @@ async fn next_request(client: &mut ClientConn, phase: &mut PhaseWatch, seat: &Se
 /// # Errors
 /// [`SessionError`] to tell the client (no server connection in time, shutdown, a protocol
 /// violation).
-pub async fn serve(shared: &Arc<Services>, client: &mut ClientConn, t: &mut TxnSession) -> Result<(), SessionError> {
+pub(crate) async fn serve(
+    shared: &Arc<Services>,
+    client: &mut ClientConn,
+    t: &mut TxnSession,
+) -> Result<(), SessionError> {
     let TxnSession {
         key,
         params: p,

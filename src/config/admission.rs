@@ -140,7 +140,7 @@ pub struct LimitOverrides {
 
 impl AdmissionSettings {
     /// The defaults as overrides (to validate them with the same rules).
-    pub fn as_overrides(&self) -> LimitOverrides {
+    pub(crate) fn as_overrides(&self) -> LimitOverrides {
         LimitOverrides {
             max_client_connections: Some(self.max_client_connections),
             max_server_connections: Some(self.max_server_connections),
@@ -319,7 +319,7 @@ impl Rule {
     }
 
     /// The rule's name as written (a template); rules are told apart by it on reload.
-    pub fn template(&self) -> &str {
+    pub(crate) fn template(&self) -> &str {
         &self.name
     }
 }

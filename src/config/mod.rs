@@ -21,7 +21,7 @@ use base64::Engine;
 use crate::error::{sqlstate, Side, Sided};
 
 pub use admission::{parse_cidr, validate_limits, AdmissionSettings, IdentityRule, LimitOverrides, LockAction, Rule};
-pub use tls::{end_point_hash, ClientTls, ServerTls, Tls};
+pub(crate) use tls::{end_point_hash, ServerTls, Tls};
 pub use types::{
     AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
     ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
@@ -144,7 +144,7 @@ impl FromStr for ScramVerifier {
 
 impl ScramVerifier {
     /// Derives a verifier from a password (4096 iterations, random salt), as PostgreSQL does.
-    pub fn from_password(password: &str) -> Self {
+    pub(crate) fn from_password(password: &str) -> Self {
         let s = postgres_protocol::password::scram_sha_256(password.as_bytes());
         s.parse()
             .expect("invariant: postgres-protocol produces a valid verifier")
@@ -214,7 +214,7 @@ pub struct Config {
 
 impl Config {
     /// Every setting at its default (no databases or users), for SHOW CONFIG's `default`.
-    pub fn default_settings() -> Config {
+    pub(crate) fn default_settings() -> Config {
         let f = FileConfig::default();
         Config {
             listen: f.proxy.listen.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 6432).into()),
@@ -465,7 +465,7 @@ impl Config {
     }
 
     /// Whether every pool is in session mode (no database or user says transaction).
-    pub fn all_session_mode(&self) -> bool {
+    pub(crate) fn all_session_mode(&self) -> bool {
         self.pool.pool_mode == PoolMode::Session
             && self
                 .databases

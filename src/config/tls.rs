@@ -32,9 +32,9 @@ pub struct ClientTls {
     /// What clients may or must do.
     pub mode: ClientTlsMode,
     /// The handshake, when a certificate is configured.
-    pub acceptor: Option<TlsAcceptor>,
+    pub(crate) acceptor: Option<TlsAcceptor>,
     /// SCRAM with our certificate's channel-binding data (SCRAM-SHA-256-PLUS).
-    pub scram: Option<ScramServerAuth>,
+    pub(crate) scram: Option<ScramServerAuth>,
 }
 
 /// TLS towards PostgreSQL.
@@ -280,7 +280,7 @@ impl ServerCertVerifier for Verifier {
 
 /// The `tls-server-end-point` channel-binding data of a DER certificate (RFC 5929: its hash
 /// with the signature's hash algorithm, SHA-256 for SHA-1 and MD5), if the algorithm is known.
-pub fn end_point_hash(cert_der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn end_point_hash(cert_der: &[u8]) -> Option<Vec<u8>> {
     use x509_certificate::{CapturedX509Certificate, SignatureAlgorithm as A};
     let cert = CapturedX509Certificate::from_der(cert_der.to_vec()).ok()?;
     let alg = match cert.signature_algorithm()? {

@@ -83,7 +83,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 /// Parses "123", "64kB", "64KiB", "10MB", "1GiB" (kB/MB/GB are 1024-based, as in PostgreSQL).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -142,7 +142,7 @@ pub struct ProxySettings {
 }
 
 /// PgBouncer's default auth_query: the verifier, NULL once `rolvaliduntil` has passed.
-pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname = $1 AND rolcanlogin";
+pub(crate) const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname = $1 AND rolcanlogin";
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -337,7 +337,7 @@ impl Default for LockSettings {
 }
 
 /// PostgreSQL's table lock modes.
-pub const LOCK_MODES: &[&str] = &[
+pub(crate) const LOCK_MODES: &[&str] = &[
     "AccessShareLock",
     "RowShareLock",
     "RowExclusiveLock",

@@ -26,7 +26,7 @@ use crate::shutdown::Phase;
 /// What the endpoint reads: the sessions' services, the event metrics, the lock monitor and
 /// the reload counters.
 #[derive(Debug, Clone)]
-pub struct Sources {
+pub(crate) struct Sources {
     /// The sessions' services (configuration, pools, admission, registry, phase).
     pub services: Arc<Services>,
     /// Event metrics.
@@ -34,7 +34,7 @@ pub struct Sources {
     /// What the lock monitor saw.
     pub locks: Arc<LockMonitor>,
     /// Reload counters.
-    pub reloader: Arc<Reloader>,
+    pub(crate) reloader: Arc<Reloader>,
 }
 
 async fn metrics(State(shared): State<Arc<Sources>>) -> impl IntoResponse {
@@ -69,7 +69,7 @@ async fn readyz(State(shared): State<Arc<Sources>>) -> (StatusCode, &'static str
 }
 
 /// Serves until the proxy stops.
-pub async fn serve(listener: TcpListener, shared: Arc<Sources>, mut phase: watch::Receiver<Phase>) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Sources>, mut phase: watch::Receiver<Phase>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

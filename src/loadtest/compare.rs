@@ -15,7 +15,7 @@ use super::report::redact;
 use super::run::{run, Outcome};
 
 /// PostgreSQL's max_connections for `--ephemeral`: small, as in the outage.
-pub const EPHEMERAL_MAX_CONNECTIONS: u32 = 40;
+pub(crate) const EPHEMERAL_MAX_CONNECTIONS: u32 = 40;
 /// pgvalve's pool size for `--ephemeral`.
 pub const EPHEMERAL_POOL_SIZE: u32 = 20;
 

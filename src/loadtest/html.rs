@@ -18,7 +18,7 @@ const PAD_B: f64 = 28.0;
 const PAD_T: f64 = 12.0;
 
 /// Escapes text for HTML/XML.
-pub fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

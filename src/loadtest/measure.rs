@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Longest run the timeline keeps, in seconds (later seconds are folded into the last).
-pub const MAX_SECONDS: usize = 3600;
+pub(crate) const MAX_SECONDS: usize = 3600;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("invariant: valid bounds")
@@ -21,7 +21,7 @@ fn histogram() -> Histogram<u64> {
 
 /// One second of one group.
 #[derive(Debug, Clone)]
-pub struct Second {
+pub(crate) struct Second {
     /// Transactions that succeeded.
     pub transactions: u64,
     /// Errors.
@@ -42,13 +42,13 @@ pub struct GroupReport {
     /// Errors by "SQLSTATE message" (or "client: ..." for client-side errors).
     pub errors: BTreeMap<String, u64>,
     /// Transactions still running when the round ended (or Ctrl-C): not in the latency.
-    pub unfinished: u64,
+    pub(crate) unfinished: u64,
     /// Transaction latency, microseconds (successful ones).
     pub latency: Histogram<u64>,
     /// Connect latency, microseconds.
     pub connect: Histogram<u64>,
     /// Per second since the start.
-    pub timeline: Vec<Second>,
+    pub(crate) timeline: Vec<Second>,
     /// Wall time measured.
     pub elapsed: Duration,
 }
@@ -130,7 +130,7 @@ pub struct Sample {
 }
 
 /// Jain's fairness index of `x` (1 = perfectly even, 1/n = one takes all); 1 for no data.
-pub fn jain(x: &[f64]) -> f64 {
+pub(crate) fn jain(x: &[f64]) -> f64 {
     let sum: f64 = x.iter().sum();
     let squares: f64 = x.iter().map(|v| v * v).sum();
     if x.is_empty() || squares == 0.0 {
@@ -140,7 +140,7 @@ pub fn jain(x: &[f64]) -> f64 {
 }
 
 /// The observer's query: client backends and dangerous locks of the target database.
-pub const OBSERVE_SQL: &str = "SELECT
+pub(crate) const OBSERVE_SQL: &str = "SELECT
   (SELECT count(*) FROM pg_stat_activity
     WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid()),
   (SELECT count(*) FROM pg_locks
@@ -150,7 +150,7 @@ pub const OBSERVE_SQL: &str = "SELECT
   current_setting('max_connections')::int8";
 
 /// One sample now (None when the query fails).
-pub async fn sample(client: &tokio_postgres::Client, start: Instant) -> Option<(Sample, i64)> {
+pub(crate) async fn sample(client: &tokio_postgres::Client, start: Instant) -> Option<(Sample, i64)> {
     let row = client.query_one(OBSERVE_SQL, &[]).await.ok()?;
     Some((
         Sample {
@@ -164,7 +164,7 @@ pub async fn sample(client: &tokio_postgres::Client, start: Instant) -> Option<(
 
 /// Samples PostgreSQL every `every` until `stop` says so; returns the samples and
 /// PostgreSQL's max_connections.
-pub async fn observe(
+pub(crate) async fn observe(
     client: tokio_postgres::Client,
     start: Instant,
     every: Duration,

@@ -9,7 +9,7 @@
 
 pub mod compare;
 pub mod html;
-pub mod measure;
+pub(crate) mod measure;
 pub mod plan;
 pub mod report;
 pub mod run;
@@ -17,7 +17,7 @@ pub mod run;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use measure::GroupReport;
+pub(crate) use measure::GroupReport;
 pub use plan::{LockKind, Plan};
 pub use run::{run, Outcome};
 
@@ -93,13 +93,13 @@ pub struct Args {
     pub polite: usize,
     /// noisy-neighbor: the greedy group's transaction, run without pause.
     #[arg(long, default_value = "SELECT pg_sleep(0.005)")]
-    pub greedy_sql: String,
+    pub(crate) greedy_sql: String,
     /// noisy-neighbor: the polite group's transaction.
     #[arg(long, default_value = "SELECT 1")]
-    pub polite_sql: String,
+    pub(crate) polite_sql: String,
     /// noisy-neighbor: the polite clients' pause between transactions.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
-    pub think: Duration,
+    pub(crate) think: Duration,
     /// lock-holder: clients taking the lock.
     #[arg(long, default_value_t = 1)]
     pub holders: usize,
@@ -117,7 +117,7 @@ pub struct Args {
     pub rate: f64,
     /// steady: share of read-write transactions, 0..=1.
     #[arg(long, default_value_t = 0.0)]
-    pub write_ratio: f64,
+    pub(crate) write_ratio: f64,
 }
 
 impl Args {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 /// One step of a client's transaction script.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged, deny_unknown_fields)]
-pub enum Step {
+pub(crate) enum Step {
     /// A statement (simple query; several separated by `;` are fine). `{rand}` becomes a
     /// random row id in 1..=rows, `{client}` the client's number.
     Sql {
@@ -38,16 +38,16 @@ pub struct Group {
     /// Concurrent clients.
     pub clients: usize,
     /// One transaction.
-    pub steps: Vec<Step>,
+    pub(crate) steps: Vec<Step>,
     /// Share of transactions that run `alt_steps` instead (read-write mix), 0..=1.
     #[serde(default)]
-    pub alt_ratio: f64,
+    pub(crate) alt_ratio: f64,
     /// The other transaction of the mix.
     #[serde(default)]
-    pub alt_steps: Vec<Step>,
+    pub(crate) alt_steps: Vec<Step>,
     /// Pause between two transactions of a client (closed loop).
     #[serde(default, with = "humantime_serde")]
-    pub think: Duration,
+    pub(crate) think: Duration,
     /// Open loop: transactions per second for the whole group (0: closed loop). Latency
     /// is counted from each transaction's scheduled start, so a backlog shows.
     #[serde(default)]
@@ -57,7 +57,7 @@ pub struct Group {
     pub hold: Duration,
     /// Most transactions one client runs per round (0: no limit but time).
     #[serde(default)]
-    pub max_transactions: u64,
+    pub(crate) max_transactions: u64,
 }
 
 /// A whole load test.
@@ -111,7 +111,7 @@ impl Plan {
     ///
     /// # Errors
     /// The file cannot be read, is not valid TOML, or describes no clients.
-    pub fn from_file(path: &Path) -> Result<Plan, String> {
+    pub(crate) fn from_file(path: &Path) -> Result<Plan, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let plan: Plan = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         plan.check().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -177,7 +177,7 @@ fn plan(scenario: &str, target: &str, duration: Duration, groups: Vec<Group>) ->
 }
 
 /// The table the lock-holder and steady scenarios use.
-pub fn table_setup(table: &str, rows: u64) -> Vec<String> {
+pub(crate) fn table_setup(table: &str, rows: u64) -> Vec<String> {
     vec![
         format!("CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)"),
         format!("INSERT INTO {table} (id) SELECT g FROM generate_series(1, {rows}) g ON CONFLICT DO NOTHING"),

@@ -14,7 +14,7 @@ use super::measure::{jain, GroupReport};
 use super::run::Outcome;
 
 /// The target URL with its password hidden.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &url[s + 3..at];

@@ -30,7 +30,7 @@ pub struct Outcome {
     /// observed.
     pub before: Option<i64>,
     /// Clients inside a transaction, once a second: (seconds since start, count).
-    pub in_flight: Vec<(f64, i64)>,
+    pub(crate) in_flight: Vec<(f64, i64)>,
     /// Wall time.
     pub elapsed: Duration,
     /// Stopped early (Ctrl-C).

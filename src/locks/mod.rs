@@ -12,7 +12,7 @@
 //! `max_lock_holders` admits the next transaction without waiting for a poll. A lost
 //! connection (PostgreSQL restarted) is re-opened at the next poll.
 
-pub mod record;
+pub(crate) mod record;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -33,7 +33,7 @@ use crate::sessions::Sessions;
 use crate::shutdown::Phase;
 
 /// The one query of a poll.
-pub const POLL_SQL: &str = "
+pub(crate) const POLL_SQL: &str = "
 SELECT l.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
        coalesce(host(a.client_addr) || ':' || a.client_port, 'local'), coalesce(a.state, ''),
        extract(epoch FROM now() - a.xact_start)::float8, left(coalesce(a.query, ''), 200),
@@ -67,7 +67,7 @@ impl LockMonitor {
 #[derive(Debug, Clone)]
 pub struct Watch {
     /// The configuration in force.
-    pub live_config: Arc<ArcSwap<Config>>,
+    pub(crate) live_config: Arc<ArcSwap<Config>>,
     /// The server connection pools.
     pub pools: PoolSet,
     /// Client sessions and the backends they use.

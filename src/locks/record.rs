@@ -27,7 +27,7 @@ pub struct Row {
     /// active, idle in transaction, ...
     pub state: String,
     /// Seconds since the transaction began.
-    pub xact_age: Option<f64>,
+    pub(crate) xact_age: Option<f64>,
     /// Current or last query, truncated.
     pub query: String,
     /// relation, tuple, transactionid, ...
@@ -35,11 +35,11 @@ pub struct Row {
     /// Lock mode.
     pub mode: String,
     /// Held (true) or waited for (false).
-    pub granted: bool,
+    pub(crate) granted: bool,
     /// Relation name when the lock is on one.
     pub relation: Option<String>,
     /// For a waiting lock: the backends it waits for.
-    pub blocked_by: Vec<i32>,
+    pub(crate) blocked_by: Vec<i32>,
 }
 
 /// A lock as SHOW LOCKS shows it.
@@ -56,7 +56,7 @@ pub struct LockView {
     /// Backends waiting directly on this backend.
     pub blocks: usize,
     /// Backends waiting on it directly or through others.
-    pub blocks_total: usize,
+    pub(crate) blocks_total: usize,
     /// The session's transaction count before the poll (see `SessionInfo::ends`).
     ends: u64,
 }
@@ -69,7 +69,7 @@ pub struct Episode {
     /// Client identity, or "external".
     pub identity: String,
     /// pgvalve session id.
-    pub session_id: Option<u64>,
+    pub(crate) session_id: Option<u64>,
     /// Client address (the pgvalve client's, or the one PostgreSQL sees).
     pub addr: String,
     /// Relation.
@@ -133,7 +133,7 @@ impl Episode {
 
 /// An action the monitor must take now.
 #[derive(Debug)]
-pub enum Act {
+pub(crate) enum Act {
     /// pg_cancel_backend(pid); the session is told why instead of PostgreSQL's text.
     Cancel(i32, Arc<SessionInfo>, PgError),
     /// End the session's transaction: the verdict is delivered to the session; the pid is
@@ -143,11 +143,11 @@ pub enum Act {
 
 /// Monitor settings the recorder needs.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub(crate) struct Rules {
     /// Dangerous lock modes.
-    pub dangerous_modes: Vec<String>,
+    pub(crate) dangerous_modes: Vec<String>,
     /// WARN after.
-    pub warn_after: Duration,
+    pub(crate) warn_after: Duration,
     /// History bound.
     pub history: usize,
 }
@@ -161,9 +161,9 @@ pub struct Recorder {
     /// The last poll's locks.
     pub current: Vec<LockView>,
     /// Episodes so far per identity.
-    pub episodes: HashMap<String, u64>,
+    pub(crate) episodes: HashMap<String, u64>,
     /// Policy actions so far per (identity, action).
-    pub actions: HashMap<(String, String), u64>,
+    pub(crate) actions: HashMap<(String, String), u64>,
     /// Backends ordered ended by pgvalve, terminated from the monitor if still there.
     pending_terminate: HashSet<i32>,
 }
@@ -204,7 +204,7 @@ impl Recorder {
     /// each session's transaction count from before the poll query ran (rows of a session
     /// whose transaction ended since are dropped: those locks are gone); `policy` gives an
     /// identity's (max_lock_hold, lock_action). Returns the actions due.
-    pub fn update(
+    pub(crate) fn update(
         &mut self,
         rows: Vec<Row>,
         sessions: &HashMap<i32, Arc<SessionInfo>>,
@@ -267,7 +267,7 @@ impl Recorder {
     /// Between polls: drops the locks of sessions whose transaction has ended since the poll
     /// that saw them (the relay saw ReadyForQuery 'I'), ending their episodes now. True when
     /// anything was dropped.
-    pub fn release_ended(&mut self, history: usize) -> bool {
+    pub(crate) fn release_ended(&mut self, history: usize) -> bool {
         let before = self.current.len();
         self.current
             .retain(|l| l.session.as_ref().is_none_or(|s| s.ends() == l.ends));
@@ -285,7 +285,7 @@ impl Recorder {
     }
 
     /// Sessions holding a dangerous lock now, per identity (pgvalve sessions only).
-    pub fn holders_per_identity(&self) -> HashMap<String, u32> {
+    pub(crate) fn holders_per_identity(&self) -> HashMap<String, u32> {
         let mut seen = HashSet::new();
         let mut out: HashMap<String, u32> = HashMap::new();
         for l in self.current.iter().filter(|l| l.dangerous) {

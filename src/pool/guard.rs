@@ -70,7 +70,7 @@ impl PooledConn {
     /// Transaction mode: returns the connection between two transactions of one client,
     /// without a reset (the client's parameters stay applied, see `ServerConn::applied`), or
     /// closes it if it is not idle and clean.
-    pub fn checkin(mut self) {
+    pub(crate) fn checkin(mut self) {
         let Some(mut obj) = self.obj.take() else {
             return;
         };
@@ -78,13 +78,6 @@ impl PooledConn {
             obj.idle_since = Instant::now();
             drop(obj);
         } else {
-            discard(obj);
-        }
-    }
-
-    /// Closes the connection (cancelling whatever it may still be running).
-    pub fn discard(mut self) {
-        if let Some(obj) = self.obj.take() {
             discard(obj);
         }
     }

@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::server::{self, ServerConn, ServerError, ServerTarget};
 
 /// A deadpool pool of server connections.
-pub type Pool = managed::Pool<ServerManager>;
+pub(crate) type Pool = managed::Pool<ServerManager>;
 
 /// The `max_server_connections` budget shared by all pools.
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl ServerSlots {
     }
 
     /// Registers a pool whose idle connections may be closed to free slots.
-    pub fn register(&self, pool: &Pool) {
+    pub(crate) fn register(&self, pool: &Pool) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.retain(|w| w.upgrade().is_some());
         pools.push(pool.weak());
@@ -88,7 +88,7 @@ impl ServerSlots {
 /// Spacing of connection attempts while the server cannot be reached: one attempt per
 /// window, 100 ms doubling up to the maximum; everyone else fails at once.
 #[derive(Debug, Default)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     state: Mutex<BackoffState>,
 }
 
@@ -147,11 +147,11 @@ pub struct ServerManager {
     /// Global cap.
     pub slots: Arc<ServerSlots>,
     /// How long to wait for a global slot (query_wait_timeout).
-    pub slot_wait: Duration,
+    pub(crate) slot_wait: Duration,
     /// Close connections older than this when they come back (zero = never).
     pub lifetime: Duration,
     /// Probe a connection before reuse only when it was idle longer than this.
-    pub check_delay: Duration,
+    pub(crate) check_delay: Duration,
     /// Connections refused by recycle (closed instead of reused).
     pub recycle_rejections: Arc<AtomicU64>,
     /// Connections created.
@@ -159,9 +159,9 @@ pub struct ServerManager {
     /// Connection attempts that failed.
     pub failed: Arc<AtomicU64>,
     /// Attempt spacing while the server is unreachable.
-    pub backoff: Backoff,
+    pub(crate) backoff: Backoff,
     /// Longest spacing (server_login_retry).
-    pub login_retry: Duration,
+    pub(crate) login_retry: Duration,
     /// The pool's max size, kept with every resize: read at each checkout without the pool's
     /// lock (`Pool::status` takes it).
     pub size: AtomicUsize,

@@ -7,8 +7,8 @@
 
 mod guard;
 mod manager;
-pub mod pause;
-pub mod stats;
+pub(crate) mod pause;
+pub(crate) mod stats;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,10 +19,10 @@ use arc_swap::ArcSwap;
 use deadpool::managed::{PoolError, QueueMode, Timeouts};
 use deadpool::Runtime;
 
-pub use guard::PooledConn;
-pub use manager::{Pool, ServerManager, ServerSlots};
-pub use pause::Pauses;
-pub use stats::Stats;
+pub(crate) use guard::PooledConn;
+pub(crate) use manager::{Pool, ServerManager, ServerSlots};
+pub(crate) use pause::Pauses;
+pub(crate) use stats::Stats;
 
 use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
@@ -78,7 +78,7 @@ pub enum CheckoutError {
 
 impl CheckoutError {
     /// The error the client is told.
-    pub fn client_error(&self) -> PgError {
+    pub(crate) fn client_error(&self) -> PgError {
         match self {
             CheckoutError::Timeout { database, user, waited, pool_size } => PgError::fatal(
                 self.sqlstate(),
@@ -129,7 +129,7 @@ pub struct PoolStats {
     /// Connections closed instead of reused at checkout.
     pub recycle_rejections: u64,
     /// Connection attempts that failed.
-    pub connect_failures: u64,
+    pub(crate) connect_failures: u64,
 }
 
 struct Entry {
@@ -345,7 +345,7 @@ impl PoolSet {
     }
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`.
-    pub fn reap(&self) -> usize {
+    pub(crate) fn reap(&self) -> usize {
         let config = self.config.load();
         let (idle_to, life) = (config.pool.server_idle_timeout, config.pool.server_lifetime);
         let pools: Vec<Pool> = {
@@ -365,7 +365,7 @@ impl PoolSet {
     }
 
     /// How often [`PoolSet::reap`] should run.
-    pub fn reap_interval(&self) -> Duration {
+    pub(crate) fn reap_interval(&self) -> Duration {
         let config = self.config.load();
         let p = &config.pool;
         [p.server_idle_timeout, p.server_lifetime]
@@ -378,7 +378,7 @@ impl PoolSet {
     }
 
     /// Idle server connections: (pool, backend pid, server address, opened, idle since).
-    pub fn idle_connections(&self) -> Vec<(PoolKey, i32, String, std::time::SystemTime, std::time::SystemTime)> {
+    pub(crate) fn idle_connections(&self) -> Vec<(PoolKey, i32, String, std::time::SystemTime, std::time::SystemTime)> {
         let pools: Vec<(PoolKey, Pool)> = {
             let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             p.iter().map(|(k, e)| (k.clone(), e.pool.clone())).collect()
@@ -401,7 +401,7 @@ impl PoolSet {
     }
 
     /// Closes the idle connections of `database`'s pools (PAUSE). Returns how many.
-    pub fn close_idle(&self, database: Option<&str>) -> usize {
+    pub(crate) fn close_idle(&self, database: Option<&str>) -> usize {
         let pools: Vec<Pool> = {
             let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             p.iter()
@@ -413,7 +413,7 @@ impl PoolSet {
     }
 
     /// Server connections in use by clients in `database`'s pools (None: all).
-    pub fn in_use(&self, database: Option<&str>) -> usize {
+    pub(crate) fn in_use(&self, database: Option<&str>) -> usize {
         self.stats()
             .iter()
             .filter(|p| database.is_none_or(|d| p.key.database == d))

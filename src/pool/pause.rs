@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 /// Paused databases of one proxy.
 #[derive(Debug)]
-pub struct Pauses {
+pub(crate) struct Pauses {
     paused: watch::Sender<BTreeSet<String>>,
     /// Whether anything is paused: read before every checkout, so the common case takes no
     /// lock (the set's lock is shared by every session).
@@ -30,11 +30,11 @@ impl Default for Pauses {
 }
 
 /// Every database.
-pub const ALL: &str = "*";
+pub(crate) const ALL: &str = "*";
 
 impl Pauses {
     /// Pauses `database` (None: all). False when it already was.
-    pub fn pause(&self, database: Option<&str>) -> bool {
+    pub(crate) fn pause(&self, database: Option<&str>) -> bool {
         let name = database.unwrap_or(ALL).to_string();
         self.paused.send_if_modified(|set| {
             self.any.store(true, Ordering::Release);
@@ -44,7 +44,7 @@ impl Pauses {
 
     /// Resumes `database` (None: all, and every database paused by name). False when it
     /// was not paused.
-    pub fn resume(&self, database: Option<&str>) -> bool {
+    pub(crate) fn resume(&self, database: Option<&str>) -> bool {
         self.paused.send_if_modified(|set| {
             let changed = match database {
                 None => {
@@ -60,7 +60,7 @@ impl Pauses {
     }
 
     /// Whether `database` is paused now (by name or through "*").
-    pub fn is_paused(&self, database: &str) -> bool {
+    pub(crate) fn is_paused(&self, database: &str) -> bool {
         if !self.any.load(Ordering::Acquire) {
             return false;
         }
@@ -69,12 +69,13 @@ impl Pauses {
     }
 
     /// What is paused.
-    pub fn list(&self) -> Vec<String> {
+    #[cfg(test)]
+    fn list(&self) -> Vec<String> {
         self.paused.borrow().iter().cloned().collect()
     }
 
     /// Returns once `database` is not paused (at once when nothing is).
-    pub async fn wait_resumed(&self, database: &str) {
+    pub(crate) async fn wait_resumed(&self, database: &str) {
         if !self.is_paused(database) {
             return;
         }

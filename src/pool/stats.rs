@@ -13,31 +13,31 @@ use std::time::{Duration, Instant};
 use super::PoolKey;
 
 /// How far a session's tally may run ahead of the shared counters.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// Totals since start, as PgBouncer's `SHOW STATS` names them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
     /// Times a server connection was assigned to a client.
-    pub server_assignments: u64,
+    pub(crate) server_assignments: u64,
     /// Transactions (ReadyForQuery 'I' after a request: also single statements outside one).
-    pub xacts: u64,
+    pub(crate) xacts: u64,
     /// Queries (requests answered by ReadyForQuery: a Query, or an extended batch up to Sync).
     pub queries: u64,
     /// Bytes received from clients.
-    pub received: u64,
+    pub(crate) received: u64,
     /// Bytes sent to clients (received from servers).
     pub sent: u64,
     /// Microseconds spent in transactions.
-    pub xact_us: u64,
+    pub(crate) xact_us: u64,
     /// Microseconds spent in queries.
-    pub query_us: u64,
+    pub(crate) query_us: u64,
     /// Microseconds clients waited for a server connection.
     pub wait_us: u64,
     /// Parse messages from clients.
-    pub parses: u64,
+    pub(crate) parses: u64,
     /// Bind messages from clients.
-    pub binds: u64,
+    pub(crate) binds: u64,
 }
 
 impl Totals {
@@ -56,7 +56,7 @@ impl Totals {
     }
 
     /// `self - earlier`, field by field.
-    pub fn since(&self, earlier: &Totals) -> Totals {
+    pub(crate) fn since(&self, earlier: &Totals) -> Totals {
         Totals {
             server_assignments: self.server_assignments.saturating_sub(earlier.server_assignments),
             xacts: self.xacts.saturating_sub(earlier.xacts),
@@ -101,7 +101,7 @@ impl Counters {
     }
 
     /// The totals now.
-    pub fn totals(&self) -> Totals {
+    pub(crate) fn totals(&self) -> Totals {
         let g = |i: usize| self.fields[i].load(Ordering::Relaxed);
         Totals {
             server_assignments: g(0),
@@ -120,7 +120,7 @@ impl Counters {
 
 /// A session's tally, folded into its pool's counters now and then and when dropped.
 #[derive(Debug)]
-pub struct Local {
+pub(crate) struct Local {
     counters: Arc<Counters>,
     /// Not yet folded in.
     pub pending: Totals,
@@ -129,7 +129,7 @@ pub struct Local {
 
 impl Local {
     /// A tally for the pool with `counters`.
-    pub fn new(counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(counters: Arc<Counters>) -> Self {
         Self {
             counters,
             pending: Totals::default(),
@@ -138,7 +138,7 @@ impl Local {
     }
 
     /// Adds `t`; folds everything in when the last fold is [`FLUSH_EVERY`] old.
-    pub fn add(&mut self, t: &Totals, now: Instant) {
+    pub(crate) fn add(&mut self, t: &Totals, now: Instant) {
         self.pending.add(t);
         if now.duration_since(self.flushed) >= FLUSH_EVERY {
             self.flush(now);
@@ -183,7 +183,7 @@ impl Stats {
     }
 
     /// Totals of every pool, by key.
-    pub fn totals(&self) -> Vec<(PoolKey, Totals)> {
+    pub(crate) fn totals(&self) -> Vec<(PoolKey, Totals)> {
         let m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = m.iter().map(|(k, c)| (k.clone(), c.totals())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -191,7 +191,7 @@ impl Stats {
     }
 
     /// Ends a stats period (called every `stats_period`): its deltas become the averages.
-    pub fn roll(&self, now: Instant) {
+    pub(crate) fn roll(&self, now: Instant) {
         let totals = self.totals();
         let mut p = self.period.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(started) = p.started {
@@ -211,7 +211,7 @@ impl Stats {
 
     /// The last complete period's deltas and its length, for a pool (None before the first
     /// period ended).
-    pub fn last_period(&self, key: &PoolKey) -> Option<(Totals, Duration)> {
+    pub(crate) fn last_period(&self, key: &PoolKey) -> Option<(Totals, Duration)> {
         self.period
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -72,7 +72,7 @@ impl Frame {
 /// # Errors
 /// [`FrameError`] for a length below 4 or a total above `max`.
 #[inline]
-pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError> {
+pub(crate) fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }

@@ -30,12 +30,12 @@ fn put<M: Message>(m: M, out: &mut BytesMut) {
 }
 
 /// AuthenticationOk.
-pub fn auth_ok(out: &mut BytesMut) {
+pub(crate) fn auth_ok(out: &mut BytesMut) {
     put(Authentication::Ok, out);
 }
 
 /// AuthenticationSASL offering `mechanisms`.
-pub fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
+pub(crate) fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
     put(
         Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()),
         out,
@@ -43,27 +43,27 @@ pub fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
 }
 
 /// AuthenticationSASLContinue.
-pub fn auth_sasl_continue(data: &[u8], out: &mut BytesMut) {
+pub(crate) fn auth_sasl_continue(data: &[u8], out: &mut BytesMut) {
     put(Authentication::SASLContinue(Bytes::copy_from_slice(data)), out);
 }
 
 /// AuthenticationSASLFinal.
-pub fn auth_sasl_final(data: &[u8], out: &mut BytesMut) {
+pub(crate) fn auth_sasl_final(data: &[u8], out: &mut BytesMut) {
     put(Authentication::SASLFinal(Bytes::copy_from_slice(data)), out);
 }
 
 /// ParameterStatus.
-pub fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
+pub(crate) fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
     put(ParameterStatus::new(name.into(), value.into()), out);
 }
 
 /// BackendKeyData with a protocol 3.0 (i32) key.
-pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
+pub(crate) fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     put(BackendKeyData::new(pid, SecretKey::I32(secret)), out);
 }
 
 /// ReadyForQuery with the status byte `I`, `T` or `E` ([`tags::status`]).
-pub fn ready_for_query(status: u8, out: &mut BytesMut) {
+pub(crate) fn ready_for_query(status: u8, out: &mut BytesMut) {
     let status = match status {
         tags::status::IN_TRANSACTION => TransactionStatus::Transaction,
         tags::status::FAILED => TransactionStatus::Error,
@@ -73,7 +73,7 @@ pub fn ready_for_query(status: u8, out: &mut BytesMut) {
 }
 
 /// NegotiateProtocolVersion: we speak 3.0 and no `_pq_` options.
-pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
+pub(crate) fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
     put(NegotiateProtocolVersion::new(0, unsupported), out);
 }
 
@@ -94,12 +94,12 @@ fn fields(e: &PgError) -> Vec<(u8, String)> {
 }
 
 /// ErrorResponse.
-pub fn error_response(e: &PgError, out: &mut BytesMut) {
+pub(crate) fn error_response(e: &PgError, out: &mut BytesMut) {
     put(ErrorResponse::new(fields(e)), out);
 }
 
 /// NoticeResponse with severity NOTICE.
-pub fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
+pub(crate) fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
     put(
         NoticeResponse::new(vec![
             (field::SEVERITY, "NOTICE".into()),
@@ -113,7 +113,7 @@ pub fn notice_response(code: &str, message: &str, out: &mut BytesMut) {
 
 /// Column types the admin console uses (PostgreSQL type OIDs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnType {
+pub(crate) enum ColumnType {
     /// text.
     Text,
     /// int8.
@@ -123,7 +123,7 @@ pub enum ColumnType {
 }
 
 /// RowDescription of text-format columns.
-pub fn row_description(columns: &[(&str, ColumnType)], out: &mut BytesMut) {
+pub(crate) fn row_description(columns: &[(&str, ColumnType)], out: &mut BytesMut) {
     let fields = columns
         .iter()
         .map(|(name, t)| {
@@ -139,7 +139,7 @@ pub fn row_description(columns: &[(&str, ColumnType)], out: &mut BytesMut) {
 }
 
 /// DataRow of text values (None = NULL).
-pub fn data_row(values: &[Option<String>], out: &mut BytesMut) {
+pub(crate) fn data_row(values: &[Option<String>], out: &mut BytesMut) {
     let mut data = BytesMut::new();
     for v in values {
         match v {
@@ -154,7 +154,7 @@ pub fn data_row(values: &[Option<String>], out: &mut BytesMut) {
 }
 
 /// CommandComplete with `tag`.
-pub fn command_complete(tag: &str, out: &mut BytesMut) {
+pub(crate) fn command_complete(tag: &str, out: &mut BytesMut) {
     put(CommandComplete::new(tag.to_string()), out);
 }
 

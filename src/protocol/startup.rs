@@ -12,11 +12,11 @@ use pgwire::messages::{DecodeContext, Message};
 use crate::error::{sqlstate, Side, Sided};
 
 /// Request code of an SSLRequest.
-pub const SSL_REQUEST_CODE: i32 = 80877103;
+pub(crate) const SSL_REQUEST_CODE: i32 = 80877103;
 /// Request code of a GSSENCRequest.
-pub const GSSENC_REQUEST_CODE: i32 = 80877104;
+pub(crate) const GSSENC_REQUEST_CODE: i32 = 80877104;
 /// Request code of a CancelRequest.
-pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+pub(crate) const CANCEL_REQUEST_CODE: i32 = 80877102;
 /// The ALPN protocol name of PostgreSQL (required for direct TLS).
 pub const ALPN: &[u8] = b"postgresql";
 
@@ -88,7 +88,7 @@ impl Params {
     }
 
     /// Whether `name` was sent.
-    pub fn contains_key(&self, name: &str) -> bool {
+    pub(crate) fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
 
@@ -157,19 +157,19 @@ impl StartupParams {
     }
 
     /// Protocol options (`_pq_.*`) that this proxy does not support (it supports none).
-    pub fn protocol_options(&self) -> Vec<String> {
+    pub(crate) fn protocol_options(&self) -> Vec<String> {
         self.params.keys().filter(|k| k.starts_with("_pq_.")).cloned().collect()
     }
 
     /// Whether the client must be sent NegotiateProtocolVersion (PostgreSQL does it when the
     /// minor version is above what it supports or `_pq_.` options are present).
-    pub fn needs_negotiation(&self) -> bool {
+    pub(crate) fn needs_negotiation(&self) -> bool {
         self.minor > 0 || self.params.keys().any(|k| k.starts_with("_pq_."))
     }
 
     /// Session parameters to apply on the server: everything except the connection keys
     /// (`user`, `database`, `replication`, `_pq_.*`). `options` is returned as is.
-    pub fn session_params(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn session_params(&self) -> impl Iterator<Item = (&str, &str)> {
         self.params
             .iter()
             .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication") && !k.starts_with("_pq_."))

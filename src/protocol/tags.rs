@@ -3,141 +3,144 @@
 //! statement tracker, the console and the server login read tags from here instead of
 //! spelling bytes.
 
+// The whole vocabulary is named once, here; not every tag is read by the proxy yet.
+#![allow(dead_code)]
+
 /// Message tags a client (frontend) sends.
-pub mod frontend {
+pub(crate) mod frontend {
     /// Bind.
-    pub const BIND: u8 = b'B';
+    pub(crate) const BIND: u8 = b'B';
     /// Close (a statement or portal).
-    pub const CLOSE: u8 = b'C';
+    pub(crate) const CLOSE: u8 = b'C';
     /// CopyData (also sent by the server).
-    pub const COPY_DATA: u8 = b'd';
+    pub(crate) const COPY_DATA: u8 = b'd';
     /// CopyDone (also sent by the server).
-    pub const COPY_DONE: u8 = b'c';
+    pub(crate) const COPY_DONE: u8 = b'c';
     /// CopyFail.
-    pub const COPY_FAIL: u8 = b'f';
+    pub(crate) const COPY_FAIL: u8 = b'f';
     /// Describe (a statement or portal).
-    pub const DESCRIBE: u8 = b'D';
+    pub(crate) const DESCRIBE: u8 = b'D';
     /// Execute.
-    pub const EXECUTE: u8 = b'E';
+    pub(crate) const EXECUTE: u8 = b'E';
     /// Flush.
-    pub const FLUSH: u8 = b'H';
+    pub(crate) const FLUSH: u8 = b'H';
     /// FunctionCall.
-    pub const FUNCTION_CALL: u8 = b'F';
+    pub(crate) const FUNCTION_CALL: u8 = b'F';
     /// Parse.
-    pub const PARSE: u8 = b'P';
+    pub(crate) const PARSE: u8 = b'P';
     /// PasswordMessage, SASLInitialResponse and SASLResponse share this tag.
-    pub const PASSWORD: u8 = b'p';
+    pub(crate) const PASSWORD: u8 = b'p';
     /// Query (simple protocol).
-    pub const QUERY: u8 = b'Q';
+    pub(crate) const QUERY: u8 = b'Q';
     /// Sync.
-    pub const SYNC: u8 = b'S';
+    pub(crate) const SYNC: u8 = b'S';
     /// Terminate.
-    pub const TERMINATE: u8 = b'X';
+    pub(crate) const TERMINATE: u8 = b'X';
 }
 
 /// Message tags a server (backend) sends.
 pub mod backend {
     /// Authentication (Ok, SASL, MD5, cleartext ...).
-    pub const AUTHENTICATION: u8 = b'R';
+    pub(crate) const AUTHENTICATION: u8 = b'R';
     /// BackendKeyData.
-    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub(crate) const BACKEND_KEY_DATA: u8 = b'K';
     /// BindComplete.
-    pub const BIND_COMPLETE: u8 = b'2';
+    pub(crate) const BIND_COMPLETE: u8 = b'2';
     /// CloseComplete.
-    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub(crate) const CLOSE_COMPLETE: u8 = b'3';
     /// CommandComplete.
-    pub const COMMAND_COMPLETE: u8 = b'C';
+    pub(crate) const COMMAND_COMPLETE: u8 = b'C';
     /// CopyBothResponse.
-    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub(crate) const COPY_BOTH_RESPONSE: u8 = b'W';
     /// CopyData (also sent by the client).
-    pub const COPY_DATA: u8 = b'd';
+    pub(crate) const COPY_DATA: u8 = b'd';
     /// CopyDone (also sent by the client).
-    pub const COPY_DONE: u8 = b'c';
+    pub(crate) const COPY_DONE: u8 = b'c';
     /// CopyInResponse.
-    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub(crate) const COPY_IN_RESPONSE: u8 = b'G';
     /// CopyOutResponse.
-    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub(crate) const COPY_OUT_RESPONSE: u8 = b'H';
     /// DataRow.
-    pub const DATA_ROW: u8 = b'D';
+    pub(crate) const DATA_ROW: u8 = b'D';
     /// EmptyQueryResponse.
-    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub(crate) const EMPTY_QUERY_RESPONSE: u8 = b'I';
     /// ErrorResponse.
-    pub const ERROR_RESPONSE: u8 = b'E';
+    pub(crate) const ERROR_RESPONSE: u8 = b'E';
     /// FunctionCallResponse.
-    pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+    pub(crate) const FUNCTION_CALL_RESPONSE: u8 = b'V';
     /// NegotiateProtocolVersion.
-    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    pub(crate) const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
     /// NoData.
-    pub const NO_DATA: u8 = b'n';
+    pub(crate) const NO_DATA: u8 = b'n';
     /// NoticeResponse.
-    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub(crate) const NOTICE_RESPONSE: u8 = b'N';
     /// NotificationResponse.
-    pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub(crate) const NOTIFICATION_RESPONSE: u8 = b'A';
     /// ParameterDescription.
-    pub const PARAMETER_DESCRIPTION: u8 = b't';
+    pub(crate) const PARAMETER_DESCRIPTION: u8 = b't';
     /// ParameterStatus.
-    pub const PARAMETER_STATUS: u8 = b'S';
+    pub(crate) const PARAMETER_STATUS: u8 = b'S';
     /// ParseComplete.
-    pub const PARSE_COMPLETE: u8 = b'1';
+    pub(crate) const PARSE_COMPLETE: u8 = b'1';
     /// PortalSuspended.
-    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub(crate) const PORTAL_SUSPENDED: u8 = b's';
     /// ReadyForQuery.
-    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub(crate) const READY_FOR_QUERY: u8 = b'Z';
     /// RowDescription.
-    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub(crate) const ROW_DESCRIPTION: u8 = b'T';
 }
 
 /// The transaction status byte of ReadyForQuery.
 pub mod status {
     /// Idle: not in a transaction block.
-    pub const IDLE: u8 = b'I';
+    pub(crate) const IDLE: u8 = b'I';
     /// In a transaction block.
-    pub const IN_TRANSACTION: u8 = b'T';
+    pub(crate) const IN_TRANSACTION: u8 = b'T';
     /// In a failed transaction block.
-    pub const FAILED: u8 = b'E';
+    pub(crate) const FAILED: u8 = b'E';
 }
 
 /// The one unframed byte that answers an SSLRequest or GSSENCRequest, before any message.
-pub mod encryption {
+pub(crate) mod encryption {
     /// SSLRequest accepted: the TLS handshake follows.
-    pub const SSL_ACCEPTED: u8 = b'S';
+    pub(crate) const SSL_ACCEPTED: u8 = b'S';
     /// Encryption refused: the session goes on in plain text (or the client gives up).
-    pub const REFUSED: u8 = b'N';
+    pub(crate) const REFUSED: u8 = b'N';
 }
 
 /// What a Describe or Close names: the byte before the name.
 pub mod target {
     /// A prepared statement.
-    pub const STATEMENT: u8 = b'S';
+    pub(crate) const STATEMENT: u8 = b'S';
     /// A portal.
-    pub const PORTAL: u8 = b'P';
+    pub(crate) const PORTAL: u8 = b'P';
 }
 
 /// Field codes of an ErrorResponse or NoticeResponse.
 pub mod field {
     /// Severity, localized.
-    pub const SEVERITY: u8 = b'S';
+    pub(crate) const SEVERITY: u8 = b'S';
     /// Severity, never localized (9.6+).
-    pub const SEVERITY_V: u8 = b'V';
+    pub(crate) const SEVERITY_V: u8 = b'V';
     /// SQLSTATE code.
-    pub const CODE: u8 = b'C';
+    pub(crate) const CODE: u8 = b'C';
     /// Primary message.
-    pub const MESSAGE: u8 = b'M';
+    pub(crate) const MESSAGE: u8 = b'M';
     /// Detail.
-    pub const DETAIL: u8 = b'D';
+    pub(crate) const DETAIL: u8 = b'D';
     /// Hint.
-    pub const HINT: u8 = b'H';
+    pub(crate) const HINT: u8 = b'H';
 }
 
 /// The C string at the start of `b` and what follows its NUL, or `None` when `b` holds no
 /// NUL (a malformed or cut message). Never allocates, never reads past `b`.
-pub fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = b.iter().position(|&c| c == 0)?;
     Some((&b[..nul], &b[nul + 1..]))
 }
 
 /// [`split_cstr`] with the text decoded (invalid UTF-8 replaced), for display and matching.
-pub fn read_cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
+pub(crate) fn read_cstr(b: &[u8]) -> Option<(std::borrow::Cow<'_, str>, &[u8])> {
     let (text, rest) = split_cstr(b)?;
     Some((String::from_utf8_lossy(text), rest))
 }

@@ -73,7 +73,7 @@ impl AuthQuery {
     }
 
     /// True when `user` from `addr` failed too often lately: refuse without a lookup.
-    pub fn limited(&self, user: &str, addr: IpAddr, limit: u32) -> bool {
+    pub(crate) fn limited(&self, user: &str, addr: IpAddr, limit: u32) -> bool {
         if limit == 0 {
             return false;
         }

@@ -72,7 +72,7 @@ pub enum ServerError {
 impl ServerError {
     /// The server could not be reached at all (or is starting up / shutting down): worth
     /// waiting before trying again, unlike a refused login.
-    pub fn unreachable(&self) -> bool {
+    pub(crate) fn unreachable(&self) -> bool {
         match self {
             ServerError::Connect { .. } | ServerError::ConnectTimeout { .. } | ServerError::Io(_) => true,
             ServerError::Postgres(e) => e.code.starts_with("57P"),
@@ -81,7 +81,7 @@ impl ServerError {
     }
 
     /// The error the client is told.
-    pub fn client_error(&self) -> PgError {
+    pub(crate) fn client_error(&self) -> PgError {
         let code = self.sqlstate();
         match self {
             ServerError::Postgres(e) => PgError { severity: Severity::Fatal, ..e.clone() },

@@ -16,13 +16,13 @@ use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
-pub mod auth_query;
+pub(crate) mod auth_query;
 mod error;
-pub mod scram;
-pub mod statements;
-pub mod stream;
-pub use error::ServerError;
-pub use stream::{ServerAddr, ServerStream};
+pub(crate) mod scram;
+pub(crate) mod statements;
+pub(crate) mod stream;
+pub(crate) use error::ServerError;
+pub(crate) use stream::{ServerAddr, ServerStream};
 
 use crate::config::Secret;
 use crate::protocol::frame::{split_frame, Frame};
@@ -30,7 +30,7 @@ use crate::protocol::messages::parse_server_error;
 use crate::protocol::tags;
 
 /// Largest message the proxy reads whole from a server (during login and its own queries).
-pub const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
+pub(crate) const MAX_SERVER_CONTROL_MESSAGE: usize = 1 << 20;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ pub struct ServerTarget {
 impl ServerTarget {
     /// How to reach `route`'s server as its user under `config`; `keys` for a user found by
     /// auth_query (its configured password, if any, comes first).
-    pub fn for_route(
+    pub(crate) fn for_route(
         config: &crate::config::Config,
         route: &crate::config::Route,
         keys: Option<std::sync::Arc<scram::KeySlot>>,
@@ -81,7 +81,7 @@ pub struct ServerConn {
     /// The socket.
     pub stream: ServerStream,
     /// Bytes read from the server and not yet consumed.
-    pub rbuf: BytesMut,
+    pub(crate) rbuf: BytesMut,
     /// Backend process id (BackendKeyData).
     pub pid: i32,
     /// Backend cancel key (BackendKeyData).
@@ -95,7 +95,7 @@ pub struct ServerConn {
     /// Set when the connection's state is unknown; it is then never reused.
     pub broken: bool,
     /// When it last went back to the pool.
-    pub idle_since: Instant,
+    pub(crate) idle_since: Instant,
     /// Its slot under max_server_connections, released when the connection is dropped.
     pub slot: Option<OwnedSemaphorePermit>,
     /// Which client parameters are applied (a hash; 0 = none, as after a reset).
@@ -103,15 +103,15 @@ pub struct ServerConn {
     /// Proxy-named prepared statements on this connection (transaction mode).
     pub prepared: statements::ServerStatements,
     /// Set by the relay when the protocol state is known: what is still due from the server.
-    pub recover: Option<Recover>,
+    pub(crate) recover: Option<Recover>,
 }
 
 /// What a server connection still owes after its client left, when that is known: every
 /// request went whole and every answer so far came back whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recover {
+pub(crate) struct Recover {
     /// ReadyForQuery messages still due (requests in flight).
-    pub answers_due: u32,
+    pub(crate) answers_due: u32,
     /// The last ReadyForQuery status.
     pub status: u8,
 }
@@ -120,7 +120,7 @@ pub struct Recover {
 ///
 /// # Errors
 /// [`ServerError`]: connect failure, timeout, or PostgreSQL's refusal.
-pub async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
+pub(crate) async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
     let addr = format!("{}:{}", target.host, target.port);
     tokio::time::timeout(target.connect_timeout, connect_inner(target, &addr))
         .await
@@ -173,7 +173,7 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
 
 /// Decodes a login message and reads the fields login reads (for the fuzz targets).
 #[doc(hidden)]
-pub fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
+pub(crate) fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
     let bad = ServerError::Decode;
     match parse(frame)? {
         backend::Message::AuthenticationMd5Password(b) => drop(b.salt()),
@@ -200,7 +200,7 @@ impl ServerConn {
     ///
     /// # Cancel safety
     /// Cancel safe: partial data stays in `rbuf`.
-    pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
+    pub(crate) async fn read_frame(&mut self) -> Result<Frame, ServerError> {
         loop {
             if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_CONTROL_MESSAGE)? {
                 return Ok(f);
@@ -294,7 +294,7 @@ impl ServerConn {
     /// Brings a connection whose client left mid-transaction or mid-query back to idle: cancels
     /// what still runs, reads the answers due, rolls back. True when it is idle and clean
     /// within `timeout`; otherwise the caller closes it. Only when the relay left [`Recover`].
-    pub async fn recover(&mut self, timeout: Duration) -> bool {
+    pub(crate) async fn recover(&mut self, timeout: Duration) -> bool {
         let Some(r) = self.recover.take().filter(|_| !self.broken) else {
             return false;
         };
@@ -396,7 +396,11 @@ impl ServerConn {
     ///
     /// # Errors
     /// As [`ServerConn::simple_query`].
-    pub async fn query_rows(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+    pub(crate) async fn query_rows(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         let mut w = BytesMut::new();
         frontend::parse("", sql, std::iter::empty(), &mut w)?;
         let bind = frontend::bind(
@@ -474,7 +478,7 @@ impl ServerConn {
     }
 
     /// True when the connection can serve another client: idle, nothing unread, not broken.
-    pub fn is_clean(&self) -> bool {
+    pub(crate) fn is_clean(&self) -> bool {
         !self.broken && self.status == tags::status::IDLE && self.rbuf.is_empty()
     }
 }
@@ -484,7 +488,7 @@ impl ServerConn {
 ///
 /// # Errors
 /// The I/O error, or a timeout after 5 s.
-pub async fn send_cancel(addr: &ServerAddr, pid: i32, secret: i32) -> io::Result<()> {
+pub(crate) async fn send_cancel(addr: &ServerAddr, pid: i32, secret: i32) -> io::Result<()> {
     let work = async {
         let mut s = ServerStream::connect_addr(addr).await?;
         let mut w = BytesMut::new();
@@ -500,7 +504,7 @@ pub async fn send_cancel(addr: &ServerAddr, pid: i32, secret: i32) -> io::Result
 }
 
 /// Quotes a string as an SQL literal (standard_conforming_strings on; `E''` when needed).
-pub fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     let body = s.replace('\'', "''");
     if body.contains('\\') {
         format!("E'{}'", body.replace('\\', "\\\\"))

@@ -18,13 +18,13 @@ use ring::{digest, hmac};
 #[derive(Clone, PartialEq, Eq)]
 pub struct ScramKeys {
     /// `HMAC(SaltedPassword, "Client Key")`.
-    pub client_key: Vec<u8>,
+    pub(crate) client_key: Vec<u8>,
     /// `HMAC(SaltedPassword, "Server Key")`, to check the server's signature.
-    pub server_key: Vec<u8>,
+    pub(crate) server_key: Vec<u8>,
     /// The verifier's salt: a server offering another one has another password.
-    pub salt: Vec<u8>,
+    pub(crate) salt: Vec<u8>,
     /// The verifier's iterations.
-    pub iterations: usize,
+    pub(crate) iterations: usize,
 }
 
 impl std::fmt::Debug for ScramKeys {
@@ -84,7 +84,7 @@ fn split_proof(client_final: &[u8]) -> Option<(&[u8], Vec<u8>)> {
 /// The ClientKey a client proved in an exchange the proxy verified: `client_first` (with its
 /// GS2 header) and `client_final` as the client sent them, `server_first` as the proxy sent it.
 /// None when the messages do not fit `stored_key` (then the login did not succeed either).
-pub fn client_key_of(
+pub(crate) fn client_key_of(
     client_first: &[u8],
     server_first: &str,
     client_final: &[u8],
@@ -107,7 +107,7 @@ pub fn client_key_of(
 }
 
 /// The client side of SCRAM-SHA-256 (no channel binding) with [`ScramKeys`].
-pub struct KeyScram {
+pub(crate) struct KeyScram {
     keys: ScramKeys,
     nonce: String,
     message: Vec<u8>,
@@ -121,7 +121,7 @@ fn bad(msg: &str) -> io::Error {
 
 impl KeyScram {
     /// Starts an exchange: the client-first-message is ready in [`KeyScram::message`].
-    pub fn new(keys: ScramKeys) -> KeyScram {
+    pub(crate) fn new(keys: ScramKeys) -> KeyScram {
         let mut raw = [0u8; 18];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw);
         let nonce = STANDARD.encode(raw);
@@ -135,7 +135,7 @@ impl KeyScram {
     }
 
     /// The next message to send.
-    pub fn message(&self) -> &[u8] {
+    pub(crate) fn message(&self) -> &[u8] {
         &self.message
     }
 
@@ -144,7 +144,7 @@ impl KeyScram {
     /// # Errors
     /// A malformed message, a nonce that does not extend ours, or a salt or iteration count
     /// other than the verifier's (the password changed since the keys were learned).
-    pub fn update(&mut self, server_first: &[u8]) -> io::Result<()> {
+    pub(crate) fn update(&mut self, server_first: &[u8]) -> io::Result<()> {
         let text = std::str::from_utf8(server_first).map_err(|_| bad("server-first is not UTF-8"))?;
         let (mut nonce, mut salt, mut iterations) = (None, None, None);
         for part in text.split(',') {
@@ -176,7 +176,7 @@ impl KeyScram {
     ///
     /// # Errors
     /// The server's error, or a signature that does not prove it knows the verifier.
-    pub fn finish(&mut self, server_final: &[u8]) -> io::Result<()> {
+    pub(crate) fn finish(&mut self, server_final: &[u8]) -> io::Result<()> {
         let text = std::str::from_utf8(server_final).map_err(|_| bad("server-final is not UTF-8"))?;
         if let Some(e) = text.strip_prefix("e=") {
             return Err(bad(e));

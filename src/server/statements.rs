@@ -16,7 +16,7 @@ pub struct ServerStatements {
 
 impl ServerStatements {
     /// Whether `id` is prepared; marks it recently used.
-    pub fn touch(&mut self, id: u64) -> bool {
+    pub(crate) fn touch(&mut self, id: u64) -> bool {
         match self.lru.iter().position(|&x| x == id) {
             Some(i) => {
                 self.lru.remove(i);
@@ -39,7 +39,7 @@ impl ServerStatements {
     }
 
     /// `id` still exists on the server but must be closed and prepared again.
-    pub fn mark_stale(&mut self, id: u64) {
+    pub(crate) fn mark_stale(&mut self, id: u64) {
         self.remove(id);
         if !self.stale.contains(&id) {
             self.stale.push(id);
@@ -47,7 +47,7 @@ impl ServerStatements {
     }
 
     /// True (once) when `id` was marked stale: the caller closes it before preparing again.
-    pub fn take_stale(&mut self, id: u64) -> bool {
+    pub(crate) fn take_stale(&mut self, id: u64) -> bool {
         match self.stale.iter().position(|&x| x == id) {
             Some(i) => {
                 self.stale.swap_remove(i);

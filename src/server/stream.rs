@@ -16,7 +16,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{ServerTls, ServerTlsMode};
 use crate::protocol::tags::encryption;
-pub use crate::tls::TryWrite;
+pub(crate) use crate::tls::TryWrite;
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum ServerStream {
 }
 
 /// True when `host` names a socket directory rather than a network host.
-pub fn is_socket_dir(host: &str) -> bool {
+pub(crate) fn is_socket_dir(host: &str) -> bool {
     host.starts_with('/')
 }
 
@@ -61,7 +61,7 @@ impl ServerStream {
     ///
     /// # Errors
     /// A failed `dup` or registration; the stream is unchanged then.
-    pub fn rehome(&mut self) -> io::Result<()> {
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
         use std::os::fd::AsFd;
         match self {
             ServerStream::Tcp(s) => {
@@ -108,7 +108,7 @@ impl ServerStream {
     ///
     /// # Errors
     /// The connect error.
-    pub async fn connect_addr(addr: &ServerAddr) -> io::Result<ServerStream> {
+    pub(crate) async fn connect_addr(addr: &ServerAddr) -> io::Result<ServerStream> {
         // PostgreSQL reads a cancel request before any TLS or authentication.
         Ok(match addr {
             ServerAddr::Tcp(a) => ServerStream::Tcp(TcpStream::connect(a).await?),
@@ -120,7 +120,7 @@ impl ServerStream {
     ///
     /// # Errors
     /// `WouldBlock` when nothing is there, or the socket error.
-    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ServerStream::Tcp(s) => s.try_read(buf),
             ServerStream::Unix(s) => s.try_read(buf),

@@ -27,7 +27,7 @@ use crate::shutdown::PhaseWatch;
 use crate::tls::Locked;
 
 #[doc(hidden)]
-pub mod exercise;
+pub(crate) mod exercise;
 mod pump;
 mod session;
 mod statements;
@@ -37,7 +37,7 @@ mod txn;
 mod write;
 
 use pump::{End, Relay};
-pub use timeouts::Timeouts;
+pub(crate) use timeouts::Timeouts;
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -48,7 +48,7 @@ const MAX_SERVER_MESSAGE: usize = (1 << 30) + (64 << 20);
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayEnd {
+pub(crate) enum RelayEnd {
     /// The client sent Terminate or closed its socket.
     ClientDone,
     /// The server connection failed; the client was told.
@@ -64,7 +64,7 @@ pub enum RelayEnd {
 
 /// How the relay treats a session.
 #[derive(Debug, Default)]
-pub struct Mode {
+pub(crate) struct Mode {
     /// Transaction pooling: end with [`RelayEnd::Idle`] after each transaction (unless
     /// pinned), and look inside Query and Parse for statements that pin.
     pub transaction: bool,
@@ -82,7 +82,7 @@ pub struct Mode {
     pub reject: bool,
     /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
     /// collected for the session to re-apply on later server connections.
-    pub reported: Vec<(String, String)>,
+    pub(crate) reported: Vec<(String, String)>,
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
@@ -99,7 +99,7 @@ pub struct Mode {
 /// What statement tracking allocates in every relay, kept between transactions while small:
 /// the buffer renamed client messages are written to, and the queue of expected answers.
 #[derive(Debug, Default)]
-pub struct Reuse {
+pub(crate) struct Reuse {
     scratch: bytes::BytesMut,
     responses: Responses,
 }
@@ -109,7 +109,7 @@ const REUSE_MAX: usize = 4096;
 
 /// Relays between `client` and `server` with cancel requests pointed at `server` meanwhile
 /// (see [`run`]); the cancel key points nowhere again on return.
-pub async fn run_attached(
+pub(crate) async fn run_attached(
     client: &mut ClientConn,
     server: &mut ServerConn,
     key: &crate::cancel::CancelKey,
@@ -134,7 +134,7 @@ pub async fn run_attached(
 ///
 /// # Errors
 /// [`SessionError`] for a client protocol violation (the caller tells the client).
-pub async fn run(
+pub(super) async fn run(
     client: &mut ClientConn,
     server: &mut ServerConn,
     phase: &mut PhaseWatch,

@@ -15,18 +15,18 @@ use crate::protocol::tags::status;
 
 /// Limits on queries and transactions (zero = off).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// A query running longer is cancelled.
     pub query: Duration,
     /// A transaction left idle longer ends the session.
-    pub idle_transaction: Duration,
+    pub(crate) idle_transaction: Duration,
     /// A transaction open longer ends the session.
     pub transaction: Duration,
 }
 
 impl Timeouts {
     /// The `[pool]` timeouts of `config`.
-    pub fn from_config(config: &crate::config::Config) -> Self {
+    pub(crate) fn from_config(config: &crate::config::Config) -> Self {
         Self {
             query: config.pool.query_timeout,
             idle_transaction: config.pool.idle_transaction_timeout,
