@@ -121,16 +121,8 @@ impl Sided for ServerError {
         match self {
             Postgres(e) => &e.code,
             NoSlot(_) => sqlstate::TOO_MANY_CONNECTIONS,
-            Connect { .. }
-            | ConnectTimeout { .. }
-            | Io(_)
-            | Frame(_)
-            | Decode(_)
-            | Signature(_)
-            | Protocol(_)
-            | UnsupportedAuth(_)
-            | NoPassword(_)
-            | Unreachable { .. } => sqlstate::CONNECTION_FAILURE,
+            // Every other failure to get or keep a working connection.
+            _ => sqlstate::CONNECTION_FAILURE,
         }
     }
 }
