@@ -72,9 +72,14 @@ pub(crate) fn ready_for_query(status: u8, out: &mut BytesMut) {
     put(ReadyForQuery::new(status), out);
 }
 
-/// NegotiateProtocolVersion: we speak 3.0 and no `_pq_` options.
+/// The protocol version the proxy speaks with clients: 3.0, as `major << 16 | minor`.
+pub(crate) const PROTOCOL_3_0: i32 = 3 << 16;
+
+/// NegotiateProtocolVersion: the newest version we speak (3.0, sent as the full version
+/// number, as PostgreSQL does and as libpq 18 reads it; a bare minor 0 reads there as a
+/// downgrade below 3.0) and the `_pq_` options we do not support.
 pub(crate) fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
-    put(NegotiateProtocolVersion::new(0, unsupported), out);
+    put(NegotiateProtocolVersion::new(PROTOCOL_3_0, unsupported), out);
 }
 
 fn fields(e: &PgError) -> Vec<(u8, String)> {

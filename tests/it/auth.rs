@@ -90,27 +90,62 @@ fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// A client asking for a newer protocol (3.2, as libpq 18 with `max_protocol_version=latest`
+/// does, or 3.99) with `_pq_` options gets what PostgreSQL answers: NegotiateProtocolVersion
+/// naming the full version it speaks (3.0 = 196608; libpq 18 reads a bare 0 as a downgrade
+/// below 3.0 and gives up) and the options it does not know, then the login goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiate_protocol_version_for_newer_clients() {
     let s = Setup::new(|_| {}).await;
-    let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr()).await.unwrap();
-    sock.write_all(&startup_packet(
-        2,
-        &[("user", "app"), ("database", "app"), ("_pq_.grease", "1")],
-    ))
-    .await
-    .unwrap();
+    for (minor, options) in [
+        (2u16, vec![("_pq_.grease", "1")]),
+        (99, vec![("_pq_.grease", "1"), ("_pq_.unknown_option", "x")]),
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+        let mut params = vec![("user", "app"), ("database", "app")];
+        params.extend(options.iter().copied());
+        sock.write_all(&startup_packet(minor, &params)).await.unwrap();
+        let got = read_messages(&mut sock, 2).await;
+        assert_eq!(
+            got[0][0], b'v',
+            "3.{minor}: expected NegotiateProtocolVersion, got {got:?}"
+        );
+        let body = &got[0][5..];
+        assert_eq!(&body[..4], &196_608i32.to_be_bytes(), "3.{minor}: the full version 3.0");
+        assert_eq!(
+            &body[4..8],
+            &(options.len() as i32).to_be_bytes(),
+            "3.{minor}: options named"
+        );
+        let mut names = body[8..].split(|b| *b == 0).filter(|n| !n.is_empty());
+        for (name, _) in &options {
+            assert_eq!(names.next(), Some(name.as_bytes()), "3.{minor}");
+        }
+        assert_eq!(
+            got[1][0], b'R',
+            "3.{minor}: the login goes on with an authentication request"
+        );
+    }
+}
+
+/// Reads `n` whole messages (tag, length, body) from `sock`.
+async fn read_messages(sock: &mut tokio::net::TcpStream, n: usize) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; 512];
     let mut got = Vec::new();
-    while got.len() < 5 || got.len() < 1 + i32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize {
-        let n = within(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap();
-        assert!(n > 0, "closed early");
-        got.extend_from_slice(&buf[..n]);
+    let mut out = Vec::new();
+    while out.len() < n {
+        if got.len() >= 5 {
+            let len = 1 + i32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+            if got.len() >= len {
+                out.push(got.drain(..len).collect());
+                continue;
+            }
+        }
+        let r = within(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap();
+        assert!(r > 0, "closed early after {out:?}");
+        got.extend_from_slice(&buf[..r]);
     }
-    assert_eq!(got[0], b'v', "expected NegotiateProtocolVersion, got {got:?}");
-    assert_eq!(&got[5..9], &0i32.to_be_bytes(), "newest minor version 0");
-    assert_eq!(&got[9..13], &1i32.to_be_bytes(), "one unsupported option");
-    assert!(got[13..].starts_with(b"_pq_.grease\0"));
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

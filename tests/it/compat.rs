@@ -80,3 +80,44 @@ async fn django_and_psycopg3_share_five_server_connections() {
     println!("django compat: {pins} sessions pinned");
     assert!(pins <= 200, "{pins}");
 }
+
+/// psycopg 3.3's bundled libpq 18 with `max_protocol_version=latest` asks for protocol 3.2;
+/// pgvalve answers with NegotiateProtocolVersion 3.0 (as PostgreSQL 15 does) and the client
+/// goes on with 3.0, in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_18_asking_for_the_latest_protocol_connects() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let s = Setup::new(|f| f.pool.pool_mode = mode).await;
+        let dsn = format!(
+            "host=127.0.0.1 port={} dbname=app user=app password=app-secret max_protocol_version=latest",
+            s.proxy.local_addr().port()
+        );
+        let script = "import sys, psycopg\n\
+            print(psycopg.pq.version())\n\
+            with psycopg.connect(sys.argv[1]) as c:\n\
+            \x20   print(c.pgconn.protocol_version, c.execute('select 40 + 2').fetchone()[0])\n";
+        let out = within(
+            Duration::from_secs(60),
+            tokio::process::Command::new(&python)
+                .args(["-c", script, &dsn])
+                .output(),
+        )
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode:?}: {stdout}\n{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        let libpq: u32 = lines[0].trim().parse().unwrap();
+        assert!(
+            libpq >= 180_000,
+            "the bundled libpq is {libpq}: this test needs libpq 18"
+        );
+        assert_eq!(
+            lines[1].trim(),
+            "3 42",
+            "{mode:?}: protocol 3(.0) and the query's result"
+        );
+    }
+}
