@@ -1,5 +1,12 @@
-//! Cancel routing: the proxy's own BackendKeyData keys, mapped to whichever backend serves
-//! each client right now.
+//! Cancel routing: the BackendKeyData keys pgvalve gives clients, mapped to whichever backend
+//! serves each client right now.
+//!
+//! The secret is always pgvalve's own (a client never learns a backend's secret). The pid is
+//! the real backend's in session mode, where one backend serves the client for its whole
+//! session, so `pg_backend_pid()`, pg_stat_activity and NotificationResponse agree with it. In
+//! transaction mode it is pgvalve's own, chosen above Linux's largest process id
+//! ([`SYNTHETIC_PIDS`]), so it never names another client's backend. Keys are looked up by
+//! pid *and* secret: two backends of different servers may share a pid.
 //!
 //! Beside the flow: a client session registers its key at login and points it at a server
 //! connection while it holds one; the listener hands CancelRequests here. Clearing the target
@@ -27,10 +34,14 @@ pub(crate) struct CancelTarget {
 
 type Slot = Arc<tokio::sync::Mutex<Option<CancelTarget>>>;
 
-/// Keys of all live sessions of one proxy.
+/// Where transaction-mode pids start: above `PID_MAX_LIMIT` (2^22), the largest process id
+/// Linux hands out, so a pid pgvalve makes up is never a real backend's.
+pub(crate) const SYNTHETIC_PIDS: u32 = 1 << 22;
+
+/// Keys of all live sessions of one proxy, by (pid, secret).
 #[derive(Debug)]
 pub(crate) struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, (i32, Slot)>>,
+    sessions: Mutex<HashMap<(i32, i32), Slot>>,
     next_pid: AtomicU32,
     rng: SystemRandom,
 }
@@ -49,25 +60,26 @@ impl CancelRegistry {
         let _ = rng.fill(&mut seed);
         Self {
             sessions: Mutex::new(HashMap::new()),
-            next_pid: AtomicU32::new(u32::from(u16::from_be_bytes(seed)) + 1),
+            next_pid: AtomicU32::new(u32::from(u16::from_be_bytes(seed))),
             rng,
         }
     }
 
-    /// Issues a key for a new session; the key is forgotten when the handle drops.
-    pub(crate) fn register(self: &Arc<Self>) -> CancelKey {
-        let mut b = [0u8; 4];
-        let _ = self.rng.fill(&mut b);
-        let secret = i32::from_be_bytes(b);
+    /// Issues a key for a new session with the real backend's `pid` (session mode) or one of
+    /// pgvalve's own (None); the key is forgotten when the handle drops.
+    pub(crate) fn register(self: &Arc<Self>, pid: Option<i32>) -> CancelKey {
         let slot: Slot = Arc::default();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let pid = loop {
-            let pid = (self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff) as i32;
-            if pid != 0 && !sessions.contains_key(&pid) {
-                break pid;
+        let (pid, secret) = loop {
+            let mut b = [0u8; 4];
+            let _ = self.rng.fill(&mut b);
+            let secret = i32::from_be_bytes(b);
+            let pid = pid.unwrap_or_else(|| self.synthetic_pid());
+            if !sessions.contains_key(&(pid, secret)) {
+                break (pid, secret);
             }
         };
-        sessions.insert(pid, (secret, slot.clone()));
+        sessions.insert((pid, secret), slot.clone());
         CancelKey {
             pid,
             secret,
@@ -76,14 +88,23 @@ impl CancelRegistry {
         }
     }
 
+    /// The next made-up pid: in `SYNTHETIC_PIDS..=i32::MAX`.
+    fn synthetic_pid(&self) -> i32 {
+        let n = self.next_pid.fetch_add(1, Ordering::Relaxed) % (i32::MAX as u32 - SYNTHETIC_PIDS + 1);
+        (SYNTHETIC_PIDS + n) as i32
+    }
+
     /// Handles a CancelRequest: forwards it if the key matches a session that holds a server
     /// connection. Wrong keys are ignored silently, as PostgreSQL does.
     pub(crate) async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
+        let Ok(secret) = <[u8; 4]>::try_from(secret) else {
+            return false;
+        };
         let slot = {
             let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            match sessions.get(&pid) {
-                Some((s, slot)) if secret == s.to_be_bytes() => slot.clone(),
-                _ => return false,
+            match sessions.get(&(pid, i32::from_be_bytes(secret))) {
+                Some(slot) => slot.clone(),
+                None => return false,
             }
         };
         let target = slot.lock().await;
@@ -124,6 +145,35 @@ impl CancelKey {
 impl Drop for CancelKey {
     fn drop(&mut self) {
         let mut sessions = self.registry.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.remove(&self.pid);
+        sessions.remove(&(self.pid, self.secret));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_pids_are_above_every_real_process_id() {
+        let r = Arc::new(CancelRegistry::new());
+        r.next_pid.store(u32::MAX - 3, Ordering::Relaxed);
+        for _ in 0..8 {
+            let k = r.register(None);
+            assert!(k.pid >= SYNTHETIC_PIDS as i32, "{}", k.pid);
+        }
+    }
+
+    #[test]
+    fn sessions_with_the_same_backend_pid_keep_apart_keys() {
+        let r = Arc::new(CancelRegistry::new());
+        let a = r.register(Some(4242));
+        let b = r.register(Some(4242));
+        assert_eq!((a.pid, b.pid), (4242, 4242));
+        assert_ne!(a.secret, b.secret);
+        assert_eq!(r.sessions.lock().unwrap().len(), 2);
+        drop(a);
+        let sessions = r.sessions.lock().unwrap();
+        assert!(sessions.contains_key(&(4242, b.secret)));
+        assert_eq!(sessions.len(), 1);
     }
 }

@@ -371,6 +371,7 @@ async fn session(
         session: Some(seat.registered.info.clone()),
         stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
         reuse: Default::default(),
+        given_pid: key.pid,
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
                 prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
@@ -436,7 +437,6 @@ async fn setup(
     messages::auth_ok(&mut client.wbuf);
     client.flush().await?;
 
-    let key = shared.cancels.register();
     let registered = shared.sessions.register(crate::sessions::SessionClient {
         identity: member.identity().clone(),
         user: route.user.clone(),
@@ -455,6 +455,10 @@ async fn setup(
         stats,
     };
     let mut server = seat.checkout(shared, client).await?;
+    // Session mode: the client's backend for its whole session, so it is told the real pid
+    // (with pgvalve's own secret, which routes its cancels).
+    let session_mode = seat.route.pool_mode == PoolMode::Session;
+    let key = shared.cancels.register(session_mode.then_some(server.pid));
     if let Err(e) = params::prepare_server(
         &mut server,
         &p,

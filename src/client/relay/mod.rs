@@ -94,6 +94,9 @@ pub(crate) struct Mode {
     pub stats: Option<crate::pool::stats::Local>,
     /// Buffers kept from one transaction's relay to the next (see `Reuse`).
     pub reuse: Reuse,
+    /// The backend pid the client was given (BackendKeyData). In transaction mode a
+    /// NotificationResponse its own NOTIFY caused carries this pid instead of the server's.
+    pub given_pid: i32,
 }
 
 /// What statement tracking allocates in every relay, kept between transactions while small:

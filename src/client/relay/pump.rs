@@ -82,6 +82,7 @@ impl<'m> Relay<'m> {
             session,
             stats,
             reuse,
+            given_pid,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -91,6 +92,9 @@ impl<'m> Relay<'m> {
             statements.is_none(),
         );
         t.tally.server_assignments = 1;
+        if *transaction && server.pid != *given_pid {
+            t.notify = Some((server.pid, *given_pid));
+        }
         let tracked = statements.is_some();
         let statements = match statements {
             Some(st) => {
@@ -253,7 +257,10 @@ impl<'m> Relay<'m> {
             explain,
         );
         let sent = match ready {
-            Ok(ToClient::Scanned(n)) => forward(&mut self.s_in, n, &mut self.s_out, cw),
+            Ok(ToClient::Scanned(n)) => {
+                self.t.own_notifications(&mut self.s_in[..n]);
+                forward(&mut self.s_in, n, &mut self.s_out, cw)
+            }
             Ok(ToClient::Queued) => write_now(cw, &mut self.s_out),
             Err(e) => {
                 self.server_broken = true;

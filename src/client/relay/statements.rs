@@ -252,6 +252,7 @@ impl<'m> Tracked<'m> {
                     }
                 })
                 .map_err(SessionError::ServerProtocol)?;
+            t.own_notifications(&mut s_in[..n]);
             move_ready(s_in, s_out, n);
             s_in.advance(swallow);
             for b in &after {
@@ -264,8 +265,8 @@ impl<'m> Tracked<'m> {
     }
 }
 
-/// Server messages looked at whole when statements are tracked: those that end a request, and
-/// ParameterStatus (all small); rows stream.
+/// Server messages looked at whole when statements are tracked: those that end a request,
+/// ParameterStatus and NotificationResponse (all small); rows stream.
 #[inline]
 fn seen_whole(tag: u8) -> bool {
     use backend::*;
@@ -283,6 +284,7 @@ fn seen_whole(tag: u8) -> bool {
             | ROW_DESCRIPTION
             | PARAMETER_DESCRIPTION
             | PARAMETER_STATUS
+            | NOTIFICATION_RESPONSE
     )
 }
 

@@ -40,6 +40,12 @@ pub(super) struct Tracker {
     pub(super) copy: bool,
     /// When the last answer to all outstanding requests came (the clock the stats use).
     pub(super) answered_at: Option<Instant>,
+    /// Transaction mode: (the server's pid, the pid the client was given). A notification
+    /// from the server's own pid was caused by this client (only it uses the connection
+    /// while it listens: LISTEN pins), so the client sees its given pid there.
+    pub(super) notify: Option<(i32, i32)>,
+    /// Where the first NotificationResponse of the bytes scanned last begins.
+    first_notify: Option<usize>,
 }
 
 impl Tracker {
@@ -60,6 +66,19 @@ impl Tracker {
             xact_since: None,
             copy: false,
             answered_at: None,
+            notify: None,
+            first_notify: None,
+        }
+    }
+
+    /// Gives the client its own pid in the notifications its own NOTIFY caused, in `buf` (the
+    /// bytes just scanned, whole messages from the first notification on). Nothing to do
+    /// unless a notification was seen.
+    #[inline]
+    pub(super) fn own_notifications(&mut self, buf: &mut [u8]) {
+        if let (Some(start), Some((server, given))) = (self.first_notify.take(), self.notify) {
+            let start = start.min(buf.len());
+            rewrite_notification_pids(&mut buf[start..], server, given);
         }
     }
 
@@ -87,11 +106,13 @@ impl Tracker {
         explain: bool,
     ) -> Result<usize, FrameError> {
         let txn = reported.is_some();
+        let notify = self.notify.is_some();
         walk.scan(
             buf,
             |tag| {
                 tag == backend::READY_FOR_QUERY
                     || (txn && tag == backend::PARAMETER_STATUS)
+                    || (notify && tag == backend::NOTIFICATION_RESPONSE)
                     || (explain && tag == backend::ERROR_RESPONSE)
             },
             |s, m| {
@@ -174,7 +195,68 @@ impl Tracker {
                 self.tally.xacts += 1;
             }
         }
+        if s.tag == backend::NOTIFICATION_RESPONSE && self.notify.is_some() && self.first_notify.is_none() {
+            self.first_notify = Some(s.start);
+        }
         self.last_server_tag = s.tag;
         Walk::Continue
+    }
+}
+
+/// Rewrites the pid of every whole NotificationResponse in `buf` (which starts at a message)
+/// that came from `server` to `given`.
+fn rewrite_notification_pids(buf: &mut [u8], server: i32, given: i32) {
+    let mut pos = 0;
+    while buf.len() >= pos + 5 {
+        let len = u32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
+        let end = pos.saturating_add(1).saturating_add(len);
+        if len < 4 || end > buf.len() {
+            return;
+        }
+        if buf[pos] == backend::NOTIFICATION_RESPONSE && len >= 8 && buf[pos + 5..pos + 9] == server.to_be_bytes() {
+            buf[pos + 5..pos + 9].copy_from_slice(&given.to_be_bytes());
+        }
+        pos = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(pid: i32, channel: &str) -> Vec<u8> {
+        let body_len = 4 + channel.len() + 1 + 1;
+        let mut m = vec![backend::NOTIFICATION_RESPONSE];
+        m.extend_from_slice(&((4 + body_len) as u32).to_be_bytes());
+        m.extend_from_slice(&pid.to_be_bytes());
+        m.extend_from_slice(channel.as_bytes());
+        m.extend_from_slice(&[0, 0]);
+        m
+    }
+
+    #[test]
+    fn only_the_servers_own_notifications_get_the_given_pid() {
+        let mut buf = notification(77, "own");
+        buf.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        buf.extend(notification(78, "other"));
+        buf.extend(notification(77, "own again"));
+        let mut want = notification(4_200_000, "own");
+        want.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        want.extend(notification(78, "other"));
+        want.extend(notification(4_200_000, "own again"));
+        rewrite_notification_pids(&mut buf, 77, 4_200_000);
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn a_cut_or_malformed_message_ends_the_rewrite() {
+        let whole = notification(77, "c");
+        let mut cut = whole[..whole.len() - 1].to_vec();
+        rewrite_notification_pids(&mut cut, 77, 1);
+        assert_eq!(cut, whole[..whole.len() - 1]);
+        let mut bad = vec![backend::NOTIFICATION_RESPONSE, 0, 0, 0, 2, 0, 0, 0, 77];
+        let before = bad.clone();
+        rewrite_notification_pids(&mut bad, 77, 1);
+        assert_eq!(bad, before);
     }
 }
