@@ -284,6 +284,10 @@ async fn reap_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
                 if n > 0 {
                     tracing::debug!(closed = n, "closed idle or old server connections");
                 }
+                let n = shared.pools.reset_stale_params().await;
+                if n > 0 {
+                    tracing::debug!(reset = n, "reset idle server connections of clients that left");
+                }
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }

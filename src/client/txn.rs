@@ -82,9 +82,11 @@ pub(crate) async fn serve(
     };
     let mut phase = PhaseWatch::new(&shared.phase_bell);
     let reported = Reported::new();
+    let params = params_key(p, &reported);
     let mut applied = Applied {
-        params: params_key(p, &reported),
+        params,
         reported,
+        lease: shared.pools.params_lease(&seat.route, params),
     };
     loop {
         match next_request(client, &mut phase, seat).await? {
@@ -123,6 +125,8 @@ struct Ctx<'a> {
 struct Applied {
     reported: Reported,
     params: u64,
+    /// Keeps idle connections carrying these parameters as they are while the session lives.
+    lease: crate::pool::params::ParamsLease,
 }
 
 /// One transaction (or pipeline): a server connection, the relay until it is idle again, the
@@ -149,6 +153,7 @@ async fn transaction(
         // and every later one gets it too.
         applied.reported.extend(mode.reported.drain(..));
         applied.params = params_key(cx.p, &applied.reported);
+        applied.lease.set(applied.params);
         server.applied = applied.params;
     }
     seat.checked_in();

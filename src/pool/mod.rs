@@ -7,6 +7,7 @@
 
 mod guard;
 mod manager;
+pub(crate) mod params;
 pub(crate) mod pause;
 pub(crate) mod stats;
 
@@ -170,6 +171,8 @@ pub struct PoolSet {
     auth: Arc<crate::server::auth_query::AuthQuery>,
     pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>>,
     slots: Arc<ServerSlots>,
+    /// Parameter sets live sessions use, per pool (kept across a pool's rebuild).
+    live_params: Arc<Mutex<crate::FastMap<PoolKey, Arc<params::LiveParams>>>>,
     /// Traffic counters per pool.
     pub stats: Arc<Stats>,
 }
@@ -189,8 +192,40 @@ impl PoolSet {
             auth,
             pools: Default::default(),
             slots,
+            live_params: Default::default(),
             stats: Arc::default(),
         }
+    }
+
+    /// A session's hold on its parameter set `key` in `route`'s pool (transaction mode): while
+    /// any session holds a set, idle connections carrying it are left as they are.
+    pub(crate) fn params_lease(&self, route: &Route, key: u64) -> params::ParamsLease {
+        let live = self
+            .live_params
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(PoolKey::of(route))
+            .or_default()
+            .clone();
+        params::ParamsLease::new(live, key)
+    }
+
+    /// Resets idle connections carrying parameters of clients that are gone (see
+    /// [`params`]); returns how many.
+    pub(crate) async fn reset_stale_params(&self) -> usize {
+        let pools: Vec<(Pool, Arc<params::LiveParams>)> = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let live = self.live_params.lock().unwrap_or_else(|p| p.into_inner());
+            pools
+                .iter()
+                .map(|(k, e)| (e.pool.clone(), live.get(k).cloned().unwrap_or_default()))
+                .collect()
+        };
+        let mut n = 0;
+        for (pool, live) in pools {
+            n += params::reset_stale(&pool, &live).await;
+        }
+        n
     }
 
     /// The pool of `route` (created on first use), with the configuration in force now.

@@ -22,7 +22,11 @@ impl Raw {
     async fn connect(s: &Setup, application_name: &str) -> Raw {
         let mut sock = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
         let mut body = vec![0, 3, 0, 0];
-        for (k, v) in [("user", "app"), ("database", "app"), ("application_name", application_name)] {
+        for (k, v) in [
+            ("user", "app"),
+            ("database", "app"),
+            ("application_name", application_name),
+        ] {
             for part in [k, v] {
                 body.extend_from_slice(part.as_bytes());
                 body.push(0);
@@ -181,4 +185,56 @@ async fn transaction_mode_notifications_name_the_pid_the_client_was_given() {
         let got = raw.query("BEGIN; NOTIFY c, 'in a transaction'; COMMIT").await;
         assert_eq!(notification_pids(&got), vec![raw.pid], "({tracked})");
     }
+}
+
+/// Transaction mode: once a client has left, the idle server connection it used stops
+/// showing its application_name in pg_stat_activity (it is reset, not closed), while the one
+/// a client still connected used keeps that client's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_clients_application_name_leaves_the_idle_connections() {
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 3;
+    })
+    .await;
+    let su = s.pg.superuser().await.unwrap();
+    let (gone, _t) = connect_killable(&format!("{}?application_name=departed-app", s.url())).await;
+    let stays = connect(&format!("{}?application_name=staying-app", s.url()))
+        .await
+        .unwrap();
+    // Each on a server connection of its own: one holds a transaction while the other runs.
+    stays.batch_execute("BEGIN").await.unwrap();
+    gone.simple_query("SELECT 1").await.unwrap();
+    stays.batch_execute("COMMIT").await.unwrap();
+    let named = |name: &'static str| {
+        let su = &su;
+        async move {
+            su.query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'app' AND application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<i32>>()
+        }
+    };
+    let used = named("departed-app").await;
+    assert_eq!(used.len(), 1, "the departing client's name is on its connection");
+    let kept = named("staying-app").await;
+    assert_eq!(kept.len(), 1);
+    drop(gone);
+    eventually(Duration::from_secs(10), "departed-app reset", || async {
+        named("departed-app").await.is_empty()
+    })
+    .await;
+    // Reset, not closed: the same backend is still there.
+    let alive = su
+        .query("SELECT 1 FROM pg_stat_activity WHERE pid = ANY($1)", &[&used])
+        .await
+        .unwrap();
+    assert_eq!(alive.len(), 1, "the connection was reset, not closed");
+    // The connected client's connection still carries its name.
+    assert_eq!(named("staying-app").await, kept);
 }
