@@ -8,6 +8,7 @@
 mod auth;
 mod conn;
 mod console;
+mod database_sql;
 mod error;
 mod params;
 mod prepared;
