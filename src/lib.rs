@@ -23,7 +23,8 @@
 //! pool · cancel                  server connections per database+user; cancel-key routing
 //!   │
 //! admission · server · sessions  identities, caps, queues; one PostgreSQL connection (and
-//!   │                            auth_query); the session registry
+//! · dbgate                       auth_query); the session registry; holds on a server database
+//!   │                            while a DROP/ALTER/CREATE DATABASE needs it to itself
 //! tls · observe                  TLS stream glue; the per-proxy metrics recorder
 //!   │
 //! config                         every settings type: load, parse, validate (TLS loaded too)
@@ -50,6 +51,8 @@
 //!   vocabulary (named tags, the C-string reader).
 //!
 //! Beside the flow: [`locks`] (the lock monitor), [`sessions`] (who uses which backend),
+//! [`dbgate`] (pgvalve's own connections kept away from a database a client drops, renames or
+//! copies),
 //! [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (the metrics
 //! recorder) scraped by [`http`] with health checks, [`config`] (load, parse, validate),
 //! [`cancel`] (cancel-key routing), [`reload`], [`shutdown`] (phases), [`proxy`] (the handle
@@ -79,6 +82,7 @@ pub mod admission;
 pub(crate) mod cancel;
 pub(crate) mod client;
 pub mod config;
+pub(crate) mod dbgate;
 pub mod demo;
 pub(crate) mod error;
 #[doc(hidden)]

@@ -26,6 +26,7 @@ use crate::admission::{Admission, AdmissionConfig};
 use crate::cancel::CancelRegistry;
 use crate::client::{Services, StatementRegistry};
 use crate::config::{Config, ScramVerifier};
+use crate::dbgate::DbGates;
 use crate::locks::LockMonitor;
 use crate::observe::Events;
 use crate::pool::PoolSet;
@@ -48,8 +49,9 @@ impl Built {
         let live_config = Arc::new(ArcSwap::from_pointee(config));
         let admission_config = AdmissionConfig::from_config(&live_config.load());
         let events = Events::default();
-        let auth = Arc::new(AuthQuery::default());
-        let pools = PoolSet::new(live_config.clone(), auth.clone());
+        let gates = Arc::new(DbGates::default());
+        let auth = Arc::new(AuthQuery::new(gates.clone()));
+        let pools = PoolSet::new(live_config.clone(), auth.clone(), gates.clone());
         let admission = Admission::new(admission_config, events.clone());
         let locks = Arc::new(LockMonitor::default());
         let reloader = Arc::new(Reloader::new(live_config.clone(), pools.clone(), admission.clone()));
@@ -62,6 +64,7 @@ impl Built {
             admission,
             sessions: Arc::default(),
             pauses: Default::default(),
+            gates,
             phase_bell,
             decoy_verifier: ScramVerifier::from_password(&hex_nonce()),
             pins: Arc::default(),
@@ -86,6 +89,7 @@ impl Built {
             sessions: s.sessions.clone(),
             admission: s.admission.clone(),
             locks: self.locks.clone(),
+            gates: s.gates.clone(),
         }
     }
 

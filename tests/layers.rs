@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["protocol"],
     &["config"],
     &["tls", "observe"],
-    &["admission", "server", "sessions"],
+    &["admission", "server", "sessions", "dbgate"],
     &["pool", "cancel"],
     &["reload", "locks"],
     &["client"],

@@ -8,6 +8,7 @@
 mod auth;
 mod conn;
 mod console;
+mod database_sql;
 mod error;
 mod params;
 mod prepared;
@@ -376,6 +377,8 @@ async fn session(
             .then(|| {
                 prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
             }),
+        gate: Some(shared.gates.server(&route.host, route.port)),
+        db_statements: Default::default(),
     };
     if mode.transaction {
         // The server connection used for login goes back to the pool at once.

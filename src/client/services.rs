@@ -1,6 +1,7 @@
 //! The handles a client session uses, in one struct the composition root builds
 //! (the proxy): the live configuration, the pools, admission, cancel keys, the session
-//! registry, auth_query, statement ids, PAUSE state, the shutdown phase and the console.
+//! registry, auth_query, statement ids, PAUSE state, database holds, the shutdown phase and
+//! the console.
 //!
 //! Part of the client layer: everything here is a service below the session (or the console,
 //! beside it, behind [`super::Console`]); nothing here knows the proxy.
@@ -12,6 +13,7 @@ use arc_swap::ArcSwap;
 use crate::admission::Admission;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ScramVerifier};
+use crate::dbgate::DbGates;
 use crate::pool::{Pauses, PoolSet};
 use crate::server::auth_query::AuthQuery;
 use crate::sessions::{Pins, Sessions};
@@ -44,6 +46,8 @@ pub struct Services {
     pub sessions: Arc<Sessions>,
     /// Databases paused from the console.
     pub(crate) pauses: Pauses,
+    /// Holds on server databases a client's DROP/ALTER/CREATE DATABASE needs to itself.
+    pub(crate) gates: Arc<DbGates>,
     /// Serves users of the console database.
     pub console: Arc<dyn Console>,
 }

@@ -105,7 +105,7 @@ pub(crate) fn session_state_change(sql: &str) -> Option<&'static str> {
                     words.push(w);
                 }
             }
-            Tok::Other | Tok::Str(_) => {
+            Tok::Other(_) | Tok::Str(_) | Tok::Quoted(_) => {
                 if words.len() < 12 {
                     words.push(String::new());
                 }
@@ -224,20 +224,33 @@ fn statement_reason(w: &[String]) -> Option<&'static str> {
     }
 }
 
-enum Tok {
+/// A token of SQL text.
+pub(super) enum Tok {
+    /// A keyword or unquoted identifier, upper-cased.
     Word(String),
     /// A single-quoted literal (its text, with '' unescaped).
     Str(String),
+    /// A double-quoted identifier (its text, with "" unescaped).
+    Quoted(String),
     Semicolon,
-    Other,
+    /// Anything else, by its first byte (a dollar-quoted string is `$`).
+    Other(u8),
 }
 
-struct Lexer<'a> {
+/// Splits SQL text into [`Tok`]s, skipping whitespace and comments.
+pub(super) struct Lexer<'a> {
     s: &'a [u8],
     i: usize,
 }
 
-impl Lexer<'_> {
+impl<'a> Lexer<'a> {
+    /// A lexer at the start of `sql`.
+    pub(super) fn new(sql: &'a str) -> Self {
+        Lexer {
+            s: sql.as_bytes(),
+            i: 0,
+        }
+    }
     fn peek_open_paren(&self) -> bool {
         self.s[self.i..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'(')
     }
@@ -295,7 +308,8 @@ impl Lexer<'_> {
         true
     }
 
-    fn next(&mut self) -> Option<Tok> {
+    /// The next token, or None at the end.
+    pub(super) fn next(&mut self) -> Option<Tok> {
         loop {
             let b = *self.s.get(self.i)?;
             match b {
@@ -316,20 +330,24 @@ impl Lexer<'_> {
                 }
                 b'"' => {
                     self.i += 1;
+                    let start = self.i;
                     self.skip_quoted(b'"', false);
-                    return Some(Tok::Other);
+                    let end = self.i.saturating_sub(1).max(start);
+                    let text = String::from_utf8_lossy(&self.s[start..end]).replace("\"\"", "\"");
+                    return Some(Tok::Quoted(text));
                 }
-                b'$' if self.skip_dollar_quote() => return Some(Tok::Other),
+                b'$' if self.skip_dollar_quote() => return Some(Tok::Other(b'$')),
                 b';' => {
                     self.i += 1;
                     return Some(Tok::Semicolon);
                 }
-                b if b.is_ascii_alphabetic() || b == b'_' => {
+                // Identifiers may hold any non-ASCII letter (bytes of UTF-8 sequences).
+                b if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 => {
                     let start = self.i;
                     while self
                         .s
                         .get(self.i)
-                        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'$')
+                        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'$' || *c >= 0x80)
                     {
                         self.i += 1;
                     }
@@ -340,9 +358,9 @@ impl Lexer<'_> {
                     }
                     return Some(Tok::Word(w));
                 }
-                _ => {
+                b => {
                     self.i += 1;
-                    return Some(Tok::Other);
+                    return Some(Tok::Other(b));
                 }
             }
         }

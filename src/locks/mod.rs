@@ -10,7 +10,9 @@
 //! Between polls the relay reports when a recorded holder's transaction ends (ReadyForQuery
 //! 'I'); the monitor then drops that session's locks at once, so its episodes end on time and
 //! `max_lock_holders` admits the next transaction without waiting for a poll. A lost
-//! connection (PostgreSQL restarted) is re-opened at the next poll.
+//! connection (PostgreSQL restarted) is re-opened at the next poll. While a client's DROP
+//! DATABASE (or the like) holds a database (see [`crate::dbgate`]), the monitor closes its
+//! connection to it at once and opens none until the hold is dropped.
 
 pub(crate) mod record;
 
@@ -76,6 +78,9 @@ pub struct Watch {
     pub admission: Admission,
     /// Where the monitor records what it saw.
     pub locks: Arc<LockMonitor>,
+    /// Databases a client's DROP DATABASE (or the like) needs to itself: the monitor keeps
+    /// no connection to them while they are held.
+    pub(crate) gates: Arc<crate::dbgate::DbGates>,
 }
 
 impl Watch {
@@ -94,15 +99,22 @@ struct Target {
     password: Option<String>,
 }
 
-/// The databases in use: every configured one, and those reached through `"*"` that have a
-/// pool.
+/// The databases in use: every configured one, and those reached through `"*"` whose pool
+/// has server connections open (so a database dropped through pgvalve is not polled again).
 fn targets(shared: &Watch) -> Vec<Target> {
     let c = shared.config();
     let Some(user) = c.locks.user.clone().or_else(|| c.users.keys().next().cloned()) else {
         return Vec::new();
     };
     let mut names: Vec<String> = c.databases.keys().filter(|d| *d != "*").cloned().collect();
-    names.extend(shared.pools.stats().into_iter().map(|p| p.key.database));
+    names.extend(
+        shared
+            .pools
+            .stats()
+            .into_iter()
+            .filter(|p| p.open > 0)
+            .map(|p| p.key.database),
+    );
     names.sort();
     names.dedup();
     names
@@ -178,6 +190,10 @@ async fn round(shared: &Watch, conns: &mut HashMap<Target, tokio_postgres::Clien
     // lock read by the poll is still held.
     let ends_before = shared.sessions.ends();
     for t in targets(shared) {
+        if shared.gates.is_held(&t.host, t.port, &t.dbname) {
+            conns.remove(&t);
+            continue;
+        }
         if !conns.contains_key(&t) {
             match open(&t, cfg.poll_timeout).await {
                 Ok(c) => {
@@ -256,8 +272,11 @@ pub async fn run(shared: Watch, mut phase: watch::Receiver<Phase>) {
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conns = HashMap::new();
+    let mut holds = shared.gates.subscribe();
     loop {
         tokio::select! {
+            // A database is held: its connection goes now.
+            Ok(()) = holds.changed() => conns.retain(|t: &Target, _| !shared.gates.is_held(&t.host, t.port, &t.dbname)),
             _ = every.tick() => {
                 round(&shared, &mut conns).await;
                 // A reload may have changed the interval.

@@ -3,7 +3,9 @@
 //! Fourth step of the flow (after admission): a client session asks [`PoolSet::checkout`] for
 //! a server connection for its route and gets a [`PooledConn`] guard. Pools are created on
 //! first use. A maintenance task closes idle connections past `server_idle_timeout` and old
-//! ones past `server_lifetime`, once a second (faster when those limits are short).
+//! ones past `server_lifetime`, once a second (faster when those limits are short). While a
+//! client's DROP DATABASE (or the like) holds a server database (see [`crate::dbgate`]), the
+//! idle connections of every pool that reaches it are closed and its checkouts wait.
 
 mod guard;
 mod manager;
@@ -27,6 +29,7 @@ pub(crate) use stats::Stats;
 
 use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
+use crate::dbgate::{DbGates, ServerDb};
 use crate::error::{sqlstate, PgError, Side, Sided};
 use crate::server::{ServerError, ServerTarget};
 
@@ -173,6 +176,8 @@ pub struct PoolSet {
     slots: Arc<ServerSlots>,
     /// Parameter sets live sessions use, per pool (kept across a pool's rebuild).
     live_params: Arc<Mutex<crate::FastMap<PoolKey, Arc<params::LiveParams>>>>,
+    /// Holds on server databases: checkouts for a held one wait.
+    gates: Arc<DbGates>,
     /// Traffic counters per pool.
     pub stats: Arc<Stats>,
 }
@@ -184,15 +189,24 @@ impl std::fmt::Debug for PoolSet {
 }
 
 impl PoolSet {
-    /// Pools for the live `config` (none open until first used).
-    pub fn new(config: Arc<ArcSwap<Config>>, auth: Arc<crate::server::auth_query::AuthQuery>) -> Self {
+    /// Pools for the live `config` (none open until first used). A hold raised on a server
+    /// database in `gates` closes the idle connections of every pool that reaches it.
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        auth: Arc<crate::server::auth_query::AuthQuery>,
+        gates: Arc<DbGates>,
+    ) -> Self {
         let slots = ServerSlots::new(config.load().pool.max_server_connections);
+        let pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>> = Default::default();
+        let weak = Arc::downgrade(&pools);
+        gates.on_hold(Box::new(move |db| weak.upgrade().map_or(0, |p| close_idle_to(&p, db))));
         Self {
             config,
             auth,
-            pools: Default::default(),
+            pools,
             slots,
             live_params: Default::default(),
+            gates,
             stats: Arc::default(),
         }
     }
@@ -296,6 +310,13 @@ impl PoolSet {
         route: &Route,
         grant: Option<ServerGrant>,
     ) -> Result<PooledConn, CheckoutError> {
+        let t = &pool.manager().target;
+        if self.gates.is_held(&t.host, t.port, &t.dbname) {
+            // A client's DROP DATABASE (or the like) needs the database to itself: wait for
+            // it, up to query_wait_timeout, then go on (PostgreSQL decides).
+            let wait = pool.manager().slot_wait;
+            Box::pin(self.gates.wait_open(&t.host, t.port, &t.dbname, wait)).await;
+        }
         let get = pool.get();
         tokio::pin!(get);
         // An idle connection is there at once nearly always: no clock, no timer then.
@@ -463,6 +484,22 @@ impl PoolSet {
             e.pool.close();
         }
     }
+}
+
+/// Closes the idle connections of the pools in `pools` that reach `db` (whatever database
+/// name their clients use for it). Returns how many.
+fn close_idle_to(pools: &Mutex<crate::FastMap<PoolKey, Entry>>, db: &ServerDb) -> usize {
+    let reaching: Vec<Pool> = {
+        let p = pools.lock().unwrap_or_else(|p| p.into_inner());
+        p.values()
+            .filter(|e| {
+                let t = &e.shape.target;
+                db.is(&t.host, t.port, &t.dbname)
+            })
+            .map(|e| e.pool.clone())
+            .collect()
+    };
+    reaching.iter().map(|p| p.retain(|_, _| false).removed.len()).sum()
 }
 
 #[cfg(test)]

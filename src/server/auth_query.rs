@@ -6,7 +6,9 @@
 //! learned). Lookups run on a connection of their own as `auth_user`,
 //! with the query's `$1` bound as a parameter; results (also "no such user") are cached for
 //! `auth_cache_ttl`; failed logins are limited per user and client address, and per address
-//! across users, so guessing does not turn into a stream of lookups.
+//! across users, so guessing does not turn into a stream of lookups. A look-up does not
+//! connect to a database a client's DROP DATABASE (or the like) holds (see
+//! [`crate::dbgate`]): it waits for the statement, up to `query_wait_timeout`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ScramVerifier};
+use crate::dbgate::DbGates;
 use crate::server::scram::KeySlot;
 use crate::server::{ServerError, ServerTarget};
 
@@ -52,7 +55,7 @@ fn sweep<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, live: impl Fn(&V) 
 }
 
 /// Verifiers looked up, keys learned, failures counted. One per proxy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AuthQuery {
     cache: Mutex<HashMap<String, Cached>>,
     slots: Mutex<HashMap<String, Arc<KeySlot>>>,
@@ -60,6 +63,8 @@ pub struct AuthQuery {
     address_failures: Mutex<HashMap<IpAddr, Window>>,
     /// Lookups run against PostgreSQL so far.
     pub lookups: std::sync::atomic::AtomicU64,
+    /// A look-up waits while a client's DROP DATABASE (or the like) holds its database.
+    gates: Arc<DbGates>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -67,6 +72,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl AuthQuery {
+    /// Nothing looked up yet; look-ups keep to `gates`.
+    pub fn new(gates: Arc<DbGates>) -> Self {
+        AuthQuery {
+            cache: Mutex::default(),
+            slots: Mutex::default(),
+            failures: Mutex::default(),
+            address_failures: Mutex::default(),
+            lookups: std::sync::atomic::AtomicU64::new(0),
+            gates,
+        }
+    }
+
     /// The key slot of `user`, created empty the first time.
     pub fn slot(&self, user: &str) -> Arc<KeySlot> {
         lock(&self.slots).entry(user.to_string()).or_default().clone()
@@ -139,6 +156,10 @@ impl AuthQuery {
             return Ok(None);
         };
         let target = ServerTarget::for_route(config, &route, None);
+        let wait = config.pool.query_wait_timeout;
+        self.gates
+            .wait_open(&target.host, target.port, &target.dbname, wait)
+            .await;
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut conn = crate::server::connect(&target).await?;
         let rows = conn.query_rows(&config.proxy.auth_query, &[user]).await;

@@ -121,3 +121,100 @@ async fn libpq_18_asking_for_the_latest_protocol_connects() {
         );
     }
 }
+
+/// Runs `manage.py test --noinput` of tests/compat/djproject through pgvalve in `mode`, with
+/// `extra` arguments (`--parallel 2`); the config routes every database name ("*") to the
+/// cluster, so Django reaches `app`, `postgres` and its `test_app*` databases. Returns
+/// Django's output; panics with it when the run fails.
+async fn django_test_run(python: &std::path::Path, s: &Setup, extra: &[&str]) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/djproject");
+    let out = within(
+        Duration::from_secs(240),
+        tokio::process::Command::new(python)
+            .current_dir(dir)
+            .args(["manage.py", "test", "--noinput", "-v", "2"])
+            .args(extra)
+            .env("PGVALVE_HOST", "127.0.0.1")
+            .env("PGVALVE_PORT", s.proxy.local_addr().port().to_string())
+            .env("PGVALVE_DB", &s.pg.opts.database)
+            .env("PGVALVE_USER", &s.pg.opts.user)
+            .env("PGVALVE_PASSWORD", &s.pg.opts.password)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output(),
+    )
+    .await
+    .expect("run manage.py test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "manage.py test {extra:?} failed:\n{text}");
+    text
+}
+
+/// A proxy in `mode` in front of a fresh cluster where the app role may create databases,
+/// with every database name routed to it.
+async fn django_setup(mode: PoolMode) -> Setup {
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = mode;
+        f.pool.pool_size = 5;
+        let app = f.databases.values().next().cloned().expect("the app database");
+        f.databases.insert("*".into(), app);
+    })
+    .await;
+    let su = s.pg.superuser().await.unwrap();
+    su.batch_execute(&format!("ALTER ROLE \"{}\" CREATEDB", s.pg.opts.user))
+        .await
+        .unwrap();
+    s
+}
+
+/// Names of the test databases left on the server.
+async fn test_databases(s: &Setup) -> Vec<String> {
+    let su = s.pg.superuser().await.unwrap();
+    su.query(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'test\\_%' ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Django's test runner through pgvalve: it creates test_app (connected to `postgres`), runs
+/// its tests there, and drops it again from `postgres` while pgvalve still has idle pooled
+/// connections and the lock monitor's connection to test_app; with `--parallel 2` it first
+/// clones test_app twice (`CREATE DATABASE ... TEMPLATE test_app`). pgvalve closes its own
+/// idle connections to the database before forwarding each of those statements, so every run
+/// succeeds and no test database is left behind.
+async fn django_test_runner_in(mode: PoolMode) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pgvalve=info")
+        .with_test_writer()
+        .try_init();
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let s = django_setup(mode).await;
+    let out = django_test_run(&python, &s, &[]).await;
+    assert!(out.contains("Ran 6 tests") && out.contains("OK"), "{mode:?}:\n{out}");
+    assert_eq!(test_databases(&s).await, Vec::<String>::new(), "{mode:?}:\n{out}");
+    let out = django_test_run(&python, &s, &["--parallel", "2"]).await;
+    assert!(
+        out.contains("Cloning test database"),
+        "{mode:?}: the run cloned:\n{out}"
+    );
+    assert!(out.contains("Ran 6 tests") && out.contains("OK"), "{mode:?}:\n{out}");
+    assert_eq!(test_databases(&s).await, Vec::<String>::new(), "{mode:?}:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_test_runner_creates_and_drops_its_databases_in_session_mode() {
+    django_test_runner_in(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_test_runner_creates_and_drops_its_databases_in_transaction_mode() {
+    django_test_runner_in(PoolMode::Transaction).await;
+}

@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod compat;
 mod console;
+mod databases;
 mod kills;
 mod limits;
 mod loadtest;

@@ -29,7 +29,9 @@ pub fn transaction_traffic(client: &[u8], server: &[u8], reads: usize, reject: b
         if let Statements::Tracked(tr) = &mut statements {
             let _ = tr.st.answer_known_parses(&mut c_in, &mut s_out);
         }
-        match statements.client(&mut c_in, &mut cwalk, &mut t, &mut s_out) {
+        let r = statements.client(&mut c_in, &mut cwalk, &mut t, &mut s_out);
+        t.needs.clear(); // (no gates here: nothing to hold)
+        match r {
             Ok(ToServer::Renamed(scratch)) => scratch.clear(), // as if sent
             Ok(ToServer::Scanned(_)) => {}
             Err(_) => break,
@@ -61,7 +63,9 @@ pub fn plain_traffic(bytes: &[u8], reads: usize) {
     for chunk in bytes.chunks(reads.max(1)) {
         c_in.extend_from_slice(chunk);
         s_in.extend_from_slice(chunk);
-        let Ok(ToServer::Scanned(n)) = plain.client(&mut c_in, &mut cwalk, &mut t, &mut s_out) else {
+        let r = plain.client(&mut c_in, &mut cwalk, &mut t, &mut s_out);
+        t.needs.clear();
+        let Ok(ToServer::Scanned(n)) = r else {
             return;
         };
         c_in.advance(n);

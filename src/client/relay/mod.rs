@@ -4,15 +4,17 @@
 //! side has data, walks message headers ([`MessageWalker`](crate::protocol::frame::MessageWalker))
 //! and writes what is ready to the other side, so a large DataRow or COPY stream passes in
 //! pieces and neither direction can block the other. Only headers are looked at, plus the
-//! one-byte body of ReadyForQuery, and in transaction mode the text of Query and Parse (to pin
-//! sessions that change session state). What it tracks decides whether the server connection
+//! one-byte body of ReadyForQuery, and the text of Query and Parse (its first word, for
+//! statements that need a database to themselves; in transaction mode also to pin sessions
+//! that change session state). What it tracks decides whether the server connection
 //! can be reused afterwards.
 //!
 //! Here: what a session hands the relay ([`Mode`]) and gets back ([`RelayEnd`]), and what
 //! the client is told at the end. The parts: `pump` (the loop: one path for every mode),
 //! `statements` (the step that renames named prepared statements when they are tracked),
 //! `session` (pins, transaction ends, stats, cancel explanations), `timeouts`, `tracker` (what
-//! the headers say of the server connection), `txn` (what pins), `write` (the writes).
+//! the headers say of the server connection), `txn` (what pins), `databases` (holds for
+//! DROP DATABASE and the like), `write` (the writes).
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,6 +28,7 @@ use crate::server::{ServerConn, ServerStream};
 use crate::shutdown::PhaseWatch;
 use crate::tls::Locked;
 
+mod databases;
 #[doc(hidden)]
 pub(crate) mod exercise;
 mod pump;
@@ -97,6 +100,12 @@ pub(crate) struct Mode {
     /// The backend pid the client was given (BackendKeyData). In transaction mode a
     /// NotificationResponse its own NOTIFY caused carries this pid instead of the server's.
     pub given_pid: i32,
+    /// The gate of the session's server: DROP DATABASE and the like raise a hold on the
+    /// database they name before they are forwarded (see `databases`).
+    pub gate: Option<std::sync::Arc<crate::dbgate::ServerGate>>,
+    /// The client's prepared statements that are such statements (a Bind of one raises the
+    /// hold); nearly always empty.
+    pub(crate) db_statements: databases::Prepared,
 }
 
 /// What statement tracking allocates in every relay, kept between transactions while small:

@@ -7,6 +7,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use super::databases::Databases;
 use super::session::Session;
 use super::statements::{Statements, ToClient, ToServer, Tracked};
 use super::timeouts::Timer;
@@ -47,6 +48,8 @@ pub(super) struct Relay<'m> {
     statements: Statements<'m>,
     /// Pins, transaction ends, stats, reported parameters, cancel explanations.
     session: Session<'m>,
+    /// Holds on databases that statements in flight need to themselves.
+    databases: Databases<'m>,
     /// The timeouts, when any is set.
     timer: Option<Timer<'m>>,
     /// Shutdown.
@@ -83,6 +86,8 @@ impl<'m> Relay<'m> {
             stats,
             reuse,
             given_pid,
+            gate,
+            db_statements,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -95,6 +100,7 @@ impl<'m> Relay<'m> {
         if *transaction && server.pid != *given_pid {
             t.notify = Some((server.pid, *given_pid));
         }
+        let databases = Databases::new(gate.as_deref(), db_statements, &mut t);
         let tracked = statements.is_some();
         let statements = match statements {
             Some(st) => {
@@ -121,6 +127,7 @@ impl<'m> Relay<'m> {
                 info: session.as_deref(),
                 stats: stats.as_mut(),
             },
+            databases,
             timer: Timer::new(timeouts, cancel.as_ref(), who),
             now: phase.now(),
             phase,
@@ -206,6 +213,7 @@ impl<'m> Relay<'m> {
         }
         if s_new {
             self.server_bytes(cw)?;
+            self.databases.answered(&self.t);
         }
         self.session.transactions_ended(&mut self.t);
         self.statements.ignored_syncs(&mut self.t);
@@ -230,6 +238,9 @@ impl<'m> Relay<'m> {
             .client(&mut self.c_in, &mut self.cwalk, &mut self.t, &mut self.s_out)
             .map_err(Err)?;
         self.session.note_pin(&self.t);
+        if !self.t.needs.is_empty() {
+            self.databases.raise(&mut self.t);
+        }
         let (sent, renamed) = match ready {
             ToServer::Scanned(n) => (forward(&mut self.c_in, n, &mut self.c_out, sw), false),
             ToServer::Renamed(scratch) => (send(scratch, &mut self.c_out, sw), true),
@@ -341,6 +352,7 @@ impl<'m> Relay<'m> {
         });
         server.broken |= self.server_broken;
         self.session.finish(t);
+        self.databases.finish(&mut self.t);
         if let Statements::Tracked(tr) = std::mem::replace(&mut self.statements, Statements::Plain) {
             server.prepared = tr.finish();
         }

@@ -1,16 +1,19 @@
 //! What the relay knows of a server connection from message headers alone: requests
-//! outstanding, the last ReadyForQuery status, pins, and the session's traffic tally
-//! (transactions, queries, bytes, times) for SHOW STATS.
+//! outstanding, the last ReadyForQuery status, pins, statements that need a database to
+//! themselves, and the session's traffic tally (transactions, queries, bytes, times) for
+//! SHOW STATS.
 
 use std::time::Instant;
 
+use super::databases::{self, Prepared};
 use super::txn::{note_reported, pin_reason};
+use crate::client::database_sql::DatabaseNeed;
 use crate::pool::stats::Totals;
 use crate::protocol::frame::{FrameError, MessageWalker, Seen, Walk};
 use crate::protocol::tags::{backend, frontend, status};
 
 /// What the session knows of the server connection's state, from headers alone.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(super) struct Tracker {
     /// Queries, Syncs and FunctionCalls sent and not yet answered by ReadyForQuery.
     pub(super) pending: u32,
@@ -46,6 +49,15 @@ pub(super) struct Tracker {
     pub(super) notify: Option<(i32, i32)>,
     /// Where the first NotificationResponse of the bytes scanned last begins.
     first_notify: Option<usize>,
+    /// ReadyForQuery messages seen.
+    pub(super) answered: u64,
+    /// Statements that need a database to themselves, found in the client's messages and not
+    /// yet taken by the relay (which raises their holds before forwarding them), each with
+    /// the `answered` count at which it is done.
+    pub(super) needs: Vec<(u64, DatabaseNeed)>,
+    /// The client's prepared statements that need a database to themselves (kept in the
+    /// session's `Mode` between relays): a Bind of one is such a statement.
+    pub(super) prepared: Prepared,
 }
 
 impl Tracker {
@@ -68,6 +80,9 @@ impl Tracker {
             answered_at: None,
             notify: None,
             first_notify: None,
+            answered: 0,
+            needs: Vec::new(),
+            prepared: Prepared::default(),
         }
     }
 
@@ -82,15 +97,20 @@ impl Tracker {
         }
     }
 
-    /// Walks the client's bytes in `buf` (Query and Parse seen whole while pins are looked
-    /// for); the count that may be forwarded.
+    /// Walks the client's bytes in `buf` (Query and Parse seen whole: for pins, and for
+    /// statements that need a database to themselves; Bind too while a prepared statement
+    /// needs one); the count that may be forwarded.
     #[inline]
     pub(super) fn scan_client(&mut self, walk: &mut MessageWalker, buf: &[u8]) -> Result<usize, FrameError> {
-        let inspect = self.inspect;
+        let binds = std::cell::Cell::new(!self.prepared.is_empty());
         walk.scan(
             buf,
-            |tag| inspect && (tag == frontend::QUERY || tag == frontend::PARSE),
-            |s, m| self.on_client(s, m),
+            |tag| tag == frontend::QUERY || tag == frontend::PARSE || (tag == frontend::BIND && binds.get()),
+            |s, m| {
+                let walk = self.on_client(s, m);
+                binds.set(!self.prepared.is_empty());
+                walk
+            },
         )
     }
 
@@ -130,6 +150,9 @@ impl Tracker {
                 self.pin = Some(reason);
                 self.inspect = false;
             }
+        }
+        if s.complete {
+            databases::note(self, s.tag, msg);
         }
         match s.tag {
             frontend::TERMINATE => {
@@ -175,6 +198,7 @@ impl Tracker {
             _ => {}
         }
         if s.tag == backend::READY_FOR_QUERY {
+            self.answered += 1;
             self.status = msg.get(5).copied().unwrap_or(b'?');
             self.pending = self.pending.saturating_sub(1);
             self.tally.queries += 1;
