@@ -14,9 +14,9 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 
 pub(crate) mod auth_query;
+pub(crate) mod budget;
 mod error;
 pub(crate) mod scram;
 pub(crate) mod statements;
@@ -96,8 +96,9 @@ pub struct ServerConn {
     pub broken: bool,
     /// When it last went back to the pool.
     pub(crate) idle_since: Instant,
-    /// Its slot under max_server_connections, released when the connection is dropped.
-    pub slot: Option<OwnedSemaphorePermit>,
+    /// Its slot of its pool's budget (and so of `max_server_connections`), given back when the
+    /// connection is dropped.
+    pub slot: Option<budget::Slot>,
     /// Which client parameters are applied (a hash; 0 = none, as after a reset).
     pub applied: u64,
     /// Proxy-named prepared statements on this connection (transaction mode).
