@@ -284,7 +284,8 @@ impl PoolSet {
                     database: route.database.clone(),
                     user: route.user.clone(),
                     waited: pool.manager().slot_wait,
-                    pool_size: pool.manager().size() as u32,
+                    // As configured: the slots pgvalve's own connections hold are in use too.
+                    pool_size: pool.manager().budget.usage().max as u32,
                 })
             }
             Ok(Err(PoolError::Backend(e))) => Err(CheckoutError::Server(e)),
