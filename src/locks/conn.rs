@@ -25,7 +25,12 @@ use tokio_postgres::NoTls;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Target;
-use crate::server::budget::{Budget, Hold, Refused, Slot};
+use crate::config::ServerTls;
+use crate::server::budget::{Budget, Hold, Refused};
+use crate::server::ServerStream;
+
+/// Time allowed to connect and log in.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,10 @@ enum Failed {
     Slot(#[from] Refused),
     #[error(transparent)]
     Connect(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {CONNECT_TIMEOUT:?}")]
+    Timeout,
 }
 
 enum Seat {
@@ -135,27 +144,31 @@ impl Conns {
     }
 }
 
-/// Claims a lasting slot of `budget` (as long as it takes), then connects; the slot lives as
-/// long as the connection.
+/// Claims a lasting slot of `budget` (as long as it takes), then connects (without TLS, as
+/// before: `server_tls_mode` applies to the pools); the slot lives as long as the connection,
+/// and until PostgreSQL has closed it (see `server::close`).
 async fn open(t: &Target, budget: &Arc<Budget>, timeout: Duration) -> Result<tokio_postgres::Client, Failed> {
     let slot = budget.claim(Hold::Lasting, None).await?;
     let mut cfg = tokio_postgres::Config::from_str("postgres://")?;
-    cfg.host(&t.host)
-        .port(t.port)
-        .dbname(&t.dbname)
+    cfg.dbname(&t.dbname)
         .user(&t.user)
         .application_name("pgvalve lock monitor")
-        .options(format!("-c statement_timeout={}", timeout.as_millis()))
-        .connect_timeout(Duration::from_secs(5));
+        .options(format!("-c statement_timeout={}", timeout.as_millis()));
     if let Some(p) = &t.password {
         cfg.password(p);
     }
-    let (client, conn) = cfg.connect(NoTls).await?;
-    tokio::spawn(hold(slot, conn));
+    let connect = async {
+        let (stream, _) = ServerStream::connect(&t.host, t.port, &ServerTls::default()).await?;
+        let dup = stream.dup()?;
+        let (client, conn) = cfg.connect_raw(stream, NoTls).await?;
+        Ok::<_, Failed>((client, conn, dup))
+    };
+    let (client, conn, dup) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| Failed::Timeout)??;
+    tokio::spawn(async move {
+        let _ = conn.await;
+        crate::server::close::release_after(dup, slot).await;
+    });
     Ok(client)
-}
-
-/// Drives the connection; its slot is given back when it ends.
-async fn hold<F: std::future::Future>(_slot: Slot, conn: F) {
-    let _ = conn.await;
 }

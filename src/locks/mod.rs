@@ -172,6 +172,11 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
                 owner.extend(r.iter().map(|row| (row.pid, t.clone())));
                 rows.extend(r);
             }
+            // The connection and its slot are kept unless the connection is gone: in a
+            // saturated pool a new slot may be long to come (a slow poll is no reason).
+            Err(e) if !client.is_closed() && e.as_db_error().is_some_and(|d| d.severity() == "ERROR") => {
+                tracing::info!(error = %e, db = %t.dbname, "lock poll failed; trying again next poll");
+            }
             Err(e) => {
                 tracing::info!(error = %e, db = %t.dbname, "lock poll failed; reconnecting next poll");
                 conns.lost(&t);

@@ -101,6 +101,9 @@ struct State {
     lasting: usize,
     /// Claims waiting for a slot (they go before the pools).
     claims: usize,
+    /// Of the slots held, those of connections closing (given back once PostgreSQL has
+    /// closed them, see [`Slot::closing`]).
+    closing: usize,
 }
 
 impl State {
@@ -108,9 +111,9 @@ impl State {
         self.max > 0
     }
 
-    /// Claims waiting that the free slots cannot cover now.
+    /// Claims waiting that the free slots and those of closing connections cannot cover.
     fn short(&self) -> bool {
-        self.limited() && self.used + self.claims > self.max
+        self.limited() && self.used + self.claims > self.max + self.closing
     }
 }
 
@@ -249,6 +252,7 @@ impl Budget {
                 parent: held.map(Box::new),
                 budget: b,
                 own: None,
+                closing: false,
             });
         }
         Ok(held.expect("invariant: a chain has at least one budget"))
@@ -272,6 +276,7 @@ impl Budget {
                 parent: held.map(Box::new),
                 budget: b,
                 own: Some(hold),
+                closing: false,
             });
         }
         Ok(held.expect("invariant: a chain has at least one budget"))
@@ -301,9 +306,14 @@ impl Budget {
             freed.as_mut().enable();
             match self.try_take(kind) {
                 Some(true) => return Ok(()),
-                // Full: close an idle connection and try again at once.
-                None if self.make_room() => continue,
-                _ => {}
+                // Full with nothing closing: close an idle connection; its slot comes back
+                // once PostgreSQL has closed it (the wait below is woken then).
+                None => {
+                    if self.state().closing == 0 {
+                        self.make_room();
+                    }
+                }
+                Some(false) => {}
             }
             let step = match deadline {
                 Some(d) => {
@@ -360,10 +370,11 @@ impl Budget {
         children.iter().any(|c| c.make_room())
     }
 
-    fn give_back(&self, own: Option<Hold>) {
+    fn give_back(&self, own: Option<Hold>, closing: bool) {
         {
             let mut st = self.state();
             st.used -= 1;
+            st.closing -= usize::from(closing);
             if let Some(hold) = own {
                 st.own -= 1;
                 st.lasting -= usize::from(hold == Hold::Lasting);
@@ -435,6 +446,8 @@ pub struct Slot {
     budget: Arc<Budget>,
     /// Some for pgvalve's own connections.
     own: Option<Hold>,
+    /// Its connection is closing.
+    closing: bool,
     /// Dropped after this budget's slot is given back.
     parent: Option<Box<Slot>>,
 }
@@ -455,11 +468,25 @@ impl Slot {
     pub fn wanted(&self) -> bool {
         self.budget.short.load(Ordering::Relaxed) || self.parent.as_ref().is_some_and(|p| p.wanted())
     }
+
+    /// Its connection is closing: the slot will be free soon, so no other connection is
+    /// closed to make room meanwhile, nor asked back for a claim it covers.
+    pub fn closing(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            let mut st = self.budget.state();
+            st.closing += 1;
+            self.budget.short.store(st.short(), Ordering::Relaxed);
+        }
+        if let Some(p) = self.parent.as_mut() {
+            p.closing();
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.budget.give_back(self.own);
+        self.budget.give_back(self.own, self.closing);
     }
 }
 

@@ -290,3 +290,31 @@ fn the_registry_keeps_one_budget_per_pool_under_the_server_budget() {
     assert_eq!(left, ["app"]);
     assert_eq!(budgets.server().usage().max, 4);
 }
+
+#[tokio::test]
+async fn a_closing_slot_counts_as_coming_free() {
+    let server = Budget::new(Scale::Server, 10, None);
+    let pool = pool_under(&server, 2);
+    let fake = Arc::new(FakePool::default());
+    pool.occupy(Box::new(fake.clone()));
+    let mut busy = futures_take(&pool, 1).await;
+    let idle = pool.take(SHORT).await.unwrap();
+    lock(&fake.idle).push(idle);
+    busy[0].closing();
+    // Full, but a slot is coming free: no idle connection is closed for this taker.
+    assert!(pool.take(SHORT).await.is_err());
+    assert_eq!(lock(&fake.idle).len(), 1, "the idle connection stays");
+    // A claim the closing slot covers asks no other connection back.
+    let claim = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.claim(Hold::Brief, Some(Duration::from_secs(30))).await }
+    });
+    while pool.usage().own == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!lock(&fake.idle)[0].wanted(), "the closing slot covers the claim");
+    busy.clear();
+    let own = claim.await.unwrap().expect("the closed slot goes to the claim");
+    assert_eq!((pool.usage().used, server.usage().used), (2, 2));
+    drop(own);
+}

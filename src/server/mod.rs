@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub(crate) mod auth_query;
 pub(crate) mod budget;
+pub(crate) mod close;
 mod error;
 pub(crate) mod scram;
 pub(crate) mod statements;
@@ -105,6 +106,16 @@ pub struct ServerConn {
     pub prepared: statements::ServerStatements,
     /// Set by the relay when the protocol state is known: what is still due from the server.
     pub(crate) recover: Option<Recover>,
+}
+
+/// A connection's slot is given back once PostgreSQL has closed the connection (see
+/// [`close`]), so the backend is gone from pg_stat_activity before another takes the slot.
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            close::release_when_closed(&self.stream, slot);
+        }
+    }
 }
 
 /// What a server connection still owes after its client left, when that is known: every

@@ -203,6 +203,22 @@ async fn lock_recorded(s: &Setup) {
     .await;
 }
 
+/// Waits until the lock monitor's backend is there.
+async fn monitor_connected(su: &tokio_postgres::Client) {
+    eventually(Duration::from_secs(15), "the lock monitor is connected", || async {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvalve lock monitor'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+}
+
 /// Session mode, pool_size 3: the monitor took its slot at start; the clients fill the
 /// other two (one of them holding a lock) with more queued behind, and the monitor still sees
 /// the lock.
@@ -210,6 +226,7 @@ async fn lock_recorded(s: &Setup) {
 async fn the_monitor_records_locks_in_a_saturated_session_pool() {
     let s = Setup::new(with_monitor(PoolMode::Session, 3, 100)).await;
     s.client().await.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    monitor_connected(&s.pg.superuser().await.unwrap()).await;
     let census = Census::start(&s, "app").await;
     let greedy = connect(&format!("{}?application_name=greedy", s.url())).await.unwrap();
     greedy
@@ -248,6 +265,8 @@ async fn the_monitor_records_locks_in_a_saturated_session_pool() {
 async fn the_monitor_reconnects_into_a_saturated_pool_and_records_locks() {
     let s = Setup::new(with_monitor(PoolMode::Transaction, 3, 100)).await;
     s.client().await.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let su = s.pg.superuser().await.unwrap();
+    monitor_connected(&su).await;
     let census = Census::start(&s, "app").await;
     let greedy = connect(&format!("{}?application_name=greedy", s.url())).await.unwrap();
     greedy
@@ -267,7 +286,6 @@ async fn the_monitor_reconnects_into_a_saturated_pool_and_records_locks() {
         })
         .collect();
     lock_recorded(&s).await;
-    let su = s.pg.superuser().await.unwrap();
     let killed: i64 = su
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgvalve lock monitor'",
@@ -285,18 +303,7 @@ async fn the_monitor_reconnects_into_a_saturated_pool_and_records_locks() {
     )
     .await;
     // The lock is still held: the monitor records it again only once it has reconnected.
-    eventually(Duration::from_secs(15), "the monitor is back", || async {
-        let n: i64 = su
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgvalve lock monitor'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
-    })
-    .await;
+    monitor_connected(&su).await;
     lock_recorded(&s).await;
     stop.store(true, Ordering::Relaxed);
     for c in crowd {
