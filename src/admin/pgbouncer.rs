@@ -47,6 +47,7 @@ pub(super) fn pools(shared: &Admin<'_>) -> Table {
         ("load_balance_hosts", Text),
         ("pool_size", Int8),
         ("paused", Int8),
+        ("sv_own", Int8),
     ]);
     let config = shared.config();
     let clients = clients_per_pool(shared);
@@ -75,6 +76,7 @@ pub(super) fn pools(shared: &Admin<'_>) -> Table {
             None,
             s(p.pool_size),
             s(u8::from(shared.pauses.is_paused(db))),
+            s(p.own),
         ]);
     }
     t

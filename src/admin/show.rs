@@ -33,7 +33,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         "SHOW POOLS",
-        "pools per database and user (PgBouncer's columns, plus pool_size and paused)",
+        "pools per database and user (PgBouncer's columns, plus pool_size, paused and sv_own: slots held by pgvalve's own connections)",
     ),
     (
         "SHOW SERVERS",

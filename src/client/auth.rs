@@ -48,7 +48,10 @@ pub(crate) async fn authenticate(
             );
             return Err(failed());
         }
-        shared.auth.verifier(&config, database, user).await?
+        shared
+            .auth
+            .verifier(&config, shared.pools.budgets(), database, user)
+            .await?
     } else {
         None
     };

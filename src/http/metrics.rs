@@ -135,7 +135,8 @@ impl Snapshot {
                 &[("database", db), ("user", user)],
                 p.pool_size as f64,
             );
-            for (state, v) in [("active", active), ("idle", p.idle as f64)] {
+            // "own": pgvalve's own connections holding slots of the pool (the lock monitor's).
+            for (state, v) in [("active", active), ("idle", p.idle as f64), ("own", p.own as f64)] {
                 self.gauge(
                     "pgvalve_server_connections",
                     &[("database", db), ("user", user), ("state", state)],

@@ -2,7 +2,8 @@
 //! holds them, and the `max_lock_hold` policy that acts only on the offender.
 //!
 //! Beside the flow. One task per proxy polls, every `[locks] poll_interval`, each database
-//! pgvalve serves, over its own tokio-postgres connection (never one from the client pools):
+//! pgvalve serves, over its own tokio-postgres connection (never one from the client pools,
+//! but inside their caps: it holds a slot of the pool's budget, see [`conn`]):
 //! one query joining `pg_locks`, `pg_stat_activity` and `pg_blocking_pids()`, bounded by a
 //! statement timeout, one poll in flight at a time. Backends are mapped to sessions through
 //! the session registry (which backend each session uses now); [`record`] keeps current
@@ -14,15 +15,13 @@
 //! DATABASE (or the like) holds a database (see [`crate::dbgate`]), the monitor closes its
 //! connection to it at once and opens none until the hold is dropped.
 
+mod conn;
 pub(crate) mod record;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 
 pub use record::{Episode, LockView, Recorder, Row};
 
@@ -31,6 +30,7 @@ use arc_swap::{ArcSwap, Guard};
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::pool::PoolSet;
+use crate::server::budget::Budget;
 use crate::sessions::Sessions;
 use crate::shutdown::Phase;
 
@@ -100,8 +100,10 @@ struct Target {
 }
 
 /// The databases in use: every configured one, and those reached through `"*"` whose pool
-/// has server connections open (so a database dropped through pgvalve is not polled again).
-fn targets(shared: &Watch) -> Vec<Target> {
+/// has server connections open (so a database dropped through pgvalve is not polled again);
+/// each with the budget its connection takes its slot from (the pool of the monitor's user
+/// there; the first name wins when several reach one server database).
+fn targets(shared: &Watch) -> Vec<(Target, Arc<Budget>)> {
     let c = shared.config();
     let Some(user) = c.locks.user.clone().or_else(|| c.users.keys().next().cloned()) else {
         return Vec::new();
@@ -117,42 +119,25 @@ fn targets(shared: &Watch) -> Vec<Target> {
     );
     names.sort();
     names.dedup();
-    names
-        .iter()
-        .filter_map(|d| c.route(d, &user))
-        .map(|r| Target {
+    let password = c
+        .users
+        .get(&user)
+        .and_then(|u| u.server_password.as_ref())
+        .map(|p| p.0.clone());
+    let mut out: Vec<(Target, Arc<Budget>)> = Vec::new();
+    for (d, r) in names.iter().filter_map(|d| c.route(d, &user).map(|r| (d, r))) {
+        let t = Target {
             host: r.host,
             port: r.port,
             dbname: r.server_dbname,
-            password: c
-                .users
-                .get(&user)
-                .and_then(|u| u.server_password.as_ref())
-                .map(|p| p.0.clone()),
+            password: password.clone(),
             user: user.clone(),
-        })
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-async fn open(t: &Target, timeout: Duration) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let mut cfg = tokio_postgres::Config::from_str("postgres://")?;
-    cfg.host(&t.host)
-        .port(t.port)
-        .dbname(&t.dbname)
-        .user(&t.user)
-        .application_name("pgvalve lock monitor")
-        .options(format!("-c statement_timeout={}", timeout.as_millis()))
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(p) = &t.password {
-        cfg.password(p);
+        };
+        if !out.iter().any(|(o, _)| *o == t) {
+            out.push((t, shared.pools.budget(d, &user, r.pool_size)));
+        }
     }
-    let (client, conn) = cfg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    out
 }
 
 /// Runs the poll query once on `client`.
@@ -181,7 +166,7 @@ pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_pos
 }
 
 /// One round: poll every target, record, act.
-async fn round(shared: &Watch, conns: &mut HashMap<Target, tokio_postgres::Client>) {
+async fn round(shared: &Watch, conns: &mut conn::Conns) {
     let config = shared.config();
     let cfg = &config.locks;
     let mut rows = Vec::new();
@@ -189,30 +174,29 @@ async fn round(shared: &Watch, conns: &mut HashMap<Target, tokio_postgres::Clien
     // Before the query: which transactions each session had ended, to tell later whether a
     // lock read by the poll is still held.
     let ends_before = shared.sessions.ends();
-    for t in targets(shared) {
+    let targets = targets(shared);
+    conns.keep(&targets);
+    for (t, budget) in targets {
         if shared.gates.is_held(&t.host, t.port, &t.dbname) {
-            conns.remove(&t);
+            conns.lost(&t);
             continue;
         }
-        if !conns.contains_key(&t) {
-            match open(&t, cfg.poll_timeout).await {
-                Ok(c) => {
-                    conns.insert(t.clone(), c);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, db = %t.dbname, "lock monitor cannot connect; retrying next poll");
-                    continue;
-                }
-            }
-        }
-        match poll(&conns[&t]).await {
+        let Some(client) = conns.ready(&t, &budget, cfg.poll_timeout).await else {
+            continue;
+        };
+        match poll(client).await {
             Ok(r) => {
                 owner.extend(r.iter().map(|row| (row.pid, t.clone())));
                 rows.extend(r);
             }
+            // The connection and its slot are kept unless the connection is gone: in a
+            // saturated pool a new slot may be long to come (a slow poll is no reason).
+            Err(e) if !client.is_closed() && e.as_db_error().is_some_and(|d| d.severity() == "ERROR") => {
+                tracing::info!(error = %e, db = %t.dbname, "lock poll failed; trying again next poll");
+            }
             Err(e) => {
                 tracing::info!(error = %e, db = %t.dbname, "lock poll failed; reconnecting next poll");
-                conns.remove(&t);
+                conns.lost(&t);
             }
         }
     }
@@ -243,7 +227,7 @@ async fn round(shared: &Watch, conns: &mut HashMap<Target, tokio_postgres::Clien
                 (pid, "SELECT pg_cancel_backend($1)")
             }
         };
-        if let Some(c) = owner.get(&pid).and_then(|t| conns.get(t)) {
+        if let Some(c) = owner.get(&pid).and_then(|t| conns.client(t)) {
             if let Err(e) = c.execute(sql, &[&pid]).await {
                 tracing::warn!(error = %e, pid, "lock monitor could not signal the backend");
             }
@@ -271,12 +255,12 @@ pub async fn run(shared: Watch, mut phase: watch::Receiver<Phase>) {
     let mut period = shared.config().locks.poll_interval;
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conns = HashMap::new();
+    let mut conns = conn::Conns::default();
     let mut holds = shared.gates.subscribe();
     loop {
         tokio::select! {
             // A database is held: its connection goes now.
-            Ok(()) = holds.changed() => conns.retain(|t: &Target, _| !shared.gates.is_held(&t.host, t.port, &t.dbname)),
+            Ok(()) = holds.changed() => conns.drop_where(|t| shared.gates.is_held(&t.host, t.port, &t.dbname)),
             _ = every.tick() => {
                 round(&shared, &mut conns).await;
                 // A reload may have changed the interval.

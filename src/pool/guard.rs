@@ -4,7 +4,9 @@
 //! `server_reset_query` first); a guard dropped any other way — an error, a panic, a cancelled
 //! task — closes the connection instead, so a server connection in an unknown state is never
 //! handed to another client. A backend left mid-query also gets a cancel request. A
-//! connection whose server failed takes the pool's idle connections with it.
+//! connection whose server failed takes the pool's idle connections with it. A connection
+//! whose slot one of pgvalve's own connections waits for (see `server::budget`) is closed
+//! instead of going back.
 
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
@@ -44,6 +46,9 @@ impl PooledConn {
         let Some(mut obj) = self.obj.take() else {
             return;
         };
+        if wanted(&obj) {
+            return discard(obj);
+        }
         if obj.is_clean() && !reset_query.is_empty() {
             let reset = tokio::time::timeout(timeout, obj.simple_query(reset_query)).await;
             if !matches!(reset, Ok(Ok(()))) {
@@ -74,13 +79,18 @@ impl PooledConn {
         let Some(mut obj) = self.obj.take() else {
             return;
         };
-        if obj.is_clean() {
+        if obj.is_clean() && !wanted(&obj) {
             obj.idle_since = Instant::now();
             drop(obj);
         } else {
             discard(obj);
         }
     }
+}
+
+/// A claim waits for this connection's slot: it closes rather than going back.
+fn wanted(obj: &Object<ServerManager>) -> bool {
+    obj.slot.as_ref().is_some_and(|s| s.wanted())
 }
 
 fn discard(obj: Object<ServerManager>) {

@@ -1,85 +1,47 @@
-//! The deadpool manager of raw server connections, and the global cap on them.
+//! The deadpool manager of raw server connections, and a pool as the occupant of its budget.
 //!
 //! Part of the pool: deadpool calls [`ServerManager::create`] when a pool needs a new
 //! connection and [`ServerManager::recycle`] before handing an idle one out. Every server
-//! connection holds one slot of [`ServerSlots`] (`max_server_connections`) for its whole life;
-//! when none is free, an idle connection of some pool is closed to make room.
+//! connection holds one slot of its pool's [`Budget`] (`pool_size`, under
+//! `max_server_connections`) for its whole life; when none is free, an idle connection is
+//! closed to make room. The pool's deadpool size follows its share of the budget (pgvalve's
+//! own connections to the same database and user take the rest), and an idle connection
+//! whose slot a claim waits for is closed instead of reused.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::server::budget::{Budget, Occupant};
 use crate::server::{self, ServerConn, ServerError, ServerTarget};
 
 /// A deadpool pool of server connections.
 pub(crate) type Pool = managed::Pool<ServerManager>;
 
-/// The `max_server_connections` budget shared by all pools.
-#[derive(Debug)]
-pub struct ServerSlots {
-    sem: Option<Arc<Semaphore>>,
-    max: u32,
-    pools: Mutex<Vec<managed::WeakPool<ServerManager>>>,
-}
+/// A pool as its budget's occupant: told its share, asked to close an idle connection.
+pub(crate) struct PoolOccupant(pub(crate) managed::WeakPool<ServerManager>);
 
-impl ServerSlots {
-    /// A budget of `max` connections (0 = unlimited).
-    pub fn new(max: u32) -> Arc<Self> {
-        Arc::new(Self {
-            sem: (max > 0).then(|| Arc::new(Semaphore::new(max as usize))),
-            max,
-            pools: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Registers a pool whose idle connections may be closed to free slots.
-    pub(crate) fn register(&self, pool: &Pool) {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools.retain(|w| w.upgrade().is_some());
-        pools.push(pool.weak());
-    }
-
-    /// Takes a slot, waiting up to `wait`. While none is free it keeps closing idle
-    /// connections of any pool, so idle connections never hold slots others wait for.
-    async fn acquire(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, ServerError> {
-        let Some(sem) = &self.sem else {
-            return Ok(None);
+impl Occupant for PoolOccupant {
+    fn close_idle(&self) -> bool {
+        let Some(pool) = self.0.upgrade() else {
+            return false;
         };
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Ok(p) = sem.clone().try_acquire_owned() {
-                return Ok(Some(p));
-            }
-            self.evict_one_idle();
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(ServerError::NoSlot(self.max));
-            }
-            let step = left.min(Duration::from_millis(100));
-            if let Ok(Ok(p)) = tokio::time::timeout(step, sem.clone().acquire_owned()).await {
-                return Ok(Some(p));
-            }
-        }
+        let mut closed = false;
+        pool.retain(|_, _| {
+            let keep = closed;
+            closed = true;
+            keep
+        });
+        closed
     }
 
-    fn evict_one_idle(&self) {
-        let pools: Vec<Pool> = {
-            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-            pools.iter().filter_map(|w| w.upgrade()).collect()
-        };
-        for pool in pools {
-            let mut evicted = false;
-            pool.retain(|_, _| {
-                let keep = evicted;
-                evicted = true;
-                keep
-            });
-            if evicted {
-                tracing::debug!("closed an idle server connection to free a max_server_connections slot");
-                return;
+    fn resize(&self, share: usize) {
+        if let Some(pool) = self.0.upgrade() {
+            if !pool.is_closed() {
+                pool.resize(share);
+                pool.manager().size.store(share, Ordering::Relaxed);
             }
         }
     }
@@ -144,9 +106,9 @@ impl Backoff {
 pub struct ServerManager {
     /// Where and as whom to connect.
     pub target: ServerTarget,
-    /// Global cap.
-    pub slots: Arc<ServerSlots>,
-    /// How long to wait for a global slot (query_wait_timeout).
+    /// The pool's budget (`pool_size`, under `max_server_connections`).
+    pub budget: Arc<Budget>,
+    /// How long to wait for a slot (query_wait_timeout).
     pub(crate) slot_wait: Duration,
     /// Close connections older than this when they come back (zero = never).
     pub lifetime: Duration,
@@ -162,8 +124,8 @@ pub struct ServerManager {
     pub(crate) backoff: Backoff,
     /// Longest spacing (server_login_retry).
     pub(crate) login_retry: Duration,
-    /// The pool's max size, kept with every resize: read at each checkout without the pool's
-    /// lock (`Pool::status` takes it).
+    /// The pool's max size (its share of the budget), kept with every resize: read at each
+    /// checkout without the pool's lock (`Pool::status` takes it).
     pub size: AtomicUsize,
 }
 
@@ -185,7 +147,8 @@ impl managed::Manager for ServerManager {
 }
 
 impl ServerManager {
-    /// The pool's max size (pool_size as configured now).
+    /// The pool's max size: pool_size as configured now, less the slots pgvalve's own
+    /// connections to the same database and user hold.
     pub fn size(&self) -> usize {
         self.size.load(Ordering::Relaxed)
     }
@@ -193,7 +156,7 @@ impl ServerManager {
     async fn open(&self) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         self.backoff.admit(&addr, self.login_retry)?;
-        let slot = self.slots.acquire(self.slot_wait).await?;
+        let slot = self.budget.take(self.slot_wait).await?;
         let mut conn = match server::connect(&self.target).await {
             Ok(c) => c,
             Err(e) => {
@@ -206,7 +169,7 @@ impl ServerManager {
             }
         };
         self.backoff.succeeded();
-        conn.slot = slot;
+        conn.slot = Some(slot);
         self.created.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pid = conn.pid, db = %self.target.dbname, user = %self.target.user, "server connection opened");
         Ok(conn)
@@ -220,6 +183,9 @@ impl ServerManager {
         };
         if !conn.is_clean() {
             return reject("not idle");
+        }
+        if conn.slot.as_ref().is_some_and(|s| s.wanted()) {
+            return reject("slot claimed by one of pgvalve's own connections");
         }
         let now = Instant::now();
         if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {

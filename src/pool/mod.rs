@@ -1,11 +1,14 @@
-//! Pools of server connections, one per (database, user), with a global cap.
+//! Pools of server connections, one per (database, user), each the occupant of its budget.
 //!
 //! Fourth step of the flow (after admission): a client session asks [`PoolSet::checkout`] for
 //! a server connection for its route and gets a [`PooledConn`] guard. Pools are created on
-//! first use. A maintenance task closes idle connections past `server_idle_timeout` and old
-//! ones past `server_lifetime`, once a second (faster when those limits are short). While a
-//! client's DROP DATABASE (or the like) holds a server database (see [`crate::dbgate`]), the
-//! idle connections of every pool that reaches it are closed and its checkouts wait.
+//! first use. Every connection holds a slot of the pool's budget (`pool_size`) and so of the
+//! proxy's (`max_server_connections`); pgvalve's own connections to PostgreSQL take theirs
+//! from the same [`Budgets`] (see `server::budget`), and a pool's size is its share. A
+//! maintenance task closes idle connections past `server_idle_timeout` and old ones past
+//! `server_lifetime`, once a second (faster when those limits are short). While a client's
+//! DROP DATABASE (or the like) holds a server database (see [`crate::dbgate`]), the idle
+//! connections of every pool that reaches it are closed and its checkouts wait.
 
 mod guard;
 mod manager;
@@ -23,7 +26,7 @@ use deadpool::managed::{PoolError, QueueMode, Timeouts};
 use deadpool::Runtime;
 
 pub(crate) use guard::PooledConn;
-pub(crate) use manager::{Pool, ServerManager, ServerSlots};
+pub(crate) use manager::{Pool, ServerManager};
 pub(crate) use pause::Pauses;
 pub(crate) use stats::Stats;
 
@@ -31,6 +34,7 @@ use crate::admission::ServerGrant;
 use crate::config::{Config, Route};
 use crate::dbgate::{DbGates, ServerDb};
 use crate::error::{sqlstate, PgError, Side, Sided};
+use crate::server::budget::{Budget, Budgets};
 use crate::server::{ServerError, ServerTarget};
 
 /// Pools are keyed by the database name the client asked for and the user.
@@ -120,8 +124,11 @@ impl Sided for CheckoutError {
 pub struct PoolStats {
     /// The pool.
     pub key: PoolKey,
-    /// Max size.
+    /// Its size as configured (`pool_size`), the slots of its budget.
     pub pool_size: usize,
+    /// Of those, held (or waited for) by pgvalve's own connections to the same database and
+    /// user (the lock monitor's, auth_query look-ups): the pool's own size is the rest.
+    pub own: usize,
     /// Open server connections (in use + idle).
     pub open: usize,
     /// Idle server connections.
@@ -173,7 +180,7 @@ pub struct PoolSet {
     /// Keys of users looked up with auth_query (they have no password in the config).
     auth: Arc<crate::server::auth_query::AuthQuery>,
     pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>>,
-    slots: Arc<ServerSlots>,
+    budgets: Arc<Budgets>,
     /// Parameter sets live sessions use, per pool (kept across a pool's rebuild).
     live_params: Arc<Mutex<crate::FastMap<PoolKey, Arc<params::LiveParams>>>>,
     /// Holds on server databases: checkouts for a held one wait.
@@ -196,7 +203,7 @@ impl PoolSet {
         auth: Arc<crate::server::auth_query::AuthQuery>,
         gates: Arc<DbGates>,
     ) -> Self {
-        let slots = ServerSlots::new(config.load().pool.max_server_connections);
+        let budgets = Budgets::new(config.load().pool.max_server_connections);
         let pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>> = Default::default();
         let weak = Arc::downgrade(&pools);
         gates.on_hold(Box::new(move |db| weak.upgrade().map_or(0, |p| close_idle_to(&p, db))));
@@ -204,7 +211,7 @@ impl PoolSet {
             config,
             auth,
             pools,
-            slots,
+            budgets,
             live_params: Default::default(),
             gates,
             stats: Arc::default(),
@@ -256,9 +263,11 @@ impl PoolSet {
         let route = live.as_ref().unwrap_or(route);
         let (created, rejected, failed): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>) = Default::default();
         let shape = Shape::of(&config, route, &self.auth);
+        let budget = self.budget(&key.database, &key.user, route.pool_size);
+        let share = budget.share();
         let manager = ServerManager {
             target: shape.target.clone(),
-            slots: self.slots.clone(),
+            budget: budget.clone(),
             slot_wait: shape.wait,
             check_delay: shape.check_delay,
             lifetime: shape.lifetime,
@@ -267,10 +276,10 @@ impl PoolSet {
             failed: Arc::clone(&failed),
             backoff: Default::default(),
             login_retry: config.pool.server_login_retry,
-            size: AtomicUsize::new(route.pool_size as usize),
+            size: AtomicUsize::new(share),
         };
         let pool = Pool::builder(manager)
-            .max_size(route.pool_size as usize)
+            .max_size(share)
             .queue_mode(QueueMode::Lifo)
             .timeouts(Timeouts {
                 // checkout() bounds the wait itself, making a timer only when it waits.
@@ -284,7 +293,7 @@ impl PoolSet {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("invariant: a runtime and a max size are set");
-        self.slots.register(&pool);
+        budget.occupy(Box::new(manager::PoolOccupant(pool.weak())));
         pools.insert(
             key,
             Entry {
@@ -326,12 +335,16 @@ impl PoolSet {
         };
         match got {
             Ok(Ok(obj)) => Ok(PooledConn::new(obj, grant)),
-            Err(_) | Ok(Err(PoolError::Timeout(_))) => Err(CheckoutError::Timeout {
-                database: route.database.clone(),
-                user: route.user.clone(),
-                waited: pool.manager().slot_wait,
-                pool_size: pool.manager().size() as u32,
-            }),
+            // The pool's budget stayed full (pgvalve's own connections hold part of it).
+            Err(_) | Ok(Err(PoolError::Timeout(_) | PoolError::Backend(ServerError::PoolFull(_)))) => {
+                Err(CheckoutError::Timeout {
+                    database: route.database.clone(),
+                    user: route.user.clone(),
+                    waited: pool.manager().slot_wait,
+                    // As configured: the slots pgvalve's own connections hold are in use too.
+                    pool_size: pool.manager().budget.usage().max as u32,
+                })
+            }
             Ok(Err(PoolError::Backend(e))) => Err(CheckoutError::Server(e)),
             Ok(Err(PoolError::PostCreateHook(_) | PoolError::NoRuntimeSpecified | PoolError::Closed)) => {
                 Err(CheckoutError::Closed)
@@ -361,20 +374,39 @@ impl PoolSet {
                 ));
                 return false;
             }
-            let size = route.pool_size as usize;
-            if e.pool.status().max_size != size {
-                changes.push(format!(
-                    "pool {}/{} pool_size {} -> {size}",
-                    key.database,
-                    key.user,
-                    e.pool.status().max_size
-                ));
-                e.pool.resize(size);
-                e.pool.manager().size.store(size, Ordering::Relaxed);
+            let (size, budget) = (route.pool_size as usize, &e.pool.manager().budget);
+            let was = budget.usage().max;
+            if was != size {
+                changes.push(format!("pool {}/{} pool_size {was} -> {size}", key.database, key.user));
             }
             true
         });
+        drop(pools);
+        // Every budget follows its route, also those of pgvalve's own connections alone (the
+        // budget tells its pool its new share).
+        for (database, user, budget) in self.budgets.pools() {
+            if let Some(route) = config.route(&database, &user) {
+                if budget.usage().max != route.pool_size as usize {
+                    budget.resize(route.pool_size as usize);
+                }
+            }
+        }
+        self.budgets.retain(|d, u| config.route(d, u).is_some());
         changes
+    }
+
+    /// Every budget of server connections (pgvalve's own connections take their slots here).
+    pub(crate) fn budgets(&self) -> &Arc<Budgets> {
+        &self.budgets
+    }
+
+    /// The budget of the (database, user) pool, sized as configured now.
+    pub(crate) fn budget(&self, database: &str, user: &str, pool_size: u32) -> Arc<Budget> {
+        let budget = self.budgets.pool(database, user, pool_size);
+        if budget.usage().max != pool_size as usize {
+            budget.resize(pool_size as usize);
+        }
+        budget
     }
 
     /// Numbers for every pool, sorted by key.
@@ -384,9 +416,11 @@ impl PoolSet {
             .iter()
             .map(|(k, e)| {
                 let s = e.pool.status();
+                let budget = e.pool.manager().budget.usage();
                 PoolStats {
                     key: k.clone(),
-                    pool_size: s.max_size,
+                    pool_size: budget.max,
+                    own: budget.own,
                     open: s.size,
                     idle: s.available,
                     waiting: s.waiting,

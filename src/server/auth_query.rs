@@ -3,7 +3,9 @@
 //! proves is kept (never a password) so the server leg can log in as that user.
 //!
 //! Part of the server side (client authentication asks it, the pool logs in with what it
-//! learned). Lookups run on a connection of their own as `auth_user`,
+//! learned). Lookups run on a connection of their own as `auth_user`, which holds a slot of
+//! the budgets of the `auth_user` pool of that database and of `max_server_connections` while
+//! it is open (a brief claim: it goes before the pools, see [`super::budget`]),
 //! with the query's `$1` bound as a parameter; results (also "no such user") are cached for
 //! `auth_cache_ttl`; failed logins are limited per user and client address, and per address
 //! across users, so guessing does not turn into a stream of lookups. A look-up does not
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, ScramVerifier};
 use crate::dbgate::DbGates;
+use crate::server::budget::{Budgets, Hold};
 use crate::server::scram::KeySlot;
 use crate::server::{ServerError, ServerTarget};
 
@@ -119,13 +122,15 @@ impl AuthQuery {
     }
 
     /// The verifier of `user` (None: no such login role, no password, expired, or not a SCRAM
-    /// verifier), from the cache or looked up in the server of `database`.
+    /// verifier), from the cache or looked up in the server of `database` on a connection
+    /// that takes its slot from `budgets`.
     ///
     /// # Errors
-    /// The lookup connection or query failed.
+    /// The lookup connection or query failed, or no slot was free within query_wait_timeout.
     pub async fn verifier(
         &self,
         config: &Config,
+        budgets: &Budgets,
         database: &str,
         user: &str,
     ) -> Result<Option<ScramVerifier>, ServerError> {
@@ -134,7 +139,7 @@ impl AuthQuery {
             return Ok(c.verifier.clone());
         }
         // Boxed: a whole server login, rare, kept out of every session's future.
-        let verifier = Box::pin(self.look_up(config, database, user)).await?;
+        let verifier = Box::pin(self.look_up(config, budgets, database, user)).await?;
         let mut cache = lock(&self.cache);
         sweep(&mut cache, |c| c.at.elapsed() < ttl);
         cache.insert(
@@ -147,7 +152,13 @@ impl AuthQuery {
         Ok(verifier)
     }
 
-    async fn look_up(&self, config: &Config, database: &str, user: &str) -> Result<Option<ScramVerifier>, ServerError> {
+    async fn look_up(
+        &self,
+        config: &Config,
+        budgets: &Budgets,
+        database: &str,
+        user: &str,
+    ) -> Result<Option<ScramVerifier>, ServerError> {
         let Some(auth_user) = config.proxy.auth_user.as_deref() else {
             return Ok(None);
         };
@@ -160,8 +171,13 @@ impl AuthQuery {
         self.gates
             .wait_open(&target.host, target.port, &target.dbname, wait)
             .await;
+        let slot = budgets
+            .pool(db, auth_user, route.pool_size)
+            .claim(Hold::Brief, Some(config.pool.query_wait_timeout))
+            .await?;
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut conn = crate::server::connect(&target).await?;
+        conn.slot = Some(slot);
         let rows = conn.query_rows(&config.proxy.auth_query, &[user]).await;
         conn.terminate().await;
         let secret = rows?.into_iter().next().and_then(|r| r.into_iter().nth(1).flatten());

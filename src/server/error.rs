@@ -67,6 +67,33 @@ pub enum ServerError {
     /// The global cap on server connections is reached and nothing idle could be closed.
     #[error("no server connection slot free (max_server_connections={0})")]
     NoSlot(u32),
+    /// Every slot of the pool's budget stayed in use (its connections and pgvalve's own).
+    #[error("no server connection slot free in the pool (pool_size={0})")]
+    PoolFull(u32),
+}
+
+impl From<super::budget::Refused> for ServerError {
+    fn from(r: super::budget::Refused) -> Self {
+        use super::budget::{Refused, Scale};
+        match r {
+            Refused::Full {
+                scale: Scale::Server,
+                max,
+            }
+            | Refused::Last {
+                scale: Scale::Server,
+                max,
+            } => ServerError::NoSlot(max),
+            Refused::Full {
+                scale: Scale::Pool,
+                max,
+            }
+            | Refused::Last {
+                scale: Scale::Pool,
+                max,
+            } => ServerError::PoolFull(max),
+        }
+    }
 }
 
 impl ServerError {
@@ -89,6 +116,8 @@ impl ServerError {
                 .with_hint("Check that PostgreSQL is up and reachable from pgvalve; clients fail at once until it answers again."),
             ServerError::NoSlot(_) => PgError::fatal(code, format!("pgvalve: {self}"))
                 .with_hint("Raise max_server_connections or lower pool sizes; idle server connections of other pools are closed first."),
+            ServerError::PoolFull(_) => PgError::fatal(code, format!("pgvalve: {self}"))
+                .with_hint("Raise pool_size (and PostgreSQL's max_connections), or shorten the sessions that hold server connections."),
             _ => PgError::fatal(code, format!("pgvalve: {self}")),
         }
     }
@@ -112,7 +141,7 @@ impl Sided for ServerError {
             | UnsupportedAuth(_)
             | Unreachable { .. } => Side::Server,
             NoPassword(_) => Side::Config,
-            NoSlot(_) => Side::Proxy,
+            NoSlot(_) | PoolFull(_) => Side::Proxy,
         }
     }
 
@@ -120,7 +149,7 @@ impl Sided for ServerError {
         use ServerError::*;
         match self {
             Postgres(e) => &e.code,
-            NoSlot(_) => sqlstate::TOO_MANY_CONNECTIONS,
+            NoSlot(_) | PoolFull(_) => sqlstate::TOO_MANY_CONNECTIONS,
             // Every other failure to get or keep a working connection.
             _ => sqlstate::CONNECTION_FAILURE,
         }
@@ -190,6 +219,7 @@ mod tests {
                 "08006",
             ),
             (ServerError::NoSlot(10), Side::Proxy, "53300"),
+            (ServerError::PoolFull(3), Side::Proxy, "53300"),
         ];
         for (e, side, code) in cases {
             assert_eq!((e.side(), e.sqlstate()), (side, code), "{e}");

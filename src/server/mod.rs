@@ -14,9 +14,10 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use scram::Scram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 
 pub(crate) mod auth_query;
+pub(crate) mod budget;
+pub(crate) mod close;
 mod error;
 pub(crate) mod scram;
 pub(crate) mod statements;
@@ -96,14 +97,25 @@ pub struct ServerConn {
     pub broken: bool,
     /// When it last went back to the pool.
     pub(crate) idle_since: Instant,
-    /// Its slot under max_server_connections, released when the connection is dropped.
-    pub slot: Option<OwnedSemaphorePermit>,
+    /// Its slot of its pool's budget (and so of `max_server_connections`), given back when the
+    /// connection is dropped.
+    pub slot: Option<budget::Slot>,
     /// Which client parameters are applied (a hash; 0 = none, as after a reset).
     pub applied: u64,
     /// Proxy-named prepared statements on this connection (transaction mode).
     pub prepared: statements::ServerStatements,
     /// Set by the relay when the protocol state is known: what is still due from the server.
     pub(crate) recover: Option<Recover>,
+}
+
+/// A connection's slot is given back once PostgreSQL has closed the connection (see
+/// [`close`]), so the backend is gone from pg_stat_activity before another takes the slot.
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            close::release_when_closed(&self.stream, slot);
+        }
+    }
 }
 
 /// What a server connection still owes after its client left, when that is known: every

@@ -48,6 +48,15 @@ pub enum ServerStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// A duplicate descriptor of a server socket, with its kind.
+#[derive(Debug)]
+pub(crate) enum SocketDup {
+    /// A TCP socket (also under TLS).
+    Tcp(std::os::fd::OwnedFd),
+    /// A Unix-domain socket.
+    Unix(std::os::fd::OwnedFd),
+}
+
 /// True when `host` names a socket directory rather than a network host.
 pub(crate) fn is_socket_dir(host: &str) -> bool {
     host.starts_with('/')
@@ -113,6 +122,20 @@ impl ServerStream {
         Ok(match addr {
             ServerAddr::Tcp(a) => ServerStream::Tcp(TcpStream::connect(a).await?),
             ServerAddr::Unix(p) => ServerStream::Unix(UnixStream::connect(&**p).await?),
+        })
+    }
+
+    /// A duplicate of the socket's descriptor (the TCP socket under TLS), to learn when the
+    /// server has closed the connection after this stream is gone (see `server::close`).
+    ///
+    /// # Errors
+    /// A failed `dup`.
+    pub(crate) fn dup(&self) -> io::Result<SocketDup> {
+        use std::os::fd::AsFd;
+        Ok(match self {
+            ServerStream::Tcp(s) => SocketDup::Tcp(s.as_fd().try_clone_to_owned()?),
+            ServerStream::Unix(s) => SocketDup::Unix(s.as_fd().try_clone_to_owned()?),
+            ServerStream::Tls(s) => SocketDup::Tcp(s.get_ref().0.as_fd().try_clone_to_owned()?),
         })
     }
 

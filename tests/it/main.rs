@@ -3,6 +3,7 @@
 
 mod admission;
 mod auth;
+mod budget;
 mod cli;
 mod compat;
 mod console;

@@ -1,0 +1,544 @@
+//! Budgets of server connections: a server connection exists only while it holds a [`Slot`].
+//!
+//! Part of the server side, under the pools. One idea at every scale: a [`Budget`] has a size
+//! and counts the slots held, and a slot of a budget with a parent holds a slot of the parent
+//! too. Today there are two scales, a pool's `pool_size` (one budget per database and user,
+//! [`Budgets::pool`]) under the proxy's `max_server_connections` ([`Budgets::server`]); a
+//! core's share of the process and an instance's lease of the cluster are the same type one
+//! level up. Slots are taken when a connection opens and given back when it closes (the slot
+//! is dropped with the connection), never per transaction.
+//!
+//! Two kinds of takers:
+//! - the pools' connections [`Budget::take`]: when the budget is full, its occupant (the pool)
+//!   closes an idle connection to make room, else the taker waits for a slot, up to a bound;
+//! - pgvalve's own connections (the lock monitor, auth_query look-ups, any later listener or
+//!   coordination connection) [`Budget::claim`]. A claim goes first: while it waits, no pool
+//!   connection takes a freed slot, the pool's share of its budget shrinks by one (it opens
+//!   no connection past it), an idle connection is closed at once if there is one, and
+//!   otherwise [`Slot::wanted`] tells the pools to close the next connection that comes back
+//!   (at the end of a transaction in transaction mode, of a session in session mode) instead
+//!   of keeping it. A [`Hold::Lasting`] claim (the lock monitor's, kept for the connection's
+//!   life) is refused rather than take a budget's last slot, so pgvalve's own connections
+//!   never take every slot from the clients.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How often a waiting taker tries again to make room (closing idle connections).
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Which setting a budget enforces (named in errors and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// The proxy's `max_server_connections`.
+    Server,
+    /// A (database, user) pool's `pool_size`.
+    Pool,
+}
+
+impl Scale {
+    /// The setting's name.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Scale::Server => "max_server_connections",
+            Scale::Pool => "pool_size",
+        }
+    }
+}
+
+/// Why no slot was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Every slot stayed in use for as long as the taker could wait.
+    #[error("all {max} server connections of {} are in use", .scale.setting())]
+    Full {
+        /// The budget.
+        scale: Scale,
+        /// Its size.
+        max: u32,
+    },
+    /// A lasting claim would leave the clients no slot.
+    #[error("{}={max} leaves no slot beside pgvalve's own lasting connections", .scale.setting())]
+    Last {
+        /// The budget.
+        scale: Scale,
+        /// Its size.
+        max: u32,
+    },
+}
+
+/// How long a claimed slot is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// For one short task (an auth_query look-up): may take the last slot.
+    Brief,
+    /// For the life of a long-lived connection (the lock monitor's): never the last slot.
+    Lasting,
+}
+
+/// What holds a budget's slots besides pgvalve's own connections: a pool.
+pub trait Occupant: Send + Sync {
+    /// Closes one idle connection; true when one was closed (its slot is free now).
+    fn close_idle(&self) -> bool;
+    /// The occupant may hold `share` connections now (the budget less pgvalve's own).
+    fn resize(&self, share: usize);
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Slots in all (0 = unlimited).
+    max: usize,
+    /// Slots held.
+    used: usize,
+    /// Slots held or waited for by pgvalve's own connections.
+    own: usize,
+    /// Of those, lasting ones.
+    lasting: usize,
+    /// Claims waiting for a slot (they go before the pools).
+    claims: usize,
+    /// Of the slots held, those of connections closing (given back once PostgreSQL has
+    /// closed them, see [`Slot::closing`]).
+    closing: usize,
+}
+
+impl State {
+    fn limited(&self) -> bool {
+        self.max > 0
+    }
+
+    /// Claims waiting that the free slots and those of closing connections cannot cover.
+    fn short(&self) -> bool {
+        self.limited() && self.used + self.claims > self.max + self.closing
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pool,
+    Claim,
+}
+
+/// A counted number of server connections (see the module docs).
+pub struct Budget {
+    scale: Scale,
+    parent: Option<Arc<Budget>>,
+    state: Mutex<State>,
+    freed: Notify,
+    /// [`State::short`], read without the lock when a connection comes back.
+    short: AtomicBool,
+    occupant: Mutex<Option<Box<dyn Occupant>>>,
+    children: Mutex<Vec<Weak<Budget>>>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("scale", &self.scale)
+            .field("state", &*self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A budget's numbers now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Its size (0 = unlimited).
+    pub max: usize,
+    /// Slots held.
+    pub used: usize,
+    /// Slots held or waited for by pgvalve's own connections.
+    pub own: usize,
+}
+
+impl Budget {
+    /// A budget of `max` slots (0 = unlimited) under `parent`.
+    pub fn new(scale: Scale, max: usize, parent: Option<Arc<Budget>>) -> Arc<Self> {
+        let b = Arc::new(Budget {
+            scale,
+            parent: parent.clone(),
+            state: Mutex::new(State {
+                max,
+                ..State::default()
+            }),
+            freed: Notify::new(),
+            short: AtomicBool::new(false),
+            occupant: Mutex::new(None),
+            children: Mutex::new(Vec::new()),
+        });
+        if let Some(p) = parent {
+            let mut children = lock(&p.children);
+            children.retain(|c| c.strong_count() > 0);
+            children.push(Arc::downgrade(&b));
+        }
+        b
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Its numbers now.
+    pub fn usage(&self) -> Usage {
+        let st = self.state();
+        Usage {
+            max: st.max,
+            used: st.used,
+            own: st.own,
+        }
+    }
+
+    /// The most connections the occupant may hold: the size less pgvalve's own, at least 1
+    /// (a pool of size 0 would hang its clients; [`Budget::take`] still keeps the cap).
+    pub fn share(&self) -> usize {
+        let st = self.state();
+        if st.limited() {
+            st.max.saturating_sub(st.own).max(1)
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Sets the occupant (a pool; the last one set replaces any other) and tells it its share.
+    pub fn occupy(&self, occupant: Box<dyn Occupant>) {
+        let mut o = lock(&self.occupant);
+        occupant.resize(self.share());
+        *o = Some(occupant);
+    }
+
+    /// A new size (a reload); the occupant is told its new share.
+    pub fn resize(&self, max: usize) {
+        {
+            let mut st = self.state();
+            st.max = max;
+            self.short.store(st.short(), Ordering::Relaxed);
+        }
+        self.freed.notify_waiters();
+        self.tell_share();
+    }
+
+    fn tell_share(&self) {
+        // Under the occupant's lock, read fresh: concurrent changes apply in order.
+        let occupant = lock(&self.occupant);
+        if let Some(o) = occupant.as_ref() {
+            o.resize(self.share());
+        }
+    }
+
+    /// The chain of budgets a slot of this one holds: this one first, the root last.
+    fn chain(self: &Arc<Self>) -> Vec<Arc<Budget>> {
+        let mut chain = vec![self.clone()];
+        while let Some(p) = chain.last().and_then(|b| b.parent.clone()) {
+            chain.push(p);
+        }
+        chain
+    }
+
+    /// A slot for a pool connection, waiting up to `wait` (closing idle connections of the
+    /// pools under a full budget meanwhile).
+    ///
+    /// # Errors
+    /// [`Refused::Full`] naming the budget that stayed full.
+    pub async fn take(self: &Arc<Self>, wait: Duration) -> Result<Slot, Refused> {
+        let deadline = Instant::now() + wait;
+        let mut held: Option<Slot> = None;
+        for b in self.chain().into_iter().rev() {
+            b.wait_for(Kind::Pool, Some(deadline)).await?;
+            held = Some(Slot {
+                parent: held.map(Box::new),
+                budget: b,
+                own: None,
+                closing: false,
+            });
+        }
+        Ok(held.expect("invariant: a chain has at least one budget"))
+    }
+
+    /// A slot for one of pgvalve's own connections, before any pool connection waiting (see
+    /// the module docs), waiting up to `wait` (None: until the future is dropped).
+    ///
+    /// # Errors
+    /// [`Refused::Last`] for a lasting claim on a budget it would leave no slot in;
+    /// [`Refused::Full`] when `wait` ran out.
+    pub async fn claim(self: &Arc<Self>, hold: Hold, wait: Option<Duration>) -> Result<Slot, Refused> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut claim = Claim::register(self.chain(), hold)?;
+        let mut held: Option<Slot> = None;
+        // Root first. Dropped while waiting: the claim is withdrawn where still pending.
+        while let Some(b) = claim.pending.last().cloned() {
+            b.wait_for(Kind::Claim, deadline).await?;
+            claim.pending.pop();
+            held = Some(Slot {
+                parent: held.map(Box::new),
+                budget: b,
+                own: Some(hold),
+                closing: false,
+            });
+        }
+        Ok(held.expect("invariant: a chain has at least one budget"))
+    }
+
+    /// Whether a [`Hold::Lasting`] claim would be refused now (it would take the last slot of
+    /// this budget or of one above it).
+    ///
+    /// # Errors
+    /// [`Refused::Last`] naming the budget.
+    pub fn lasting_room(self: &Arc<Self>) -> Result<(), Refused> {
+        for b in self.chain() {
+            let st = b.state();
+            if st.limited() && st.lasting + 1 >= st.max {
+                drop(st);
+                return Err(b.refused(true));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for a slot of this budget alone and counts it held.
+    async fn wait_for(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Refused> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.try_take(kind) {
+                Some(true) => return Ok(()),
+                // Full with nothing closing: close an idle connection; its slot comes back
+                // once PostgreSQL has closed it (the wait below is woken then).
+                None => {
+                    if self.state().closing == 0 {
+                        self.make_room();
+                    }
+                }
+                Some(false) => {}
+            }
+            let step = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.refused(false));
+                    }
+                    left.min(RETRY)
+                }
+                None => RETRY,
+            };
+            let _ = tokio::time::timeout(step, freed).await;
+        }
+    }
+
+    /// Some(true): taken; Some(false): a slot is free but a claim goes first; None: full.
+    fn try_take(&self, kind: Kind) -> Option<bool> {
+        let mut st = self.state();
+        if st.limited() && st.used >= st.max {
+            return None;
+        }
+        if kind == Kind::Pool && st.limited() && st.used + st.claims >= st.max {
+            return Some(false);
+        }
+        st.used += 1;
+        if kind == Kind::Claim {
+            st.claims -= 1;
+        }
+        self.short.store(st.short(), Ordering::Relaxed);
+        Some(true)
+    }
+
+    fn refused(&self, last: bool) -> Refused {
+        let max = u32::try_from(self.state().max).unwrap_or(u32::MAX);
+        let scale = self.scale;
+        if last {
+            Refused::Last { scale, max }
+        } else {
+            Refused::Full { scale, max }
+        }
+    }
+
+    /// Closes one idle connection holding a slot of this budget (its occupant's, else one of
+    /// a budget under it); true when one was closed.
+    fn make_room(&self) -> bool {
+        if lock(&self.occupant).as_ref().is_some_and(|o| o.close_idle()) {
+            tracing::debug!(
+                budget = self.scale.setting(),
+                "closed an idle server connection to free a slot"
+            );
+            return true;
+        }
+        let children: Vec<Arc<Budget>> = lock(&self.children).iter().filter_map(Weak::upgrade).collect();
+        children.iter().any(|c| c.make_room())
+    }
+
+    fn give_back(&self, own: Option<Hold>, closing: bool) {
+        {
+            let mut st = self.state();
+            st.used -= 1;
+            st.closing -= usize::from(closing);
+            if let Some(hold) = own {
+                st.own -= 1;
+                st.lasting -= usize::from(hold == Hold::Lasting);
+            }
+            self.short.store(st.short(), Ordering::Relaxed);
+        }
+        self.freed.notify_waiters();
+        if own.is_some() {
+            self.tell_share();
+        }
+    }
+}
+
+/// A claim registered on every budget of a chain, withdrawn from those still pending when
+/// dropped.
+struct Claim {
+    /// Budgets not yet taken, the root last (taken first).
+    pending: Vec<Arc<Budget>>,
+    hold: Hold,
+}
+
+impl Claim {
+    fn register(chain: Vec<Arc<Budget>>, hold: Hold) -> Result<Claim, Refused> {
+        let lasting = usize::from(hold == Hold::Lasting);
+        for (i, b) in chain.iter().enumerate() {
+            let mut st = b.state();
+            if lasting > 0 && st.limited() && st.lasting + 1 >= st.max {
+                drop(st);
+                let refused = b.refused(true);
+                // Withdraw from the budgets registered so far.
+                drop(Claim {
+                    pending: chain[..i].to_vec(),
+                    hold,
+                });
+                return Err(refused);
+            }
+            st.own += 1;
+            st.lasting += lasting;
+            st.claims += 1;
+            b.short.store(st.short(), Ordering::Relaxed);
+        }
+        // The pools' shares shrink: they open no connection into the slot claimed.
+        for b in &chain {
+            b.tell_share();
+        }
+        Ok(Claim { pending: chain, hold })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        for b in self.pending.drain(..) {
+            {
+                let mut st = b.state();
+                st.own -= 1;
+                st.lasting -= usize::from(self.hold == Hold::Lasting);
+                st.claims -= 1;
+                b.short.store(st.short(), Ordering::Relaxed);
+            }
+            // Pool takers held back by the claim may go.
+            b.freed.notify_waiters();
+            b.tell_share();
+        }
+    }
+}
+
+/// One slot of a budget and of each budget above it, given back when dropped.
+pub struct Slot {
+    budget: Arc<Budget>,
+    /// Some for pgvalve's own connections.
+    own: Option<Hold>,
+    /// Its connection is closing.
+    closing: bool,
+    /// Dropped after this budget's slot is given back.
+    parent: Option<Box<Slot>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("scale", &self.budget.scale)
+            .field("own", &self.own)
+            .field("parent", &self.parent)
+            .finish()
+    }
+}
+
+impl Slot {
+    /// A claim waits on one of this slot's budgets that no free slot can serve: a pool
+    /// connection holding this slot should close instead of going back to its pool.
+    pub fn wanted(&self) -> bool {
+        self.budget.short.load(Ordering::Relaxed) || self.parent.as_ref().is_some_and(|p| p.wanted())
+    }
+
+    /// Its connection is closing: the slot will be free soon, so no other connection is
+    /// closed to make room meanwhile, nor asked back for a claim it covers.
+    pub fn closing(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            let mut st = self.budget.state();
+            st.closing += 1;
+            self.budget.short.store(st.short(), Ordering::Relaxed);
+        }
+        if let Some(p) = self.parent.as_mut() {
+            p.closing();
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.budget.give_back(self.own, self.closing);
+    }
+}
+
+/// Every budget of one proxy: `max_server_connections` and one per (database, user) pool.
+#[derive(Debug)]
+pub struct Budgets {
+    server: Arc<Budget>,
+    pools: Mutex<HashMap<(String, String), Arc<Budget>>>,
+}
+
+impl Budgets {
+    /// Budgets under a `max_server_connections` of `max` (0 = unlimited).
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Budgets {
+            server: Budget::new(Scale::Server, max as usize, None),
+            pools: Mutex::default(),
+        })
+    }
+
+    /// The proxy-wide budget (`max_server_connections`).
+    pub fn server(&self) -> &Arc<Budget> {
+        &self.server
+    }
+
+    /// The budget of the (database, user) pool, made with `pool_size` slots the first time
+    /// (a reload resizes it: [`Budget::resize`]).
+    pub fn pool(&self, database: &str, user: &str, pool_size: u32) -> Arc<Budget> {
+        lock(&self.pools)
+            .entry((database.to_string(), user.to_string()))
+            .or_insert_with(|| Budget::new(Scale::Pool, pool_size as usize, Some(self.server.clone())))
+            .clone()
+    }
+
+    /// Every pool budget, with its database and user.
+    pub fn pools(&self) -> Vec<(String, String, Arc<Budget>)> {
+        lock(&self.pools)
+            .iter()
+            .map(|((d, u), b)| (d.clone(), u.clone(), b.clone()))
+            .collect()
+    }
+
+    /// Forgets the pool budgets `keep` says no (a reload unrouted them) once no slot of
+    /// theirs is held.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
+        lock(&self.pools).retain(|(d, u), b| keep(d, u) || b.usage().used > 0);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+#[path = "budget_tests.rs"]
+mod tests;
