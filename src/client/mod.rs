@@ -373,7 +373,11 @@ async fn session(
         reuse: Default::default(),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
-                prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
+                prepared::ClientStatements::new(
+                    shared.statements.clone(),
+                    shared.config().pool.max_prepared_statements,
+                    prepared::scope(&route.database, &route.user),
+                )
             }),
     };
     if mode.transaction {

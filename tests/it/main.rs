@@ -12,6 +12,7 @@ mod loadtest;
 mod locks;
 mod operate;
 mod packaging;
+mod prepared;
 mod queries;
 mod robustness;
 mod sessions;
