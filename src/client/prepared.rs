@@ -12,14 +12,15 @@
 //! then decides which shared statement the client uses from its next transaction on: one of
 //! the same text that describes the same, or a new one. A statement a client prepared
 //! before a schema change keeps the parameter types it was described with on every server
-//! connection (as PostgreSQL keeps them for a prepared statement), and every copy prepared
-//! for it is described again and checked; a copy whose plan changed its result type (0A000)
-//! is never used again and its statement is not given to new clients.
+//! connection (as PostgreSQL keeps them for a prepared statement).
 //!
-//! When a client's Bind or Describe reaches a server connection that lacks the statement, a
-//! Parse (and Describe) is injected before it and the answers dropped; client Closes are
-//! answered by the proxy itself, in order ([`Responses`]). A shared statement no client
-//! uses any more is closed on each server connection at the start of its next relay.
+//! When a client's Bind or Describe of a shared statement reaches a server connection that
+//! lacks it, a Parse, a Describe and a Flush are injected and the client's message held back
+//! until the copy is seen to describe as the statement did ([`ClientStatements::verify_first`]);
+//! a copy that does not, or that fails with 0A000 itself, marks the statement changed, and its
+//! clients get 0A000 where no older copy exists, as PostgreSQL would answer them. Client
+//! Closes are answered by the proxy itself, in order ([`Responses`]). A shared statement no
+//! client uses any more is closed on each server connection at the start of its next relay.
 
 mod registry;
 mod responses;
@@ -39,6 +40,8 @@ pub(crate) const PARSE_COMPLETE: &[u8] = &[backend::PARSE_COMPLETE, 0, 0, 0, 4];
 pub(crate) const CLOSE_COMPLETE: &[u8] = &[backend::CLOSE_COMPLETE, 0, 0, 0, 4];
 /// ReadyForQuery, idle.
 const READY_IDLE: &[u8] = &[backend::READY_FOR_QUERY, 0, 0, 0, 5, status::IDLE];
+/// Flush.
+const FLUSH: &[u8] = &[frontend::FLUSH, 0, 0, 0, 4];
 
 /// The server-side name of statement `id`.
 pub(crate) fn server_name(id: u64) -> String {
@@ -152,6 +155,33 @@ impl ClientStatements {
         }
         parse_message(id, def, out.server);
         out.expect(expect);
+    }
+
+    /// Whether client message `msg` (a Bind or Describe) uses a shared statement that must be
+    /// prepared on this server connection first: if so, its Parse and a Describe are sent
+    /// with a Flush, and the caller holds `msg` (and what follows) back until the answer says
+    /// whether the copy describes as the statement did (see [`ClientStatements::settle`]):
+    /// a client never gets rows of other columns than it was told.
+    pub(crate) fn verify_first(&self, msg: &[u8], out: &mut Outputs<'_>) -> bool {
+        let body = &msg[5..];
+        let name = match msg[0] {
+            frontend::BIND => split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(n, _)| n),
+            frontend::DESCRIBE if body.first() == Some(&target::STATEMENT) => split_cstr(&body[1..]).map(|(n, _)| n),
+            _ => None,
+        };
+        let Some(def) = name.filter(|n| !n.is_empty()).and_then(|n| self.by_name.get(n)) else {
+            return false;
+        };
+        let Some(server_def) = def.server_def.as_ref() else {
+            return false; // parsed afresh where it is used: nothing to check
+        };
+        if out.conn.touch(def.id).is_some() || self.registry.changed(def.id) {
+            return false;
+        }
+        self.prepare(def.id, server_def, Expect::SwallowParse(def.id), out);
+        Self::probe(def.id, out);
+        out.server.put_slice(FLUSH);
+        true
     }
 
     /// A Describe of `id` (just parsed) the proxy sends itself, its answers dropped.

@@ -178,6 +178,55 @@ async fn a_new_parse_after_a_result_type_change_gets_the_new_columns() {
     );
 }
 
+/// The statement prepared before a result type change, used on a server connection that has
+/// no copy of it yet: still 0A000 (never rows of other columns than its client was told).
+async fn old_statement_on_another_connection(url: &str, ddl: &Client) -> Vec<String> {
+    ddl.batch_execute("DROP TABLE IF EXISTS oc; CREATE TABLE oc (v int); INSERT INTO oc VALUES (1)")
+        .await
+        .unwrap();
+    let a = connect(url).await.unwrap();
+    let old = a.prepare("select * from oc").await.unwrap();
+    let mut seen = vec![outcome(a.query(&old, &[]).await.map(|r| r.len()))];
+    ddl.batch_execute("ALTER TABLE oc ALTER COLUMN v TYPE text")
+        .await
+        .unwrap();
+    // Through pgvalve this holds the only server connection a used so far.
+    let holder = connect(url).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..2 {
+        seen.push(outcome(a.query(&old, &[]).await.map(|r| r.len())));
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let fresh = a.prepare("select * from oc").await.unwrap();
+    seen.push(format!("{:?}", column_types(&fresh)));
+    seen.push(outcome(a.query_one(&fresh, &[]).await.map(|r| r.get::<_, String>(0))));
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_statement_on_a_connection_without_its_copy_gets_0a000() {
+    let opts = PgOptions {
+        host_auth: HostAuth::Trust,
+        ..PgOptions::default()
+    };
+    let s = Setup::with(opts, |f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 2;
+        f.pool.query_wait_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let ddl = connect(&s.pg.url()).await.unwrap();
+    let direct = old_statement_on_another_connection(&s.pg.url(), &ddl).await;
+    let proxied = old_statement_on_another_connection(&s.url(), &ddl).await;
+    assert_eq!(proxied, direct, "through pgvalve as directly");
+    assert_eq!(proxied, ["ok 1", "error 0A000", "error 0A000", "[Text]", "ok \"1\""]);
+    assert_eq!(
+        s.proxy.shared().pools.stats()[0].open,
+        2,
+        "a second server connection served it"
+    );
+}
+
 /// A raw client: logs in (trust) and sends whole batches, reading until ReadyForQuery.
 struct Raw(TcpStream);
 

@@ -94,6 +94,12 @@ impl Responses {
             && self.ignored_syncs == 0
     }
 
+    /// Nothing outstanding.
+    #[inline]
+    pub(crate) fn drained(&self) -> bool {
+        self.q.is_empty()
+    }
+
     /// Nothing outstanding, and statements described or gone stale to settle.
     #[inline]
     pub(crate) fn learnt(&self) -> bool {

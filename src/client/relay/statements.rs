@@ -109,12 +109,20 @@ impl Statements<'_> {
         }
     }
 
-    /// Nothing renamed waits to be sent.
+    /// Nothing renamed waits to be sent, and no client message is held back.
+    #[inline]
     pub(super) fn all_sent(&self) -> bool {
         match self {
             Statements::Plain => true,
-            Statements::Tracked(tr) => tr.scratch.is_empty(),
+            Statements::Tracked(tr) => tr.scratch.is_empty() && tr.held.is_none(),
         }
+    }
+
+    /// A client message held back can go on now (its statement was checked): the relay
+    /// passes the client's bytes on without waiting for more.
+    #[inline]
+    pub(super) fn resumable(&self) -> bool {
+        matches!(self, Statements::Tracked(tr) if tr.held.is_some() && !tr.verifying)
     }
 }
 
@@ -134,6 +142,11 @@ pub(super) struct Tracked<'m> {
     max: usize,
     /// Statements no client uses any more were looked for (at the relay's first request).
     tidied: bool,
+    /// A client message held back while its statement is checked on this connection (see
+    /// [`ClientStatements::verify_first`]).
+    held: Option<Frame>,
+    /// The check's answer is still due.
+    verifying: bool,
 }
 
 impl<'m> Tracked<'m> {
@@ -157,6 +170,8 @@ impl<'m> Tracked<'m> {
             reject,
             max,
             tidied: false,
+            held: None,
+            verifying: false,
         }
     }
 
@@ -190,7 +205,29 @@ impl<'m> Tracked<'m> {
             responses: &mut self.reuse.responses,
             conn: &mut self.conn,
         };
-        while let Some(f) = split_frame(c_in, self.max).map_err(SessionError::Frame)? {
+        if self.verifying {
+            return Ok(());
+        }
+        let mut resumed = self.held.take();
+        loop {
+            let checked = resumed.is_some();
+            let f = match resumed.take() {
+                Some(f) => f,
+                None => match split_frame(c_in, self.max).map_err(SessionError::Frame)? {
+                    Some(f) => f,
+                    None => break,
+                },
+            };
+            if !self.tidied && answered(f.tag) {
+                // Before the client's first request, so its answers come after these.
+                self.tidied = true;
+                self.st.tidy(&mut out);
+            }
+            if !checked && self.st.verify_first(&f.bytes, &mut out) {
+                self.held = Some(f);
+                self.verifying = true;
+                break;
+            }
             let seen = Seen {
                 tag: f.tag,
                 start: 0,
@@ -200,11 +237,6 @@ impl<'m> Tracked<'m> {
             let was_pinned = t.pin.is_some();
             if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
                 break; // Terminate: not forwarded
-            }
-            if !self.tidied && answered(f.tag) {
-                // Before the client's first request, so its answers come after these.
-                self.tidied = true;
-                self.st.tidy(&mut out);
             }
             if f.tag == frontend::QUERY
                 && might_deallocate(&f.bytes[5..])
@@ -274,6 +306,9 @@ impl<'m> Tracked<'m> {
         if self.reuse.responses.learnt() {
             // Everything answered (a pinned session's relay lasts long): settle now.
             self.st.settle(&mut self.reuse.responses, &mut self.conn);
+        }
+        if self.verifying && self.reuse.responses.drained() {
+            self.verifying = false; // the held message can go on
         }
         Ok(())
     }
