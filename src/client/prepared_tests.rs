@@ -304,6 +304,13 @@ fn known_parses_are_answered_without_a_server_and_parsed_when_used() {
 fn a_request_sent_to_fail_gets_postgresqls_cached_plan_error() {
     let len = i32::from_be_bytes(CACHED_PLAN_CHANGED[1..5].try_into().unwrap());
     assert_eq!(len as usize + 1, CACHED_PLAN_CHANGED.len());
+    let fields = &CACHED_PLAN_CHANGED[5..];
+    for field in [&b"C0A000\0"[..], b"RRevalidateCachedQuery\0"] {
+        assert!(
+            fields.windows(field.len()).any(|w| w == field),
+            "asyncpg knows it by its routine"
+        );
+    }
     let mut conn = ServerStatements::default();
     let mut r = Responses::default();
     r.push(Expect::Fail, &mut conn);

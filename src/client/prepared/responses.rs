@@ -51,9 +51,10 @@ pub(crate) enum Expect {
     Fail,
 }
 
-/// ErrorResponse 0A000 "cached plan must not change result type", as PostgreSQL words it.
-pub(crate) const CACHED_PLAN_CHANGED: &[u8] =
-    b"E\0\0\0\x43SERROR\0VERROR\0C0A000\0Mcached plan must not change result type\0\0";
+/// ErrorResponse 0A000 "cached plan must not change result type", as PostgreSQL words it,
+/// with the routine that raises it (drivers such as asyncpg recognise the error by it).
+pub(crate) const CACHED_PLAN_CHANGED: &[u8] = b"E\0\0\0\x67SERROR\0VERROR\0C0A000\0\
+    Mcached plan must not change result type\0Fplancache.c\0RRevalidateCachedQuery\0\0";
 
 /// What to do with one server message.
 #[derive(Debug, Clone, PartialEq, Eq)]
