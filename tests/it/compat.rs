@@ -195,3 +195,48 @@ async fn libpq_18_asking_for_the_latest_protocol_connects() {
         );
     }
 }
+
+/// psycopg 3 closes ("deallocates") a prepared statement it evicts from its cache: pgvalve
+/// closes the shared statement on the server too once no client uses it (seen through
+/// pg_prepared_statements on the only server connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_deallocated_statements_are_closed_on_the_server() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 1;
+    })
+    .await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=app user=app password=app-secret",
+        s.proxy.local_addr().port()
+    );
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True, prepare_threshold=0) as c:
+    c.prepared_max = 1
+    def copies(text):
+        q = "select count(*) from pg_prepared_statements where statement = %s and name like 'pgv\\_%%'"
+        return c.execute(q, (text,), prepare=False).fetchone()[0]
+    assert c.execute("select 1 + %s::int", (1,)).fetchone()[0] == 2
+    before = copies("select 1 + $1::int")
+    assert c.execute("select 2 + %s::int", (1,)).fetchone()[0] == 3  # evicts the first
+    print(before, copies("select 1 + $1::int"), copies("select 2 + $1::int"))
+"#;
+    let out = within(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .args(["-c", script, &dsn])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "1 0 1",
+        "prepared, closed after psycopg deallocated it; the other stays"
+    );
+}
