@@ -3,7 +3,9 @@
 //! or transaction mode without statement tracking), or, with named prepared statements
 //! tracked, whole client messages are renamed for the server ([`ClientStatements`]) and the
 //! answers to what the proxy injected are dropped while its own answers are put in order
-//! ([`Responses`]). The relay runs one path for both; this is the step that differs.
+//! ([`Responses`]); a client message that uses a shared statement the server connection
+//! lacks waits for one round trip while its copy is prepared and checked. The relay runs one
+//! path for both; this is the step that differs.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
