@@ -375,7 +375,11 @@ async fn session(
         given_pid: key.pid,
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
-                prepared::ClientStatements::new(shared.statements.clone(), shared.config().pool.max_prepared_statements)
+                prepared::ClientStatements::new(
+                    shared.statements.clone(),
+                    shared.config().pool.max_prepared_statements,
+                    prepared::scope(&route.database, &route.user),
+                )
             }),
         gate: Some(shared.gates.server(&route.host, route.port)),
         db_statements: Default::default(),

@@ -1,21 +1,37 @@
 //! Protocol-level named prepared statements in transaction mode.
 //!
-//! Part of the client session's relay. A client's statement names are its own; the server
-//! side knows each distinct statement (query text + parameter types) under one proxy-wide name
-//! `pgv_<id>` ([`Registry`]). Each server connection remembers which it has prepared
-//! ([`ServerStatements`], LRU-bounded by `max_prepared_statements`). When a client's Bind or
-//! Describe reaches a server connection that lacks the statement, a Parse is injected before
-//! it and its ParseComplete swallowed; a client's Parse of a statement the connection already
-//! has, and every client Close of a statement, are answered by the proxy itself, in order.
-//! [`Responses`] keeps the order: one entry per request, popped as the server answers.
+//! Part of the client session's relay. A client's statement names are its own; on the server
+//! side statements are shared under proxy-wide names `pgv_<n>` ([`Registry`]), prepared on
+//! whichever server connection a client gets ([`ServerStatements`], LRU-bounded by
+//! `max_prepared_statements`).
+//!
+//! A client's Parse gets what a fresh connection to PostgreSQL would give it, whatever DDL
+//! ran since another client parsed the same text: the Parse always reaches the server, under
+//! a new name, followed by a Describe (the client's own when it sends one next, else the
+//! proxy's, whose answers are dropped). The description (parameter types and result columns)
+//! then decides which shared statement the client uses from its next transaction on: one of
+//! the same text that describes the same, or a new one. A statement a client prepared
+//! before a schema change keeps the parameter types it was described with on every server
+//! connection (as PostgreSQL keeps them for a prepared statement).
+//!
+//! When a client's Bind or Describe of a shared statement reaches a server connection that
+//! lacks it, a Parse, a Describe and a Flush are injected and the client's message held back
+//! until the copy is seen to describe as the statement did ([`ClientStatements::verify_first`]);
+//! a copy that does not, or that fails with 0A000 itself, marks the statement changed, and its
+//! clients get 0A000 where no older copy exists, as PostgreSQL would answer them. Client
+//! Closes are answered by the proxy itself, in order ([`Responses`]). A shared statement no
+//! client uses any more is closed on each server connection at the start of its next relay.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+mod registry;
+mod responses;
+
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+pub(crate) use self::registry::{scope, Registry};
+pub(crate) use self::responses::{Expect, OnServer, Responses};
 use crate::protocol::tags::{backend, frontend, split_cstr, status, target};
-
 pub(crate) use crate::server::statements::ServerStatements;
 
 /// ParseComplete.
@@ -24,35 +40,8 @@ pub(crate) const PARSE_COMPLETE: &[u8] = &[backend::PARSE_COMPLETE, 0, 0, 0, 4];
 pub(crate) const CLOSE_COMPLETE: &[u8] = &[backend::CLOSE_COMPLETE, 0, 0, 0, 4];
 /// ReadyForQuery, idle.
 const READY_IDLE: &[u8] = &[backend::READY_FOR_QUERY, 0, 0, 0, 5, status::IDLE];
-
-/// Proxy-wide: statement definition (everything in a Parse after its name) → id, and which
-/// definitions a server has accepted.
-#[derive(Debug, Default)]
-pub struct Registry {
-    ids: Mutex<crate::FastMap<Bytes, (u64, bool)>>,
-}
-
-impl Registry {
-    /// The id of a definition, assigning the next one if new.
-    pub(crate) fn id_for(&self, def: &Bytes) -> u64 {
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        let next = ids.len() as u64 + 1;
-        ids.entry(def.clone()).or_insert((next, false)).0
-    }
-
-    /// The id of a definition some server has accepted (ParseComplete), if any.
-    pub fn accepted(&self, def: &[u8]) -> Option<u64> {
-        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        ids.get(def).filter(|(_, ok)| *ok).map(|(id, _)| *id)
-    }
-
-    fn mark_accepted(&self, id: u64) {
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = ids.values_mut().find(|(i, _)| *i == id) {
-            v.1 = true;
-        }
-    }
-}
+/// Flush.
+const FLUSH: &[u8] = &[frontend::FLUSH, 0, 0, 0, 4];
 
 /// The server-side name of statement `id`.
 pub(crate) fn server_name(id: u64) -> String {
@@ -62,213 +51,13 @@ pub(crate) fn server_name(id: u64) -> String {
 /// A statement a client prepared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StmtDef {
-    /// Proxy-wide id.
+    /// The shared statement, or (until the server described it) the client's fresh Parse.
     pub id: u64,
     /// Query text, parameter count and types, as in the Parse message after its name.
     pub(crate) def: Bytes,
-}
-
-/// What the server will answer to one request, or what the proxy answers itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Expect {
-    /// Query or FunctionCall: ends at ReadyForQuery.
-    Query,
-    /// Parse (of statement `id`, when named): ParseComplete.
-    Parse(Option<u64>),
-    /// Bind (of statement `id`, when named): BindComplete.
-    Bind(Option<u64>),
-    /// Describe statement: ParameterDescription, then RowDescription or NoData.
-    DescribeStatement,
-    /// Describe portal: RowDescription or NoData.
-    DescribePortal,
-    /// Execute: rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
-    Execute(Option<u64>),
-    /// Close of a portal: CloseComplete.
-    Close,
-    /// Sync: ReadyForQuery.
-    Sync,
-    /// An answer the proxy sends itself when its turn comes.
-    Synthetic(&'static [u8]),
-    /// A Parse the proxy injected: its ParseComplete is not forwarded.
-    SwallowParse(u64),
-    /// A Close the proxy injected: its CloseComplete is not forwarded.
-    SwallowClose,
-    /// Where the client ended a COPY IN (CopyDone or CopyFail): no answer of its own.
-    CopyEnd,
-}
-
-/// What to do with one server message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum OnServer {
-    /// Forward it, then send these proxy answers (possibly none).
-    Forward(Vec<&'static [u8]>),
-    /// Drop it (the answer to an injected message), then send these.
-    Swallow(Vec<&'static [u8]>),
-}
-
-/// Outstanding requests of one relay, in order.
-#[derive(Debug, Default)]
-pub(crate) struct Responses {
-    q: VecDeque<Expect>,
-    /// Statements whose Parse the server accepted (to record in the registry).
-    pub accepted: Vec<u64>,
-    /// In COPY IN started by Execute: the server ignores Sync until CopyDone/CopyFail.
-    copy_in: bool,
-    /// Syncs the server ignored (sent during COPY IN), not yet taken by the relay.
-    pub(crate) ignored_syncs: u32,
-}
-
-impl Responses {
-    /// Nothing outstanding and no COPY under way: it can serve the next relay as it is.
-    pub(crate) fn is_idle(&self) -> bool {
-        self.q.is_empty() && self.accepted.is_empty() && !self.copy_in && self.ignored_syncs == 0
-    }
-
-    /// Adds a request; returns the proxy answers due now (when nothing is ahead of them).
-    pub(crate) fn push(&mut self, e: Expect) -> Vec<&'static [u8]> {
-        match e {
-            Expect::Sync if self.copy_in => {
-                self.ignored_syncs += 1;
-                return Vec::new();
-            }
-            Expect::CopyEnd => self.copy_in = false,
-            _ => {}
-        }
-        self.q.push_back(e);
-        self.due()
-    }
-
-    /// The server started COPY IN for the Execute at the head: PostgreSQL ignores every Sync
-    /// the client sent after it until CopyDone/CopyFail (the protocol allows clients to send
-    /// Sync right after Execute without knowing the statement is a COPY).
-    fn start_copy_in(&mut self) {
-        let end = self
-            .q
-            .iter()
-            .position(|e| *e == Expect::CopyEnd)
-            .unwrap_or(self.q.len());
-        let before = self.q.len();
-        let mut i = 0;
-        self.q.retain(|e| {
-            let drop = i > 0 && i < end && *e == Expect::Sync;
-            i += 1;
-            !drop
-        });
-        self.ignored_syncs += (before - self.q.len()) as u32;
-        self.copy_in = end == before;
-    }
-
-    /// True when nothing is outstanding.
-    #[cfg(test)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.q.is_empty()
-    }
-
-    fn due(&mut self) -> Vec<&'static [u8]> {
-        let mut out = Vec::new();
-        loop {
-            match self.q.front() {
-                Some(Expect::Synthetic(b)) => out.push(*b),
-                Some(Expect::CopyEnd) => {}
-                _ => return out,
-            }
-            self.q.pop_front();
-        }
-    }
-
-    /// Accounts for one server message of type `tag` (`stale_plan` for an ErrorResponse
-    /// saying a cached plan changed its result type), updating `conn`'s statements.
-    pub(crate) fn on_server(&mut self, tag: u8, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
-        if matches!(
-            tag,
-            backend::NOTICE_RESPONSE | backend::PARAMETER_STATUS | backend::NOTIFICATION_RESPONSE
-        ) {
-            return OnServer::Forward(Vec::new());
-        }
-        let Some(&head) = self.q.front() else {
-            return OnServer::Forward(Vec::new());
-        };
-        if tag == backend::ERROR_RESPONSE {
-            return self.on_error(head, stale_plan, conn);
-        }
-        if let (Expect::Execute(_), backend::COPY_IN_RESPONSE) = (head, tag) {
-            self.start_copy_in();
-        }
-        let (done, swallow) = match (head, tag) {
-            (Expect::Query | Expect::Sync, backend::READY_FOR_QUERY) => (true, false),
-            (Expect::Parse(_), backend::PARSE_COMPLETE)
-            | (Expect::Bind(_), backend::BIND_COMPLETE)
-            | (Expect::Close, backend::CLOSE_COMPLETE) => (true, false),
-            (Expect::DescribeStatement | Expect::DescribePortal, backend::ROW_DESCRIPTION | backend::NO_DATA) => {
-                (true, false)
-            }
-            (
-                Expect::Execute(_),
-                backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE | backend::PORTAL_SUSPENDED,
-            ) => (true, false),
-            (Expect::SwallowParse(_), backend::PARSE_COMPLETE) | (Expect::SwallowClose, backend::CLOSE_COMPLETE) => {
-                (true, true)
-            }
-            _ => (false, false),
-        };
-        if done {
-            self.q.pop_front();
-            if let (Expect::Parse(Some(id)) | Expect::SwallowParse(id), backend::PARSE_COMPLETE) = (head, tag) {
-                self.accepted.push(id);
-            }
-        }
-        let due = self.due();
-        if swallow {
-            OnServer::Swallow(due)
-        } else {
-            OnServer::Forward(due)
-        }
-    }
-
-    /// An ErrorResponse ends the head request. In the extended protocol the server then skips
-    /// everything up to the next Sync, so the requests in between get no answer: statements
-    /// they would have prepared are not prepared, and the proxy's own answers are dropped.
-    fn on_error(&mut self, head: Expect, stale_plan: bool, conn: &mut ServerStatements) -> OnServer {
-        self.q.pop_front();
-        let mut forget = |e: Expect| match e {
-            Expect::Parse(Some(id)) | Expect::SwallowParse(id) => conn.remove(id),
-            Expect::Bind(Some(id)) | Expect::Execute(Some(id)) if stale_plan => conn.mark_stale(id),
-            _ => {}
-        };
-        forget(head);
-        // An injected Parse failing means the client's Bind/Describe after it fails too,
-        // but the error is forwarded: the client sees the server's reason.
-        if !matches!(head, Expect::Query | Expect::Sync) {
-            while let Some(&e) = self.q.front() {
-                if e == Expect::Sync {
-                    break;
-                }
-                forget(e);
-                self.q.pop_front();
-            }
-        }
-        OnServer::Forward(self.due())
-    }
-}
-
-/// Builds a Parse of statement `id` under its server name.
-pub(crate) fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
-    let name = server_name(id);
-    out.put_u8(frontend::PARSE);
-    out.put_i32((4 + name.len() + 1 + def.len()) as i32);
-    out.put_slice(name.as_bytes());
-    out.put_u8(0);
-    out.put_slice(def);
-}
-
-/// Builds a Close of statement `id`.
-pub(crate) fn close_message(id: u64, out: &mut BytesMut) {
-    let name = server_name(id);
-    out.put_u8(frontend::CLOSE);
-    out.put_i32((4 + 1 + name.len() + 1) as i32);
-    out.put_u8(target::STATEMENT);
-    out.put_slice(name.as_bytes());
-    out.put_u8(0);
+    /// The definition every server Parse of the shared statement uses (parameter types as
+    /// described); None until described.
+    server_def: Option<Bytes>,
 }
 
 /// A client's statements, and what it needs to rewrite its messages.
@@ -278,10 +67,15 @@ pub(crate) struct ClientStatements {
     pub(crate) by_name: crate::FastMap<Vec<u8>, StmtDef>,
     /// The statement last bound to the unnamed portal (for Execute).
     unnamed_portal: Option<u64>,
-    /// Proxy-wide ids.
+    /// Proxy-wide shared statements.
     registry: Arc<Registry>,
+    /// The client's pool (see [`scope`]): statements are shared within it.
+    scope: u64,
     /// `max_prepared_statements` per server connection.
     cap: usize,
+    /// The client's last message was a Parse of (client name, id): its Describe is due, the
+    /// client's own if the next message is one.
+    describe_due: Option<(Vec<u8>, u64)>,
 }
 
 /// Where the handling of one client message sends bytes.
@@ -299,56 +93,139 @@ pub(crate) struct Outputs<'a> {
 
 impl Outputs<'_> {
     fn expect(&mut self, e: Expect) {
-        for b in self.responses.push(e) {
+        for b in self.responses.push(e, self.conn) {
             self.client.put_slice(b);
         }
     }
 }
 
+/// Where a statement is on the server connection.
+enum Placed {
+    /// Prepared before, under this name.
+    Ready(u64),
+    /// Parse just injected under this name: a Describe must follow.
+    Parsed(u64),
+    /// Not prepared here, and its plan changed result type: the client is told so.
+    Changed,
+}
+
+/// A server name no statement has (ids start at 1): a Bind or Describe of it fails.
+const NO_STATEMENT: u64 = 0;
+
 impl ClientStatements {
-    /// Statements of a new client session.
-    pub(crate) fn new(registry: Arc<Registry>, cap: usize) -> Self {
+    /// Statements of a new client session of pool `scope`.
+    pub(crate) fn new(registry: Arc<Registry>, cap: usize, scope: u64) -> Self {
         Self {
             by_name: Default::default(),
             unnamed_portal: None,
             registry,
+            scope,
             cap,
+            describe_due: None,
         }
     }
 
     /// Makes sure the server connection has `def` prepared, injecting Close/Parse as needed.
-    fn ensure(&self, def: &StmtDef, out: &mut Outputs<'_>) {
-        if !out.conn.touch(def.id) {
-            self.prepare(def, Expect::SwallowParse(def.id), out);
+    fn ensure(&self, def: &StmtDef, out: &mut Outputs<'_>) -> Placed {
+        if let Some(name) = out.conn.touch(def.id) {
+            return Placed::Ready(name);
         }
+        if def.server_def.is_some() && self.registry.changed(def.id) {
+            return Placed::Changed;
+        }
+        let text = def.server_def.as_ref().unwrap_or(&def.def);
+        self.prepare(def.id, text, Expect::SwallowParse(def.id), out);
+        Placed::Parsed(def.id)
     }
 
-    /// Sends a Parse of `def` (closing a stale copy and the least recently used statement
-    /// first, when needed), expecting `expect` for it.
-    fn prepare(&self, def: &StmtDef, expect: Expect, out: &mut Outputs<'_>) {
-        if out.conn.take_stale(def.id) {
-            close_message(def.id, out.server);
-            out.expect(Expect::SwallowClose);
+    /// Sends a Parse of `def` as statement `id` (closing a stale copy and the least recently
+    /// used statement first, when needed), expecting `expect` for it.
+    fn prepare(&self, id: u64, def: &[u8], expect: Expect, out: &mut Outputs<'_>) {
+        if let Some(name) = out.conn.take_stale(id) {
+            close_message(name, out.server);
+            out.expect(Expect::SwallowClose(name));
         }
-        if let Some(evicted) = out.conn.insert(def.id, self.cap) {
+        if out.conn.unclose(id) {
+            close_message(id, out.server);
+            out.expect(Expect::SwallowClose(id));
+        }
+        if let Some(evicted) = out.conn.insert(id, self.cap) {
             close_message(evicted, out.server);
-            out.expect(Expect::SwallowClose);
+            out.expect(Expect::SwallowClose(evicted));
         }
-        parse_message(def.id, &def.def, out.server);
+        parse_message(id, def, out.server);
         out.expect(expect);
+    }
+
+    /// Whether client message `msg` (a Bind or Describe) uses a shared statement that must be
+    /// prepared on this server connection first: if so, its Parse and a Describe are sent
+    /// with a Flush, and the caller holds `msg` (and what follows) back until the answer says
+    /// whether the copy describes as the statement did (see [`ClientStatements::settle`]):
+    /// a client never gets rows of other columns than it was told.
+    pub(crate) fn verify_first(&self, msg: &[u8], out: &mut Outputs<'_>) -> bool {
+        let body = &msg[5..];
+        let name = match msg[0] {
+            frontend::BIND => split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(n, _)| n),
+            frontend::DESCRIBE if body.first() == Some(&target::STATEMENT) => split_cstr(&body[1..]).map(|(n, _)| n),
+            _ => None,
+        };
+        let Some(def) = name.filter(|n| !n.is_empty()).and_then(|n| self.by_name.get(n)) else {
+            return false;
+        };
+        let Some(server_def) = def.server_def.as_ref() else {
+            return false; // parsed afresh where it is used: nothing to check
+        };
+        if out.conn.touch(def.id).is_some() || self.registry.changed(def.id) {
+            return false;
+        }
+        self.prepare(def.id, server_def, Expect::SwallowParse(def.id), out);
+        Self::probe(def.id, out);
+        out.server.put_slice(FLUSH);
+        true
+    }
+
+    /// A Describe of `id` (just parsed) the proxy sends itself, its answers dropped.
+    fn probe(id: u64, out: &mut Outputs<'_>) {
+        describe_message(id, out.server);
+        out.expect(Expect::Probe { id, forward: false });
+    }
+
+    /// At the start of a relay (before the first client message that gets an answer): closes
+    /// copies of statements no client uses any more, and names left to close.
+    pub(crate) fn tidy(&self, out: &mut Outputs<'_>) {
+        self.registry.sweep(out.conn);
+        if out.conn.has_closing() {
+            for name in out.conn.take_closing() {
+                close_message(name, out.server);
+                out.expect(Expect::SwallowClose(name));
+            }
+        }
     }
 
     /// Handles one whole client message (header included) in transaction mode.
     pub(crate) fn on_client(&mut self, msg: Bytes, out: &mut Outputs<'_>) {
         let body = &msg[5..];
         let statement = body.first() == Some(&target::STATEMENT);
+        let mut observe = None;
+        if let Some((name, id)) = self.describe_due.take() {
+            let describes_it = msg[0] == frontend::DESCRIBE
+                && statement
+                && split_cstr(&body[1..]).is_some_and(|(n, _)| n == &name[..]);
+            if describes_it {
+                observe = Some(id);
+            } else {
+                Self::probe(id, out);
+            }
+        }
         match msg[0] {
             frontend::PARSE => self.on_parse(msg.clone(), body, out),
             frontend::BIND => self.on_bind(msg.clone(), body, out),
-            frontend::DESCRIBE => self.on_describe(&msg, body, out),
+            frontend::DESCRIBE => self.on_describe(&msg, body, observe, out),
             frontend::CLOSE if statement && body.len() > 2 => {
                 if let Some((name, _)) = split_cstr(&body[1..]) {
-                    self.by_name.remove(name);
+                    if let Some(old) = self.by_name.remove(name) {
+                        self.release(old);
+                    }
                 }
                 out.expect(Expect::Synthetic(CLOSE_COMPLETE));
             }
@@ -369,7 +246,9 @@ impl ClientStatements {
         }
     }
 
-    fn on_describe(&mut self, msg: &[u8], body: &[u8], out: &mut Outputs<'_>) {
+    /// A Describe: of a tracked statement, renamed (and the statement's shape learnt from the
+    /// answer when it was just parsed: `observe`, or parsed here now).
+    fn on_describe(&mut self, msg: &[u8], body: &[u8], observe: Option<u64>, out: &mut Outputs<'_>) {
         let statement = body.first() == Some(&target::STATEMENT);
         let def = (statement && body.len() > 2)
             .then(|| split_cstr(&body[1..]).and_then(|(n, _)| self.by_name.get(n)))
@@ -378,44 +257,50 @@ impl ClientStatements {
         let Some(def) = def else {
             out.server.put_slice(msg);
             out.expect(if statement {
-                Expect::DescribeStatement
+                Expect::DescribeStatement(None)
             } else {
                 Expect::DescribePortal
             });
             return;
         };
-        self.ensure(&def, out);
-        let name = server_name(def.id);
-        out.server.put_u8(frontend::DESCRIBE);
-        out.server.put_i32((4 + 1 + name.len() + 1) as i32);
-        out.server.put_u8(target::STATEMENT);
-        out.server.put_slice(name.as_bytes());
-        out.server.put_u8(0);
-        out.expect(Expect::DescribeStatement);
+        let (name, expect) = match self.ensure(&def, out) {
+            Placed::Ready(name) => match observe {
+                Some(id) => (name, Expect::Probe { id, forward: true }),
+                None => (name, Expect::DescribeStatement(Some(def.id))),
+            },
+            Placed::Parsed(name) => (
+                name,
+                Expect::Probe {
+                    id: def.id,
+                    forward: true,
+                },
+            ),
+            Placed::Changed => (NO_STATEMENT, Expect::Fail),
+        };
+        describe_message(name, out.server);
+        out.expect(expect);
     }
 
+    /// A named Parse always reaches the server, as a new statement: what it describes as
+    /// decides which shared statement the client gets (see the module doc).
     fn on_parse(&mut self, msg: Bytes, body: &[u8], out: &mut Outputs<'_>) {
-        let Some((name, def)) = split_cstr(body) else {
+        let Some((name, def)) = split_cstr(body).filter(|(name, _)| !name.is_empty()) else {
             out.server.put_slice(&msg);
             out.expect(Expect::Parse(None));
             return;
         };
-        if name.is_empty() {
-            out.server.put_slice(&msg);
-            out.expect(Expect::Parse(None));
-            return;
-        }
         let def = msg.slice_ref(def);
+        let id = self.registry.fresh_id();
+        self.prepare(id, &def, Expect::Parse(Some(id)), out);
         let stmt = StmtDef {
-            id: self.registry.id_for(&def),
+            id,
             def,
+            server_def: None,
         };
-        self.by_name.insert(name.to_vec(), stmt.clone());
-        if out.conn.touch(stmt.id) {
-            out.expect(Expect::Synthetic(PARSE_COMPLETE));
-        } else {
-            self.prepare(&stmt, Expect::Parse(Some(stmt.id)), out);
+        if let Some(old) = self.by_name.insert(name.to_vec(), stmt) {
+            self.release(old);
         }
+        self.describe_due = Some((name.to_vec(), id));
     }
 
     fn on_bind(&mut self, msg: Bytes, body: &[u8], out: &mut Outputs<'_>) {
@@ -435,8 +320,15 @@ impl ClientStatements {
             out.expect(Expect::Bind(None));
             return;
         };
-        self.ensure(&def, out);
-        let name = server_name(def.id);
+        let (name, expect) = match self.ensure(&def, out) {
+            Placed::Ready(name) => (name, Expect::Bind(Some(def.id))),
+            Placed::Parsed(name) => {
+                Self::probe(def.id, out);
+                (name, Expect::Bind(Some(def.id)))
+            }
+            Placed::Changed => (NO_STATEMENT, Expect::Fail),
+        };
+        let name = server_name(name);
         out.server.put_u8(frontend::BIND);
         out.server
             .put_i32((4 + portal.len() + 1 + name.len() + 1 + rest.len()) as i32);
@@ -448,20 +340,64 @@ impl ClientStatements {
         if portal.is_empty() {
             self.unnamed_portal = Some(def.id);
         }
-        out.expect(Expect::Bind(Some(def.id)));
+        out.expect(expect);
     }
 
-    /// Records statements the server accepted during this relay.
-    pub(crate) fn note_accepted(&self, responses: &mut Responses) {
-        for id in responses.accepted.drain(..) {
-            self.registry.mark_accepted(id);
+    /// The client no longer uses `old`.
+    fn release(&self, old: StmtDef) {
+        if old.server_def.is_some() {
+            self.registry.release([old.id]);
         }
+    }
+
+    /// The relay ends: each statement the server described after a fresh Parse joins a
+    /// shared statement (the same text described the same) or becomes one; a copy prepared
+    /// for a shared statement that described otherwise, or whose plan changed its result
+    /// type, is not used again.
+    pub(crate) fn settle(&mut self, responses: &mut Responses, conn: &mut ServerStatements) {
+        for (id, shape) in responses.probed.drain(..) {
+            let user = self.by_name.values().find(|s| s.id == id);
+            match user.map(|s| (s.server_def.is_none(), s.def.clone())) {
+                Some((true, def)) => {
+                    let refs = self.by_name.values().filter(|s| s.id == id).count() as u32;
+                    let (shared, server_def) = self.registry.resolve(self.scope, &def, id, shape, refs);
+                    for s in self.by_name.values_mut().filter(|s| s.id == id) {
+                        s.id = shared;
+                        s.server_def = Some(server_def.clone());
+                    }
+                    if self.unnamed_portal == Some(id) {
+                        self.unnamed_portal = Some(shared);
+                    }
+                    conn.resolve(id, shared);
+                }
+                _ => match self.registry.shape_matches(id, &shape) {
+                    Some(true) => {}
+                    Some(false) => {
+                        tracing::debug!(id, "a copy of a shared statement described otherwise");
+                        conn.mark_stale(id);
+                        self.registry.mark_changed(id);
+                    }
+                    // Closed by its client meanwhile.
+                    None => conn.discard(id),
+                },
+            }
+        }
+        for id in responses.stale.drain(..) {
+            self.registry.mark_changed(id);
+        }
+    }
+
+    /// The relay ended: a Describe due after a Parse is not sent on the next relay's server
+    /// connection (the statement is parsed and described again where it is used).
+    pub(crate) fn relay_ended(&mut self) {
+        self.describe_due = None;
     }
 
     /// Answers, without a server connection, a batch that only prepares statements a server
     /// has already accepted: one or more named Parse messages, then Sync. `buf` holds the
     /// client's unread bytes; on success the batch is consumed and the answers (ParseComplete
-    /// each, then ReadyForQuery 'I') are written to `answer`.
+    /// each, then ReadyForQuery 'I') are written to `answer`. Each such statement is parsed
+    /// and described on the server when first used, as any client Parse is.
     pub(crate) fn answer_known_parses(&mut self, buf: &mut BytesMut, answer: &mut BytesMut) -> bool {
         let mut pos = 0;
         let mut found = Vec::new();
@@ -479,14 +415,23 @@ impl ClientStatements {
                     let Some((name, def)) = split_cstr(&buf[pos + 5..end]) else {
                         return false;
                     };
-                    let Some(id) = (!name.is_empty()).then(|| self.registry.accepted(def)).flatten() else {
+                    let def = Bytes::copy_from_slice(def);
+                    if name.is_empty() || !self.registry.known(self.scope, &def) {
                         return false;
-                    };
-                    found.push((name.to_vec(), id, Bytes::copy_from_slice(def)));
+                    }
+                    found.push((name.to_vec(), def));
                 }
                 frontend::SYNC if !found.is_empty() => {
-                    for (name, id, def) in found {
-                        self.by_name.insert(name, StmtDef { id, def });
+                    for (name, def) in found {
+                        let id = self.registry.fresh_id();
+                        let stmt = StmtDef {
+                            id,
+                            def,
+                            server_def: None,
+                        };
+                        if let Some(old) = self.by_name.insert(name, stmt) {
+                            self.release(old);
+                        }
                         answer.put_slice(PARSE_COMPLETE);
                     }
                     answer.put_slice(READY_IDLE);
@@ -502,9 +447,56 @@ impl ClientStatements {
     /// The client ran DEALLOCATE ALL or DISCARD ALL: its statements are gone, and so is
     /// everything the server connection had prepared.
     pub(crate) fn forget_all(&mut self, conn: &mut ServerStatements) {
-        self.by_name.clear();
+        self.describe_due = None;
+        self.release_all();
         conn.clear();
     }
+
+    fn release_all(&mut self) {
+        let ids: Vec<u64> = self
+            .by_name
+            .drain()
+            .filter(|(_, s)| s.server_def.is_some())
+            .map(|(_, s)| s.id)
+            .collect();
+        self.registry.release(ids);
+    }
+}
+
+impl Drop for ClientStatements {
+    /// The client is gone: the shared statements it used lose a user each.
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
+/// Builds a Parse of statement `id` under its server name.
+pub(crate) fn parse_message(id: u64, def: &[u8], out: &mut BytesMut) {
+    let name = server_name(id);
+    out.put_u8(frontend::PARSE);
+    out.put_i32((4 + name.len() + 1 + def.len()) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(def);
+}
+
+/// Builds a Close of server name `pgv_<name>`.
+pub(crate) fn close_message(name: u64, out: &mut BytesMut) {
+    named_message(frontend::CLOSE, name, out);
+}
+
+/// Builds a Describe of server name `pgv_<name>`.
+fn describe_message(name: u64, out: &mut BytesMut) {
+    named_message(frontend::DESCRIBE, name, out);
+}
+
+fn named_message(tag: u8, name: u64, out: &mut BytesMut) {
+    let name = server_name(name);
+    out.put_u8(tag);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(target::STATEMENT);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
 }
 
 #[cfg(test)]

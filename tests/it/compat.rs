@@ -1,5 +1,6 @@
 //! Real drivers in transaction mode: psycopg 3 + Django (200 client threads on 5 server
-//! connections), in a virtualenv the test creates under target/ (pip, from PyPI).
+//! connections) and asyncpg (prepared statements and cache invalidation), in a virtualenv the
+//! test creates under target/ (pip, from PyPI).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,11 +10,13 @@ use pgvalve::config::PoolMode;
 
 use crate::support::*;
 
-/// A virtualenv with psycopg 3 and Django, created once.
+/// A virtualenv with psycopg 3, Django and asyncpg, created once (asyncpg added to one made
+/// before it was needed).
 fn venv_python() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/compat-venv");
     let python = dir.join("bin/python");
     let ready = dir.join(".ready");
+    let ready_asyncpg = dir.join(".ready-asyncpg");
     if !ready.exists() {
         let made = Command::new("python3").args(["-m", "venv"]).arg(&dir).status();
         assert!(
@@ -35,7 +38,78 @@ fn venv_python() -> PathBuf {
         assert!(pip.success(), "pip install psycopg[binary] django failed");
         std::fs::write(&ready, b"").unwrap();
     }
+    if !ready_asyncpg.exists() {
+        let pip = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "asyncpg>=0.29",
+            ])
+            .status()
+            .expect("pip");
+        assert!(pip.success(), "pip install asyncpg failed");
+        std::fs::write(&ready_asyncpg, b"").unwrap();
+    }
     python
+}
+
+/// Runs tests/compat/asyncpg_compat.py with clients on `port` and schema changes made
+/// directly on `ddl_port`; its JSON summary (it checks every result itself).
+async fn asyncpg_run(python: &std::path::Path, port: u16, ddl_port: u16) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/asyncpg_compat.py");
+    let out = within(
+        Duration::from_secs(180),
+        tokio::process::Command::new(python)
+            .args([
+                script,
+                "127.0.0.1",
+                &port.to_string(),
+                &ddl_port.to_string(),
+                "app",
+                "app",
+                "app-secret",
+                "8",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "asyncpg compat on port {port} failed: {stdout}\n{stderr}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// asyncpg's prepared statements and statement-cache invalidation (8 connections on 4 server
+/// connections, schema changed beside them): every result right, and the same outcomes as
+/// the same script run directly against PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_prepared_statements_and_cache_invalidation_as_directly() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 4;
+        f.pool.query_wait_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let direct = asyncpg_run(&python, s.pg.port(), s.pg.port()).await;
+    let proxied = asyncpg_run(&python, s.proxy.local_addr().port(), s.pg.port()).await;
+    println!("asyncpg directly: {direct}\nasyncpg through pgvalve: {proxied}");
+    assert_eq!(proxied["ok"], true);
+    assert_eq!(proxied["seen"], direct["seen"], "through pgvalve as directly");
+    assert_eq!(proxied["checks"], direct["checks"]);
+    assert!(proxied["checks"].as_u64().unwrap() > 300, "{proxied}");
+    assert!(s.proxy.shared().pools.stats().iter().all(|p| p.open <= 4));
+    // Prepared statements pin nothing; asyncpg's look-up of a type that is not built in
+    // (set_config('jit', 'off', false) around it) pins the three connections that do it.
+    let pins = s.proxy.shared().pins.total();
+    assert!(pins <= 3, "{pins} sessions pinned");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,4 +291,49 @@ async fn django_test_runner_creates_and_drops_its_databases_in_session_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_test_runner_creates_and_drops_its_databases_in_transaction_mode() {
     django_test_runner_in(PoolMode::Transaction).await;
+}
+
+/// psycopg 3 closes ("deallocates") a prepared statement it evicts from its cache: pgvalve
+/// closes the shared statement on the server too once no client uses it (seen through
+/// pg_prepared_statements on the only server connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_deallocated_statements_are_closed_on_the_server() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let s = Setup::new(|f| {
+        f.pool.pool_mode = PoolMode::Transaction;
+        f.pool.pool_size = 1;
+    })
+    .await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=app user=app password=app-secret",
+        s.proxy.local_addr().port()
+    );
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True, prepare_threshold=0) as c:
+    c.prepared_max = 1
+    def copies(text):
+        q = "select count(*) from pg_prepared_statements where statement = %s and name like 'pgv\\_%%'"
+        return c.execute(q, (text,), prepare=False).fetchone()[0]
+    assert c.execute("select 1 + %s::int", (1,)).fetchone()[0] == 2
+    before = copies("select 1 + $1::int")
+    assert c.execute("select 2 + %s::int", (1,)).fetchone()[0] == 3  # evicts the first
+    print(before, copies("select 1 + $1::int"), copies("select 2 + $1::int"))
+"#;
+    let out = within(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .args(["-c", script, &dsn])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "1 0 1",
+        "prepared, closed after psycopg deallocated it; the other stays"
+    );
 }

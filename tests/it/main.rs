@@ -15,6 +15,7 @@ mod locks;
 mod operate;
 mod packaging;
 mod pids;
+mod prepared;
 mod queries;
 mod robustness;
 mod sessions;

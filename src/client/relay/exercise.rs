@@ -14,7 +14,7 @@ use crate::protocol::tags::status;
 /// renaming, pins, rejection) and then of `server` bytes (answers, swallowed replies,
 /// ParameterStatus), as one session would see them, `reads` bytes at a time.
 pub fn transaction_traffic(client: &[u8], server: &[u8], reads: usize, reject: bool) {
-    let mut st = ClientStatements::new(std::sync::Arc::new(Registry::default()), 3);
+    let mut st = ClientStatements::new(std::sync::Arc::new(Registry::default()), 3, 0);
     let mut reuse = Reuse::default();
     let mut t = Tracker::new(status::IDLE, true, None, false);
     let mut reported = Vec::new();

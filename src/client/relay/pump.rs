@@ -214,6 +214,9 @@ impl<'m> Relay<'m> {
         if s_new {
             self.server_bytes(cw)?;
             self.databases.answered(&self.t);
+            if self.statements.resumable() {
+                self.client_bytes(cw, sw)?;
+            }
         }
         self.session.transactions_ended(&mut self.t);
         self.statements.ignored_syncs(&mut self.t);
@@ -307,6 +310,7 @@ impl<'m> Relay<'m> {
             && self.s_in.is_empty()
             && self.c_in.is_empty()
             && self.c_out.is_empty()
+            && self.statements.all_sent()
             && self.swalk.at_boundary()
             && self.cwalk.at_boundary()
             // The server waits for COPY data (the Syncs it ignores meanwhile do not count).

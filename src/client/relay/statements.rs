@@ -3,7 +3,9 @@
 //! or transaction mode without statement tracking), or, with named prepared statements
 //! tracked, whole client messages are renamed for the server ([`ClientStatements`]) and the
 //! answers to what the proxy injected are dropped while its own answers are put in order
-//! ([`Responses`]). The relay runs one path for both; this is the step that differs.
+//! ([`Responses`]); a client message that uses a shared statement the server connection
+//! lacks waits for one round trip while its copy is prepared and checked. The relay runs one
+//! path for both; this is the step that differs.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -101,7 +103,7 @@ impl Statements<'_> {
     #[inline]
     pub(super) fn ignored_syncs(&mut self, t: &mut Tracker) {
         if let Statements::Tracked(tr) = self {
-            let r = &mut tr.responses;
+            let r = &mut tr.reuse.responses;
             if r.ignored_syncs > 0 {
                 t.pending = t.pending.saturating_sub(r.ignored_syncs);
                 r.ignored_syncs = 0;
@@ -109,12 +111,20 @@ impl Statements<'_> {
         }
     }
 
-    /// Nothing renamed waits to be sent.
+    /// Nothing renamed waits to be sent, and no client message is held back.
+    #[inline]
     pub(super) fn all_sent(&self) -> bool {
         match self {
             Statements::Plain => true,
-            Statements::Tracked(tr) => tr.scratch.is_empty(),
+            Statements::Tracked(tr) => tr.scratch.is_empty() && tr.held.is_none(),
         }
+    }
+
+    /// A client message held back can go on now (its statement was checked): the relay
+    /// passes the client's bytes on without waiting for more.
+    #[inline]
+    pub(super) fn resumable(&self) -> bool {
+        matches!(self, Statements::Tracked(tr) if tr.held.is_some() && !tr.verifying)
     }
 }
 
@@ -122,18 +132,23 @@ impl Statements<'_> {
 pub(super) struct Tracked<'m> {
     /// The client's statements.
     pub(super) st: &'m mut ClientStatements,
-    /// Where `scratch` and `responses` are kept between relays.
+    /// Where `scratch` is kept between relays, and the answers outstanding (in place).
     reuse: &'m mut Reuse,
     /// The server connection's statements (moved in and out).
     conn: ServerStatements,
     /// Renamed client messages, until sent.
     scratch: BytesMut,
-    /// Answers outstanding, in order.
-    responses: Responses,
     /// Make statements that change session state fail instead of pinning.
     reject: bool,
     /// Largest client message.
     max: usize,
+    /// Statements no client uses any more were looked for (at the relay's first request).
+    tidied: bool,
+    /// A client message held back while its statement is checked on this connection (see
+    /// [`ClientStatements::verify_first`]).
+    held: Option<Frame>,
+    /// The check's answer is still due.
+    verifying: bool,
 }
 
 impl<'m> Tracked<'m> {
@@ -146,23 +161,30 @@ impl<'m> Tracked<'m> {
         reject: bool,
         max: usize,
     ) -> Self {
+        if !reuse.responses.is_idle() {
+            reuse.responses = Responses::default();
+        }
         Tracked {
             st,
             scratch: std::mem::take(&mut reuse.scratch),
-            responses: std::mem::take(&mut reuse.responses),
             reuse,
             conn,
             reject,
             max,
+            tidied: false,
+            held: None,
+            verifying: false,
         }
     }
 
-    /// The relay ends: statements the server accepted are recorded, the buffers kept while
-    /// small and idle; the server connection's statements are handed back.
+    /// The relay ends: statements the server described are settled (see
+    /// [`ClientStatements::settle`]), the buffers kept while small and idle; the server
+    /// connection's statements are handed back.
     pub(super) fn finish(mut self) -> ServerStatements {
-        self.st.note_accepted(&mut self.responses);
-        if self.responses.is_idle() {
-            self.reuse.responses = self.responses;
+        self.st.settle(&mut self.reuse.responses, &mut self.conn);
+        self.st.relay_ended();
+        if !self.reuse.responses.is_idle() {
+            self.reuse.responses = Responses::default();
         }
         if self.scratch.capacity() <= REUSE_MAX {
             self.scratch.clear();
@@ -182,10 +204,32 @@ impl<'m> Tracked<'m> {
         let mut out = Outputs {
             server: &mut self.scratch,
             client: to_client,
-            responses: &mut self.responses,
+            responses: &mut self.reuse.responses,
             conn: &mut self.conn,
         };
-        while let Some(f) = split_frame(c_in, self.max).map_err(SessionError::Frame)? {
+        if self.verifying {
+            return Ok(());
+        }
+        let mut resumed = self.held.take();
+        loop {
+            let checked = resumed.is_some();
+            let f = match resumed.take() {
+                Some(f) => f,
+                None => match split_frame(c_in, self.max).map_err(SessionError::Frame)? {
+                    Some(f) => f,
+                    None => break,
+                },
+            };
+            if !self.tidied && answered(f.tag) {
+                // Before the client's first request, so its answers come after these.
+                self.tidied = true;
+                self.st.tidy(&mut out);
+            }
+            if !checked && self.st.verify_first(&f.bytes, &mut out) {
+                self.held = Some(f);
+                self.verifying = true;
+                break;
+            }
             let seen = Seen {
                 tag: f.tag,
                 start: 0,
@@ -225,7 +269,7 @@ impl<'m> Tracked<'m> {
         t: &mut Tracker,
         mut reported: Option<&mut Vec<(String, String)>>,
     ) -> Result<(), SessionError> {
-        let (responses, conn) = (&mut self.responses, &mut self.conn);
+        let (responses, conn) = (&mut self.reuse.responses, &mut self.conn);
         loop {
             let (mut after, mut swallow, mut stop_next) = (Vec::new(), 0usize, false);
             let n = walk
@@ -238,7 +282,7 @@ impl<'m> Tracked<'m> {
                         note_reported(msg, r);
                     }
                     let stale = seen.tag == backend::ERROR_RESPONSE && is_stale_plan(msg);
-                    match responses.on_server(seen.tag, stale, conn) {
+                    match responses.on_server(seen.tag, msg, stale, conn) {
                         OnServer::Forward(due) => {
                             stop_next = !due.is_empty();
                             after = due;
@@ -259,10 +303,29 @@ impl<'m> Tracked<'m> {
                 s_out.extend_from_slice(b);
             }
             if swallow == 0 && !stop_next {
-                return Ok(());
+                break;
             }
         }
+        if self.reuse.responses.learnt() {
+            // Everything answered (a pinned session's relay lasts long): settle now.
+            self.st.settle(&mut self.reuse.responses, &mut self.conn);
+        }
+        if self.verifying && self.reuse.responses.drained() {
+            self.verifying = false; // the held message can go on
+        }
+        Ok(())
     }
+}
+
+/// Client messages the server answers, or that keep the server connection from going back
+/// until a Sync is answered: proxy requests sent before one are answered before the relay
+/// can end.
+fn answered(tag: u8) -> bool {
+    use frontend::*;
+    matches!(
+        tag,
+        PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH | QUERY | FUNCTION_CALL
+    )
 }
 
 /// Server messages looked at whole when statements are tracked: those that end a request,
@@ -361,7 +424,7 @@ mod tests {
 
     #[test]
     fn tracked_renames_and_puts_the_proxy_answers_in_order() {
-        let mut st = ClientStatements::new(std::sync::Arc::new(Registry::default()), 10);
+        let mut st = ClientStatements::new(std::sync::Arc::new(Registry::default()), 10, 0);
         let mut reuse = Reuse::default();
         let mut statements = Statements::Tracked(Tracked::new(
             &mut st,
@@ -381,9 +444,11 @@ mod tests {
         let Ok(ToServer::Renamed(scratch)) = statements.client(&mut c_in, &mut walk, &mut t, &mut s_out) else {
             panic!("statements are tracked");
         };
-        // The Parse goes under the proxy-wide name, the Close is the proxy's to answer.
+        // The Parse goes under the proxy-wide name, with a Describe of the proxy's own (its
+        // answer says what the statement is); the Close is the proxy's to answer.
         let mut expected = BytesMut::new();
         crate::client::prepared::parse_message(1, b"SELECT 1\0\0\0", &mut expected);
+        expected.extend_from_slice(&msg(frontend::DESCRIBE, b"Spgv_1\0"));
         expected.extend_from_slice(&sync);
         assert_eq!(&scratch[..], &expected[..]);
         scratch.clear();
@@ -393,7 +458,12 @@ mod tests {
         );
 
         let ready_idle = msg(backend::READY_FOR_QUERY, &[status::IDLE]);
-        let mut s_in = BytesMut::from(&[PARSE_COMPLETE, &ready_idle[..]].concat()[..]);
+        let params = msg(backend::PARAMETER_DESCRIPTION, b"\0\0");
+        let row = msg(
+            backend::ROW_DESCRIPTION,
+            b"\0\x01?column?\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
+        let mut s_in = BytesMut::from(&[PARSE_COMPLETE, &params, &row, &ready_idle[..]].concat()[..]);
         let ready = statements.server(&mut s_in, &mut s_out, &mut walk, &mut t, None, false);
         assert!(matches!(ready, Ok(ToClient::Queued)));
         assert_eq!(
@@ -407,7 +477,11 @@ mod tests {
             unreachable!()
         };
         let mut conn = tracked.finish();
-        assert!(conn.touch(1), "the server connection has the statement");
+        assert_eq!(
+            conn.take_closing(),
+            vec![1],
+            "closed by its client: closed on the server later"
+        );
         assert!(reuse.responses.is_idle());
     }
 }
