@@ -353,37 +353,7 @@ async fn session(
         Some(Entry::Console(role)) => return shared.console.serve(shared, client, role).await.map(|()| None),
         Some(Entry::Session(s)) => *s,
     };
-    let route = &seat.route;
-    let mut mode = Mode {
-        transaction: route.pool_mode == PoolMode::Transaction,
-        pinned: None,
-        who: format!(
-            "identity={:?} user={} application_name={:?} addr={}",
-            seat.member.identity(),
-            route.user,
-            params.application_name().unwrap_or(""),
-            client.peer
-        ),
-        pins: shared.pins.clone(),
-        reported: Vec::new(),
-        reject: shared.config().pool.session_state == crate::config::SessionStatePolicy::Reject,
-        timeouts: relay::Timeouts::from_config(&shared.config()),
-        cancel: None,
-        session: Some(seat.registered.info.clone()),
-        stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
-        reuse: Default::default(),
-        given_pid: key.pid,
-        statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
-            .then(|| {
-                prepared::ClientStatements::new(
-                    shared.statements.clone(),
-                    shared.config().pool.max_prepared_statements,
-                    prepared::scope(&route.database, &route.user),
-                )
-            }),
-        gate: Some(shared.gates.server(&route.host, route.port)),
-        db_statements: Default::default(),
-    };
+    let mut mode = session_mode(shared, client, &seat, &params, &key);
     if mode.transaction {
         // The server connection used for login goes back to the pool at once.
         server.checkin();
@@ -418,6 +388,47 @@ async fn session(
         .await;
     drop(permit);
     end.map(|_| None)
+}
+
+/// How the relay treats a logged-in client's session.
+fn session_mode(
+    shared: &Arc<Services>,
+    client: &ClientConn,
+    seat: &Seat,
+    params: &StartupParams,
+    key: &CancelKey,
+) -> Mode {
+    let route = &seat.route;
+    Mode {
+        transaction: route.pool_mode == PoolMode::Transaction,
+        pinned: None,
+        who: format!(
+            "identity={:?} user={} application_name={:?} addr={}",
+            seat.member.identity(),
+            route.user,
+            params.application_name().unwrap_or(""),
+            client.peer
+        ),
+        pins: shared.pins.clone(),
+        reported: Vec::new(),
+        reject: shared.config().pool.session_state == crate::config::SessionStatePolicy::Reject,
+        timeouts: relay::Timeouts::from_config(&shared.config()),
+        cancel: None,
+        session: Some(seat.registered.info.clone()),
+        stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
+        reuse: Default::default(),
+        given_pid: key.pid,
+        statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
+            .then(|| {
+                prepared::ClientStatements::new(
+                    shared.statements.clone(),
+                    shared.config().pool.max_prepared_statements,
+                    prepared::scope(&route.database, &route.user),
+                )
+            }),
+        gate: Some(shared.gates.server(&route.host, route.port)),
+        db_statements: Default::default(),
+    }
 }
 
 /// Login, routing, a server connection with the client's parameters applied, and the
