@@ -213,6 +213,8 @@ async fn an_old_statement_on_a_connection_without_its_copy_gets_0a000() {
         f.pool.pool_mode = PoolMode::Transaction;
         f.pool.pool_size = 2;
         f.pool.query_wait_timeout = Duration::from_secs(30);
+        // Both slots for clients (the lock monitor's connection would take one).
+        f.locks.enabled = false;
     })
     .await;
     let ddl = connect(&s.pg.url()).await.unwrap();
