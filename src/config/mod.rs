@@ -20,7 +20,9 @@ use base64::Engine;
 
 use crate::error::{sqlstate, Side, Sided};
 
-pub use admission::{parse_cidr, validate_limits, AdmissionSettings, IdentityRule, LimitOverrides, LockAction, Rule};
+pub use admission::{
+    parse_cidr, validate_limits, AdmissionSettings, Headroom, IdentityRule, LimitOverrides, LockAction, Rule,
+};
 pub(crate) use tls::{end_point_hash, ServerTls, Tls};
 pub use types::{
     AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,

@@ -10,6 +10,7 @@ mod kills;
 mod limits;
 mod loadtest;
 mod locks;
+mod neighbour;
 mod operate;
 mod packaging;
 mod queries;

@@ -38,6 +38,7 @@ mod write;
 
 use pump::{End, Relay};
 pub(crate) use timeouts::Timeouts;
+pub(crate) use txn::first_message_pins;
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -94,6 +95,9 @@ pub(crate) struct Mode {
     pub stats: Option<crate::pool::stats::Local>,
     /// Buffers kept from one transaction's relay to the next (see `Reuse`).
     pub reuse: Reuse,
+    /// Transaction mode: told when the session pins, so admission counts its server
+    /// connection as held for the rest of the session (headroom).
+    pub pinning: Option<crate::admission::Pinning>,
 }
 
 /// What statement tracking allocates in every relay, kept between transactions while small:

@@ -82,6 +82,7 @@ impl<'m> Relay<'m> {
             session,
             stats,
             reuse,
+            pinning,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -116,6 +117,7 @@ impl<'m> Relay<'m> {
                 reported: (*transaction || tracked).then_some(reported),
                 info: session.as_deref(),
                 stats: stats.as_mut(),
+                pinning: pinning.as_mut(),
             },
             timer: Timer::new(timeouts, cancel.as_ref(), who),
             now: phase.now(),
