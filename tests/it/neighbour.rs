@@ -240,3 +240,165 @@ async fn a_greedy_app_whose_sessions_pin_leaves_room_for_a_polite_one() {
     polite_beside_greedy(&s, &g, 18).await;
     assert_eq!(g.stop().await, 0, "greedy errors");
 }
+
+/// Connects with the NOTICEs the connection gets collected (those sent while it waited to be
+/// let in come once it is).
+async fn connect_noticed(url: String) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_headroom_holds_back_is_told_why() {
+    let s = Setup::new(|f| {
+        pool(f, PoolMode::Session, 10);
+        f.admission.headroom = Headroom::Connections(2);
+        f.admission.queue_timeout = Some(Duration::from_secs(2));
+        f.admission.queue_notice_after = Duration::from_millis(300);
+    })
+    .await;
+    let mut greedy = Vec::new();
+    for _ in 0..8 {
+        greedy.push(connect(&url_app(&s, "greedy")).await.unwrap());
+    }
+    let ninth = tokio::spawn(connect_noticed(url_app(&s, "greedy")));
+    eventually(Duration::from_secs(10), "the ninth greedy client waits", || async {
+        s.proxy
+            .shared()
+            .admission
+            .identity("greedy")
+            .is_some_and(|i| i.waiting == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    greedy.pop();
+    let (_ninth, mut notices) = within(Duration::from_secs(10), ninth).await.unwrap();
+    let notice = within(Duration::from_secs(5), notices.recv()).await.expect("a NOTICE");
+    assert_eq!(
+        notice,
+        "pgvalve: client \"greedy\" is queued: it holds 8 of the 10 server connections of database \"app\" user \"app\" for whole sessions, more than its share, and the last 2 are kept for other clients (headroom=2)"
+    );
+    // A newcomer gets in at once; the greedy app's next client waits its queue_timeout.
+    let _polite = within(Duration::from_secs(10), connect(&url_app(&s, "polite")))
+        .await
+        .unwrap();
+    let e = connect(&url_app(&s, "greedy")).await.unwrap_err();
+    let e = e.as_db_error().expect("ErrorResponse");
+    assert_eq!(e.code().code(), "53300");
+    assert_eq!(
+        e.message(),
+        "pgvalve: client \"greedy\" waited 2s for a server connection (queue_timeout): it holds 8 of the 10 of database \"app\" user \"app\" for whole sessions, more than its share, and the last 2 are kept for other clients (headroom=2)"
+    );
+    let st = s.proxy.shared().admission.identity("greedy").unwrap();
+    assert_eq!(st.counters.refused.get("headroom"), Some(&1));
+}
+
+/// The polite app for the measurement: `workers` clients until `stop`, each either connecting
+/// once (`persistent`) or for every 5 queries, with 20 ms between queries.
+async fn polite_until(s: &Setup, workers: usize, persistent: bool, stop: &Arc<AtomicBool>) -> Polite {
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (url, stop) = (url_app(s, "polite"), stop.clone());
+            tokio::spawn(async move {
+                let mut p = Polite::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await else {
+                        p.errors.push("connect".into());
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    p.connects.push(t.elapsed());
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) && (persistent || n < 5) {
+                        let t = Instant::now();
+                        match c.simple_query("SELECT 1").await {
+                            Ok(_) => p.queries.push(t.elapsed()),
+                            Err(e) => p.errors.push(e.to_string()),
+                        }
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                p
+            })
+        })
+        .collect();
+    let mut all = Polite::default();
+    for t in tasks {
+        let p = t.await.unwrap();
+        all.connects.extend(p.connects);
+        all.queries.extend(p.queries);
+        all.errors.extend(p.errors);
+    }
+    all
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v.get(((v.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Issue 21's scenario, measured (not a pass/fail test; run with --ignored --nocapture): session
+/// mode, pool 40, a greedy app of 200 clients looping on pg_sleep(0.2) for 15 s, a polite app of
+/// 20 clients from 2 s on; with the default headroom and with `headroom = 0` (as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures, asserts nothing about time"]
+async fn measure_a_greedy_session_mode_neighbour() {
+    for (headroom, persistent) in [(None, false), (None, true), (Some(0), false)] {
+        let s = Setup::with(
+            PgOptions {
+                max_connections: 60,
+                ..Default::default()
+            },
+            move |f| {
+                pool(f, PoolMode::Session, 40);
+                if let Some(n) = headroom {
+                    f.admission.headroom = Headroom::Connections(n);
+                }
+            },
+        )
+        .await;
+        let g = Greedy::start(&s, 200, "");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (before, t) = (g.done.load(Ordering::Relaxed), Instant::now());
+        let stop = Arc::new(AtomicBool::new(false));
+        // The greedy load ends 15 s after it started, and the polite app with it.
+        let end = async {
+            tokio::time::sleep(Duration::from_secs(13)).await;
+            let qps = (g.done.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            g.stop.store(true, Ordering::Relaxed);
+            qps
+        };
+        let (p, greedy_qps) = tokio::join!(polite_until(&s, 20, persistent, &stop), end);
+        let errors = g.stop().await;
+        let (mut c, mut q) = (p.connects.clone(), p.queries.clone());
+        eprintln!(
+            "headroom {:>7} polite {:>10}: connects {} (p50 {:?}, p99 {:?}, max {:?}), queries {} (p50 {:?}, p99 {:?}, max {:?}), polite errors {}; greedy {:.0} queries/s while polite ran, {} errors",
+            headroom.map_or("default".to_string(), |n| n.to_string()),
+            if persistent { "persistent" } else { "per 5 queries" },
+            c.len(),
+            pct(&mut c, 0.5),
+            pct(&mut c, 0.99),
+            c.last().copied().unwrap_or_default(),
+            q.len(),
+            pct(&mut q, 0.5),
+            pct(&mut q, 0.99),
+            q.last().copied().unwrap_or_default(),
+            p.errors.len(),
+            greedy_qps,
+            errors
+        );
+    }
+}
