@@ -250,6 +250,8 @@ pub struct Overrides {
     pub max_client_connections: Option<u32>,
     /// `--max-server-connections`.
     pub max_server_connections: Option<u32>,
+    /// `--headroom` (`[admission] headroom`).
+    pub headroom: Option<Headroom>,
     /// `--worker-threads`.
     pub worker_threads: Option<usize>,
     /// `--session-threads`.
@@ -326,6 +328,9 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     }
     if let Some(n) = ov.max_server_connections {
         f.pool.max_server_connections = n;
+    }
+    if let Some(h) = ov.headroom {
+        f.admission.headroom = h;
     }
     if let Some(n) = ov.worker_threads {
         f.proxy.worker_threads = n;

@@ -127,6 +127,16 @@ fn headroom_is_connections_or_a_percentage() {
     assert!(e.to_string().contains("admission.headroom"), "{e}");
     let e = parse_and_validate(&format!("{MINIMAL}\n[admission]\nheadroom = \"lots\"\n")).unwrap_err();
     assert!(e.to_string().contains("invalid headroom"), "{e}");
+    let ov = Overrides {
+        upstream: Some("postgres://alice:s3cret@db.internal:5999".into()),
+        headroom: Some("0".parse().unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(
+        load_with(None, &ov).unwrap().admission.headroom,
+        Headroom::Connections(0),
+        "--headroom 0"
+    );
 }
 
 #[test]
