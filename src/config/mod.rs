@@ -317,21 +317,15 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     if let Some(l) = &ov.listen {
         f.proxy.listen = l.clone();
     }
-    if let Some(m) = ov.pool_mode {
-        f.pool.pool_mode = m;
-    }
-    if let Some(n) = ov.pool_size {
-        f.pool.pool_size = n;
-    }
+    f.pool.pool_mode = ov.pool_mode.unwrap_or(f.pool.pool_mode);
+    f.pool.pool_size = ov.pool_size.unwrap_or(f.pool.pool_size);
     if let Some(n) = ov.max_client_connections {
         f.proxy.max_client_connections = n;
     }
     if let Some(n) = ov.max_server_connections {
         f.pool.max_server_connections = n;
     }
-    if let Some(h) = ov.headroom {
-        f.admission.headroom = h;
-    }
+    f.admission.headroom = ov.headroom.unwrap_or(f.admission.headroom);
     if let Some(n) = ov.worker_threads {
         f.proxy.worker_threads = n;
     }
