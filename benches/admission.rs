@@ -7,6 +7,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pgvalve::admission::identity::{identify, ClientFacts, IdentityRule, Rule};
 use pgvalve::admission::queue::{Due, Request, Scheduler, ShareLimits};
+use pgvalve::admission::Hold;
 
 /// Queued now, due in an hour: the benchmark never waits.
 fn far() -> (tokio::time::Instant, Due) {
@@ -54,8 +55,11 @@ fn bench(c: &mut Criterion) {
     }
     g.bench_function("grant_release_uncontended", |b| {
         b.iter(|| {
-            assert!(matches!(s.request(&gate, 20, &ids[0], far()), Request::Granted));
-            s.release(&gate, &ids[0]);
+            assert!(matches!(
+                s.request(&gate, 20, &ids[0], Hold::Transaction, far()),
+                Request::Granted
+            ));
+            s.release(&gate, &ids[0], Hold::Transaction);
         })
     });
     // A full gate with 8 identities queued: each release hands the grant to the fairest waiter.
@@ -65,17 +69,20 @@ fn bench(c: &mut Criterion) {
     }
     let mut held = Vec::new();
     for i in 0..20 {
-        assert!(matches!(s.request(&gate, 20, &ids[i % 8], far()), Request::Granted));
+        assert!(matches!(
+            s.request(&gate, 20, &ids[i % 8], Hold::Transaction, far()),
+            Request::Granted
+        ));
         held.push(ids[i % 8].clone());
     }
     let mut waiters = Vec::new();
     g.bench_function("release_to_fair_queue_8_identities", |b| {
         b.iter(|| {
             let id = held.remove(0);
-            if let Request::Queued(_, rx) = s.request(&gate, 20, &id, far()) {
+            if let Request::Queued(_, rx) = s.request(&gate, 20, &id, Hold::Transaction, far()) {
                 waiters.push((id.clone(), rx));
             }
-            s.release(&gate, &id);
+            s.release(&gate, &id, Hold::Transaction);
             // Whoever got the grant now holds it.
             if let Some(pos) = waiters.iter_mut().position(|(_, rx)| rx.try_recv().is_ok()) {
                 held.push(waiters.remove(pos).0);

@@ -42,7 +42,9 @@ SERVER_HOST=127.0.0.1; [[ $SERVER_LEG == unix ]] && SERVER_HOST=$WORK
 UPSTREAM="postgres://bench:bench@$(python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SERVER_HOST"):$PGPORT"
 start_pgvalve() {  # port log [extra args...]; BIN overrides the binary
   local port=$1 log=$2; shift 2
-  "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" --listen "127.0.0.1:$port" \
+  # No headroom (as PgBouncer): session-mode runs size the pool to the clients, and pgbench
+  # starts only once every client is in. By environment, which older builds ignore.
+  PGVALVE_HEADROOM=${PGVALVE_HEADROOM:-0} "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" --listen "127.0.0.1:$port" \
     --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
     --max-server-connections 0 ${PGVALVE_ARGS:-} "$@" >"$log" 2>&1 &
   PIDS+=($!)

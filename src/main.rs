@@ -83,6 +83,10 @@ enum Cmd {
         /// Server connections across all pools (0 = no cap).
         #[arg(long, env = "PGVALVE_MAX_SERVER_CONNECTIONS")]
         max_server_connections: Option<u32>,
+        /// Free server connections of a pool kept from an identity holding more than its share
+        /// for whole sessions: a count, or "10%" of the pool (0 = off). [admission] headroom.
+        #[arg(long, env = "PGVALVE_HEADROOM")]
+        headroom: Option<config::Headroom>,
         /// Runtime worker threads (0 = one per CPU core).
         #[arg(long, env = "PGVALVE_WORKER_THREADS")]
         worker_threads: Option<usize>,
@@ -161,6 +165,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         pool_size,
         max_client_connections,
         max_server_connections,
+        headroom,
         worker_threads,
         session_threads,
         http_listen,
@@ -182,6 +187,7 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         pool_size: *pool_size,
         max_client_connections: *max_client_connections,
         max_server_connections: *max_server_connections,
+        headroom: *headroom,
         worker_threads: *worker_threads,
         session_threads: *session_threads,
         http_listen: http_listen.clone(),

@@ -131,6 +131,8 @@ fn limits(shared: &Admin<'_>) -> Table {
         ("refused_queue_full", Int8),
         ("refused_server_cap", Int8),
         ("refused_queue_timeout", Int8),
+        ("headroom", Text),
+        ("refused_headroom", Int8),
     ]);
     for i in shared.admission.identities() {
         let (l, c) = (&i.limits, &i.counters);
@@ -164,6 +166,8 @@ fn limits(shared: &Admin<'_>) -> Table {
             refused("queue_full"),
             refused("server_cap"),
             refused("queue_timeout"),
+            s(l.headroom),
+            refused("headroom"),
         ]);
     }
     t

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-pub use crate::config::{AdmissionSettings, LimitOverrides, LockAction};
+pub use crate::config::{AdmissionSettings, Headroom, LimitOverrides, LockAction};
 
 /// The limits one identity runs under.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +19,9 @@ pub struct Limits {
     pub(crate) min_servers: u32,
     /// Scheduling weight (≥ 1).
     pub(crate) weight: u32,
+    /// Free server connections of a pool it leaves to others while it holds long beyond its
+    /// share.
+    pub headroom: Headroom,
     /// Waiting clients (0 = no bound).
     pub max_queue: u32,
     /// Longest wait for a server connection.
@@ -51,6 +54,7 @@ impl Limits {
             max_servers: o.max_server_connections.unwrap_or(defaults.max_server_connections),
             min_servers: o.min_server_connections.unwrap_or(defaults.min_server_connections),
             weight: o.weight.unwrap_or(defaults.weight).max(1),
+            headroom: o.headroom.unwrap_or(defaults.headroom),
             max_queue: o.max_queue.unwrap_or(defaults.max_queue),
             queue_timeout: o.queue_timeout.or(defaults.queue_timeout).unwrap_or(query_wait_timeout),
             queue_timeout_key: if o.queue_timeout.or(defaults.queue_timeout).is_some() {
@@ -86,6 +90,26 @@ mod tests {
         };
         let l = Limits::resolve(&d, &o, Duration::from_secs(7));
         assert_eq!((l.max_servers, l.weight, l.connect_burst), (10, 3, 3));
+        assert_eq!(l.headroom, Headroom::Percent(10), "the default");
+        let l = Limits::resolve(
+            &d,
+            &LimitOverrides {
+                headroom: Some(Headroom::Connections(0)),
+                ..Default::default()
+            },
+            Duration::from_secs(7),
+        );
+        assert_eq!(l.headroom.of(40), 0, "a rule turns it off");
+        assert_eq!(
+            [1, 4, 5, 20, 40, 100].map(|n| Headroom::Percent(10).of(n)),
+            [0, 0, 1, 2, 4, 10],
+            "10% rounded to the nearest connection"
+        );
+        assert!(crate::config::validate_limits(&LimitOverrides {
+            headroom: Some(Headroom::Percent(60)),
+            ..Default::default()
+        })
+        .is_err());
         assert_eq!(l.queue_timeout, Duration::from_secs(7));
         assert!(crate::config::validate_limits(&LimitOverrides {
             weight: Some(0),

@@ -9,7 +9,9 @@
 //!    and counts the login for surge detection ([`surge`]); it returns a [`Member`];
 //! 3. before every pool checkout, [`Admission::request`] takes a [`ServerGrant`] from the fair
 //!    queue ([`queue`]) or queues the client ([`Queued`]), which then waits up to the
-//!    identity's `queue_timeout`.
+//!    identity's `queue_timeout`; an identity holding connections for whole sessions beyond
+//!    its share leaves the last ones of a pool to others ([`headroom`]; a pinned
+//!    transaction-mode session tells it so through its [`Pinning`]).
 //!
 //! All of it is decided under one lock, so limits hold exactly under the multi-threaded
 //! runtime; refusals are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
@@ -21,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub mod headroom;
 pub mod identity;
 pub mod limits;
 pub mod queue;
@@ -33,7 +36,8 @@ mod wait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-pub use limits::{AdmissionSettings, LimitOverrides, Limits, LockAction};
+pub use headroom::{Hold, Pinning};
+pub use limits::{AdmissionSettings, Headroom, LimitOverrides, Limits, LockAction};
 pub(crate) use refusal::Refusal;
 pub(crate) use surge::SurgeEvent;
 
@@ -159,6 +163,7 @@ fn share_limits(l: &Limits) -> ShareLimits {
         weight: l.weight,
         max_queue: l.max_queue,
         max_lock_holders: l.max_lock_holders,
+        headroom: l.headroom,
     }
 }
 
@@ -311,8 +316,9 @@ impl Admission {
         member: &Member,
         pool: &Arc<str>,
         pool_size: u32,
+        hold: Hold,
     ) -> Result<ServerGrant, Refusal> {
-        match self.request(member, pool, pool_size)? {
+        match self.request(member, pool, pool_size, hold)? {
             Acquired::Granted(g) => Ok(g),
             Acquired::Queued(mut q) => loop {
                 if let Waited::Granted(g, _) = q.next().await? {
@@ -322,8 +328,9 @@ impl Admission {
         }
     }
 
-    /// A server grant for `pool` (size `pool_size`) for `member`'s identity, without waiting:
-    /// a grant now, or a place in the fair queue that the caller waits on ([`Queued::next`]).
+    /// A server grant for `pool` (size `pool_size`) for `member`'s identity, to be held as
+    /// `hold` says, without waiting: a grant now, or a place in the fair queue that the caller
+    /// waits on ([`Queued::next`]).
     ///
     /// # Errors
     /// [`Refusal::QueueFull`].
@@ -332,6 +339,7 @@ impl Admission {
         member: &'a Member,
         pool: &'a Arc<str>,
         pool_size: u32,
+        hold: Hold,
     ) -> Result<Acquired<'a>, Refusal> {
         let id = &member.identity;
         let mut guard = self.state();
@@ -344,10 +352,10 @@ impl Admission {
             notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
             deadline: now + timeout,
         };
-        match st.sched.request(pool, pool_size, id, (now, due)) {
+        match st.sched.request(pool, pool_size, id, hold, (now, due)) {
             Request::Granted => {
                 count(st, id, |c| c.grants += 1);
-                Ok(Acquired::Granted(self.grant(pool, id)))
+                Ok(Acquired::Granted(self.grant(pool, id, hold)))
             }
             Request::QueueFull(waiting) => {
                 let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
@@ -372,6 +380,7 @@ impl Admission {
                     ticket,
                     rx,
                     pool_size,
+                    hold,
                     timeout,
                     since: now,
                     armed: true,
@@ -380,11 +389,12 @@ impl Admission {
         }
     }
 
-    fn grant(&self, pool: &Arc<str>, identity: &Arc<str>) -> ServerGrant {
+    fn grant(&self, pool: &Arc<str>, identity: &Arc<str>, hold: Hold) -> ServerGrant {
         ServerGrant {
             admission: self.clone(),
             pool: pool.clone(),
             identity: identity.clone(),
+            hold,
         }
     }
 
@@ -403,7 +413,7 @@ impl Admission {
             h.record(waited.as_secs_f64());
         }
         drop(st);
-        (self.grant(pool, id), waited)
+        (self.grant(pool, id, q.hold), waited)
     }
 
     /// A queued request waited its timeout (the queue clock took it out): the refusal.
@@ -411,12 +421,19 @@ impl Admission {
         q.armed = false;
         let (pool, id) = (q.pool, q.identity);
         let mut st = self.state();
-        let r = self.timeout_refusal(&st, id, pool, q.pool_size, q.timeout);
+        let r = self.timeout_refusal(&st, id, pool, (q.pool_size, q.hold), q.timeout);
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
         r
     }
 
-    fn timeout_refusal(&self, st: &State, id: &str, pool: &str, pool_size: u32, waited: Duration) -> Refusal {
+    fn timeout_refusal(
+        &self,
+        st: &State,
+        id: &Arc<str>,
+        pool: &Arc<str>,
+        (pool_size, hold): (u32, Hold),
+        waited: Duration,
+    ) -> Refusal {
         let held = st.sched.status(id).servers;
         let max = st.ids.get(id).map_or(0, |i| i.limits.max_servers);
         let key = st
@@ -428,6 +445,16 @@ impl Admission {
                 identity: id.to_string(),
                 held,
                 max,
+                waited,
+                key,
+            }
+        } else if let Some((held, headroom)) = st.sched.held_back(pool, id, hold) {
+            Refusal::Headroom {
+                identity: id.to_string(),
+                pool: pool.to_string(),
+                pool_size,
+                held,
+                headroom,
                 waited,
                 key,
             }
@@ -481,11 +508,15 @@ pub struct ServerGrant {
     admission: Admission,
     pool: Arc<str>,
     identity: Arc<str>,
+    hold: Hold,
 }
 
 impl Drop for ServerGrant {
     fn drop(&mut self) {
-        self.admission.state().sched.release(&self.pool, &self.identity);
+        self.admission
+            .state()
+            .sched
+            .release(&self.pool, &self.identity, self.hold);
     }
 }
 

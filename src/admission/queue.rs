@@ -7,7 +7,9 @@
 //! that holds the fewest grants for its weight (ties: the one served longest ago, by virtual
 //! time), so no identity gets more than its share while others wait, and any free grant is
 //! used at once when only one identity waits (work-conserving). On top: `max_server_connections`
-//! per identity (across gates), `min_server_connections` reserved per gate, `max_queue`.
+//! per identity (across gates), `min_server_connections` reserved per gate, `max_queue`, and
+//! the `headroom` an identity holding connections long beyond its share must leave free
+//! ([`super::headroom`]).
 //!
 //! Plain data under the admission lock: no I/O, no await; waiters are told by oneshot
 //! ([`Signal`]). A waiter has no timer of its own: [`Scheduler::sweep`], run by admission's
@@ -18,6 +20,9 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+use super::headroom::{Hold, Standing};
+use super::limits::Headroom;
 
 /// The limits the scheduler needs for one identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,10 +37,12 @@ pub struct ShareLimits {
     pub max_queue: u32,
     /// Sessions holding dangerous locks at which new grants stop (0 = no limit).
     pub max_lock_holders: u32,
+    /// Free grants of a gate it leaves to others while it holds long beyond its share.
+    pub headroom: Headroom,
 }
 
 impl Default for ShareLimits {
-    /// No caps, no reserve, weight 1.
+    /// No caps, no reserve, weight 1, no headroom.
     fn default() -> Self {
         Self {
             max_servers: 0,
@@ -43,6 +50,7 @@ impl Default for ShareLimits {
             weight: 1,
             max_queue: 0,
             max_lock_holders: 0,
+            headroom: Headroom::Connections(0),
         }
     }
 }
@@ -89,11 +97,14 @@ struct Waiter {
     tx: oneshot::Sender<Signal>,
     since: Instant,
     due: Due,
+    hold: Hold,
 }
 
 #[derive(Debug, Default)]
 struct Flow {
     in_use: u32,
+    /// Grants held for whole sessions, plus pinned sessions (see [`super::headroom`]).
+    long: u32,
     waiting: VecDeque<Waiter>,
     /// Virtual time of this flow's next grant.
     pass: f64,
@@ -162,9 +173,17 @@ impl Scheduler {
         }
     }
 
-    /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate);
-    /// a client that has to wait is queued from and until what `when` says: (now, due).
-    pub fn request(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>, when: (Instant, Due)) -> Request {
+    /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate),
+    /// to be held as `hold` says; a client that has to wait is queued from and until what
+    /// `when` says: (now, due).
+    pub fn request(
+        &mut self,
+        gate: &Arc<str>,
+        capacity: u32,
+        id: &Arc<str>,
+        hold: Hold,
+        when: (Instant, Due),
+    ) -> Request {
         if !self.shares.contains_key(id) {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
@@ -175,8 +194,8 @@ impl Scheduler {
         if grew {
             self.dispatch(gate);
         }
-        if self.eligible(gate, id) {
-            self.grant(gate, id);
+        if self.eligible(gate, id, hold) {
+            self.grant(gate, id, hold);
             return Request::Granted;
         }
         let share = self.shares.get_mut(id).expect("invariant: inserted above");
@@ -200,6 +219,7 @@ impl Scheduler {
             tx,
             since: now,
             due,
+            hold,
         });
         Request::Queued(self.next_id, rx)
     }
@@ -221,11 +241,28 @@ impl Scheduler {
         if let Some(s) = self.shares.get_mut(id) {
             s.waiting -= 1;
         }
+        // One identity fewer waiting may raise the others' shares (headroom).
+        self.dispatch(gate);
         true
     }
 
-    /// Gives a grant back and hands it (or others it unblocks) to waiters.
-    pub fn release(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+    /// A session of `id` holding a grant of `gate` pinned it: a long hold from now on.
+    pub(crate) fn pin(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+        if let Some(f) = self.gates.get_mut(gate).and_then(|g| g.flows.get_mut(id)) {
+            f.long += 1;
+        }
+    }
+
+    /// A pinned session of `id` in `gate` ended (its grant is given back by then).
+    pub(crate) fn unpin(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+        if let Some(f) = self.gates.get_mut(gate).and_then(|g| g.flows.get_mut(id)) {
+            f.long = f.long.saturating_sub(1);
+        }
+        self.dispatch(gate);
+    }
+
+    /// Gives back a grant taken for `hold` and hands it (or others it unblocks) to waiters.
+    pub fn release(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
         let at_cap = match self.shares.get_mut(id) {
             Some(s) => {
                 let was = s.limits.max_servers > 0 && s.servers >= s.limits.max_servers;
@@ -238,6 +275,9 @@ impl Scheduler {
             g.in_use = g.in_use.saturating_sub(1);
             if let Some(f) = g.flows.get_mut(id) {
                 f.in_use = f.in_use.saturating_sub(1);
+                if hold == Hold::Session {
+                    f.long = f.long.saturating_sub(1);
+                }
             }
         }
         self.dispatch(gate);
@@ -255,7 +295,7 @@ impl Scheduler {
         }
     }
 
-    fn eligible(&self, gate: &Arc<str>, id: &Arc<str>) -> bool {
+    fn eligible(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> bool {
         let (Some(g), Some(s)) = (self.gates.get(gate), self.shares.get(id)) else {
             return false;
         };
@@ -275,10 +315,43 @@ impl Scheduler {
                 Some(min.saturating_sub(f.in_use))
             })
             .sum();
-        free > reserved
+        free > reserved && self.standing(g, id, s).may_take(hold)
     }
 
-    fn grant(&mut self, gate: &Arc<str>, id: &Arc<str>) {
+    /// What the headroom rule looks at for `id` (whose share is `s`) in `g`.
+    fn standing(&self, g: &Gate, id: &Arc<str>, s: &Share) -> Standing {
+        let (held, long) = g.flows.get(id).map_or((0, 0), |f| (f.in_use, f.long));
+        let headroom = s.limits.headroom.of(g.capacity);
+        // Only needed near the end of the pool: the sum over flows is skipped otherwise.
+        let others = if g.capacity.saturating_sub(g.in_use) > headroom {
+            0
+        } else {
+            g.flows
+                .iter()
+                .filter(|(k, f)| *k != id && (f.in_use > 0 || !f.waiting.is_empty()))
+                .map(|(k, _)| u64::from(self.shares.get(k).map_or(1, |s| s.limits.weight)))
+                .sum()
+        };
+        Standing {
+            in_use: g.in_use,
+            capacity: g.capacity,
+            held,
+            long,
+            weight: s.limits.weight,
+            others,
+            headroom,
+        }
+    }
+
+    /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,
+    /// the headroom in connections).
+    pub(crate) fn held_back(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> Option<(u32, u32)> {
+        let (g, s) = (self.gates.get(gate)?, self.shares.get(id)?);
+        let st = self.standing(g, id, s);
+        st.held_back(hold).then_some((st.held, st.headroom))
+    }
+
+    fn grant(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
         let weight = match self.shares.get_mut(id) {
             Some(s) => {
                 s.servers += 1;
@@ -291,6 +364,9 @@ impl Scheduler {
         let vtime = g.vtime;
         let flow = g.flows.entry(id.clone()).or_default();
         flow.in_use += 1;
+        if hold == Hold::Session {
+            flow.long += 1;
+        }
         flow.pass = flow.pass.max(vtime);
         g.vtime = flow.pass;
         flow.pass += 1.0 / weight;
@@ -301,7 +377,8 @@ impl Scheduler {
         let g = self.gates.get(gate)?;
         let mut best: Option<(f64, f64, &Arc<str>)> = None;
         for (id, f) in &g.flows {
-            if f.waiting.is_empty() || !self.eligible(gate, id) {
+            let Some(w) = f.waiting.front() else { continue };
+            if !self.eligible(gate, id, w.hold) {
                 continue;
             }
             let weight = self.shares.get(id).map_or(1.0, |s| f64::from(s.limits.weight));
@@ -328,10 +405,10 @@ impl Scheduler {
             if let Some(s) = self.shares.get_mut(&id) {
                 s.waiting -= 1;
             }
-            self.grant(gate, &id);
+            self.grant(gate, &id, w.hold);
             if w.tx.send(Signal::Granted).is_err() {
                 // Unreachable while waiters cancel under the lock; never leak a grant.
-                self.release(gate, &id);
+                self.release(gate, &id, w.hold);
             }
         }
     }
@@ -388,7 +465,8 @@ impl Scheduler {
     pub(crate) fn sweep(&mut self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut left: Vec<(Arc<str>, u32)> = Vec::new();
-        for g in self.gates.values_mut() {
+        let mut emptier: Vec<Arc<str>> = Vec::new();
+        for (name, g) in self.gates.iter_mut() {
             for (id, f) in g.flows.iter_mut() {
                 if f.waiting.iter().any(|w| w.due.deadline <= now) {
                     let before = f.waiting.len();
@@ -402,6 +480,9 @@ impl Scheduler {
                     let n = (before - f.waiting.len()) as u32;
                     g.waiting -= n;
                     left.push((id.clone(), n));
+                    if emptier.last() != Some(name) {
+                        emptier.push(name.clone());
+                    }
                 }
                 for w in f.waiting.iter_mut() {
                     if w.due.notice.is_some_and(|at| at <= now) {
@@ -419,6 +500,10 @@ impl Scheduler {
                 s.waiting -= n;
             }
         }
+        // Identities that stopped waiting may raise the others' shares (headroom).
+        for g in emptier {
+            self.dispatch(&g);
+        }
         next
     }
 
@@ -434,7 +519,10 @@ impl Scheduler {
         let shares = &self.shares;
         for g in self.gates.values_mut() {
             g.flows.retain(|id, f| {
-                f.in_use > 0 || !f.waiting.is_empty() || shares.get(id).is_some_and(|s| s.limits.min_servers > 0)
+                f.in_use > 0
+                    || f.long > 0
+                    || !f.waiting.is_empty()
+                    || shares.get(id).is_some_and(|s| s.limits.min_servers > 0)
             });
         }
         self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);

@@ -23,6 +23,7 @@ fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
         weight,
         max_queue: queue,
         max_lock_holders: 0,
+        headroom: Headroom::Connections(0),
     }
 }
 
@@ -33,6 +34,8 @@ struct Bench {
     /// Waiting receivers per identity, FIFO.
     waiting: HashMap<String, VecDeque<oneshot::Receiver<Signal>>>,
     held: HashMap<String, u32>,
+    /// How the grants asked for are held.
+    hold: Hold,
 }
 
 impl Bench {
@@ -47,12 +50,13 @@ impl Bench {
             cap,
             waiting: HashMap::new(),
             held: HashMap::new(),
+            hold: Hold::Transaction,
         }
     }
 
     /// Requests a grant; true when granted at once.
     fn ask(&mut self, id: &str) -> bool {
-        match self.s.request(&self.gate, self.cap, &Arc::from(id), far()) {
+        match self.s.request(&self.gate, self.cap, &Arc::from(id), self.hold, far()) {
             Request::Granted => {
                 *self.held.entry(id.into()).or_default() += 1;
                 true
@@ -67,8 +71,13 @@ impl Bench {
 
     /// Releases one grant of `id` and collects whoever was woken.
     fn release(&mut self, id: &str) {
-        self.s.release(&self.gate, &Arc::from(id));
+        self.s.release(&self.gate, &Arc::from(id), self.hold);
         *self.held.get_mut(id).unwrap() -= 1;
+        self.collect();
+    }
+
+    /// Counts the waiters that got a grant.
+    fn collect(&mut self) {
         for (who, q) in self.waiting.iter_mut() {
             while let Some(rx) = q.front_mut() {
                 if rx.try_recv().is_ok() {
@@ -180,21 +189,27 @@ fn queue_bound_and_cancel() {
     let mut s = Scheduler::default();
     let (gate, a): (Arc<str>, Arc<str>) = (Arc::from("pool"), Arc::from("a"));
     s.set_limits(&a, limits(0, 0, 1, 2));
-    assert!(matches!(s.request(&gate, 1, &a, far()), Request::Granted));
-    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a, far()) else {
+    assert!(matches!(
+        s.request(&gate, 1, &a, Hold::Transaction, far()),
+        Request::Granted
+    ));
+    let Request::Queued(t1, mut rx1) = s.request(&gate, 1, &a, Hold::Transaction, far()) else {
         panic!()
     };
-    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a, far()) else {
+    let Request::Queued(t2, _rx2) = s.request(&gate, 1, &a, Hold::Transaction, far()) else {
         panic!()
     };
-    assert!(matches!(s.request(&gate, 1, &a, far()), Request::QueueFull(2)));
+    assert!(matches!(
+        s.request(&gate, 1, &a, Hold::Transaction, far()),
+        Request::QueueFull(2)
+    ));
     assert!(s.cancel(&gate, &a, t2), "a queued waiter leaves the queue");
     assert!(!s.cancel(&gate, &a, t2));
-    s.release(&gate, &a);
+    s.release(&gate, &a, Hold::Transaction);
     assert!(rx1.try_recv().is_ok());
     assert!(!s.cancel(&gate, &a, t1), "granted: not in the queue any more");
     assert_eq!(s.status("a"), ShareStatus { servers: 1, waiting: 0 });
-    s.release(&gate, &a);
+    s.release(&gate, &a, Hold::Transaction);
     s.prune(|_| false);
     assert_eq!(s.status("a"), ShareStatus::default());
     assert_eq!(s.gate_status("pool"), (0, 0));
@@ -242,11 +257,14 @@ fn sweep_sends_due_notices_and_times_out_only_the_due() {
         };
         (t0, due)
     };
-    assert!(matches!(s.request(&gate, 1, &a, due(0, 100)), Request::Granted));
-    let Request::Queued(_, mut ra) = s.request(&gate, 1, &a, due(5, 10)) else {
+    assert!(matches!(
+        s.request(&gate, 1, &a, Hold::Transaction, due(0, 100)),
+        Request::Granted
+    ));
+    let Request::Queued(_, mut ra) = s.request(&gate, 1, &a, Hold::Transaction, due(5, 10)) else {
         panic!("a queues")
     };
-    let Request::Queued(_, mut rb) = s.request(&gate, 1, &b, due(0, 3)) else {
+    let Request::Queued(_, mut rb) = s.request(&gate, 1, &b, Hold::Transaction, due(0, 3)) else {
         panic!("b queues")
     };
     assert_eq!(s.sweep(t0 + secs(1)), Some(t0 + secs(3)), "b's deadline is next");
@@ -261,11 +279,76 @@ fn sweep_sends_due_notices_and_times_out_only_the_due() {
     };
     assert_eq!(s.sweep(t0 + secs(6)), Some(t0 + secs(10)), "one notice only");
     assert!(ra.try_recv().is_err());
-    s.release(&gate, &a);
+    s.release(&gate, &a, Hold::Transaction);
     assert!(
         matches!(ra.try_recv(), Ok(Signal::Granted)),
         "the grant comes on the channel the notice gave"
     );
     assert_eq!(s.status("a"), ShareStatus { servers: 1, waiting: 0 });
     assert_eq!(s.sweep(t0 + secs(20)), None, "nobody waits");
+}
+
+fn with_headroom(n: u32) -> ShareLimits {
+    ShareLimits {
+        headroom: Headroom::Connections(n),
+        ..ShareLimits::default()
+    }
+}
+
+#[test]
+fn sessions_leave_the_headroom_to_identities_below_their_share() {
+    let mut b = Bench::new(40, &[("greedy", with_headroom(4)), ("polite", with_headroom(4))]);
+    b.hold = Hold::Session;
+    for _ in 0..200 {
+        b.ask("greedy");
+    }
+    assert_eq!(b.held("greedy"), 36, "alone, it leaves 4 free");
+    assert_eq!(
+        b.s.held_back(&b.gate, &Arc::from("greedy"), Hold::Session),
+        Some((36, 4))
+    );
+    for _ in 0..6 {
+        b.ask("polite");
+    }
+    assert_eq!(b.held("polite"), 4, "a newcomer gets the headroom at once");
+    assert_eq!(
+        b.s.held_back(&b.gate, &Arc::from("greedy"), Hold::Session),
+        None,
+        "full"
+    );
+    b.release("greedy");
+    b.release("greedy");
+    assert_eq!(b.held("polite"), 6, "freed connections go to polite below its share");
+    // Nobody else waits: the greedy may have what is free beyond the headroom only.
+    for _ in 0..6 {
+        b.release("greedy");
+    }
+    assert_eq!((b.held("greedy"), b.held("polite")), (30, 6), "36 in use, 4 free");
+    b.ask("polite");
+    assert_eq!(b.held("polite"), 7, "still below its share (20)");
+}
+
+#[test]
+fn headroom_zero_and_short_transactions_are_never_held_back() {
+    let mut b = Bench::new(10, &[("off", with_headroom(0))]);
+    b.hold = Hold::Session;
+    assert!((0..10).all(|_| b.ask("off")), "headroom 0: the whole pool");
+    let mut b = Bench::new(10, &[("tx", with_headroom(2))]);
+    assert!(
+        (0..10).all(|_| b.ask("tx")),
+        "transactions that do not pin: the whole pool"
+    );
+}
+
+#[test]
+fn an_identity_that_pins_is_judged_by_all_it_holds() {
+    let mut b = Bench::new(10, &[("greedy", with_headroom(2)), ("polite", with_headroom(2))]);
+    let greedy: Arc<str> = Arc::from("greedy");
+    assert!((0..8).all(|_| b.ask("greedy")));
+    b.s.pin(&b.gate, &greedy);
+    assert!(!b.ask("greedy"), "it pins and holds 8 of 10: the last 2 are kept");
+    assert!(b.ask("polite"), "for others");
+    b.s.unpin(&b.gate, &greedy);
+    b.collect();
+    assert_eq!(b.held("greedy"), 9, "no pin left: its waiter is served");
 }

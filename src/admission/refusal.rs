@@ -82,6 +82,25 @@ pub enum Refusal {
         /// How long the client waited (query_wait_timeout).
         waited: Duration,
     },
+    /// Waited `queue_timeout` while the identity held more than its share of the pool for
+    /// whole sessions and only its `headroom` was free.
+    #[error("pgvalve: client \"{identity}\" waited {} for a server connection ({key}): it holds {held} of the {pool_size} of {pool} for whole sessions, more than its share, and the last {headroom} are kept for other clients (headroom={headroom})", fmt(*.waited))]
+    Headroom {
+        /// Identity.
+        identity: String,
+        /// The pool, as `database "d" user "u"`.
+        pool: String,
+        /// Its size.
+        pool_size: u32,
+        /// Held by this identity.
+        held: u32,
+        /// The identity's headroom in this pool, in connections.
+        headroom: u32,
+        /// How long the client waited.
+        waited: Duration,
+        /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
+        key: &'static str,
+    },
     /// Waited `queue_timeout` while the pool was full.
     #[error("pgvalve: client \"{identity}\" waited {} for a server connection ({key}): all {pool_size} of {pool} are in use (pool_size={pool_size}), {held} of them by \"{identity}\"", fmt(*.waited))]
     QueueTimeout {
@@ -113,6 +132,7 @@ impl Refusal {
             Refusal::QueueFull { .. } => "queue_full",
             Refusal::ServerCap { .. } => "server_cap",
             Refusal::QueueTimeout { .. } => "queue_timeout",
+            Refusal::Headroom { .. } => "headroom",
             Refusal::LockHolders { .. } => "lock_holders",
             Refusal::ServerSlots { .. } => "server_slots",
         }
@@ -126,6 +146,7 @@ impl Refusal {
             | Refusal::QueueFull { identity, .. }
             | Refusal::ServerCap { identity, .. }
             | Refusal::QueueTimeout { identity, .. }
+            | Refusal::Headroom { identity, .. }
             | Refusal::LockHolders { identity, .. }
             | Refusal::ServerSlots { identity, .. } => identity,
         }
@@ -154,6 +175,9 @@ impl Refusal {
             }
             Refusal::QueueTimeout { .. } => {
                 "Retry later, shorten the transactions that hold server connections, or raise pool_size (and PostgreSQL's max_connections)."
+            }
+            Refusal::Headroom { .. } => {
+                "This application keeps its server connections for whole sessions: close idle sessions (or use transaction pooling), raise pool_size, or lower headroom for this identity (headroom = 0: off)."
             }
         };
         PgError::fatal(self.sqlstate(), self.to_string()).with_hint(hint)
@@ -213,6 +237,15 @@ mod tests {
                 identity: identity.clone(),
                 max: 4,
                 waited,
+            },
+            Refusal::Headroom {
+                identity: identity.clone(),
+                pool: "database \"d\" user \"u\"".into(),
+                pool_size: 40,
+                held: 36,
+                headroom: 4,
+                waited,
+                key,
             },
             Refusal::QueueTimeout {
                 identity,

@@ -119,9 +119,9 @@ async fn queue_timeout_and_server_cap_have_distinct_messages() {
         a.login(&facts("capped")).await.unwrap(),
         a.login(&facts("capped")).await.unwrap(),
     );
-    let g = a.acquire(&c1, &pool(), 5).await.unwrap();
+    let g = a.acquire(&c1, &pool(), 5, Hold::Transaction).await.unwrap();
     let t = Instant::now();
-    let r = a.acquire(&c2, &pool(), 5).await.unwrap_err();
+    let r = a.acquire(&c2, &pool(), 5, Hold::Transaction).await.unwrap_err();
     assert_eq!(t.elapsed(), Duration::from_secs(2));
     assert_eq!(
         r.to_string(),
@@ -132,8 +132,8 @@ async fn queue_timeout_and_server_cap_have_distinct_messages() {
         a.login(&facts("plain")).await.unwrap(),
         a.login(&facts("plain")).await.unwrap(),
     );
-    let _g = a.acquire(&p1, &pool(), 1).await.unwrap();
-    let r = a.acquire(&p2, &pool(), 1).await.unwrap_err();
+    let _g = a.acquire(&p1, &pool(), 1, Hold::Transaction).await.unwrap();
+    let r = a.acquire(&p2, &pool(), 1, Hold::Transaction).await.unwrap_err();
     assert_eq!(
         r.to_string(),
         "pgvalve: client \"plain\" waited 3s for a server connection (queue_timeout): all 1 of database \"app\" user \"app\" are in use (pool_size=1), 1 of them by \"plain\""
@@ -152,15 +152,15 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
     for _ in 0..3 {
         m.push(a.login(&facts("x")).await.unwrap());
     }
-    let g = a.acquire(&m[0], &pool(), 1).await.unwrap();
+    let g = a.acquire(&m[0], &pool(), 1, Hold::Transaction).await.unwrap();
     {
         let p = pool();
-        let waiting = a.acquire(&m[1], &p, 1);
+        let waiting = a.acquire(&m[1], &p, 1, Hold::Transaction);
         tokio::pin!(waiting);
         assert!(tokio::time::timeout(Duration::from_millis(10), &mut waiting)
             .await
             .is_err());
-        let full = a.acquire(&m[2], &pool(), 1).await.unwrap_err();
+        let full = a.acquire(&m[2], &pool(), 1, Hold::Transaction).await.unwrap_err();
         assert_eq!(full.reason(), "queue_full");
         assert!(full
             .to_string()
@@ -169,7 +169,7 @@ async fn a_dropped_waiter_leaves_the_queue_and_a_grant_moves_on() {
     assert_eq!(a.identity("x").unwrap().waiting, 0, "the dropped waiter left the queue");
     let next = tokio::spawn({
         let (a, m2) = (a.clone(), a.login(&facts("x")).await.unwrap());
-        async move { a.acquire(&m2, &pool(), 1).await.map(|_| ()) }
+        async move { a.acquire(&m2, &pool(), 1, Hold::Transaction).await.map(|_| ()) }
     });
     tokio::task::yield_now().await;
     drop(g);
@@ -182,10 +182,10 @@ async fn a_queued_request_is_granted_told_timed_out_or_gives_its_grant_back() {
     let a = started(config(AdmissionSettings::default(), vec![]));
     let (m0, m1) = (a.login(&facts("x")).await.unwrap(), a.login(&facts("x")).await.unwrap());
     let p = pool();
-    let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1) else {
+    let Ok(Acquired::Granted(g)) = a.request(&m0, &p, 1, Hold::Transaction) else {
         panic!("the first request is granted at once")
     };
-    let Ok(Acquired::Queued(mut q)) = a.request(&m1, &p, 1) else {
+    let Ok(Acquired::Queued(mut q)) = a.request(&m1, &p, 1, Hold::Transaction) else {
         panic!("the second one queues")
     };
     assert_eq!(q.timeout(), Duration::from_secs(30), "query_wait_timeout");
@@ -199,7 +199,7 @@ async fn a_queued_request_is_granted_told_timed_out_or_gives_its_grant_back() {
     assert_eq!(a.identity("x").unwrap().servers, 1, "a claimed grant stays claimed");
 
     // queue_notice_after (5 s by default), then query_wait_timeout (30 s), from the clock.
-    let Ok(Acquired::Queued(mut q)) = a.request(&m0, &p, 1) else {
+    let Ok(Acquired::Queued(mut q)) = a.request(&m0, &p, 1, Hold::Transaction) else {
         panic!("queues behind the grant held")
     };
     let t = Instant::now();
@@ -213,7 +213,7 @@ async fn a_queued_request_is_granted_told_timed_out_or_gives_its_grant_back() {
     assert_eq!((x.servers, x.waiting, x.counters.refused["queue_timeout"]), (1, 0, 1));
 
     // Dropped with its NOTICE and then its grant unread: the grant goes back.
-    let Ok(Acquired::Queued(q)) = a.request(&m0, &p, 1) else {
+    let Ok(Acquired::Queued(q)) = a.request(&m0, &p, 1, Hold::Transaction) else {
         panic!("queues")
     };
     tokio::time::sleep(Duration::from_secs(6)).await; // the clock sends the NOTICE
@@ -222,7 +222,7 @@ async fn a_queued_request_is_granted_told_timed_out_or_gives_its_grant_back() {
     let x = a.identity("x").unwrap();
     assert_eq!((x.servers, x.waiting), (0, 0));
     assert!(
-        matches!(a.request(&m1, &p, 1), Ok(Acquired::Granted(_))),
+        matches!(a.request(&m1, &p, 1, Hold::Transaction), Ok(Acquired::Granted(_))),
         "the grant is free again"
     );
 }
@@ -330,7 +330,7 @@ async fn caps_hold_exactly_under_races() {
                     admitted += 1;
                     peak_c.fetch_max(clients.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                     for _ in 0..5 {
-                        let g = a.acquire(&m, &pool(), 100).await.unwrap();
+                        let g = a.acquire(&m, &pool(), 100, Hold::Transaction).await.unwrap();
                         peak_s.fetch_max(servers.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                         tokio::task::yield_now().await;
                         servers.fetch_sub(1, Ordering::SeqCst);

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::queue::Signal;
-use super::{Admission, Refusal, ServerGrant};
+use super::{Admission, Hold, Refusal, ServerGrant};
 
 /// What [`Admission::request`] decided.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub struct Queued<'a> {
     pub(super) ticket: u64,
     pub(super) rx: oneshot::Receiver<Signal>,
     pub(super) pool_size: u32,
+    /// How long the grant will be held.
+    pub(super) hold: Hold,
     pub(super) timeout: Duration,
     pub(super) since: Instant,
     /// Still in the queue (or holding an unclaimed grant): cleaned up on drop.
@@ -60,8 +62,9 @@ impl Queued<'_> {
     /// cancelled call the client is still queued.
     ///
     /// # Errors
-    /// [`Refusal::QueueTimeout`], or [`Refusal::ServerCap`] when the identity's own cap held
-    /// it back, once the client has waited its timeout.
+    /// [`Refusal::QueueTimeout`], [`Refusal::ServerCap`] when the identity's own cap held it
+    /// back, or [`Refusal::Headroom`] when the headroom did, once the client has waited its
+    /// timeout.
     pub async fn next(&mut self) -> Result<Waited, Refusal> {
         match (&mut self.rx).await {
             Ok(Signal::Granted) => {
@@ -76,6 +79,16 @@ impl Queued<'_> {
             // came with it either way.
             Ok(Signal::TimedOut) | Err(_) => Err(self.admission.timed_out(self)),
         }
+    }
+
+    /// When it is the headroom that keeps the client waiting (connections are free, but its
+    /// identity holds more than its share of the pool for whole sessions): (connections the
+    /// identity holds in the pool, the headroom in connections). For the queued NOTICE.
+    pub fn held_back(&self) -> Option<(u32, u32)> {
+        self.admission
+            .state()
+            .sched
+            .held_back(self.pool, self.identity, self.hold)
     }
 }
 
@@ -97,7 +110,7 @@ impl Drop for Queued<'_> {
             // Not in the queue any more: granted (give it straight back) or timed out. Both
             // are decided under this lock, so the signal is in the channel already.
             if !st.sched.cancel(self.pool, self.identity, self.ticket) && holds_grant(&mut self.rx) {
-                st.sched.release(self.pool, self.identity);
+                st.sched.release(self.pool, self.identity, self.hold);
             }
         }
     }

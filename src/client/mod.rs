@@ -40,7 +40,7 @@ pub(crate) use sql::{
     might_change_session as sql_might_change_session, session_state_change as sql_session_state_change,
 };
 
-use crate::admission::{Acquired, ClientPermit, Member, Queued, Refusal, ServerGrant, Waited};
+use crate::admission::{Acquired, ClientPermit, Hold, Member, Queued, Refusal, ServerGrant, Waited};
 use crate::cancel::CancelKey;
 use crate::config::{ClientTlsMode, PoolMode, Route};
 use crate::pool::{CheckoutError, PooledConn};
@@ -132,18 +132,19 @@ pub(crate) struct Seat {
 
 impl Seat {
     /// A server connection: a grant from the fair queue (with a NOTICE to the client once it
-    /// has waited `queue_notice_after`), then a connection from the pool.
+    /// has waited `queue_notice_after`), then a connection from the pool, held as `hold` says.
     pub(crate) async fn checkout(
         &self,
         shared: &Services,
         client: &mut ClientConn,
+        hold: Hold,
     ) -> Result<PooledConn, SessionError> {
         shared.pauses.wait_resumed(&self.route.database).await;
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
         let pool_size = pool.manager().size() as u32;
         // Most grants come at once: then no timer is made.
-        let grant = match shared.admission.request(&self.member, &self.pool, pool_size)? {
+        let grant = match shared.admission.request(&self.member, &self.pool, pool_size, hold)? {
             Acquired::Granted(g) => g,
             Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
         };
@@ -175,11 +176,15 @@ impl Seat {
             match q.next().await? {
                 Waited::Granted(g, waited) => break (g, waited),
                 Waited::Notice => {
-                    let msg = format!(
-                        "pgvalve: client \"{}\" is queued: all server connections of {} are in use (pool_size={pool_size})",
-                        self.member.identity(),
-                        self.pool
-                    );
+                    let (who, pool) = (self.member.identity(), &self.pool);
+                    let msg = match q.held_back() {
+                        Some((held, headroom)) => format!(
+                            "pgvalve: client \"{who}\" is queued: it holds {held} of the {pool_size} server connections of {pool} for whole sessions, more than its share, and the last {headroom} are kept for other clients (headroom={headroom})"
+                        ),
+                        None => format!(
+                            "pgvalve: client \"{who}\" is queued: all server connections of {pool} are in use (pool_size={pool_size})"
+                        ),
+                    };
                     messages::notice_response("00000", &msg, &mut client.wbuf);
                     client.flush().await?;
                 }
@@ -418,6 +423,7 @@ fn session_mode(
         stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
         reuse: Default::default(),
         given_pid: key.pid,
+        pinning: (route.pool_mode == PoolMode::Transaction).then(|| shared.admission.pinning(&seat.member, &seat.pool)),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
                 prepared::ClientStatements::new(
@@ -472,7 +478,12 @@ async fn setup(
         server_pool: Default::default(),
         stats,
     };
-    let mut server = seat.checkout(shared, client).await?;
+    // In session mode the connection is the session's; in transaction mode it is the login's.
+    let hold = match seat.route.pool_mode {
+        PoolMode::Session => Hold::Session,
+        PoolMode::Transaction => Hold::Transaction,
+    };
+    let mut server = seat.checkout(shared, client, hold).await?;
     // Session mode: the client's backend for its whole session, so it is told the real pid
     // (with pgvalve's own secret, which routes its cancels).
     let session_mode = seat.route.pool_mode == PoolMode::Session;

@@ -16,6 +16,7 @@ use super::params::{params_key, prepare_server, Reported};
 use super::relay::{self, Mode, RelayEnd};
 use super::Services;
 use super::{Seat, SessionError, TxnSession};
+use crate::admission::Hold;
 use crate::cancel::CancelKey;
 use crate::protocol::startup::StartupParams;
 use crate::protocol::tags;
@@ -88,6 +89,7 @@ pub(crate) async fn serve(
         reported,
         lease: shared.pools.params_lease(&seat.route, params),
     };
+    let mut first = true;
     loop {
         match next_request(client, &mut phase, seat).await? {
             Next::Request => {}
@@ -103,9 +105,20 @@ pub(crate) async fn serve(
                 continue;
             }
         }
+        // A session that pins in its first statement (a SET at connect, say) asks for that
+        // transaction's connection as a long hold: looked at once per session, before the
+        // grant (later pins are told by the relay).
+        let hold = if std::mem::take(&mut first)
+            && !mode.reject
+            && relay::first_message_pins(&client.rbuf, mode.statements.is_none())
+        {
+            Hold::Pin
+        } else {
+            Hold::Transaction
+        };
         // Boxed: the transaction's future (checkout, relay) exists only while it runs, so an
         // idle client's task stays small.
-        if !Box::pin(transaction(&cx, client, mode, &mut applied, &mut phase)).await? {
+        if !Box::pin(transaction(&cx, client, mode, hold, &mut applied, &mut phase)).await? {
             return Ok(());
         }
     }
@@ -135,13 +148,14 @@ async fn transaction(
     cx: &Ctx<'_>,
     client: &mut ClientConn,
     mode: &mut Mode,
+    hold: Hold,
     applied: &mut Applied,
     phase: &mut PhaseWatch,
 ) -> Result<bool, SessionError> {
     let (shared, seat) = (cx.shared, cx.seat);
     // Timeouts as configured now: a reload applies from the next transaction on.
     mode.timeouts = relay::Timeouts::from_config(&shared.config());
-    let mut server = seat.checkout(shared, client).await?;
+    let mut server = seat.checkout(shared, client, hold).await?;
     if let Err(e) = prepare_server(&mut server, cx.p, &applied.reported, applied.params).await {
         seat.checked_in();
         server.checkin();

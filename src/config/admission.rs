@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// What the lock monitor does with a session that holds a dangerous lock past `max_lock_hold`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -35,6 +35,67 @@ impl std::fmt::Display for LockAction {
     }
 }
 
+/// How many free server connections of a pool an identity holding more than its share must
+/// leave for the others (see [`AdmissionSettings::headroom`]): a number of connections, or a
+/// percentage of the pool's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Headroom {
+    /// This many server connections (0 = off).
+    Connections(u32),
+    /// This percentage of the pool's size (0..=50), rounded to the nearest connection.
+    Percent(u32),
+}
+
+impl Headroom {
+    /// The headroom in a pool of `pool_size` connections.
+    pub fn of(self, pool_size: u32) -> u32 {
+        match self {
+            Headroom::Connections(n) => n,
+            Headroom::Percent(p) => ((u64::from(pool_size) * u64::from(p) + 50) / 100) as u32,
+        }
+    }
+}
+
+impl std::fmt::Display for Headroom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Headroom::Connections(n) => write!(f, "{n}"),
+            Headroom::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for Headroom {
+    type Err = String;
+
+    /// "4" (connections) or "10%" (of the pool's size).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = || {
+            format!("invalid headroom {s:?}: expected a number of connections such as 4, or a percentage of the pool such as \"10%\"")
+        };
+        match t.strip_suffix('%') {
+            Some(p) => p.trim().parse().map(Headroom::Percent).map_err(|_| bad()),
+            None => t.parse().map(Headroom::Connections).map_err(|_| bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Headroom {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Headroom::Connections(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// `[admission]`: limits that apply to every identity unless its rule overrides them, and
 /// the surge detector's thresholds. A 0 means "no limit" for the caps.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -48,6 +109,10 @@ pub struct AdmissionSettings {
     pub min_server_connections: u32,
     /// Share of server connections when several identities wait (1..=1000).
     pub weight: u32,
+    /// Free server connections of a pool kept for identities holding less than their share:
+    /// an identity that holds more than its share of the pool (for whole sessions: session
+    /// mode, or pinned sessions) may not take the last ones. 0 = off.
+    pub headroom: Headroom,
     /// Clients of one identity that may wait for a server connection (0 = no bound).
     pub max_queue: u32,
     /// How long a client waits for a server connection (default: pool.query_wait_timeout).
@@ -90,6 +155,7 @@ impl Default for AdmissionSettings {
             max_server_connections: 0,
             min_server_connections: 0,
             weight: 1,
+            headroom: Headroom::Percent(10),
             max_queue: 0,
             queue_timeout: None,
             queue_notice_after: Duration::from_secs(5),
@@ -119,6 +185,8 @@ pub struct LimitOverrides {
     pub min_server_connections: Option<u32>,
     /// See [`AdmissionSettings::weight`].
     pub weight: Option<u32>,
+    /// See [`AdmissionSettings::headroom`].
+    pub headroom: Option<Headroom>,
     /// See [`AdmissionSettings::max_queue`].
     pub max_queue: Option<u32>,
     /// See [`AdmissionSettings::queue_timeout`].
@@ -146,6 +214,7 @@ impl AdmissionSettings {
             max_server_connections: Some(self.max_server_connections),
             min_server_connections: Some(self.min_server_connections),
             weight: Some(self.weight),
+            headroom: Some(self.headroom),
             max_queue: Some(self.max_queue),
             queue_timeout: self.queue_timeout,
             max_connect_rate: Some(self.max_connect_rate),
@@ -197,6 +266,13 @@ pub fn validate_limits(o: &LimitOverrides) -> Result<(), (String, String)> {
     if let Some(w) = o.weight {
         check("weight", (1..=1000).contains(&w), "must be between 1 and 1000")?;
     }
+    if let Some(Headroom::Percent(p)) = o.headroom {
+        check(
+            "headroom",
+            p <= 50,
+            "must be at most 50% of the pool (or a number of connections)",
+        )?;
+    }
     if let (Some(min), Some(max)) = (o.min_server_connections, o.max_server_connections) {
         check(
             "min_server_connections",
@@ -246,6 +322,8 @@ pub struct IdentityRule {
     pub min_server_connections: Option<u32>,
     /// See `[admission]`.
     pub weight: Option<u32>,
+    /// See `[admission]`.
+    pub headroom: Option<Headroom>,
     /// See `[admission]`.
     pub max_queue: Option<u32>,
     /// See `[admission]`.
@@ -298,6 +376,7 @@ impl Rule {
             max_server_connections: r.max_server_connections,
             min_server_connections: r.min_server_connections,
             weight: r.weight,
+            headroom: r.headroom,
             max_queue: r.max_queue,
             queue_timeout: r.queue_timeout,
             max_connect_rate: r.max_connect_rate,

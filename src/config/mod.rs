@@ -20,7 +20,9 @@ use base64::Engine;
 
 use crate::error::{sqlstate, Side, Sided};
 
-pub use admission::{parse_cidr, validate_limits, AdmissionSettings, IdentityRule, LimitOverrides, LockAction, Rule};
+pub use admission::{
+    parse_cidr, validate_limits, AdmissionSettings, Headroom, IdentityRule, LimitOverrides, LockAction, Rule,
+};
 pub(crate) use tls::{end_point_hash, ServerTls, Tls};
 pub use types::{
     AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
@@ -248,6 +250,8 @@ pub struct Overrides {
     pub max_client_connections: Option<u32>,
     /// `--max-server-connections`.
     pub max_server_connections: Option<u32>,
+    /// `--headroom` (`[admission] headroom`).
+    pub headroom: Option<Headroom>,
     /// `--worker-threads`.
     pub worker_threads: Option<usize>,
     /// `--session-threads`.
@@ -313,18 +317,15 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     if let Some(l) = &ov.listen {
         f.proxy.listen = l.clone();
     }
-    if let Some(m) = ov.pool_mode {
-        f.pool.pool_mode = m;
-    }
-    if let Some(n) = ov.pool_size {
-        f.pool.pool_size = n;
-    }
+    f.pool.pool_mode = ov.pool_mode.unwrap_or(f.pool.pool_mode);
+    f.pool.pool_size = ov.pool_size.unwrap_or(f.pool.pool_size);
     if let Some(n) = ov.max_client_connections {
         f.proxy.max_client_connections = n;
     }
     if let Some(n) = ov.max_server_connections {
         f.pool.max_server_connections = n;
     }
+    f.admission.headroom = ov.headroom.unwrap_or(f.admission.headroom);
     if let Some(n) = ov.worker_threads {
         f.proxy.worker_threads = n;
     }

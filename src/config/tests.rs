@@ -108,6 +108,38 @@ fn console_users_must_exist_and_http_listen_must_parse() {
 }
 
 #[test]
+fn headroom_is_connections_or_a_percentage() {
+    let c = parse_and_validate(MINIMAL).unwrap();
+    assert_eq!(c.admission.headroom, Headroom::Percent(10), "on by default");
+    for (text, want) in [
+        ("0", Headroom::Connections(0)),
+        ("3", Headroom::Connections(3)),
+        ("\"3\"", Headroom::Connections(3)),
+        ("\"25%\"", Headroom::Percent(25)),
+    ] {
+        let c = parse_and_validate(&format!("{MINIMAL}\n[admission]\nheadroom = {text}\n")).unwrap();
+        assert_eq!(c.admission.headroom, want, "{text}");
+    }
+    let rule = "[[identity]]\nname = \"batch\"\napplication_name = \"batch*\"\nheadroom = 0\n";
+    let c = parse_and_validate(&format!("{MINIMAL}\n{rule}")).unwrap();
+    assert_eq!(c.identities[0].limits.headroom, Some(Headroom::Connections(0)));
+    let e = parse_and_validate(&format!("{MINIMAL}\n[admission]\nheadroom = \"60%\"\n")).unwrap_err();
+    assert!(e.to_string().contains("admission.headroom"), "{e}");
+    let e = parse_and_validate(&format!("{MINIMAL}\n[admission]\nheadroom = \"lots\"\n")).unwrap_err();
+    assert!(e.to_string().contains("invalid headroom"), "{e}");
+    let ov = Overrides {
+        upstream: Some("postgres://alice:s3cret@db.internal:5999".into()),
+        headroom: Some("0".parse().unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(
+        load_with(None, &ov).unwrap().admission.headroom,
+        Headroom::Connections(0),
+        "--headroom 0"
+    );
+}
+
+#[test]
 fn example_config_parses() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgvalve.toml");
     let c = load(Path::new(path)).unwrap();

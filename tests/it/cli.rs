@@ -150,9 +150,10 @@ async fn bad_config_exits_64_before_binding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_and_pgbench_through_the_proxy() {
-    // Session mode: each pgbench client keeps a server connection, so the pool fits all 8
-    // beside the lock monitor's (its connection holds one slot of the pool).
-    let s = Setup::new(|f| f.pool.pool_size = 9).await;
+    // Session mode: each pgbench client keeps a server connection, and pgbench starts once all
+    // 8 are in: the pool fits them beside the lock monitor's connection (one slot of the pool)
+    // and the headroom (10% of 10: 1, kept for another app).
+    let s = Setup::new(|f| f.pool.pool_size = 10).await;
     assert_eq!(psql(s.proxy.local_addr().port(), &["-c", "SELECT 40 + 2"]), "42");
     pgbench_all_modes(&s, &["-S"]);
 }

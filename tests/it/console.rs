@@ -49,6 +49,7 @@ async fn console_shows_identities_to_admins_and_stats_users_only() {
     assert_eq!(web_row.get("max_client_connections"), Some("1"));
     assert_eq!(web_row.get("refused_client_cap"), Some("1"));
     assert_eq!(web_row.get("surging"), Some("no"));
+    assert_eq!(web_row.get("headroom"), Some("10%"), "the default");
     // SHOW CLIENTS: PgBouncer's columns, and the backend each client uses now.
     let pid: i32 = web.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     let out = admin.simple_query("SHOW CLIENTS").await.unwrap();

@@ -12,6 +12,7 @@ mod kills;
 mod limits;
 mod loadtest;
 mod locks;
+mod neighbour;
 mod operate;
 mod packaging;
 mod pids;

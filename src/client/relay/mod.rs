@@ -41,6 +41,7 @@ mod write;
 
 use pump::{End, Relay};
 pub(crate) use timeouts::Timeouts;
+pub(crate) use txn::first_message_pins;
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -106,6 +107,9 @@ pub(crate) struct Mode {
     /// The client's prepared statements that are such statements (a Bind of one raises the
     /// hold); nearly always empty.
     pub(crate) db_statements: databases::Prepared,
+    /// Transaction mode: told when the session pins, so admission counts its server
+    /// connection as held for the rest of the session (headroom).
+    pub pinning: Option<crate::admission::Pinning>,
 }
 
 /// What statement tracking allocates in every relay, kept between transactions while small:

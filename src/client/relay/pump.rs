@@ -88,6 +88,7 @@ impl<'m> Relay<'m> {
             given_pid,
             gate,
             db_statements,
+            pinning,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -126,6 +127,7 @@ impl<'m> Relay<'m> {
                 reported: (*transaction || tracked).then_some(reported),
                 info: session.as_deref(),
                 stats: stats.as_mut(),
+                pinning: pinning.as_mut(),
             },
             databases,
             timer: Timer::new(timeouts, cancel.as_ref(), who),

@@ -1,7 +1,7 @@
-//! The relay's ties to the session that runs it: pins logged and counted, transaction ends
-//! told to the session registry (for the lock monitor), traffic folded into the pool's
-//! SHOW STATS, tracked parameters the server reported, and the lock monitor's explanation put
-//! in place of the server's "query canceled". The parts of [`Mode`](super::Mode) these need, borrowed
+//! The relay's ties to the session that runs it: pins logged, counted and told to admission
+//! (headroom), transaction ends told to the session registry (for the lock monitor), traffic
+//! folded into the pool's SHOW STATS, tracked parameters the server reported, and the lock
+//! monitor's explanation put in place of the server's "query canceled". The parts of [`Mode`](super::Mode) these need, borrowed
 //! apart once when the relay starts.
 
 use std::time::Instant;
@@ -10,6 +10,7 @@ use bytes::BytesMut;
 
 use super::tracker::Tracker;
 use super::MAX_SERVER_MESSAGE;
+use crate::admission::Pinning;
 use crate::error::sqlstate;
 use crate::pool::stats::{Local, Totals};
 use crate::protocol::frame::{peek_header, Frame};
@@ -35,6 +36,8 @@ pub(super) struct Session<'m> {
     pub(super) info: Option<&'m SessionInfo>,
     /// The session's tally for SHOW STATS.
     pub(super) stats: Option<&'m mut Local>,
+    /// Tells admission of a pin (transaction mode).
+    pub(super) pinning: Option<&'m mut Pinning>,
 }
 
 impl Session<'_> {
@@ -44,6 +47,9 @@ impl Session<'_> {
         if let (Some(reason), None) = (t.pin, &*self.pinned) {
             *self.pinned = Some(reason);
             self.pins.add(reason);
+            if let Some(p) = self.pinning.as_deref_mut() {
+                p.pinned();
+            }
             tracing::info!(reason, client = %self.who, "session pinned to its server connection until it disconnects");
         }
     }

@@ -25,6 +25,19 @@ pub(super) fn pin_reason(tag: u8, msg: &[u8], named_pins: bool) -> Option<&'stat
     }
 }
 
+/// Whether the first message in `buf`, when it is there whole, pins the session (see
+/// [`pin_reason`]): a transaction that starts with it is asked for as a long hold.
+pub(crate) fn first_message_pins(buf: &[u8], named_pins: bool) -> bool {
+    let Some(len) = buf
+        .get(1..5)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    else {
+        return false;
+    };
+    buf.get(..len.saturating_add(1))
+        .is_some_and(|msg| pin_reason(msg[0], msg, named_pins).is_some())
+}
+
 /// Records a ParameterStatus of a tracked parameter (see `sql::TRACKED_PARAMETERS`).
 pub(super) fn note_reported(msg: &[u8], reported: &mut Vec<(String, String)>) {
     if let Some((name, rest)) = msg.get(5..).and_then(read_cstr) {
