@@ -337,3 +337,49 @@ with psycopg.connect(sys.argv[1], autocommit=True, prepare_threshold=0) as c:
         "prepared, closed after psycopg deallocated it; the other stays"
     );
 }
+
+/// psycopg 3's view of its backend pid (`conn.info.backend_pid`, from BackendKeyData) and of
+/// its own notifications: in session mode the pid is the backend's (pg_backend_pid() and
+/// pg_stat_activity agree); in transaction mode a notification its own NOTIFY caused carries
+/// the pid it was given, so "skip my own notifications" works in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_sees_its_backend_pid_and_its_own_notifications() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let script = r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True, application_name="pid-probe") as c:
+    given = c.info.backend_pid
+    real = c.execute("select pg_backend_pid()").fetchone()[0]
+    seen = c.execute("select count(*) from pg_stat_activity where pid = %s and application_name = 'pid-probe'", (given,)).fetchone()[0]
+    c.execute("LISTEN ch")
+    c.execute("NOTIFY ch, 'mine'")
+    n = next(c.notifies(timeout=5, stop_after=1))
+    print(given == real, seen, n.pid == given, n.payload)
+"#;
+    for (mode, want) in [
+        (PoolMode::Session, "True 1 True mine"),
+        (PoolMode::Transaction, "False 0 True mine"),
+    ] {
+        let s = Setup::new(|f| f.pool.pool_mode = mode).await;
+        let dsn = format!(
+            "host=127.0.0.1 port={} dbname=app user=app password=app-secret",
+            s.proxy.local_addr().port()
+        );
+        let out = within(
+            Duration::from_secs(60),
+            tokio::process::Command::new(&python)
+                .args(["-c", script, &dsn])
+                .output(),
+        )
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode:?}: {stdout}\n{stderr}");
+        assert_eq!(
+            stdout.trim(),
+            want,
+            "{mode:?}: pid as given = real, in pg_stat_activity, own notification"
+        );
+    }
+}
