@@ -44,8 +44,10 @@ start_pgvalve() {  # port log [extra args...]; BIN overrides the binary
   local port=$1 log=$2; shift 2
   # No headroom (as PgBouncer): session-mode runs size the pool to the clients, and pgbench
   # starts only once every client is in. By environment, which older builds ignore.
+  # One slot more than PgBouncer's pool: pgvalve's lock monitor holds one of the pool's
+  # slots, so its clients get the same POOL_SIZE connections as PgBouncer's.
   PGVALVE_HEADROOM=${PGVALVE_HEADROOM:-0} "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" --listen "127.0.0.1:$port" \
-    --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --max-client-connections 5000 \
+    --pool-mode "$POOL_MODE" --pool-size "$((POOL_SIZE + 1))" --max-client-connections 5000 \
     --max-server-connections 0 ${PGVALVE_ARGS:-} "$@" >"$log" 2>&1 &
   PIDS+=($!)
 }
