@@ -48,6 +48,11 @@ fn loopers(
                 while !stop.load(Ordering::Relaxed) {
                     match c.simple_query("SELECT pg_sleep(0.002)").await {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        // A closed connection stays closed: stop rather than spin on it.
+                        Err(_) if c.is_closed() => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                         Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                     };
                 }
