@@ -15,45 +15,30 @@ use crate::support::*;
 fn venv_python() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/compat-venv");
     let python = dir.join("bin/python");
-    let ready = dir.join(".ready");
-    let ready_asyncpg = dir.join(".ready-asyncpg");
-    if !ready.exists() {
+    if !dir.join(".ready").exists() {
         let made = Command::new("python3").args(["-m", "venv"]).arg(&dir).status();
         assert!(
             made.is_ok_and(|s| s.success()),
             "python3 -m venv failed: install python3 with the venv module"
         );
-        let pip = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "psycopg[binary]>=3.1",
-                "django>=4.2",
-            ])
-            .status()
-            .expect("pip");
-        assert!(pip.success(), "pip install psycopg[binary] django failed");
-        std::fs::write(&ready, b"").unwrap();
     }
-    if !ready_asyncpg.exists() {
-        let pip = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "asyncpg>=0.29",
-            ])
-            .status()
-            .expect("pip");
-        assert!(pip.success(), "pip install asyncpg failed");
-        std::fs::write(&ready_asyncpg, b"").unwrap();
-    }
+    pip_install(&python, &dir.join(".ready"), &["psycopg[binary]>=3.1", "django>=4.2"]);
+    pip_install(&python, &dir.join(".ready-asyncpg"), &["asyncpg>=0.29"]);
     python
+}
+
+/// Installs `packages` into the venv of `python` unless `marker` says it was done.
+fn pip_install(python: &std::path::Path, marker: &std::path::Path, packages: &[&str]) {
+    if marker.exists() {
+        return;
+    }
+    let pip = Command::new(python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(packages)
+        .status()
+        .expect("pip");
+    assert!(pip.success(), "pip install {packages:?} failed");
+    std::fs::write(marker, b"").unwrap();
 }
 
 /// Runs tests/compat/asyncpg_compat.py with clients on `port` and schema changes made
