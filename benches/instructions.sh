@@ -8,6 +8,8 @@
 #   POOL_MODE=session POOL_SIZE=32 benches/instructions.sh
 #   BIN=/path/to/other/pgvalve benches/instructions.sh   # another build
 #   PROTOCOL=prepared benches/instructions.sh            # pgbench -M prepared (or extended)
+#   CONFIG=benches/guardrails.toml benches/instructions.sh  # pgvalve with that config too
+#   SCRIPT=benches/commented.sql benches/instructions.sh    # that pgbench script, not -S
 #
 # Needs valgrind (apt-get install valgrind) besides what benches/pgbench.sh needs.
 set -euo pipefail
@@ -22,19 +24,20 @@ CPORT=$(free_port)
 # As benches/setup.sh: no headroom, and one slot more for the lock monitor's connection.
 PGVALVE_HEADROOM=0 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" \
   --listen "127.0.0.1:$CPORT" --pool-mode "$POOL_MODE" --pool-size "$((POOL_SIZE + 1))" \
-  --max-client-connections 5000 --max-server-connections 0 >"$WORK/cg.log" 2>&1 &
+  --max-client-connections 5000 --max-server-connections 0 ${CONFIG:+-c "$CONFIG"} >"$WORK/cg.log" 2>&1 &
 VG=$!
 PIDS+=($VG)
 for _ in $(seq 1 60); do
   "$PSQL" -qXtA -h 127.0.0.1 -p "$CPORT" -U bench -c "select 1" bench >/dev/null 2>&1 && break
   sleep 1
 done
-"$PGBENCH" -S -n -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t 50 -h 127.0.0.1 -p "$CPORT" -U bench bench >/dev/null 2>&1
+WHAT=(-S); [[ -n "${SCRIPT:-}" ]] && WHAT=(-f "$SCRIPT")
+"$PGBENCH" "${WHAT[@]}" -n -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t 50 -h 127.0.0.1 -p "$CPORT" -U bench bench >/dev/null 2>&1
 callgrind_control -z "$VG" >/dev/null
-"$PGBENCH" -S -n -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$CPORT" -U bench bench >/dev/null 2>&1
+"$PGBENCH" "${WHAT[@]}" -n -M "$PROTOCOL" -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$CPORT" -U bench bench >/dev/null 2>&1
 callgrind_control -d "$VG" >/dev/null
 sleep 1
 OUT=$(ls -t "$WORK"/cg.out* | head -1)
 TOTAL=$(callgrind_annotate "$OUT" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-echo "pool_mode=$POOL_MODE pool_size=$POOL_SIZE clients=$CLIENTS protocol=$PROTOCOL: $((TOTAL / (CLIENTS * TXNS))) instructions per transaction"
+echo "pool_mode=$POOL_MODE pool_size=$POOL_SIZE clients=$CLIENTS protocol=$PROTOCOL${CONFIG:+ config=$CONFIG}${SCRIPT:+ script=$SCRIPT}: $((TOTAL / (CLIENTS * TXNS))) instructions per transaction"
 if [[ -n "${KEEP:-}" ]]; then cp "$OUT" "$KEEP"; echo "callgrind output: $KEEP (callgrind_annotate $KEEP)"; fi

@@ -12,6 +12,9 @@
 #   PGVALVE_B=/tmp/old/pgvalve benches/pgbench.sh   # A/B: the second pgvalve is another binary
 #   ALSO_PREPARED=1 POOL_MODE=transaction benches/pgbench.sh  # + pgvalve with -M prepared, in
 #                                           # the same run, vs pgvalve with PGBENCH_MODE
+#   ALSO_SCRIPT=benches/commented.sql benches/pgbench.sh  # + pgvalve running that pgbench
+#                                           # script (-f) instead of -S, in the same run
+#   NO_PGBOUNCER=1 benches/pgbench.sh       # leave PgBouncer out (fewer runs)
 #   RELAY_FLOOR=1 benches/pgbench.sh        # + "floor": a logic-free C byte relay (needs cc;
 #                                           # RELAY_THREADS loops, default 2), the extra hop alone
 #
@@ -41,6 +44,7 @@ POOL_SIZE=${POOL_SIZE:-$MAXC}
 source benches/setup.sh
 # "name@mode" runs that target with another pgbench mode.
 [[ -n "${ALSO_PREPARED:-}" ]] && TARGETS+=("pgvalve@prepared:$VPORT")
+[[ -n "${ALSO_SCRIPT:-}" ]] && TARGETS+=("pgvalve@script:$VPORT")
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 
 declare -A TPS CPU
@@ -63,8 +67,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
   for c in "${CLIENT_LIST[@]}"; do
     for t in "${ORDER[@]}"; do
       name=${t%%:*}; port=${t##*:}; mode=$MODE; [[ $name == *@* ]] && mode=${name#*@}
+      what=(-S); [[ $mode == script ]] && { what=(-f "$ALSO_SCRIPT"); mode=$MODE; }
       pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
-      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n "${what[@]}" -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
       t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
       xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)
@@ -95,6 +100,15 @@ if [[ -n "${ALSO_PREPARED:-}" ]]; then
   for c in "${CLIENT_LIST[@]}"; do
     v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[pgvalve@prepared,$c]}")
     awk -v c="$c" -v v="$v" -v r="$r" -v m="$MODE" 'BEGIN{printf "  %s clients: prepared %s tps, %s %s tps, prepared/%s %.2f\n", c, r, m, v, m, r/v}'
+  done
+fi
+if [[ -n "${ALSO_SCRIPT:-}" ]]; then
+  echo
+  echo "pgvalve running $ALSO_SCRIPT vs pgvalve running -S, same run:"
+  for c in "${CLIENT_LIST[@]}"; do
+    v=$(median <<<"${TPS[pgvalve,$c]}"); r=$(median <<<"${TPS[pgvalve@script,$c]}")
+    cr=$(median <<<"${CPU[pgvalve@script,$c]}"); cv=$(median <<<"${CPU[pgvalve,$c]}")
+    awk -v c="$c" -v v="$v" -v r="$r" -v cr="$cr" -v cv="$cv" 'BEGIN{printf "  %s clients: script %s tps, -S %s tps, script/-S %.3f (%+.1f%%); CPU us/tx script %s, -S %s\n", c, r, v, r/v, (r/v-1)*100, cr, cv}'
   done
 fi
 if [[ -n "${RELAY_FLOOR:-}" ]]; then

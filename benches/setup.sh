@@ -70,7 +70,8 @@ if [[ -n "${RELAY_FLOOR:-}" ]]; then
   TARGETS+=(floor:$FPORT)
 fi
 PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
-if [[ -z "$PGBOUNCER" && $(id -u) == 0 && -z "${NO_PGBOUNCER_INSTALL:-}" ]]; then
+[[ -n "${NO_PGBOUNCER:-}" ]] && PGBOUNCER=
+if [[ -z "$PGBOUNCER" && -z "${NO_PGBOUNCER:-}" && $(id -u) == 0 && -z "${NO_PGBOUNCER_INSTALL:-}" ]]; then
   echo "installing pgbouncer from the system's packages (NO_PGBOUNCER_INSTALL=1 to skip)" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 || true
   PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)

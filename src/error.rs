@@ -38,6 +38,8 @@ pub(crate) mod sqlstate {
     pub(crate) const UNDEFINED_OBJECT: &str = "42704";
     /// config_file_error: RELOAD refused.
     pub(crate) const CONFIG_FILE_ERROR: &str = "F0000";
+    /// A limit of the proxy's was exceeded (a client that does not read its notifications).
+    pub(crate) const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
 }
 
 /// Whose fault a failure is: decides log level and whether the client is told.

@@ -13,7 +13,8 @@
 //! ```text
 //! proxy                          the one composition root: builds every service, hands out handles
 //!   │
-//! listener · admin · http        beside the session: accept, the console, /metrics and /readyz
+//! listener · admin · http        beside the session: accept, the console, /metrics and /readyz,
+//! · takeover                     the control socket a successor takes sockets and clients from
 //! session_threads                the event loops the listener hands sessions to
 //!   │
 //! client                         the session: startup, auth, checkout, relay (takes client::Services)
@@ -55,9 +56,11 @@
 //! copies),
 //! [`admin`] (the console: `psql -d pgvalve`, SHOW LIMITS ...), [`observe`] (the metrics
 //! recorder) scraped by [`http`] with health checks, [`config`] (load, parse, validate),
-//! [`cancel`] (cancel-key routing), [`reload`], [`shutdown`] (phases), [`proxy`] (the handle
+//! [`cancel`] (cancel-key routing), [`reload`], [`takeover`] (upgrades that keep the clients),
+//! [`shutdown`] (phases), [`proxy`] (the handle
 //! that owns it all), [`testkit`] (throwaway PostgreSQL for tests and the demo), [`demo`],
-//! [`loadtest`] (the load-test harness).
+//! [`loadtest`] (the load-test harness), [`import`] (a PgBouncer configuration as a pgvalve
+//! one), [`check`] (whether a configuration's pools fit in a PostgreSQL's max_connections).
 //!
 //! No global mutable state: everything a task needs is passed in as a handle.
 
@@ -80,7 +83,9 @@ pub(crate) async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut 
 pub(crate) mod admin;
 pub mod admission;
 pub(crate) mod cancel;
+pub mod check;
 pub(crate) mod client;
+pub mod cluster;
 pub mod config;
 pub(crate) mod dbgate;
 pub mod demo;
@@ -88,9 +93,11 @@ pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod http;
+pub mod import;
 pub(crate) mod listener;
 pub mod loadtest;
 pub mod locks;
+pub(crate) mod notify;
 pub mod observe;
 pub(crate) mod pool;
 pub mod protocol;
@@ -100,8 +107,10 @@ pub(crate) mod server;
 pub(crate) mod session_threads;
 pub(crate) mod sessions;
 pub mod shutdown;
+pub(crate) mod takeover;
 pub mod testkit;
 pub(crate) mod tls;
+pub mod top;
 
 pub use config::Config;
 pub use proxy::ProxyHandle;

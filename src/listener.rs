@@ -3,9 +3,10 @@
 //! First step of the flow. Every accepted socket gets an admission permit (or none, when
 //! `max_client_connections` is reached) which moves into its task, so the slot is returned
 //! when the session ends however it ends. Accept errors (such as running out of file
-//! descriptors) back off instead of spinning. Stops accepting when the phase leaves Running.
-//! While every pool is in session mode, sessions run on the session threads
-//! ([`crate::session_threads`]), each session on one of them; otherwise on the shared runtime.
+//! descriptors) back off instead of spinning. Stops accepting when the phase leaves Running,
+//! or when a takeover's successor accepts on the same socket (see `takeover`).
+//! Sessions run on the per-core event loops ([`crate::session_threads`]), each session on one
+//! of them in turn, when there are several cores; otherwise on the shared runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::session_threads::SessionThreads;
 use crate::shutdown::Phase;
 
 /// Accepts until shutdown; the socket closes when this returns.
-/// Sessions go to the session threads, when there are any, while every pool is in session mode.
+/// Sessions go to the per-core event loops, when there are any.
 pub(crate) async fn run(
     listener: TcpListener,
     shared: Arc<Services>,
@@ -36,11 +37,9 @@ pub(crate) async fn run(
                     backoff = Duration::from_millis(1);
                     let permit = shared.admission.admit_client();
                     match &threads {
-                        Some(t) if shared.config().all_session_mode() => {
-                            t.spawn(&tracker, shared.clone(), stream, peer, permit);
-                        }
-                        _ => {
-                            tracker.spawn(client::serve(shared.clone(), stream, peer, permit, false));
+                        Some(t) => t.spawn(&tracker, shared.clone(), stream, peer, permit),
+                        None => {
+                            tracker.spawn(client::serve(shared.clone(), stream, peer, permit, 0));
                         }
                     }
                 }
@@ -55,6 +54,11 @@ pub(crate) async fn run(
                     tracing::info!("listener closed");
                     return;
                 }
+            }
+            // A takeover's successor accepts on the same socket now.
+            () = shared.handoff.begun() => {
+                tracing::info!("listener handed over to a successor");
+                return;
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The `pgvalve` binary: a thin command line over the library.
 //!
 //! Validates configuration before binding anything (exit 64 on a bad config), maps
-//! SIGTERM/SIGINT to a graceful drain and a second signal to a fast stop.
+//! SIGTERM/SIGINT to a graceful drain and a second signal to a fast stop, SIGUSR2 to a
+//! successor that takes the process over (`run --takeover`).
 
 #![forbid(unsafe_code)]
 
@@ -80,9 +81,10 @@ enum Cmd {
         /// Client connections admitted at once.
         #[arg(long, env = "PGVALVE_MAX_CLIENT_CONNECTIONS")]
         max_client_connections: Option<u32>,
-        /// Server connections across all pools (0 = no cap).
+        /// Server connections across all pools (0 = no cap), "auto" (what PostgreSQL's
+        /// max_connections allows, read at start and reload) or a percentage of that ("80%").
         #[arg(long, env = "PGVALVE_MAX_SERVER_CONNECTIONS")]
-        max_server_connections: Option<u32>,
+        max_server_connections: Option<config::ServerCap>,
         /// Free server connections of a pool kept from an identity holding more than its share
         /// for whole sessions: a count, or "10%" of the pool (0 = off). [admission] headroom.
         #[arg(long, env = "PGVALVE_HEADROOM")]
@@ -93,17 +95,56 @@ enum Cmd {
         /// Session-mode event loops, one thread each (0 = off; default: one per worker thread).
         #[arg(long, env = "PGVALVE_SESSION_THREADS")]
         session_threads: Option<usize>,
-        /// Address of /metrics, /healthz and /readyz, e.g. 127.0.0.1:9930.
+        /// Address of /metrics, /healthz, /readyz and the status page, e.g. 127.0.0.1:9930.
         #[arg(long, env = "PGVALVE_HTTP_LISTEN")]
         http_listen: Option<String>,
+        /// Load balancers (CIDR,...) whose connections start with a PROXY protocol header
+        /// carrying the client's address. [proxy] proxy_protocol_trusted.
+        #[arg(long, env = "PGVALVE_PROXY_PROTOCOL_TRUSTED")]
+        proxy_protocol_trusted: Option<config::Cidrs>,
+        /// Share one budget of server connections with every instance of this name in front
+        /// of the same PostgreSQL ([cluster] name; needs --cluster-max-server-connections).
+        #[arg(long, env = "PGVALVE_CLUSTER_NAME")]
+        cluster_name: Option<String>,
+        /// Server connections of all instances of the cluster together ([cluster]
+        /// max_server_connections).
+        #[arg(long, env = "PGVALVE_CLUSTER_MAX_SERVER_CONNECTIONS")]
+        cluster_max_server_connections: Option<u32>,
+        /// host:port where the other instances of the cluster reach this one to forward
+        /// cancel requests, e.g. the pod IP ([cluster] advertise).
+        #[arg(long, env = "PGVALVE_CLUSTER_ADVERTISE")]
+        cluster_advertise: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Take over from the pgvalve running with the same takeover socket: its listening
+        /// sockets and its clients, none dropped (see README "Upgrading without dropping
+        /// clients").
+        #[arg(long)]
+        takeover: bool,
     },
-    /// Validate a config file and exit.
+    /// Validate a config file and exit (64: invalid). With --against, also read that
+    /// PostgreSQL's max_connections and warn when the pools could open more server
+    /// connections than it allows (exit 0 with warnings; 1 with --strict; 69 when it cannot
+    /// be read).
     Check {
         /// Config file (TOML).
         #[arg(short, long, env = "PGVALVE_CONFIG")]
         config: PathBuf,
+        /// A PostgreSQL to check the pools against: postgres://USER:PASSWORD@HOST:PORT/DB.
+        #[arg(long)]
+        against: Option<String>,
+        /// With --against: exit 1 when there is a warning.
+        #[arg(long, requires = "against")]
+        strict: bool,
+    },
+    /// Write a PgBouncer configuration as a pgvalve one (TOML on stdout); what is not mapped
+    /// is listed at its end and on stderr.
+    Import {
+        /// PgBouncer's pgbouncer.ini.
+        ini: PathBuf,
+        /// PgBouncer's userlist.txt (default: the file auth_file names).
+        #[arg(long)]
+        userlist: Option<PathBuf>,
     },
     /// Print a SCRAM-SHA-256 verifier for a password (read from stdin when not given).
     Passwd {
@@ -112,6 +153,9 @@ enum Cmd {
     },
     /// Drive a load scenario against any PostgreSQL endpoint and report per client identity.
     Loadtest(Box<loadtest::Args>),
+    /// Watch a running pgvalve in the terminal: identities by server connections, growth,
+    /// waiting, refusals, lock holders, refreshed every second.
+    Top(Box<pgvalve::top::Args>),
     /// Start a throwaway PostgreSQL and pgvalve, fire a surge at both, compare.
     Demo {
         /// Concurrent clients in the surge.
@@ -169,7 +213,12 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         worker_threads,
         session_threads,
         http_listen,
+        proxy_protocol_trusted,
+        cluster_name,
+        cluster_max_server_connections,
+        cluster_advertise,
         tls,
+        takeover: _,
     } = cmd
     else {
         return Ok(None);
@@ -191,12 +240,17 @@ fn load_run_config(cmd: &Cmd) -> Result<Option<(pgvalve::Config, Option<PathBuf>
         worker_threads: *worker_threads,
         session_threads: *session_threads,
         http_listen: http_listen.clone(),
+        proxy_protocol_trusted: proxy_protocol_trusted.clone(),
+        cluster_name: cluster_name.clone(),
+        cluster_max_server_connections: *cluster_max_server_connections,
+        cluster_advertise: cluster_advertise.clone(),
         tls: config::TlsSettings {
             client_tls_cert_file: tls.client_tls_cert.clone(),
             client_tls_key_file: tls.client_tls_key.clone(),
             client_tls_mode: tls.client_tls_mode,
             server_tls_mode: tls.server_tls_mode,
             server_tls_ca_file: tls.server_tls_ca.clone(),
+            client_tls_ca_file: None,
         },
     };
     match config::load_with(config.as_deref(), &ov) {
@@ -224,28 +278,25 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Cmd::Run { .. } => match loaded {
-                Some((config, path, ov)) => run(config, path, ov).await,
+            Cmd::Run { takeover, .. } => match loaded {
+                Some((config, path, ov)) => run(config, path, ov, takeover).await,
                 None => ExitCode::FAILURE,
             },
-            Cmd::Check { config } => match config::load(&config) {
-                Ok(c) => {
-                    println!(
-                        "{}: ok ({} databases, {} users, listen {})",
-                        config.display(),
-                        c.databases.len(),
-                        c.users.len(),
-                        c.listen
-                    );
-                    ExitCode::SUCCESS
-                }
+            Cmd::Check {
+                config,
+                against,
+                strict,
+            } => check(&config, against.as_deref(), strict).await,
+            Cmd::Passwd { password } => passwd(password),
+            Cmd::Import { ini, userlist } => import(&ini, userlist.as_deref()),
+            Cmd::Loadtest(args) => loadtest_main(*args).await,
+            Cmd::Top(args) => match pgvalve::top::run(*args).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("pgvalve: {e}");
-                    ExitCode::from(64)
+                    eprintln!("pgvalve top: {e:#}");
+                    ExitCode::FAILURE
                 }
             },
-            Cmd::Passwd { password } => passwd(password),
-            Cmd::Loadtest(args) => loadtest_main(*args).await,
             Cmd::Demo {
                 clients,
                 max_connections,
@@ -263,11 +314,20 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> ExitCode {
-    let handle = match ProxyHandle::start(config).await {
+async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides, takeover: bool) -> ExitCode {
+    let started = if takeover {
+        ProxyHandle::start_takeover(config).await
+    } else {
+        ProxyHandle::start(config).await
+    };
+    let handle = match started {
         Ok(h) => h,
+        Err(e) if takeover => {
+            eprintln!("pgvalve: cannot take over: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
-            eprintln!("pgvalve: cannot listen: {e}");
+            eprintln!("pgvalve: cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -275,21 +335,36 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
         eprintln!("pgvalve: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let (Ok(mut hup), Ok(mut usr2)) = (signal(SignalKind::hangup()), signal(SignalKind::user_defined2())) else {
         eprintln!("pgvalve: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
     handle.set_reload_source(path, ov);
+    // Under systemd (Type=notify): listening, so ready (a successor is the main process now;
+    // the unit's NotifyAccess=all lets it say so).
+    let mut ready = vec![
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("accepting clients"),
+    ];
+    if takeover {
+        ready.push(sd_notify::NotifyState::MainPid(std::process::id()));
+    }
+    notify(&ready);
     // SIGTERM and the console's SHUTDOWN drain; SIGINT (Ctrl-C) stops at once.
     let fast = loop {
         tokio::select! {
             _ = term.recv() => break false,
             _ = int.recv() => break true,
             () = handle.shutdown_requested() => break false,
+            // A successor took the listeners and the clients over.
+            () = handle.handed_over() => break false,
+            // SIGUSR2: the binary (as installed now) takes this process over.
+            _ = usr2.recv() => spawn_successor(),
             // Built and validated off to the side; applied only when all of it is valid.
-            _ = hup.recv() => { let _ = handle.reload_from_source(); }
+            _ = hup.recv() => reload(&handle).await,
         }
     };
+    notify(&[sd_notify::NotifyState::Stopping]);
     if fast {
         tracing::info!("SIGINT: fast shutdown");
         handle.shutdown_now().await;
@@ -308,6 +383,99 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides) -> E
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `pgvalve check`: validates; with `against`, checks the pools against that PostgreSQL.
+async fn check(path: &std::path::Path, against: Option<&str>, strict: bool) -> ExitCode {
+    let c = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgvalve: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    println!(
+        "{}: ok ({} databases, {} users, listen {})",
+        path.display(),
+        c.databases.len(),
+        c.users.len(),
+        c.listen
+    );
+    let Some(url) = against else {
+        if c.pool.max_server_connections.from_postgres() {
+            println!(
+                "max_server_connections = \"{}\": sized from PostgreSQL's max_connections at start and at each reload",
+                c.pool.max_server_connections
+            );
+        }
+        return ExitCode::SUCCESS;
+    };
+    let fit = match pgvalve::check::against(&c, url).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pgvalve check: cannot read PostgreSQL's limits: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    for l in &fit.lines {
+        println!("{l}");
+    }
+    for w in &fit.warnings {
+        println!("warning: {w}");
+    }
+    match (fit.warnings.is_empty(), strict) {
+        (true, _) => println!("ok: the pools fit in what PostgreSQL allows"),
+        (false, true) => return ExitCode::FAILURE,
+        (false, false) => {}
+    }
+    ExitCode::SUCCESS
+}
+
+/// Starts `pgvalve` as this process was started (argv[0], so an upgraded binary at the same
+/// path) with the same arguments and `--takeover`: it takes the listeners and the clients
+/// over, and this process exits once empty. Its exit is logged (a takeover it could not do
+/// leaves this process as it was).
+fn spawn_successor() {
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else {
+        return;
+    };
+    let mut args: Vec<std::ffi::OsString> = args.collect();
+    if !args.iter().any(|a| a == "--takeover") {
+        args.push("--takeover".into());
+    }
+    match tokio::process::Command::new(&program).args(&args).spawn() {
+        Ok(mut child) => {
+            tracing::info!(pid = child.id(), "SIGUSR2: started a successor to take over");
+            tokio::spawn(async move {
+                if let Ok(status) = child.wait().await {
+                    tracing::info!(%status, "the successor started on SIGUSR2 exited");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, program = ?program, "SIGUSR2: cannot start a successor"),
+    }
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) a state change; a failure is only logged.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
+}
+
+/// SIGHUP: RELOADING=1, the reload, then READY=1 with the outcome as STATUS (systemd's
+/// `ExecReload` waits for it with Type=notify-reload, and `systemctl status` shows it).
+async fn reload(handle: &ProxyHandle) {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify(&states);
+    let status = match handle.reload_from_source().await {
+        Ok(r) if r.warnings.is_empty() => "accepting clients; configuration reloaded".to_string(),
+        Ok(r) => format!("accepting clients; configuration reloaded; {}", r.warnings.join("; ")),
+        Err(e) => format!("accepting clients; reload refused, previous configuration kept: {e}"),
+    };
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 }
 
 /// One run, or two compared.
@@ -374,6 +542,31 @@ async fn loadtest_main(args: loadtest::Args) -> ExitCode {
             }
             eprintln!("wrote {}", p.display());
         }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `pgvalve import`: the TOML on stdout; notes, and a failed check, on stderr.
+fn import(ini: &std::path::Path, userlist: Option<&std::path::Path>) -> ExitCode {
+    let imported = match pgvalve::import::import(ini, userlist) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("pgvalve import: {e}");
+            return ExitCode::from(65);
+        }
+    };
+    print!("{}", imported.toml);
+    if !imported.notes.is_empty() {
+        eprintln!(
+            "pgvalve import: {} settings not mapped (also listed at the end of the output):",
+            imported.notes.len()
+        );
+        for n in &imported.notes {
+            eprintln!("  {n}");
+        }
+    }
+    if let Err(e) = imported.check {
+        eprintln!("pgvalve import: warning: the result does not pass `pgvalve check` on this machine: {e}");
     }
     ExitCode::SUCCESS
 }

@@ -45,22 +45,32 @@ struct Built {
 }
 
 impl Built {
-    fn new(config: Config, phase_bell: Arc<crate::shutdown::PhaseBell>) -> Built {
+    fn new(
+        config: Config,
+        phase_bell: Arc<crate::shutdown::PhaseBell>,
+        lent: Option<Arc<crate::server::budget::Budget>>,
+    ) -> Built {
         let live_config = Arc::new(ArcSwap::from_pointee(config));
         let admission_config = AdmissionConfig::from_config(&live_config.load());
         let events = Events::default();
         let gates = Arc::new(DbGates::default());
         let auth = Arc::new(AuthQuery::new(gates.clone()));
-        let pools = PoolSet::new(live_config.clone(), auth.clone(), gates.clone());
+        let cores = {
+            let c = live_config.load();
+            crate::session_threads::wanted(c.proxy.session_threads, c.proxy.worker_threads)
+        };
+        let pools = PoolSet::new(live_config.clone(), auth.clone(), gates.clone(), cores, lent);
         let admission = Admission::new(admission_config, events.clone());
+        admission.set_cores(pools.cores());
         let locks = Arc::new(LockMonitor::default());
         let reloader = Arc::new(Reloader::new(live_config.clone(), pools.clone(), admission.clone()));
         let shutdown_requested = Arc::new(Notify::new());
         let console = AdminConsole::new(locks.clone(), reloader.clone(), shutdown_requested.clone());
+        let cancels = Arc::new(CancelRegistry::in_cluster(pools.cluster().cloned()));
         let services = Arc::new(Services {
             pools,
             auth,
-            cancels: Arc::new(CancelRegistry::new()),
+            cancels,
             admission,
             sessions: Arc::default(),
             pauses: Default::default(),
@@ -70,6 +80,8 @@ impl Built {
             pins: Arc::default(),
             statements: Arc::new(StatementRegistry::default()),
             console: Arc::new(console),
+            notify: Arc::default(),
+            handoff: Arc::default(),
             live_config,
         });
         Built {
@@ -99,6 +111,7 @@ impl Built {
             events: self.events.clone(),
             locks: self.locks.clone(),
             reloader: self.reloader.clone(),
+            history: Default::default(),
         }
     }
 }
@@ -115,14 +128,21 @@ pub struct ProxyHandle {
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
     threads: Option<Arc<SessionThreads>>,
+    /// True once this proxy handed over to a successor and has no session left.
+    handed: watch::Receiver<bool>,
 }
 
 impl ProxyHandle {
-    /// Binds `config.listen` (and `[http] listen`) and starts serving.
+    /// Sizes `max_server_connections` when it is `"auto"` or a percentage (see
+    /// [`crate::server::sizing`]), binds `config.listen` (and `[http] listen`) and starts
+    /// serving.
     ///
     /// # Errors
-    /// The bind error.
-    pub async fn start(config: Config) -> io::Result<ProxyHandle> {
+    /// PostgreSQL's limits could not be read (kind `Other`, saying why), or the bind error.
+    pub async fn start(mut config: Config) -> io::Result<ProxyHandle> {
+        crate::server::sizing::size_at_start(&mut config)
+            .await
+            .map_err(io::Error::other)?;
         let listener = TcpListener::bind(config.listen).await?;
         let http = match config.http_listen {
             Some(a) => Some(TcpListener::bind(a).await?),
@@ -131,12 +151,59 @@ impl ProxyHandle {
         Ok(Self::serve_with_http(listener, http, config))
     }
 
+    /// Takes over from the pgvalve running with the same `[proxy] takeover_socket` (see
+    /// [`crate::takeover`]): its listening sockets, then its clients as they become idle.
+    ///
+    /// # Errors
+    /// No process to take over from, or it refused (the reason is in its log).
+    pub async fn start_takeover(config: Config) -> io::Result<ProxyHandle> {
+        let path = config
+            .proxy
+            .takeover_path(config.listen.port())
+            .ok_or_else(|| io::Error::other("takeover_socket is off"))?;
+        let s = crate::takeover::successor::connect(&path).await?;
+        let settled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut handle = Self::serve_all(s.listener, s.http, config, s.lent.clone(), settled.clone());
+        let intake = crate::takeover::successor::Intake {
+            shared: handle.shared.clone(),
+            tracker: handle.tracker.clone(),
+            threads: handle.threads.clone(),
+            settled,
+        };
+        let receive = crate::takeover::successor::receive(s.wire, s.lent, intake);
+        handle.tasks.push(tokio::spawn(receive));
+        Ok(handle)
+    }
+
+    /// Resolves once this proxy has handed its clients over to a successor (see
+    /// [`crate::takeover`]) and has none left, or `shutdown_timeout` after the handover; what
+    /// remains is for [`ProxyHandle::shutdown`] to drain.
+    pub async fn handed_over(&self) {
+        let mut handed = self.handed.clone();
+        let _ = handed.wait_for(|h| *h).await;
+    }
+
     /// Starts serving on already bound listeners.
     pub(crate) fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
+        let settled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Self::serve_all(listener, http, config, None, settled)
+    }
+
+    fn serve_all(
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        config: Config,
+        lent: Option<Arc<crate::server::budget::Budget>>,
+        settled: Arc<std::sync::atomic::AtomicBool>,
+    ) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
         let (phase_tx, phase, phase_bell) = PhaseSender::new();
-        let built = Built::new(config, phase_bell);
+        let built = Built::new(config, phase_bell, lent);
+        let copies = crate::takeover::predecessor::copies(&listener, http.as_ref());
         let shared = built.services.clone();
+        if let Some(c) = shared.pools.cluster() {
+            c.set_listen(addr);
+        }
         let tracker = TaskTracker::new();
         let threads = session_threads(&shared.config());
         let accept = tokio::spawn(crate::listener::run(
@@ -149,9 +216,27 @@ impl ProxyHandle {
         let reaper = tokio::spawn(reap_loop(shared.clone(), phase.clone()));
         let ticker = tokio::spawn(admission_loop(shared.clone(), phase.clone()));
         let clock = tokio::spawn(queue_clock(shared.clone(), phase.clone()));
+        let leases = tokio::spawn(lease_loop(shared.clone(), phase.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let monitor = tokio::spawn(crate::locks::run(built.lock_watch(), phase.clone()));
-        let mut tasks = vec![accept, reaper, ticker, clock, monitor];
+        let mut tasks = vec![accept, reaper, ticker, clock, leases, monitor];
+        let (handed_tx, handed) = watch::channel(false);
+        let control = shared.config().proxy.takeover_path(addr.port());
+        if let Some(path) = control {
+            let p = crate::takeover::predecessor::Predecessor {
+                shared: shared.clone(),
+                tracker: tracker.clone(),
+                listeners: copies,
+                handed: handed_tx,
+                phase: phase.clone(),
+                settled,
+            };
+            tasks.extend(crate::takeover::predecessor::start(&path, p));
+        }
+        if let Some(c) = shared.pools.cluster() {
+            let run = crate::cluster::run(c.clone(), shared.live_config.clone(), phase.clone());
+            tasks.push(tokio::spawn(run));
+        }
         if let Some(l) = http {
             tasks.push(tokio::spawn(crate::http::serve(
                 l,
@@ -171,7 +256,13 @@ impl ProxyHandle {
             tracker,
             tasks,
             threads,
+            handed,
         }
+    }
+
+    /// This instance's membership of its `[cluster]`, if it has one.
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.shared.pools.cluster().cloned()
     }
 
     /// The address clients connect to.
@@ -205,8 +296,8 @@ impl ProxyHandle {
     ///
     /// # Errors
     /// Why it was refused (the configuration in force stays).
-    pub fn reload_from_source(&self) -> Result<Reloaded, String> {
-        self.reloader.reload()
+    pub async fn reload_from_source(&self) -> Result<Reloaded, String> {
+        self.reloader.reload().await
     }
 
     /// Sets what reloads read: the config file (None: quick start) and the overrides.
@@ -298,6 +389,28 @@ async fn reap_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     }
 }
 
+/// How often the pools' per-core leases are looked at (see `pool::shards`): a core whose
+/// clients wait gets lease from another within this and a connection's opening.
+const LEASE_EVERY: Duration = Duration::from_millis(2);
+
+/// Moves the pools' leases between cores to where clients wait, while the proxy runs (only
+/// with several cores).
+async fn lease_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
+    if shared.pools.cores() < 2 {
+        return;
+    }
+    let mut every = tokio::time::interval(LEASE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                shared.pools.rebalance(&shared.admission);
+            }
+            r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+        }
+    }
+}
+
 /// SHOW STATS averages over this many seconds (PgBouncer's default `stats_period`).
 pub(crate) const STATS_PERIOD_SECS: u64 = 60;
 
@@ -313,6 +426,9 @@ async fn admission_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>
         tokio::select! {
             now = every.tick() => {
                 shared.admission.tick(now.saturating_duration_since(last));
+                if let Some(c) = shared.pools.cluster() {
+                    c.set_weight(shared.admission.identities_waiting());
+                }
                 last = now;
                 ticks += 1;
                 if ticks.is_multiple_of(STATS_PERIOD_SECS) {

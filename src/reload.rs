@@ -5,9 +5,13 @@
 //! side ([`crate::config::load_with`]); only a configuration that is valid as a whole is
 //! published, in one step: the live [`Config`] is swapped, the pools are resized or retired
 //! ([`crate::pool::PoolSet::reload`]) and admission takes the new limits and identity rules.
-//! Connected clients are never dropped. Settings read only at start (listen addresses, the
-//! proxy-wide caps) keep their old value and the reload says so. A failed reload changes
-//! nothing; it is logged, counted and, for `RELOAD`, told to the console user.
+//! Connected clients are never dropped. A `max_server_connections` of `"auto"` or a
+//! percentage is sized again from PostgreSQL first ([`sizing`], on a brief slot of the budget
+//! in force); when PostgreSQL cannot be read the budget in force stays (a warning; the rest
+//! applies), and a new size resizes the budget across pools. Settings read only at start
+//! (listen addresses, `max_client_connections`) keep their old value and the reload says so.
+//! A failed reload changes nothing; it is logged, counted and, for `RELOAD`, told to the
+//! console user.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwap, Guard};
 
 use crate::admission::{Admission, AdmissionConfig};
-use crate::config::{self, Config, Overrides};
+use crate::config::{self, Config, Overrides, ServerBudget};
 use crate::pool::PoolSet;
+use crate::server::sizing;
 
 /// What a reload publishes to (the live configuration, the pools, admission), where it reads
 /// the configuration from, and how reloads went. The proxy builds one; the console's
@@ -41,6 +46,8 @@ pub struct Reloaded {
     pub changes: Vec<String>,
     /// Settings that changed in the file but apply only at the next start.
     pub(crate) restart_needed: Vec<String>,
+    /// What the reload could not do but did not refuse it (PostgreSQL's limits unread).
+    pub warnings: Vec<String>,
 }
 
 impl Reloader {
@@ -70,14 +77,26 @@ impl Reloader {
     ///
     /// # Errors
     /// Why the new configuration was refused (nothing changed): no source, or the file's error.
-    pub(crate) fn reload(&self) -> Result<Reloaded, String> {
+    pub(crate) async fn reload(&self) -> Result<Reloaded, String> {
         let source = self.source.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let result = match source {
             None => Err("this pgvalve was started without a configuration source to reload".to_string()),
             Some((path, ov)) => config::load_with(path.as_deref(), &ov).map_err(|e| e.to_string()),
         };
         match result {
-            Ok(c) => Ok(self.apply(c)),
+            Ok(mut c) => {
+                // Off to the side: a PostgreSQL that cannot be read keeps the budget in force.
+                let not_sized = sizing::size_with_budget(&mut c, self.pools.budgets()).await.err();
+                let mut r = self.apply(c);
+                if let Some(e) = not_sized {
+                    tracing::warn!(error = %e, max_server_connections = self.config().max_server_connections(), "reload: max_server_connections not sized again; the budget in force stays");
+                    r.warnings.push(format!(
+                        "{e}; max_server_connections stays {}",
+                        self.config().max_server_connections()
+                    ));
+                }
+                Ok(r)
+            }
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "reload failed; the running configuration stays");
@@ -86,13 +105,15 @@ impl Reloader {
         }
     }
 
-    /// Publishes an already validated configuration.
-    pub(crate) fn apply(&self, new: Config) -> Reloaded {
+    /// Publishes an already validated configuration. An `"auto"` or percentage
+    /// `max_server_connections` not sized (see [`sizing`]) keeps the budget in force.
+    pub(crate) fn apply(&self, mut new: Config) -> Reloaded {
         let old = self.config();
         let mut r = Reloaded {
             restart_needed: restart_needed(&old, &new),
             ..Default::default()
         };
+        r.changes.extend(self.resize_budget(&old, &mut new));
         if old.pool != new.pool {
             r.changes.push("[pool] settings".into());
         }
@@ -115,6 +136,35 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// Resizes the budget of `max_server_connections` to `new`'s (carrying `old`'s over
+    /// when `new`'s is unsized); says so when it changed.
+    fn resize_budget(&self, old: &Config, new: &mut Config) -> Option<String> {
+        if new.server_budget.is_none() {
+            let kept = old.max_server_connections();
+            new.server_budget = Some(ServerBudget {
+                max: kept,
+                source: match &old.server_budget {
+                    Some(b) if old.pool.max_server_connections == new.pool.max_server_connections => {
+                        format!("{} (kept: not read again at the last reload)", b.source)
+                    }
+                    _ => format!(
+                        "{} kept from before the last reload (PostgreSQL not read)",
+                        old.pool.max_server_connections
+                    ),
+                },
+            });
+        }
+        let (was, now) = (old.max_server_connections(), new.max_server_connections());
+        if was == now {
+            return None;
+        }
+        self.pools.budgets().server().resize(now as usize);
+        tracing::info!(was, now, "max_server_connections resized");
+        Some(format!("max_server_connections: {was} -> {now}"))
+    }
+}
+
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     let mut v = Vec::new();
     let mut check = |name: &str, same: bool| {
@@ -127,10 +177,6 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     check(
         "proxy.max_client_connections",
         old.proxy.max_client_connections == new.proxy.max_client_connections,
-    );
-    check(
-        "pool.max_server_connections",
-        old.pool.max_server_connections == new.pool.max_server_connections,
     );
     check(
         "proxy.worker_threads",

@@ -97,8 +97,31 @@ impl SessionThreads {
         tracker.spawn_on(
             async move {
                 match tokio::net::TcpStream::from_std(std) {
-                    Ok(stream) => crate::client::serve(shared, stream, peer, permit, true).await,
+                    Ok(stream) => crate::client::serve(shared, stream, peer, permit, i).await,
                     Err(e) => tracing::warn!(error = %e, %peer, "cannot register a client socket; closed"),
+                }
+            },
+            &self.handles[i],
+        );
+    }
+
+    /// Serves a client moved here from a takeover's predecessor (see
+    /// [`crate::client::resume`]) on the next thread in turn.
+    pub(crate) fn spawn_moved(
+        &self,
+        tracker: &TaskTracker,
+        shared: Arc<Services>,
+        std: std::net::TcpStream,
+        moved: crate::client::MovedState,
+        permit: Option<ClientPermit>,
+    ) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.spawned.fetch_add(1, Ordering::Relaxed);
+        tracker.spawn_on(
+            async move {
+                match tokio::net::TcpStream::from_std(std) {
+                    Ok(stream) => crate::client::resume(shared, stream, moved, permit, i).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot register a moved client socket; closed"),
                 }
             },
             &self.handles[i],

@@ -6,13 +6,18 @@
 //! through [`Sessions::by_backend`] and can hand a session a [`Verdict`] that ends its
 //! transaction with an explanatory error. Between polls the relay tells the registry when a
 //! session's transaction ends (ReadyForQuery 'I'), so the monitor releases that session's
-//! locks at once instead of at the next poll.
+//! locks at once instead of at the next poll. When PostgreSQL tells a session it lost a
+//! deadlock (40P01), the relay reports it here with the sessions that used the other
+//! backends of the cycle at that moment; the lock monitor takes the reports off the relay's
+//! path (see [`DeadlockReport`]). The relay also keeps a sample of each session's last
+//! statement (its first transaction, then one in [`SAMPLE_EVERY`]): the lock monitor reads
+//! the routes behind a surge from it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 use tokio::sync::Notify;
 
@@ -78,6 +83,8 @@ pub struct SessionInfo {
     backend: AtomicI32,
     /// When the current backend was assigned (unix ms; 0: none).
     backend_since: AtomicU64,
+    /// The protocol minor version pgvalve speaks with the current backend (SHOW SERVERS).
+    backend_minor: AtomicU8,
     /// Orders for this session.
     pub(crate) verdict: Verdict,
     /// KILL_CLIENT: the verdict stays until the session has ended.
@@ -94,9 +101,81 @@ pub struct SessionInfo {
     cancel_pending: AtomicBool,
     /// Boxed: rare, and every session carries the slot.
     cancel_note: Mutex<Option<Box<PgError>>>,
+    /// The registry, for deadlock reports (which name the other sessions of the cycle).
+    registry: Weak<Sessions>,
+    /// A recent statement of the session, sampled by the relay (surges name routes from it).
+    sample: Mutex<Option<Box<str>>>,
+}
+
+/// The relay samples a session's statement at its first transaction end, then once in this
+/// many.
+pub const SAMPLE_EVERY: u64 = 16;
+
+/// A deadlock PostgreSQL told a session it lost (40P01), as the relay saw it: the backends
+/// of the cycle, each with the session that used it at that moment (None: external).
+#[derive(Debug, Clone)]
+pub struct DeadlockReport {
+    /// When the relay saw the error.
+    pub at: SystemTime,
+    /// The losing session's backend.
+    pub loser_pid: i32,
+    /// The losing session.
+    pub loser: Option<Arc<SessionInfo>>,
+    /// The losing session's statement as the relay last saw it (bounded).
+    pub statement: String,
+    /// The DETAIL's processes (empty when it had another shape).
+    pub waits: Vec<crate::protocol::deadlock::Wait>,
+    /// Every backend of the cycle with its session then.
+    pub parties: Vec<(i32, Option<Arc<SessionInfo>>)>,
 }
 
 impl SessionInfo {
+    /// PostgreSQL told this session, on backend `pid`, that it lost a deadlock with `detail`;
+    /// `statement` is its last statement. Cold path: the relay calls it on 40P01 only. The
+    /// report names the sessions using the cycle's backends now and waits for the monitor.
+    pub(crate) fn deadlock(&self, pid: i32, detail: &str, statement: String) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let waits = crate::protocol::deadlock::parse_detail(detail);
+        let mut pids = crate::protocol::deadlock::pids(&waits);
+        if !pids.contains(&pid) {
+            pids.insert(0, pid);
+        }
+        let by_backend = registry.by_backend();
+        let loser = registry
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.id)
+            .cloned();
+        let parties = pids
+            .into_iter()
+            .map(|p| {
+                let s = if p == pid {
+                    loser.clone()
+                } else {
+                    by_backend.get(&p).cloned()
+                };
+                (p, s)
+            })
+            .collect();
+        let report = DeadlockReport {
+            at: SystemTime::now(),
+            loser_pid: pid,
+            loser,
+            statement,
+            waits,
+            parties,
+        };
+        let mut q = registry.deadlocks.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() < MAX_PENDING_DEADLOCKS {
+            q.push(report);
+        }
+        drop(q);
+        registry.deadlock_seen.notify_one();
+    }
+
     /// Records the backend serving the session now (0: none).
     pub(crate) fn set_backend(&self, pid: i32) {
         self.backend.store(pid, Ordering::Relaxed);
@@ -106,6 +185,16 @@ impl SessionInfo {
                 .map_or(0, |d| d.as_millis() as u64);
             self.backend_since.store(ms, Ordering::Relaxed);
         }
+    }
+
+    /// Records the protocol minor version spoken with the current backend (2: 3.2).
+    pub(crate) fn set_backend_minor(&self, minor: u16) {
+        self.backend_minor.store(minor.min(255) as u8, Ordering::Relaxed);
+    }
+
+    /// The protocol minor version spoken with the current backend.
+    pub(crate) fn backend_minor(&self) -> u16 {
+        u16::from(self.backend_minor.load(Ordering::Relaxed))
     }
 
     /// When the current backend was assigned.
@@ -142,15 +231,33 @@ impl SessionInfo {
 
     /// The relay saw `n` ReadyForQuery 'I': every transaction-level lock the session held is
     /// gone. Wakes the monitor when it recorded the session holding one; drops a cancel
-    /// explanation that was not needed.
-    pub(crate) fn transactions_ended(&self, n: u64) {
-        self.ends.fetch_add(n, Ordering::SeqCst);
+    /// explanation that was not needed. True when the relay should keep a sample of the
+    /// session's last statement now (its first transaction, then one in [`SAMPLE_EVERY`]).
+    pub(crate) fn transactions_ended(&self, n: u64) -> bool {
+        let before = self.ends.fetch_add(n, Ordering::SeqCst);
         if self.holds_locks.load(Ordering::SeqCst) && self.holds_locks.swap(false, Ordering::SeqCst) {
             self.released.notify_one();
         }
         if self.cancel_pending.load(Ordering::Relaxed) {
             self.take_cancel_note();
         }
+        before == 0 || before / SAMPLE_EVERY != (before + n) / SAMPLE_EVERY
+    }
+
+    /// Keeps `sql` as the session's sampled statement (bounded by the relay).
+    #[cold]
+    pub(crate) fn sample_statement(&self, sql: &[u8]) {
+        let s: Box<str> = String::from_utf8_lossy(sql).into();
+        *self.sample.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    /// The last statement sampled from the session (see [`Self::transactions_ended`]).
+    pub fn sampled_statement(&self) -> Option<String> {
+        self.sample
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .map(str::to_string)
     }
 
     /// How many transactions the session has ended so far.
@@ -226,7 +333,7 @@ impl Pins {
     }
 
     /// Pins so far, by reason.
-    pub(crate) fn by_reason(&self) -> Vec<(&'static str, u64)> {
+    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
         let mut v: Vec<_> = self
             .0
             .lock()
@@ -244,12 +351,18 @@ impl Pins {
     }
 }
 
+/// Deadlock reports kept for the monitor at most (more are dropped: it is not taking them).
+const MAX_PENDING_DEADLOCKS: usize = 1024;
+
 /// All sessions of one proxy.
 #[derive(Debug, Default)]
 pub struct Sessions {
     next: AtomicU64,
     map: Mutex<HashMap<u64, Arc<SessionInfo>>>,
     released: Arc<Notify>,
+    /// Deadlock reports not yet taken by the monitor.
+    deadlocks: Mutex<Vec<DeadlockReport>>,
+    deadlock_seen: Notify,
 }
 
 /// Keeps a session registered; it leaves the registry when dropped.
@@ -279,6 +392,7 @@ impl Sessions {
             connected: SystemTime::now(),
             backend: AtomicI32::new(0),
             backend_since: AtomicU64::new(0),
+            backend_minor: AtomicU8::new(0),
             verdict: Verdict::default(),
             killed: AtomicBool::new(false),
             ends: AtomicU64::new(0),
@@ -286,6 +400,8 @@ impl Sessions {
             released: self.released.clone(),
             cancel_pending: AtomicBool::new(false),
             cancel_note: Mutex::new(None),
+            registry: Arc::downgrade(self),
+            sample: Mutex::new(None),
         });
         self.map
             .lock()
@@ -314,6 +430,16 @@ impl Sessions {
     /// transaction (or at once when that happened since the last call).
     pub async fn released(&self) {
         self.released.notified().await;
+    }
+
+    /// Resolves when a deadlock was reported (or at once when one was since the last call).
+    pub async fn deadlock_seen(&self) {
+        self.deadlock_seen.notified().await;
+    }
+
+    /// Takes the deadlock reports not yet taken.
+    pub fn take_deadlocks(&self) -> Vec<DeadlockReport> {
+        std::mem::take(&mut *self.deadlocks.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Every session's [`SessionInfo::ends`] now, by session id.

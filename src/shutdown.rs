@@ -31,6 +31,8 @@ pub enum Phase {
 #[derive(Debug, Default)]
 pub(crate) struct PhaseBell {
     phase: AtomicU8,
+    /// Rings without a phase change ([`PhaseBell::nudge`]) so far.
+    nudges: AtomicU64,
     next_id: AtomicU64,
     watchers: Mutex<crate::FastMap<u64, Arc<AtomicWaker>>>,
 }
@@ -45,9 +47,21 @@ impl PhaseBell {
         }
     }
 
+    /// Wakes every session that follows the phase without changing it: each one's
+    /// [`PhaseWatch::changed`] resolves once (with the same phase) and the session looks at
+    /// what else may have changed (a takeover's handoff began).
+    pub(crate) fn nudge(&self) {
+        self.nudges.fetch_add(1, Ordering::SeqCst);
+        self.wake_all();
+    }
+
     /// Moves to `p` and wakes every session that follows the phase.
     fn ring(&self, p: Phase) {
         self.phase.store(p as u8, Ordering::Release);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         for w in watchers.values() {
             w.wake();
@@ -107,6 +121,8 @@ impl Drop for PhaseSender {
 #[derive(Debug)]
 pub(crate) struct PhaseWatch {
     now: Phase,
+    /// The bell's nudges as of the last change seen.
+    nudges: u64,
     bell: Arc<PhaseBell>,
     id: u64,
     waker: Arc<AtomicWaker>,
@@ -123,6 +139,7 @@ impl PhaseWatch {
             .insert(id, waker.clone());
         Self {
             now: bell.now(),
+            nudges: bell.nudges.load(Ordering::SeqCst),
             bell: bell.clone(),
             id,
             waker,
@@ -134,15 +151,15 @@ impl PhaseWatch {
         self.now
     }
 
-    /// Resolves at the next change. Cancel-safe.
+    /// Resolves at the next change, or nudge (see [`PhaseBell::nudge`]). Cancel-safe.
     pub(crate) async fn changed(&mut self) -> Phase {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
-            let p = self.bell.now();
-            if p == self.now {
+            let (p, nudges) = (self.bell.now(), self.bell.nudges.load(Ordering::SeqCst));
+            if p == self.now && nudges == self.nudges {
                 return Poll::Pending;
             }
-            self.now = p;
+            (self.now, self.nudges) = (p, nudges);
             Poll::Ready(p)
         })
         .await
@@ -190,5 +207,26 @@ mod tests {
         // Watchers leave the bell when dropped.
         drop(w);
         assert!(bell.watchers.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_nudge_wakes_every_watcher_once_without_a_phase_change() {
+        let (_tx, _rx, bell) = PhaseSender::new();
+        let mut w = PhaseWatch::new(&bell);
+        let waiting = tokio::spawn(async move {
+            let p = w.changed().await;
+            (p, w)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        bell.nudge();
+        let (p, mut w) = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p, Phase::Running);
+        // Seen: the next wait waits again.
+        assert!(tokio::time::timeout(Duration::from_millis(50), w.changed())
+            .await
+            .is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! Throwaway PostgreSQL clusters for tests, benchmarks and `pgvalve demo`.
 //!
 //! Beside the flow. [`TestPostgres::start`] finds the PostgreSQL binaries
-//! (`PGVALVE_PG_BINDIR`, else `pg_config --bindir`, else the newest
-//! `/usr/lib/postgresql/*/bin`), runs `initdb` into a temp dir and `pg_ctl start -w` on a free
+//! ([`PgOptions::bindir`], else `PGVALVE_PG_BINDIR`, else `pg_config --bindir`, else the newest
+//! `/usr/lib/postgresql/*/bin`; [`pg18_bindir`] finds PostgreSQL 18's for the protocol 3.2
+//! tests), runs `initdb` into a temp dir and `pg_ctl start -w` on a free
 //! loopback port, then creates an application role and database. As root (initdb refuses
 //! root) every PostgreSQL command runs as the `postgres` system user (or `nobody`). The
 //! cluster is stopped and deleted on drop; if the thread is panicking, the tail of the
@@ -45,6 +46,8 @@ pub struct PgOptions {
     pub host_auth: HostAuth,
     /// `ssl = on` with this certificate and key (PEM), when set.
     pub tls: Option<TlsFiles>,
+    /// The server binaries to use (e.g. [`pg18_bindir`]); None: [`find_bindir`].
+    pub bindir: Option<PathBuf>,
 }
 
 /// A server certificate and its key, PEM.
@@ -65,6 +68,7 @@ impl Default for PgOptions {
             database: "app".into(),
             host_auth: HostAuth::Scram,
             tls: None,
+            bindir: None,
         }
     }
 }
@@ -116,6 +120,21 @@ pub fn find_bindir() -> anyhow::Result<PathBuf> {
     })
 }
 
+/// PostgreSQL 18's server binaries, for the protocol 3.2 tests: `PGVALVE_PG18_BINDIR`, else
+/// `target/pg18/package/native/bin` as `tests/pg18.sh` installs it. None when neither has
+/// `initdb` and `pg_ctl` (the tests then say so and skip).
+pub fn pg18_bindir() -> Option<PathBuf> {
+    let has = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
+    match std::env::var_os("PGVALVE_PG18_BINDIR") {
+        Some(d) => Some(PathBuf::from(d)),
+        None => Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pg18/package/native/bin")),
+    }
+    .filter(|d| has(d))
+    // Resolved (target/pg18 may link elsewhere): PostgreSQL may run as another user, who can
+    // reach the real directory but not necessarily the checkout.
+    .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+}
+
 /// The uid/gid to run PostgreSQL as when we are root.
 fn unprivileged_user() -> anyhow::Result<Option<(u32, u32)>> {
     if std::fs::metadata("/proc/self")?.uid() != 0 {
@@ -153,7 +172,10 @@ impl TestPostgres {
     }
 
     fn start_blocking(opts: PgOptions) -> anyhow::Result<TestPostgres> {
-        let bindir = find_bindir()?;
+        let bindir = match &opts.bindir {
+            Some(d) => d.clone(),
+            None => find_bindir()?,
+        };
         let run_as = unprivileged_user()?;
         let dir = tempfile::Builder::new().prefix("pgvalve-pg-").tempdir()?;
         let pwfile = dir.path().join("pwfile");

@@ -11,16 +11,16 @@ const LAYERS: &[&[&str]] = &[
     &["protocol"],
     &["config"],
     &["tls", "observe"],
-    &["admission", "server", "sessions", "dbgate"],
+    &["admission", "server", "sessions", "dbgate", "cluster"],
     &["pool", "cancel"],
-    &["reload", "locks"],
+    &["reload", "locks", "notify"],
     &["client"],
     &["session_threads"],
-    &["listener", "admin", "http"],
+    &["listener", "admin", "http", "takeover"],
     &["proxy"],
     // Beside the proxy: tools built on the library.
     &["testkit", "fuzzing"],
-    &["demo", "loadtest"],
+    &["demo", "loadtest", "import", "top", "check"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -22,7 +22,7 @@ pub(super) async fn run(
     let r = match words {
         ["PAUSE"] | ["PAUSE", _] => pause(shared, arg, out).await,
         ["RESUME"] | ["RESUME", _] => resume(shared, arg, out),
-        ["RELOAD"] => reload(shared, out),
+        ["RELOAD"] => reload(shared, out).await,
         ["KILL_CLIENT", _] => kill_client(shared, arg.unwrap_or(""), out),
         ["SHUTDOWN"] => {
             tracing::info!("SHUTDOWN from the admin console: draining");
@@ -75,11 +75,14 @@ fn resume(shared: &Admin<'_>, db: Option<&str>, out: &mut BytesMut) -> Result<()
     Ok(())
 }
 
-fn reload(shared: &Admin<'_>, out: &mut BytesMut) -> Result<(), PgError> {
-    match shared.reloader.reload() {
+async fn reload(shared: &Admin<'_>, out: &mut BytesMut) -> Result<(), PgError> {
+    match shared.reloader.reload().await {
         Ok(r) => {
             for c in &r.changes {
                 messages::notice_response("00000", &format!("pgvalve: reload: {c}"), out);
+            }
+            for w in &r.warnings {
+                messages::notice_response("01000", &format!("pgvalve: reload: {w}"), out);
             }
             for s in &r.restart_needed {
                 messages::notice_response(

@@ -7,6 +7,8 @@
 //! identity and no server connection, and is served here until it leaves.
 
 mod control;
+mod forensics;
+mod identities;
 mod pgbouncer;
 mod show;
 
@@ -96,7 +98,7 @@ async fn serve(shared: &Admin<'_>, client: &mut ClientConn, role: Role) -> Resul
     ] {
         messages::parameter_status(name, value, &mut client.wbuf);
     }
-    messages::backend_key_data(0, 0, &mut client.wbuf);
+    messages::backend_key_data(0, &[0; 4], &mut client.wbuf);
     messages::ready_for_query(status::IDLE, &mut client.wbuf);
     client.flush().await?;
     let max = shared.config().proxy.max_message_size.0.min(1 << 20);

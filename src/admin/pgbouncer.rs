@@ -14,6 +14,7 @@ use super::show::{s, secs, time, Table};
 use super::Admin;
 use crate::config::Config;
 use crate::protocol::messages::ColumnType::{Int8, Text};
+use crate::server::version;
 
 /// Sessions per (database, user): (clients, clients holding a server connection).
 fn clients_per_pool(shared: &Admin<'_>) -> BTreeMap<(String, String), (u64, u64)> {
@@ -53,7 +54,12 @@ pub(super) fn pools(shared: &Admin<'_>) -> Table {
     let clients = clients_per_pool(shared);
     for p in shared.pools.stats() {
         let (db, user) = (&p.key.database, &p.key.user);
-        let (_, waiting, maxwait) = shared.admission.gate(&crate::pool::PoolKey::label(db, user));
+        let (waiting, maxwait) = shared
+            .pools
+            .gates(db, user)
+            .iter()
+            .map(|g| shared.admission.gate(g))
+            .fold((0, Duration::ZERO), |(w, m), (_, gw, gm)| (w + gw, m.max(gm)));
         let (n, _) = clients.get(&(db.clone(), user.clone())).copied().unwrap_or_default();
         let mode = config.route(db, user).map(|r| r.pool_mode.to_string());
         t.rows.push(vec![
@@ -86,7 +92,7 @@ pub(super) fn servers(shared: &Admin<'_>) -> Table {
     let mut t = Table::new(
         &[
             super::show::CONNECTION_COLUMNS,
-            &[("client_id", Int8), ("identity", Text)],
+            &[("client_id", Int8), ("identity", Text), ("protocol", Text)],
         ]
         .concat(),
     );
@@ -122,9 +128,10 @@ pub(super) fn servers(shared: &Admin<'_>) -> Table {
             s(pid),
             s(c.id),
             s(&c.client.identity),
+            s(version::label(c.backend_minor())),
         ]);
     }
-    for (key, pid, addr, opened, idle_since) in shared.pools.idle_connections() {
+    for (key, pid, addr, opened, idle_since, minor) in shared.pools.idle_connections() {
         let (host, port) = split(&addr);
         t.rows.push(vec![
             s("S"),
@@ -150,6 +157,7 @@ pub(super) fn servers(shared: &Admin<'_>) -> Table {
             s(pid),
             None,
             None,
+            s(version::label(minor)),
         ]);
     }
     t
@@ -340,7 +348,12 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
         ),
         ("pool_mode", q.pool_mode.to_string(), true),
         ("pool_size", q.pool_size.to_string(), true),
-        ("max_server_connections", q.max_server_connections.to_string(), false),
+        ("max_server_connections", c.max_server_connections().to_string(), true),
+        (
+            "max_server_connections_source",
+            c.server_budget.as_ref().map(|b| b.source.clone()).unwrap_or_default(),
+            true,
+        ),
         ("query_wait_timeout", d(q.query_wait_timeout), true),
         ("server_connect_timeout", d(q.server_connect_timeout), true),
         ("server_reset_query", q.server_reset_query.clone(), true),
@@ -352,21 +365,27 @@ fn settings(c: &Config) -> Vec<(&'static str, String, bool)> {
         ("idle_transaction_timeout", d(q.idle_transaction_timeout), true),
         ("transaction_timeout", d(q.transaction_timeout), true),
         ("max_prepared_statements", q.max_prepared_statements.to_string(), true),
+        ("track_parameters", list(&q.track_parameters), true),
         ("auth_user", p.auth_user.clone().unwrap_or_default(), true),
         ("auth_query", p.auth_query.clone(), true),
         ("auth_dbname", p.auth_dbname.clone().unwrap_or_default(), true),
         ("auth_cache_ttl", d(p.auth_cache_ttl), true),
         ("auth_failure_limit", p.auth_failure_limit.to_string(), true),
+        ("proxy_protocol_trusted", p.proxy_protocol_trusted.to_string(), true),
+        ("hba_file", path(&p.hba_file), true),
+        ("ident_file", path(&p.ident_file), true),
         ("client_tls_mode", c.tls.client.mode.to_string(), true),
         ("client_tls_cert_file", path(&c.tls_settings.client_tls_cert_file), true),
         ("client_tls_key_file", path(&c.tls_settings.client_tls_key_file), true),
         ("server_tls_mode", c.tls.server.mode.to_string(), true),
         ("server_tls_ca_file", path(&c.tls_settings.server_tls_ca_file), true),
+        ("client_tls_ca_file", path(&c.tls_settings.client_tls_ca_file), true),
         ("admin_users", list(&c.admin.admin_users), true),
         ("stats_users", list(&c.admin.stats_users), true),
         ("locks.enabled", l.enabled.to_string(), false),
         ("locks.poll_interval", d(l.poll_interval), true),
         ("locks.warn_after", d(l.warn_after), true),
+        ("locks.long_transaction_after", d(l.long_transaction_after), true),
         ("locks.dangerous_modes", list(&l.dangerous_modes), true),
         (
             "http.listen",

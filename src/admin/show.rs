@@ -21,6 +21,10 @@ const HELP: &[(&str, &str)] = &[
         "SHOW LIMITS",
         "per client identity: limits, connections and waiters now, login rate, refusals by reason, surges",
     ),
+    (
+        "SHOW IDENTITIES",
+        "per client identity: connections now, and query and transaction times of the last minute (count, p50, p99 in ms)",
+    ),
     ("SHOW SURGES", "connection surge episodes, oldest first (the last 256)"),
     (
         "SHOW LOCKS",
@@ -28,12 +32,28 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("SHOW LOCK_HISTORY", "ended episodes of dangerous locks, oldest first"),
     (
+        "SHOW CLUSTER",
+        "the instances sharing this one's [cluster] budget: slots held, in use, idle, wanted, this instance marked",
+    ),
+    (
+        "SHOW DEADLOCKS",
+        "recent deadlocks, one row per backend of the cycle: identity, application_name, lock waited for, route and statement",
+    ),
+    (
+        "SHOW LONG_TRANSACTIONS",
+        "transactions open longer than long_transaction_after (open now, then recently ended): session, identity, route, time open, state, last statement",
+    ),
+    (
         "SHOW CLIENTS",
         "client sessions (PgBouncer's columns, plus identity and the backend pid each one uses now)",
     ),
     (
         "SHOW POOLS",
         "pools per database and user (PgBouncer's columns, plus pool_size, paused and sv_own: slots held by pgvalve's own connections)",
+    ),
+    (
+        "SHOW CORES",
+        "each core's part of each pool: its lease of the pool's slots, open and idle server connections, lease moves",
     ),
     (
         "SHOW SERVERS",
@@ -184,7 +204,9 @@ fn surges(shared: &Admin<'_>) -> Table {
         ("login_rate_baseline", Float8),
         ("peak_login_rate", Float8),
         ("peak_client_growth_10s", Int8),
+        ("top_routes", Text),
     ]);
+    let routes = shared.locks.surge_routes();
     for e in shared.admission.surges() {
         t.rows.push(vec![
             s(&e.identity),
@@ -196,6 +218,7 @@ fn surges(shared: &Admin<'_>) -> Table {
             s(format!("{:.3}", e.baseline)),
             s(e.peak_rate),
             s(e.peak_delta),
+            Some(routes.top(&e.identity, e.started).join(", ")).filter(|r| !r.is_empty()),
         ]);
     }
     t
@@ -220,6 +243,10 @@ fn locks(shared: &Admin<'_>) -> Table {
         ("xact_age_seconds", Float8),
         ("blocks", Int8),
         ("blocks_total", Int8),
+        ("route", Text),
+        ("controller", Text),
+        ("action", Text),
+        ("traceparent", Text),
         ("query", Text),
     ]);
     for l in &shared.locks.state().current {
@@ -242,6 +269,10 @@ fn locks(shared: &Admin<'_>) -> Table {
             r.xact_age.map(|a| format!("{a:.1}")),
             s(l.blocks),
             s(l.blocks_total),
+            r.tags.route.clone(),
+            r.tags.controller.clone(),
+            r.tags.action.clone(),
+            r.tags.traceparent.clone(),
             s(&r.query),
         ]);
     }
@@ -320,6 +351,11 @@ fn lock_history(shared: &Admin<'_>) -> Table {
         ("held_seconds", Float8),
         ("max_blocked", Int8),
         ("ended_by", Text),
+        ("route", Text),
+        ("controller", Text),
+        ("action", Text),
+        ("traceparent", Text),
+        ("query", Text),
     ]);
     for e in &shared.locks.state().history {
         let held = e
@@ -338,6 +374,49 @@ fn lock_history(shared: &Admin<'_>) -> Table {
             s(format!("{:.1}", held.as_secs_f64())),
             s(e.max_blocked),
             s(&e.ended_by),
+            e.tags.route.clone(),
+            e.tags.controller.clone(),
+            e.tags.action.clone(),
+            e.tags.traceparent.clone(),
+            s(&e.query),
+        ]);
+    }
+    t
+}
+
+/// The instances of this one's cluster as its coordinator last saw them (no row without a
+/// `[cluster]`).
+fn cluster(shared: &Admin<'_>) -> Table {
+    let mut t = Table::new(&[
+        ("cluster", Text),
+        ("instance", Text),
+        ("coordination_pid", Int8),
+        ("slots_held", Int8),
+        ("in_use", Int8),
+        ("idle", Int8),
+        ("wanted", Int8),
+        ("this", Text),
+        ("connected", Text),
+        ("last_round", Text),
+        ("address", Text),
+    ]);
+    let Some(c) = shared.pools.cluster() else {
+        return t;
+    };
+    let v = c.view();
+    for p in &v.peers {
+        t.rows.push(vec![
+            s(&c.settings().name),
+            s(&p.id),
+            s(p.pid),
+            s(p.held),
+            s(p.in_use),
+            s(p.idle),
+            s(p.in_use + p.waiting),
+            s(if p.me { "yes" } else { "" }),
+            s(if p.me { v.connected } else { true }),
+            v.last_round.and_then(time),
+            p.addr.clone(),
         ]);
     }
     t
@@ -363,12 +442,17 @@ pub(super) fn command(shared: &Admin<'_>, role: Role, command: &str, out: &mut B
             t
         }
         ["SHOW", "LIMITS"] => limits(shared),
+        ["SHOW", "IDENTITIES"] => super::identities::identities(shared),
         ["SHOW", "SURGES"] => surges(shared),
         ["SHOW", "LOCKS"] => locks(shared),
         ["SHOW", "LOCK_HISTORY"] => lock_history(shared),
+        ["SHOW", "CLUSTER"] => cluster(shared),
+        ["SHOW", "DEADLOCKS"] => super::forensics::deadlocks(shared),
+        ["SHOW", "LONG_TRANSACTIONS"] => super::forensics::long_transactions(shared),
         ["SHOW", "CLIENTS"] => clients(shared),
         ["SHOW", "POOLS"] => super::pgbouncer::pools(shared),
         ["SHOW", "SERVERS"] => super::pgbouncer::servers(shared),
+        ["SHOW", "CORES"] => cores(shared),
         ["SHOW", "STATS"] => super::pgbouncer::stats(shared),
         ["SHOW", "DATABASES"] => super::pgbouncer::databases(shared),
         ["SHOW", "USERS"] => super::pgbouncer::users(shared),
@@ -389,4 +473,29 @@ pub(super) fn command(shared: &Admin<'_>, role: Role, command: &str, out: &mut B
     };
     table.write(out);
     Ok(())
+}
+
+/// SHOW CORES: each core's part of each pool.
+fn cores(shared: &Admin<'_>) -> Table {
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("user", Text),
+        ("core", Int8),
+        ("lease", Int8),
+        ("sv_open", Int8),
+        ("sv_idle", Int8),
+        ("moves", Int8),
+    ]);
+    for c in shared.pools.core_stats() {
+        t.rows.push(vec![
+            s(&c.key.database),
+            s(&c.key.user),
+            s(c.core),
+            s(c.lease),
+            s(c.open),
+            s(c.idle),
+            s(c.moves),
+        ]);
+    }
+    t
 }

@@ -24,18 +24,8 @@ pub struct ClientFacts<'a> {
     pub database: &'a str,
 }
 
-fn in_range(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
-    let (a, b, width): (u128, u128, u32) = match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a).into(), u32::from(b).into(), 32),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (a.into(), b.into(), 128),
-        (IpAddr::V6(a), IpAddr::V4(b)) => match a.to_ipv4_mapped() {
-            Some(a) => (u32::from(a).into(), u32::from(b).into(), 32),
-            None => return false,
-        },
-        _ => return false,
-    };
-    let shift = width - u32::from(bits);
-    bits == 0 || (a >> shift) == (b >> shift)
+fn in_range(ip: IpAddr, range: (IpAddr, u8)) -> bool {
+    crate::config::cidr_contains(range, ip)
 }
 
 /// Glob match with `*` and `?`.

@@ -29,6 +29,7 @@ pub mod limits;
 pub mod queue;
 pub mod rate;
 mod refusal;
+mod rejoin;
 pub mod surge;
 mod tick;
 mod wait;
@@ -185,6 +186,31 @@ fn login_rate(l: &Limits, surging: bool, surge_min_rate: f64) -> (f64, u32, bool
     (rate, burst, damped)
 }
 
+impl State {
+    /// The identity `facts` fall under, known from now on (its limits resolved at its first
+    /// client, and again only on reload), seen `now`, its limits told to the scheduler.
+    fn identify(&mut self, facts: &ClientFacts<'_>, now: Instant) -> Arc<str> {
+        let rules = self.rules.clone();
+        let (name, rule) = identity::identify_with_rule(&rules, facts);
+        let id: Arc<str> = match self.ids.get_key_value(name.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => name.into(),
+        };
+        let (settings, query_wait_timeout) = (&self.settings, self.query_wait_timeout);
+        let ident = self.ids.entry(id.clone()).or_insert_with(|| {
+            let limits = Limits::resolve(
+                settings,
+                &rule.map(|r| r.limits.clone()).unwrap_or_default(),
+                query_wait_timeout,
+            );
+            Ident::first(limits, rule, now)
+        });
+        ident.last_seen = now;
+        self.sched.set_limits(&id, share_limits(&ident.limits));
+        id
+    }
+}
+
 impl Admission {
     /// Admission under `c`, reporting queue waits to `events`.
     pub fn new(c: AdmissionConfig, events: crate::observe::Events) -> Self {
@@ -243,27 +269,10 @@ impl Admission {
 
     fn login_now(&self, facts: &ClientFacts<'_>, now: Instant) -> Result<(Member, Duration), Refusal> {
         let mut st = self.state();
-        let rules = st.rules.clone();
-        let (name, rule) = identity::identify_with_rule(&rules, facts);
-        let id: Arc<str> = match st.ids.get_key_value(name.as_str()) {
-            Some((k, _)) => k.clone(),
-            None => name.into(),
-        };
         let st = &mut *st;
-        let (settings, query_wait_timeout) = (&st.settings, st.query_wait_timeout);
-        let ident = st.ids.entry(id.clone()).or_insert_with(|| {
-            // First client of this identity: its limits are resolved once here (and again
-            // only on reload).
-            let limits = Limits::resolve(
-                settings,
-                &rule.map(|r| r.limits.clone()).unwrap_or_default(),
-                query_wait_timeout,
-            );
-            Ident::first(limits, rule, now)
-        });
-        ident.last_seen = now;
+        let id = st.identify(facts, now);
+        let ident = st.ids.get_mut(&id).expect("invariant: identify made the entry");
         ident.surge.login();
-        st.sched.set_limits(&id, share_limits(&ident.limits));
         let l = &ident.limits;
         let refuse = |ident: &mut Ident, r: Refusal| {
             *ident.counters.refused.entry(r.reason()).or_default() += 1;
@@ -341,6 +350,22 @@ impl Admission {
         pool_size: u32,
         hold: Hold,
     ) -> Result<Acquired<'a>, Refusal> {
+        self.request_in(member, pool, (pool_size, pool_size), hold)
+    }
+
+    /// [`Admission::request`] in one core's gate of a pool ([`gate_name`]): `capacity` is the
+    /// core's lease of the pool (what the gate hands out), `pool_size` the pool's (what
+    /// messages name).
+    ///
+    /// # Errors
+    /// [`Refusal::QueueFull`].
+    pub fn request_in<'a>(
+        &'a self,
+        member: &'a Member,
+        pool: &'a Arc<str>,
+        (capacity, pool_size): (u32, u32),
+        hold: Hold,
+    ) -> Result<Acquired<'a>, Refusal> {
         let id = &member.identity;
         let mut guard = self.state();
         let st = &mut *guard;
@@ -352,7 +377,7 @@ impl Admission {
             notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
             deadline: now + timeout,
         };
-        match st.sched.request(pool, pool_size, id, hold, (now, due)) {
+        match st.sched.request(pool, capacity, id, hold, (now, due)) {
             Request::Granted => {
                 count(st, id, |c| c.grants += 1);
                 Ok(Acquired::Granted(self.grant(pool, id, hold)))
@@ -451,7 +476,7 @@ impl Admission {
         } else if let Some((held, headroom)) = st.sched.held_back(pool, id, hold) {
             Refusal::Headroom {
                 identity: id.to_string(),
-                pool: pool.to_string(),
+                pool: shown(pool).to_string(),
                 pool_size,
                 held,
                 headroom,
@@ -461,13 +486,31 @@ impl Admission {
         } else {
             Refusal::QueueTimeout {
                 identity: id.to_string(),
-                pool: pool.to_string(),
+                pool: shown(pool).to_string(),
                 pool_size,
                 held: st.sched.gate_held(pool, id),
                 waited,
                 key,
             }
         }
+    }
+}
+
+/// The admission gate of one core's part of a pool labelled `label` (see `pool::shards`):
+/// the label itself when the proxy has one core, else the label and `#core`.
+pub fn gate_name(label: &str, core: usize, cores: usize) -> String {
+    if cores <= 1 {
+        label.to_string()
+    } else {
+        format!("{label}#{core}")
+    }
+}
+
+/// A gate's pool as clients are told it: the label without a core's `#n`.
+pub fn shown(gate: &str) -> &str {
+    match gate.rfind('#') {
+        Some(i) if gate[..i].ends_with('"') && gate[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &gate[..i],
+        _ => gate,
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::headroom::{Hold, Standing};
+use super::headroom::Hold;
 use super::limits::Headroom;
 
 /// The limits the scheduler needs for one identity.
@@ -145,6 +145,10 @@ pub struct Scheduler {
     gates: crate::FastMap<Arc<str>, Gate>,
     shares: crate::FastMap<Arc<str>, Share>,
     next_id: u64,
+    /// A pool's gates, one per core (see [`pool_view`]), by each of their names.
+    siblings: crate::FastMap<Arc<str>, Arc<[Arc<str>]>>,
+    /// Cores each pool has a gate on.
+    cores: usize,
 }
 
 impl Scheduler {
@@ -188,10 +192,18 @@ impl Scheduler {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
         }
+        self.know(gate);
+        // A core's gate (one of several of a pool) takes its capacity from the pool's lease
+        // moves (set_capacity) once it exists: a request may carry a lease read before the
+        // last move.
+        let per_core = self.siblings.contains_key(gate);
+        let fresh = !self.gates.contains_key(gate);
         let g = self.gates.entry(gate.clone()).or_default();
         let grew = capacity > g.capacity;
-        g.capacity = capacity;
-        if grew {
+        if fresh || !per_core {
+            g.capacity = capacity;
+        }
+        if grew && (fresh || !per_core) {
             self.dispatch(gate);
         }
         if self.eligible(gate, id, hold) {
@@ -222,6 +234,17 @@ impl Scheduler {
             hold,
         });
         Request::Queued(self.next_id, rx)
+    }
+
+    /// Sets `gate`'s capacity (creating it); waiters get what a larger one frees.
+    pub(crate) fn set_capacity(&mut self, gate: &Arc<str>, capacity: u32) {
+        self.know(gate);
+        let g = self.gates.entry(gate.clone()).or_default();
+        let grew = capacity > g.capacity;
+        g.capacity = capacity;
+        if grew {
+            self.dispatch(gate);
+        }
     }
 
     /// Takes a waiter out of its queue. False when it is not there: it was granted meanwhile
@@ -281,6 +304,9 @@ impl Scheduler {
             }
         }
         self.dispatch(gate);
+        // The pool's other gates (one per core): the headroom rule looks at the whole pool,
+        // so what this frees may let their waiters go.
+        self.dispatch_siblings(gate);
         if at_cap {
             // The identity was held back by its own cap: its waiters in other gates may go.
             let others: Vec<Arc<str>> = self
@@ -315,39 +341,14 @@ impl Scheduler {
                 Some(min.saturating_sub(f.in_use))
             })
             .sum();
-        free > reserved && self.standing(g, id, s).may_take(hold)
-    }
-
-    /// What the headroom rule looks at for `id` (whose share is `s`) in `g`.
-    fn standing(&self, g: &Gate, id: &Arc<str>, s: &Share) -> Standing {
-        let (held, long) = g.flows.get(id).map_or((0, 0), |f| (f.in_use, f.long));
-        let headroom = s.limits.headroom.of(g.capacity);
-        // Only needed near the end of the pool: the sum over flows is skipped otherwise.
-        let others = if g.capacity.saturating_sub(g.in_use) > headroom {
-            0
-        } else {
-            g.flows
-                .iter()
-                .filter(|(k, f)| *k != id && (f.in_use > 0 || !f.waiting.is_empty()))
-                .map(|(k, _)| u64::from(self.shares.get(k).map_or(1, |s| s.limits.weight)))
-                .sum()
-        };
-        Standing {
-            in_use: g.in_use,
-            capacity: g.capacity,
-            held,
-            long,
-            weight: s.limits.weight,
-            others,
-            headroom,
-        }
+        free > reserved && self.standing(gate, id, s).may_take(hold)
     }
 
     /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,
     /// the headroom in connections).
     pub(crate) fn held_back(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> Option<(u32, u32)> {
-        let (g, s) = (self.gates.get(gate)?, self.shares.get(id)?);
-        let st = self.standing(g, id, s);
+        let s = self.shares.get(id)?;
+        let st = self.standing(gate, id, s);
         st.held_back(hold).then_some((st.held, st.headroom))
     }
 
@@ -375,6 +376,9 @@ impl Scheduler {
     /// The waiting flow that should be served next in `gate`, if any may be.
     fn pick(&self, gate: &Arc<str>) -> Option<Arc<str>> {
         let g = self.gates.get(gate)?;
+        // A pool with one gate per core: an identity is judged by what it holds in the whole
+        // pool, so one served less on one core is served first on the others.
+        let pooled = self.siblings.contains_key(gate);
         let mut best: Option<(f64, f64, &Arc<str>)> = None;
         for (id, f) in &g.flows {
             let Some(w) = f.waiting.front() else { continue };
@@ -382,7 +386,8 @@ impl Scheduler {
                 continue;
             }
             let weight = self.shares.get(id).map_or(1.0, |s| f64::from(s.limits.weight));
-            let key = (f64::from(f.in_use) / weight, f.pass);
+            let held = if pooled { self.gate_held(gate, id) } else { f.in_use };
+            let key = (f64::from(held) / weight, f.pass);
             if best.is_none_or(|(a, b, _)| key < (a, b)) {
                 best = Some((key.0, key.1, id));
             }
@@ -439,14 +444,6 @@ impl Scheduler {
                 waiting: s.waiting,
             })
             .unwrap_or_default()
-    }
-
-    /// Grants an identity holds in a gate.
-    pub(crate) fn gate_held(&self, gate: &str, id: &str) -> u32 {
-        self.gates
-            .get(gate)
-            .and_then(|g| g.flows.get(id))
-            .map_or(0, |f| f.in_use)
     }
 
     /// How long the longest waiter of a gate has waited.
@@ -528,6 +525,9 @@ impl Scheduler {
         self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);
     }
 }
+
+#[path = "queue_pool.rs"]
+mod pool_view;
 
 #[cfg(test)]
 #[path = "queue_tests.rs"]

@@ -165,6 +165,38 @@ impl Admission {
         (in_use, waiting, st.sched.gate_max_wait(gate))
     }
 
+    /// Grants in use and clients waiting that more capacity would serve, in each of `gates`,
+    /// read under one lock (the pools' lease rebalancing reads every core's gate of a pool
+    /// at once).
+    pub fn gates(&self, gates: &[Arc<str>]) -> Vec<(u32, u32)> {
+        let st = self.state();
+        gates.iter().map(|g| st.sched.gate_demand(g)).collect()
+    }
+
+    /// Each pool has one gate per core of `cores` (see `pool::shards`): the headroom rule and
+    /// refusals then look at the pool's gates together.
+    pub fn set_cores(&self, cores: usize) {
+        self.state().sched.set_cores(cores);
+    }
+
+    /// New capacities for gates (the cores' leases of a pool changed), set under one lock,
+    /// the smaller ones first, so the pool's gates never add up to more than the pool;
+    /// waiters are granted what they free.
+    pub fn resize_gates(&self, gates: &[(Arc<str>, u32)]) {
+        let mut st = self.state();
+        let mut order: Vec<&(Arc<str>, u32)> = gates.iter().collect();
+        order.sort_by_key(|(g, c)| (st.sched.gate_capacity(g) < *c, *c));
+        for (g, c) in order {
+            st.sched.set_capacity(g, *c);
+        }
+    }
+
+    /// How many identities have clients waiting for a server connection now.
+    pub fn identities_waiting(&self) -> usize {
+        let st = self.state();
+        st.ids.keys().filter(|id| st.sched.status(id).waiting > 0).count()
+    }
+
     /// Every known identity, sorted by name.
     pub fn identities(&self) -> Vec<IdentityStatus> {
         let st = self.state();

@@ -10,6 +10,7 @@ use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth};
 use super::conn::{ClientConn, MAX_AUTH_MESSAGE};
 use super::Services;
 use super::SessionError;
+use crate::config::hba::HbaMethod;
 use crate::config::{AuthType, Config, ScramVerifier};
 use crate::protocol::messages;
 
@@ -31,11 +32,31 @@ pub(crate) async fn authenticate(
 ) -> Result<(), SessionError> {
     let config = shared.live_config.load_full();
     let known = config.users.get(user);
-    if config.proxy.auth_type == AuthType::Trust {
-        return match known {
-            Some(_) => Ok(()),
-            None => Err(SessionError::UnknownRole(user.to_string())),
-        };
+    let trust = || match known {
+        Some(_) => Ok(()),
+        None => Err(SessionError::UnknownRole(user.to_string())),
+    };
+    if let Some(h) = &config.hba {
+        match super::hba::method(h, client, user, database)? {
+            HbaMethod::Trust => return trust(),
+            HbaMethod::Cert { map } => {
+                super::hba::cert(client, h, map.as_deref(), user)?;
+                return trust();
+            }
+            // A user with an md5 verifier answers MD5; one with only a SCRAM verifier SCRAM,
+            // as in PostgreSQL; a user pgvalve does not know fails MD5 against a decoy.
+            HbaMethod::Md5 => match known.map(|u| u.md5_verifier.as_ref()) {
+                Some(Some(v)) => return super::hba::md5(client, user, v).await,
+                None if config.proxy.auth_user.is_none() => {
+                    super::hba::md5(client, user, &crate::config::Secret("md5".into())).await?;
+                    return Err(SessionError::AuthFailed(user.to_string()));
+                }
+                _ => {}
+            },
+            HbaMethod::ScramSha256 | HbaMethod::Reject => {}
+        }
+    } else if config.proxy.auth_type == AuthType::Trust {
+        return trust();
     }
     let failed = || SessionError::AuthFailed(user.to_string());
     let addr = client.peer.ip();

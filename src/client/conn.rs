@@ -180,6 +180,22 @@ impl ClientConn {
         Ok(())
     }
 
+    /// Writes some of `wbuf` (one write) and removes what was written.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: what is not written stays in `wbuf`, so messages stay whole.
+    pub(crate) async fn write_some(&mut self) -> Result<(), SessionError> {
+        let n = self.stream.write(&self.wbuf).await.map_err(SessionError::ClientGone)?;
+        if n == 0 {
+            return Err(SessionError::ClientGone(io::ErrorKind::WriteZero.into()));
+        }
+        let _ = self.wbuf.split_to(n);
+        if self.wbuf.is_empty() {
+            self.stream.flush().await.map_err(SessionError::ClientGone)?;
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` (what the relay had not written yet), best effort within a second.
     pub(crate) async fn write_out(&mut self, bytes: &[u8]) {
         let write = async {

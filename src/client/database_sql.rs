@@ -49,29 +49,10 @@ const VALUED_OPTIONS: &[&str] = &[
 /// comments) is DROP, ALTER or CREATE, in any case.
 #[inline]
 pub(crate) fn might_need_database(sql: &[u8]) -> bool {
-    let mut i = 0;
-    loop {
-        match sql.get(i..) {
-            Some([b, ..]) if b.is_ascii_whitespace() => i += 1,
-            Some([b'-', b'-', rest @ ..]) => {
-                i += 2 + rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-            }
-            Some([b'/', b'*', rest @ ..]) => {
-                i += 2 + rest.windows(2).position(|w| w == b"*/").map_or(rest.len(), |p| p + 2);
-            }
-            Some(rest @ [b'a' | b'A' | b'c' | b'C' | b'd' | b'D', ..]) => {
-                let end = rest
-                    .iter()
-                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80))
-                    .unwrap_or(rest.len());
-                let word = &rest[..end];
-                return [&b"drop"[..], b"alter", b"create"]
-                    .iter()
-                    .any(|k| word.eq_ignore_ascii_case(k));
-            }
-            _ => return false,
-        }
-    }
+    let word = super::sql::first_word(sql);
+    [&b"drop"[..], b"alter", b"create"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
 }
 
 /// The database the first statement of `sql` needs to itself, if it is one of those in the

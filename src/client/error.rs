@@ -84,6 +84,15 @@ pub enum SessionError {
     /// Bytes after SSLRequest, before the handshake (they could be an attacker's).
     #[error("received unencrypted data after SSL request")]
     PlaintextAfterSslRequest,
+    /// A PROXY protocol header that is refused: from an address not in
+    /// `proxy_protocol_trusted`, missing from one that is, or malformed. The connection is
+    /// closed without a reply (whoever sent it does not speak PostgreSQL yet).
+    #[error("pgvalve: PROXY protocol header refused from {0}: {1}")]
+    ProxyHeader(std::net::SocketAddr, String),
+    /// Refused by hba_file (no line matches, a `reject` line, a certificate that does not
+    /// name the user): PostgreSQL's 28000 with its message.
+    #[error("{0}")]
+    Hba(String),
 }
 
 /// A wrapped error answers for itself; the session's own variants are the client's, but for
@@ -111,7 +120,9 @@ impl Sided for SessionError {
             | Tls(_)
             | TlsHandshake(_)
             | TlsRequired(_)
-            | PlaintextAfterSslRequest => Side::Client,
+            | PlaintextAfterSslRequest
+            | ProxyHeader(..)
+            | Hba(_) => Side::Client,
             ServerProtocol(_) => Side::Server,
             TooManyClients(..) | Shutdown | Killed(_) => Side::Proxy,
         }
@@ -127,11 +138,11 @@ impl Sided for SessionError {
             Server(e) => e.sqlstate(),
             Killed(e) => &e.code,
             ClientGone(_) | ServerProtocol(_) => sqlstate::CONNECTION_FAILURE,
-            Protocol(_) | LoginTimeout(_) | Tls(_) | TlsHandshake(_) | PlaintextAfterSslRequest => {
+            Protocol(_) | LoginTimeout(_) | Tls(_) | TlsHandshake(_) | PlaintextAfterSslRequest | ProxyHeader(..) => {
                 sqlstate::PROTOCOL_VIOLATION
             }
             AuthFailed(_) => sqlstate::INVALID_PASSWORD,
-            UnknownRole(_) | UnsupportedAuth(_) | TlsRequired(_) => sqlstate::INVALID_AUTHORIZATION,
+            UnknownRole(_) | UnsupportedAuth(_) | TlsRequired(_) | Hba(_) => sqlstate::INVALID_AUTHORIZATION,
             UnknownDatabase(_) => sqlstate::INVALID_CATALOG_NAME,
             TooManyClients(..) => sqlstate::TOO_MANY_CONNECTIONS,
             Shutdown => sqlstate::ADMIN_SHUTDOWN,
@@ -147,7 +158,7 @@ impl SessionError {
         use SessionError::*;
         let fatal = |msg: String| PgError::fatal(self.sqlstate(), msg);
         Some(match self {
-            ClientGone(_) | Tls(_) | TlsHandshake(_) => return None,
+            ClientGone(_) | Tls(_) | TlsHandshake(_) | ProxyHeader(..) => return None,
             Checkout(e) => e.client_error(),
             Refused(r) => r.client_error(),
             Server(e) => e.client_error(),
@@ -167,6 +178,7 @@ impl SessionError {
             | AuthFailed(_)
             | UnknownRole(_)
             | UnsupportedAuth(_)
+            | Hba(_)
             | UnknownDatabase(_)
             | Shutdown
             | Unsupported(_)
@@ -198,6 +210,7 @@ mod tests {
     }
 
     /// Every variant: side, SQLSTATE, and what the client is sent (None: nothing).
+    #[allow(clippy::too_many_lines)] // a test: one row per variant
     #[test]
     fn session_errors_know_their_side_and_code() {
         use SessionError::*;
@@ -268,6 +281,18 @@ mod tests {
             (TlsHandshake(gone()), Side::Client, "08P01", false),
             (TlsRequired([10, 0, 0, 1].into()), Side::Client, "28000", true),
             (PlaintextAfterSslRequest, Side::Client, "08P01", true),
+            (
+                ProxyHeader(([10, 0, 0, 1], 5000).into(), "not trusted".into()),
+                Side::Client,
+                "08P01",
+                false,
+            ),
+            (
+                Hba("pg_hba.conf rejects connection".into()),
+                Side::Client,
+                "28000",
+                true,
+            ),
         ];
         for (e, side, code, told) in cases {
             assert_eq!((e.side(), e.sqlstate()), (side, code), "{e}");

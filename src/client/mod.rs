@@ -10,11 +10,16 @@ mod conn;
 mod console;
 mod database_sql;
 mod error;
+mod handoff;
+mod hba;
+mod listen;
 mod params;
 mod prepared;
+mod proxied;
 mod relay;
 mod services;
 mod sql;
+mod tracked;
 mod txn;
 
 use std::net::SocketAddr;
@@ -29,6 +34,7 @@ pub(crate) use auth::scram_exchange;
 pub(crate) use conn::ClientConn;
 pub(crate) use console::{is_console, role, Console, Role};
 pub(crate) use error::SessionError;
+pub(crate) use handoff::{resume, Handoff, Moved, MovedState};
 pub(crate) use params::parse_options;
 pub(crate) use prepared::Registry as StatementRegistry;
 #[doc(hidden)]
@@ -50,17 +56,19 @@ use crate::protocol::tags;
 use crate::server::ServerError;
 use crate::shutdown::Phase;
 
-/// Serves one client connection to its end. `on_session_thread`: the task runs on a session
-/// thread (see the listener), so a session-mode server connection is registered
-/// with this thread's event loop before the relay.
+/// Serves one client connection to its end, on core `core`'s event loop (see the listener):
+/// its server connections come from that core's part of its pool.
 pub(crate) async fn serve(
     shared: Arc<Services>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     permit: Option<ClientPermit>,
-    on_session_thread: bool,
+    core: usize,
 ) {
     let _ = stream.set_nodelay(true);
+    let Some(peer) = real_peer(&shared, &mut stream, peer).await else {
+        return;
+    };
     let mut client = ClientConn::new(stream, peer);
     let span = tracing::info_span!(
         "client",
@@ -71,7 +79,7 @@ pub(crate) async fn serve(
     );
     // The login and session-mode future is boxed: it is freed once a transaction-mode client
     // is logged in, so an idle client's task holds only what it needs between transactions.
-    let mut t = match Box::pin(session(&shared, &mut client, permit, &span, on_session_thread)).await {
+    let mut t = match Box::pin(session(&shared, &mut client, permit, &span, core)).await {
         Ok(Some(t)) => t,
         Ok(None) => return,
         Err(e) => return Box::pin(ended(&mut client, &span, e)).await,
@@ -79,16 +87,42 @@ pub(crate) async fn serve(
     // Between transactions the session keeps no tracing span (a span costs memory per client
     // while it lives); an error at the end is logged in a span made again from the seat.
     drop(span);
-    if let Err(e) = txn::serve(&shared, &mut client, &mut t).await {
+    serve_txn(&shared, &mut client, &mut t, params::Reported::new()).await;
+}
+
+/// Serves a logged-in transaction-mode client (with the tracked parameters it `reported`
+/// so far) to its end.
+async fn serve_txn(shared: &Arc<Services>, client: &mut ClientConn, t: &mut TxnSession, reported: params::Reported) {
+    if let Err(e) = txn::serve(shared, client, t, reported).await {
         let route = &t.seat.route;
         let span = tracing::info_span!(
             "client",
-            addr = %peer,
+            addr = %client.peer,
             user = %route.user,
             db = %route.database,
             identity = %t.seat.member.identity()
         );
-        Box::pin(ended(&mut client, &span, e)).await;
+        Box::pin(ended(client, &span, e)).await;
+    }
+}
+
+/// The client's address: the socket's, or behind a trusted load balancer the one its PROXY
+/// header carries (None: the header was refused, logged, and the connection is to be closed).
+async fn real_peer(shared: &Services, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    let timeout = {
+        let c = shared.config();
+        let trusted = &c.proxy.proxy_protocol_trusted;
+        (!trusted.is_empty() && trusted.contains(peer.ip())).then_some(c.proxy.client_login_timeout)
+    };
+    let Some(timeout) = timeout else {
+        return Some(peer);
+    };
+    match proxied::client_addr(stream, peer, timeout).await {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            tracing::info_span!("client", addr = %peer).in_scope(|| e.log());
+            None
+        }
     }
 }
 
@@ -122,8 +156,10 @@ pub(crate) struct Seat {
     registered: crate::sessions::Registered,
     member: Member,
     route: Route,
-    /// The pool's name in admission: `database "d" user "u"`.
+    /// The pool's name: `database "d" user "u"`.
     pool: Arc<str>,
+    /// The core the session runs on (its pool's part there, see `pool::shards`).
+    core: usize,
     /// The pool last checked out from, until a reload retires (closes) it.
     server_pool: std::sync::Mutex<Option<crate::pool::Pool>>,
     /// The pool's SHOW STATS counters (queue waits are added here).
@@ -142,9 +178,12 @@ impl Seat {
         shared.pauses.wait_resumed(&self.route.database).await;
         // The pool and its size as configured now (a reload may have changed them).
         let pool = self.server_pool(shared);
-        let pool_size = pool.manager().size() as u32;
+        let (pool_size, lease) = (pool.manager().size() as u32, pool.manager().lease() as u32);
         // Most grants come at once: then no timer is made.
-        let grant = match shared.admission.request(&self.member, &self.pool, pool_size, hold)? {
+        let grant = match shared
+            .admission
+            .request_in(&self.member, &pool.manager().gate, (lease, pool_size), hold)?
+        {
             Acquired::Granted(g) => g,
             Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
         };
@@ -160,6 +199,7 @@ impl Seat {
             Err(e) => return Err(e.into()),
         };
         self.registered.info.set_backend(server.pid);
+        self.registered.info.set_backend_minor(server.protocol_minor);
         Ok(server)
     }
 
@@ -206,7 +246,7 @@ impl Seat {
         match &*cached {
             Some(p) if !p.is_closed() => p.clone(),
             _ => {
-                let p = shared.pools.pool(&self.route);
+                let p = shared.pools.pool(&self.route, self.core);
                 *cached = Some(p.clone());
                 p
             }
@@ -229,8 +269,17 @@ async fn opening(shared: &Services, client: &mut ClientConn) -> Result<Opening, 
         let c = shared.config();
         (c.proxy.max_startup_packet_size, c.tls.client.clone())
     };
+    let first = client.peek_first().await?;
+    // "PROXY " or the v2 signature's "\r" where a length is due (no startup packet is that
+    // long): a PROXY header from an address not trusted to send one.
+    if matches!(first, Some(b'P' | b'\r')) {
+        return Err(SessionError::ProxyHeader(
+            client.peer,
+            "the address is not in proxy_protocol_trusted".into(),
+        ));
+    }
     // A TLS record (0x16) where a length is due: PostgreSQL 17's direct TLS.
-    if client.peek_first().await? == Some(0x16) {
+    if first == Some(0x16) {
         let acceptor = tls
             .acceptor
             .as_ref()
@@ -251,6 +300,10 @@ async fn opening(shared: &Services, client: &mut ClientConn) -> Result<Opening, 
             },
             InitialPacket::GssEncRequest => client.send_byte(tags::encryption::REFUSED).await?,
             InitialPacket::Cancel { pid, secret } => {
+                shared.cancels.cancel_anywhere(pid, &secret).await;
+                return Ok(Opening::Cancel);
+            }
+            InitialPacket::ForwardedCancel { pid, secret } => {
                 shared.cancels.cancel(pid, &secret).await;
                 return Ok(Opening::Cancel);
             }
@@ -306,7 +359,7 @@ async fn login(shared: &Services, client: &mut ClientConn, permit_ok: bool) -> R
     })?;
     tracing::Span::current().record("identity", &**member.identity());
     if p.needs_negotiation() {
-        messages::negotiate_protocol_version(p.protocol_options(), &mut client.wbuf);
+        messages::negotiate_protocol_version(p.protocol_minor(), p.protocol_options(), &mut client.wbuf);
     }
     auth::authenticate(client, shared, p.user(), p.database()).await?;
     Ok(Some(LoggedIn::Client(p, member)))
@@ -346,14 +399,14 @@ async fn session(
     client: &mut ClientConn,
     permit: Option<ClientPermit>,
     span: &tracing::Span,
-    on_session_thread: bool,
+    core: usize,
 ) -> Result<Option<Box<TxnSession>>, SessionError> {
     let Started {
         mut server,
         key,
         params,
         seat,
-    } = match Box::pin(setup(shared, client, permit.is_some()).instrument(span.clone())).await? {
+    } = match Box::pin(setup(shared, client, permit.is_some(), core).instrument(span.clone())).await? {
         None => return Ok(None),
         Some(Entry::Console(role)) => return shared.console.serve(shared, client, role).await.map(|()| None),
         Some(Entry::Session(s)) => *s,
@@ -370,12 +423,6 @@ async fn session(
             mode,
             _permit: permit,
         })));
-    }
-    if on_session_thread {
-        // The connection may come from a session that ran on another thread.
-        if let Err(e) = server.stream.rehome() {
-            tracing::debug!(error = %e, "server connection left on its event loop");
-        }
     }
     let max = shared.config().proxy.max_message_size.0;
     // Boxed: once per session, and the transaction-mode sessions' tasks stay small.
@@ -416,14 +463,29 @@ fn session_mode(
         ),
         pins: shared.pins.clone(),
         reported: Vec::new(),
+        track: tracked::extra_names(&shared.config().pool.track_parameters),
+        readback: Default::default(),
         reject: shared.config().pool.session_state == crate::config::SessionStatePolicy::Reject,
         timeouts: relay::Timeouts::from_config(&shared.config()),
         cancel: None,
         session: Some(seat.registered.info.clone()),
-        stats: Some(crate::pool::stats::Local::new(seat.stats.clone())),
+        stats: Some(
+            crate::pool::stats::Local::new(seat.stats.clone()).with_latency(
+                shared
+                    .pools
+                    .stats
+                    .latency
+                    .cell(seat.member.identity(), &crate::pool::PoolKey::of(route)),
+            ),
+        ),
         reuse: Default::default(),
+        last_sql: Vec::new(),
         given_pid: key.pid,
-        pinning: (route.pool_mode == PoolMode::Transaction).then(|| shared.admission.pinning(&seat.member, &seat.pool)),
+        pinning: (route.pool_mode == PoolMode::Transaction).then(|| {
+            shared
+                .admission
+                .pinning(&seat.member, &shared.pools.pool(route, seat.core).manager().gate)
+        }),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
                 prepared::ClientStatements::new(
@@ -437,12 +499,36 @@ fn session_mode(
     }
 }
 
+/// A logged-in client's seat on core `core`, registered in the session registry.
+fn seat(shared: &Services, client: &ClientConn, p: &StartupParams, member: Member, route: Route, core: usize) -> Seat {
+    let registered = shared.sessions.register(crate::sessions::SessionClient {
+        identity: member.identity().clone(),
+        user: route.user.clone(),
+        database: route.database.clone(),
+        application_name: p.application_name().unwrap_or("").to_string(),
+        addr: client.peer,
+        local: client.stream.local_addr().ok(),
+    });
+    let stats = shared.pools.stats.counters(&crate::pool::PoolKey::of(&route));
+    let label = crate::pool::PoolKey::label(&route.database, &route.user);
+    Seat {
+        registered,
+        core: core.min(shared.pools.cores() - 1),
+        pool: label.into(),
+        member,
+        route,
+        server_pool: Default::default(),
+        stats,
+    }
+}
+
 /// Login, routing, a server connection with the client's parameters applied, and the
 /// welcome (ParameterStatus, BackendKeyData, ReadyForQuery). None for a cancel request.
 async fn setup(
     shared: &Arc<Services>,
     client: &mut ClientConn,
     permit_ok: bool,
+    core: usize,
 ) -> Result<Option<Entry>, SessionError> {
     let timeout = shared.config().proxy.client_login_timeout;
     let login = tokio::time::timeout(timeout, login(shared, client, permit_ok));
@@ -461,23 +547,7 @@ async fn setup(
     messages::auth_ok(&mut client.wbuf);
     client.flush().await?;
 
-    let registered = shared.sessions.register(crate::sessions::SessionClient {
-        identity: member.identity().clone(),
-        user: route.user.clone(),
-        database: route.database.clone(),
-        application_name: p.application_name().unwrap_or("").to_string(),
-        addr: client.peer,
-        local: client.stream.local_addr().ok(),
-    });
-    let stats = shared.pools.stats.counters(&crate::pool::PoolKey::of(&route));
-    let seat = Seat {
-        registered,
-        pool: crate::pool::PoolKey::label(&route.database, &route.user).into(),
-        member,
-        route,
-        server_pool: Default::default(),
-        stats,
-    };
+    let seat = seat(shared, client, &p, member, route, core);
     // In session mode the connection is the session's; in transaction mode it is the login's.
     let hold = match seat.route.pool_mode {
         PoolMode::Session => Hold::Session,
@@ -487,12 +557,17 @@ async fn setup(
     // Session mode: the client's backend for its whole session, so it is told the real pid
     // (with pgvalve's own secret, which routes its cancels).
     let session_mode = seat.route.pool_mode == PoolMode::Session;
-    let key = shared.cancels.register(session_mode.then_some(server.pid));
+    // A 3.2 client gets a long secret, whatever protocol the server speaks.
+    let key = shared
+        .cancels
+        .register(session_mode.then_some(server.pid), p.protocol_minor() >= 2);
+    let base = params::server_settings(&shared.config(), &client_facts(client, &p));
     if let Err(e) = params::prepare_server(
         &mut server,
+        &base,
         &p,
         &params::Reported::new(),
-        params::params_key(&p, &params::Reported::new()),
+        params::params_key(&base, &p, &params::Reported::new()),
     )
     .await
     {
@@ -504,7 +579,7 @@ async fn setup(
     for (name, value) in &server.params {
         messages::parameter_status(name, value, &mut client.wbuf);
     }
-    messages::backend_key_data(key.pid, key.secret, &mut client.wbuf);
+    messages::backend_key_data(key.pid, key.secret.as_bytes(), &mut client.wbuf);
     messages::ready_for_query(tags::status::IDLE, &mut client.wbuf);
     client.flush().await?;
     tracing::debug!(backend_pid = server.pid, mode = %seat.route.pool_mode, "session started");

@@ -3,7 +3,9 @@
 //! Part of the client session: after a server connection is checked out, the client's
 //! session parameters (application_name, DateStyle, TimeZone, client_encoding, the `-c`
 //! settings in `options`, any other) are applied with `set_config`, in one round trip.
-//! The server's reset (`DISCARD ALL`) undoes them before the next client.
+//! The server's reset (`DISCARD ALL`) undoes them before the next client. The identity's
+//! `server_settings` (see [`server_settings`]) ride the same query, first, so the client's
+//! own settings win.
 
 use super::SessionError;
 use crate::protocol::startup::StartupParams;
@@ -59,16 +61,39 @@ pub(crate) fn parse_options(s: &str) -> Result<Vec<(String, String)>, SessionErr
     Ok(out)
 }
 
+/// The `server_settings` for a client described by `facts` under `config`: `[admission]`'s
+/// with those of the first `[[identity]]` rule that matches put over them.
+pub(crate) fn server_settings(
+    config: &crate::config::Config,
+    facts: &crate::admission::identity::ClientFacts<'_>,
+) -> Vec<(String, String)> {
+    let (_, rule) = crate::admission::identity::identify_with_rule(&config.identities, facts);
+    crate::config::ServerSettings::merged(
+        &config.admission.server_settings,
+        rule.and_then(|r| r.server_settings.as_ref()),
+    )
+}
+
 /// Values the client set after startup for parameters PostgreSQL reports (learned from the
 /// server's ParameterStatus in transaction mode), applied after the startup parameters.
 pub(crate) type Reported = std::collections::BTreeMap<String, String>;
 
-/// A key for the set of parameters `p` and `reported` apply: 0 when they apply none (a fresh
-/// or reset server connection needs nothing), else a nonzero hash.
-pub(crate) fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
+/// `ServerConn::applied` of a connection that carries less than the parameters its key
+/// says (after a client's `RESET ALL`): whoever gets it next resets it first (keys of real
+/// sets are odd, so none is this).
+pub(crate) const DIRTY: u64 = 2;
+
+/// A key for the set of parameters `base` (the identity's server_settings), `p` and
+/// `reported` apply: 0 when they apply none (a fresh or reset server connection needs
+/// nothing), else a nonzero hash.
+pub(crate) fn params_key(base: &[(String, String)], p: &StartupParams, reported: &Reported) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut any = false;
+    for kv in base {
+        ("server_settings", kv).hash(&mut h);
+        any = true;
+    }
     for kv in p.session_params() {
         kv.hash(&mut h);
         any = true;
@@ -91,6 +116,7 @@ pub(crate) fn params_key(p: &StartupParams, reported: &Reported) -> u64 {
 /// PostgreSQL's refusal of a parameter, or a failed connection.
 pub(crate) async fn prepare_server(
     server: &mut crate::server::ServerConn,
+    base: &[(String, String)],
     p: &StartupParams,
     reported: &Reported,
     key: u64,
@@ -102,7 +128,7 @@ pub(crate) async fn prepare_server(
     if server.applied != 0 {
         sql.push_str("RESET ALL;");
     }
-    if let Some(q) = apply_query(p, reported)? {
+    if let Some(q) = apply_query(base, p, reported)? {
         sql.push_str(&q);
     }
     server.simple_query(&sql).await?;
@@ -110,12 +136,17 @@ pub(crate) async fn prepare_server(
     Ok(())
 }
 
-/// One query applying every session parameter of `p`, or None when there are none.
+/// One query applying the settings of `base`, then every session parameter of `p`, then
+/// `reported` (a later one wins), or None when there are none.
 ///
 /// # Errors
 /// [`SessionError::Unsupported`] for an `options` switch other than a setting.
-pub(crate) fn apply_query(p: &StartupParams, reported: &Reported) -> Result<Option<String>, SessionError> {
-    let mut settings = Vec::new();
+pub(crate) fn apply_query(
+    base: &[(String, String)],
+    p: &StartupParams,
+    reported: &Reported,
+) -> Result<Option<String>, SessionError> {
+    let mut settings = base.to_vec();
     for (k, v) in p.session_params() {
         if k == "options" {
             settings.extend(parse_options(v)?);
@@ -165,14 +196,32 @@ mod tests {
         p.params.insert("user".into(), "u".into());
         p.params.insert("application_name".into(), "it's".into());
         let none = Reported::new();
-        let q = apply_query(&p, &none).unwrap().unwrap();
+        let q = apply_query(&[], &p, &none).unwrap().unwrap();
         assert_eq!(q, "SELECT pg_catalog.set_config('application_name', 'it''s', false)");
         p.params.remove("application_name");
-        assert_eq!(apply_query(&p, &none).unwrap(), None);
-        assert_eq!(params_key(&p, &none), 0);
+        assert_eq!(apply_query(&[], &p, &none).unwrap(), None);
+        assert_eq!(params_key(&[], &p, &none), 0);
         let tz: Reported = [("TimeZone".to_string(), "UTC".to_string())].into();
-        let q = apply_query(&p, &tz).unwrap().unwrap();
+        let q = apply_query(&[], &p, &tz).unwrap().unwrap();
         assert_eq!(q, "SELECT pg_catalog.set_config('TimeZone', 'UTC', false)");
-        assert_ne!(params_key(&p, &tz), 0);
+        assert_ne!(params_key(&[], &p, &tz), 0);
+    }
+
+    #[test]
+    fn server_settings_come_first_so_the_clients_own_win() {
+        let mut p = StartupParams::default();
+        p.params.insert("options".into(), "-c lock_timeout=9s".into());
+        let base = vec![("lock_timeout".to_string(), "2s".to_string())];
+        let q = apply_query(&base, &p, &Reported::new()).unwrap().unwrap();
+        assert_eq!(
+            q,
+            "SELECT pg_catalog.set_config('lock_timeout', '2s', false), pg_catalog.set_config('lock_timeout', '9s', false)"
+        );
+        let none = StartupParams::default();
+        assert_ne!(params_key(&base, &none, &Reported::new()), 0);
+        assert_ne!(
+            params_key(&base, &none, &Reported::new()),
+            params_key(&[("lock_timeout".into(), "3s".into())], &none, &Reported::new())
+        );
     }
 }

@@ -22,6 +22,7 @@
 //! Closes are answered by the proxy itself, in order ([`Responses`]). A shared statement no
 //! client uses any more is closed on each server connection at the start of its next relay.
 
+mod carry;
 mod registry;
 mod responses;
 

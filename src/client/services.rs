@@ -48,8 +48,12 @@ pub struct Services {
     pub(crate) pauses: Pauses,
     /// Holds on server databases a client's DROP/ALTER/CREATE DATABASE needs to itself.
     pub(crate) gates: Arc<DbGates>,
+    /// Listening connections of transaction-mode clients (LISTEN/NOTIFY).
+    pub(crate) notify: Arc<crate::notify::Hub>,
     /// Serves users of the console database.
     pub console: Arc<dyn Console>,
+    /// Moving idle clients to a takeover's successor (see `takeover`).
+    pub(crate) handoff: Arc<super::Handoff>,
 }
 
 impl Services {

@@ -72,6 +72,102 @@ fn contains_any(sql: &[u8], words: &[&[u8]], filter: &Filter) -> bool {
     false
 }
 
+/// The SQL text of a Query or Parse message body (`body`, after the header): up to its
+/// terminating NUL; the whole body when it is malformed (the pre-checks then scan more).
+#[inline]
+pub(crate) fn query_text(tag: u8, body: &[u8]) -> &[u8] {
+    let text = if tag == crate::protocol::tags::frontend::PARSE {
+        match memchr::memchr(0, body) {
+            Some(i) => &body[i + 1..],
+            None => return body,
+        }
+    } else {
+        body
+    };
+    memchr::memchr(0, text).map_or(text, |i| &text[..i])
+}
+
+/// `text` without a trailing block comment (sqlcommenter's tags: `SELECT ... /*route='..'*/`),
+/// which the pre-checks then need not scan; `text` itself when it has none.
+///
+/// Sound for text PostgreSQL accepts (text it rejects runs none of its statements: a simple
+/// Query is parsed whole before any statement runs). Text ending in `*/` (before blanks and
+/// semicolons) ends either inside a block comment, which began at or before the last `/*`,
+/// so nothing from that `/*` on is SQL; or inside a line comment, which is refused here when
+/// a `--` follows the last `/*` (one before it starts a comment that covers the rest). In a
+/// string, quoted name or dollar quote the text could not end there.
+#[inline]
+pub(crate) fn code_part(text: &[u8]) -> &[u8] {
+    let end = text
+        .iter()
+        .rposition(|&b| !(b.is_ascii_whitespace() || b == b';'))
+        .map_or(0, |i| i + 1);
+    let t = &text[..end];
+    if !t.ends_with(b"*/") {
+        return text;
+    }
+    let Some(start) = last_comment_start(&t[..end - 2]) else {
+        return text;
+    };
+    if memchr::memmem::find(&t[start..], b"--").is_some() {
+        return text;
+    }
+    &text[..start]
+}
+
+/// Where the last `/*` of `s` is (by `/`, which sqlcommenter's URL-encoded tags lack).
+fn last_comment_start(s: &[u8]) -> Option<usize> {
+    let mut end = s.len();
+    while let Some(i) = memchr::memrchr(b'/', &s[..end]) {
+        if s.get(i + 1) == Some(&b'*') {
+            return Some(i);
+        }
+        end = i;
+    }
+    None
+}
+
+/// The first word of `sql` after blanks and comments (nested block comments as PostgreSQL
+/// nests them); empty when something else comes first. No allocation: a pre-check.
+#[inline]
+pub(crate) fn first_word(sql: &[u8]) -> &[u8] {
+    let mut i = 0;
+    loop {
+        match sql.get(i..) {
+            Some([b, ..]) if b.is_ascii_whitespace() => i += 1,
+            Some([b'-', b'-', rest @ ..]) => i += 2 + memchr::memchr(b'\n', rest).unwrap_or(rest.len()),
+            Some(rest @ [b'/', b'*', ..]) => i += block_comment_len(rest),
+            Some(rest) => {
+                let end = rest
+                    .iter()
+                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80))
+                    .unwrap_or(rest.len());
+                return &rest[..end];
+            }
+            None => return &[],
+        }
+    }
+}
+
+/// The length of the block comment `s` starts with (nested ones inside it included); all of
+/// `s` when it does not end.
+fn block_comment_len(s: &[u8]) -> usize {
+    let (mut depth, mut i) = (0usize, 0);
+    while i + 1 < s.len() {
+        match &s[i..i + 2] {
+            b"/*" => (depth, i) = (depth + 1, i + 2),
+            b"*/" => {
+                (depth, i) = (depth - 1, i + 2);
+                if depth == 0 {
+                    return i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    s.len()
+}
+
 /// Cheap pre-check, no allocation: false when `sql` cannot change session state (none of the
 /// trigger words appears, in any case), so the lexer is skipped for ordinary queries.
 pub(crate) fn might_change_session(sql: &[u8]) -> bool {
@@ -83,36 +179,84 @@ pub(crate) fn might_deallocate(sql: &[u8]) -> bool {
     contains_any(sql, DEALLOCATES, &DEALLOCATE_FILTER)
 }
 
-/// Why a statement ties the client to its server connection, or None.
+/// What SQL text does to the session's state (transaction mode).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Effect {
+    /// Why it ties the session to its server connection (the first reason found).
+    pub(crate) pin: Option<&'static str>,
+    /// It may set a parameter the proxy tracks by reading it back at the end of the
+    /// transaction (`search_path`, `track_parameters`; see `client::tracked`).
+    pub(crate) track: bool,
+    /// It contains `RESET ALL`.
+    pub(crate) reset_all: bool,
+}
+
+impl Effect {
+    fn add(&mut self, s: Stmt) {
+        match s {
+            Stmt::Keep => {}
+            Stmt::Pin(reason) => self.pin = self.pin.or(Some(reason)),
+            Stmt::Track => self.track = true,
+            Stmt::ResetAll => {
+                self.track = true;
+                self.reset_all = true;
+            }
+        }
+    }
+}
+
+/// What one statement does to session state.
+enum Stmt {
+    /// Nothing the next transaction would notice (or a parameter the server reports).
+    Keep,
+    /// It ties the session to its server connection, for this reason.
+    Pin(&'static str),
+    /// It sets a parameter tracked by reading it back.
+    Track,
+    /// `RESET ALL`.
+    ResetAll,
+}
+
+/// Why a statement ties the client to its server connection, or None (with no parameters
+/// tracked beyond `search_path`).
 pub(crate) fn session_state_change(sql: &str) -> Option<&'static str> {
+    session_effect(sql, &[]).pin
+}
+
+/// What `sql` does to session state; `extra`: the parameters tracked besides `search_path`
+/// (`track_parameters`, upper case).
+pub(crate) fn session_effect(sql: &str, extra: &[String]) -> Effect {
     let mut words: Vec<String> = Vec::new();
-    let mut reason = None;
-    let mut lexer = Lexer {
-        s: sql.as_bytes(),
-        i: 0,
-    };
+    let mut effect = Effect::default();
+    let mut lexer = Lexer::new(sql);
     while let Some(tok) = lexer.next() {
         match tok {
             Tok::Semicolon => {
-                reason = reason.or_else(|| statement_reason(&words));
+                effect.add(statement_reason(&words, extra));
                 words.clear();
             }
             Tok::Word(w) => {
-                if lexer.peek_open_paren() && is_session_function(&w) && !sets_tracked_parameter(&w, &lexer) {
-                    reason = reason.or(Some("session-level function (advisory lock or set_config)"));
+                if lexer.peek_open_paren() && is_session_function(&w) {
+                    effect.add(function_effect(&w, &lexer, extra));
                 }
                 if words.len() < 12 {
                     words.push(w);
                 }
             }
-            Tok::Other(_) | Tok::Str(_) | Tok::Quoted(_) => {
+            Tok::Other(b) => {
+                if words.len() < 12 {
+                    words.push(if b == b'.' { ".".into() } else { String::new() });
+                }
+            }
+            Tok::Str(_) | Tok::Quoted(_) => {
                 if words.len() < 12 {
                     words.push(String::new());
                 }
             }
         }
     }
-    reason.or_else(|| statement_reason(&words))
+    effect.add(statement_reason(&words, extra));
+    effect
 }
 
 /// Whether `sql` contains DEALLOCATE ALL or DISCARD ALL (the session's prepared statements
@@ -144,14 +288,48 @@ pub(crate) fn deallocates_all(sql: &str) -> bool {
     check(&words)
 }
 
-/// `set_config('<tracked parameter>', ...)`: reported by the server, re-applied by the proxy.
-fn sets_tracked_parameter(word: &str, lexer: &Lexer<'_>) -> bool {
+/// A call of a session-level function: advisory locks pin; `set_config` of a parameter the
+/// server reports keeps (the proxy learns the value), of a parameter tracked by reading back
+/// tracks, with `true` as its third argument (transaction-scoped) keeps, else pins.
+fn function_effect(word: &str, lexer: &Lexer<'_>, extra: &[String]) -> Stmt {
+    const SESSION_FUNCTION: &str = "session-level function (advisory lock or set_config)";
     if word != "SET_CONFIG" {
-        return false;
+        return Stmt::Pin(SESSION_FUNCTION);
     }
     let mut ahead = Lexer { s: lexer.s, i: lexer.i };
     let _open_paren = ahead.next();
-    matches!(ahead.next(), Some(Tok::Str(name)) if tracked(&name.to_ascii_uppercase()))
+    let name = match ahead.next() {
+        Some(Tok::Str(name)) => Some(name.to_ascii_uppercase()),
+        _ => None,
+    };
+    if name.as_deref().is_some_and(tracked) {
+        return Stmt::Keep;
+    }
+    // The arguments after the name: depth, commas at depth 0, tokens of the current one.
+    let (mut depth, mut commas, mut arg, mut local) = (0u32, 0u32, 0u32, false);
+    while let Some(tok) = ahead.next() {
+        match tok {
+            Tok::Other(b'(') => depth += 1,
+            Tok::Other(b')') if depth == 0 => break,
+            Tok::Other(b')') => depth -= 1,
+            Tok::Other(b',') if depth == 0 => {
+                commas += 1;
+                (arg, local) = (0, false);
+                continue;
+            }
+            Tok::Semicolon => break,
+            _ => {}
+        }
+        arg += 1;
+        local = arg == 1 && matches!(&tok, Tok::Word(w) if w == "TRUE");
+    }
+    if commas == 2 && local {
+        Stmt::Keep
+    } else if name.as_deref().is_some_and(|n| read_back(n, extra)) {
+        Stmt::Track
+    } else {
+        Stmt::Pin(SESSION_FUNCTION)
+    }
 }
 
 fn is_session_function(w: &str) -> bool {
@@ -181,46 +359,73 @@ fn tracked(name: &str) -> bool {
     TRACKED_PARAMETERS.contains(&name)
 }
 
-/// The reason for one statement, from its leading keywords (upper-cased).
-fn statement_reason(w: &[String]) -> Option<&'static str> {
+/// Parameters tracked by reading them back after the transaction (`search_path`, and
+/// `extra`: `track_parameters` in upper case).
+fn read_back(name: &str, extra: &[String]) -> bool {
+    name == "SEARCH_PATH" || extra.iter().any(|e| e == name)
+}
+
+/// The parameter named at `w[i..]`: a word, or `word.word` (a custom parameter).
+fn parameter_name(w: &[String], i: usize) -> String {
+    let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
+    if at(i + 1) == "." && !at(i + 2).is_empty() {
+        format!("{}.{}", at(i), at(i + 2))
+    } else {
+        at(i).to_string()
+    }
+}
+
+/// What one statement does, from its leading keywords (upper-cased).
+fn statement_reason(w: &[String], extra: &[String]) -> Stmt {
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
     match at(0) {
         "SET" => {
             let i = if at(1) == "SESSION" { 2 } else { 1 };
             match at(i) {
-                "LOCAL" | "TRANSACTION" | "CONSTRAINTS" if i == 1 => None,
-                "CHARACTERISTICS" => Some("SET SESSION CHARACTERISTICS"),
-                "TIME" if at(i + 1) == "ZONE" => None,
-                "NAMES" => None,
-                name if tracked(name) => None,
-                _ => Some("SET"),
+                "LOCAL" | "TRANSACTION" | "CONSTRAINTS" if i == 1 => Stmt::Keep,
+                "CHARACTERISTICS" => Stmt::Pin("SET SESSION CHARACTERISTICS"),
+                "TIME" if at(i + 1) == "ZONE" => Stmt::Keep,
+                "NAMES" => Stmt::Keep,
+                name if tracked(name) => Stmt::Keep,
+                _ if read_back(&parameter_name(w, i), extra) => Stmt::Track,
+                _ => Stmt::Pin("SET"),
             }
         }
-        "RESET" if tracked(at(1)) => None,
-        "RESET" => Some("RESET"),
-        "LISTEN" => Some("LISTEN"),
-        "DISCARD" => Some("DISCARD"),
-        "LOAD" => Some("LOAD"),
-        "PREPARE" if at(1) != "TRANSACTION" => Some("PREPARE"),
+        "RESET" if at(1) == "ALL" => Stmt::ResetAll,
+        "RESET" if tracked(at(1)) || (at(1) == "TIME" && at(2) == "ZONE") => Stmt::Keep,
+        "RESET" if read_back(&parameter_name(w, 1), extra) => Stmt::Track,
+        "RESET" => Stmt::Pin("RESET"),
+        "LISTEN" => Stmt::Pin("LISTEN"),
+        "DISCARD" => Stmt::Pin("DISCARD"),
+        "LOAD" => Stmt::Pin("LOAD"),
+        "PREPARE" if at(1) != "TRANSACTION" => Stmt::Pin("PREPARE"),
         "DECLARE" => {
             let upto = w.iter().position(|x| x == "FOR").unwrap_or(w.len());
-            w[..upto]
-                .windows(2)
-                .any(|p| p[0] == "WITH" && p[1] == "HOLD")
-                .then_some("DECLARE ... WITH HOLD")
+            let hold = w[..upto].windows(2).any(|p| p[0] == "WITH" && p[1] == "HOLD");
+            if hold {
+                Stmt::Pin("DECLARE ... WITH HOLD")
+            } else {
+                Stmt::Keep
+            }
         }
         // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] {TABLE | VIEW | ...}
-        "CREATE" => w[1..]
-            .iter()
-            .take_while(|x| {
-                !matches!(
-                    x.as_str(),
-                    "TABLE" | "VIEW" | "SEQUENCE" | "RECURSIVE" | "FUNCTION" | "INDEX"
-                )
-            })
-            .any(|x| x == "TEMP" || x == "TEMPORARY")
-            .then_some("temporary object"),
-        _ => None,
+        "CREATE" => {
+            let temp = w[1..]
+                .iter()
+                .take_while(|x| {
+                    !matches!(
+                        x.as_str(),
+                        "TABLE" | "VIEW" | "SEQUENCE" | "RECURSIVE" | "FUNCTION" | "INDEX"
+                    )
+                })
+                .any(|x| x == "TEMP" || x == "TEMPORARY");
+            if temp {
+                Stmt::Pin("temporary object")
+            } else {
+                Stmt::Keep
+            }
+        }
+        _ => Stmt::Keep,
     }
 }
 
@@ -368,119 +573,5 @@ impl<'a> Lexer<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::session_state_change as f;
-
-    #[test]
-    fn detects_session_state() {
-        for sql in [
-            "SET search_path = a",
-            "set statement_timeout to 5",
-            "SET SESSION work_mem = '1MB'",
-            "RESET ALL",
-            "LISTEN chan",
-            "SELECT pg_advisory_lock(1)",
-            "select PG_TRY_ADVISORY_LOCK (1, 2)",
-            "RESET search_path",
-            "SET SESSION statement_timeout = 1",
-            "SELECT set_config('a.b', 'c', false)",
-            "SELECT set_config('search_path', 'x', false)",
-            "CREATE TEMP TABLE t (x int)",
-            "create temporary table t (x int)",
-            "CREATE GLOBAL TEMPORARY TABLE t (x int)",
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            "PREPARE p AS SELECT 1",
-            "SELECT 1; SET x = 1",
-            "/* hi */ SET x = 1",
-            "BEGIN; SET work_mem = '2MB'; COMMIT",
-        ] {
-            assert!(f(sql).is_some(), "{sql}");
-        }
-    }
-
-    #[test]
-    fn prefilter_never_hides_a_change() {
-        for sql in [
-            "SET x = 1",
-            "reset all",
-            "LISTEN c",
-            "select pg_advisory_lock(1)",
-            "CREATE TEMP TABLE t()",
-            "Discard All",
-        ] {
-            assert!(super::might_change_session(sql.as_bytes()), "{sql}");
-        }
-        assert!(!super::might_change_session(
-            b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
-        ));
-        // A false alarm only costs the lexer, which then finds UPDATE ... SET harmless.
-        assert!(super::might_change_session(b"UPDATE t SET x = 1"));
-        for sql in ["DEALLOCATE ALL", "deallocate prepare all", "select 1; DISCARD ALL"] {
-            assert!(
-                super::might_deallocate(sql.as_bytes()) && super::deallocates_all(sql),
-                "{sql}"
-            );
-        }
-        assert!(!super::might_deallocate(
-            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
-        ));
-    }
-
-    /// The first-letter filter finds exactly what a plain case-insensitive search finds.
-    #[test]
-    fn prefilter_matches_a_plain_search() {
-        let naive = |sql: &[u8], words: &[&[u8]]| {
-            let lower = sql.to_ascii_lowercase();
-            words.iter().any(|w| lower.windows(w.len()).any(|x| x == *w))
-        };
-        let alphabet = b"sSeEtTlLiInNoOaAdDpPrRvVyYcCmMfF _;'\"$\xc3\xa9";
-        let mut rng = fastrand::Rng::with_seed(7);
-        for _ in 0..20_000 {
-            let len = rng.usize(0..24);
-            let sql: Vec<u8> = (0..len).map(|_| alphabet[rng.usize(0..alphabet.len())]).collect();
-            assert_eq!(
-                super::might_change_session(&sql),
-                naive(&sql, super::TRIGGERS),
-                "{sql:?}"
-            );
-            assert_eq!(
-                super::might_deallocate(&sql),
-                naive(&sql, super::DEALLOCATES),
-                "{sql:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn ignores_transaction_scoped_and_quoted() {
-        for sql in [
-            "SELECT 1",
-            "SET LOCAL work_mem = '1MB'",
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SET CONSTRAINTS ALL DEFERRED",
-            "SET TIME ZONE 'UTC'",
-            "SET timezone = 'UTC'",
-            "SET SESSION DateStyle = ISO",
-            "SET application_name = 'x'",
-            "SET NAMES 'UTF8'",
-            "SELECT set_config('TimeZone', 'UTC', false)",
-            "SELECT pg_catalog.set_config( 'application_name' , $1, false)",
-            "RESET TimeZone",
-            "SELECT pg_advisory_xact_lock(1)",
-            "SELECT 'SET x = 1'",
-            "SELECT $$ LISTEN x $$",
-            "SELECT $tag$ ; SET x $tag$",
-            "SELECT E'it\\'s; SET x = 1'",
-            "SELECT 1 -- ; SET x = 1",
-            "SELECT \"set\" FROM t",
-            "DECLARE c CURSOR FOR SELECT 1",
-            "PREPARE TRANSACTION 'x'",
-            "CREATE TABLE temp (x int)",
-            "UPDATE t SET x = 1",
-            "INSERT INTO t VALUES ('pg_advisory_lock(1)')",
-            "",
-        ] {
-            assert_eq!(f(sql), None, "{sql}");
-        }
-    }
-}
+#[path = "sql_tests.rs"]
+mod tests;

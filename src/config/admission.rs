@@ -146,6 +146,9 @@ pub struct AdmissionSettings {
     /// Sessions of one identity that may hold dangerous locks at once (as the lock monitor
     /// last saw); while reached, its new transactions wait in the queue (0 = no limit).
     pub max_lock_holders: u32,
+    /// PostgreSQL settings applied on every client's server connections (a rule's
+    /// `server_settings` win per setting; the client's own settings win over both).
+    pub server_settings: super::ServerSettings,
 }
 
 impl Default for AdmissionSettings {
@@ -169,6 +172,7 @@ impl Default for AdmissionSettings {
             max_lock_hold: Duration::ZERO,
             lock_action: LockAction::Warn,
             max_lock_holders: 0,
+            server_settings: super::ServerSettings::default(),
         }
     }
 }
@@ -232,6 +236,7 @@ impl AdmissionSettings {
     /// The first field that cannot work.
     pub fn validate(&self) -> Result<(), (String, String)> {
         validate_limits(&self.as_overrides())?;
+        self.server_settings.validate()?;
         check(
             "surge_min_rate",
             self.surge_min_rate.is_finite() && self.surge_min_rate >= 1.0,
@@ -342,6 +347,8 @@ pub struct IdentityRule {
     pub lock_action: Option<LockAction>,
     /// See `[admission]`.
     pub max_lock_holders: Option<u32>,
+    /// PostgreSQL settings for this rule's identities, over `[admission] server_settings`.
+    pub server_settings: Option<super::ServerSettings>,
 }
 
 /// A validated rule.
@@ -354,6 +361,8 @@ pub struct Rule {
     pub(crate) database: Option<String>,
     /// The limits this rule sets for its identities.
     pub limits: LimitOverrides,
+    /// The PostgreSQL settings this rule sets for its identities' server connections.
+    pub server_settings: Option<super::ServerSettings>,
 }
 
 impl Rule {
@@ -387,7 +396,11 @@ impl Rule {
             max_lock_holders: r.max_lock_holders,
         };
         validate_limits(&limits)?;
+        if let Some(s) = &r.server_settings {
+            s.validate()?;
+        }
         Ok(Rule {
+            server_settings: r.server_settings,
             name: r.name,
             application_name: r.application_name,
             source,
@@ -401,6 +414,22 @@ impl Rule {
     pub(crate) fn template(&self) -> &str {
         &self.name
     }
+}
+
+/// Whether `ip` is in the range `(net, bits)` (an IPv4-mapped IPv6 address counts as its
+/// IPv4 address).
+pub fn cidr_contains((net, bits): (IpAddr, u8), ip: IpAddr) -> bool {
+    let (a, b, width): (u128, u128, u32) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a).into(), u32::from(b).into(), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (a.into(), b.into(), 128),
+        (IpAddr::V6(a), IpAddr::V4(b)) => match a.to_ipv4_mapped() {
+            Some(a) => (u32::from(a).into(), u32::from(b).into(), 32),
+            None => return false,
+        },
+        _ => return false,
+    };
+    let shift = width - u32::from(bits);
+    bits == 0 || (a >> shift) == (b >> shift)
 }
 
 /// Parses "addr/bits" (or a bare address, meaning that one host).

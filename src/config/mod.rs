@@ -5,6 +5,10 @@
 //! field (for what validation refuses). Secrets never appear in `Debug` output.
 
 mod admission;
+mod budget;
+mod cluster;
+pub mod hba;
+mod server_settings;
 mod tls;
 pub mod types;
 mod validate;
@@ -21,12 +25,16 @@ use base64::Engine;
 use crate::error::{sqlstate, Side, Sided};
 
 pub use admission::{
-    parse_cidr, validate_limits, AdmissionSettings, Headroom, IdentityRule, LimitOverrides, LockAction, Rule,
+    cidr_contains, parse_cidr, validate_limits, AdmissionSettings, Headroom, IdentityRule, LimitOverrides, LockAction,
+    Rule,
 };
+pub use budget::{PgLimits, ServerBudget, ServerCap};
+pub use cluster::{ClusterSettings, MAX_CLUSTER_BUDGET};
+pub use server_settings::ServerSettings;
 pub(crate) use tls::{end_point_hash, ServerTls, Tls};
 pub use types::{
-    AdminSettings, AuthType, ByteSize, ClientTlsMode, DatabaseConfig, FileConfig, LockSettings, PoolMode, PoolSettings,
-    ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
+    AdminSettings, AuthType, ByteSize, Cidrs, ClientTlsMode, DatabaseConfig, FileConfig, HttpAuth, LockSettings,
+    PoolMode, PoolSettings, ProxySettings, Secret, ServerTlsMode, SessionStatePolicy, TlsSettings, UserConfig,
 };
 
 /// Why a configuration was refused.
@@ -158,6 +166,8 @@ impl ScramVerifier {
 pub struct User {
     /// Verifier checked against clients (None with auth_type = trust and no password).
     pub client_verifier: Option<ScramVerifier>,
+    /// `md5` + hex MD5 of password and user name, for hba_file `md5` lines.
+    pub md5_verifier: Option<Secret>,
     /// Password for logging in to PostgreSQL.
     pub server_password: Option<Secret>,
     /// Pool size override.
@@ -204,6 +214,8 @@ pub struct Config {
     pub locks: LockSettings,
     /// `[http] listen`, parsed.
     pub http_listen: Option<SocketAddr>,
+    /// `[http] auth_user`/`auth_password`/`auth_token`, checked.
+    pub http_auth: HttpAuth,
     /// `[admission]`, validated.
     pub admission: AdmissionSettings,
     /// `[[identity]]` rules, validated, in order.
@@ -212,6 +224,13 @@ pub struct Config {
     pub tls_settings: TlsSettings,
     /// `[tls]` loaded: acceptor and connector with their certificates.
     pub tls: Tls,
+    /// `hba_file` (with `ident_file`) read, when set.
+    pub hba: Option<Arc<hba::Hba>>,
+    /// `[cluster]`, validated (None: no cluster, every cap is this process's alone).
+    pub cluster: Option<ClusterSettings>,
+    /// `[pool] max_server_connections` in force: a number as written, or as sized from
+    /// PostgreSQL (`server::sizing`); None until an `"auto"` or percentage value is sized.
+    pub server_budget: Option<ServerBudget>,
 }
 
 impl Config {
@@ -227,11 +246,22 @@ impl Config {
             admin: f.admin,
             locks: f.locks,
             http_listen: None,
+            http_auth: HttpAuth::default(),
             admission: f.admission,
             identities: Vec::new(),
             tls_settings: f.tls,
             tls: Tls::default(),
+            hba: None,
+            cluster: None,
+            server_budget: Some(ServerBudget::written(100)),
         }
+    }
+
+    /// Server connections across all pools in force (0 = no cap). An `"auto"` or percentage
+    /// value not sized yet counts as 1 (the proxy sizes it before it opens any pool; the
+    /// smallest cap keeps the promise meanwhile).
+    pub fn max_server_connections(&self) -> u32 {
+        self.server_budget.as_ref().map_or(1, |b| b.max)
     }
 }
 
@@ -249,7 +279,7 @@ pub struct Overrides {
     /// `--max-client-connections`.
     pub max_client_connections: Option<u32>,
     /// `--max-server-connections`.
-    pub max_server_connections: Option<u32>,
+    pub max_server_connections: Option<ServerCap>,
     /// `--headroom` (`[admission] headroom`).
     pub headroom: Option<Headroom>,
     /// `--worker-threads`.
@@ -258,6 +288,14 @@ pub struct Overrides {
     pub session_threads: Option<usize>,
     /// `--http-listen`.
     pub http_listen: Option<String>,
+    /// `--proxy-protocol-trusted CIDR,...` (`[proxy] proxy_protocol_trusted`).
+    pub proxy_protocol_trusted: Option<Cidrs>,
+    /// `--cluster-name` (`[cluster] name`).
+    pub cluster_name: Option<String>,
+    /// `--cluster-max-server-connections` (`[cluster] max_server_connections`).
+    pub cluster_max_server_connections: Option<u32>,
+    /// `--cluster-advertise` (`[cluster] advertise`; only with a cluster).
+    pub cluster_advertise: Option<String>,
     /// `--client-tls-cert`, `--client-tls-key`, `--client-tls-mode`, `--server-tls-mode`,
     /// `--server-tls-ca`: each set one replaces the file's `[tls]` value.
     pub tls: TlsSettings,
@@ -313,6 +351,18 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Each `[tls]` setting given on the command line replaces the file's.
+fn tls_overrides(t: TlsSettings, file: TlsSettings) -> TlsSettings {
+    TlsSettings {
+        client_tls_mode: t.client_tls_mode.or(file.client_tls_mode),
+        client_tls_cert_file: t.client_tls_cert_file.or(file.client_tls_cert_file),
+        client_tls_key_file: t.client_tls_key_file.or(file.client_tls_key_file),
+        server_tls_mode: t.server_tls_mode.or(file.server_tls_mode),
+        server_tls_ca_file: t.server_tls_ca_file.or(file.server_tls_ca_file),
+        client_tls_ca_file: t.client_tls_ca_file.or(file.client_tls_ca_file),
+    }
+}
+
 fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<FileConfig, ConfigError> {
     if let Some(l) = &ov.listen {
         f.proxy.listen = l.clone();
@@ -332,17 +382,14 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     if let Some(n) = ov.session_threads {
         f.proxy.session_threads = Some(n);
     }
+    if let Some(c) = &ov.proxy_protocol_trusted {
+        f.proxy.proxy_protocol_trusted = c.clone();
+    }
     if let Some(l) = &ov.http_listen {
         f.http.listen = Some(l.clone());
     }
-    let t = ov.tls.clone();
-    f.tls = TlsSettings {
-        client_tls_mode: t.client_tls_mode.or(f.tls.client_tls_mode),
-        client_tls_cert_file: t.client_tls_cert_file.or(f.tls.client_tls_cert_file),
-        client_tls_key_file: t.client_tls_key_file.or(f.tls.client_tls_key_file),
-        server_tls_mode: t.server_tls_mode.or(f.tls.server_tls_mode),
-        server_tls_ca_file: t.server_tls_ca_file.or(f.tls.server_tls_ca_file),
-    };
+    apply_cluster(&mut f, ov, name)?;
+    f.tls = tls_overrides(ov.tls.clone(), f.tls);
     if let Some(url) = &ov.upstream {
         let invalid = |reason: String| ConfigError::Invalid {
             path: name.to_string(),
@@ -391,6 +438,36 @@ fn apply_overrides(mut f: FileConfig, ov: &Overrides, name: &str) -> Result<File
     Ok(f)
 }
 
+/// `--cluster-name` and `--cluster-max-server-connections`: each replaces the file's value;
+/// a cluster without a file needs both.
+fn apply_cluster(f: &mut FileConfig, ov: &Overrides, name: &str) -> Result<(), ConfigError> {
+    match (&mut f.cluster, &ov.cluster_name, ov.cluster_max_server_connections) {
+        (_, None, None) => {
+            if let Some(c) = &mut f.cluster {
+                c.advertise = ov.cluster_advertise.clone().or(c.advertise.take());
+            }
+        }
+        (Some(c), n, m) => {
+            c.name = n.clone().unwrap_or_else(|| c.name.clone());
+            c.max_server_connections = m.unwrap_or(c.max_server_connections);
+            c.advertise = ov.cluster_advertise.clone().or(c.advertise.take());
+        }
+        (None, Some(n), Some(m)) => {
+            let mut c = ClusterSettings::new(n, m);
+            c.advertise = ov.cluster_advertise.clone();
+            f.cluster = Some(c);
+        }
+        (None, _, _) => {
+            return Err(ConfigError::Invalid {
+                path: name.to_string(),
+                field: "cluster".into(),
+                reason: "--cluster-name and --cluster-max-server-connections go together".into(),
+            })
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks every field and cross-field rule and builds the validated config.
     ///
@@ -405,7 +482,12 @@ impl Config {
         // In this order: the error names the first field that cannot work.
         let listen = validate::proxy(&f, &invalid)?;
         validate::pools(&f, &invalid)?;
-        let users = validate::users(std::mem::take(&mut f.users), f.proxy.auth_type, &invalid)?;
+        let users = validate::users(
+            std::mem::take(&mut f.users),
+            f.proxy.auth_type,
+            f.proxy.hba_file.is_some(),
+            &invalid,
+        )?;
         validate::auth_query(&f, &users, &invalid)?;
         let http_listen = match &f.http.listen {
             None => None,
@@ -414,17 +496,24 @@ impl Config {
                     .map_err(|_| invalid("http.listen", format!("{l:?} is not an address like 127.0.0.1:9930")))?,
             ),
         };
+        let http_auth = validate::http_auth(&f, &invalid)?;
         f.admission
             .validate()
             .map_err(|(field, reason)| invalid(&format!("admission.{field}"), reason))?;
         validate::admin_users(&f, &users, &invalid)?;
         validate::locks(&f, &users, &invalid)?;
+        let hba = validate::hba(&f, &invalid)?;
+        validate::cluster(&f, &users, &invalid)?;
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = Rule::new(r).map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
             identities.push(rule);
         }
         let tls = Tls::load(&f.tls).map_err(|(field, reason)| invalid(&format!("tls.{field}"), reason))?;
+        let server_budget = match f.pool.max_server_connections {
+            ServerCap::Connections(n) => Some(ServerBudget::written(n)),
+            _ => None,
+        };
         Ok(Config {
             proxy: f.proxy,
             pool: f.pool,
@@ -434,10 +523,14 @@ impl Config {
             admin: f.admin,
             locks: f.locks,
             http_listen,
+            http_auth,
             admission: f.admission,
             identities,
             tls_settings: f.tls,
             tls,
+            hba,
+            cluster: f.cluster,
+            server_budget,
         })
     }
 
@@ -463,16 +556,6 @@ impl Config {
                 .or(db.pool_mode)
                 .unwrap_or(self.pool.pool_mode),
         })
-    }
-
-    /// Whether every pool is in session mode (no database or user says transaction).
-    pub(crate) fn all_session_mode(&self) -> bool {
-        self.pool.pool_mode == PoolMode::Session
-            && self
-                .databases
-                .values()
-                .all(|d| d.pool_mode != Some(PoolMode::Transaction))
-            && self.users.values().all(|u| u.pool_mode != Some(PoolMode::Transaction))
     }
 
     /// Wraps the config for sharing.

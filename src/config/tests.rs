@@ -161,23 +161,10 @@ fn identity_rules_parse_and_bad_ranges_name_the_rule() {
 }
 
 #[test]
-fn session_threads_apply_only_while_every_pool_is_in_session_mode() {
+fn session_threads_default_to_none() {
     let parse = |extra: &str| Config::validate(parse_toml("t", &format!("{MINIMAL}\n{extra}")).unwrap(), "t").unwrap();
-    let c = parse("");
-    assert!(c.all_session_mode());
-    assert_eq!(c.proxy.session_threads, None);
-    let c = parse("[proxy]\nsession_threads = 3\n");
-    assert_eq!(c.proxy.session_threads, Some(3));
-    assert!(!parse("[pool]\npool_mode = \"transaction\"\n").all_session_mode());
-    let db = MINIMAL.replace("port = 5433", "port = 5433\npool_mode = \"transaction\"");
-    let c = Config::validate(parse_toml("t", &db).unwrap(), "t").unwrap();
-    assert!(!c.all_session_mode(), "a database in transaction mode");
-    let user = MINIMAL.replace(
-        "password = \"secret\"",
-        "password = \"secret\"\npool_mode = \"transaction\"",
-    );
-    let c = Config::validate(parse_toml("t", &user).unwrap(), "t").unwrap();
-    assert!(!c.all_session_mode(), "a user in transaction mode");
+    assert_eq!(parse("").proxy.session_threads, None);
+    assert_eq!(parse("[proxy]\nsession_threads = 3\n").proxy.session_threads, Some(3));
 }
 
 #[test]
@@ -210,4 +197,199 @@ fn typed_causes_read_as_before() {
     };
     let e = load_with(None, &ov).unwrap_err().to_string();
     assert!(e.starts_with("command line: upstream: not a postgres:// URL: "), "{e}");
+}
+
+#[test]
+fn proxy_protocol_trusted_parses_ranges_and_refuses_bad_ones() {
+    let text = format!("{MINIMAL}\n[proxy]\nproxy_protocol_trusted = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7\"]\n");
+    let c = Config::validate(parse_toml("t", &text).unwrap(), "t").unwrap();
+    let t = &c.proxy.proxy_protocol_trusted;
+    assert!(t.contains("10.1.2.3".parse().unwrap()) && t.contains("::ffff:10.9.9.9".parse().unwrap()));
+    assert!(t.contains("fd00::5".parse().unwrap()) && t.contains("192.0.2.7".parse().unwrap()));
+    assert!(!t.contains("192.0.2.8".parse().unwrap()) && !t.contains("11.0.0.1".parse().unwrap()));
+    assert_eq!(t.to_string(), "10.0.0.0/8,fd00::/8,192.0.2.7/32");
+    let bad = format!("{MINIMAL}\n[proxy]\nproxy_protocol_trusted = [\"10.0.0.0/33\"]\n");
+    let e = parse_toml("f", &bad).unwrap_err().to_string();
+    assert!(e.starts_with("f:9:") && e.contains("prefix length 33"), "{e}");
+    assert!(
+        Config::default_settings().proxy.proxy_protocol_trusted.is_empty(),
+        "off by default"
+    );
+    // The command line's comma-separated form overrides the file's.
+    let ov = Overrides {
+        proxy_protocol_trusted: Some("127.0.0.1, 10.0.0.0/8".parse().unwrap()),
+        ..Default::default()
+    };
+    let f = apply_overrides(parse_toml("t", MINIMAL).unwrap(), &ov, "t").unwrap();
+    assert_eq!(f.proxy.proxy_protocol_trusted.to_string(), "127.0.0.1/32,10.0.0.0/8");
+    assert!("ten/8".parse::<Cidrs>().is_err());
+}
+
+#[test]
+fn track_parameters_must_be_parameter_names() {
+    let ok = parse_and_validate(&format!(
+        "[pool]\ntrack_parameters = [\"statement_timeout\", \"app.tenant_id\"]\n{MINIMAL}"
+    ))
+    .expect("valid");
+    assert_eq!(ok.pool.track_parameters, ["statement_timeout", "app.tenant_id"]);
+    for bad in ["x y", "a.b.c", "", "1abc", "a;b", ".x"] {
+        let e = parse_and_validate(&format!("[pool]\ntrack_parameters = [{bad:?}]\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool.track_parameters"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn http_auth_takes_a_user_with_a_password_or_a_long_token() {
+    let parse = |extra: &str| Config::validate(parse_toml("t", &format!("{MINIMAL}\n[http]\n{extra}")).unwrap(), "t");
+    assert!(parse("").unwrap().http_auth.is_none());
+    let c = parse("auth_user = \"ops\"\nauth_password = \"pw\"\n").unwrap();
+    assert_eq!(c.http_auth.basic.as_ref().map(|b| b.0.as_str()), Some("ops"));
+    let c = parse("auth_token = \"0123456789abcdef\"\n").unwrap();
+    assert!(c.http_auth.token.is_some());
+    let e = parse("auth_user = \"ops\"\n").unwrap_err().to_string();
+    assert!(e.contains("http.auth_user"), "{e}");
+    let e = parse("auth_token = \"short\"\n").unwrap_err().to_string();
+    assert!(e.contains("http.auth_token"), "{e}");
+    assert!(!format!(
+        "{:?}",
+        parse("auth_user = \"o\"\nauth_password = \"hunter2\"\n")
+            .unwrap()
+            .http_auth
+    )
+    .contains("hunter2"));
+}
+
+#[test]
+fn cluster_settings_parse_validate_and_come_from_flags() {
+    assert!(
+        parse_and_validate(MINIMAL).unwrap().cluster.is_none(),
+        "no [cluster]: none"
+    );
+    let c = parse_and_validate(&format!(
+        "{MINIMAL}\n[cluster]\nname = \"shop\"\nmax_server_connections = 20\nrebalance_interval = \"50ms\"\n"
+    ))
+    .unwrap();
+    let cl = c.cluster.unwrap();
+    assert_eq!((cl.name.as_str(), cl.max_server_connections), ("shop", 20));
+    assert_eq!(cl.rebalance_interval, std::time::Duration::from_millis(50));
+    assert!(cl.lock_class() > 0);
+    for (extra, field) in [
+        ("name = \"\"\nmax_server_connections = 20", "cluster.name"),
+        (
+            "name = \"x\"\nmax_server_connections = 1",
+            "cluster.max_server_connections",
+        ),
+        (
+            "name = \"x\"\nmax_server_connections = 20\nuser = \"nobody\"",
+            "cluster.user",
+        ),
+        (
+            "name = \"x\"\nmax_server_connections = 20\ndatabase = \"nope\"",
+            "cluster.database",
+        ),
+        (
+            "name = \"x\"\nmax_server_connections = 20\ntakeover_delay = \"100ms\"",
+            "cluster.takeover_delay",
+        ),
+        (
+            "name = \"x\"\nmax_server_connections = 20\nadvertise = \"0.0.0.0:6432\"",
+            "cluster.advertise",
+        ),
+        (
+            "name = \"x\"\nmax_server_connections = 20\nadvertise = \"10.0.0.7\"",
+            "cluster.advertise",
+        ),
+    ] {
+        let e = parse_and_validate(&format!("{MINIMAL}\n[cluster]\n{extra}\n")).unwrap_err();
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    assert!(parse_toml("t", "[cluster]\nname = \"x\"\nmax_server_connections = 5\nsize = 3\n").is_err());
+    let ov = Overrides {
+        upstream: Some("postgres://alice:s3cret@db.internal:5999".into()),
+        cluster_name: Some("pods".into()),
+        cluster_max_server_connections: Some(40),
+        ..Default::default()
+    };
+    let cl = load_with(None, &ov).unwrap().cluster.unwrap();
+    assert_eq!((cl.name.as_str(), cl.max_server_connections), ("pods", 40));
+    assert_eq!(cl.advertise, None);
+    let pod = Overrides {
+        cluster_advertise: Some("10.244.1.7:6432".into()),
+        ..ov.clone()
+    };
+    let cl = load_with(None, &pod).unwrap().cluster.unwrap();
+    assert_eq!(cl.advertise.as_deref(), Some("10.244.1.7:6432"));
+    let half = Overrides {
+        cluster_name: Some("pods".into()),
+        ..ov
+    };
+    let half = Overrides {
+        cluster_max_server_connections: None,
+        ..half
+    };
+    assert!(load_with(None, &half).unwrap_err().to_string().contains("go together"));
+}
+
+#[test]
+fn max_server_connections_is_a_number_auto_or_a_percentage() {
+    let parse = |v: &str| parse_toml("t", &format!("{MINIMAL}\n[pool]\nmax_server_connections = {v}\n"));
+    let cap = |v: &str| parse(v).unwrap().pool.max_server_connections;
+    assert_eq!(cap("90"), ServerCap::Connections(90));
+    assert_eq!(cap("0"), ServerCap::Connections(0));
+    assert_eq!(cap("\"auto\""), ServerCap::Auto);
+    assert_eq!(cap("\"80%\""), ServerCap::Percent(80));
+    assert_eq!(cap("\"100%\""), ServerCap::Percent(100));
+    assert_eq!(
+        FileConfig::default().pool.max_server_connections,
+        ServerCap::Connections(100)
+    );
+    for bad in ["\"0%\"", "\"101%\"", "\"lots\"", "-1", "true", "\"80 %%\""] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("t:9:") && e.contains("max_server_connections"),
+            "{bad}: {e}"
+        );
+    }
+    // A number is in force as written; "auto" waits to be sized from PostgreSQL.
+    let c = Config::validate(parse("42").unwrap(), "t").unwrap();
+    assert_eq!(
+        (c.max_server_connections(), c.server_budget.unwrap().source.as_str()),
+        (42, "config")
+    );
+    let c = Config::validate(parse("\"auto\"").unwrap(), "t").unwrap();
+    assert!(c.server_budget.is_none());
+    // The command line takes the same forms.
+    let ov = Overrides {
+        max_server_connections: Some("50%".parse().unwrap()),
+        ..Default::default()
+    };
+    let f = apply_overrides(parse_toml("t", MINIMAL).unwrap(), &ov, "t").unwrap();
+    assert_eq!(f.pool.max_server_connections, ServerCap::Percent(50));
+}
+
+#[test]
+fn auto_and_percentages_size_from_postgres_limits() {
+    let pg = |max, su, reserved| PgLimits {
+        server: "pg:5432".into(),
+        max_connections: max,
+        superuser_reserved_connections: su,
+        reserved_connections: reserved,
+    };
+    assert_eq!(ServerCap::Auto.of(&pg(100, 3, 0)), 97);
+    assert_eq!(ServerCap::Auto.of(&pg(100, 3, 5)), 92);
+    assert_eq!(ServerCap::Percent(80).of(&pg(100, 3, 0)), 77); // 77.6 rounded down
+    assert_eq!(ServerCap::Percent(50).of(&pg(20, 3, 0)), 8);
+    assert_eq!(ServerCap::Percent(100).of(&pg(20, 3, 0)), 17);
+    // Never 0 (which would mean no cap).
+    assert_eq!(ServerCap::Percent(1).of(&pg(20, 3, 0)), 1);
+    assert_eq!(ServerCap::Auto.of(&pg(3, 3, 0)), 1);
+    assert_eq!(ServerCap::Connections(90).of(&pg(20, 3, 0)), 90);
+    let b = ServerCap::Percent(50).sized(&pg(20, 3, 0));
+    assert_eq!(b.max, 8);
+    assert_eq!(
+        b.source,
+        "50% of max_connections 20 - superuser_reserved_connections 3 - reserved_connections 0 = 17 (pg:5432), rounded down"
+    );
 }

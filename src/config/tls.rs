@@ -151,10 +151,14 @@ fn load_client(s: &TlsSettings) -> Result<ClientTls, LoadError> {
     let key_pem = read("client_tls_key_file", key)?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| ("client_tls_key_file", format!("{}: {e}", key.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ("client_tls_cert_file", e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| ("client_tls_cert_file", e.to_string()))?;
+    let builder = match &s.client_tls_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(&read("client_tls_ca_file", ca)?)?),
+    };
+    let mut config = builder
         .with_single_cert(chain, key_der)
         .map_err(|e| ("client_tls_key_file", format!("does not fit the certificate: {e}")))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -166,6 +170,24 @@ fn load_client(s: &TlsSettings) -> Result<ClientTls, LoadError> {
         acceptor: (mode != ClientTlsMode::Disable).then(|| TlsAcceptor::from(Arc::new(config))),
         scram,
     })
+}
+
+/// Client certificates are optional, and checked against `ca_pem` when presented (hba_file
+/// `cert` lines then need one).
+fn client_verifier(ca_pem: &[u8]) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, LoadError> {
+    let field = "client_tls_ca_file";
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| (field, e.to_string()))?;
+        roots.add(c).map_err(|e| (field, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err((field, "no certificate in it".into()));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| (field, e.to_string()))
 }
 
 fn load_server(s: &TlsSettings) -> Result<ServerTls, LoadError> {

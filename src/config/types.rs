@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -100,6 +102,50 @@ pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Address ranges, written as a list of "10.0.0.0/8" (or bare addresses, one host each) and
+/// parsed when the file is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<(IpAddr, u8)>);
+
+impl Cidrs {
+    /// Whether `ip` is in one of the ranges.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|&r| super::cidr_contains(r, ip))
+    }
+
+    /// Whether there are no ranges.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for Cidrs {
+    type Err = String;
+
+    /// Parses a comma-separated list (the command line's form); "" is the empty list.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts = s.split(',').map(str::trim).filter(|p| !p.is_empty());
+        parts.map(super::parse_cidr).collect::<Result<_, _>>().map(Cidrs)
+    }
+}
+
+impl fmt::Display for Cidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (ip, bits)) in self.0.iter().enumerate() {
+            write!(f, "{}{ip}/{bits}", if i > 0 { "," } else { "" })?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        let parsed = raw.iter().map(|s| super::parse_cidr(s)).collect::<Result<_, _>>();
+        parsed.map(Cidrs).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[proxy]`: the listener and the client side.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -122,9 +168,10 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads (0 = one per CPU core). Needs a restart to change.
     pub worker_threads: usize,
-    /// Single-threaded event loops that client sessions run on while every pool is in session
-    /// mode (each session with its server connection on one thread). None: as many as `worker_threads` when that is 2 or more
-    /// (0 counts the cores); 0: off. Needs a restart to change.
+    /// Cores: single-threaded event loops that client sessions run on, each session with its
+    /// server connections on one, and each pool split into one part per core (see
+    /// `pool::shards`). None: as many as `worker_threads` when that is 2 or more (0 counts
+    /// the cores); 0: off (sessions on the shared runtime). Needs a restart to change.
     pub session_threads: Option<usize>,
     /// A user in `[users]` (with a server password) that looks up users not listed in
     /// `[users]` with `auth_query` (none: only listed users may log in).
@@ -139,6 +186,35 @@ pub struct ProxySettings {
     /// Failed logins of a looked-up user per client address within a minute before further
     /// attempts are refused without a lookup (and 4x that per address across users); 0 = no limit.
     pub auth_failure_limit: u32,
+    /// Load balancers allowed to send a PROXY protocol header (v1 or v2) before the client's
+    /// bytes: connections from these ranges must start with one and are known by the address
+    /// it carries; a header from anywhere else is refused (the connection closed). Empty: off.
+    pub proxy_protocol_trusted: Cidrs,
+    /// A file in pg_hba.conf's format deciding how each client authenticates (by connection
+    /// type, database, user and address); replaces auth_type when set. Read again on reload.
+    pub hba_file: Option<std::path::PathBuf>,
+    /// A file in pg_ident.conf's format: the maps `cert` lines name with `map=`.
+    pub ident_file: Option<std::path::PathBuf>,
+    /// The Unix socket a successor (`pgvalve run --takeover`) connects to, to take over the
+    /// listening sockets and the idle clients (see `takeover`). None: `pgvalve-<port>.takeover`
+    /// in `$XDG_RUNTIME_DIR`, else in /tmp (`<port>`: the listen port); "" turns it off.
+    pub takeover_socket: Option<std::path::PathBuf>,
+}
+
+impl ProxySettings {
+    /// The takeover control socket of a proxy listening on `port` (None: turned off).
+    pub fn takeover_path(&self, port: u16) -> Option<std::path::PathBuf> {
+        match &self.takeover_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => {
+                let dir = std::env::var_os("XDG_RUNTIME_DIR")
+                    .filter(|d| !d.is_empty())
+                    .map_or_else(|| std::path::PathBuf::from("/tmp"), std::path::PathBuf::from);
+                Some(dir.join(format!("pgvalve-{port}.takeover")))
+            }
+        }
+    }
 }
 
 /// PgBouncer's default auth_query: the verifier, NULL once `rolvaliduntil` has passed.
@@ -161,6 +237,10 @@ impl Default for ProxySettings {
             auth_dbname: None,
             auth_cache_ttl: Duration::from_secs(60),
             auth_failure_limit: 5,
+            proxy_protocol_trusted: Cidrs::default(),
+            hba_file: None,
+            ident_file: None,
+            takeover_socket: None,
         }
     }
 }
@@ -173,8 +253,10 @@ pub struct PoolSettings {
     pub pool_mode: PoolMode,
     /// Default server connections per (database, user) pool.
     pub pool_size: u32,
-    /// Server connections across all pools (0 = no global cap).
-    pub max_server_connections: u32,
+    /// Server connections across all pools: a number (0 = no global cap), `"auto"` (what
+    /// PostgreSQL's max_connections allows pgvalve, read at start and at each reload) or a
+    /// percentage of that (`"80%"`). In force: [`super::Config::max_server_connections`].
+    pub max_server_connections: super::ServerCap,
     /// How long a client waits for a server connection before FATAL 53300.
     #[serde(with = "humantime_serde")]
     pub query_wait_timeout: Duration,
@@ -215,6 +297,10 @@ pub struct PoolSettings {
     /// Transaction mode: protocol-level prepared statements kept per server connection
     /// (least recently used closed first). 0 = a named statement pins the session instead.
     pub max_prepared_statements: usize,
+    /// Transaction mode: parameters whose `SET` is tracked per client and re-applied on every
+    /// server connection it gets instead of pinning, besides `search_path` (always tracked).
+    /// Names as in `SET` (`statement_timeout`, `app.tenant`), checked when loaded.
+    pub track_parameters: Vec<String>,
 }
 
 impl Default for PoolSettings {
@@ -222,7 +308,7 @@ impl Default for PoolSettings {
         Self {
             pool_mode: PoolMode::Session,
             pool_size: 20,
-            max_server_connections: 100,
+            max_server_connections: super::ServerCap::Connections(100),
             query_wait_timeout: Duration::from_secs(120),
             server_connect_timeout: Duration::from_secs(5),
             server_reset_query: "DISCARD ALL".into(),
@@ -231,6 +317,7 @@ impl Default for PoolSettings {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             max_prepared_statements: 200,
+            track_parameters: Vec::new(),
             session_state: SessionStatePolicy::Pin,
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
@@ -276,6 +363,9 @@ pub struct UserConfig {
     /// pg_authid-style verifier (`SCRAM-SHA-256$4096:...`) checked against clients; see
     /// `pgvalve passwd`. Takes precedence over `password` for client authentication.
     pub scram_verifier: Option<Secret>,
+    /// pg_authid-style MD5 verifier (`md5` and the hex MD5 of password and user name), for
+    /// clients that an hba_file `md5` line lets in with MD5 (default: from `password`).
+    pub md5_verifier: Option<Secret>,
     /// Password for logging in to PostgreSQL (default: `password`; omit for trust servers).
     pub server_password: Option<Secret>,
     /// Overrides the pool size for this user's pools.
@@ -312,8 +402,13 @@ pub struct LockSettings {
     pub warn_after: Duration,
     /// Lock modes that are dangerous when held.
     pub dangerous_modes: Vec<String>,
-    /// Ended lock episodes kept for SHOW LOCK_HISTORY.
+    /// Ended lock episodes kept for SHOW LOCK_HISTORY (and deadlocks for SHOW DEADLOCKS, ended
+    /// long transactions for SHOW LONG_TRANSACTIONS).
     pub history: usize,
+    /// A transaction open this long is recorded (SHOW LONG_TRANSACTIONS, one WARN line,
+    /// pgvalve_long_transactions_total); 0s: not watched.
+    #[serde(with = "humantime_serde")]
+    pub long_transaction_after: Duration,
     /// The user (from `[users]`) the monitor logs in as (default: the first user).
     pub user: Option<String>,
 }
@@ -331,6 +426,7 @@ impl Default for LockSettings {
                 "AccessExclusiveLock".into(),
             ],
             history: 1000,
+            long_transaction_after: Duration::from_secs(30),
             user: None,
         }
     }
@@ -418,14 +514,42 @@ pub struct TlsSettings {
     pub server_tls_mode: Option<ServerTlsMode>,
     /// PEM CA certificates that sign PostgreSQL's certificate (verify-ca, verify-full).
     pub server_tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates that sign clients' certificates: clients may then present one
+    /// (it must be signed by these), and hba_file `cert` lines log them in by it.
+    pub client_tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// `[http]`: the metrics and health endpoint.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
-    /// Address of /metrics, /healthz and /readyz, e.g. "127.0.0.1:9930" (none: off).
+    /// Address of /metrics, /healthz, /readyz, the status page `/` and `/status.json`, e.g.
+    /// "127.0.0.1:9930" (none: off).
     pub listen: Option<String>,
+    /// Basic auth for the status page and `/status.json` from other hosts than loopback
+    /// (with `auth_password`).
+    pub auth_user: Option<String>,
+    /// The password of `auth_user`.
+    pub auth_password: Option<Secret>,
+    /// A bearer token (`Authorization: Bearer ...`) for the status page and `/status.json`
+    /// from other hosts than loopback.
+    pub auth_token: Option<Secret>,
+}
+
+/// Who may see the status page from another host than loopback (`[http] auth_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpAuth {
+    /// (user, password) for basic auth.
+    pub basic: Option<(String, Secret)>,
+    /// Bearer token.
+    pub token: Option<Secret>,
+}
+
+impl HttpAuth {
+    /// Neither configured: the status page is for loopback only.
+    pub fn is_none(&self) -> bool {
+        self.basic.is_none() && self.token.is_none()
+    }
 }
 
 /// The whole file.
@@ -462,6 +586,9 @@ pub struct FileConfig {
     /// `[[identity]]`: ordered rules naming client identities.
     #[serde(default)]
     pub identity: Vec<super::IdentityRule>,
+    /// `[cluster]`: one budget across every instance of the same name.
+    #[serde(default)]
+    pub cluster: Option<super::ClusterSettings>,
 }
 
 #[cfg(test)]

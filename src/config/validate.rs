@@ -32,6 +32,17 @@ pub(super) fn proxy(f: &FileConfig, invalid: &Invalid) -> Result<SocketAddr, Con
             "must be between 64 and 1MB".into(),
         ));
     }
+    // A Unix socket path holds at most 107 bytes (sun_path).
+    if f.proxy
+        .takeover_socket
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().len() > 107)
+    {
+        return Err(invalid(
+            "proxy.takeover_socket",
+            "is longer than a Unix socket path may be (107 bytes)".into(),
+        ));
+    }
     Ok(listen)
 }
 
@@ -55,6 +66,14 @@ pub(super) fn pools(f: &FileConfig, invalid: &Invalid) -> Result<(), ConfigError
             ));
         }
     }
+    for name in &f.pool.track_parameters {
+        if !is_parameter_name(name) {
+            return Err(invalid(
+                "pool.track_parameters",
+                format!("{name:?} is not a parameter name (letters, digits and _, optionally prefix.name)"),
+            ));
+        }
+    }
     if f.pool.session_state == SessionStatePolicy::Reject && f.pool.max_prepared_statements == 0 {
         return Err(invalid(
             "pool.session_state",
@@ -64,11 +83,24 @@ pub(super) fn pools(f: &FileConfig, invalid: &Invalid) -> Result<(), ConfigError
     Ok(())
 }
 
+/// A parameter name as `SET` takes it unquoted: `name` or `prefix.name` (a custom one).
+fn is_parameter_name(name: &str) -> bool {
+    let part = |p: &str| {
+        p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match name.split_once('.') {
+        Some((a, b)) => part(a) && part(b),
+        None => part(name),
+    }
+}
+
 /// `[users]`: at least one, each with a way to authenticate its clients under `auth_type`;
 /// builds the validated users (client verifier, server password).
 pub(super) fn users(
     file_users: BTreeMap<String, UserConfig>,
     auth_type: AuthType,
+    hba: bool,
     invalid: &Invalid,
 ) -> Result<BTreeMap<String, User>, ConfigError> {
     if file_users.is_empty() {
@@ -83,13 +115,28 @@ pub(super) fn users(
         if u.pool_size == Some(0) {
             return Err(invalid(&format!("{field}.pool_size"), "must be at least 1".into()));
         }
+        let md5_verifier = match (&u.md5_verifier, &u.password) {
+            (Some(v), _)
+                if v.0.len() == 35 && v.0.starts_with("md5") && v.0[3..].bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Some(v.clone())
+            }
+            (Some(_), _) => {
+                return Err(invalid(
+                    &format!("{field}.md5_verifier"),
+                    "expected md5 and 32 hex digits (as in pg_authid)".into(),
+                ))
+            }
+            (None, Some(p)) => Some(types::Secret(postgres_protocol::password::md5(p.0.as_bytes(), &name))),
+            (None, None) => None,
+        };
         let client_verifier = match (&u.scram_verifier, &u.password) {
             (Some(v), _) => Some(
                 v.0.parse()
                     .map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?,
             ),
             (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
-            (None, None) if auth_type == AuthType::Trust => None,
+            (None, None) if auth_type == AuthType::Trust || md5_verifier.is_some() || hba => None,
             (None, None) => {
                 return Err(invalid(
                     &field,
@@ -102,6 +149,7 @@ pub(super) fn users(
             name,
             User {
                 client_verifier,
+                md5_verifier,
                 server_password,
                 pool_size: u.pool_size,
                 pool_mode: u.pool_mode,
@@ -171,6 +219,84 @@ pub(super) fn locks(f: &FileConfig, users: &BTreeMap<String, User>, invalid: &In
     }
     if let Some(u) = l.user.as_ref().filter(|u| !users.contains_key(*u)) {
         return Err(invalid("locks.user", format!("user {u:?} is not in [users]")));
+    }
+    Ok(())
+}
+
+/// `hba_file` and `ident_file`, read; `cert` lines need `client_tls_ca_file`.
+pub(super) fn hba(f: &FileConfig, invalid: &Invalid) -> Result<Option<std::sync::Arc<super::hba::Hba>>, ConfigError> {
+    let Some(path) = &f.proxy.hba_file else {
+        if f.proxy.ident_file.is_some() {
+            return Err(invalid("proxy.ident_file", "is used only with hba_file".into()));
+        }
+        return Ok(None);
+    };
+    let hba = super::hba::Hba::load(path, f.proxy.ident_file.as_deref()).map_err(|e| invalid("proxy.hba_file", e))?;
+    if hba.uses_cert() && f.tls.client_tls_ca_file.is_none() {
+        return Err(invalid(
+            "proxy.hba_file",
+            "cert lines need [tls] client_tls_ca_file (the CA that signs client certificates)".into(),
+        ));
+    }
+    Ok(Some(std::sync::Arc::new(hba)))
+}
+
+/// `[http] auth_*`: a user with a password, or neither; no empty secret.
+pub(super) fn http_auth(f: &FileConfig, invalid: &Invalid) -> Result<types::HttpAuth, ConfigError> {
+    let h = &f.http;
+    let basic = match (&h.auth_user, &h.auth_password) {
+        (None, None) => None,
+        (Some(u), Some(p)) if !u.is_empty() && !u.contains(':') && !p.0.is_empty() => Some((u.clone(), p.clone())),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "http.auth_user",
+                "auth_user needs a name without ':' and a non-empty auth_password".into(),
+            ))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(invalid(
+                "http.auth_user",
+                "auth_user and auth_password go together".into(),
+            ))
+        }
+    };
+    if h.auth_token.as_ref().is_some_and(|t| t.0.len() < 16) {
+        return Err(invalid(
+            "http.auth_token",
+            "auth_token must be at least 16 characters".into(),
+        ));
+    }
+    Ok(types::HttpAuth {
+        basic,
+        token: h.auth_token.clone(),
+    })
+}
+
+/// `[cluster]`: workable values, and a database and user the coordination connection can use.
+pub(super) fn cluster(f: &FileConfig, users: &BTreeMap<String, User>, invalid: &Invalid) -> Result<(), ConfigError> {
+    let Some(c) = &f.cluster else {
+        return Ok(());
+    };
+    c.check()
+        .map_err(|(field, reason)| invalid(&format!("cluster.{field}"), reason))?;
+    if let Some(d) = c
+        .database
+        .as_ref()
+        .filter(|d| !f.databases.contains_key(*d) && !f.databases.contains_key("*"))
+    {
+        return Err(invalid(
+            "cluster.database",
+            format!("database {d:?} is not in [databases]"),
+        ));
+    }
+    if let Some(u) = c.user.as_ref().filter(|u| !users.contains_key(*u)) {
+        return Err(invalid("cluster.user", format!("user {u:?} is not in [users]")));
+    }
+    if users.is_empty() {
+        return Err(invalid(
+            "cluster.user",
+            "the coordination connection needs a user in [users]".into(),
+        ));
     }
     Ok(())
 }

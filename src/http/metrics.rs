@@ -33,12 +33,34 @@ pub(super) fn render(shared: &Sources) -> String {
     s.identities(shared);
     s.pools(shared);
     s.locks(shared);
+    s.cluster(shared);
     let mut out = s.0.handle().render();
     out.push_str(&shared.events.render());
+    out.push_str(&super::latency::render(&shared.services.pools.stats.latency));
     out
 }
 
 impl Snapshot {
+    /// The cluster as this instance's coordinator last saw it (nothing without `[cluster]`).
+    fn cluster(&self, shared: &Sources) {
+        let Some(c) = shared.services.pools.cluster() else {
+            return;
+        };
+        let v = c.view();
+        self.gauge("pgvalve_cluster_connected", &[], f64::from(u8::from(v.connected)));
+        for p in &v.peers {
+            let l = [("instance", p.id.as_str()), ("this", if p.me { "yes" } else { "no" })];
+            self.gauge("pgvalve_cluster_slots_held", &l, p.held as f64);
+            self.gauge("pgvalve_cluster_slots_in_use", &l, p.in_use as f64);
+            self.gauge("pgvalve_cluster_slots_wanted", &l, (p.in_use + p.waiting) as f64);
+        }
+        let n = &c.counters;
+        self.counter("pgvalve_cluster_rebalances_total", &[], n.rebalances.load(Relaxed));
+        self.counter("pgvalve_cluster_coordination_errors_total", &[], n.errors.load(Relaxed));
+        self.counter("pgvalve_cluster_slots_leased_total", &[], n.leased.load(Relaxed));
+        self.counter("pgvalve_cluster_slots_released_total", &[], n.released.load(Relaxed));
+    }
+
     /// The proxy as a whole: clients connected, session pins by reason, config reloads.
     fn proxy(&self, shared: &Sources) {
         self.gauge(
@@ -190,6 +212,16 @@ impl Snapshot {
                 &[("identity", id), ("action", action)],
                 *n,
             );
+        }
+        drop(locks);
+        for (id, n) in &shared.locks.deadlocks().counts {
+            self.counter("pgvalve_deadlocks_total", &[("identity", id)], *n);
+        }
+        let long = shared.locks.long_transactions();
+        for (id, n) in &long.counts {
+            self.counter("pgvalve_long_transactions_total", &[("identity", id)], *n);
+            let open = long.open.iter().filter(|t| &t.identity == id).count();
+            self.gauge("pgvalve_long_transactions", &[("identity", id)], open as f64);
         }
     }
 }

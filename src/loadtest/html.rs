@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::report::{fairness, redact, table};
+use super::report::{fairness, table};
 use super::run::Outcome;
 
 const COLORS: &[&str] = &[
@@ -257,7 +257,7 @@ pub fn html(o: &Outcome) -> String {
     format!(
         "<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\" />\n<title>pgvalve loadtest: {scenario}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<h1>pgvalve loadtest: {scenario}</h1>\n<p>Target {target}; {secs:.1} s; Jain fairness index {jain:.3}{stopped}.</p>\n<pre>{table}</pre>\n{body}</body>\n</html>\n",
         scenario = esc(&o.plan.scenario),
-        target = esc(&redact(&o.plan.target)),
+        target = esc(&super::report::targets(o)),
         secs = o.elapsed.as_secs_f64(),
         jain = fairness(&o.groups),
         stopped = if o.stopped { " (stopped early)" } else { "" },

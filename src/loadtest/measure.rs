@@ -51,6 +51,8 @@ pub struct GroupReport {
     pub(crate) timeline: Vec<Second>,
     /// Wall time measured.
     pub elapsed: Duration,
+    /// HOST:PORT its clients connected to, when the run had several targets.
+    pub target: Option<String>,
 }
 
 impl GroupReport {
@@ -66,6 +68,7 @@ impl GroupReport {
             connect: histogram(),
             timeline: Vec::new(),
             elapsed: Duration::ZERO,
+            target: None,
         }
     }
 

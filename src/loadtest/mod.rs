@@ -43,9 +43,11 @@ pub struct Args {
     /// A TOML scenario file (see config/loadtest/).
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// postgres://USER:PASSWORD@HOST:PORT/DB (pgvalve, PgBouncer or PostgreSQL).
+    /// postgres://USER:PASSWORD@HOST:PORT/DB (pgvalve, PgBouncer or PostgreSQL). Given
+    /// several times (instances of one pgvalve cluster, say), each group's clients are spread
+    /// across the targets and reported per target.
     #[arg(long, required_unless_present = "ephemeral")]
-    pub target: Option<String>,
+    pub target: Vec<String>,
     /// Also run the scenario against this second target, after the first, and print both
     /// side by side.
     #[arg(long, conflicts_with = "ephemeral")]
@@ -126,7 +128,10 @@ impl Args {
     /// # Errors
     /// A scenario file that cannot be read or is invalid.
     pub fn plan(&self) -> Result<Plan, String> {
-        let t = self.target.as_deref().unwrap_or("postgres://ephemeral");
+        if self.target.len() > 1 && (self.compare.is_some() || self.ephemeral) {
+            return Err("--compare and --ephemeral take one --target".into());
+        }
+        let t = self.target.first().map_or("postgres://ephemeral", String::as_str);
         let d = |default: u64| self.duration.unwrap_or(Duration::from_secs(default));
         let mut p = match (&self.file, self.scenario) {
             (Some(f), _) => Plan::from_file(f)?,
@@ -167,6 +172,7 @@ impl Args {
             (None, None) => return Err("name a scenario or --file".into()),
         };
         p.target = t.to_string();
+        p.spread(&self.target);
         if let (Some(dur), Some(_)) = (self.duration, &self.file) {
             p.duration = dur;
         }

@@ -58,6 +58,12 @@ pub struct Group {
     /// Most transactions one client runs per round (0: no limit but time).
     #[serde(default)]
     pub(crate) max_transactions: u64,
+    /// The application_name its clients send (default: `name`).
+    #[serde(default)]
+    pub application_name: Option<String>,
+    /// Where its clients connect (default: the plan's `target`).
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 /// A whole load test.
@@ -144,6 +150,47 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Spreads every group's clients over `targets` (client i of a group to target i mod n,
+    /// an open-loop rate in proportion): one group per (group, target), named
+    /// "NAME @HOST:PORT", whose clients still send the group's application_name (so they
+    /// stay one identity). `target` stays the first (setup runs there). One target: no change.
+    pub fn spread(&mut self, targets: &[String]) {
+        let n = targets.len();
+        if n < 2 {
+            return;
+        }
+        let mut groups = Vec::new();
+        for g in &self.groups {
+            for (i, t) in targets.iter().enumerate() {
+                let mut s = g.clone();
+                s.clients = g.clients / n + usize::from(i < g.clients % n);
+                s.rate = g.rate * s.clients as f64 / g.clients.max(1) as f64;
+                s.application_name = Some(g.application_name.clone().unwrap_or_else(|| g.name.clone()));
+                s.name = format!("{} @{}", g.name, target_label(t));
+                s.target = Some(t.clone());
+                if s.clients > 0 {
+                    groups.push(s);
+                }
+            }
+        }
+        self.groups = groups;
+        self.target = targets[0].clone();
+    }
+}
+
+/// HOST:PORT of a postgres:// URL (the URL with its password hidden if it has no such part).
+pub fn target_label(url: &str) -> String {
+    let after = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = after.rsplit_once('@').map_or(after, |(_, h)| h);
+    let host = host.split(['/', '?']).next().unwrap_or(host);
+    if host.is_empty() {
+        super::report::redact(url)
+    } else {
+        host.to_string()
+    }
+}
+
 fn sql(s: impl Into<String>) -> Step {
     Step::Sql { sql: s.into() }
 }
@@ -159,6 +206,8 @@ fn group(name: &str, clients: usize, steps: Vec<Step>) -> Group {
         rate: 0.0,
         hold: Duration::ZERO,
         max_transactions: 0,
+        application_name: None,
+        target: None,
     }
 }
 

@@ -27,6 +27,16 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
+/// The target, or the targets (HOST:PORT) when the clients were spread over several.
+pub(crate) fn targets(o: &Outcome) -> String {
+    let t = per_target(&o.groups);
+    if t.is_empty() {
+        redact(&o.plan.target)
+    } else {
+        t.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// Jain's index over the groups' per-client throughput.
 pub fn fairness(groups: &[GroupReport]) -> f64 {
     let x: Vec<f64> = groups
@@ -40,14 +50,15 @@ pub fn fairness(groups: &[GroupReport]) -> f64 {
 /// The terminal table: one line per group, errors under it, then fairness and what was
 /// observed.
 pub fn table(o: &Outcome) -> String {
+    let w = o.groups.iter().map(|g| g.name.len()).max().unwrap_or(0).max(10);
     let mut out = format!(
-        "{:<10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8}\n",
+        "{:<w$} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8}\n",
         "group", "clients", "tx", "tps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "conn p99 ms", "errors"
     );
     for r in &o.groups {
         let _ = writeln!(
             out,
-            "{:<10} {:>7} {:>9} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.2} {:>8}",
+            "{:<w$} {:>7} {:>9} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.2} {:>8}",
             r.name,
             r.clients,
             r.transactions,
@@ -71,6 +82,29 @@ pub fn table(o: &Outcome) -> String {
             );
         }
     }
+    let targets = per_target(&o.groups);
+    if !targets.is_empty() {
+        let w = targets.iter().map(|t| t.name.len()).max().unwrap_or(0).max(10);
+        let _ = writeln!(
+            out,
+            "per target:\n{:<w$} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "target", "clients", "tx", "tps", "p50 ms", "p99 ms", "max ms", "errors"
+        );
+        for t in &targets {
+            let _ = writeln!(
+                out,
+                "{:<w$} {:>7} {:>9} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>8}",
+                t.name,
+                t.clients,
+                t.transactions,
+                t.tps(),
+                t.ms(0.5),
+                t.ms(0.99),
+                t.latency.max() as f64 / 1000.0,
+                t.error_count()
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "Jain fairness index (per-client throughput): {:.3}",
@@ -87,6 +121,35 @@ pub fn table(o: &Outcome) -> String {
     }
     if o.stopped {
         out.push_str("(stopped early by Ctrl-C: figures cover the time run)\n");
+    }
+    out
+}
+
+/// The groups' results added up per target (several `--target`), in the targets' order;
+/// empty with one target.
+pub fn per_target(groups: &[GroupReport]) -> Vec<GroupReport> {
+    let mut out: Vec<GroupReport> = Vec::new();
+    for g in groups {
+        let Some(t) = g.target.as_deref() else { continue };
+        let i = match out.iter().position(|r| r.name == t) {
+            Some(i) => i,
+            None => {
+                out.push(GroupReport::new(t, 0));
+                out.len() - 1
+            }
+        };
+        let r = &mut out[i];
+        r.clients += g.clients;
+        r.transactions += g.transactions;
+        r.unfinished += g.unfinished;
+        for (e, n) in &g.errors {
+            *r.errors.entry(e.clone()).or_default() += n;
+        }
+        // Same bounds on both sides: adding cannot fail.
+        let _ = r.latency.add(&g.latency);
+        let _ = r.connect.add(&g.connect);
+        r.elapsed = r.elapsed.max(g.elapsed);
+        r.target = Some(t.to_string());
     }
     out
 }
@@ -111,6 +174,8 @@ struct SecondJson {
 #[derive(Serialize)]
 struct GroupJson<'a> {
     name: &'a str,
+    /// HOST:PORT, with several targets.
+    target: Option<&'a str>,
     clients: usize,
     transactions: u64,
     unfinished: u64,
@@ -129,12 +194,24 @@ struct Json<'a> {
     stopped: bool,
     jain_fairness: f64,
     groups: Vec<GroupJson<'a>>,
+    /// With several targets: the groups added up per target.
+    per_target: Vec<TargetJson>,
     max_connections: Option<i64>,
     server_connections_before: Option<i64>,
     peak_server_connections: Option<i64>,
     peak_dangerous_locks: Option<i64>,
     observed: &'a [super::measure::Sample],
     in_flight: &'a [(f64, i64)],
+}
+
+#[derive(Serialize)]
+struct TargetJson {
+    target: String,
+    clients: usize,
+    transactions: u64,
+    tps: f64,
+    latency_ms: Quantiles,
+    errors: u64,
 }
 
 fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Quantiles {
@@ -153,7 +230,7 @@ pub fn json(o: &Outcome) -> String {
     let observed = !o.samples.is_empty();
     let j = Json {
         scenario: &o.plan.scenario,
-        target: redact(&o.plan.target),
+        target: targets(o),
         elapsed_seconds: o.elapsed.as_secs_f64(),
         stopped: o.stopped,
         jain_fairness: fairness(&o.groups),
@@ -162,6 +239,7 @@ pub fn json(o: &Outcome) -> String {
             .iter()
             .map(|g| GroupJson {
                 name: &g.name,
+                target: g.target.as_deref(),
                 clients: g.clients,
                 transactions: g.transactions,
                 unfinished: g.unfinished,
@@ -180,6 +258,17 @@ pub fn json(o: &Outcome) -> String {
                         p99_ms: s.latency.value_at_quantile(0.99) as f64 / 1000.0,
                     })
                     .collect(),
+            })
+            .collect(),
+        per_target: per_target(&o.groups)
+            .iter()
+            .map(|t| TargetJson {
+                target: t.name.clone(),
+                clients: t.clients,
+                transactions: t.transactions,
+                tps: t.tps(),
+                latency_ms: quantiles(&t.latency),
+                errors: t.error_count(),
             })
             .collect(),
         max_connections: o.max_connections,

@@ -267,6 +267,15 @@ async fn setup(cfg: &tokio_postgres::Config, plan: &Plan) -> Result<(), String> 
 pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> Result<Outcome, String> {
     plan.check()?;
     let base = tokio_postgres::Config::from_str(&plan.target).map_err(|e| format!("target: {e}"))?;
+    // Each group's own target, if it has one (several --target).
+    let cfgs = plan
+        .groups
+        .iter()
+        .map(|g| match &g.target {
+            Some(t) => tokio_postgres::Config::from_str(t).map_err(|e| format!("target: {e}")),
+            None => Ok(base.clone()),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     setup(&base, plan).await?;
     let observer = connect_observer(observe).await?;
     let start = Instant::now();
@@ -282,7 +291,11 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
     let reports: Vec<_> = plan
         .groups
         .iter()
-        .map(|g| Arc::new(Mutex::new(GroupReport::new(&g.name, g.clients))))
+        .map(|g| {
+            let mut r = GroupReport::new(&g.name, g.clients);
+            r.target = g.target.as_deref().map(super::plan::target_label);
+            Arc::new(Mutex::new(r))
+        })
         .collect();
     for round in 0..plan.rounds {
         if stop.load(Ordering::Relaxed) {
@@ -294,7 +307,7 @@ pub async fn run(plan: &Plan, observe: Option<&str>, stop: Arc<AtomicBool>) -> R
                 break;
             }
         }
-        run_round(plan, &base, &reports, &live, &stop, start).await;
+        run_round(plan, &cfgs, &reports, &live, &stop, start).await;
     }
     quit.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
@@ -334,11 +347,11 @@ async fn connect_observer(observe: Option<&str>) -> Result<Option<tokio_postgres
     Ok(Some(c))
 }
 
-/// One round: every group's clients, started over `plan.ramp`, each until the round's
-/// deadline (or `stop`); returns when all have ended.
+/// One round: every group's clients (to the group's entry of `cfgs`), started over
+/// `plan.ramp`, each until the round's deadline (or `stop`); returns when all have ended.
 async fn run_round(
     plan: &Plan,
-    base: &tokio_postgres::Config,
+    cfgs: &[tokio_postgres::Config],
     reports: &[Arc<Mutex<GroupReport>>],
     live: &Arc<Live>,
     stop: &Arc<AtomicBool>,
@@ -347,9 +360,9 @@ async fn run_round(
     let round_start = Instant::now();
     let deadline = round_start + plan.duration;
     let mut tasks = Vec::new();
-    for (g, report) in plan.groups.iter().zip(reports) {
-        let mut cfg = base.clone();
-        cfg.application_name(&g.name);
+    for ((g, report), cfg) in plan.groups.iter().zip(reports).zip(cfgs) {
+        let mut cfg = cfg.clone();
+        cfg.application_name(g.application_name.as_deref().unwrap_or(&g.name));
         let ctx = Ctx {
             cfg,
             group: g.clone(),

@@ -43,6 +43,8 @@ enum Failed {
     Io(#[from] std::io::Error),
     #[error("timed out after {CONNECT_TIMEOUT:?}")]
     Timeout,
+    #[error("its cluster slot is no longer leased to this instance")]
+    SeatLost,
 }
 
 enum Seat {
@@ -130,6 +132,14 @@ impl Conns {
         }
     }
 
+    /// Every open connection.
+    pub(super) fn open(&self) -> impl Iterator<Item = &tokio_postgres::Client> {
+        self.seats.values().filter_map(|s| match s {
+            Seat::Open(c) => Some(c),
+            _ => None,
+        })
+    }
+
     /// The open connection to `t`.
     pub(super) fn client(&self, t: &Target) -> Option<&tokio_postgres::Client> {
         match self.seats.get(t) {
@@ -171,9 +181,28 @@ async fn open(t: &Target, budget: &Arc<Budget>, timeout: Duration) -> Result<tok
     let (client, conn, dup) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| Failed::Timeout)??;
+    let seat = slot.seat().map(|s| (s.class, s.index, s.holder));
     tokio::spawn(async move {
         let _ = conn.await;
         crate::server::close::release_after(dup, slot).await;
     });
+    // In a cluster: the connection takes its slot's marker before it is used.
+    if let Some((class, index, holder)) = seat {
+        use crate::server::seat::{CHECK_SQL, MARK_SQL};
+        let marked: bool = client
+            .query_one(MARK_SQL, &[&class.to_string(), &index.to_string()])
+            .await
+            .map(|r| r.get::<_, String>(0) == "true")?;
+        let ok = client
+            .query_one(
+                CHECK_SQL,
+                &[&class.to_string(), &index.to_string(), &holder.to_string()],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0) == "true")?;
+        if !(marked && ok) {
+            return Err(Failed::SeatLost);
+        }
+    }
     Ok(client)
 }

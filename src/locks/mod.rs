@@ -13,10 +13,17 @@
 //! `max_lock_holders` admits the next transaction without waiting for a poll. A lost
 //! connection (PostgreSQL restarted) is re-opened at the next poll. While a client's DROP
 //! DATABASE (or the like) holds a database (see [`crate::dbgate`]), the monitor closes its
-//! connection to it at once and opens none until the hold is dropped.
+//! connection to it at once and opens none until the hold is dropped. The same task records
+//! the deadlocks the relay reports ([`deadlock`]; also when the monitor is disabled) and,
+//! at each poll, transactions open longer than `long_transaction_after` ([`long`]) and the
+//! routes behind surges still going ([`routes`]); statements' sqlcommenter tags are read
+//! here from what a poll returns.
 
 mod conn;
+pub mod deadlock;
+pub mod long;
 pub(crate) mod record;
+pub mod routes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,7 +47,8 @@ SELECT l.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
        coalesce(host(a.client_addr) || ':' || a.client_port, 'local'), coalesce(a.state, ''),
        extract(epoch FROM now() - a.xact_start)::float8, left(coalesce(a.query, ''), 200),
        l.locktype, l.mode, l.granted, c.relname::text,
-       CASE WHEN l.granted THEN NULL ELSE pg_blocking_pids(l.pid) END
+       CASE WHEN l.granted THEN NULL ELSE pg_blocking_pids(l.pid) END,
+       CASE WHEN length(a.query) > 200 THEN right(a.query, 1024) ELSE '' END
 FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 LEFT JOIN pg_class c ON c.oid = l.relation
@@ -53,12 +61,30 @@ WHERE l.pid <> pg_backend_pid() AND a.datname = current_database()
 #[derive(Debug, Default)]
 pub struct LockMonitor {
     recorder: Mutex<Recorder>,
+    deadlocks: Mutex<deadlock::Deadlocks>,
+    long: Mutex<long::LongTransactions>,
+    surge_routes: Mutex<routes::SurgeRoutes>,
 }
 
 impl LockMonitor {
     /// The recorded state.
     pub fn state(&self) -> MutexGuard<'_, Recorder> {
         self.recorder.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The long transactions recorded (SHOW LONG_TRANSACTIONS, metrics).
+    pub fn long_transactions(&self) -> MutexGuard<'_, long::LongTransactions> {
+        self.long.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The routes seen behind surges (SHOW SURGES).
+    pub fn surge_routes(&self) -> MutexGuard<'_, routes::SurgeRoutes> {
+        self.surge_routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The deadlocks recorded (SHOW DEADLOCKS, metrics).
+    pub fn deadlocks(&self) -> MutexGuard<'_, deadlock::Deadlocks> {
+        self.deadlocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -149,6 +175,11 @@ pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_pos
     Ok(rows
         .iter()
         .map(|r| Row {
+            tags: crate::protocol::sqlcomment::Tags::parse(&format!(
+                "{} {}",
+                r.get::<_, &str>(6),
+                r.get::<_, &str>(12)
+            )),
             pid: r.get(0),
             user: r.get(1),
             application_name: r.get(2),
@@ -161,6 +192,7 @@ pub async fn poll(client: &tokio_postgres::Client) -> Result<Vec<Row>, tokio_pos
             granted: r.get(9),
             relation: r.get(10),
             blocked_by: r.get::<_, Option<Vec<i32>>>(11).unwrap_or_default(),
+            query_tail: r.get(12),
         })
         .collect())
 }
@@ -170,6 +202,7 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
     let config = shared.config();
     let cfg = &config.locks;
     let mut rows = Vec::new();
+    let mut long_rows = Vec::new();
     let mut owner: HashMap<i32, Target> = HashMap::new();
     // Before the query: which transactions each session had ended, to tell later whether a
     // lock read by the poll is still held.
@@ -188,6 +221,9 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
             Ok(r) => {
                 owner.extend(r.iter().map(|row| (row.pid, t.clone())));
                 rows.extend(r);
+                if !cfg.long_transaction_after.is_zero() {
+                    long_rows.extend(long::poll(client, cfg.long_transaction_after).await);
+                }
             }
             // The connection and its slot are kept unless the connection is gone: in a
             // saturated pool a new slot may be long to come (a slow poll is no reason).
@@ -206,6 +242,10 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
         history: cfg.history,
     };
     let sessions = shared.sessions.by_backend();
+    shared
+        .locks
+        .long_transactions()
+        .update(long_rows, &sessions, cfg.history);
     let (acts, holders) = {
         let mut rec = shared.locks.state();
         let acts = rec.update(rows, &sessions, &ends_before, &rules, |id| {
@@ -215,6 +255,7 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
     };
     // max_lock_holders: admission holds back new transactions of identities at their cap.
     shared.admission.set_lock_holders(&holders);
+    surge_routes(shared);
     for a in acts {
         let (pid, sql) = match a {
             record::Act::Terminate(_, Some(s), e) => {
@@ -235,6 +276,60 @@ async fn round(shared: &Watch, conns: &mut conn::Conns) {
     }
 }
 
+/// While a surge goes on: the routes its identity's sessions run (see [`routes`]).
+fn surge_routes(shared: &Watch) {
+    let surges = shared.admission.surges();
+    if surges.iter().any(|e| e.ended.is_none()) {
+        shared.locks.surge_routes().update(&surges, &shared.sessions.all());
+    }
+}
+
+/// Records the deadlocks the relay reported: each other side's statement from the last poll,
+/// or else from one look-up in pg_stat_activity (on every open connection of the monitor).
+async fn deadlocks(shared: &Watch, conns: &conn::Conns) {
+    let reports = shared.sessions.take_deadlocks();
+    if reports.is_empty() {
+        return;
+    }
+    let mut seen: HashMap<i32, deadlock::Seen> = HashMap::new();
+    for l in &shared.locks.state().current {
+        let tail = [l.row.query.as_str(), l.row.query_tail.as_str()];
+        seen.entry(l.row.pid).or_insert_with(|| deadlock::Seen {
+            application_name: l.row.application_name.clone(),
+            addr: l.row.addr.clone(),
+            query: if tail[1].is_empty() {
+                tail[0].to_string()
+            } else {
+                tail.join(" ... ")
+            },
+        });
+    }
+    let missing = deadlock::missing(&reports, &seen);
+    for c in conns.open().filter(|_| !missing.is_empty()) {
+        match c.query(deadlock::LOOKUP_SQL, &[&missing]).await {
+            Ok(rows) => {
+                for r in rows {
+                    let s = deadlock::Seen {
+                        application_name: r.get(1),
+                        addr: r.get(2),
+                        query: r.get(3),
+                    };
+                    let e = seen.entry(r.get(0)).or_default();
+                    if e.query.is_empty() {
+                        *e = s;
+                    }
+                }
+            }
+            Err(e) => tracing::info!(error = %e, "deadlock look-up in pg_stat_activity failed"),
+        }
+    }
+    let bound = shared.config().locks.history;
+    let mut d = shared.locks.deadlocks();
+    for r in &reports {
+        d.record(deadlock::episode(r, &seen), bound);
+    }
+}
+
 /// Between polls: drops the locks of holders whose transaction has ended.
 fn release_ended(shared: &Watch) {
     let holders = {
@@ -250,7 +345,13 @@ fn release_ended(shared: &Watch) {
 /// Polls until the proxy stops.
 pub async fn run(shared: Watch, mut phase: watch::Receiver<Phase>) {
     if !shared.config().locks.enabled {
-        return;
+        // No polls; deadlocks are still recorded (without the other sides' statements).
+        loop {
+            tokio::select! {
+                () = shared.sessions.deadlock_seen() => deadlocks(&shared, &conn::Conns::default()).await,
+                r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
+            }
+        }
     }
     let mut period = shared.config().locks.poll_interval;
     let mut every = tokio::time::interval(period);
@@ -272,6 +373,7 @@ pub async fn run(shared: Watch, mut phase: watch::Receiver<Phase>) {
                 }
             }
             () = shared.sessions.released() => release_ended(&shared),
+            () = shared.sessions.deadlock_seen() => deadlocks(&shared, &conns).await,
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }
     }

@@ -40,6 +40,10 @@ pub struct Row {
     pub relation: Option<String>,
     /// For a waiting lock: the backends it waits for.
     pub(crate) blocked_by: Vec<i32>,
+    /// The query's last 1024 characters when it is longer than `query` shows.
+    pub(crate) query_tail: String,
+    /// The query's sqlcommenter tags.
+    pub tags: crate::protocol::sqlcomment::Tags,
 }
 
 /// A lock as SHOW LOCKS shows it.
@@ -89,6 +93,10 @@ pub struct Episode {
     acted: Option<LockAction>,
     /// The session and its transaction count when the episode began.
     txn: Option<(Arc<SessionInfo>, u64)>,
+    /// The holder's statement when first seen with sqlcommenter tags (or else when first seen).
+    pub query: String,
+    /// That statement's sqlcommenter tags.
+    pub tags: crate::protocol::sqlcomment::Tags,
 }
 
 impl Episode {
@@ -115,7 +123,25 @@ impl Episode {
             warned: false,
             acted: None,
             txn: session.map(|s| (s.clone(), ends)),
+            query: row.query.clone(),
+            tags: row.tags.clone(),
         }
+    }
+
+    /// A later poll's `row` of the same lock: its statement's tags, when the first had none.
+    fn note_statement(&mut self, row: &Row) {
+        if self.tags.is_empty() && !row.tags.is_empty() {
+            self.query = row.query.clone();
+            self.tags = row.tags.clone();
+        }
+    }
+
+    /// " from route \"/x\"" when the holder's statement named its route, else nothing.
+    fn route_phrase(&self) -> String {
+        self.tags
+            .route
+            .as_ref()
+            .map_or_else(String::new, |r| format!(" from route {r:?}"))
     }
 
     /// Logs "lock held" once, when the lock has been held `warn_after`.
@@ -125,7 +151,8 @@ impl Episode {
             tracing::warn!(
                 identity = %self.identity, session = ?self.session_id, pid = self.pid, client = %self.addr,
                 relation = %self.relation, mode = %self.mode, held_seconds = held.as_secs(), blocked,
-                state = %row.state, query = %row.query, "lock held"
+                state = %row.state, query = %row.query, route = self.tags.route.as_deref().unwrap_or(""),
+                controller = self.tags.controller.as_deref().unwrap_or(""), "lock held"
             );
         }
     }
@@ -239,6 +266,7 @@ impl Recorder {
                     .entry(key)
                     .or_insert_with(|| Episode::begin(&row, session.as_ref(), relation, ends));
                 ep.max_blocked = ep.max_blocked.max(bt);
+                ep.note_statement(&row);
                 held = ep.held();
                 ep.warn_once(&row, held, bt, rules.warn_after);
                 if let Some(s) = &session {
@@ -361,10 +389,12 @@ fn act(
 ) -> Option<Act> {
     let human = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string();
     tracing::warn!(identity = %ep.identity, session = s.id, pid = ep.pid, relation = %ep.relation, mode = %ep.mode,
-        held_seconds = held.as_secs(), %action, state = %row.state, "max_lock_hold reached");
+        held_seconds = held.as_secs(), %action, state = %row.state, route = ep.tags.route.as_deref().unwrap_or(""),
+        controller = ep.tags.controller.as_deref().unwrap_or(""), "max_lock_hold reached");
     let what = format!(
-        "client \"{}\" held {} on relation \"{}\" for {} (max_lock_hold={}, lock_action={action})",
+        "client \"{}\"{} held {} on relation \"{}\" for {} (max_lock_hold={}, lock_action={action})",
         ep.identity,
+        ep.route_phrase(),
         ep.mode,
         ep.relation,
         human(held),
@@ -461,6 +491,38 @@ mod tests {
         );
         assert_eq!(r.episodes["external"], 3);
         assert!(r.current.is_empty());
+    }
+
+    #[test]
+    fn the_policy_message_names_the_route_of_the_holders_statement() {
+        use crate::sessions::{SessionClient, Sessions};
+        let registry = Arc::new(Sessions::default());
+        let s = registry.register(SessionClient {
+            identity: Arc::from("migr"),
+            user: "app".into(),
+            database: "app".into(),
+            application_name: "migr".into(),
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            local: None,
+        });
+        let mut held = row(1, "AccessExclusiveLock", true, "t", &[]);
+        held.query = "LOCK TABLE t /*route='%2Fadmin%2Fmigrate'*/".into();
+        held.tags = crate::protocol::sqlcomment::Tags::parse(&held.query);
+        let by_pid = HashMap::from([(1, s.info.clone())]);
+        let mut r = Recorder::default();
+        let policy = |_: &str| Some((Duration::from_millis(1), LockAction::Terminate));
+        let mut acts = r.update(vec![held.clone()], &by_pid, &registry.ends(), &rules(), policy);
+        std::thread::sleep(Duration::from_millis(5));
+        acts.extend(r.update(vec![held], &by_pid, &registry.ends(), &rules(), policy));
+        let Some(Act::Terminate(1, Some(_), e)) = acts.into_iter().next() else {
+            panic!("terminate due")
+        };
+        assert!(
+            e.message
+                .contains("client \"migr\" from route \"/admin/migrate\" held AccessExclusiveLock"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl PooledConn {
                 obj.prepared.clear();
             }
             obj.idle_since = Instant::now();
-            drop(obj);
+            give_back(obj);
         } else {
             discard(obj);
         }
@@ -81,10 +81,22 @@ impl PooledConn {
         };
         if obj.is_clean() && !wanted(&obj) {
             obj.idle_since = Instant::now();
-            drop(obj);
+            give_back(obj);
         } else {
             discard(obj);
         }
+    }
+}
+
+/// Back to its pool, or to another core's part when its own lease shrank (see
+/// `pool::shards`).
+fn give_back(obj: Object<ServerManager>) {
+    match Object::pool(&obj) {
+        Some(pool) if pool.manager().gives() => {
+            let conn = Object::take(obj);
+            pool.manager().incoming.put(conn);
+        }
+        _ => drop(obj),
     }
 }
 
@@ -99,6 +111,8 @@ fn discard(obj: Object<ServerManager>) {
         // backend goes at once, so the pool's idle connections are closed too rather than
         // handed to the next clients one failure at a time.
         if let Some(pool) = Object::pool(&obj) {
+            // The other cores' parts probe theirs before reusing them (see pool::manager).
+            pool.manager().incoming.server_failed();
             let closed = pool.retain(|_, _| false).removed.len();
             if closed > 0 {
                 tracing::info!(
@@ -112,10 +126,10 @@ fn discard(obj: Object<ServerManager>) {
     if conn.status != tags::status::IDLE || !conn.rbuf.is_empty() {
         // The backend may be busy in a query: cancel it so its transaction ends now rather
         // than when it next writes to the closed socket.
-        let (addr, pid, secret) = (conn.addr.clone(), conn.pid, conn.secret);
+        let (addr, pid, secret) = (conn.addr.clone(), conn.pid, conn.secret.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = send_cancel(&addr, pid, secret).await;
+                let _ = send_cancel(&addr, pid, &secret).await;
             });
         }
     }

@@ -1,4 +1,4 @@
-//! The deadpool manager of raw server connections, and a pool as the occupant of its budget.
+//! The deadpool manager of raw server connections.
 //!
 //! Part of the pool: deadpool calls [`ServerManager::create`] when a pool needs a new
 //! connection and [`ServerManager::recycle`] before handing an idle one out. Every server
@@ -14,38 +14,11 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
-use crate::server::budget::{Budget, Occupant};
+use crate::server::budget::Budget;
 use crate::server::{self, ServerConn, ServerError, ServerTarget};
 
 /// A deadpool pool of server connections.
 pub(crate) type Pool = managed::Pool<ServerManager>;
-
-/// A pool as its budget's occupant: told its share, asked to close an idle connection.
-pub(crate) struct PoolOccupant(pub(crate) managed::WeakPool<ServerManager>);
-
-impl Occupant for PoolOccupant {
-    fn close_idle(&self) -> bool {
-        let Some(pool) = self.0.upgrade() else {
-            return false;
-        };
-        let mut closed = false;
-        pool.retain(|_, _| {
-            let keep = closed;
-            closed = true;
-            keep
-        });
-        closed
-    }
-
-    fn resize(&self, share: usize) {
-        if let Some(pool) = self.0.upgrade() {
-            if !pool.is_closed() {
-                pool.resize(share);
-                pool.manager().size.store(share, Ordering::Relaxed);
-            }
-        }
-    }
-}
 
 /// Spacing of connection attempts while the server cannot be reached: one attempt per
 /// window, 100 ms doubling up to the maximum; everyone else fails at once.
@@ -127,6 +100,17 @@ pub struct ServerManager {
     /// The pool's max size (its share of the budget), kept with every resize: read at each
     /// checkout without the pool's lock (`Pool::status` takes it).
     pub size: AtomicUsize,
+    /// This core's lease of the pool (see `pool::shards`): its part's max size, and the
+    /// capacity of its admission gate.
+    pub(crate) lease: AtomicUsize,
+    /// Connections handed over between the pool's parts (shared by them all).
+    pub(crate) incoming: Arc<super::shards::Incoming>,
+    /// How many connections this part still gives away when they come back (its lease
+    /// shrank below what it held).
+    pub(crate) give: AtomicUsize,
+    /// This part's admission gate: the pool's label, and `#core` when the pool has one part
+    /// per core.
+    pub(crate) gate: Arc<str>,
 }
 
 impl managed::Manager for ServerManager {
@@ -136,9 +120,21 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
+        // A connection another core handed over comes first (its slot comes with it).
+        while let Some(mut conn) = self.incoming.take() {
+            if let Err(e) = conn.stream.rehome() {
+                tracing::debug!(error = %e, "server connection left on its event loop");
+            }
+            if conn.failures_seen == self.incoming.failures() || probe(&mut conn).is_ok() {
+                conn.failures_seen = self.incoming.failures();
+                return Ok(conn);
+            }
+        }
         // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside every
         // checkout's future (which every idle client's task is sized for).
-        Box::pin(self.open()).await.map(Box::new)
+        let mut conn = Box::pin(self.open()).await.map(Box::new)?;
+        conn.failures_seen = self.incoming.failures();
+        Ok(conn)
     }
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<ServerError> {
@@ -153,7 +149,33 @@ impl ServerManager {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// This core's lease of the pool.
+    pub(crate) fn lease(&self) -> usize {
+        self.lease.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection coming back should go to another core (see `give`); counts it.
+    pub(crate) fn gives(&self) -> bool {
+        self.give.load(Ordering::Relaxed) > 0
+            && self
+                .give
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
     async fn open(&self) -> Result<ServerConn, ServerError> {
+        // In a cluster, a seat can be lost while its connection logs in (the coordination
+        // connection died): that connection is closed unused and another slot taken.
+        for _ in 0..3 {
+            let mut conn = self.open_once().await?;
+            if server::seat::verify(&mut conn).await? {
+                return Ok(conn);
+            }
+        }
+        Err(server::seat::lost())
+    }
+
+    async fn open_once(&self) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         self.backoff.admit(&addr, self.login_retry)?;
         let slot = self.budget.take(self.slot_wait).await?;
@@ -191,16 +213,24 @@ impl ServerManager {
         if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {
             return reject("server_lifetime reached");
         }
-        if now.saturating_duration_since(conn.idle_since) < self.check_delay {
+        // A server failure seen by any part since: probe now, whatever server_check_delay.
+        let failures = self.incoming.failures();
+        let fresh = conn.failures_seen == failures;
+        conn.failures_seen = failures;
+        if fresh && now.saturating_duration_since(conn.idle_since) < self.check_delay {
             return Ok(());
         }
-        // An idle backend says nothing: any byte or EOF means it is gone or in trouble.
-        let mut probe = [0u8; 1];
-        match conn.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-            Ok(0) => reject("closed by server"),
-            Ok(_) => reject("unsolicited data from server"),
-            Err(_) => reject("socket error"),
-        }
+        probe(conn).or_else(reject)
+    }
+}
+
+/// An idle backend says nothing: any byte or EOF means it is gone or in trouble.
+fn probe(conn: &mut ServerConn) -> Result<(), &'static str> {
+    let mut byte = [0u8; 1];
+    match conn.stream.try_read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Ok(0) => Err("closed by server"),
+        Ok(_) => Err("unsolicited data from server"),
+        Err(_) => Err("socket error"),
     }
 }

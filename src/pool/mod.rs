@@ -11,22 +11,25 @@
 //! connections of every pool that reaches it are closed and its checkouts wait.
 
 mod guard;
+pub mod latency;
 mod manager;
 pub(crate) mod params;
+mod part;
 pub(crate) mod pause;
+pub(crate) mod shards;
 pub(crate) mod stats;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use deadpool::managed::{PoolError, QueueMode, Timeouts};
-use deadpool::Runtime;
+use deadpool::managed::PoolError;
 
 pub(crate) use guard::PooledConn;
-pub(crate) use manager::{Pool, ServerManager};
+pub(crate) use manager::Pool;
+use part::{part, Shape};
 pub(crate) use pause::Pauses;
 pub(crate) use stats::Stats;
 
@@ -35,7 +38,11 @@ use crate::config::{Config, Route};
 use crate::dbgate::{DbGates, ServerDb};
 use crate::error::{sqlstate, PgError, Side, Sided};
 use crate::server::budget::{Budget, Budgets};
-use crate::server::{ServerError, ServerTarget};
+use crate::server::ServerError;
+
+/// An idle server connection as SHOW SERVERS lists it: (pool, backend pid, server address,
+/// opened, idle since, protocol minor version).
+pub(crate) type IdleConnection = (PoolKey, i32, String, std::time::SystemTime, std::time::SystemTime, u16);
 
 /// Pools are keyed by the database name the client asked for and the user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -143,34 +150,30 @@ pub struct PoolStats {
     pub(crate) connect_failures: u64,
 }
 
+/// One core's part of a pool now (SHOW CORES).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreStats {
+    /// The pool.
+    pub key: PoolKey,
+    /// The core.
+    pub core: usize,
+    /// Its lease: the connections it may hold.
+    pub lease: usize,
+    /// Open server connections on this core.
+    pub open: usize,
+    /// Of those, idle.
+    pub idle: usize,
+    /// Lease moves of the pool so far.
+    pub moves: u64,
+}
+
 struct Entry {
-    pool: Pool,
+    /// One part per core.
+    shards: Arc<shards::Shards>,
     created: Arc<AtomicU64>,
     rejected: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     shape: Shape,
-}
-
-/// What a pool's connections are made with: a reload that changes it retires the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Shape {
-    target: ServerTarget,
-    wait: Duration,
-    check_delay: Duration,
-    lifetime: Duration,
-}
-
-impl Shape {
-    fn of(config: &Config, route: &Route, auth: &crate::server::auth_query::AuthQuery) -> Self {
-        let cfg = &config.pool;
-        let looked_up = !config.users.contains_key(&route.user) && config.proxy.auth_user.is_some();
-        Shape {
-            target: ServerTarget::for_route(config, route, looked_up.then(|| auth.slot(&route.user))),
-            wait: cfg.query_wait_timeout,
-            check_delay: cfg.server_check_delay,
-            lifetime: cfg.server_lifetime,
-        }
-    }
 }
 
 /// All pools of one proxy.
@@ -181,12 +184,16 @@ pub struct PoolSet {
     auth: Arc<crate::server::auth_query::AuthQuery>,
     pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>>,
     budgets: Arc<Budgets>,
+    /// This instance's membership of a `[cluster]` (its lease is the root of `budgets`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Parameter sets live sessions use, per pool (kept across a pool's rebuild).
     live_params: Arc<Mutex<crate::FastMap<PoolKey, Arc<params::LiveParams>>>>,
     /// Holds on server databases: checkouts for a held one wait.
     gates: Arc<DbGates>,
     /// Traffic counters per pool.
     pub stats: Arc<Stats>,
+    /// Cores (event loops) sessions run on: each pool has one part per core.
+    cores: usize,
 }
 
 impl std::fmt::Debug for PoolSet {
@@ -198,12 +205,19 @@ impl std::fmt::Debug for PoolSet {
 impl PoolSet {
     /// Pools for the live `config` (none open until first used). A hold raised on a server
     /// database in `gates` closes the idle connections of every pool that reaches it.
+    /// Each pool has one part per core of `cores` (at least one). `lent`: a budget lent by a
+    /// takeover's predecessor that every server connection also holds a slot of (not with a
+    /// `[cluster]`, whose lease is the root then).
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         auth: Arc<crate::server::auth_query::AuthQuery>,
         gates: Arc<DbGates>,
+        cores: usize,
+        lent: Option<Arc<Budget>>,
     ) -> Self {
-        let budgets = Budgets::new(config.load().pool.max_server_connections);
+        let cluster = config.load().cluster.as_ref().map(crate::cluster::Cluster::new);
+        let root = cluster.as_ref().map(|c| c.root().clone()).or(lent);
+        let budgets = Budgets::under(config.load().max_server_connections(), root);
         let pools: Arc<Mutex<crate::FastMap<PoolKey, Entry>>> = Default::default();
         let weak = Arc::downgrade(&pools);
         gates.on_hold(Box::new(move |db| weak.upgrade().map_or(0, |p| close_idle_to(&p, db))));
@@ -212,10 +226,78 @@ impl PoolSet {
             auth,
             pools,
             budgets,
+            cluster,
             live_params: Default::default(),
             gates,
             stats: Arc::default(),
+            cores: cores.max(1),
         }
+    }
+
+    /// How many cores each pool has a part for.
+    pub(crate) fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// Every core's part of every pool, with its key.
+    fn all(&self) -> Vec<(PoolKey, Pool)> {
+        let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        p.iter()
+            .flat_map(|(k, e)| e.shards.pools().iter().map(move |pool| (k.clone(), pool.clone())))
+            .collect()
+    }
+
+    /// The admission gates of `database`/`user`'s pool, one per core.
+    pub(crate) fn gates(&self, database: &str, user: &str) -> Vec<Arc<str>> {
+        let key = PoolKey {
+            database: database.to_string(),
+            user: user.to_string(),
+        };
+        let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        match p.get(&key) {
+            Some(e) => e.shards.pools().iter().map(|p| p.manager().gate.clone()).collect(),
+            None => vec![PoolKey::label(database, user).into()],
+        }
+    }
+
+    /// Moves lease between the cores of every pool where clients wait (see [`shards`]);
+    /// returns how many pools changed.
+    pub(crate) fn rebalance(&self, admission: &crate::admission::Admission) -> usize {
+        if self.cores < 2 {
+            return 0;
+        }
+        let all: Vec<Arc<shards::Shards>> = {
+            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            p.values().map(|e| e.shards.clone()).collect()
+        };
+        all.iter().filter(|s| s.rebalance(admission)).count()
+    }
+
+    /// Each core's part of every pool, sorted by pool and core: what SHOW CORES says.
+    pub(crate) fn core_stats(&self) -> Vec<CoreStats> {
+        let all: Vec<(PoolKey, Arc<shards::Shards>)> = {
+            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            p.iter().map(|(k, e)| (k.clone(), e.shards.clone())).collect()
+        };
+        let mut v: Vec<CoreStats> = all
+            .iter()
+            .flat_map(|(key, shards)| {
+                let (leases, moves) = (shards.leases(), shards.moves());
+                shards.pools().iter().enumerate().map(move |(core, p)| {
+                    let s = p.status();
+                    CoreStats {
+                        key: key.clone(),
+                        core,
+                        lease: leases[core],
+                        open: s.size,
+                        idle: s.available,
+                        moves,
+                    }
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.key, a.core).cmp(&(&b.key, b.core)));
+        v
     }
 
     /// A session's hold on its parameter set `key` in `route`'s pool (transaction mode): while
@@ -235,11 +317,10 @@ impl PoolSet {
     /// [`params`]); returns how many.
     pub(crate) async fn reset_stale_params(&self) -> usize {
         let pools: Vec<(Pool, Arc<params::LiveParams>)> = {
-            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let all = self.all();
             let live = self.live_params.lock().unwrap_or_else(|p| p.into_inner());
-            pools
-                .iter()
-                .map(|(k, e)| (e.pool.clone(), live.get(k).cloned().unwrap_or_default()))
+            all.into_iter()
+                .map(|(k, pool)| (pool, live.get(&k).cloned().unwrap_or_default()))
                 .collect()
         };
         let mut n = 0;
@@ -249,12 +330,13 @@ impl PoolSet {
         n
     }
 
-    /// The pool of `route` (created on first use), with the configuration in force now.
-    pub fn pool(&self, route: &Route) -> Pool {
+    /// Core `core`'s part of the pool of `route` (created on first use), with the
+    /// configuration in force now.
+    pub fn pool(&self, route: &Route, core: usize) -> Pool {
         let key = PoolKey::of(route);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = pools.get(&key) {
-            return e.pool.clone();
+            return e.shards.core(core).clone();
         }
         let config = self.config.load();
         // A session that logged in before a reload keeps its route; the pool follows the
@@ -265,39 +347,31 @@ impl PoolSet {
         let shape = Shape::of(&config, route, &self.auth);
         let budget = self.budget(&key.database, &key.user, route.pool_size);
         let share = budget.share();
-        let manager = ServerManager {
-            target: shape.target.clone(),
-            budget: budget.clone(),
-            slot_wait: shape.wait,
-            check_delay: shape.check_delay,
-            lifetime: shape.lifetime,
-            recycle_rejections: rejected.clone(),
-            created: created.clone(),
-            failed: Arc::clone(&failed),
-            backoff: Default::default(),
-            login_retry: config.pool.server_login_retry,
-            size: AtomicUsize::new(share),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(share)
-            .queue_mode(QueueMode::Lifo)
-            .timeouts(Timeouts {
-                // checkout() bounds the wait itself, making a timer only when it waits.
-                wait: None,
-                // create() bounds itself: query_wait_timeout for a global slot, then
-                // server_connect_timeout for connect and login.
-                create: None,
-                // recycle() only looks at the connection (no I/O).
-                recycle: None,
+        let incoming = Arc::default();
+        // A pool too small to give every core two connections is one part the cores share.
+        let n = if share >= 2 * self.cores { self.cores } else { 1 };
+        let label = PoolKey::label(&key.database, &key.user);
+        let parts: Vec<Pool> = (0..n)
+            .map(|k| {
+                let gate = crate::admission::gate_name(&label, k, n).into();
+                part(
+                    &shape,
+                    &budget,
+                    share,
+                    &config,
+                    (&created, &rejected, &failed),
+                    &incoming,
+                    gate,
+                )
             })
-            .runtime(Runtime::Tokio1)
-            .build()
-            .expect("invariant: a runtime and a max size are set");
-        budget.occupy(Box::new(manager::PoolOccupant(pool.weak())));
+            .collect();
+        let shards = shards::Shards::new(parts, share);
+        budget.occupy(Box::new(shards::ShardsOccupant(Arc::downgrade(&shards))));
+        let pool = shards.core(core).clone();
         pools.insert(
             key,
             Entry {
-                pool: pool.clone(),
+                shards,
                 created,
                 rejected,
                 failed,
@@ -361,20 +435,20 @@ impl PoolSet {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.retain(|key, e| {
             let Some(route) = config.route(&key.database, &key.user) else {
-                e.pool.close();
+                e.shards.close();
                 changes.push(format!("pool {}/{} closed: no longer routed", key.database, key.user));
                 return false;
             };
             let shape = Shape::of(config, &route, &self.auth);
             if shape != e.shape {
-                e.pool.close();
+                e.shards.close();
                 changes.push(format!(
                     "pool {}/{} rebuilt: server or connection settings changed",
                     key.database, key.user
                 ));
                 return false;
             }
-            let (size, budget) = (route.pool_size as usize, &e.pool.manager().budget);
+            let (size, budget) = (route.pool_size as usize, &e.shards.core(0).manager().budget);
             let was = budget.usage().max;
             if was != size {
                 changes.push(format!("pool {}/{} pool_size {was} -> {size}", key.database, key.user));
@@ -393,6 +467,11 @@ impl PoolSet {
         }
         self.budgets.retain(|d, u| config.route(d, u).is_some());
         changes
+    }
+
+    /// This instance's membership of a `[cluster]`, if any.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Every budget of server connections (pgvalve's own connections take their slots here).
@@ -415,15 +494,19 @@ impl PoolSet {
         let mut v: Vec<PoolStats> = pools
             .iter()
             .map(|(k, e)| {
-                let s = e.pool.status();
-                let budget = e.pool.manager().budget.usage();
+                let (mut open, mut idle, mut waiting) = (0, 0, 0);
+                for p in e.shards.pools() {
+                    let s = p.status();
+                    (open, idle, waiting) = (open + s.size, idle + s.available, waiting + s.waiting);
+                }
+                let budget = e.shards.core(0).manager().budget.usage();
                 PoolStats {
                     key: k.clone(),
                     pool_size: budget.max,
                     own: budget.own,
-                    open: s.size,
-                    idle: s.available,
-                    waiting: s.waiting,
+                    open,
+                    idle,
+                    waiting,
                     created: e.created.load(Ordering::Relaxed),
                     recycle_rejections: e.rejected.load(Ordering::Relaxed),
                     connect_failures: e.failed.load(Ordering::Relaxed),
@@ -438,10 +521,7 @@ impl PoolSet {
     pub(crate) fn reap(&self) -> usize {
         let config = self.config.load();
         let (idle_to, life) = (config.pool.server_idle_timeout, config.pool.server_lifetime);
-        let pools: Vec<Pool> = {
-            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-            p.values().map(|e| e.pool.clone()).collect()
-        };
+        let pools: Vec<Pool> = self.all().into_iter().map(|(_, p)| p).collect();
         pools
             .iter()
             .map(|pool| {
@@ -467,12 +547,9 @@ impl PoolSet {
             .clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
-    /// Idle server connections: (pool, backend pid, server address, opened, idle since).
-    pub(crate) fn idle_connections(&self) -> Vec<(PoolKey, i32, String, std::time::SystemTime, std::time::SystemTime)> {
-        let pools: Vec<(PoolKey, Pool)> = {
-            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-            p.iter().map(|(k, e)| (k.clone(), e.pool.clone())).collect()
-        };
+    /// Idle server connections (see [`IdleConnection`]).
+    pub(crate) fn idle_connections(&self) -> Vec<IdleConnection> {
+        let pools = self.all();
         let ago = |i: std::time::Instant| std::time::SystemTime::now() - i.elapsed();
         let mut out = Vec::new();
         for (key, pool) in pools {
@@ -483,6 +560,7 @@ impl PoolSet {
                     c.addr.to_string(),
                     ago(m.created),
                     ago(c.idle_since),
+                    c.protocol_minor,
                 ));
                 true
             });
@@ -492,13 +570,12 @@ impl PoolSet {
 
     /// Closes the idle connections of `database`'s pools (PAUSE). Returns how many.
     pub(crate) fn close_idle(&self, database: Option<&str>) -> usize {
-        let pools: Vec<Pool> = {
-            let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-            p.iter()
-                .filter(|(k, _)| database.is_none_or(|d| k.database == d))
-                .map(|(_, e)| e.pool.clone())
-                .collect()
-        };
+        let pools: Vec<Pool> = self
+            .all()
+            .into_iter()
+            .filter(|(k, _)| database.is_none_or(|d| k.database == d))
+            .map(|(_, p)| p)
+            .collect();
         pools.iter().map(|p| p.retain(|_, _| false).removed.len()).sum()
     }
 
@@ -515,7 +592,7 @@ impl PoolSet {
     pub fn close(&self) {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         for e in pools.values() {
-            e.pool.close();
+            e.shards.close();
         }
     }
 }
@@ -530,7 +607,7 @@ fn close_idle_to(pools: &Mutex<crate::FastMap<PoolKey, Entry>>, db: &ServerDb) -
                 let t = &e.shape.target;
                 db.is(&t.host, t.port, &t.dbname)
             })
-            .map(|e| e.pool.clone())
+            .flat_map(|e| e.shards.pools().to_vec())
             .collect()
     };
     reaching.iter().map(|p| p.retain(|_, _| false).removed.len()).sum()

@@ -125,6 +125,10 @@ pub(crate) struct Local {
     /// Not yet folded in.
     pub pending: Totals,
     flushed: Instant,
+    /// Where the session's query and transaction times go (its identity's, in its pool).
+    latency: Option<Arc<super::latency::Cell>>,
+    /// Times not yet folded in.
+    pub latency_pending: super::latency::Tally,
 }
 
 impl Local {
@@ -134,7 +138,15 @@ impl Local {
             counters,
             pending: Totals::default(),
             flushed: Instant::now(),
+            latency: None,
+            latency_pending: Default::default(),
         }
+    }
+
+    /// The same, with the session's times folded into `cell`.
+    pub(crate) fn with_latency(mut self, cell: Arc<super::latency::Cell>) -> Self {
+        self.latency = Some(cell);
+        self
     }
 
     /// Adds `t`; folds everything in when the last fold is [`FLUSH_EVERY`] old.
@@ -148,13 +160,24 @@ impl Local {
     fn flush(&mut self, now: Instant) {
         self.counters.add(&self.pending);
         self.pending = Totals::default();
+        self.fold_latency(now);
         self.flushed = now;
+    }
+
+    fn fold_latency(&mut self, now: Instant) {
+        if let Some(c) = self.latency.as_deref() {
+            if !self.latency_pending.is_empty() {
+                c.add(&self.latency_pending, now);
+                self.latency_pending = Default::default();
+            }
+        }
     }
 }
 
 impl Drop for Local {
     fn drop(&mut self) {
         self.counters.add(&self.pending);
+        self.fold_latency(Instant::now());
     }
 }
 
@@ -163,6 +186,8 @@ impl Drop for Local {
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: Mutex<crate::FastMap<PoolKey, Arc<Counters>>>,
+    /// Query and transaction times per identity and pool.
+    pub latency: super::latency::Latencies,
     period: Mutex<Period>,
 }
 

@@ -58,8 +58,13 @@ pub(crate) fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
 }
 
 /// BackendKeyData with a protocol 3.0 (i32) key.
-pub(crate) fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
-    put(BackendKeyData::new(pid, SecretKey::I32(secret)), out);
+pub(crate) fn backend_key_data(pid: i32, secret: &[u8], out: &mut BytesMut) {
+    let key = match <[u8; 4]>::try_from(secret) {
+        Ok(b) => SecretKey::I32(i32::from_be_bytes(b)),
+        // Protocol 3.2's longer key.
+        Err(_) => SecretKey::Bytes(bytes::Bytes::copy_from_slice(secret)),
+    };
+    put(BackendKeyData::new(pid, key), out);
 }
 
 /// ReadyForQuery with the status byte `I`, `T` or `E` ([`tags::status`]).
@@ -78,8 +83,11 @@ pub(crate) const PROTOCOL_3_0: i32 = 3 << 16;
 /// NegotiateProtocolVersion: the newest version we speak (3.0, sent as the full version
 /// number, as PostgreSQL does and as libpq 18 reads it; a bare minor 0 reads there as a
 /// downgrade below 3.0) and the `_pq_` options we do not support.
-pub(crate) fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
-    put(NegotiateProtocolVersion::new(PROTOCOL_3_0, unsupported), out);
+pub(crate) fn negotiate_protocol_version(minor: u16, unsupported: Vec<String>, out: &mut BytesMut) {
+    put(
+        NegotiateProtocolVersion::new(PROTOCOL_3_0 | i32::from(minor), unsupported),
+        out,
+    );
 }
 
 fn fields(e: &PgError) -> Vec<(u8, String)> {
@@ -187,6 +195,22 @@ pub fn sasl_response(frame: Frame) -> Option<Bytes> {
     let mut bytes = frame.bytes;
     let msg = PasswordMessageFamily::decode(&mut bytes, &Default::default()).ok()??;
     msg.into_sasl_response().ok().map(|r| r.data)
+}
+
+/// The password of a client's PasswordMessage (the MD5 answer).
+pub fn password_message(frame: Frame) -> Option<String> {
+    if frame.tag != frontend::PASSWORD {
+        return None;
+    }
+    let mut bytes = frame.bytes;
+    let msg = PasswordMessageFamily::decode(&mut bytes, &Default::default()).ok()??;
+    msg.into_password().ok().map(|p| p.password)
+}
+
+/// AuthenticationMD5Password with `salt`.
+pub(crate) fn auth_md5(salt: [u8; 4], out: &mut BytesMut) {
+    out.extend_from_slice(&[b'R', 0, 0, 0, 12, 0, 0, 0, 5]);
+    out.extend_from_slice(&salt);
 }
 
 /// Parses one whole ErrorResponse or NoticeResponse frame from a server.

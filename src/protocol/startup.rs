@@ -15,8 +15,16 @@ use crate::error::{sqlstate, Side, Sided};
 pub(crate) const SSL_REQUEST_CODE: i32 = 80877103;
 /// Request code of a GSSENCRequest.
 pub(crate) const GSSENC_REQUEST_CODE: i32 = 80877104;
+/// The newest protocol minor version pgvalve speaks with clients: 3.2 (PostgreSQL 18), which
+/// differs from 3.0 only in the cancel key's length (up to 256 bytes).
+pub const NEWEST_MINOR: u16 = 2;
+
 /// Request code of a CancelRequest.
 pub(crate) const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// pgvalve's own request code for a CancelRequest another instance of its cluster forwarded
+/// (1234.28790; PostgreSQL's codes are 1234.5678 to 1234.5680): looked up locally only,
+/// never forwarded again.
+pub(crate) const FORWARDED_CANCEL_CODE: i32 = (1234 << 16) | 28790;
 /// The ALPN protocol name of PostgreSQL (required for direct TLS).
 pub const ALPN: &[u8] = b"postgresql";
 
@@ -32,6 +40,13 @@ pub enum InitialPacket {
         /// Process id from BackendKeyData.
         pid: i32,
         /// Secret key bytes from BackendKeyData (4 bytes in protocol 3.0).
+        secret: Vec<u8>,
+    },
+    /// A CancelRequest another pgvalve instance of the cluster forwarded (pgvalve's own code).
+    ForwardedCancel {
+        /// Process id from BackendKeyData.
+        pid: i32,
+        /// Secret key bytes from BackendKeyData.
         secret: Vec<u8>,
     },
     /// A StartupMessage.
@@ -164,7 +179,12 @@ impl StartupParams {
     /// Whether the client must be sent NegotiateProtocolVersion (PostgreSQL does it when the
     /// minor version is above what it supports or `_pq_.` options are present).
     pub(crate) fn needs_negotiation(&self) -> bool {
-        self.minor > 0 || self.params.keys().any(|k| k.starts_with("_pq_."))
+        self.minor > NEWEST_MINOR || self.params.keys().any(|k| k.starts_with("_pq_."))
+    }
+
+    /// The protocol minor version spoken with this client: what it asked for, at most 3.2.
+    pub fn protocol_minor(&self) -> u16 {
+        self.minor.min(NEWEST_MINOR)
     }
 
     /// Session parameters to apply on the server: everything except the connection keys
@@ -202,6 +222,14 @@ pub fn split_initial(buf: &mut BytesMut, max: usize) -> Result<Option<InitialPac
             packet.advance(8);
             let pid = packet.get_i32();
             Ok(Some(InitialPacket::Cancel {
+                pid,
+                secret: packet.to_vec(),
+            }))
+        }
+        FORWARDED_CANCEL_CODE if (12..=12 + 256).contains(&len) => {
+            packet.advance(8);
+            let pid = packet.get_i32();
+            Ok(Some(InitialPacket::ForwardedCancel {
                 pid,
                 secret: packet.to_vec(),
             }))
@@ -290,6 +318,18 @@ mod tests {
             Ok(Some(InitialPacket::Cancel {
                 pid: 42,
                 secret: 7i32.to_be_bytes().to_vec()
+            }))
+        );
+        let mut b = BytesMut::new();
+        b.put_i32(44);
+        b.put_i32(FORWARDED_CANCEL_CODE);
+        b.put_i32(42);
+        b.put_slice(&[9; 32]);
+        assert_eq!(
+            split_initial(&mut b, 10000),
+            Ok(Some(InitialPacket::ForwardedCancel {
+                pid: 42,
+                secret: vec![9; 32]
             }))
         );
         let mut b = BytesMut::from(&[0x40u8, 0, 0, 0][..]);

@@ -178,6 +178,9 @@ impl AuthQuery {
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut conn = crate::server::connect(&target).await?;
         conn.slot = Some(slot);
+        if !crate::server::seat::verify(&mut conn).await? {
+            return Err(crate::server::seat::lost());
+        }
         let rows = conn.query_rows(&config.proxy.auth_query, &[user]).await;
         conn.terminate().await;
         let secret = rows?.into_iter().next().and_then(|r| r.into_iter().nth(1).flatten());

@@ -29,8 +29,17 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use super::seat::{Seat, Seats};
+
 /// How often a waiting taker tries again to make room (closing idle connections).
 const RETRY: Duration = Duration::from_millis(100);
+
+/// How long a taker of a leased budget (a cluster's) waits for the lease to grow before it
+/// closes an idle connection of this instance to make room: the coordinator leases what its
+/// instance waits for at its next round, and closing an idle connection to open another in
+/// its place (the same pool's, or another core's part of it) is churn, a server login per
+/// transaction while a pool grows.
+const LEASE_GRACE: Duration = Duration::from_secs(1);
 
 /// Which setting a budget enforces (named in errors and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +48,8 @@ pub enum Scale {
     Server,
     /// A (database, user) pool's `pool_size`.
     Pool,
+    /// This instance's lease of the cluster's `[cluster] max_server_connections`.
+    Cluster,
 }
 
 impl Scale {
@@ -47,6 +58,7 @@ impl Scale {
         match self {
             Scale::Server => "max_server_connections",
             Scale::Pool => "pool_size",
+            Scale::Cluster => "cluster.max_server_connections",
         }
     }
 }
@@ -83,6 +95,10 @@ pub enum Hold {
 
 /// What holds a budget's slots besides pgvalve's own connections: a pool.
 pub trait Occupant: Send + Sync {
+    /// Idle connections it holds (slots it could give back at once).
+    fn idle(&self) -> usize {
+        0
+    }
     /// Closes one idle connection; true when one was closed (its slot is free now).
     fn close_idle(&self) -> bool;
     /// The occupant may hold `share` connections now (the budget less pgvalve's own).
@@ -104,16 +120,23 @@ struct State {
     /// Of the slots held, those of connections closing (given back once PostgreSQL has
     /// closed them, see [`Slot::closing`]).
     closing: usize,
+    /// A leased budget ([`Budget::leased`]): its size is what is leased now, 0 is none.
+    leased: bool,
+    /// Pool takers waiting for a slot now.
+    waiting: usize,
+    /// Slots asked back (a leased budget giving seats to other instances): no taker gets
+    /// them, and connections close instead of going back to their pools meanwhile.
+    give: usize,
 }
 
 impl State {
     fn limited(&self) -> bool {
-        self.max > 0
+        self.max > 0 || self.leased
     }
 
     /// Claims waiting that the free slots and those of closing connections cannot cover.
     fn short(&self) -> bool {
-        self.limited() && self.used + self.claims > self.max + self.closing
+        self.limited() && (self.used + self.claims > self.max + self.closing || self.give > self.closing)
     }
 }
 
@@ -133,6 +156,8 @@ pub struct Budget {
     short: AtomicBool,
     occupant: Mutex<Option<Box<dyn Occupant>>>,
     children: Mutex<Vec<Weak<Budget>>>,
+    /// For a leased budget: where each slot's seat is assigned.
+    seats: Option<Arc<dyn Seats>>,
 }
 
 impl std::fmt::Debug for Budget {
@@ -169,6 +194,7 @@ impl Budget {
             short: AtomicBool::new(false),
             occupant: Mutex::new(None),
             children: Mutex::new(Vec::new()),
+            seats: None,
         });
         if let Some(p) = parent {
             let mut children = lock(&p.children);
@@ -176,6 +202,79 @@ impl Budget {
             children.push(Arc::downgrade(&b));
         }
         b
+    }
+
+    /// A root budget of `scale` whose size is what `seats` has leased (0 at first: full),
+    /// grown and shrunk by [`Budget::grow`] and [`Budget::try_shrink`]; each slot taken holds
+    /// one seat of `seats`. A lasting claim is never refused by it (its size follows demand).
+    pub fn leased(scale: Scale, seats: Arc<dyn Seats>) -> Arc<Self> {
+        Budget::root(scale, Some(seats))
+    }
+
+    /// A root budget whose size is what it is given, one slot at a time (0 at first: full).
+    pub(crate) fn root(scale: Scale, seats: Option<Arc<dyn Seats>>) -> Arc<Self> {
+        Arc::new(Budget {
+            scale,
+            parent: None,
+            state: Mutex::new(State {
+                leased: true,
+                ..State::default()
+            }),
+            freed: Notify::new(),
+            short: AtomicBool::new(false),
+            occupant: Mutex::new(None),
+            children: Mutex::new(Vec::new()),
+            seats,
+        })
+    }
+
+    /// One more slot (a leased budget: a seat was leased).
+    pub fn grow(&self) {
+        let max = self.state().max + 1;
+        self.resize(max);
+    }
+
+    /// One slot less if one is free (a leased budget giving a seat back); false when every
+    /// slot is held.
+    pub fn try_shrink(&self) -> bool {
+        {
+            let mut st = self.state();
+            if st.max == 0 || st.used >= st.max {
+                return false;
+            }
+            st.max -= 1;
+            st.give = st.give.saturating_sub(1);
+            self.short.store(st.short(), Ordering::Relaxed);
+        }
+        self.tell_share();
+        true
+    }
+
+    /// Asks `n` slots back (a leased budget): no taker gets them and the connections holding
+    /// them close as they come back to their pools, until [`Budget::try_shrink`] took them.
+    pub fn ask_back(&self, n: usize) {
+        let mut st = self.state();
+        st.give = n;
+        self.short.store(st.short(), Ordering::Relaxed);
+    }
+
+    /// What waits for this budget now: pool takers and claims.
+    pub fn waiting(&self) -> usize {
+        let st = self.state();
+        st.waiting + st.claims
+    }
+
+    /// Idle connections holding slots of this budget (its occupant's and those under it).
+    pub fn idle(&self) -> usize {
+        let own = lock(&self.occupant).as_ref().map_or(0, |o| o.idle());
+        let children: Vec<Arc<Budget>> = lock(&self.children).iter().filter_map(Weak::upgrade).collect();
+        own + children.iter().map(|c| c.idle()).sum::<usize>()
+    }
+
+    /// Closes one idle connection holding a slot of this budget (or of one under it); true
+    /// when one was closed.
+    pub fn close_idle(&self) -> bool {
+        self.make_room()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -248,11 +347,13 @@ impl Budget {
         let mut held: Option<Slot> = None;
         for b in self.chain().into_iter().rev() {
             b.wait_for(Kind::Pool, Some(deadline)).await?;
+            let seat = b.seat(None)?;
             held = Some(Slot {
                 parent: held.map(Box::new),
                 budget: b,
                 own: None,
                 closing: false,
+                seat,
             });
         }
         Ok(held.expect("invariant: a chain has at least one budget"))
@@ -272,11 +373,13 @@ impl Budget {
         while let Some(b) = claim.pending.last().cloned() {
             b.wait_for(Kind::Claim, deadline).await?;
             claim.pending.pop();
+            let seat = b.seat(Some(hold))?;
             held = Some(Slot {
                 parent: held.map(Box::new),
                 budget: b,
                 own: Some(hold),
                 closing: false,
+                seat,
             });
         }
         Ok(held.expect("invariant: a chain has at least one budget"))
@@ -290,7 +393,7 @@ impl Budget {
     pub fn lasting_room(self: &Arc<Self>) -> Result<(), Refused> {
         for b in self.chain() {
             let st = b.state();
-            if st.limited() && st.lasting + 1 >= st.max {
+            if st.limited() && !st.leased && st.lasting + 1 >= st.max {
                 drop(st);
                 return Err(b.refused(true));
             }
@@ -298,8 +401,35 @@ impl Budget {
         Ok(())
     }
 
+    /// The seat of a slot just counted held (None when this budget is not leased); with no
+    /// seat to be had (never, while a leased budget's size is the seats leased) the slot is
+    /// given back and the taker refused.
+    fn seat(&self, own: Option<Hold>) -> Result<Option<Seat>, Refused> {
+        let Some(seats) = &self.seats else {
+            return Ok(None);
+        };
+        match seats.assign() {
+            Some(s) => Ok(Some(s)),
+            None => {
+                tracing::warn!(
+                    budget = self.scale.setting(),
+                    "no seat for a slot counted held; refused"
+                );
+                self.give_back(own, false);
+                Err(self.refused(false))
+            }
+        }
+    }
+
     /// Waits for a slot of this budget alone and counts it held.
     async fn wait_for(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Refused> {
+        let _waiting = (kind == Kind::Pool).then(|| Waiting::new(self));
+        let grace = Instant::now()
+            + if self.seats.is_some() {
+                LEASE_GRACE
+            } else {
+                Duration::ZERO
+            };
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -309,7 +439,7 @@ impl Budget {
                 // Full with nothing closing: close an idle connection; its slot comes back
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
-                    if self.state().closing == 0 {
+                    if self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
                     }
                 }
@@ -332,7 +462,7 @@ impl Budget {
     /// Some(true): taken; Some(false): a slot is free but a claim goes first; None: full.
     fn try_take(&self, kind: Kind) -> Option<bool> {
         let mut st = self.state();
-        if st.limited() && st.used >= st.max {
+        if st.limited() && st.used + st.give >= st.max {
             return None;
         }
         if kind == Kind::Pool && st.limited() && st.used + st.claims >= st.max {
@@ -388,6 +518,22 @@ impl Budget {
     }
 }
 
+/// A pool taker counted in [`Budget::waiting`] while it waits.
+struct Waiting<'a>(&'a Budget);
+
+impl<'a> Waiting<'a> {
+    fn new(b: &'a Budget) -> Self {
+        b.state().waiting += 1;
+        Waiting(b)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state().waiting -= 1;
+    }
+}
+
 /// A claim registered on every budget of a chain, withdrawn from those still pending when
 /// dropped.
 struct Claim {
@@ -401,7 +547,7 @@ impl Claim {
         let lasting = usize::from(hold == Hold::Lasting);
         for (i, b) in chain.iter().enumerate() {
             let mut st = b.state();
-            if lasting > 0 && st.limited() && st.lasting + 1 >= st.max {
+            if lasting > 0 && st.limited() && !st.leased && st.lasting + 1 >= st.max {
                 drop(st);
                 let refused = b.refused(true);
                 // Withdraw from the budgets registered so far.
@@ -450,6 +596,8 @@ pub struct Slot {
     closing: bool,
     /// Dropped after this budget's slot is given back.
     parent: Option<Box<Slot>>,
+    /// A leased budget's seat, given back before the slot.
+    seat: Option<Seat>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -463,6 +611,13 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
+    /// The seat of the leased budget at the root of this slot's chain, if there is one.
+    pub fn seat(&self) -> Option<&Seat> {
+        self.seat
+            .as_ref()
+            .or_else(|| self.parent.as_ref().and_then(|p| p.seat()))
+    }
+
     /// A claim waits on one of this slot's budgets that no free slot can serve: a pool
     /// connection holding this slot should close instead of going back to its pool.
     pub fn wanted(&self) -> bool {
@@ -486,6 +641,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        drop(self.seat.take());
         self.budget.give_back(self.own, self.closing);
     }
 }
@@ -500,8 +656,14 @@ pub struct Budgets {
 impl Budgets {
     /// Budgets under a `max_server_connections` of `max` (0 = unlimited).
     pub fn new(max: u32) -> Arc<Self> {
+        Self::under(max, None)
+    }
+
+    /// Budgets under a `max_server_connections` of `max` (0 = unlimited), itself under
+    /// `root` (the instance's lease of a cluster) when given.
+    pub fn under(max: u32, root: Option<Arc<Budget>>) -> Arc<Self> {
         Arc::new(Budgets {
-            server: Budget::new(Scale::Server, max as usize, None),
+            server: Budget::new(Scale::Server, max as usize, root),
             pools: Mutex::default(),
         })
     }
@@ -538,6 +700,10 @@ impl Budgets {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+// Lending slots to a takeover's successor.
+#[path = "budget_lend.rs"]
+mod lend;
 
 #[cfg(test)]
 #[path = "budget_tests.rs"]

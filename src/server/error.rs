@@ -70,6 +70,9 @@ pub enum ServerError {
     /// Every slot of the pool's budget stayed in use (its connections and pgvalve's own).
     #[error("no server connection slot free in the pool (pool_size={0})")]
     PoolFull(u32),
+    /// Every slot this instance holds of its cluster's budget stayed in use.
+    #[error("no server connection slot free in the cluster's budget ({0} held by this instance now)")]
+    ClusterFull(u32),
 }
 
 impl From<super::budget::Refused> for ServerError {
@@ -92,6 +95,14 @@ impl From<super::budget::Refused> for ServerError {
                 scale: Scale::Pool,
                 max,
             } => ServerError::PoolFull(max),
+            Refused::Full {
+                scale: Scale::Cluster,
+                max,
+            }
+            | Refused::Last {
+                scale: Scale::Cluster,
+                max,
+            } => ServerError::ClusterFull(max),
         }
     }
 }
@@ -141,7 +152,7 @@ impl Sided for ServerError {
             | UnsupportedAuth(_)
             | Unreachable { .. } => Side::Server,
             NoPassword(_) => Side::Config,
-            NoSlot(_) | PoolFull(_) => Side::Proxy,
+            NoSlot(_) | PoolFull(_) | ClusterFull(_) => Side::Proxy,
         }
     }
 
@@ -149,7 +160,7 @@ impl Sided for ServerError {
         use ServerError::*;
         match self {
             Postgres(e) => &e.code,
-            NoSlot(_) | PoolFull(_) => sqlstate::TOO_MANY_CONNECTIONS,
+            NoSlot(_) | PoolFull(_) | ClusterFull(_) => sqlstate::TOO_MANY_CONNECTIONS,
             // Every other failure to get or keep a working connection.
             _ => sqlstate::CONNECTION_FAILURE,
         }

@@ -1,5 +1,6 @@
-//! One connection to PostgreSQL: connect, log in, run the proxy's own simple queries
-//! (parameter application, reset) and forward cancel requests.
+//! One connection to PostgreSQL: connect, log in (asking for protocol 3.2, see [`version`]),
+//! run the proxy's own simple queries (parameter application, reset) and forward cancel
+//! requests with the server's own key, whatever its length.
 //!
 //! Last step of the flow: the pool creates these through its manager, a client session
 //! relays bytes over `stream` while it holds one. Login uses postgres-protocol's
@@ -9,7 +10,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use scram::Scram;
@@ -20,8 +21,11 @@ pub(crate) mod budget;
 pub(crate) mod close;
 mod error;
 pub(crate) mod scram;
+pub(crate) mod seat;
+pub(crate) mod sizing;
 pub(crate) mod statements;
 pub(crate) mod stream;
+pub(crate) mod version;
 pub(crate) use error::ServerError;
 pub(crate) use stream::{ServerAddr, ServerStream};
 
@@ -85,8 +89,10 @@ pub struct ServerConn {
     pub(crate) rbuf: BytesMut,
     /// Backend process id (BackendKeyData).
     pub pid: i32,
-    /// Backend cancel key (BackendKeyData).
-    pub secret: i32,
+    /// Backend cancel key (BackendKeyData): 4 bytes in protocol 3.0, up to 256 in 3.2.
+    pub secret: Bytes,
+    /// The protocol minor version spoken with this server: 2 (PostgreSQL 18) or 0.
+    pub protocol_minor: u16,
     /// The server's address, for cancel requests.
     pub addr: ServerAddr,
     /// ParameterStatus values as the server last reported them.
@@ -106,6 +112,9 @@ pub struct ServerConn {
     pub prepared: statements::ServerStatements,
     /// Set by the relay when the protocol state is known: what is still due from the server.
     pub(crate) recover: Option<Recover>,
+    /// Server failures its pool had seen when it was last checked (a new one makes the pool
+    /// probe it before reuse, see `pool::manager`).
+    pub(crate) failures_seen: u64,
 }
 
 /// A connection's slot is given back once PostgreSQL has closed the connection (see
@@ -128,13 +137,14 @@ pub(crate) struct Recover {
     pub status: u8,
 }
 
-/// Connects and logs in, bounded by `target.connect_timeout`.
+/// Connects and logs in asking for protocol 3.2 (the server may offer 3.0 instead; see
+/// [`version::connect_negotiating`]), bounded by `target.connect_timeout`.
 ///
 /// # Errors
 /// [`ServerError`]: connect failure, timeout, or PostgreSQL's refusal.
 pub(crate) async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerError> {
     let addr = format!("{}:{}", target.host, target.port);
-    tokio::time::timeout(target.connect_timeout, connect_inner(target, &addr))
+    tokio::time::timeout(target.connect_timeout, version::connect_negotiating(target, &addr))
         .await
         .map_err(|_| ServerError::ConnectTimeout {
             addr,
@@ -142,7 +152,9 @@ pub(crate) async fn connect(target: &ServerTarget) -> Result<ServerConn, ServerE
         })?
 }
 
-async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
+/// Opens the socket (TLS as configured) and sends the StartupMessage for protocol 3.`minor`;
+/// [`ServerConn::login`] follows.
+async fn open(target: &ServerTarget, addr: &str, minor: u16) -> Result<ServerConn, ServerError> {
     let (stream, peer) = ServerStream::connect(&target.host, target.port, &target.tls)
         .await
         .map_err(|source| ServerError::Connect {
@@ -153,7 +165,8 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         stream,
         rbuf: BytesMut::with_capacity(8192),
         pid: 0,
-        secret: 0,
+        secret: Bytes::new(),
+        protocol_minor: minor,
         addr: peer,
         params: Vec::new(),
         status: tags::status::IDLE,
@@ -163,14 +176,12 @@ async fn connect_inner(target: &ServerTarget, addr: &str) -> Result<ServerConn, 
         applied: 0,
         prepared: Default::default(),
         recover: None,
+        failures_seen: 0,
     };
     let mut w = BytesMut::new();
-    frontend::startup_message(
-        [("user", target.user.as_str()), ("database", target.dbname.as_str())],
-        &mut w,
-    )?;
+    let params = [("user", target.user.as_str()), ("database", target.dbname.as_str())];
+    version::startup_message(minor, &params, &mut w)?;
     conn.send(&w).await?;
-    conn.login(target).await?;
     Ok(conn)
 }
 
@@ -187,6 +198,11 @@ fn parse(frame: &Frame) -> Result<backend::Message, ServerError> {
 #[doc(hidden)]
 pub(crate) fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
     let bad = ServerError::Decode;
+    match frame.tag {
+        tags::backend::NEGOTIATE_PROTOCOL_VERSION => return version::negotiated_minor(frame.body(), 2).map(drop),
+        tags::backend::BACKEND_KEY_DATA => return version::backend_key(frame.body()).map(drop),
+        _ => {}
+    }
     match parse(frame)? {
         backend::Message::AuthenticationMd5Password(b) => drop(b.salt()),
         backend::Message::AuthenticationSasl(b) => {
@@ -200,7 +216,6 @@ pub(crate) fn parse_login_message(frame: &Frame) -> Result<(), ServerError> {
             s.update(b.data()).map_err(bad)?;
         }
         backend::Message::ParameterStatus(p) => drop((p.name().map_err(bad)?, p.value().map_err(bad)?)),
-        backend::Message::BackendKeyData(k) => drop((k.process_id(), k.secret_key())),
         backend::Message::ReadyForQuery(r) => drop(r.status()),
         _ => {}
     }
@@ -247,6 +262,9 @@ impl ServerConn {
         };
         loop {
             let frame = self.read_frame().await?;
+            if self.read_version_or_key(&frame)? {
+                continue;
+            }
             let mut w = BytesMut::new();
             match parse(&frame)? {
                 backend::Message::AuthenticationOk => {}
@@ -283,7 +301,6 @@ impl ServerConn {
                     p.name().map_err(ServerError::Decode)?,
                     p.value().map_err(ServerError::Decode)?,
                 ),
-                backend::Message::BackendKeyData(k) => (self.pid, self.secret) = (k.process_id(), k.secret_key()),
                 backend::Message::ErrorResponse(_) => return Err(self.error_of(&frame)),
                 backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(r) => {
@@ -312,7 +329,7 @@ impl ServerConn {
         };
         let work = async {
             if r.answers_due > 0 {
-                send_cancel(&self.addr, self.pid, self.secret).await.ok()?;
+                send_cancel(&self.addr, self.pid, &self.secret).await.ok()?;
                 for _ in 0..r.answers_due {
                     loop {
                         let f = self.read_frame().await.ok()?;
@@ -376,6 +393,19 @@ impl ServerConn {
         Ok(Scram::Password(sasl::ScramSha256::new(password()?, binding), mechanism))
     }
 
+    /// Reads NegotiateProtocolVersion and BackendKeyData during login (true when `frame`
+    /// was one of them).
+    fn read_version_or_key(&mut self, frame: &Frame) -> Result<bool, ServerError> {
+        match frame.tag {
+            tags::backend::NEGOTIATE_PROTOCOL_VERSION => {
+                self.protocol_minor = version::negotiated_minor(frame.body(), self.protocol_minor)?;
+            }
+            tags::backend::BACKEND_KEY_DATA => (self.pid, self.secret) = version::backend_key(frame.body())?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
     fn error_of(&self, frame: &Frame) -> ServerError {
         parse_server_error(frame)
             .map(ServerError::Postgres)
@@ -401,6 +431,17 @@ impl ServerConn {
         frontend::query(sql, &mut w)?;
         self.send(&w).await?;
         self.until_ready(None).await
+    }
+
+    /// Sends a simple Query and returns at once: the caller reads the answers (the listening
+    /// connection of `notify`, which must see the notifications among them).
+    ///
+    /// # Errors
+    /// The connection failed (it is then `broken`).
+    pub(crate) async fn send_query(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut w = BytesMut::new();
+        frontend::query(sql, &mut w)?;
+        self.send(&w).await
     }
 
     /// Runs `sql` with text parameters (extended protocol, unnamed statement) and returns its
@@ -495,16 +536,17 @@ impl ServerConn {
     }
 }
 
-/// Sends a CancelRequest for backend `pid` to `addr` and waits until the server has closed
-/// the cancel connection (so the signal has been sent when this returns).
+/// Sends a CancelRequest for backend `pid` with its whole `secret` (4 bytes from a 3.0
+/// server, up to 256 from a 3.2 one) to `addr` and waits until the server has closed the
+/// cancel connection (so the signal has been sent when this returns).
 ///
 /// # Errors
 /// The I/O error, or a timeout after 5 s.
-pub(crate) async fn send_cancel(addr: &ServerAddr, pid: i32, secret: i32) -> io::Result<()> {
+pub(crate) async fn send_cancel(addr: &ServerAddr, pid: i32, secret: &[u8]) -> io::Result<()> {
     let work = async {
         let mut s = ServerStream::connect_addr(addr).await?;
         let mut w = BytesMut::new();
-        frontend::cancel_request(pid, secret, &mut w);
+        version::cancel_request(pid, secret, &mut w);
         s.write_all(&w).await?;
         let mut sink = [0u8; 64];
         while s.read(&mut sink).await? > 0 {}

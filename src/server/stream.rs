@@ -63,8 +63,8 @@ pub(crate) fn is_socket_dir(host: &str) -> bool {
 }
 
 impl ServerStream {
-    /// Registers the socket with the event loop of the calling thread (a session thread, see
-    /// the session threads) so its readiness wakes no other thread: the descriptor is
+    /// Registers the socket with the event loop of the calling thread (a core taking over an
+    /// idle connection from another, see `pool::shards`) so its readiness wakes no other thread: the descriptor is
     /// duplicated, the copy registered here, the old registration dropped. TLS streams stay
     /// where they are (they work from any thread).
     ///

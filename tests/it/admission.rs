@@ -76,7 +76,9 @@ async fn noisy_neighbour_cannot_starve_a_polite_app() {
     let (greedy, g_done, g_err) = loopers(&s, "greedy", 200, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (polite, p_done, p_err) = loopers(&s, "polite", 20, &stop);
-    // Sample the server connections each identity holds while both have clients waiting.
+    // Sample the server connections each identity holds while both have clients waiting and
+    // the polite app asks for at least its fair half (on a loaded machine its clients are at
+    // times slow to ask again; max-min fairness owes it only what it asks for).
     let adm = s.proxy.shared().admission.clone();
     let (mut held, mut samples) = ([0u64; 2], 0u64);
     let (g0, p0) = (g_done.load(Ordering::Relaxed), p_done.load(Ordering::Relaxed));
@@ -86,7 +88,7 @@ async fn noisy_neighbour_cannot_starve_a_polite_app() {
     while start.elapsed() < Duration::from_secs(3) {
         let ids: HashMap<String, _> = adm.identities().into_iter().map(|i| (i.identity.clone(), i)).collect();
         if let (Some(g), Some(p)) = (ids.get("greedy"), ids.get("polite")) {
-            if g.waiting > 0 && p.waiting > 0 {
+            if g.waiting > 0 && p.waiting > 0 && p.servers + p.waiting >= 10 {
                 held[0] += u64::from(g.servers);
                 held[1] += u64::from(p.servers);
                 samples += 1;

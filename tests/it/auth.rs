@@ -91,9 +91,10 @@ fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// A client asking for a newer protocol (3.2, as libpq 18 with `max_protocol_version=latest`
-/// does, or 3.99) with `_pq_` options gets what PostgreSQL answers: NegotiateProtocolVersion
-/// naming the full version it speaks (3.0 = 196608; libpq 18 reads a bare 0 as a downgrade
-/// below 3.0 and gives up) and the options it does not know, then the login goes on.
+/// does, or 3.99) with `_pq_` options gets what PostgreSQL 18 answers: NegotiateProtocolVersion
+/// naming the full version it speaks with that client (3.2 = 196610 for both; libpq 18 reads a
+/// bare 0 as a downgrade below 3.0 and gives up) and the options it does not know, then the
+/// login goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negotiate_protocol_version_for_newer_clients() {
     let s = Setup::new(|_| {}).await;
@@ -111,7 +112,7 @@ async fn negotiate_protocol_version_for_newer_clients() {
             "3.{minor}: expected NegotiateProtocolVersion, got {got:?}"
         );
         let body = &got[0][5..];
-        assert_eq!(&body[..4], &196_608i32.to_be_bytes(), "3.{minor}: the full version 3.0");
+        assert_eq!(&body[..4], &196_610i32.to_be_bytes(), "3.{minor}: the full version 3.2");
         assert_eq!(
             &body[4..8],
             &(options.len() as i32).to_be_bytes(),

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgvalve::config::{FileConfig, PoolMode, Secret, UserConfig};
-use tokio_postgres::SimpleQueryMessage;
 
 use crate::support::*;
 
@@ -121,7 +120,7 @@ fn with_monitor(mode: PoolMode, pool_size: u32, max_server_connections: u32) -> 
     move |f| {
         f.pool.pool_mode = mode;
         f.pool.pool_size = pool_size;
-        f.pool.max_server_connections = max_server_connections;
+        f.pool.max_server_connections = max_server_connections.into();
         f.locks.enabled = true;
         f.locks.poll_interval = Duration::from_millis(100);
         f.admin.admin_users = vec!["app".into()];
@@ -168,26 +167,6 @@ async fn transaction_mode_pool_size_counts_the_lock_monitor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_server_connections_counts_the_lock_monitor() {
     caps_hold_with_the_monitor(PoolMode::Transaction, 5, 3).await;
-}
-
-/// Rows of a console command as (column -> value) maps.
-async fn console(s: &Setup, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
-    let c = connect(&s.url_as("app", "app-secret", "pgvalve")).await.unwrap();
-    c.simple_query(cmd)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("").to_string()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Waits until SHOW LOCKS names the AccessExclusiveLock on "t" held by client "greedy".

@@ -12,7 +12,7 @@ use crate::support::*;
 
 /// A virtualenv with psycopg 3, Django and asyncpg, created once (asyncpg added to one made
 /// before it was needed).
-fn venv_python() -> PathBuf {
+pub(crate) fn venv_python() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/compat-venv");
     let python = dir.join("bin/python");
     if !dir.join(".ready").exists() {
@@ -28,7 +28,7 @@ fn venv_python() -> PathBuf {
 }
 
 /// Installs `packages` into the venv of `python` unless `marker` says it was done.
-fn pip_install(python: &std::path::Path, marker: &std::path::Path, packages: &[&str]) {
+pub fn pip_install(python: &std::path::Path, marker: &std::path::Path, packages: &[&str]) {
     if marker.exists() {
         return;
     }
@@ -140,45 +140,65 @@ async fn django_and_psycopg3_share_five_server_connections() {
     assert!(pins <= 200, "{pins}");
 }
 
-/// psycopg 3.3's bundled libpq 18 with `max_protocol_version=latest` asks for protocol 3.2;
-/// pgvalve answers with NegotiateProtocolVersion 3.0 (as PostgreSQL 15 does) and the client
-/// goes on with 3.0, in both pool modes.
+/// psycopg 3.3's bundled libpq 18 with `max_protocol_version=latest` asks for protocol 3.2
+/// and gets it from pgvalve (whatever the server behind speaks; the test kit's is older), with
+/// a 32-byte cancel key: it connects, queries, and cancels a running pg_sleep with that key,
+/// in both pool modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn libpq_18_asking_for_the_latest_protocol_connects() {
+async fn libpq_18_asking_for_the_latest_protocol_gets_3_2_and_cancels() {
     let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     for mode in [PoolMode::Session, PoolMode::Transaction] {
         let s = Setup::new(|f| f.pool.pool_mode = mode).await;
-        let dsn = format!(
-            "host=127.0.0.1 port={} dbname=app user=app password=app-secret max_protocol_version=latest",
-            s.proxy.local_addr().port()
-        );
-        let script = "import sys, psycopg\n\
-            print(psycopg.pq.version())\n\
-            with psycopg.connect(sys.argv[1]) as c:\n\
-            \x20   print(c.pgconn.protocol_version, c.execute('select 40 + 2').fetchone()[0])\n";
-        let out = within(
-            Duration::from_secs(60),
-            tokio::process::Command::new(&python)
-                .args(["-c", script, &dsn])
-                .output(),
-        )
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{mode:?}: {stdout}\n{stderr}");
-        let lines: Vec<&str> = stdout.lines().collect();
-        let libpq: u32 = lines[0].trim().parse().unwrap();
-        assert!(
-            libpq >= 180_000,
-            "the bundled libpq is {libpq}: this test needs libpq 18"
-        );
-        assert_eq!(
-            lines[1].trim(),
-            "3 42",
-            "{mode:?}: protocol 3(.0) and the query's result"
-        );
+        libpq_18_latest_protocol_query_and_cancel(&python, &s, mode).await;
     }
+}
+
+/// Through `s`'s proxy (in `mode`), psycopg with libpq 18 and `max_protocol_version=latest`:
+/// speaks 3.2, queries, has a running `pg_sleep(60)` cancelled (57014) by `cancel_safe`, and
+/// queries again. Panics when any of it does not happen.
+pub(crate) async fn libpq_18_latest_protocol_query_and_cancel(python: &std::path::Path, s: &Setup, mode: PoolMode) {
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=app user=app password=app-secret max_protocol_version=latest",
+        s.proxy.local_addr().port()
+    );
+    let script = "import sys, threading, psycopg\n\
+        print(psycopg.pq.version())\n\
+        with psycopg.connect(sys.argv[1], autocommit=True) as c:\n\
+        \x20   print(c.pgconn.full_protocol_version, c.execute('select 40 + 2').fetchone()[0])\n\
+        \x20   done = threading.Event()\n\
+        \x20   def canceller():\n\
+        \x20       while not done.wait(0.5):\n\
+        \x20           c.cancel_safe()\n\
+        \x20   t = threading.Thread(target=canceller)\n\
+        \x20   t.start()\n\
+        \x20   try:\n\
+        \x20       c.execute('select pg_sleep(60)')\n\
+        \x20       print('not cancelled')\n\
+        \x20   except psycopg.errors.QueryCanceled:\n\
+        \x20       print('cancelled')\n\
+        \x20   done.set()\n\
+        \x20   t.join()\n\
+        \x20   print(c.execute('select 7').fetchone()[0])\n";
+    let out = within(
+        Duration::from_secs(60),
+        tokio::process::Command::new(python).args(["-c", script, &dsn]).output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{mode:?}: {stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let libpq: u32 = lines[0].trim().parse().unwrap();
+    assert!(
+        libpq >= 180_000,
+        "the bundled libpq is {libpq}: this test needs libpq 18"
+    );
+    assert_eq!(
+        lines[1..],
+        ["30002 42", "cancelled", "7"],
+        "{mode:?}: protocol 3.2, the query's result, the cancelled sleep, and the session after it"
+    );
 }
 
 /// Runs `manage.py test --noinput` of tests/compat/djproject through pgvalve in `mode`, with

@@ -131,7 +131,7 @@ async fn demo_surge_is_absorbed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_server_connections_is_shared_across_pools() {
     let s = Setup::new(|f| {
-        f.pool.max_server_connections = 2;
+        f.pool.max_server_connections = 2.into();
         f.pool.pool_size = 2;
         let app = f.databases["app"].clone();
         f.databases.insert("other".into(), app);
@@ -173,7 +173,7 @@ async fn max_server_connections_is_shared_across_pools() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_max_server_connections_names_the_limit_and_the_client() {
     let s = Setup::new(|f| {
-        f.pool.max_server_connections = 1;
+        f.pool.max_server_connections = 1.into();
         let app = f.databases["app"].clone();
         f.databases.insert("other".into(), app);
         f.pool.query_wait_timeout = Duration::from_millis(500);

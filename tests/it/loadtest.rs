@@ -184,7 +184,7 @@ async fn surge_through_pgvalve_with_a_cap_of_10_stays_under_it() {
     let s = Setup::new(|f| {
         f.pool.pool_mode = PoolMode::Transaction;
         f.pool.pool_size = 10;
-        f.pool.max_server_connections = 10;
+        f.pool.max_server_connections = 10.into();
         // Only the pools' connections: the lock monitor's own would be an 11th.
         f.locks.enabled = false;
     })
@@ -253,4 +253,84 @@ async fn loadtest_bin(args: &[&std::ffi::OsStr], secs: u64) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// `pgvalve_identity_logins_total` of `identity` on a proxy's /metrics.
+async fn logins(proxy: &pgvalve::ProxyHandle, identity: &str) -> u64 {
+    let (_, body) = crate::admission::http_get(proxy.http_addr().unwrap(), "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with("pgvalve_identity_logins_total{") && l.contains(&format!("identity=\"{identity}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+}
+
+/// Several --target: the clients are spread across them (here two pgvalve instances and
+/// PostgreSQL itself), each keeps the group's application_name (one identity on every
+/// instance), and the results come per target in the table and the JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_spreads_clients_over_several_targets_and_reports_per_target() {
+    let with_http = |f: &mut pgvalve::config::FileConfig| {
+        tx_mode()(f);
+        f.http.listen = Some("127.0.0.1:0".into());
+    };
+    let s = Setup::new(with_http).await;
+    let mut f = s.pg.file_config();
+    with_http(&mut f);
+    let second = pgvalve::ProxyHandle::start(pgvalve::Config::validate(f, "second").unwrap())
+        .await
+        .unwrap();
+    let b = s
+        .url_as("app", "app-secret", "app")
+        .replace(&s.proxy.local_addr().to_string(), &second.local_addr().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let (a, direct) = (s.url(), s.pg.url());
+    let words = [
+        "loadtest",
+        "surge",
+        "--clients",
+        "31",
+        "--ramp",
+        "300ms",
+        "--hold",
+        "700ms",
+        "--target",
+        &a,
+        "--target",
+        &b,
+        "--target",
+        &direct,
+    ];
+    let args: Vec<&std::ffi::OsStr> = words
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([std::ffi::OsStr::new("--json"), json.as_os_str()])
+        .collect();
+    let stdout = loadtest_bin(&args, 60).await;
+    assert!(stdout.contains("per target:"), "{stdout}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let per: Vec<(String, u64, u64, u64)> = j["per_target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap().to_string(),
+                t["clients"].as_u64().unwrap(),
+                t["transactions"].as_u64().unwrap(),
+                t["errors"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let label = |url: &str| pgvalve::loadtest::plan::target_label(url);
+    assert_eq!(
+        per.iter().map(|p| (p.0.clone(), p.1)).collect::<Vec<_>>(),
+        [(label(&a), 11), (label(&b), 10), (label(&direct), 10)]
+    );
+    assert!(per.iter().all(|p| p.2 >= p.1 && p.3 == 0), "{per:?}");
+    assert!(!j["target"].as_str().unwrap().contains("app-secret"));
+    // Each instance saw its share of the clients, all as the one identity "surge".
+    assert_eq!(logins(&s.proxy, "surge").await, 11);
+    assert_eq!(logins(&second, "surge").await, 10);
+    second.shutdown().await;
 }

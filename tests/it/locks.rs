@@ -7,29 +7,9 @@ use std::time::Duration;
 use pgvalve::admission::identity::IdentityRule;
 use pgvalve::admission::LockAction;
 use pgvalve::config::PoolMode;
-use tokio_postgres::{NoTls, SimpleQueryMessage};
+use tokio_postgres::NoTls;
 
 use crate::support::*;
-
-/// Rows of a console command as (column -> value) maps.
-async fn console(s: &Setup, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
-    let c = connect(&s.url_as("app", "app-secret", "pgvalve")).await.unwrap();
-    c.simple_query(cmd)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("").to_string()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
 
 fn setup_locks(action: Option<LockAction>) -> impl FnOnce(&mut pgvalve::config::FileConfig) {
     move |f| {

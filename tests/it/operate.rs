@@ -407,7 +407,20 @@ async fn reload_resizes_a_pool_live_refuses_a_broken_file_and_metrics_agree() {
 fn families(body: &str) -> std::collections::BTreeSet<String> {
     let scrape =
         prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text");
-    scrape.samples.iter().map(|s| s.metric.clone()).collect()
+    let histogram = |m: &str| {
+        ["_count", "_sum"]
+            .iter()
+            .find_map(|sfx| {
+                m.strip_suffix(sfx)
+                    .filter(|f| scrape.samples.iter().any(|s| s.metric == *f))
+            })
+            .map(str::to_string)
+    };
+    scrape
+        .samples
+        .iter()
+        .map(|s| histogram(&s.metric).unwrap_or_else(|| s.metric.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,7 +467,10 @@ async fn metrics_dashboard_and_alerts_agree_on_names() {
         names.dedup();
         assert!(!names.is_empty(), "{file} queries pgvalve metrics");
         for n in names {
-            let family = n.trim_end_matches("_bucket");
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|sfx| n.strip_suffix(sfx).filter(|f| pgvalve::observe::METRICS.contains(f)))
+                .unwrap_or(n);
             assert!(
                 pgvalve::observe::METRICS.contains(&family),
                 "{file} uses {n}, which pgvalve does not export"

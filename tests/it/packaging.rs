@@ -100,3 +100,81 @@ fn compose_file_and_dockerfile_are_consistent() {
         }
     }
 }
+
+/// A compose service with YAML merge keys (`<<: *anchor`) resolved (yaml-rust2 keeps them
+/// as a plain `<<` key).
+fn merged(service: &Yaml) -> yaml_rust2::yaml::Hash {
+    let mut out = service["<<"].as_hash().cloned().unwrap_or_default();
+    for (k, v) in service.as_hash().unwrap() {
+        if k.as_str() != Some("<<") {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// The three-replica example (profile "cluster"): every replica a valid quick start in
+/// cluster mode with the same cluster name and budget, on its own host ports, and the
+/// cluster load test spreads its clients over all three.
+#[test]
+fn compose_cluster_example_runs_three_replicas_with_one_budget() {
+    let doc = &YamlLoader::load_from_str(&repo_file("docker-compose.yml")).expect("valid YAML")[0];
+    let services = &doc["services"];
+    let main = repo_file("src/main.rs");
+    let mut host_ports = Vec::new();
+    let mut clusters = Vec::new();
+    for name in ["pgvalve-a", "pgvalve-b", "pgvalve-c"] {
+        let s = Yaml::Hash(merged(&services[name]));
+        assert_eq!(strings(&s["profiles"]), ["cluster"], "{name}");
+        let env: BTreeMap<String, String> = s["environment"]
+            .as_hash()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
+            .collect();
+        for k in env.keys() {
+            // The cluster variables come with issue 23's cluster work.
+            let cluster = ["PGVALVE_CLUSTER_NAME", "PGVALVE_CLUSTER_MAX_SERVER_CONNECTIONS"].contains(&k.as_str());
+            assert!(
+                main.contains(&format!("env = \"{k}\"")) || cluster,
+                "{k} is not read by pgvalve"
+            );
+        }
+        clusters.push((
+            env["PGVALVE_CLUSTER_NAME"].clone(),
+            env["PGVALVE_CLUSTER_MAX_SERVER_CONNECTIONS"].clone(),
+        ));
+        let ov = Overrides {
+            listen: env.get("PGVALVE_LISTEN").cloned(),
+            upstream: env.get("PGVALVE_UPSTREAM").cloned(),
+            pool_mode: Some(PoolMode::Transaction),
+            pool_size: env.get("PGVALVE_POOL_SIZE").map(|n| n.parse().unwrap()),
+            http_listen: env.get("PGVALVE_HTTP_LISTEN").cloned(),
+            ..Default::default()
+        };
+        config::load_with(None, &ov).unwrap_or_else(|e| panic!("{name}: {e}"));
+        host_ports.extend(
+            strings(&s["ports"])
+                .into_iter()
+                .map(|p| p.split(':').next().unwrap().to_string()),
+        );
+    }
+    assert!(
+        clusters.windows(2).all(|w| w[0] == w[1]),
+        "one cluster, one budget: {clusters:?}"
+    );
+    let distinct: std::collections::BTreeSet<_> = host_ports.iter().collect();
+    assert_eq!(distinct.len(), 6, "each replica on its own host ports: {host_ports:?}");
+
+    let mut argv = vec!["pgvalve".to_string()];
+    argv.extend(strings(&services["loadtest-cluster"]["command"]).into_iter().skip(1));
+    let lt = Loadtest::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(lt.args.target.len(), 3);
+    let plan = lt.args.plan().unwrap();
+    let targets: std::collections::BTreeSet<_> = plan.groups.iter().filter_map(|g| g.target.clone()).collect();
+    assert_eq!(targets.len(), 3, "{targets:?}");
+    assert!(["pgvalve-a", "pgvalve-b", "pgvalve-c"]
+        .iter()
+        .all(|h| targets.iter().any(|t| t.contains(&format!("@{h}:6432/")))));
+    assert_eq!(plan.groups.iter().map(|g| g.clients).sum::<usize>(), 600);
+}

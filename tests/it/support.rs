@@ -206,3 +206,23 @@ pub fn psql(port: u16, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Rows of a console command (as the app user, an admin) as (column -> value) maps.
+pub async fn console(s: &Setup, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let c = connect(&s.url_as("app", "app-secret", "pgvalve")).await.unwrap();
+    c.simple_query(cmd)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}

@@ -19,13 +19,13 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::support::{code, within, Setup};
 
 /// A CA and a server certificate it signed for localhost and 127.0.0.1.
-struct Pki {
-    ca_pem: String,
+pub(crate) struct Pki {
+    pub(crate) ca_pem: String,
     cert_pem: String,
     key_pem: String,
 }
 
-fn pki(name: &str) -> Pki {
+pub(crate) fn pki(name: &str) -> Pki {
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
@@ -42,7 +42,7 @@ fn pki(name: &str) -> Pki {
 }
 
 /// Writes the server certificate and key of `p` into `dir` (cert, key paths).
-fn write_pair(dir: &Path, p: &Pki) -> (PathBuf, PathBuf) {
+pub(crate) fn write_pair(dir: &Path, p: &Pki) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
     std::fs::write(&cert, &p.cert_pem).unwrap();
     std::fs::write(&key, &p.key_pem).unwrap();
@@ -54,7 +54,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A tokio-postgres TLS connector trusting `ca_pem` (it checks the host name too).
-fn connector(ca_pem: &str, alpn: bool) -> MakeRustlsConnect {
+pub(crate) fn connector(ca_pem: &str, alpn: bool) -> MakeRustlsConnect {
     MakeRustlsConnect::new(client_tls(ca_pem, alpn))
 }
 
@@ -77,7 +77,7 @@ fn client_tls(ca_pem: &str, alpn: bool) -> rustls::ClientConfig {
 }
 
 /// tokio-postgres through `proxy` as the application role, host `localhost`.
-fn client_config(proxy: &ProxyHandle) -> tokio_postgres::Config {
+pub(crate) fn client_config(proxy: &ProxyHandle) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host("localhost")
         .port(proxy.local_addr().port())
@@ -268,12 +268,15 @@ async fn a_reload_replaces_the_certificate() {
     c.ssl_mode(SslMode::Require);
     assert!(query_over(&c, connector(&old.ca_pem, false)).await.is_ok());
     write_pair(dir.path(), &new);
-    proxy.reload_from_source().expect("reload with the new certificate");
+    proxy
+        .reload_from_source()
+        .await
+        .expect("reload with the new certificate");
     assert!(query_over(&c, connector(&new.ca_pem, false)).await.is_ok());
     assert!(query_over(&c, connector(&old.ca_pem, false)).await.is_err());
     // A broken key file is refused whole; the certificate in force stays.
     std::fs::write(dir.path().join("server.key"), "not a key").unwrap();
-    let e = proxy.reload_from_source().expect_err("broken key refused");
+    let e = proxy.reload_from_source().await.expect_err("broken key refused");
     assert!(e.contains("tls.client_tls_key_file"), "{e}");
     assert!(query_over(&c, connector(&new.ca_pem, false)).await.is_ok());
     proxy.shutdown().await;
@@ -524,4 +527,54 @@ async fn the_binary_takes_tls_from_the_environment() {
         .expect("plaintext refused");
     assert_eq!(code(&e).as_deref(), Some("28000"), "{e:?}");
     child.kill().await.unwrap();
+}
+
+/// TLS after a PROXY header: a trusted balancer's v2 header, then SSLRequest and the
+/// handshake, as TCP balancers that do not terminate TLS send them; the session is known by
+/// the header's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_follows_a_proxy_protocol_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki("proxied");
+    let (cert, key) = write_pair(dir.path(), &p);
+    let s = Setup::new(|f| {
+        f.tls.client_tls_mode = Some(ClientTlsMode::Require);
+        f.tls.client_tls_cert_file = Some(cert);
+        f.tls.client_tls_key_file = Some(key);
+        f.proxy.proxy_protocol_trusted = "127.0.0.1".parse().unwrap();
+        f.admin.admin_users = vec!["app".into()];
+    })
+    .await;
+    let app = proxied_tls(&s.proxy, &p.ca_pem, "app", "192.0.2.44:51000").await;
+    let one: i32 = app.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let admin = proxied_tls(&s.proxy, &p.ca_pem, "pgvalve", "192.0.2.45:51001").await;
+    let out = admin.simple_query("SHOW CLIENTS").await.unwrap();
+    let addrs: Vec<(String, String)> = out
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+                Some((r.get("addr").unwrap().to_string(), r.get("port").unwrap().to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(addrs, vec![("192.0.2.44".to_string(), "51000".to_string())]);
+}
+
+/// A TLS session (sslmode=require) to `db` behind a v2 PROXY header naming `source`.
+async fn proxied_tls(proxy: &ProxyHandle, ca_pem: &str, db: &str, source: &str) -> tokio_postgres::Client {
+    use tokio_postgres::tls::MakeTlsConnect;
+    let dest = proxy.local_addr();
+    let mut stream = tokio::net::TcpStream::connect(dest).await.unwrap();
+    let header = pgvalve::protocol::proxy_header::encode_v2(source.parse().unwrap(), dest);
+    stream.write_all(&header).await.unwrap();
+    let mut c = client_config(proxy);
+    c.dbname(db).ssl_mode(SslMode::Require);
+    let tls = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut connector(ca_pem, false), "localhost");
+    let (client, conn) = within(Duration::from_secs(30), c.connect_raw(stream, tls.unwrap()))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
 }

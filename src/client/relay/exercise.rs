@@ -40,7 +40,7 @@ pub fn transaction_traffic(client: &[u8], server: &[u8], reads: usize, reject: b
     let mut s_in = BytesMut::new();
     for chunk in server.chunks(reads) {
         s_in.extend_from_slice(chunk);
-        let r = statements.server(&mut s_in, &mut s_out, &mut swalk, &mut t, Some(&mut reported), false);
+        let r = statements.server(&mut s_in, &mut s_out, &mut swalk, &mut t, Some(&mut reported));
         if r.is_err() {
             break;
         }
@@ -69,8 +69,7 @@ pub fn plain_traffic(bytes: &[u8], reads: usize) {
             return;
         };
         c_in.advance(n);
-        let Ok(ToClient::Scanned(n)) =
-            plain.server(&mut s_in, &mut s_out, &mut swalk, &mut t, Some(&mut reported), true)
+        let Ok(ToClient::Scanned(n)) = plain.server(&mut s_in, &mut s_out, &mut swalk, &mut t, Some(&mut reported))
         else {
             return;
         };

@@ -87,6 +87,12 @@ pub(crate) struct Mode {
     /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
     /// collected for the session to re-apply on later server connections.
     pub(crate) reported: Vec<(String, String)>,
+    /// Transaction mode: `track_parameters` in upper case (None: only `search_path` is
+    /// tracked by reading back, see `client::tracked`).
+    pub(crate) track: Option<std::sync::Arc<[String]>>,
+    /// Transaction mode: tracked parameters the last transaction may have changed (the
+    /// session reads them back before the server connection goes back).
+    pub(crate) readback: crate::client::tracked::Readback,
     /// Transaction mode with `max_prepared_statements` > 0: the client's statements, renamed
     /// for the server (named statements then do not pin).
     pub statements: Option<ClientStatements>,
@@ -98,6 +104,9 @@ pub(crate) struct Mode {
     pub stats: Option<crate::pool::stats::Local>,
     /// Buffers kept from one transaction's relay to the next (see `Reuse`).
     pub reuse: Reuse,
+    /// The session's last statement text, bounded (kept from one relay to the next): what
+    /// a deadlock report names as the losing statement.
+    pub(crate) last_sql: Vec<u8>,
     /// The backend pid the client was given (BackendKeyData). In transaction mode a
     /// NotificationResponse its own NOTIFY caused carries this pid instead of the server's.
     pub given_pid: i32,
@@ -136,7 +145,7 @@ pub(crate) async fn run_attached(
     let target = crate::cancel::CancelTarget {
         addr: server.addr.clone(),
         pid: server.pid,
-        secret: server.secret,
+        secret: server.secret.clone(),
     };
     mode.cancel = Some(target.clone());
     key.set_target(Some(target)).await;

@@ -60,6 +60,8 @@ pub(super) struct Relay<'m> {
     server_broken: bool,
     /// What to tell the client when a timeout or a verdict ended the relay.
     error: Option<PgError>,
+    /// Where the last statement's text is kept between relays.
+    last_sql: &'m mut Vec<u8>,
 }
 
 impl<'m> Relay<'m> {
@@ -81,6 +83,8 @@ impl<'m> Relay<'m> {
             cancel,
             reject,
             reported,
+            track,
+            readback,
             statements,
             session,
             stats,
@@ -89,6 +93,7 @@ impl<'m> Relay<'m> {
             gate,
             db_statements,
             pinning,
+            last_sql,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -98,6 +103,9 @@ impl<'m> Relay<'m> {
             statements.is_none(),
         );
         t.tally.server_assignments = 1;
+        t.extra.clone_from(track);
+        t.readback = std::mem::take(readback);
+        (t.server_pid, t.last_sql) = (server.pid, std::mem::take(last_sql));
         if *transaction && server.pid != *given_pid {
             t.notify = Some((server.pid, *given_pid));
         }
@@ -125,6 +133,7 @@ impl<'m> Relay<'m> {
                 who,
                 pins,
                 reported: (*transaction || tracked).then_some(reported),
+                readback,
                 info: session.as_deref(),
                 stats: stats.as_mut(),
                 pinning: pinning.as_mut(),
@@ -135,6 +144,7 @@ impl<'m> Relay<'m> {
             phase,
             server_broken: false,
             error: None,
+            last_sql,
         }
     }
 
@@ -215,6 +225,9 @@ impl<'m> Relay<'m> {
         }
         if s_new {
             self.server_bytes(cw)?;
+            if self.t.deadlock.is_some() {
+                self.session.deadlock(&mut self.t);
+            }
             self.databases.answered(&self.t);
             if self.statements.resumable() {
                 self.client_bytes(cw, sw)?;
@@ -263,14 +276,13 @@ impl<'m> Relay<'m> {
     /// injected messages dropped and the proxy's own put in order (renamed statements).
     #[inline]
     fn server_bytes(&mut self, cw: &impl TryWrite) -> Round {
-        let explain = self.session.explain_cancel(&mut self.s_in, self.swalk.pending());
+        self.session.explain_cancel(&mut self.s_in, self.swalk.pending());
         let ready = self.statements.server(
             &mut self.s_in,
             &mut self.s_out,
             &mut self.swalk,
             &mut self.t,
             self.session.reported.as_deref_mut(),
-            explain,
         );
         let sent = match ready {
             Ok(ToClient::Scanned(n)) => {
@@ -358,6 +370,7 @@ impl<'m> Relay<'m> {
         });
         server.broken |= self.server_broken;
         self.session.finish(t);
+        *self.last_sql = std::mem::take(&mut self.t.last_sql);
         self.databases.finish(&mut self.t);
         if let Statements::Tracked(tr) = std::mem::replace(&mut self.statements, Statements::Plain) {
             server.prepared = tr.finish();

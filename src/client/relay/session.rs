@@ -32,6 +32,8 @@ pub(super) struct Session<'m> {
     /// Where tracked parameters the server reported go: in transaction mode, and whenever
     /// statements are tracked.
     pub(super) reported: Option<&'m mut Vec<(String, String)>>,
+    /// Where the tracker's [`Readback`](crate::client::tracked::Readback) goes back at the end.
+    pub(super) readback: &'m mut crate::client::tracked::Readback,
     /// The session in the registry.
     pub(super) info: Option<&'m SessionInfo>,
     /// The session's tally for SHOW STATS.
@@ -62,10 +64,14 @@ impl Session<'_> {
             return;
         }
         if let Some(s) = self.info {
-            s.transactions_ended(t.ends);
+            if s.transactions_ended(t.ends) && !t.last_sql.is_empty() {
+                s.sample_statement(&t.last_sql);
+            }
         }
         t.ends = 0;
         if let Some(l) = self.stats.as_deref_mut() {
+            l.latency_pending.add(&t.latency);
+            t.latency = Default::default();
             l.add(&t.tally, t.answered_at.unwrap_or_else(Instant::now));
             t.tally = Totals::default();
         }
@@ -73,21 +79,33 @@ impl Session<'_> {
 
     /// While the lock monitor's explanation of a cancel waits (one atomic load per server
     /// read), puts it in place of the server's "query canceled" in `s_in` (past the first
-    /// `skip` bytes, the rest of a message already forwarded). True while one waits: the
-    /// relay then holds ErrorResponses back until whole.
+    /// `skip` bytes, the rest of a message already forwarded; the relay holds ErrorResponses
+    /// back until whole).
     #[inline]
-    pub(super) fn explain_cancel(&self, s_in: &mut BytesMut, skip: usize) -> bool {
-        let Some(s) = self.info.filter(|s| s.cancel_pending()) else {
-            return false;
-        };
-        explain_cancel(s_in, skip, s);
-        true
+    pub(super) fn explain_cancel(&self, s_in: &mut BytesMut, skip: usize) {
+        if let Some(s) = self.info.filter(|s| s.cancel_pending()) {
+            explain_cancel(s_in, skip, s);
+        }
+    }
+
+    /// PostgreSQL told the session it lost a deadlock (40P01, seen by the tracker): reported
+    /// to the registry with the session's last statement (cold path).
+    #[cold]
+    pub(super) fn deadlock(&self, t: &mut Tracker) {
+        let detail = t.deadlock.take().unwrap_or_default();
+        let statement = String::from_utf8_lossy(&t.last_sql).into_owned();
+        tracing::debug!(client = %self.who, pid = t.server_pid, "deadlock reported by the server");
+        if let Some(s) = self.info {
+            s.deadlock(t.server_pid, &detail, statement);
+        }
     }
 
     /// The relay ends: the traffic not yet folded in is kept for the next fold.
     pub(super) fn finish(&mut self, t: &Tracker) {
+        *self.readback = t.readback;
         if let Some(l) = self.stats.as_deref_mut() {
             l.pending.add(&t.tally);
+            l.latency_pending.add(&t.latency);
         }
     }
 }

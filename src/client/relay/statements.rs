@@ -14,7 +14,7 @@ use super::txn::note_reported;
 use super::write::move_ready;
 use super::{Reuse, REUSE_MAX};
 use crate::client::prepared::{ClientStatements, OnServer, Outputs, Responses, ServerStatements};
-use crate::client::sql::{deallocates_all, might_deallocate};
+use crate::client::sql::{code_part, deallocates_all, might_deallocate, query_text};
 use crate::client::SessionError;
 use crate::protocol::frame::{split_frame, Frame, MessageWalker, Seen, Walk};
 use crate::protocol::tags::{backend, frontend, read_cstr, split_cstr};
@@ -71,8 +71,8 @@ impl Statements<'_> {
     }
 
     /// Takes in the server's new bytes in `s_in`; what may go on to the client. Tracked
-    /// parameters the server reports go to `reported`; while `explain`, ErrorResponses are
-    /// held back until whole.
+    /// parameters the server reports go to `reported`; ErrorResponses are held back until
+    /// whole.
     ///
     /// # Errors
     /// A malformed server message.
@@ -84,11 +84,10 @@ impl Statements<'_> {
         walk: &mut MessageWalker,
         t: &mut Tracker,
         reported: Option<&mut Vec<(String, String)>>,
-        explain: bool,
     ) -> Result<ToClient, SessionError> {
         match self {
             Statements::Plain => t
-                .scan_server(walk, s_in, reported, explain)
+                .scan_server(walk, s_in, reported)
                 .map(ToClient::Scanned)
                 .map_err(SessionError::ServerProtocol),
             Statements::Tracked(tr) => {
@@ -241,7 +240,7 @@ impl<'m> Tracked<'m> {
                 break; // Terminate: not forwarded
             }
             if f.tag == frontend::QUERY
-                && might_deallocate(&f.bytes[5..])
+                && might_deallocate(code_part(query_text(f.tag, &f.bytes[5..])))
                 && read_cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql))
             {
                 self.st.forget_all(out.conn);
@@ -464,7 +463,7 @@ mod tests {
             b"\0\x01?column?\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
         );
         let mut s_in = BytesMut::from(&[PARSE_COMPLETE, &params, &row, &ready_idle[..]].concat()[..]);
-        let ready = statements.server(&mut s_in, &mut s_out, &mut walk, &mut t, None, false);
+        let ready = statements.server(&mut s_in, &mut s_out, &mut walk, &mut t, None);
         assert!(matches!(ready, Ok(ToClient::Queued)));
         assert_eq!(
             &s_out[..],

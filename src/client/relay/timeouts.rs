@@ -173,7 +173,7 @@ impl<'m> Timer<'m> {
             if let Some(t) = self.cancel.cloned() {
                 tracing::info!(client = %self.who, limit = %human(to.query), "query_timeout: cancelling the query");
                 tokio::spawn(async move {
-                    let _ = crate::server::send_cancel(&t.addr, t.pid, t.secret).await;
+                    let _ = crate::server::send_cancel(&t.addr, t.pid, &t.secret).await;
                 });
             }
         }

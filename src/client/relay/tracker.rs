@@ -1,13 +1,15 @@
 //! What the relay knows of a server connection from message headers alone: requests
 //! outstanding, the last ReadyForQuery status, pins, statements that need a database to
 //! themselves, and the session's traffic tally (transactions, queries, bytes, times) for
-//! SHOW STATS.
+//! SHOW STATS. Also the last statement's text (bounded; Query and Parse are seen whole
+//! anyway) and, on the cold path, a deadlock error (40P01) for the lock monitor.
 
 use std::time::Instant;
 
 use super::databases::{self, Prepared};
-use super::txn::{note_reported, pin_reason};
+use super::txn::{effect, note_reported};
 use crate::client::database_sql::DatabaseNeed;
+use crate::client::tracked::Readback;
 use crate::pool::stats::Totals;
 use crate::protocol::frame::{FrameError, MessageWalker, Seen, Walk};
 use crate::protocol::tags::{backend, frontend, status};
@@ -29,12 +31,18 @@ pub(super) struct Tracker {
     pub(super) inspect: bool,
     /// Why the session got pinned.
     pub(super) pin: Option<&'static str>,
+    /// `track_parameters` in upper case (None: only `search_path` is read back).
+    pub(super) extra: Option<std::sync::Arc<[String]>>,
+    /// Tracked parameters the statements inspected may have changed.
+    pub(super) readback: Readback,
     /// Named Parse pins (statements are not tracked).
     pub(super) named_pins: bool,
     /// ReadyForQuery 'I' seen since the session was last told.
     pub(super) ends: u64,
     /// Traffic since the last fold into `Mode::stats`.
     pub(super) tally: Totals,
+    /// Query and transaction times since the last fold into `Mode::stats`.
+    pub(super) latency: crate::pool::latency::Tally,
     /// When the outstanding requests began (none outstanding: None).
     pub(super) busy_since: Option<Instant>,
     /// When the current transaction's first request was sent.
@@ -58,6 +66,61 @@ pub(super) struct Tracker {
     /// The client's prepared statements that need a database to themselves (kept in the
     /// session's `Mode` between relays): a Bind of one is such a statement.
     pub(super) prepared: Prepared,
+    /// The server connection's backend pid.
+    pub(super) server_pid: i32,
+    /// The last Query's or Parse's text, bounded (see [`capture`]); kept between relays.
+    pub(super) last_sql: Vec<u8>,
+    /// A deadlock error (40P01) just seen: its DETAIL, for the session to report.
+    pub(super) deadlock: Option<String>,
+}
+
+/// Statement text kept whole up to this length; a longer one keeps its head and its tail
+/// (where sqlcommenter puts its comment), each half of it.
+pub(super) const LAST_SQL: usize = 1024;
+
+/// Keeps the text of a Query or Parse message `msg` in `into`, bounded by [`LAST_SQL`].
+#[inline]
+fn capture(tag: u8, msg: &[u8], into: &mut Vec<u8>) {
+    let body = msg.get(5..).unwrap_or_default();
+    let text = if tag == frontend::PARSE {
+        match memchr::memchr(0, body) {
+            Some(i) => &body[i + 1..],
+            None => return,
+        }
+    } else {
+        body
+    };
+    let text = &text[..memchr::memchr(0, text).unwrap_or(text.len())];
+    into.clear();
+    if text.len() <= LAST_SQL {
+        into.extend_from_slice(text);
+    } else {
+        into.extend_from_slice(&text[..LAST_SQL / 2]);
+        into.extend_from_slice(b" ... ");
+        into.extend_from_slice(&text[text.len() - LAST_SQL / 2..]);
+    }
+}
+
+/// The DETAIL of an ErrorResponse `msg` when its SQLSTATE is 40P01 (deadlock detected);
+/// `Some("")` when it has none. Cold: called for ErrorResponses only.
+#[cold]
+fn deadlock_detail(msg: &[u8]) -> Option<String> {
+    let mut fields = msg.get(5..)?;
+    let mut detail = None;
+    let mut deadlock = false;
+    while let Some((&kind, rest)) = fields.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = rest.iter().position(|&b| b == 0)?;
+        match kind {
+            b'C' => deadlock = &rest[..end] == b"40P01",
+            b'D' => detail = Some(String::from_utf8_lossy(&rest[..end]).into_owned()),
+            _ => {}
+        }
+        fields = &rest[end + 1..];
+    }
+    deadlock.then(|| detail.unwrap_or_default())
 }
 
 impl Tracker {
@@ -71,9 +134,12 @@ impl Tracker {
             last_server_tag: 0,
             inspect,
             pin,
+            extra: None,
+            readback: Readback::default(),
             named_pins,
             ends: 0,
             tally: Totals::default(),
+            latency: Default::default(),
             busy_since: None,
             xact_since: None,
             copy: false,
@@ -83,6 +149,9 @@ impl Tracker {
             answered: 0,
             needs: Vec::new(),
             prepared: Prepared::default(),
+            server_pid: 0,
+            last_sql: Vec::new(),
+            deadlock: None,
         }
     }
 
@@ -114,16 +183,15 @@ impl Tracker {
         )
     }
 
-    /// Walks the server's bytes in `buf`: ReadyForQuery whole; ParameterStatus whole and
-    /// recorded in `reported` (transaction mode); ErrorResponse whole while a cancel
-    /// explanation waits (`explain`). The count that may be forwarded.
+    /// Walks the server's bytes in `buf`: ReadyForQuery and ErrorResponse whole (an error is
+    /// rare, and a deadlock's is reported); ParameterStatus whole and recorded in `reported`
+    /// (transaction mode). The count that may be forwarded.
     #[inline]
     pub(super) fn scan_server(
         &mut self,
         walk: &mut MessageWalker,
         buf: &[u8],
         mut reported: Option<&mut Vec<(String, String)>>,
-        explain: bool,
     ) -> Result<usize, FrameError> {
         let txn = reported.is_some();
         let notify = self.notify.is_some();
@@ -133,7 +201,7 @@ impl Tracker {
                 tag == backend::READY_FOR_QUERY
                     || (txn && tag == backend::PARAMETER_STATUS)
                     || (notify && tag == backend::NOTIFICATION_RESPONSE)
-                    || (explain && tag == backend::ERROR_RESPONSE)
+                    || tag == backend::ERROR_RESPONSE
             },
             |s, m| {
                 if let (backend::PARAMETER_STATUS, Some(r)) = (s.tag, reported.as_mut()) {
@@ -146,13 +214,18 @@ impl Tracker {
 
     pub(super) fn on_client(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         if self.inspect && s.complete {
-            if let Some(reason) = pin_reason(s.tag, msg, self.named_pins) {
+            let (e, named) = effect(s.tag, msg, self.named_pins, self.extra.as_deref().unwrap_or_default());
+            self.readback.note(&e, named);
+            if let Some(reason) = e.pin {
                 self.pin = Some(reason);
                 self.inspect = false;
             }
         }
         if s.complete {
             databases::note(self, s.tag, msg);
+            if s.tag == frontend::QUERY || s.tag == frontend::PARSE {
+                capture(s.tag, msg, &mut self.last_sql);
+            }
         }
         match s.tag {
             frontend::TERMINATE => {
@@ -194,7 +267,12 @@ impl Tracker {
     pub(super) fn on_server(&mut self, s: &Seen, msg: &[u8]) -> Walk {
         match s.tag {
             backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => self.copy = true,
-            backend::ERROR_RESPONSE => self.copy = false,
+            backend::ERROR_RESPONSE => {
+                self.copy = false;
+                if s.complete {
+                    self.deadlock = deadlock_detail(msg);
+                }
+            }
             _ => {}
         }
         if s.tag == backend::READY_FOR_QUERY {
@@ -206,11 +284,15 @@ impl Tracker {
                 let now = Instant::now();
                 self.answered_at = Some(now);
                 if let Some(t) = self.busy_since.take() {
-                    self.tally.query_us += now.duration_since(t).as_micros() as u64;
+                    let us = now.duration_since(t).as_micros() as u64;
+                    self.tally.query_us += us;
+                    self.latency.query.record(us);
                 }
                 if self.status == status::IDLE {
                     if let Some(t) = self.xact_since.take() {
-                        self.tally.xact_us += now.duration_since(t).as_micros() as u64;
+                        let us = now.duration_since(t).as_micros() as u64;
+                        self.tally.xact_us += us;
+                        self.latency.xact.record(us);
                     }
                 }
             }

@@ -1,0 +1,130 @@
+//! A pool's gates on several cores, seen as one pool where the whole pool matters.
+//!
+//! Part of the fair queue ([`super`]). With several cores each pool has one gate per core
+//! (`label#core`, see [`crate::admission::gate_name`]) whose capacity is that core's lease
+//! of the pool: a core's gate hands out no more grants than its lease. But the headroom rule
+//! judges an identity by its share of the whole pool, and refusals name what the identity
+//! holds in the pool; both read the sums over the pool's gates here. With one core a gate is
+//! its own pool and nothing is summed.
+
+use std::sync::Arc;
+
+use super::{Gate, Scheduler, Share};
+use crate::admission::headroom::Standing;
+
+impl Scheduler {
+    /// Sets how many cores each pool has a gate on (before any gate is made).
+    pub(crate) fn set_cores(&mut self, cores: usize) {
+        self.cores = cores;
+    }
+
+    /// Registers `gate`'s siblings the first time it is seen.
+    pub(super) fn know(&mut self, gate: &Arc<str>) {
+        if self.cores < 2 || self.siblings.contains_key(gate) {
+            return;
+        }
+        let label = crate::admission::shown(gate);
+        if label.len() == gate.len() {
+            return;
+        }
+        let all: Arc<[Arc<str>]> = (0..self.cores)
+            .map(|k| Arc::from(crate::admission::gate_name(label, k, self.cores)))
+            .collect();
+        for g in all.iter() {
+            self.siblings.insert(g.clone(), all.clone());
+        }
+    }
+
+    /// The gates of `gate`'s pool (itself alone with one core).
+    fn pool_gates<'a>(&'a self, gate: &'a Arc<str>) -> impl Iterator<Item = &'a Gate> + 'a {
+        let names: &'a [Arc<str>] = self.siblings.get(gate).map_or(std::slice::from_ref(gate), |s| &s[..]);
+        names.iter().filter_map(|n| self.gates.get(n))
+    }
+
+    /// What the headroom rule looks at for `id` (whose share is `s`) in `gate`'s pool.
+    pub(super) fn standing(&self, gate: &Arc<str>, id: &Arc<str>, s: &Share) -> Standing {
+        let (mut in_use, mut capacity, mut held, mut long) = (0, 0, 0, 0);
+        for g in self.pool_gates(gate) {
+            in_use += g.in_use;
+            capacity += g.capacity;
+            if let Some(f) = g.flows.get(id) {
+                held += f.in_use;
+                long += f.long;
+            }
+        }
+        let headroom = s.limits.headroom.of(capacity);
+        // Only needed near the end of the pool: the sum over flows is skipped otherwise.
+        let others = if capacity.saturating_sub(in_use) > headroom {
+            0
+        } else {
+            let mut seen: Vec<&Arc<str>> = Vec::new();
+            for g in self.pool_gates(gate) {
+                for (k, f) in &g.flows {
+                    if k != id && (f.in_use > 0 || !f.waiting.is_empty()) && !seen.contains(&k) {
+                        seen.push(k);
+                    }
+                }
+            }
+            seen.iter()
+                .map(|k| u64::from(self.shares.get(*k).map_or(1, |s| s.limits.weight)))
+                .sum()
+        };
+        Standing {
+            in_use,
+            capacity,
+            held,
+            long,
+            weight: s.limits.weight,
+            others,
+            headroom,
+        }
+    }
+
+    /// Serves the waiters of `gate`'s siblings that may go now.
+    pub(super) fn dispatch_siblings(&mut self, gate: &Arc<str>) {
+        let Some(sib) = self.siblings.get(gate).cloned() else {
+            return;
+        };
+        for g in sib.iter() {
+            if g != gate && self.gates.get(g).is_some_and(|x| x.waiting > 0) {
+                self.dispatch(g);
+            }
+        }
+    }
+
+    /// A gate's grants in use, and its waiters more lease would serve: those not held back
+    /// by their identity's cap, the lock-holder cap or the headroom rule (which do not
+    /// depend on how the pool is split between cores).
+    pub(crate) fn gate_demand(&self, gate: &Arc<str>) -> (u32, u32) {
+        let Some(g) = self.gates.get(gate) else {
+            return (0, 0);
+        };
+        let wanting = g
+            .flows
+            .iter()
+            .filter_map(|(id, f)| {
+                let w = f.waiting.front()?;
+                let s = self.shares.get(id)?;
+                let l = &s.limits;
+                let capped = (l.max_servers > 0 && s.servers >= l.max_servers)
+                    || (l.max_lock_holders > 0 && s.lock_holders >= l.max_lock_holders);
+                let held_back = self.standing(gate, id, s).held_back(w.hold);
+                (!capped && !held_back).then_some(f.waiting.len() as u32)
+            })
+            .sum();
+        (g.in_use, wanting)
+    }
+
+    /// A gate's capacity now (0 when it does not exist).
+    pub(crate) fn gate_capacity(&self, gate: &Arc<str>) -> u32 {
+        self.gates.get(gate).map_or(0, |g| g.capacity)
+    }
+
+    /// Grants an identity holds in a gate's pool.
+    pub(crate) fn gate_held(&self, gate: &Arc<str>, id: &str) -> u32 {
+        self.pool_gates(gate)
+            .filter_map(|g| g.flows.get(id))
+            .map(|f| f.in_use)
+            .sum()
+    }
+}

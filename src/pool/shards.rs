@@ -1,0 +1,447 @@
+//! The per-core parts of one pool: each core's own deadpool of server connections, and the
+//! leases that say how many of the pool's slots each core may use.
+//!
+//! Part of the pool, under [`super::PoolSet`]. Sessions live on one core's event loop (see
+//! `session_threads`); a session checks out of its core's part only, so a server connection
+//! is created, used and returned on one core and no pool state is touched by two cores per
+//! transaction. (A pool whose share cannot give every core two connections is one part that
+//! the cores share, as a single pool.) The pool's share of its budget (`pool_size` less pgvalve's own connections,
+//! see `server::budget`) is split into leases, one per core: a core's part opens no more
+//! connections than its lease, and its admission gate (one per core and pool, see
+//! [`crate::admission::gate_name`]) hands out no more grants. The budget itself still counts
+//! every connection, so the caps hold exactly whatever the leases say.
+//!
+//! [`Shards::rebalance`] runs every few milliseconds on the proxy's runtime (not on the
+//! cores): it reads each core's demand (grants in use plus clients waiting, from admission)
+//! and, when a core has clients waiting while another holds more lease than it needs, moves
+//! lease to the waiting core (max-min fair by demand). The giving core hands its idle
+//! connections over at once and its busy ones when they come back ([`Incoming`]); the taking
+//! core takes them (registering their sockets with its own event loop) before it opens new
+//! ones, so connections move with their slots and a pool keeps its connections. Leases never move while every core's waiters are served by its fair part,
+//! so a saturated proxy does not trade connections back and forth.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::manager::Pool;
+use crate::admission::Admission;
+use crate::server::budget::Occupant;
+use crate::server::ServerConn;
+
+/// The per-core parts of one pool (see the module docs).
+pub(crate) struct Shards {
+    pools: Vec<Pool>,
+    /// Each core's lease now.
+    leases: Mutex<Vec<usize>>,
+    /// The pool's share of its budget.
+    share: AtomicUsize,
+    /// Lease moves so far.
+    moves: AtomicU64,
+}
+
+impl std::fmt::Debug for Shards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shards")
+            .field("leases", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shards {
+    /// Parts `pools` (one per core, or one for all), the share split evenly.
+    pub(crate) fn new(pools: Vec<Pool>, share: usize) -> Arc<Self> {
+        let leases = even(share, pools.len());
+        for (p, &l) in pools.iter().zip(&leases) {
+            set_lease(p, l);
+        }
+        Arc::new(Shards {
+            pools,
+            leases: Mutex::new(leases),
+            share: AtomicUsize::new(share),
+            moves: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Core `core`'s part (a pool of one part serves every core).
+    pub(crate) fn core(&self, core: usize) -> &Pool {
+        &self.pools[core.min(self.pools.len() - 1)]
+    }
+
+    /// Every core's part.
+    pub(crate) fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Each core's lease now.
+    pub(crate) fn leases(&self) -> Vec<usize> {
+        self.lock().clone()
+    }
+
+    /// Lease moves so far.
+    pub(crate) fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Relaxed)
+    }
+
+    /// Closes every part: idle connections now, busy ones when they come back.
+    pub(crate) fn close(&self) {
+        for p in &self.pools {
+            p.close();
+        }
+        self.pools[0].manager().incoming.expire(true);
+    }
+
+    /// Moves lease to cores whose clients wait (see the module docs); true when it did.
+    pub(crate) fn rebalance(&self, admission: &Admission) -> bool {
+        if self.pools.len() < 2 {
+            return false;
+        }
+        let gates: Vec<Arc<str>> = self.pools.iter().map(|p| p.manager().gate.clone()).collect();
+        let demand: Vec<Demand> = admission
+            .gates(&gates)
+            .into_iter()
+            .zip(&self.pools)
+            .map(|((in_use, waiting), p)| {
+                let s = p.status();
+                Demand {
+                    // Grants in use, or connections in use when more (session-mode logins).
+                    busy: (in_use as usize).max(s.size.saturating_sub(s.available)),
+                    waiting: waiting as usize + s.waiting,
+                }
+            })
+            .collect();
+        self.pools[0].manager().incoming.expire(false);
+        self.apply(admission, |share, leases| plan(share, leases, &demand))
+    }
+
+    /// A new share (the budget's size or pgvalve's own connections changed).
+    fn reshare(&self, share: usize, admission: Option<&Admission>) {
+        self.share.store(share, Ordering::Relaxed);
+        for p in &self.pools {
+            p.manager().size.store(share, Ordering::Relaxed);
+        }
+        let changed = self.apply_leases(|_, leases| {
+            let total: usize = leases.iter().sum();
+            (total != share).then(|| fit(share, leases))
+        });
+        if let (Some(a), Some(_)) = (admission, changed) {
+            self.tell_gates(a);
+        }
+    }
+
+    fn apply(&self, admission: &Admission, f: impl FnOnce(usize, &[usize]) -> Option<Vec<usize>>) -> bool {
+        if self.apply_leases(f).is_none() {
+            return false;
+        }
+        self.moves.fetch_add(1, Ordering::Relaxed);
+        self.tell_gates(admission);
+        true
+    }
+
+    /// Sets new leases (shrinking parts first), returning them.
+    fn apply_leases(&self, f: impl FnOnce(usize, &[usize]) -> Option<Vec<usize>>) -> Option<Vec<usize>> {
+        let mut leases = self.lock();
+        let new = f(self.share.load(Ordering::Relaxed), &leases)?;
+        for k in (0..new.len()).filter(|&k| new[k] < leases[k]) {
+            self.shrink(k, new[k]);
+        }
+        for k in (0..new.len()).filter(|&k| new[k] > leases[k]) {
+            set_lease(&self.pools[k], new[k]);
+        }
+        leases.clone_from(&new);
+        Some(new)
+    }
+
+    /// Part `k` may hold `lease` connections from now: what it holds beyond that goes to the
+    /// parts whose leases grow, the idle ones now, the busy ones when they come back.
+    fn shrink(&self, k: usize, lease: usize) {
+        let pool = &self.pools[k];
+        let over = pool.status().size.saturating_sub(lease);
+        let mut taken = 0;
+        let moved = pool.retain(|_, _| {
+            taken += 1;
+            taken > over
+        });
+        let incoming = &pool.manager().incoming;
+        for conn in moved.removed {
+            incoming.put(conn);
+        }
+        set_lease(pool, lease);
+        let busy_over = pool.status().size.saturating_sub(lease);
+        pool.manager().give.store(busy_over, Ordering::Relaxed);
+    }
+
+    fn tell_gates(&self, admission: &Admission) {
+        let gates: Vec<(Arc<str>, u32)> = self
+            .pools
+            .iter()
+            .zip(self.leases())
+            .map(|(p, l)| (p.manager().gate.clone(), u32::try_from(l).unwrap_or(u32::MAX)))
+            .collect();
+        admission.resize_gates(&gates);
+    }
+}
+
+/// Idle connections on their way from a core whose lease shrank to one whose lease grew
+/// (shared by every part of a pool): the growing part's next connection is one of these
+/// rather than a new one, so a pool keeps its connections while its lease moves.
+#[derive(Debug, Default)]
+pub(crate) struct Incoming {
+    conns: Mutex<Vec<(Box<ServerConn>, Instant)>>,
+    /// Server failures any part saw (a connection whose server failed under it): every part
+    /// probes its idle connections before their next reuse, not only the part that saw it.
+    failures: AtomicU64,
+}
+
+/// How long a handed-over connection waits for a core to take it before it is closed.
+const INCOMING_FOR: Duration = Duration::from_millis(500);
+
+impl Incoming {
+    /// Hands `conn` over to whichever part opens a connection next.
+    pub(crate) fn put(&self, conn: Box<ServerConn>) {
+        self.lock().push((conn, Instant::now()));
+    }
+
+    /// A handed-over connection, if any (the newest: the oldest are closed first).
+    pub(crate) fn take(&self) -> Option<Box<ServerConn>> {
+        self.lock().pop().map(|(c, _)| c)
+    }
+
+    /// A connection of the pool found its server failed (PostgreSQL restarted or crashed).
+    pub(crate) fn server_failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Server failures seen so far.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Connections waiting to be taken.
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Closes handed-over connections nobody took in time; true when one was closed.
+    fn expire(&self, all: bool) -> bool {
+        let mut conns = self.lock();
+        let before = conns.len();
+        conns.retain(|(_, at)| !all && at.elapsed() < INCOMING_FOR);
+        conns.len() < before
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Box<ServerConn>, Instant)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A core's part takes `lease` connections at most (its admission gate learns it from the
+/// part's manager at the next request, or from [`Shards::tell_gates`]).
+fn set_lease(pool: &Pool, lease: usize) {
+    if !pool.is_closed() {
+        pool.resize(lease);
+    }
+    pool.manager().lease.store(lease, Ordering::Relaxed);
+}
+
+/// The parts of a pool as its budget's occupant.
+pub(crate) struct ShardsOccupant(pub(crate) Weak<Shards>);
+
+impl Occupant for ShardsOccupant {
+    fn idle(&self) -> usize {
+        self.0.upgrade().map_or(0, |s| {
+            s.pools.iter().map(|p| p.status().available).sum::<usize>() + s.pools[0].manager().incoming.len()
+        })
+    }
+
+    /// Closes an idle connection, of a part holding more than its lease first.
+    fn close_idle(&self) -> bool {
+        let Some(shards) = self.0.upgrade() else {
+            return false;
+        };
+        if shards.pools[0].manager().incoming.expire(true) {
+            return true;
+        }
+        let leases = shards.leases();
+        let over = |k: &usize| shards.pools[*k].status().size > leases[*k];
+        let (first, rest): (Vec<usize>, Vec<usize>) = (0..shards.pools.len()).partition(over);
+        first.into_iter().chain(rest).any(|k| close_one(&shards.pools[k]))
+    }
+
+    fn resize(&self, share: usize) {
+        if let Some(shards) = self.0.upgrade() {
+            shards.reshare(share, None);
+        }
+    }
+}
+
+fn close_one(pool: &Pool) -> bool {
+    let mut closed = false;
+    pool.retain(|_, _| {
+        let keep = closed;
+        closed = true;
+        keep
+    });
+    closed
+}
+
+/// One core's demand on its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Demand {
+    /// Grants (connections) in use.
+    pub(crate) busy: usize,
+    /// Clients waiting.
+    pub(crate) waiting: usize,
+}
+
+/// New leases when a core's clients wait while its fair part of `share` is larger than its
+/// lease, or the leases do not add up to `share`; None to leave them.
+pub(crate) fn plan(share: usize, leases: &[usize], demand: &[Demand]) -> Option<Vec<usize>> {
+    let want: Vec<usize> = demand.iter().map(|d| d.busy + d.waiting).collect();
+    let fair = water_fill(share, &want, leases);
+    let total: usize = leases.iter().sum();
+    let needy = (0..leases.len()).any(|k| demand[k].waiting > 0 && leases[k] < fair[k]);
+    let spare = total < share && demand.iter().any(|d| d.waiting > 0);
+    if !needy && !spare && total == share {
+        return None;
+    }
+    // Everyone's fair part, but no less than it has in use (a connection held for a whole
+    // session, or pinned, does not come back soon: a lease cut below it would leave the
+    // other core's grants without a connection); then what is left to those that hold it
+    // now, then evenly.
+    let mut new = keep_in_use(share, fair, leases, demand);
+    let mut left = share.saturating_sub(new.iter().sum::<usize>());
+    for k in 0..new.len() {
+        let keep = leases[k].saturating_sub(new[k]).min(left);
+        new[k] += keep;
+        left -= keep;
+    }
+    for k in (0..new.len()).cycle().take(left) {
+        new[k] += 1;
+    }
+    (new != leases).then_some(new)
+}
+
+/// `fair`, raised so no core's lease falls below what it has in use (nor below its lease
+/// now, when that is less), the raise taken back from the cores that would grow most.
+fn keep_in_use(share: usize, mut fair: Vec<usize>, leases: &[usize], demand: &[Demand]) -> Vec<usize> {
+    let floor: Vec<usize> = (0..fair.len()).map(|k| leases[k].min(demand[k].busy)).collect();
+    for k in 0..fair.len() {
+        fair[k] = fair[k].max(floor[k]);
+    }
+    while fair.iter().sum::<usize>() > share {
+        let grower = (0..fair.len())
+            .filter(|&k| fair[k] > floor[k])
+            .max_by_key(|&k| fair[k].saturating_sub(leases[k]));
+        match grower {
+            Some(k) => fair[k] -= 1,
+            None => break,
+        }
+    }
+    fair
+}
+
+/// Leases that add up to `share`, each cut or grown in proportion (after a resize).
+fn fit(share: usize, leases: &[usize]) -> Vec<usize> {
+    let total: usize = leases.iter().sum();
+    if total == 0 {
+        return even(share, leases.len());
+    }
+    let mut new: Vec<usize> = leases.iter().map(|&l| l * share / total).collect();
+    let left = share - new.iter().sum::<usize>();
+    for k in (0..new.len()).cycle().take(left) {
+        new[k] += 1;
+    }
+    new
+}
+
+/// `share` split evenly over `n` cores (the first ones get the remainder).
+fn even(share: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|k| share / n + usize::from(k < share % n)).collect()
+}
+
+/// Max-min fair parts of `share` for demands `want`: nobody gets more than it wants, and
+/// what one does not want goes to the others equally. Units that cannot be split equally go
+/// to the cores holding the larger leases now (so saturated cores keep what they hold).
+fn water_fill(share: usize, want: &[usize], leases: &[usize]) -> Vec<usize> {
+    let n = want.len();
+    let mut got = vec![0; n];
+    let mut left = share;
+    loop {
+        let open: Vec<usize> = (0..n).filter(|&k| got[k] < want[k]).collect();
+        if open.is_empty() || left == 0 {
+            return got;
+        }
+        let each = left / open.len();
+        if each == 0 {
+            let mut by_lease = open;
+            by_lease.sort_by_key(|&k| std::cmp::Reverse(leases[k]));
+            for k in by_lease.into_iter().take(left) {
+                got[k] += 1;
+            }
+            return got;
+        }
+        for k in open {
+            let add = each.min(want[k] - got[k]);
+            got[k] += add;
+            left -= add;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(busy: usize, waiting: usize) -> Demand {
+        Demand { busy, waiting }
+    }
+
+    #[test]
+    fn leases_stay_while_every_core_is_served() {
+        assert_eq!(plan(20, &[10, 10], &[d(3, 0), d(10, 0)]), None);
+        assert_eq!(plan(20, &[10, 10], &[d(0, 0), d(0, 0)]), None);
+    }
+
+    #[test]
+    fn a_waiting_core_gets_what_another_does_not_use() {
+        assert_eq!(plan(20, &[10, 10], &[d(10, 5), d(2, 0)]), Some(vec![15, 5]));
+        // All load on one core: it gets the whole pool.
+        assert_eq!(plan(20, &[10, 10], &[d(10, 90), d(0, 0)]), Some(vec![20, 0]));
+        assert_eq!(plan(1, &[1, 0], &[d(0, 0), d(0, 1)]), Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn saturated_cores_keep_equal_parts_without_trading() {
+        assert_eq!(plan(20, &[10, 10], &[d(10, 200), d(10, 30)]), None);
+        assert_eq!(plan(21, &[11, 10], &[d(11, 200), d(10, 300)]), None);
+        // Unequal parts even out when both wait, as far as what is in use lets them.
+        assert_eq!(plan(20, &[16, 4], &[d(16, 50), d(4, 50)]), None);
+        assert_eq!(plan(20, &[16, 4], &[d(9, 50), d(4, 50)]), Some(vec![10, 10]));
+    }
+
+    #[test]
+    fn a_lease_is_never_cut_below_what_is_in_use() {
+        // Core 0 holds 14 for whole sessions: core 1 gets only what is free.
+        assert_eq!(plan(20, &[14, 6], &[d(14, 40), d(6, 30)]), None);
+        assert_eq!(plan(20, &[14, 6], &[d(12, 40), d(6, 30)]), Some(vec![12, 8]));
+    }
+
+    #[test]
+    fn leases_follow_a_new_share() {
+        assert_eq!(fit(10, &[15, 5]), vec![8, 2]);
+        assert_eq!(fit(4, &[0, 0, 0]), vec![2, 1, 1]);
+        assert_eq!(plan(30, &[10, 10], &[d(0, 0), d(0, 0)]), Some(vec![15, 15]));
+        assert_eq!(even(5, 2), vec![3, 2]);
+    }
+
+    #[test]
+    fn water_fill_is_max_min_fair() {
+        assert_eq!(water_fill(20, &[3, 100], &[10, 10]), vec![3, 17]);
+        assert_eq!(water_fill(20, &[100, 100, 100], &[0, 9, 0]), vec![7, 7, 6]);
+    }
+}
