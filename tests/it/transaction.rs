@@ -27,6 +27,7 @@ fn txn_setup(pool_size: u32) -> impl FnOnce(&mut pgvalve::config::FileConfig) {
         // Every slot of the pool for the clients: the lock monitor's connection would hold one
         // (tests/it/budget.rs).
         f.locks.enabled = false;
+        f.admin.stats_users.push("app".into());
     }
 }
 
@@ -102,17 +103,33 @@ async fn session_state_pins_and_never_leaks() {
     // A's connection is reset when A leaves, then serves others.
     drop(a);
     drop(b);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut seen_a = false;
-    for _ in 0..10 {
-        let c = s.client().await;
-        let msgs = c
-            .simple_query("SELECT pg_backend_pid()::text, current_setting('statement_timeout')")
+    // Both connections back in the pool (A's after its reset), however loaded the machine.
+    eventually(Duration::from_secs(10), "both server connections idle", || async {
+        console(&s, "SHOW POOLS")
             .await
-            .unwrap();
-        let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
-        seen_a |= r.get(0) == Some(a_pid.as_str());
-        assert_eq!(r.get(1), Some("0"), "SET leaked after the pinned session ended");
+            .iter()
+            .any(|r| r["database"] != "pgvalve" && r["sv_idle"] == "2")
+    })
+    .await;
+    // Two clients inside transactions hold both server connections at once, so one of
+    // them is A's (the pool reuses its last-returned connection first: sequential clients
+    // could all get B's).
+    let mut seen_a = false;
+    for _ in 0..3 {
+        let (c, d) = (s.client().await, s.client().await);
+        for x in [&c, &d] {
+            x.batch_execute("BEGIN").await.unwrap();
+            let msgs = x
+                .simple_query("SELECT pg_backend_pid()::text, current_setting('statement_timeout')")
+                .await
+                .unwrap();
+            let SimpleQueryMessage::Row(r) = &msgs[1] else { panic!() };
+            seen_a |= r.get(0) == Some(a_pid.as_str());
+            assert_eq!(r.get(1), Some("0"), "SET leaked after the pinned session ended");
+        }
+        for x in [&c, &d] {
+            x.batch_execute("COMMIT").await.unwrap();
+        }
     }
     assert!(seen_a, "the pinned connection was not returned to the pool");
 }
