@@ -56,6 +56,9 @@ proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
     floor) echo "$FLOOR_PID" ;;
   esac
 }
+# Sessions PostgreSQL has opened in the bench database so far (server logins: a pool that
+# keeps its connections opens none during a run; churn shows here).
+sessions() { "${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -d bench -c "SELECT pg_stat_force_next_flush(); SELECT sessions FROM pg_stat_database WHERE datname = 'bench'" 2>/dev/null | tail -1; }
 cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # Direct runs first; the proxies after it take turns in each rep (rotated by one), so none is
 # always the one that runs while direct's backends are still exiting. Balanced when REPS is a
@@ -68,7 +71,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for t in "${ORDER[@]}"; do
       name=${t%%:*}; port=${t##*:}; mode=$MODE; [[ $name == *@* ]] && mode=${name#*@}
       what=(-S); [[ $mode == script ]] && { what=(-f "$ALSO_SCRIPT"); mode=$MODE; }
-      pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid")
+      pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid"); s0=$(sessions)
       out=$(timeout $((DURATION + 120)) "$PGBENCH" -n "${what[@]}" -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
       t1=$(cpu_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
@@ -77,7 +80,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
       CPU[$name,$c]="${CPU[$name,$c]:-} $(awk -v d=$((t1 - t0)) -v x="${xacts:-0}" 'BEGIN{printf "%.1f", (x>0 ? d*10000/x : 0)}')"
       [[ -n "$tps" ]] || { echo "run $name c=$c failed: $(tail -2 <<<"$out")" >&2; tps=0; }
       TPS[$name,$c]="${TPS[$name,$c]:-} $tps"
-      echo "rep $rep clients $c $name: $tps tps" >&2
+      s1=$(sessions)
+      echo "rep $rep clients $c $name: $tps tps, $((${s1:-0} - ${s0:-0} - 1)) server logins" >&2
     done
   done
 done
