@@ -103,6 +103,13 @@ fn identity(out: &mut String, i: &Identity) {
             i.lock_holders
         );
     }
+    if i.deadlocks > 0 {
+        let _ = write!(
+            out,
+            "<span class=\"badge\" data-deadlocks=\"{0}\">{0} deadlock(s)</span>",
+            i.deadlocks
+        );
+    }
     let refused: Vec<String> = i
         .refused
         .iter()
@@ -192,7 +199,7 @@ pub(crate) fn render(s: &Status) -> String {
     }
     out.push_str("</div>");
     tables(&mut out, s);
-    out.push_str("<p class=\"muted\">Deadlocks are not tracked yet. Sparklines: the last 15 minutes, one point a second.</p></main></body></html>\n");
+    out.push_str("<p class=\"muted\">Sparklines: the last 15 minutes, one point a second.</p></main></body></html>\n");
     out
 }
 
@@ -274,6 +281,7 @@ fn history_tables(out: &mut String, s: &Status) {
         rows.collect(),
         "None since start.",
     );
+    deadlock_table(out, s);
     let rows = s.pools.iter().map(|p| {
         vec![
             p.database.clone(),
@@ -291,6 +299,45 @@ fn history_tables(out: &mut String, s: &Status) {
         &["database", "user", "open / size", "active", "idle", "own", "waiting"],
         rows.collect(),
         "No pool yet.",
+    );
+}
+
+/// Recent deadlocks: one row per side, the rolled-back side first.
+fn deadlock_table(out: &mut String, s: &Status) {
+    let rows = s.deadlocks.iter().flat_map(|d| {
+        d.sides.iter().map(|p| {
+            let view = match (&p.route, &p.controller) {
+                (Some(r), Some(c)) => format!("{r} ({c})"),
+                (Some(v), None) | (None, Some(v)) => v.clone(),
+                (None, None) => String::new(),
+            };
+            vec![
+                d.at.clone(),
+                p.identity.clone(),
+                p.application_name.clone(),
+                view,
+                p.pid.to_string(),
+                p.waited_for.clone(),
+                p.blocked_by.map(|b| b.to_string()).unwrap_or_default(),
+                if p.rolled_back { "rolled back" } else { "went on" }.to_string(),
+            ]
+        })
+    });
+    table(
+        out,
+        "Recent deadlocks (newest first)",
+        &[
+            "at",
+            "identity",
+            "application",
+            "view",
+            "pid",
+            "waited for",
+            "blocked by",
+            "outcome",
+        ],
+        rows.collect(),
+        "None since start.",
     );
 }
 

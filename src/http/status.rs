@@ -1,6 +1,7 @@
 //! What the status page and `/status.json` show: per identity its connections against its
 //! caps, waiting clients, the last 15 minutes of them, refusals, latency and surges; the surge
-//! episodes; dangerous lock holders with what they block, and recent lock episodes; pool usage
+//! episodes; dangerous lock holders with what they block, recent lock episodes and deadlocks
+//! (each side's identity, application and sqlcommenter route, never its statement); pool usage
 //! per database/user; whether PostgreSQL can be reached. Read now from the services, never a
 //! secret (no password, no connection string, no client address).
 //!
@@ -29,6 +30,8 @@ pub(crate) struct Status {
     pub surges: Vec<Surge>,
     pub lock_holders: Vec<Holder>,
     pub lock_episodes: Vec<Episode>,
+    /// The last 20 deadlocks, newest first.
+    pub deadlocks: Vec<Deadlock>,
     pub pools: Vec<Pool>,
 }
 
@@ -56,6 +59,8 @@ pub(crate) struct Identity {
     pub query_p99_ms: Option<f64>,
     /// Dangerous locks its sessions hold now.
     pub lock_holders: usize,
+    /// Deadlocks it was part of since start.
+    pub deadlocks: u64,
     /// One point a second, oldest first, up to 15 minutes.
     pub history: Series,
 }
@@ -128,6 +133,30 @@ pub(crate) struct Episode {
 }
 
 #[derive(Debug, Serialize)]
+pub(crate) struct Deadlock {
+    pub at: String,
+    /// False: PostgreSQL's DETAIL had an unexpected shape; only the rolled-back side is known.
+    pub cycle_known: bool,
+    /// The backends of the cycle, the rolled-back one first.
+    pub sides: Vec<DeadlockSide>,
+}
+
+/// One side of a deadlock: who, and the view (sqlcommenter route) it ran for. Its statement
+/// stays in SHOW DEADLOCKS: it may carry values.
+#[derive(Debug, Serialize)]
+pub(crate) struct DeadlockSide {
+    pub pid: i32,
+    /// The pgvalve identity, or "external".
+    pub identity: String,
+    pub application_name: String,
+    pub route: Option<String>,
+    pub controller: Option<String>,
+    pub waited_for: String,
+    pub blocked_by: Option<i32>,
+    pub rolled_back: bool,
+}
+
+#[derive(Debug, Serialize)]
 pub(crate) struct Pool {
     pub database: String,
     pub user: String,
@@ -156,6 +185,7 @@ impl Status {
         for h in &lock_holders {
             *held.entry(h.identity.as_str()).or_default() += 1;
         }
+        let (deadlocks, deadlock_counts) = deadlocks(shared);
         let mut times = services.pools.stats.latency.minute_by_identity(Instant::now());
         let mut identities: Vec<Identity> = services
             .admission
@@ -177,6 +207,7 @@ impl Status {
                     query_p50_ms: ms(l.query.quantile(0.5)),
                     query_p99_ms: ms(l.query.quantile(0.99)),
                     lock_holders: held.get(i.identity.as_str()).copied().unwrap_or(0),
+                    deadlocks: deadlock_counts.get(&i.identity).copied().unwrap_or(0),
                     history: Series::of(&shared.history.series(&i.identity)),
                     identity: i.identity,
                 }
@@ -197,6 +228,7 @@ impl Status {
             surges: surges(shared),
             lock_holders,
             lock_episodes,
+            deadlocks,
             pools: pools(shared),
         }
     }
@@ -269,6 +301,36 @@ fn locks(shared: &Sources) -> (Vec<Holder>, Vec<Episode>) {
         })
         .collect();
     (holders, episodes)
+}
+
+/// The last 20 deadlocks, newest first, and the count per identity since start.
+fn deadlocks(shared: &Sources) -> (Vec<Deadlock>, std::collections::HashMap<String, u64>) {
+    let d = shared.locks.deadlocks();
+    let recent = d
+        .history
+        .iter()
+        .rev()
+        .take(20)
+        .map(|e| Deadlock {
+            at: time(e.at),
+            cycle_known: e.cycle_known,
+            sides: e
+                .parties
+                .iter()
+                .map(|p| DeadlockSide {
+                    pid: p.pid,
+                    identity: p.identity.clone(),
+                    application_name: p.application_name.clone(),
+                    route: p.tags.route.clone(),
+                    controller: p.tags.controller.clone(),
+                    waited_for: p.waited_for.clone(),
+                    blocked_by: p.blocked_by,
+                    rolled_back: p.loser,
+                })
+                .collect(),
+        })
+        .collect();
+    (recent, d.counts.clone())
 }
 
 fn pools(shared: &Sources) -> Vec<Pool> {

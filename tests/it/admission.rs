@@ -334,8 +334,13 @@ async fn identity_caps_refuse_before_authentication_and_change_on_reload() {
 
 /// GET over a raw socket: (status line, body).
 pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    http_get_with(addr, path, "").await
+}
+
+/// GET `path` with extra header lines (each ending in CRLF): the status line and the body.
+pub(crate) async fn http_get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (String, String) {
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: pgvalve\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: pgvalve\r\nConnection: close\r\n{headers}\r\n");
     sock.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     within(Duration::from_secs(10), sock.read_to_end(&mut raw))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pgvalve::config::PoolMode;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::admission::http_get;
+use crate::admission::{http_get, http_get_with};
 use crate::support::*;
 
 fn rows(msgs: &[SimpleQueryMessage]) -> Vec<&tokio_postgres::SimpleQueryRow> {
@@ -151,6 +151,7 @@ async fn noisy_neighbour() -> Scene {
     tasks.push(tokio::spawn(async move {
         let _ = blocked.batch_execute("SELECT count(*) FROM orders").await;
     }));
+    deadlock(&s).await;
     let noisy = futures_util::future::join_all(
         (0..20).map(|_| async { connect(&format!("{}?application_name=noisy", s.url())).await.unwrap() }),
     )
@@ -179,6 +180,58 @@ async fn noisy_neighbour() -> Scene {
     })
     .await;
     Scene { s, _keep: keep, tasks }
+}
+
+/// A real deadlock between "web" (for the view /api/pay/) and "worker": one of them is rolled
+/// back; both transactions end.
+async fn deadlock(s: &Setup) {
+    let client =
+        |app: &'static str| async move { connect(&format!("{}?application_name={app}", s.url())).await.unwrap() };
+    let (web, worker) = (client("web").await, client("worker").await);
+    web.batch_execute("CREATE TABLE acct (id int PRIMARY KEY); INSERT INTO acct VALUES (1), (2)")
+        .await
+        .unwrap();
+    let tag = |route: &str, view: &str| format!("/*controller='{view}',route='{route}'*/");
+    let (web_tag, worker_tag) = (tag("%2Fapi%2Fpay%2F", "checkout"), tag("%2Fjobs%2Fsettle%2F", "settle"));
+    let update = |id: u8, tag: &str| format!("UPDATE acct SET id = id WHERE id = {id} {tag}");
+    web.batch_execute(&format!("BEGIN; {}", update(1, &web_tag)))
+        .await
+        .unwrap();
+    worker
+        .batch_execute(&format!("BEGIN; {}", update(2, &worker_tag)))
+        .await
+        .unwrap();
+    let second = update(2, &web_tag);
+    let web_waits = tokio::spawn(async move {
+        let r = web.batch_execute(&second).await;
+        (web, r)
+    });
+    let su = s.pg.superuser().await.unwrap();
+    eventually(Duration::from_secs(10), "web waits for worker's row", || async {
+        let r = su
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+            .await
+            .unwrap();
+        r.get::<_, i64>(0) > 0
+    })
+    .await;
+    let worker_second = worker.batch_execute(&update(1, &worker_tag)).await;
+    let (web, web_second) = within(Duration::from_secs(10), web_waits).await.unwrap();
+    assert!(
+        web_second.is_err() != worker_second.is_err(),
+        "one side is rolled back: {web_second:?} {worker_second:?}"
+    );
+    // Both transactions stay open until the deadlock is recorded (the winner's route is read
+    // from its statement in pg_stat_activity).
+    let http = s.proxy.http_addr().expect("http endpoint");
+    eventually(Duration::from_secs(10), "the deadlock is recorded", || async {
+        let v: serde_json::Value = serde_json::from_str(&http_get(http, "/status.json").await.1).unwrap();
+        v["deadlocks"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    for c in [web, worker] {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
 }
 
 #[allow(clippy::too_many_lines)] // a test: the 80-line rule is for non-test code
@@ -225,6 +278,33 @@ async fn status_json_shows_identities_caps_surges_locks_and_pools() {
         .unwrap()
         .iter()
         .any(|e| e["identity"] == "noisy" && e["ended"].is_null()));
+    assert_eq!(
+        (id("web")["deadlocks"].as_u64(), id("worker")["deadlocks"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let d = &v["deadlocks"].as_array().unwrap()[0];
+    assert_eq!(d["cycle_known"], true, "{d}");
+    let sides = d["sides"].as_array().unwrap();
+    let side = |who: &str| {
+        sides
+            .iter()
+            .find(|p| p["identity"] == who)
+            .unwrap_or_else(|| panic!("{who} in {d}"))
+    };
+    assert_eq!(
+        (side("web")["route"].as_str(), side("web")["controller"].as_str()),
+        (Some("/api/pay/"), Some("checkout"))
+    );
+    assert_eq!(side("worker")["route"], "/jobs/settle/");
+    assert_eq!(sides.iter().filter(|p| p["rolled_back"] == true).count(), 1);
+    assert!(
+        side("web")["waited_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("ShareLock on transaction"),
+        "{d}"
+    );
+    assert!(!body.contains("UPDATE acct"), "no statement text on the page");
     let pool = &v["pools"].as_array().unwrap()[0];
     assert_eq!(
         (pool["database"].as_str(), pool["pool_size"].as_u64()),
@@ -371,6 +451,14 @@ async fn a_real_browser_renders_the_status_page_under_a_noisy_neighbour() {
         "the lock holder"
     );
     assert!(dom.contains("Surge episodes"));
+    assert!(
+        dom.contains("Recent deadlocks") && dom.contains("/api/pay/ (checkout)"),
+        "the deadlock and its view"
+    );
+    assert!(
+        dom.contains("data-deadlocks=\"1\""),
+        "web's and worker's cards count it"
+    );
     // A screenshot as a phone and as a desktop would show it.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     for (name, size) in [("status-page.png", "1280,1500"), ("status-page-phone.png", "412,1400")] {
@@ -392,4 +480,76 @@ async fn a_real_browser_renders_the_status_page_under_a_noisy_neighbour() {
         );
     }
     drop(scene);
+}
+
+/// This machine's address other hosts would see (the source of a route outwards), if it has
+/// one that is not loopback.
+fn outward_address() -> Option<std::net::IpAddr> {
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    udp.connect("192.0.2.1:9").ok()?;
+    Some(udp.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// From another address than loopback the status page needs the configured credentials
+/// (403 when none are configured, 401 until given); `/metrics` and the probes stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_hosts_need_the_configured_credentials_for_the_status_page() {
+    let Some(ip) = outward_address() else {
+        eprintln!("SKIPPED: this machine has no address but loopback");
+        return;
+    };
+    let token = "a-token-of-at-least-16-characters";
+    for (auth, good, bad) in [
+        (None, None, None),
+        (
+            Some("token"),
+            Some(format!("Authorization: Bearer {token}\r\n")),
+            Some("Authorization: Bearer nope-nope-nope-nope\r\n".to_string()),
+        ),
+        (
+            Some("basic"),
+            Some("Authorization: Basic b3BzOnMzY3JldC1wYXNzd29yZA==\r\n".to_string()),
+            Some("Authorization: Basic b3BzOndyb25n\r\n".to_string()),
+        ),
+    ] {
+        let s = Setup::new(|f| {
+            f.http.listen = Some("0.0.0.0:0".into());
+            match auth {
+                Some("token") => f.http.auth_token = Some(pgvalve::config::Secret(token.into())),
+                Some(_) => {
+                    f.http.auth_user = Some("ops".into());
+                    f.http.auth_password = Some(pgvalve::config::Secret("s3cret-password".into()));
+                }
+                None => {}
+            }
+        })
+        .await;
+        let port = s.proxy.http_addr().unwrap().port();
+        let (outside, inside) = ((ip, port).into(), ([127, 0, 0, 1], port).into());
+        for path in ["/", "/status.json"] {
+            assert_eq!(http_get(inside, path).await.0, "HTTP/1.1 200 OK", "loopback: {path}");
+            let (head, body) = http_get(outside, path).await;
+            let want = if auth.is_none() {
+                "HTTP/1.1 403 Forbidden"
+            } else {
+                "HTTP/1.1 401 Unauthorized"
+            };
+            assert_eq!(head, want, "{auth:?} {path}: {body}");
+            if let (Some(good), Some(bad)) = (&good, &bad) {
+                assert_eq!(
+                    http_get_with(outside, path, bad).await.0,
+                    "HTTP/1.1 401 Unauthorized",
+                    "{auth:?}"
+                );
+                assert_eq!(
+                    http_get_with(outside, path, good).await.0,
+                    "HTTP/1.1 200 OK",
+                    "{auth:?}"
+                );
+            }
+        }
+        for path in ["/metrics", "/healthz"] {
+            assert_eq!(http_get(outside, path).await.0, "HTTP/1.1 200 OK", "{path} stays open");
+        }
+    }
 }
