@@ -32,31 +32,8 @@ pub(crate) async fn authenticate(
 ) -> Result<(), SessionError> {
     let config = shared.live_config.load_full();
     let known = config.users.get(user);
-    let trust = || match known {
-        Some(_) => Ok(()),
-        None => Err(SessionError::UnknownRole(user.to_string())),
-    };
-    if let Some(h) = &config.hba {
-        match super::hba::method(h, client, user, database)? {
-            HbaMethod::Trust => return trust(),
-            HbaMethod::Cert { map } => {
-                super::hba::cert(client, h, map.as_deref(), user)?;
-                return trust();
-            }
-            // A user with an md5 verifier answers MD5; one with only a SCRAM verifier SCRAM,
-            // as in PostgreSQL; a user pgvalve does not know fails MD5 against a decoy.
-            HbaMethod::Md5 => match known.map(|u| u.md5_verifier.as_ref()) {
-                Some(Some(v)) => return super::hba::md5(client, user, v).await,
-                None if config.proxy.auth_user.is_none() => {
-                    super::hba::md5(client, user, &crate::config::Secret("md5".into())).await?;
-                    return Err(SessionError::AuthFailed(user.to_string()));
-                }
-                _ => {}
-            },
-            HbaMethod::ScramSha256 | HbaMethod::Reject => {}
-        }
-    } else if config.proxy.auth_type == AuthType::Trust {
-        return trust();
+    if let Some(done) = other_method(client, &config, user, database).await? {
+        return done;
     }
     let failed = || SessionError::AuthFailed(user.to_string());
     let addr = client.peer.ip();
@@ -102,6 +79,46 @@ pub(crate) async fn authenticate(
     }
     messages::auth_sasl_final(done.server_final.as_bytes(), &mut client.wbuf);
     Ok(())
+}
+
+/// The methods other than SCRAM: the hba_file line for this client, or auth_type as the line
+/// every client matches. `Some(result)` when that decided; None: SCRAM follows.
+async fn other_method(
+    client: &mut ClientConn,
+    config: &Config,
+    user: &str,
+    database: &str,
+) -> Result<Option<Result<(), SessionError>>, SessionError> {
+    let known = config.users.get(user);
+    let trust = || match known {
+        Some(_) => Ok(()),
+        None => Err(SessionError::UnknownRole(user.to_string())),
+    };
+    let method = match (&config.hba, config.proxy.auth_type) {
+        (Some(h), _) => super::hba::method(h, client, user, database)?,
+        (None, AuthType::Trust) => HbaMethod::Trust,
+        (None, AuthType::Md5) => HbaMethod::Md5,
+        (None, AuthType::Cert) => HbaMethod::Cert { map: None },
+        (None, AuthType::ScramSha256) => return Ok(None),
+    };
+    match method {
+        HbaMethod::Trust => Ok(Some(trust())),
+        HbaMethod::Cert { map } => {
+            super::hba::cert(client, config.hba.as_deref(), map.as_deref(), user)?;
+            Ok(Some(trust()))
+        }
+        // A user with an md5 verifier answers MD5; one with only a SCRAM verifier SCRAM, as
+        // in PostgreSQL; a user pgvalve does not know fails MD5 against a decoy.
+        HbaMethod::Md5 => match known.map(|u| u.md5_verifier.as_ref()) {
+            Some(Some(v)) => Ok(Some(super::hba::md5(client, user, v).await)),
+            None if config.proxy.auth_user.is_none() => {
+                super::hba::md5(client, user, &crate::config::Secret("md5".into())).await?;
+                Ok(Some(Err(SessionError::AuthFailed(user.to_string()))))
+            }
+            _ => Ok(None),
+        },
+        HbaMethod::ScramSha256 | HbaMethod::Reject => Ok(None),
+    }
 }
 
 /// A SCRAM exchange that proved the client knows the verifier's password.

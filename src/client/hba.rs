@@ -76,7 +76,7 @@ fn md5_answer(verifier: &str, salt: [u8; 4]) -> String {
 ///
 /// # Errors
 /// [`SessionError::Hba`] (28000) without a certificate, or when it names someone else.
-pub(crate) fn cert(client: &ClientConn, hba: &Hba, map: Option<&str>, user: &str) -> Result<(), SessionError> {
+pub(crate) fn cert(client: &ClientConn, hba: Option<&Hba>, map: Option<&str>, user: &str) -> Result<(), SessionError> {
     let ClientStream::Tls(tls) = &client.stream else {
         return Err(SessionError::Hba(
             "connection requires a valid client certificate".into(),
@@ -91,7 +91,7 @@ pub(crate) fn cert(client: &ClientConn, hba: &Hba, map: Option<&str>, user: &str
         .and_then(|c| c.subject_common_name())
         .ok_or_else(|| SessionError::Hba("connection requires a valid client certificate".into()))?;
     let ok = match map {
-        Some(m) => hba.mapped(m, &cn, user),
+        Some(m) => hba.is_some_and(|h| h.mapped(m, &cn, user)),
         None => cn == user,
     };
     if !ok {

@@ -52,6 +52,15 @@ pub enum AuthType {
     /// No password (local setups only).
     #[serde(rename = "trust")]
     Trust,
+    /// MD5 against the user's md5 verifier, SCRAM-SHA-256 for a user with only a SCRAM
+    /// verifier (PostgreSQL's and PgBouncer's `md5`); the same as an hba_file `md5` line for
+    /// every client.
+    #[serde(rename = "md5")]
+    Md5,
+    /// A TLS client certificate signed by `[tls] client_tls_ca_file` whose CN is the user
+    /// (PgBouncer's `cert`); the same as an hba_file `hostssl ... cert` line for every client.
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 /// A secret string: never printed by `Debug`.
@@ -157,7 +166,7 @@ pub struct ProxySettings {
     /// Time a client has to finish startup and authentication.
     #[serde(with = "humantime_serde")]
     pub client_login_timeout: Duration,
-    /// How clients authenticate: "scram-sha-256" or "trust".
+    /// How clients authenticate: "scram-sha-256", "md5", "cert" or "trust".
     pub auth_type: AuthType,
     /// Largest message accepted from a client (the server's replies are streamed).
     pub max_message_size: ByteSize,

@@ -136,11 +136,11 @@ pub(super) fn users(
                     .map_err(|e| invalid(&format!("{field}.scram_verifier"), e))?,
             ),
             (None, Some(p)) => Some(ScramVerifier::from_password(&p.0)),
-            (None, None) if auth_type == AuthType::Trust || md5_verifier.is_some() || hba => None,
+            (None, None) if matches!(auth_type, AuthType::Trust | AuthType::Cert) || md5_verifier.is_some() || hba => None,
             (None, None) => {
                 return Err(invalid(
                     &field,
-                    "auth_type is scram-sha-256 but the user has neither password nor scram_verifier".into(),
+                    "auth_type is scram-sha-256 (or md5) but the user has neither password, scram_verifier nor md5_verifier".into(),
                 ))
             }
         };
@@ -168,10 +168,10 @@ pub(super) fn auth_query(f: &FileConfig, users: &BTreeMap<String, User>, invalid
             Some(_) => return Err(invalid("proxy.auth_user", format!("user {a:?} has no server password"))),
             None => return Err(invalid("proxy.auth_user", format!("user {a:?} is not in [users]"))),
         }
-        if f.proxy.auth_type == AuthType::Trust {
+        if matches!(f.proxy.auth_type, AuthType::Trust | AuthType::Cert) {
             return Err(invalid(
                 "proxy.auth_user",
-                "auth_query needs auth_type = \"scram-sha-256\"".into(),
+                "auth_query needs auth_type = \"scram-sha-256\" or \"md5\"".into(),
             ));
         }
     }
@@ -228,6 +228,12 @@ pub(super) fn hba(f: &FileConfig, invalid: &Invalid) -> Result<Option<std::sync:
     let Some(path) = &f.proxy.hba_file else {
         if f.proxy.ident_file.is_some() {
             return Err(invalid("proxy.ident_file", "is used only with hba_file".into()));
+        }
+        if f.proxy.auth_type == AuthType::Cert && f.tls.client_tls_ca_file.is_none() {
+            return Err(invalid(
+                "proxy.auth_type",
+                "cert needs [tls] client_tls_ca_file (the CA that signs client certificates)".into(),
+            ));
         }
         return Ok(None);
     };

@@ -118,7 +118,7 @@ const GLOBAL: &[(&str, Map)] = &[
     ("tcp_keepidle", Map::No(SOCKET)),
     ("tcp_keepintvl", Map::No(SOCKET)),
     ("tcp_user_timeout", Map::No(SOCKET)),
-    ("client_tls_ca_file", Map::No("pgvalve does not check client certificates")),
+    ("client_tls_ca_file", Map::Text("tls", "client_tls_ca_file")),
     ("client_tls_protocols", Map::No(TLS_OPTS)),
     ("client_tls_ciphers", Map::No(TLS_OPTS)),
     ("client_tls13_ciphers", Map::No(TLS_OPTS)),
@@ -129,8 +129,8 @@ const GLOBAL: &[(&str, Map)] = &[
     ("server_tls13_ciphers", Map::No(TLS_OPTS)),
     ("server_tls_cert_file", Map::No("pgvalve does not present a client certificate to PostgreSQL")),
     ("server_tls_key_file", Map::No("pgvalve does not present a client certificate to PostgreSQL")),
-    ("auth_hba_file", Map::No("no HBA file: restrict clients by network; [[identity]] source names them by address")),
-    ("auth_ident_file", Map::No("no HBA file: restrict clients by network; [[identity]] source names them by address")),
+    ("auth_hba_file", Map::Later),
+    ("auth_ident_file", Map::Later),
     ("scram_iterations", Map::No("verifiers printed by `pgvalve passwd` use 4096 iterations, as PostgreSQL's")),
 ];
 
@@ -257,7 +257,7 @@ pub fn tls_modes(g: &Globals, d: &mut Draft) -> Result<(), ImportError> {
                     d.note(
                         Some(&e.at),
                         format!("client_tls_sslmode = {m}"),
-                        "pgvalve does not check client certificates: \"require\" is used",
+                        "\"require\" is used: pgvalve checks a client certificate against client_tls_ca_file when one is presented, and requires one only where authentication is cert (auth_type or hba_file)",
                     );
                     "require".into()
                 }

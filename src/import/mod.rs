@@ -62,12 +62,12 @@ pub fn import(ini_path: &Path, userlist: Option<&Path>) -> Result<Imported, Impo
     global::tls_modes(&g, &mut d)?;
     global::max_packet_size(&g, &mut d)?;
     global::reserve_pool(&g, &mut d)?;
-    let trust = pools::auth_type(&g, &mut d)?;
+    let auth = pools::auth_type(&g, ini_path.parent().unwrap_or(Path::new(".")), &mut d)?;
     let mut found = Found::default();
     let (list, sources) = read_users(ini_path, userlist, &g, &mut d)?;
-    pools::userlist(&list, trust, &mut d, &mut found)?;
+    pools::userlist(&list, auth, &mut d, &mut found)?;
     pools::databases(&entries, &g, &mut d, &mut found)?;
-    pools::users(&entries, trust, &mut d, &mut found)?;
+    pools::users(&entries, auth, &mut d, &mut found)?;
     if found.users.is_empty() {
         return Err(ImportError::Incomplete(format!(
             "{}: no user pgvalve could take (pgvalve lists its users): pass --userlist userlist.txt",

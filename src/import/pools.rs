@@ -41,38 +41,144 @@ pub struct Found {
     pub db_auth_users: Vec<(String, String, At)>,
 }
 
-/// `auth_type`: returns whether clients log in without a password (trust).
-pub fn auth_type(g: &Globals, d: &mut Draft) -> Result<bool, ImportError> {
+/// How clients log in, as imported: what becomes of a user without a password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// SCRAM: a user needs a password or a SCRAM verifier.
+    Scram,
+    /// md5 (or an hba_file, whose lines may say md5): an md5 hash is a verifier too.
+    Md5,
+    /// trust or cert: no password is checked; a user is listed without one.
+    NoPassword,
+}
+
+/// `auth_type` (with `auth_hba_file` and `auth_ident_file` for `hba`, which must load as
+/// pgvalve's hba_file; relative paths are looked up from the working directory, else the ini
+/// file's).
+pub fn auth_type(g: &Globals, ini_dir: &std::path::Path, d: &mut Draft) -> Result<ClientAuth, ImportError> {
     let Some(e) = g.get("auth_type") else {
         d.set(
             "proxy",
             "auth_type",
-            "scram-sha-256",
-            "auth_type not set (PgBouncer's default md5 accepts SCRAM too)",
+            "md5",
+            "auth_type not set: PgBouncer's default md5 (SCRAM for users with a SCRAM verifier)",
         );
-        return Ok(false);
+        return Ok(ClientAuth::Md5);
     };
     let (mode, why) = match e.value.trim().to_ascii_lowercase().as_str() {
         "scram-sha-256" => ("scram-sha-256", None),
         "trust" => ("trust", None),
-        "md5" => ("scram-sha-256", Some("pgvalve authenticates clients with SCRAM-SHA-256 (every libpq since PostgreSQL 10 speaks it); md5 hashes cannot be used")),
-        "plain" => ("scram-sha-256", Some("pgvalve never asks for a cleartext password: SCRAM-SHA-256 is used")),
-        "any" => ("trust", Some("pgvalve has no \"any\": trust is used, and the user name clients give still chooses the pool")),
-        "cert" | "hba" | "pam" => ("scram-sha-256", Some("not supported: clients authenticate with SCRAM-SHA-256 instead")),
+        "md5" => ("md5", None),
+        "cert" => ("cert", None),
+        "plain" => (
+            "md5",
+            Some("pgvalve never asks for a cleartext password: md5 is used (SCRAM for users with a SCRAM verifier)"),
+        ),
+        "any" => (
+            "trust",
+            Some("pgvalve has no \"any\": trust is used, and the user name clients give still chooses the pool"),
+        ),
+        "hba" => return hba(g, ini_dir, e, d),
+        "pam" => (
+            "scram-sha-256",
+            Some("not supported: clients authenticate with SCRAM-SHA-256 instead"),
+        ),
         other => return Err(ImportError::line(&e.at, format!("auth_type: unknown method {other:?}"))),
     };
     if let Some(why) = why {
         d.note(Some(&e.at), format!("auth_type = {}", e.value.trim()), why);
     }
+    for k in ["auth_hba_file", "auth_ident_file"] {
+        if let Some(f) = g.get(k) {
+            d.note(
+                Some(&f.at),
+                format!("{k} = {}", f.value),
+                "used only with auth_type = hba (as in PgBouncer)",
+            );
+        }
+    }
     d.set("proxy", "auth_type", mode, format!("auth_type ({})", e.at));
-    Ok(mode == "trust")
+    Ok(match mode {
+        "trust" | "cert" => ClientAuth::NoPassword,
+        "md5" => ClientAuth::Md5,
+        _ => ClientAuth::Scram,
+    })
+}
+
+/// `auth_type = hba`: `auth_hba_file` (and `auth_ident_file`) become `hba_file` (and
+/// `ident_file`) when pgvalve can read them; else md5 for everyone, noted with why.
+fn hba(
+    g: &Globals,
+    ini_dir: &std::path::Path,
+    e: &super::ini::Entry,
+    d: &mut Draft,
+) -> Result<ClientAuth, ImportError> {
+    let find = |key: &str| {
+        g.get(key).map(|f| {
+            let p = std::path::PathBuf::from(f.value.trim());
+            let p = if p.is_relative() && !p.exists() {
+                ini_dir.join(&p)
+            } else {
+                p
+            };
+            (f, std::path::absolute(&p).unwrap_or(p))
+        })
+    };
+    let (file, ident) = (find("auth_hba_file"), find("auth_ident_file"));
+    let loaded = match &file {
+        None => Err("auth_hba_file is not set".to_string()),
+        Some((f, p)) => crate::config::hba::Hba::load(p, ident.as_ref().map(|(_, p)| p.as_path())).map(|_| (*f, p)),
+    };
+    match loaded {
+        Ok((f, p)) => {
+            d.set(
+                "proxy",
+                "hba_file",
+                p.display().to_string(),
+                format!("auth_hba_file ({})", f.at),
+            );
+            if let Some((i, p)) = ident {
+                d.set(
+                    "proxy",
+                    "ident_file",
+                    p.display().to_string(),
+                    format!("auth_ident_file ({})", i.at),
+                );
+            }
+            d.set(
+                "proxy",
+                "auth_type",
+                "md5",
+                format!("auth_type ({}): hba_file decides; md5 is used without it", e.at),
+            );
+            Ok(ClientAuth::Md5)
+        }
+        Err(why) => {
+            let at = file.as_ref().map_or(&e.at, |(f, _)| &f.at);
+            d.note(
+                Some(at),
+                "auth_type = hba",
+                format!("the HBA file cannot be used ({why}): md5 is used for every client instead"),
+            );
+            if let Some((i, _)) = ident {
+                d.note(
+                    Some(&i.at),
+                    format!("auth_ident_file = {}", i.value),
+                    "not used: the HBA file could not be",
+                );
+            }
+            d.set("proxy", "auth_type", "md5", format!("auth_type ({})", e.at));
+            Ok(ClientAuth::Md5)
+        }
+    }
 }
 
 /// `userlist.txt`: each user with its cleartext password or SCRAM verifier as it is.
 ///
 /// # Errors
 /// A `SCRAM-SHA-256$` secret that is not a valid verifier.
-pub fn userlist(list: &[ListedUser], trust: bool, d: &mut Draft, found: &mut Found) -> Result<(), ImportError> {
+pub fn userlist(list: &[ListedUser], auth: ClientAuth, d: &mut Draft, found: &mut Found) -> Result<(), ImportError> {
+    let mut md5_only = Vec::new();
     let mut verifier_only = Vec::new();
     for u in list {
         let table = sub_table("users", &u.name);
@@ -84,16 +190,20 @@ pub fn userlist(list: &[ListedUser], trust: bool, d: &mut Draft, found: &mut Fou
             d.set(&table, "scram_verifier", u.secret.clone(), from);
             verifier_only.push(u.name.clone());
             found.users.insert(u.name.clone(), false);
+        } else if is_md5(&u.secret) && auth == ClientAuth::Md5 {
+            d.set(&table, "md5_verifier", u.secret.clone(), from);
+            md5_only.push(u.name.clone());
+            found.users.insert(u.name.clone(), false);
         } else if is_md5(&u.secret) || u.secret.is_empty() {
             let what = if u.secret.is_empty() {
                 "an empty password"
             } else {
                 "an md5 hash"
             };
-            if trust {
+            if auth == ClientAuth::NoPassword {
                 d.table(&table);
                 found.users.insert(u.name.clone(), false);
-                d.note(Some(&u.at), format!("user {} ({what})", u.name), "kept without a password (auth_type trust); if PostgreSQL asks pgvalve for one, set server_password");
+                d.note(Some(&u.at), format!("user {} ({what})", u.name), "kept without a password (auth_type trust or cert); if PostgreSQL asks pgvalve for one, set server_password");
             } else {
                 d.note(Some(&u.at), format!("user {} ({what})", u.name), "cannot become a SCRAM verifier or a password: add [users] with password, or scram_verifier (pgvalve passwd) and server_password");
             }
@@ -101,6 +211,10 @@ pub fn userlist(list: &[ListedUser], trust: bool, d: &mut Draft, found: &mut Fou
             d.set(&table, "password", u.secret.clone(), from);
             found.users.insert(u.name.clone(), true);
         }
+    }
+    if !md5_only.is_empty() {
+        d.note(None, format!("users with an md5 hash only: {}", md5_only.join(", ")),
+            "kept as md5_verifier: clients log in with MD5 as they did; to log in to PostgreSQL pgvalve needs server_password for them (PgBouncer reused the hash), unless PostgreSQL trusts pgvalve");
     }
     if !verifier_only.is_empty() {
         d.note(None, format!("users with a SCRAM verifier only: {}", verifier_only.join(", ")),
@@ -257,7 +371,8 @@ fn db_rule<'a>(found: &'a mut Found, db: &str) -> &'a mut CapRule {
 ///
 /// # Errors
 /// A malformed value, naming its line.
-pub fn users(entries: &[Entry], trust: bool, d: &mut Draft, found: &mut Found) -> Result<(), ImportError> {
+pub fn users(entries: &[Entry], auth: ClientAuth, d: &mut Draft, found: &mut Found) -> Result<(), ImportError> {
+    let trust = auth == ClientAuth::NoPassword;
     for e in entries.iter().filter(|e| e.section == "users") {
         let name = values::name(&e.key);
         let table = sub_table("users", &name);

@@ -56,15 +56,29 @@ fn every_setting_is_mapped_or_noted_and_secrets_stay_out_of_notes() {
 
 #[test]
 fn statement_mode_and_md5_users_are_told() {
+    let users = "\"a\" \"pw\"\n\"b\" \"md5ab5e1f4e0c0d4e7a1e4b4d4f1c0a9b8c\"\n";
+    // md5: the hash is kept as b's md5 verifier, and the note says what PostgreSQL then needs.
     let ini = "[databases]\n* = host=h\n[pgbouncer]\npool_mode = statement\nauth_type = md5\n";
-    let i = run(ini, "\"a\" \"pw\"\n\"b\" \"md5ab5e1f4e0c0d4e7a1e4b4d4f1c0a9b8c\"\n").unwrap();
+    let i = run(ini, users).unwrap();
     let notes = i.notes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("\n");
     assert!(
-        notes.contains("pool_mode = statement") && notes.contains("user b (an md5 hash)"),
+        notes.contains("pool_mode = statement") && notes.contains("md5 hash only: b"),
         "{notes}"
     );
-    assert!(notes.contains("auth_type = md5"), "{notes}");
+    assert!(
+        i.toml
+            .contains("md5_verifier = \"md5ab5e1f4e0c0d4e7a1e4b4d4f1c0a9b8c\""),
+        "{}",
+        i.toml
+    );
+    assert!(i.toml.contains("auth_type = \"md5\""), "{}", i.toml);
     assert!(i.toml.contains("pool_mode = \"transaction\""));
+    i.check.unwrap();
+    // scram-sha-256: an md5 hash cannot serve, and is noted.
+    let i = run(&ini.replace("auth_type = md5", "auth_type = scram-sha-256"), users).unwrap();
+    let notes = i.notes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(notes.contains("user b (an md5 hash)"), "{notes}");
+    assert!(!i.toml.contains("md5_verifier"), "{}", i.toml);
     i.check.unwrap();
 }
 

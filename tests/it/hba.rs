@@ -1,18 +1,19 @@
 //! `hba_file`: each client authenticates the way the first matching pg_hba.conf line says —
 //! scram-sha-256, md5, cert (a client certificate signed by `client_tls_ca_file`, its CN the
 //! user or mapped to it by `ident_file`), trust, reject — with psql (libpq) as the client;
-//! no matching line is 28000, and a reload reads the file again.
+//! no matching line is 28000, and a reload reads the file again. Without an hba_file,
+//! `auth_type = "md5"` and `"cert"` work as a line of that method for every client.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pgvalve::config::{Config, FileConfig, Secret, UserConfig};
+use pgvalve::config::{AuthType, Config, FileConfig, Secret, UserConfig};
 use pgvalve::testkit::{PgOptions, TestPostgres};
 use pgvalve::ProxyHandle;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::within;
+use crate::support::{code, connect, within};
 
 const HBA: &str = "\
 # pgvalve test hba
@@ -212,6 +213,14 @@ async fn each_client_authenticates_as_its_hba_line_says() {
         e.contains("no pg_hba.conf entry for host \"127.0.0.1\", user \"stranger\", database \"app\", no encryption"),
         "{e}"
     );
+    // The SQLSTATE of no line, as a driver sees it.
+    let e = connect(&format!(
+        "postgres://stranger:x@{}/app?sslmode=disable",
+        proxy.local_addr()
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(code(&e).as_deref(), Some("28000"), "{e}");
     // A reload reads the file again: trusty is now rejected, banned trusted.
     let swapped = HBA
         .replace(
@@ -224,6 +233,53 @@ async fn each_client_authenticates_as_its_hba_line_says() {
     let e = run("trusty", plain(), None).await.unwrap_err();
     assert!(e.contains("pg_hba.conf rejects connection"), "{e}");
     assert_eq!(run("banned", plain(), None).await.unwrap(), "banned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_type_md5_and_cert_apply_to_every_client_without_an_hba_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_pg, proxy, mut f) = setup(dir).await;
+    let port = proxy.local_addr().port();
+    let run = |user: &str, extra: String, pw: Option<&'static str>| {
+        let conninfo = format!("user={user} {extra}");
+        async move { psql(port, &conninfo, pw, dir).await }
+    };
+    let plain = || "sslmode=disable".to_string();
+    (f.proxy.hba_file, f.proxy.ident_file) = (None, None);
+    let no_password: Vec<_> = ["trusty", "mapped"]
+        .iter()
+        .map(|u| (*u, f.users.remove(*u).unwrap()))
+        .collect();
+    // md5 (PgBouncer's default): MD5 for users with an md5 verifier (made from the password
+    // here), SCRAM for a user with only a SCRAM verifier, as in PostgreSQL.
+    f.proxy.auth_type = AuthType::Md5;
+    let mut scram_only = user(None, Some("app-secret"));
+    scram_only.scram_verifier = Some(Secret(postgres_protocol::password::scram_sha_256(b"app-secret")));
+    f.users.insert("app".into(), scram_only);
+    proxy.reload(Config::validate(f.clone(), "test").expect("valid config"));
+    assert_eq!(auth_request(&proxy, "legacy").await, 5, "MD5");
+    assert_eq!(run("legacy", plain(), Some("legacy-secret")).await.unwrap(), "legacy");
+    let e = run("legacy", plain(), Some("nope")).await.unwrap_err();
+    assert!(e.contains("password authentication failed for user \"legacy\""), "{e}");
+    assert_eq!(auth_request(&proxy, "app").await, 10, "SASL for a SCRAM-only user");
+    assert_eq!(run("app", plain(), Some("app-secret")).await.unwrap(), "app");
+    // cert: a certificate whose CN is the user, over TLS; nothing else.
+    f.proxy.auth_type = AuthType::Cert;
+    f.users.extend(no_password.into_iter().map(|(u, c)| (u.to_string(), c)));
+    proxy.reload(Config::validate(f.clone(), "test").expect("valid config"));
+    assert_eq!(run("app", cert(dir, "app"), None).await.unwrap(), "app");
+    let e = run("app", plain(), Some("app-secret")).await.unwrap_err();
+    assert!(e.contains("connection requires a valid client certificate"), "{e}");
+    let e = run("mapped", cert(dir, "alice"), None).await.unwrap_err();
+    assert!(
+        e.contains("certificate authentication failed for user \"mapped\""),
+        "{e}"
+    );
+    // cert needs the CA.
+    f.tls.client_tls_ca_file = None;
+    let e = Config::validate(f, "test").unwrap_err().to_string();
+    assert!(e.contains("proxy.auth_type") && e.contains("client_tls_ca_file"), "{e}");
 }
 
 #[test]

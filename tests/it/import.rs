@@ -214,6 +214,81 @@ fn import_maps_tls_on_both_legs() {
 }
 
 #[test]
+fn import_maps_md5_hba_and_cert_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let md5 = postgres_protocol::password::md5(b"legacy-pw", "legacy");
+    let users = format!("\"legacy\" \"{md5}\"\n\"app\" \"{}\"\n", verifier("app-pw"));
+    // md5: the hashes stay md5 verifiers, SCRAM verifiers stay verifiers.
+    let ini = "[databases]\napp = host=db\n[pgbouncer]\nauth_type = md5\n";
+    let out = import(dir.path(), ini, Some(&users));
+    every_line_accounted_for(ini, &out);
+    let c = config::load(&out.path).unwrap();
+    assert_eq!(c.proxy.auth_type, config::AuthType::Md5);
+    assert_eq!(
+        c.users["legacy"].md5_verifier.as_ref().map(|s| s.0.as_str()),
+        Some(md5.as_str())
+    );
+    assert!(c.users["app"].client_verifier.is_some());
+    assert!(
+        out.stderr.contains("md5 hash only: legacy") && out.stderr.contains("server_password"),
+        "{}",
+        out.stderr
+    );
+    // hba: auth_hba_file (relative to the ini) and auth_ident_file become hba_file and ident_file.
+    std::fs::write(
+        dir.path().join("hba.conf"),
+        "host all legacy 10.0.0.0/8 md5\nhost all all 0.0.0.0/0 scram-sha-256\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ident.conf"), "laptops alice-laptop app\n").unwrap();
+    let ini = "[databases]\napp = host=db\n[pgbouncer]\nauth_type = hba\nauth_hba_file = hba.conf\nauth_ident_file = ident.conf\n";
+    let out = import(dir.path(), ini, Some(&users));
+    every_line_accounted_for(ini, &out);
+    let c = config::load(&out.path).unwrap();
+    assert!(c.hba.is_some(), "{}", out.toml);
+    assert!(
+        out.toml
+            .contains(&format!("hba_file = \"{}\"", dir.path().join("hba.conf").display())),
+        "{}",
+        out.toml
+    );
+    assert!(c.users["legacy"].md5_verifier.is_some());
+    // An hba file pgvalve cannot honour: md5 for everyone, and the line that stopped it named.
+    std::fs::write(
+        dir.path().join("hba.conf"),
+        "host all all 0.0.0.0/0 md5\nhost all all 10.0.0.0/8 ldap\n",
+    )
+    .unwrap();
+    let out = import(dir.path(), ini, Some(&users));
+    every_line_accounted_for(ini, &out);
+    assert!(
+        out.stderr.contains("hba.conf:2: method \"ldap\"") && out.stderr.contains("md5 is used for every client"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.toml.contains("hba_file ="), "{}", out.toml);
+    // cert: with the CA that signs client certificates.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (crt, pem) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&pem, key.serialize_pem()).unwrap();
+    let ini = format!(
+        "[databases]\napp = host=db\n[pgbouncer]\nauth_type = cert\nclient_tls_sslmode = verify-full\nclient_tls_cert_file = {0}\nclient_tls_key_file = {1}\nclient_tls_ca_file = {0}\n",
+        crt.display(),
+        pem.display()
+    );
+    let out = import(dir.path(), &ini, Some(&users));
+    every_line_accounted_for(&ini, &out);
+    let c = config::load(&out.path).unwrap();
+    assert_eq!(c.proxy.auth_type, config::AuthType::Cert);
+    assert_eq!(c.tls_settings.client_tls_ca_file.as_deref(), Some(crt.as_path()));
+}
+
+#[test]
 fn import_maps_auth_query_with_its_user_and_database() {
     let dir = tempfile::tempdir().unwrap();
     let ini = r#"[databases]
