@@ -1,5 +1,5 @@
 //! The PROXY protocol on the listener: a trusted load balancer's header (v1 or v2) gives the
-//! client's real address to identities, per-identity limits and SHOW CLIENTS; a header from
+//! client's real address to identities, per-identity limits and SHOW CLIENTS and the lock monitor; a header from
 //! any other address, or none from a trusted one, is refused with a clean close.
 
 use std::net::SocketAddr;
@@ -72,6 +72,9 @@ async fn a_trusted_balancers_header_names_the_client_everywhere() {
     let s = Setup::new(|f| {
         f.proxy.proxy_protocol_trusted = "127.0.0.1/32".parse().unwrap();
         f.admin.admin_users = vec!["app".into()];
+        f.locks.poll_interval = Duration::from_millis(100);
+        // Room for the lock monitor's connection beside the clients.
+        f.pool.pool_size = 10;
         f.identity = vec![IdentityRule {
             name: "ext-{source}".into(),
             source: Some("203.0.113.0/24".into()),
@@ -111,6 +114,24 @@ async fn a_trusted_balancers_header_names_the_client_everywhere() {
             ("203.0.113.8".into(), "40002".into(), "ext-203.0.113.8".into()),
         ]
     );
+    // The lock monitor attributes a lock to the carried address too.
+    a.batch_execute("CREATE TABLE orders (id int)").await.unwrap();
+    a.batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    crate::support::eventually(Duration::from_secs(10), "SHOW LOCKS names 203.0.113.7", || async {
+        let out = admin.simple_query("SHOW LOCKS").await.unwrap();
+        out.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                r.get("relation") == Some("orders")
+                    && r.get("client_addr").is_some_and(|a| a.starts_with("203.0.113.7:40001"))
+                    && r.get("identity") == Some("ext-203.0.113.7")
+            }
+            _ => false,
+        })
+    })
+    .await;
+    a.batch_execute("ROLLBACK").await.unwrap();
     drop((a, b));
     // A trusted address that sends no header is closed without a reply.
     let e = connect_via(&s, lb, None).await.unwrap_err();
