@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
-use crate::server::budget::Budget;
+use crate::server::budget::{Budget, Slot};
 use crate::server::{self, ServerConn, ServerError, ServerTarget};
 
 /// A deadpool pool of server connections.
@@ -120,21 +120,27 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
-        // A connection another core handed over comes first (its slot comes with it).
-        while let Some(mut conn) = self.incoming.take() {
-            if let Err(e) = conn.stream.rehome() {
-                tracing::debug!(error = %e, "server connection left on its event loop");
+        let deadline = Instant::now() + self.slot_wait;
+        loop {
+            // A connection another core handed over comes first (its slot comes with it).
+            while let Some(mut conn) = self.incoming.take() {
+                if let Err(e) = conn.stream.rehome() {
+                    tracing::debug!(error = %e, "server connection left on its event loop");
+                }
+                if conn.failures_seen == self.incoming.failures() || probe(&mut conn).is_ok() {
+                    conn.failures_seen = self.incoming.failures();
+                    return Ok(conn);
+                }
             }
-            if conn.failures_seen == self.incoming.failures() || probe(&mut conn).is_ok() {
-                conn.failures_seen = self.incoming.failures();
-                return Ok(conn);
-            }
+            let Some(slot) = self.slot_or_handover(deadline).await? else {
+                continue;
+            };
+            // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside
+            // every checkout's future (which every idle client's task is sized for).
+            let mut conn = Box::pin(self.open(slot, deadline)).await.map(Box::new)?;
+            conn.failures_seen = self.incoming.failures();
+            return Ok(conn);
         }
-        // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside every
-        // checkout's future (which every idle client's task is sized for).
-        let mut conn = Box::pin(self.open()).await.map(Box::new)?;
-        conn.failures_seen = self.incoming.failures();
-        Ok(conn)
     }
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<ServerError> {
@@ -163,11 +169,39 @@ impl ServerManager {
                 .is_ok()
     }
 
-    async fn open(&self) -> Result<ServerConn, ServerError> {
-        // In a cluster, a seat can be lost while its connection logs in (the coordination
-        // connection died): that connection is closed unused and another slot taken.
+    /// A slot of the budget, or None when another part handed a connection over first (while
+    /// the budget is full, a connection a shrinking part gives back is the one to take: it
+    /// spares PostgreSQL a login and a close). Waits until `deadline`.
+    async fn slot_or_handover(&self, deadline: Instant) -> Result<Option<Slot>, ServerError> {
+        let arrived = self.incoming.arrived();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if self.incoming.len() > 0 {
+            return Ok(None);
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            biased;
+            () = &mut arrived => Ok(None),
+            slot = self.budget.take(wait) => Ok(Some(slot?)),
+        }
+    }
+
+    /// A new connection on `slot`. In a cluster, a seat can be lost while its connection logs
+    /// in (the coordination connection died): that connection is closed unused and another
+    /// slot taken (until `deadline`).
+    async fn open(&self, slot: Slot, deadline: Instant) -> Result<ServerConn, ServerError> {
+        let mut slot = Some(slot);
         for _ in 0..3 {
-            let mut conn = self.open_once().await?;
+            let s = match slot.take() {
+                Some(s) => s,
+                None => {
+                    self.budget
+                        .take(deadline.saturating_duration_since(Instant::now()))
+                        .await?
+                }
+            };
+            let mut conn = self.open_once(s).await?;
             if server::seat::verify(&mut conn).await? {
                 return Ok(conn);
             }
@@ -175,10 +209,9 @@ impl ServerManager {
         Err(server::seat::lost())
     }
 
-    async fn open_once(&self) -> Result<ServerConn, ServerError> {
+    async fn open_once(&self, slot: Slot) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", self.target.host, self.target.port);
         self.backoff.admit(&addr, self.login_retry)?;
-        let slot = self.budget.take(self.slot_wait).await?;
         let mut conn = match server::connect(&self.target).await {
             Ok(c) => c,
             Err(e) => {

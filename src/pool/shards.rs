@@ -192,6 +192,8 @@ impl Shards {
 #[derive(Debug, Default)]
 pub(crate) struct Incoming {
     conns: Mutex<Vec<(Box<ServerConn>, Instant)>>,
+    /// Woken at each [`Incoming::put`]: parts waiting for a slot take the connection instead.
+    arrived: tokio::sync::Notify,
     /// Server failures any part saw (a connection whose server failed under it): every part
     /// probes its idle connections before their next reuse, not only the part that saw it.
     failures: AtomicU64,
@@ -204,6 +206,13 @@ impl Incoming {
     /// Hands `conn` over to whichever part opens a connection next.
     pub(crate) fn put(&self, conn: Box<ServerConn>) {
         self.lock().push((conn, Instant::now()));
+        self.arrived.notify_waiters();
+    }
+
+    /// Resolves at the next [`Incoming::put`] (enable it before looking at [`Incoming::len`]
+    /// so that no put between the two is missed).
+    pub(crate) fn arrived(&self) -> tokio::sync::futures::Notified<'_> {
+        self.arrived.notified()
     }
 
     /// A handed-over connection, if any (the newest: the oldest are closed first).
@@ -222,7 +231,7 @@ impl Incoming {
     }
 
     /// Connections waiting to be taken.
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
