@@ -77,6 +77,9 @@ impl Secret {
 /// Linux hands out, so a pid pgvalve makes up is never a real backend's.
 pub(crate) const SYNTHETIC_PIDS: u32 = 1 << 22;
 
+/// Where a takeover's successor queues cancel requests (pid, secret) for its predecessor.
+pub(crate) type ToPredecessor = tokio::sync::mpsc::Sender<(i32, Vec<u8>)>;
+
 /// Keys of all live sessions of one proxy, by (pid, secret).
 #[derive(Debug)]
 pub(crate) struct CancelRegistry {
@@ -85,6 +88,9 @@ pub(crate) struct CancelRegistry {
     rng: SystemRandom,
     /// This instance's cluster: its tag goes into made-up pids, unknown keys are forwarded.
     cluster: Option<Arc<Cluster>>,
+    /// While a takeover's predecessor still serves clients: where keys this process does not
+    /// know go (they may be those clients').
+    predecessor: std::sync::Mutex<Option<ToPredecessor>>,
 }
 
 impl Default for CancelRegistry {
@@ -104,6 +110,7 @@ impl CancelRegistry {
             next_pid: AtomicU32::new(u32::from(u16::from_be_bytes(seed))),
             rng,
             cluster: None,
+            predecessor: std::sync::Mutex::new(None),
         }
     }
 
@@ -189,10 +196,27 @@ impl CancelRegistry {
         if let Some(done) = self.cancel_local(pid, s).await {
             return done;
         }
+        if self.to_predecessor(pid, secret) {
+            return true;
+        }
         match &self.cluster {
             Some(c) => forward::to_issuer(c, pid, secret).await,
             None => false,
         }
+    }
+
+    /// Sends keys this process does not know to a takeover's predecessor through `to`, while
+    /// it serves clients (None: no longer).
+    pub(crate) fn set_predecessor(&self, to: Option<ToPredecessor>) {
+        *self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = to;
+    }
+
+    /// Hands an unknown key to the predecessor, if there is one (and its queue has room: a
+    /// flood of forged keys is dropped, not queued).
+    fn to_predecessor(&self, pid: i32, secret: &[u8]) -> bool {
+        let to = self.predecessor.lock().unwrap_or_else(|p| p.into_inner());
+        to.as_ref()
+            .is_some_and(|tx| tx.try_send((pid, secret.to_vec())).is_ok())
     }
 
     /// None when the key is not this instance's; else whether the cancel went to a server.

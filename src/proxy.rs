@@ -183,6 +183,12 @@ impl ProxyHandle {
         let _ = handed.wait_for(|h| *h).await;
     }
 
+    /// Whether this proxy has handed its listening sockets to a takeover's successor (it
+    /// accepts no client since).
+    pub fn is_handing_over(&self) -> bool {
+        self.shared.handoff.is_begun()
+    }
+
     /// Starts serving on already bound listeners.
     pub(crate) fn serve_with_http(listener: TcpListener, http: Option<TcpListener>, config: Config) -> ProxyHandle {
         let settled = Arc::new(std::sync::atomic::AtomicBool::new(true));

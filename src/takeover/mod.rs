@@ -14,7 +14,9 @@
 //!    each socket with its session state; clients in a transaction move at their next idle
 //!    moment. What cannot move (TLS clients, LISTEN, pinned and session-mode sessions) stays:
 //!    idle transaction-mode ones are closed at once with 57P01, the others are served until
-//!    they leave or `shutdown_timeout` has passed, then drained as on SIGTERM;
+//!    they leave or `shutdown_timeout` has passed, then drained as on SIGTERM. Meanwhile the
+//!    successor passes the predecessor each CancelRequest whose key it does not know (it may
+//!    be for a client still served there): CANCEL, looked up there only, never passed on;
 //! 4. the cap stays exact: the successor's server connections hold slots of a budget the
 //!    predecessor lends ([`crate::server::budget::Budget::lent`]). The predecessor lends its
 //!    free slots, closes its idle connections while none of its sessions waits for one, and

@@ -166,6 +166,12 @@ async fn hand_off(p: &mut Predecessor, wire: &mut Wire) {
     let mut moved = 0u64;
     loop {
         tokio::select! {
+            // Cancel-safe: a message is read whole before it is returned.
+            m = wire.recv(), if !broken => match m {
+                Ok(Some(m)) if m.kind == kind::CANCEL => cancel(&p.shared, m.body),
+                Ok(Some(m)) => tracing::warn!(kind = m.kind, "takeover: unexpected message ignored"),
+                Ok(None) | Err(_) => broken = true,
+            },
             Some(m) = rx.recv() => {
                 let r = send_session(wire, m, broken).await;
                 broken |= r.is_err();
@@ -185,6 +191,19 @@ async fn hand_off(p: &mut Predecessor, wire: &mut Wire) {
             }
         }
     }
+}
+
+/// A cancel request the successor received for a key of this process's (one of the clients
+/// still served here), or a forged one: looked up here only, never passed on.
+fn cancel(shared: &Arc<Services>, body: Vec<u8>) {
+    if body.len() < 8 {
+        return;
+    }
+    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let cancels = shared.cancels.clone();
+    tokio::spawn(async move {
+        cancels.cancel(pid, &body[4..]).await;
+    });
 }
 
 /// Sends one session (a failure gives the socket back to it, to go on here).

@@ -86,15 +86,34 @@ pub(crate) struct Intake {
     pub settled: Arc<AtomicBool>,
 }
 
+/// Cancel requests for the predecessor queued at most (more are dropped, as a miss).
+const CANCELS_QUEUED: usize = 256;
+
 /// Says READY (the proxy accepts on the listeners now), then takes in clients and lent
-/// slots until the predecessor closes the connection; the lent budget is unlimited then.
+/// slots, and passes the predecessor the cancel requests whose keys are not this process's
+/// (its clients' still), until the predecessor closes the connection; the lent budget is
+/// unlimited then.
 pub(crate) async fn receive(mut wire: Wire, lent: Option<Arc<Budget>>, intake: Intake) {
     if let Err(e) = wire.send(kind::READY, &[], &[]).await {
         tracing::warn!(error = %e, "takeover: the running process left before READY");
     }
+    let (tx, mut cancels) = tokio::sync::mpsc::channel(CANCELS_QUEUED);
+    intake.shared.cancels.set_predecessor(Some(tx));
     let mut moved = 0u64;
     loop {
-        let m = match wire.recv().await {
+        let m = tokio::select! {
+            // Cancel-safe: a message is read whole before it is returned.
+            m = wire.recv() => m,
+            Some((pid, secret)) = cancels.recv() => {
+                let mut body = i32::to_be_bytes(pid).to_vec();
+                body.extend_from_slice(&secret);
+                if let Err(e) = wire.send(kind::CANCEL, &body, &[]).await {
+                    tracing::warn!(error = %e, "takeover: a cancel request could not be passed to the previous process");
+                }
+                continue;
+            }
+        };
+        let m = match m {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
@@ -118,6 +137,7 @@ pub(crate) async fn receive(mut wire: Wire, lent: Option<Arc<Budget>>, intake: I
             other => tracing::warn!(kind = other, "takeover: unexpected message ignored"),
         }
     }
+    intake.shared.cancels.set_predecessor(None);
     if let Some(b) = &lent {
         b.unlimit();
     }

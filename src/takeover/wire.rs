@@ -37,6 +37,10 @@ pub(crate) mod kind {
     pub(crate) const LEND: u8 = 4;
     /// Predecessor → successor: a client (body: JSON session state; one descriptor).
     pub(crate) const SESSION: u8 = 5;
+    /// Successor → predecessor: a CancelRequest whose key the successor does not know,
+    /// for a client still served by the predecessor (body: pid, 4 bytes big endian, then
+    /// the secret).
+    pub(crate) const CANCEL: u8 = 6;
 }
 
 /// One message received.

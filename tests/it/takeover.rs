@@ -203,6 +203,55 @@ async fn a_moved_client_keeps_its_parameters_and_its_cancel_key() {
     new.shutdown().await;
 }
 
+/// A client in a transaction stays on the old process; its CancelRequest lands on the new
+/// one (which has the listening socket), which passes it to the old one: the query stops.
+#[tokio::test]
+async fn a_cancel_for_a_client_still_on_the_old_process_reaches_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Setup::new(takeover_config(dir.path())).await;
+    let mut f = s.pg.file_config();
+    takeover_config(dir.path())(&mut f);
+    let config = Config::validate(f, "test").expect("valid config");
+    let c = connect(&s.url()).await.expect("connect");
+    c.batch_execute("BEGIN").await.expect("begin");
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(30)").await.map(|_| ());
+        (c, r)
+    });
+    let new = within(Duration::from_secs(30), ProxyHandle::start_takeover(config))
+        .await
+        .expect("take over");
+    // From here on only the new process accepts, the cancel's connection included.
+    eventually(Duration::from_secs(10), "the old process hands over", || async {
+        s.proxy.is_handing_over()
+    })
+    .await;
+    let mut cancelled = false;
+    for _ in 0..100 {
+        token.cancel_query(NoTls).await.expect("send cancel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sleeping.is_finished() {
+            cancelled = true;
+            break;
+        }
+    }
+    assert!(cancelled, "the cancel reached the query on the old process");
+    let (c, r) = sleeping.await.expect("task");
+    assert_eq!(
+        crate::support::code(&r.expect_err("cancelled")).as_deref(),
+        Some("57014")
+    );
+    // The transaction ends; the client moves at its next idle moment and goes on.
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    within(Duration::from_secs(30), s.proxy.handed_over()).await;
+    let one: i32 = c.query_one("SELECT 1", &[]).await.expect("after the move").get(0);
+    assert_eq!(one, 1);
+    let Setup { proxy: old, .. } = s;
+    old.shutdown().await;
+    new.shutdown().await;
+}
+
 /// A TLS client's loop of transactions (each inserts one row of `i`), reconnecting after a
 /// close: (transactions committed, closes seen).
 async fn tls_loop(
