@@ -481,6 +481,7 @@ fn session_mode(
         reuse: Default::default(),
         last_sql: Vec::new(),
         given_pid: key.pid,
+        handoff: (route.pool_mode == PoolMode::Transaction).then(|| shared.handoff.clone()),
         pinning: (route.pool_mode == PoolMode::Transaction).then(|| {
             shared
                 .admission

@@ -252,6 +252,49 @@ async fn a_cancel_for_a_client_still_on_the_old_process_reaches_it() {
     new.shutdown().await;
 }
 
+/// What cannot move ends at its next idle moment with 57P01 (it reconnects, to the new
+/// process): a transaction-mode client that LISTENs, and one pinned by a temporary table;
+/// an ordinary idle client beside them moves and goes on.
+#[tokio::test]
+async fn listening_and_pinned_clients_are_closed_at_their_next_idle_moment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Setup::new(takeover_config(dir.path())).await;
+    let mut f = s.pg.file_config();
+    takeover_config(dir.path())(&mut f);
+    let config = Config::validate(f, "test").expect("valid config");
+    let watched = |url: String| async move {
+        let (c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+        (c, tokio::spawn(conn))
+    };
+    let (listener, listener_conn) = watched(s.url()).await;
+    listener.batch_execute("LISTEN jobs").await.expect("listen");
+    let (pinned, pinned_conn) = watched(s.url()).await;
+    pinned
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect("pin");
+    let ordinary = connect(&s.url()).await.expect("connect");
+    ordinary.batch_execute("SELECT 1").await.expect("query");
+    let new = within(Duration::from_secs(30), ProxyHandle::start_takeover(config))
+        .await
+        .expect("take over");
+    for (what, conn) in [("listening", listener_conn), ("pinned", pinned_conn)] {
+        let end = within(Duration::from_secs(20), conn).await.expect("task");
+        let e = end.expect_err("closed by the old process");
+        assert_eq!(crate::support::code(&e).as_deref(), Some("57P01"), "{what}: {e:?}");
+    }
+    within(Duration::from_secs(30), s.proxy.handed_over()).await;
+    let one: i32 = ordinary.query_one("SELECT 1", &[]).await.expect("moved").get(0);
+    assert_eq!(one, 1);
+    // They reconnect to the new process, which has the listening socket now.
+    let again = connect(&s.url()).await.expect("reconnect");
+    again.batch_execute("LISTEN jobs").await.expect("listen again");
+    drop((listener, pinned));
+    let Setup { proxy: old, .. } = s;
+    old.shutdown().await;
+    new.shutdown().await;
+}
+
 /// A TLS client's loop of transactions (each inserts one row of `i`), reconnecting after a
 /// close: (transactions committed, closes seen).
 async fn tls_loop(

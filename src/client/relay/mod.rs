@@ -119,6 +119,9 @@ pub(crate) struct Mode {
     /// Transaction mode: told when the session pins, so admission counts its server
     /// connection as held for the rest of the session (headroom).
     pub pinning: Option<crate::admission::Pinning>,
+    /// Transaction mode: a takeover's handoff, which a pinned session (it cannot move) leaves
+    /// at its next moment at rest, with 57P01 (looked at only when the phase bell rings).
+    pub(crate) handoff: Option<std::sync::Arc<crate::client::Handoff>>,
 }
 
 /// What statement tracking allocates in every relay, kept between transactions while small:

@@ -56,6 +56,10 @@ pub(super) struct Relay<'m> {
     phase: &'m mut PhaseWatch,
     /// The shutdown phase last seen.
     now: Phase,
+    /// A takeover's handoff (transaction mode), and whether it had begun when the phase
+    /// bell last rang: then a pinned session ends at rest, as when draining.
+    handoff: Option<&'m crate::client::Handoff>,
+    leaving: bool,
     /// The server connection failed.
     server_broken: bool,
     /// What to tell the client when a timeout or a verdict ended the relay.
@@ -94,6 +98,7 @@ impl<'m> Relay<'m> {
             db_statements,
             pinning,
             last_sql,
+            handoff,
         } = mode;
         let who: &'m str = who;
         let mut t = Tracker::new(
@@ -141,6 +146,8 @@ impl<'m> Relay<'m> {
             databases,
             timer: Timer::new(timeouts, cancel.as_ref(), who),
             now: phase.now(),
+            leaving: handoff.as_ref().is_some_and(|h| h.is_begun()),
+            handoff: handoff.as_deref(),
             phase,
             server_broken: false,
             error: None,
@@ -182,7 +189,10 @@ impl<'m> Relay<'m> {
             tokio::select! {
                 // Shutdown first, so a session that streams without pause still sees it.
                 biased;
-                p = self.phase.changed(), if self.now != Phase::Stopped => self.now = p,
+                p = self.phase.changed(), if self.now != Phase::Stopped => {
+                    self.now = p;
+                    self.leaving = self.handoff.is_some_and(crate::client::Handoff::is_begun);
+                }
                 () = Timer::fired(&mut self.timer), if self.timer.as_ref().is_some_and(Timer::armed) => {
                     if let Some(e) = self.timer.as_mut().and_then(Timer::expired) {
                         return self.ended_by(e);
@@ -303,11 +313,13 @@ impl<'m> Relay<'m> {
     #[inline]
     fn settled(&self, cw: &impl TryWrite, sw: &impl TryWrite) -> Option<RelayEnd> {
         let release_after_transaction = self.session.transaction && self.t.pin.is_none();
-        if self.now == Phase::Running && !release_after_transaction {
+        // Pinned (it cannot move) during a takeover's handoff: it leaves as when draining.
+        let leaving = self.leaving && !release_after_transaction;
+        if self.now == Phase::Running && !release_after_transaction && !leaving {
             return None;
         }
         let at_rest = self.at_rest(cw, sw);
-        if self.now == Phase::Stopped || (self.now == Phase::Draining && at_rest) {
+        if self.now == Phase::Stopped || ((self.now == Phase::Draining || leaving) && at_rest) {
             return Some(RelayEnd::Shutdown);
         }
         (release_after_transaction && at_rest).then_some(RelayEnd::Idle)
