@@ -127,7 +127,11 @@ impl managed::Manager for ServerManager {
                 if let Err(e) = conn.stream.rehome() {
                     tracing::debug!(error = %e, "server connection left on its event loop");
                 }
-                if conn.failures_seen == self.incoming.failures() || probe(&mut conn).is_ok() {
+                // As at a checkout: probed unless used within server_check_delay with no
+                // server failure since (an idle connection handed over may be long idle).
+                let fresh = conn.failures_seen == self.incoming.failures()
+                    && Instant::now().saturating_duration_since(conn.idle_since) < self.check_delay;
+                if fresh || probe(&mut conn).is_ok() {
                     conn.failures_seen = self.incoming.failures();
                     return Ok(conn);
                 }
@@ -260,7 +264,7 @@ impl ServerManager {
 /// An idle backend says nothing: any byte or EOF means it is gone or in trouble.
 fn probe(conn: &mut ServerConn) -> Result<(), &'static str> {
     let mut byte = [0u8; 1];
-    match conn.stream.try_read(&mut byte) {
+    match conn.stream.peek(&mut byte) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Ok(0) => Err("closed by server"),
         Ok(_) => Err("unsolicited data from server"),

@@ -286,6 +286,31 @@ impl Occupant for ShardsOccupant {
             shards.reshare(share, None);
         }
     }
+
+    /// Moves an idle connection (of a part holding more than its lease first) to the parts'
+    /// hand-over queue, where the part waiting for a slot takes it (`ServerManager::create`).
+    fn hand_idle(&self) -> bool {
+        let Some(shards) = self.0.upgrade() else {
+            return false;
+        };
+        if shards.pools.len() < 2 {
+            return false;
+        }
+        let leases = shards.leases();
+        let over = |k: &usize| shards.pools[*k].status().size > leases[*k];
+        let (first, rest): (Vec<usize>, Vec<usize>) = (0..shards.pools.len()).partition(over);
+        for k in first.into_iter().chain(rest) {
+            let mut taken = false;
+            let removed = shards.pools[k]
+                .retain(|_, _| std::mem::replace(&mut taken, true))
+                .removed;
+            if let Some(conn) = removed.into_iter().next() {
+                shards.pools[0].manager().incoming.put(conn);
+                return true;
+            }
+        }
+        false
+    }
 }
 
 fn close_one(pool: &Pool) -> bool {

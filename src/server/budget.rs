@@ -101,6 +101,13 @@ pub trait Occupant: Send + Sync {
     }
     /// Closes one idle connection; true when one was closed (its slot is free now).
     fn close_idle(&self) -> bool;
+    /// Hands one idle connection, with its slot, to whichever taker of this budget takes
+    /// handed-over connections (a pool's parts on other cores); true when one was handed.
+    /// Tried once per wait before anything is closed: a connection that moves spares
+    /// PostgreSQL a close and a login. None by default.
+    fn hand_idle(&self) -> bool {
+        false
+    }
     /// The occupant may hold `share` connections now (the budget less pgvalve's own).
     fn resize(&self, share: usize);
 }
@@ -424,6 +431,7 @@ impl Budget {
     /// Waits for a slot of this budget alone and counts it held.
     async fn wait_for(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Refused> {
         let _waiting = (kind == Kind::Pool).then(|| Waiting::new(self));
+        let mut handed = kind != Kind::Pool;
         let grace = Instant::now()
             + if self.seats.is_some() {
                 LEASE_GRACE
@@ -439,7 +447,10 @@ impl Budget {
                 // Full with nothing closing: close an idle connection; its slot comes back
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
-                    if self.state().closing == 0 && Instant::now() >= grace {
+                    // Handed over once at most; later rounds close, if the taker still waits.
+                    let handed_now = !handed && lock(&self.occupant).as_ref().is_some_and(|o| o.hand_idle());
+                    handed = true;
+                    if !handed_now && self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
                     }
                 }

@@ -318,3 +318,35 @@ async fn a_closing_slot_counts_as_coming_free() {
     assert_eq!((pool.usage().used, server.usage().used), (2, 2));
     drop(own);
 }
+
+/// A pool's parts: an idle connection handed over (counted) before any is closed.
+#[derive(Default)]
+struct HandingPool {
+    handed: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+impl Occupant for Arc<HandingPool> {
+    fn close_idle(&self) -> bool {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+    fn hand_idle(&self) -> bool {
+        self.handed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+    fn resize(&self, _: usize) {}
+}
+
+#[tokio::test]
+async fn a_full_pool_budget_hands_an_idle_connection_over_once_before_closing_one() {
+    let b = Budget::new(Scale::Pool, 1, None);
+    let parts = Arc::new(HandingPool::default());
+    b.occupy(Box::new(parts.clone()));
+    let _held = b.take(SHORT).await.unwrap();
+    // The taker (in the pool, racing the hand-over queue) would take the handed connection;
+    // here nobody does, so after the first round the budget closes as before.
+    assert!(b.take(RETRY + SHORT).await.is_err());
+    assert_eq!(parts.handed.load(Ordering::Relaxed), 1, "handed over once per wait");
+    assert!(parts.closed.load(Ordering::Relaxed) >= 1, "then an idle one is closed");
+}

@@ -150,6 +150,22 @@ impl ServerStream {
             ServerStream::Tls(s) => crate::tls::try_read(&mut **s, buf),
         }
     }
+
+    /// Whether the server sent anything on this idle connection (or closed it), asked of the
+    /// socket itself: a peek that reads nothing, whatever tokio last saw of its readiness (a
+    /// stream just registered on another event loop has seen nothing yet). `Ok(0)`: closed;
+    /// `Err(WouldBlock)`: nothing came. TLS streams are read as [`ServerStream::try_read`].
+    pub(crate) fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recv, RecvFlags};
+        use std::os::fd::AsFd;
+        let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+        let peeked = match self {
+            ServerStream::Tcp(s) => recv(s.as_fd(), buf, flags),
+            ServerStream::Unix(s) => recv(s.as_fd(), buf, flags),
+            ServerStream::Tls(_) => return self.try_read(buf),
+        };
+        Ok(peeked?.0)
+    }
 }
 
 impl AsyncRead for ServerStream {
