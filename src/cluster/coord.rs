@@ -493,13 +493,20 @@ fn peers(snap: &Snapshot, me_pid: i32, me: &Published) -> Vec<Peer> {
     out
 }
 
-/// Everyone's target (seats including its coordination connection's): what it uses and
-/// waits for when all of that fits; else max-min fair shares of what it uses busy and waits
-/// for (idle connections are given back first).
+/// Everyone's target (seats including its coordination connection's): when all of what
+/// everyone uses and waits for fits, what it holds if that fits too (nobody is short: seats
+/// leased a moment ago stay, so a pool's next connection does not wait two rounds for a seat
+/// it just gave back), else what it uses and waits for; when it does not fit, max-min fair
+/// shares of what it uses busy and waits for (idle connections are given back first).
 fn targets(peers: &[Peer], budget: usize) -> Vec<usize> {
     let all: Vec<usize> = peers.iter().map(|p| 1 + p.in_use + p.waiting).collect();
     if all.iter().sum::<usize>() <= budget {
-        return all;
+        let keep: Vec<usize> = peers.iter().zip(&all).map(|(p, d)| p.held.max(*d)).collect();
+        return if keep.iter().sum::<usize>() <= budget {
+            keep
+        } else {
+            all
+        };
     }
     let busy: Vec<usize> = peers
         .iter()

@@ -353,7 +353,7 @@ impl Budget {
         let deadline = Instant::now() + wait;
         let mut held: Option<Slot> = None;
         for b in self.chain().into_iter().rev() {
-            b.wait_for(Kind::Pool, Some(deadline)).await?;
+            b.wait_for(Kind::Pool, Some(deadline), Some(self)).await?;
             let seat = b.seat(None)?;
             held = Some(Slot {
                 parent: held.map(Box::new),
@@ -378,7 +378,7 @@ impl Budget {
         let mut held: Option<Slot> = None;
         // Root first. Dropped while waiting: the claim is withdrawn where still pending.
         while let Some(b) = claim.pending.last().cloned() {
-            b.wait_for(Kind::Claim, deadline).await?;
+            b.wait_for(Kind::Claim, deadline, None).await?;
             claim.pending.pop();
             let seat = b.seat(Some(hold))?;
             held = Some(Slot {
@@ -428,10 +428,13 @@ impl Budget {
         }
     }
 
-    /// Waits for a slot of this budget alone and counts it held.
-    async fn wait_for(&self, kind: Kind, deadline: Option<Instant>) -> Result<(), Refused> {
+    /// Waits for a slot of this budget alone and counts it held (a pool taker of `leaf` may be
+    /// handed an idle connection instead, see [`Occupant::hand_idle`]).
+    async fn wait_for(&self, kind: Kind, deadline: Option<Instant>, leaf: Option<&Budget>) -> Result<(), Refused> {
         let _waiting = (kind == Kind::Pool).then(|| Waiting::new(self));
-        let mut handed = kind != Kind::Pool;
+        // A pool taker (of `leaf`, the pool's budget) may get an idle connection of the same
+        // pool handed over instead, whichever budget of its chain is full.
+        let mut handed = leaf.is_none();
         let grace = Instant::now()
             + if self.seats.is_some() {
                 LEASE_GRACE
@@ -448,7 +451,8 @@ impl Budget {
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
                     // Handed over once at most; later rounds close, if the taker still waits.
-                    let handed_now = !handed && lock(&self.occupant).as_ref().is_some_and(|o| o.hand_idle());
+                    let handed_now =
+                        !handed && leaf.is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
                     handed = true;
                     if !handed_now && self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
