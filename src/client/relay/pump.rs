@@ -107,13 +107,10 @@ impl<'m> Relay<'m> {
             *pinned,
             statements.is_none(),
         );
-        t.tally.server_assignments = 1;
+        (t.tally.server_assignments, t.readback) = (1, std::mem::take(readback));
         t.extra.clone_from(track);
-        t.readback = std::mem::take(readback);
         (t.server_pid, t.last_sql) = (server.pid, std::mem::take(last_sql));
-        if *transaction && server.pid != *given_pid {
-            t.notify = Some((server.pid, *given_pid));
-        }
+        t.notify = (*transaction && server.pid != *given_pid).then_some((server.pid, *given_pid));
         let databases = Databases::new(gate.as_deref(), db_statements, &mut t);
         let tracked = statements.is_some();
         let statements = match statements {
