@@ -172,18 +172,24 @@ fn import_maps_wildcard_databases_per_user_pools_and_caps_and_keeps_verifiers() 
     }
 }
 
-#[test]
-fn import_maps_tls_on_both_legs() {
-    let dir = tempfile::tempdir().unwrap();
+/// A self-signed certificate for localhost and its key, written into `dir`.
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    let (crt, pem) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    let (crt, pem) = (dir.join("server.crt"), dir.join("server.key"));
     std::fs::write(&crt, cert.pem()).unwrap();
     std::fs::write(&pem, key.serialize_pem()).unwrap();
-    std::fs::write(dir.path().join("root.crt"), cert.pem()).unwrap();
+    (crt, pem)
+}
+
+#[test]
+fn import_maps_tls_on_both_legs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, pem) = certificate(dir.path());
+    std::fs::copy(&crt, dir.path().join("root.crt")).unwrap();
     let ini = format!(
         "[databases]\napp = host=db.internal port=5432\n\n[pgbouncer]\nlisten_addr = 127.0.0.1, 10.1.2.3\nclient_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\nclient_tls_protocols = secure\nserver_tls_sslmode = verify-full\nserver_tls_ca_file = {}\nserver_tls_protocols = tlsv1.3\n",
         crt.display(),
@@ -268,14 +274,7 @@ fn import_maps_md5_hba_and_cert_authentication() {
     );
     assert!(!out.toml.contains("hba_file ="), "{}", out.toml);
     // cert: with the CA that signs client certificates.
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (crt, pem) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-    std::fs::write(&crt, cert.pem()).unwrap();
-    std::fs::write(&pem, key.serialize_pem()).unwrap();
+    let (crt, pem) = certificate(dir.path());
     let ini = format!(
         "[databases]\napp = host=db\n[pgbouncer]\nauth_type = cert\nclient_tls_sslmode = verify-full\nclient_tls_cert_file = {0}\nclient_tls_key_file = {1}\nclient_tls_ca_file = {0}\n",
         crt.display(),

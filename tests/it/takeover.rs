@@ -27,6 +27,14 @@ fn takeover_config(dir: &std::path::Path) -> impl FnOnce(&mut FileConfig) + '_ {
     }
 }
 
+/// The running proxy, and the configuration its successor starts with (the same).
+async fn old_and_new_config(dir: &std::path::Path) -> (Setup, Config) {
+    let s = Setup::new(takeover_config(dir)).await;
+    let mut f = s.pg.file_config();
+    takeover_config(dir)(&mut f);
+    (s, Config::validate(f, "test").expect("valid config"))
+}
+
 /// Every pgvalve backend of the application user (the sampler logs in as the superuser).
 async fn sample_all_backends(s: &Setup) -> (Arc<AtomicI64>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
     let su = s.pg.superuser().await.expect("superuser");
@@ -90,10 +98,7 @@ async fn wait_rounds(rounds: &AtomicU64, more: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_clients_move_to_the_new_process_without_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Setup::new(takeover_config(dir.path())).await;
-    let mut f = s.pg.file_config();
-    takeover_config(dir.path())(&mut f);
-    let config = Config::validate(f, "test").expect("valid config");
+    let (s, config) = old_and_new_config(dir.path()).await;
     let (peak, stop_sampling, sampler) = sample_all_backends(&s).await;
     let (stop, rounds) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
@@ -159,10 +164,7 @@ async fn two_hundred_clients_move_to_the_new_process_without_an_error() {
 #[tokio::test]
 async fn a_moved_client_keeps_its_parameters_and_its_cancel_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Setup::new(takeover_config(dir.path())).await;
-    let mut f = s.pg.file_config();
-    takeover_config(dir.path())(&mut f);
-    let config = Config::validate(f, "test").expect("valid config");
+    let (s, config) = old_and_new_config(dir.path()).await;
     let c = connect(&format!("{}?application_name=mover", s.url()))
         .await
         .expect("connect");
@@ -208,10 +210,7 @@ async fn a_moved_client_keeps_its_parameters_and_its_cancel_key() {
 #[tokio::test]
 async fn a_cancel_for_a_client_still_on_the_old_process_reaches_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Setup::new(takeover_config(dir.path())).await;
-    let mut f = s.pg.file_config();
-    takeover_config(dir.path())(&mut f);
-    let config = Config::validate(f, "test").expect("valid config");
+    let (s, config) = old_and_new_config(dir.path()).await;
     let c = connect(&s.url()).await.expect("connect");
     c.batch_execute("BEGIN").await.expect("begin");
     let token = c.cancel_token();
@@ -258,10 +257,7 @@ async fn a_cancel_for_a_client_still_on_the_old_process_reaches_it() {
 #[tokio::test]
 async fn listening_and_pinned_clients_are_closed_at_their_next_idle_moment() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Setup::new(takeover_config(dir.path())).await;
-    let mut f = s.pg.file_config();
-    takeover_config(dir.path())(&mut f);
-    let config = Config::validate(f, "test").expect("valid config");
+    let (s, config) = old_and_new_config(dir.path()).await;
     let watched = |url: String| async move {
         let (c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
         (c, tokio::spawn(conn))
