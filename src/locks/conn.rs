@@ -190,14 +190,11 @@ async fn open(t: &Target, budget: &Arc<Budget>, timeout: Duration) -> Result<tok
     if let Some((class, index, holder)) = seat {
         use crate::server::seat::{CHECK_SQL, MARK_SQL};
         let marked: bool = client
-            .query_one(MARK_SQL, &[&class.to_string(), &index.to_string()])
+            .query_one(MARK_SQL, &[&class, &index])
             .await
             .map(|r| r.get::<_, String>(0) == "true")?;
         let ok = client
-            .query_one(
-                CHECK_SQL,
-                &[&class.to_string(), &index.to_string(), &holder.to_string()],
-            )
+            .query_one(CHECK_SQL, &[&i64::from(class), &i64::from(index), &holder])
             .await
             .map(|r| r.get::<_, String>(0) == "true")?;
         if !(marked && ok) {

@@ -411,6 +411,50 @@ async fn show_cluster_lists_every_instance_and_marks_this_one() {
     );
 }
 
+/// The lock monitor's own connection sits on a seat of the cluster like any other (its
+/// marker taken with typed parameters), and watches: SHOW LOCKS names a client's lock. (Every
+/// other test here turns the monitor off.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_monitor_sits_on_a_seat_and_watches_in_cluster_mode() {
+    let pg = start_pg().await;
+    let i = Instance::start_with(&pg, "watched", |f| {
+        f.locks.enabled = true;
+        f.locks.poll_interval = Duration::from_millis(100);
+    });
+    all_joined(&[&i]).await;
+    let holder = connect(&format!("{}?application_name=migrator", i.url(&pg)))
+        .await
+        .expect("connect");
+    holder
+        .batch_execute("CREATE TABLE orders (id int)")
+        .await
+        .expect("create");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let o = &pg.opts;
+    let addr = i.proxy.as_ref().expect("running").local_addr();
+    let console = connect(&format!("postgres://{}:{}@{addr}/pgvalve", o.user, o.password))
+        .await
+        .expect("console");
+    eventually(Duration::from_secs(10), "SHOW LOCKS names migrator's lock", || async {
+        console
+            .simple_query("SHOW LOCKS")
+            .await
+            .expect("SHOW LOCKS")
+            .iter()
+            .any(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get("relation") == Some("orders") && r.get("identity") == Some("migrator")
+                }
+                _ => false,
+            })
+    })
+    .await;
+    holder.batch_execute("ROLLBACK").await.expect("rollback");
+}
+
 /// A CancelRequest (protocol 3.0) sent by hand to `addr`; returns once pgvalve has handled it
 /// (closed the connection), forwarding included.
 async fn raw_cancel(addr: std::net::SocketAddr, pid: i32, secret: [u8; 4]) {
