@@ -118,12 +118,7 @@ fn read_users(
     let Some(e) = g.get("auth_file") else {
         return Ok((Vec::new(), String::new()));
     };
-    let mut p = std::path::PathBuf::from(&e.value);
-    if !p.exists() {
-        if let Some(dir) = ini_path.parent().filter(|_| p.is_relative()) {
-            p = dir.join(&e.value);
-        }
-    }
+    let p = values::located(&e.value, ini_path.parent().unwrap_or(Path::new(".")));
     if !p.exists() {
         d.note(
             Some(&e.at),

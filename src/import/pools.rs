@@ -115,12 +115,7 @@ fn hba(
 ) -> Result<ClientAuth, ImportError> {
     let find = |key: &str| {
         g.get(key).map(|f| {
-            let p = std::path::PathBuf::from(f.value.trim());
-            let p = if p.is_relative() && !p.exists() {
-                ini_dir.join(&p)
-            } else {
-                p
-            };
+            let p = values::located(&f.value, ini_dir);
             (f, std::path::absolute(&p).unwrap_or(p))
         })
     };

@@ -81,6 +81,17 @@ pub fn shown(key: &str, value: &str) -> String {
     }
 }
 
+/// A file a setting names, as PgBouncer looks for it: relative to the working directory, else
+/// to the ini file's directory `ini_dir`.
+pub fn located(value: &str, ini_dir: &std::path::Path) -> std::path::PathBuf {
+    let p = std::path::PathBuf::from(value.trim());
+    if p.is_relative() && !p.exists() {
+        ini_dir.join(p)
+    } else {
+        p
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,12 +127,8 @@ impl managed::Manager for ServerManager {
                 if let Err(e) = conn.stream.rehome() {
                     tracing::debug!(error = %e, "server connection left on its event loop");
                 }
-                // As at a checkout: probed unless used within server_check_delay with no
-                // server failure since (an idle connection handed over may be long idle).
-                let fresh = conn.failures_seen == self.incoming.failures()
-                    && Instant::now().saturating_duration_since(conn.idle_since) < self.check_delay;
-                if fresh || probe(&mut conn).is_ok() {
-                    conn.failures_seen = self.incoming.failures();
+                // As at a checkout (an idle connection handed over may be long idle).
+                if self.checked_idle(&mut conn).is_ok() {
                     return Ok(conn);
                 }
             }
@@ -250,14 +246,19 @@ impl ServerManager {
         if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {
             return reject("server_lifetime reached");
         }
-        // A server failure seen by any part since: probe now, whatever server_check_delay.
+        self.checked_idle(conn).or_else(reject)
+    }
+
+    /// Probes `conn` unless it was used within server_check_delay and no part has seen a
+    /// server failure since (then it is probed whatever server_check_delay says).
+    fn checked_idle(&self, conn: &mut ServerConn) -> Result<(), &'static str> {
         let failures = self.incoming.failures();
         let fresh = conn.failures_seen == failures;
         conn.failures_seen = failures;
-        if fresh && now.saturating_duration_since(conn.idle_since) < self.check_delay {
+        if fresh && Instant::now().saturating_duration_since(conn.idle_since) < self.check_delay {
             return Ok(());
         }
-        probe(conn).or_else(reject)
+        probe(conn)
     }
 }
 

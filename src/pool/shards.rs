@@ -275,10 +275,7 @@ impl Occupant for ShardsOccupant {
         if shards.pools[0].manager().incoming.expire(true) {
             return true;
         }
-        let leases = shards.leases();
-        let over = |k: &usize| shards.pools[*k].status().size > leases[*k];
-        let (first, rest): (Vec<usize>, Vec<usize>) = (0..shards.pools.len()).partition(over);
-        first.into_iter().chain(rest).any(|k| close_one(&shards.pools[k]))
+        over_lease_first(&shards).any(|k| close_one(&shards.pools[k]))
     }
 
     fn resize(&self, share: usize) {
@@ -296,10 +293,7 @@ impl Occupant for ShardsOccupant {
         if shards.pools.len() < 2 {
             return false;
         }
-        let leases = shards.leases();
-        let over = |k: &usize| shards.pools[*k].status().size > leases[*k];
-        let (first, rest): (Vec<usize>, Vec<usize>) = (0..shards.pools.len()).partition(over);
-        for k in first.into_iter().chain(rest) {
+        for k in over_lease_first(&shards) {
             let mut taken = false;
             let removed = shards.pools[k]
                 .retain(|_, _| std::mem::replace(&mut taken, true))
@@ -311,6 +305,15 @@ impl Occupant for ShardsOccupant {
         }
         false
     }
+}
+
+/// The parts, those holding more than their lease first (where an idle connection is taken
+/// from, to close or to hand over).
+fn over_lease_first(shards: &Shards) -> impl Iterator<Item = usize> {
+    let leases = shards.leases();
+    let over = |k: &usize| shards.pools[*k].status().size > leases[*k];
+    let (first, rest): (Vec<usize>, Vec<usize>) = (0..shards.pools.len()).partition(over);
+    first.into_iter().chain(rest)
 }
 
 fn close_one(pool: &Pool) -> bool {

@@ -433,8 +433,8 @@ impl Budget {
     async fn wait_for(&self, kind: Kind, deadline: Option<Instant>, leaf: Option<&Budget>) -> Result<(), Refused> {
         let _waiting = (kind == Kind::Pool).then(|| Waiting::new(self));
         // A pool taker (of `leaf`, the pool's budget) may get an idle connection of the same
-        // pool handed over instead, whichever budget of its chain is full.
-        let mut handed = leaf.is_none();
+        // pool handed over instead, whichever budget of its chain is full: asked once.
+        let mut hand_from = leaf;
         let grace = Instant::now()
             + if self.seats.is_some() {
                 LEASE_GRACE
@@ -450,11 +450,11 @@ impl Budget {
                 // Full with nothing closing: close an idle connection; its slot comes back
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
-                    // Handed over once at most; later rounds close, if the taker still waits.
-                    let handed_now =
-                        !handed && leaf.is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
-                    handed = true;
-                    if !handed_now && self.state().closing == 0 && Instant::now() >= grace {
+                    // Later rounds close, if the taker still waits.
+                    let handed = hand_from
+                        .take()
+                        .is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
+                    if !handed && self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
                     }
                 }

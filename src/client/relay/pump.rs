@@ -56,10 +56,9 @@ pub(super) struct Relay<'m> {
     phase: &'m mut PhaseWatch,
     /// The shutdown phase last seen.
     now: Phase,
-    /// A takeover's handoff (transaction mode), and whether it had begun when the phase
-    /// bell last rang: then a pinned session ends at rest, as when draining.
+    /// A takeover's handoff (transaction mode): once begun, a pinned session ends at rest, as
+    /// when draining (the phase bell rings when it begins).
     handoff: Option<&'m crate::client::Handoff>,
-    leaving: bool,
     /// The server connection failed.
     server_broken: bool,
     /// What to tell the client when a timeout or a verdict ended the relay.
@@ -143,7 +142,6 @@ impl<'m> Relay<'m> {
             databases,
             timer: Timer::new(timeouts, cancel.as_ref(), who),
             now: phase.now(),
-            leaving: handoff.as_ref().is_some_and(|h| h.is_begun()),
             handoff: handoff.as_deref(),
             phase,
             server_broken: false,
@@ -186,10 +184,7 @@ impl<'m> Relay<'m> {
             tokio::select! {
                 // Shutdown first, so a session that streams without pause still sees it.
                 biased;
-                p = self.phase.changed(), if self.now != Phase::Stopped => {
-                    self.now = p;
-                    self.leaving = self.handoff.is_some_and(crate::client::Handoff::is_begun);
-                }
+                p = self.phase.changed(), if self.now != Phase::Stopped => self.now = p,
                 () = Timer::fired(&mut self.timer), if self.timer.as_ref().is_some_and(Timer::armed) => {
                     if let Some(e) = self.timer.as_mut().and_then(Timer::expired) {
                         return self.ended_by(e);
@@ -310,8 +305,9 @@ impl<'m> Relay<'m> {
     #[inline]
     fn settled(&self, cw: &impl TryWrite, sw: &impl TryWrite) -> Option<RelayEnd> {
         let release_after_transaction = self.session.transaction && self.t.pin.is_none();
-        // Pinned (it cannot move) during a takeover's handoff: it leaves as when draining.
-        let leaving = self.leaving && !release_after_transaction;
+        // Pinned (it cannot move) during a takeover's handoff: it leaves as when draining. Only
+        // a pinned transaction-mode session (handoff set, not released) looks.
+        let leaving = !release_after_transaction && self.handoff.is_some_and(crate::client::Handoff::is_begun);
         if self.now == Phase::Running && !release_after_transaction && !leaving {
             return None;
         }
