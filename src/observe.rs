@@ -35,6 +35,8 @@ pub const METRICS: &[&str] = &[
     "pgvalve_identity_client_connections",
     "pgvalve_identity_client_growth_10s",
     "pgvalve_identity_client_growth_1s",
+    "pgvalve_identity_cluster_grants",
+    "pgvalve_identity_cluster_max_server_connections",
     "pgvalve_identity_login_rate",
     "pgvalve_identity_login_rate_baseline",
     "pgvalve_identity_logins_total",

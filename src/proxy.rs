@@ -240,6 +240,7 @@ impl ProxyHandle {
             tasks.extend(crate::takeover::predecessor::start(&path, p));
         }
         if let Some(c) = shared.pools.cluster() {
+            c.attach_grants(Arc::new(shared.admission.clone()));
             let run = crate::cluster::run(c.clone(), shared.live_config.clone(), phase.clone());
             tasks.push(tokio::spawn(run));
         }
@@ -475,4 +476,23 @@ fn hex_nonce() -> String {
     let mut b = [0u8; 16];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The cluster's coordinator leases admission's cluster-wide identity caps.
+impl crate::cluster::grants::IdentityGrants for crate::admission::Admission {
+    fn wants(&self) -> Vec<crate::cluster::grants::Want> {
+        self.cluster_demand()
+            .into_iter()
+            .map(|d| crate::cluster::grants::Want {
+                identity: d.identity,
+                max: d.max,
+                in_use: d.in_use,
+                waiting: d.waiting,
+            })
+            .collect()
+    }
+
+    fn set(&self, identity: &str, grants: u32) -> u32 {
+        self.set_cluster_grants(identity, grants)
+    }
 }

@@ -123,6 +123,14 @@ impl Reloader {
         if old.admin != new.admin || old.locks != new.locks {
             r.changes.push("[admin] or [locks]".into());
         }
+        if self.pools.cluster().is_none() {
+            // No cluster runs (it starts with the process): nobody would lease these caps.
+            for rule in &mut new.identities {
+                if rule.limits.cluster_max_server_connections.take().is_some() {
+                    tracing::warn!(rule = %rule.template(), "cluster_max_server_connections ignored until pgvalve restarts with its [cluster]");
+                }
+            }
+        }
         let admission = AdmissionConfig::from_config(&new);
         self.live_config.store(Arc::new(new));
         r.changes.extend(self.pools.reload(&self.config()));
@@ -187,5 +195,6 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         old.proxy.session_threads == new.proxy.session_threads,
     );
     check("locks.enabled", old.locks.enabled == new.locks.enabled);
+    check("cluster", old.cluster == new.cluster);
     v
 }

@@ -153,6 +153,9 @@ fn limits(shared: &Admin<'_>) -> Table {
         ("refused_queue_timeout", Int8),
         ("headroom", Text),
         ("refused_headroom", Int8),
+        ("cluster_max_server_connections", Int8),
+        ("cluster_grants", Int8),
+        ("refused_cluster_cap", Int8),
     ]);
     for i in shared.admission.identities() {
         let (l, c) = (&i.limits, &i.counters);
@@ -188,6 +191,9 @@ fn limits(shared: &Admin<'_>) -> Table {
             refused("queue_timeout"),
             s(l.headroom),
             refused("headroom"),
+            s(l.cluster_max_servers),
+            s(i.cluster_grants),
+            refused("cluster_cap"),
         ]);
     }
     t

@@ -15,6 +15,8 @@ pub struct Limits {
     pub(crate) max_clients: u32,
     /// Server connections at once, across pools (0 = no cap).
     pub(crate) max_servers: u32,
+    /// Server connections at once across every instance of the cluster (0 = no such cap).
+    pub(crate) cluster_max_servers: u32,
     /// Server connections reserved in each pool it uses.
     pub(crate) min_servers: u32,
     /// Scheduling weight (≥ 1).
@@ -52,6 +54,7 @@ impl Limits {
         Limits {
             max_clients: o.max_client_connections.unwrap_or(defaults.max_client_connections),
             max_servers: o.max_server_connections.unwrap_or(defaults.max_server_connections),
+            cluster_max_servers: o.cluster_max_server_connections.unwrap_or(0),
             min_servers: o.min_server_connections.unwrap_or(defaults.min_server_connections),
             weight: o.weight.unwrap_or(defaults.weight).max(1),
             headroom: o.headroom.unwrap_or(defaults.headroom),

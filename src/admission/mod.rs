@@ -44,6 +44,7 @@ pub(crate) use surge::SurgeEvent;
 
 use identity::{ClientFacts, Rule};
 use queue::{Due, Request, Scheduler, ShareLimits};
+pub use tick::{ClusterDemand, IdentityStatus};
 pub use wait::{Acquired, Queued, Waited};
 
 /// Surge episodes kept for SHOW SURGES.
@@ -160,6 +161,7 @@ impl AdmissionConfig {
 fn share_limits(l: &Limits) -> ShareLimits {
     ShareLimits {
         max_servers: l.max_servers,
+        cluster_max: l.cluster_max_servers,
         min_servers: l.min_servers,
         weight: l.weight,
         max_queue: l.max_queue,
@@ -465,11 +467,20 @@ impl Admission {
             .ids
             .get(id)
             .map_or("query_wait_timeout", |i| i.limits.queue_timeout_key);
+        let cluster = st.ids.get(id).map_or(0, |i| i.limits.cluster_max_servers);
         if max > 0 && held >= max {
             Refusal::ServerCap {
                 identity: id.to_string(),
                 held,
                 max,
+                waited,
+                key,
+            }
+        } else if cluster > 0 && held >= st.sched.grants(id) {
+            Refusal::ClusterCap {
+                identity: id.to_string(),
+                held,
+                max: cluster,
                 waited,
                 key,
             }

@@ -29,6 +29,9 @@ use super::limits::Headroom;
 pub struct ShareLimits {
     /// Grants across gates (0 = no cap).
     pub(crate) max_servers: u32,
+    /// Grants across every instance of the cluster (0 = no such cap): the identity holds at
+    /// most as many here as the cluster granted this instance ([`Scheduler::set_grants`]).
+    pub(crate) cluster_max: u32,
     /// Grants reserved in each gate the identity uses.
     pub(crate) min_servers: u32,
     /// Weight (≥ 1).
@@ -46,6 +49,7 @@ impl Default for ShareLimits {
     fn default() -> Self {
         Self {
             max_servers: 0,
+            cluster_max: 0,
             min_servers: 0,
             weight: 1,
             max_queue: 0,
@@ -62,6 +66,16 @@ struct Share {
     waiting: u32,
     /// Sessions holding dangerous locks, as the lock monitor last saw.
     lock_holders: u32,
+    /// Of the cluster-wide cap, what this instance may hold now (used when `cluster_max` > 0).
+    grants: u32,
+}
+
+impl Share {
+    /// Whether a cap of its own keeps it from taking another grant.
+    fn capped(&self) -> bool {
+        let l = &self.limits;
+        (l.max_servers > 0 && self.servers >= l.max_servers) || (l.cluster_max > 0 && self.servers >= self.grants)
+    }
 }
 
 /// What a waiting client is told.
@@ -164,6 +178,7 @@ impl Scheduler {
                         servers: 0,
                         waiting: 0,
                         lock_holders: 0,
+                        grants: 0,
                     },
                 );
                 false
@@ -288,7 +303,7 @@ impl Scheduler {
     pub fn release(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
         let at_cap = match self.shares.get_mut(id) {
             Some(s) => {
-                let was = s.limits.max_servers > 0 && s.servers >= s.limits.max_servers;
+                let was = s.capped();
                 s.servers = s.servers.saturating_sub(1);
                 was && s.waiting > 0
             }
@@ -309,16 +324,52 @@ impl Scheduler {
         self.dispatch_siblings(gate);
         if at_cap {
             // The identity was held back by its own cap: its waiters in other gates may go.
-            let others: Vec<Arc<str>> = self
-                .gates
-                .iter()
-                .filter(|(k, g)| *k != gate && g.flows.get(id).is_some_and(|f| !f.waiting.is_empty()))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for g in others {
-                self.dispatch(&g);
-            }
+            self.dispatch_waiting(id, Some(gate));
         }
+    }
+
+    /// Hands grants to `id`'s waiters in every gate where it waits (but `except`).
+    fn dispatch_waiting(&mut self, id: &Arc<str>, except: Option<&Arc<str>>) {
+        let gates: Vec<Arc<str>> = self
+            .gates
+            .iter()
+            .filter(|(k, g)| Some(*k) != except && g.flows.get(id).is_some_and(|f| !f.waiting.is_empty()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for g in gates {
+            self.dispatch(&g);
+        }
+    }
+
+    /// Sets how many grants of its cluster-wide cap `id` may hold on this instance (from the
+    /// cluster's coordinator); returns how many it holds now. Lowering it takes nothing
+    /// back: what it holds above the new number is given back as its transactions end.
+    pub(crate) fn set_grants(&mut self, id: &str, grants: u32) -> u32 {
+        let Some(key) = self.shares.get_key_value(id).map(|(k, _)| k.clone()) else {
+            return 0;
+        };
+        let s = self.shares.get_mut(&key).expect("invariant: found above");
+        let (raised, servers) = (grants > s.grants, s.servers);
+        s.grants = grants;
+        if raised {
+            self.dispatch_waiting(&key, None);
+        }
+        servers
+    }
+
+    /// What `id` may hold now of its cluster-wide cap.
+    pub(crate) fn grants(&self, id: &str) -> u32 {
+        self.shares.get(id).map_or(0, |s| s.grants)
+    }
+
+    /// Every identity with a cluster-wide cap: (identity, cap, grants held, grants it may
+    /// hold now, clients waiting).
+    pub(crate) fn cluster_shares(&self) -> Vec<(Arc<str>, u32, u32, u32, u32)> {
+        self.shares
+            .iter()
+            .filter(|(_, s)| s.limits.cluster_max > 0)
+            .map(|(k, s)| (k.clone(), s.limits.cluster_max, s.servers, s.grants, s.waiting))
+            .collect()
     }
 
     fn eligible(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> bool {
@@ -326,7 +377,7 @@ impl Scheduler {
             return false;
         };
         if g.in_use >= g.capacity
-            || (s.limits.max_servers > 0 && s.servers >= s.limits.max_servers)
+            || s.capped()
             || (s.limits.max_lock_holders > 0 && s.lock_holders >= s.limits.max_lock_holders)
         {
             return false;

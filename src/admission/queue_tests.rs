@@ -19,6 +19,7 @@ fn far() -> (Instant, Due) {
 fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
     ShareLimits {
         max_servers: max,
+        cluster_max: 0,
         min_servers: min,
         weight,
         max_queue: queue,
@@ -93,6 +94,31 @@ impl Bench {
     fn held(&self, id: &str) -> u32 {
         self.held.get(id).copied().unwrap_or(0)
     }
+}
+
+#[test]
+fn a_cluster_wide_cap_admits_as_many_as_the_grants_held_here() {
+    let capped = ShareLimits {
+        cluster_max: 5,
+        ..limits(0, 0, 1, 0)
+    };
+    let mut b = Bench::new(10, &[("web", capped)]);
+    assert!(
+        !b.ask("web"),
+        "no grant leased yet: it waits, whatever the pool has free"
+    );
+    assert_eq!(b.s.set_grants("web", 2), 0);
+    b.collect();
+    assert_eq!(b.held("web"), 1, "the waiter got in");
+    assert!(b.ask("web") && !b.ask("web"), "two grants, two in use");
+    assert_eq!(b.s.set_grants("web", 1), 2, "lowering takes nothing back");
+    b.release("web");
+    assert_eq!(b.held("web"), 1, "the waiter stays out: one in use, cap 1");
+    assert_eq!(b.s.cluster_shares(), vec![(Arc::from("web"), 5, 1, 1, 1)]);
+    b.s.set_grants("web", 3);
+    b.collect();
+    assert_eq!(b.held("web"), 2);
+    assert_eq!(b.s.set_grants("nobody", 3), 0, "unknown identities are left alone");
 }
 
 #[test]

@@ -57,6 +57,21 @@ pub enum Refusal {
         /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
         key: &'static str,
     },
+    /// Waited `queue_timeout` while the identity held all this instance may of its
+    /// cluster-wide `cluster_max_server_connections` (the other instances hold the rest).
+    #[error("pgvalve: client \"{identity}\" has {held} server connections here, its part of cluster_max_server_connections={max} across the cluster; waited {} ({key})", fmt(*.waited))]
+    ClusterCap {
+        /// Identity.
+        identity: String,
+        /// Held on this instance now.
+        held: u32,
+        /// The cluster-wide cap.
+        max: u32,
+        /// How long the client waited.
+        waited: Duration,
+        /// The setting that bounded the wait (queue_timeout or query_wait_timeout).
+        key: &'static str,
+    },
     /// Waited `queue_timeout` while the identity had `max_lock_holders` sessions holding
     /// dangerous locks.
     #[error("pgvalve: client \"{identity}\" has {holders} sessions holding dangerous locks (max_lock_holders={max}); waited {} ({key})", fmt(*.waited))]
@@ -131,6 +146,7 @@ impl Refusal {
             Refusal::ConnectRate { .. } => "connect_rate",
             Refusal::QueueFull { .. } => "queue_full",
             Refusal::ServerCap { .. } => "server_cap",
+            Refusal::ClusterCap { .. } => "cluster_cap",
             Refusal::QueueTimeout { .. } => "queue_timeout",
             Refusal::Headroom { .. } => "headroom",
             Refusal::LockHolders { .. } => "lock_holders",
@@ -145,6 +161,7 @@ impl Refusal {
             | Refusal::ConnectRate { identity, .. }
             | Refusal::QueueFull { identity, .. }
             | Refusal::ServerCap { identity, .. }
+            | Refusal::ClusterCap { identity, .. }
             | Refusal::QueueTimeout { identity, .. }
             | Refusal::Headroom { identity, .. }
             | Refusal::LockHolders { identity, .. }
@@ -166,6 +183,9 @@ impl Refusal {
             }
             Refusal::ServerCap { .. } => {
                 "This application holds all the server connections it may: shorten its transactions, or raise max_server_connections for this identity."
+            }
+            Refusal::ClusterCap { .. } => {
+                "This application holds all the server connections it may across the pgvalve cluster (SHOW CLUSTER shows the instances): shorten its transactions, or raise cluster_max_server_connections for this identity."
             }
             Refusal::ServerSlots { .. } => {
                 "Raise max_server_connections (and PostgreSQL's max_connections) or lower pool sizes; idle server connections of other pools are closed first."
@@ -223,6 +243,13 @@ mod tests {
                 identity: identity.clone(),
                 held: 1,
                 max: 1,
+                waited,
+                key,
+            },
+            Refusal::ClusterCap {
+                identity: identity.clone(),
+                held: 2,
+                max: 5,
                 waited,
                 key,
             },

@@ -33,6 +33,8 @@ pub struct IdentityStatus {
     pub servers: u32,
     /// Clients waiting for one now.
     pub waiting: u32,
+    /// Of its cluster-wide cap, what this instance may hold now (0 without one).
+    pub cluster_grants: u32,
     /// Logins in the last second.
     pub(crate) login_rate: f64,
     /// Logins per second over the last 10 s.
@@ -47,6 +49,21 @@ pub struct IdentityStatus {
     pub surging: bool,
     /// Counters since it was first seen.
     pub counters: Counters,
+}
+
+/// One identity with a cluster-wide cap, as admission holds it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDemand {
+    /// The identity.
+    pub identity: Arc<str>,
+    /// Its `cluster_max_server_connections`.
+    pub max: u32,
+    /// Server connections it holds on this instance.
+    pub in_use: u32,
+    /// What it may hold here now.
+    pub grants: u32,
+    /// Its clients waiting here.
+    pub waiting: u32,
 }
 
 impl Admission {
@@ -197,6 +214,29 @@ impl Admission {
         st.ids.keys().filter(|id| st.sched.status(id).waiting > 0).count()
     }
 
+    /// Every identity with a cluster-wide cap, as the cluster's coordinator needs it.
+    pub fn cluster_demand(&self) -> Vec<ClusterDemand> {
+        let st = self.state();
+        st.sched
+            .cluster_shares()
+            .into_iter()
+            .map(|(identity, max, in_use, grants, waiting)| ClusterDemand {
+                identity,
+                max,
+                in_use,
+                grants,
+                waiting,
+            })
+            .collect()
+    }
+
+    /// Sets how many of its cluster-wide cap `identity` may hold on this instance; returns
+    /// how many it holds now (never more than before: lowering takes nothing back, what it
+    /// holds above drains as transactions end).
+    pub fn set_cluster_grants(&self, identity: &str, grants: u32) -> u32 {
+        self.state().sched.set_grants(identity, grants)
+    }
+
     /// Every known identity, sorted by name.
     pub fn identities(&self) -> Vec<IdentityStatus> {
         let st = self.state();
@@ -213,6 +253,7 @@ impl Admission {
                     clients: i.clients,
                     servers: s.servers,
                     waiting: s.waiting,
+                    cluster_grants: st.sched.grants(id),
                     login_rate,
                     login_rate_10s,
                     delta_10s,

@@ -22,7 +22,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::routes::Routes;
-use super::{share, Cluster, Peer, View};
+use super::{grants, share, Cluster, Peer, View};
 use crate::config::{Config, ServerTls};
 use crate::server::seat::LEASE_BASE;
 use crate::server::ServerStream;
@@ -117,6 +117,8 @@ struct Snapshot {
     sitters: Vec<(i32, i32)>,
     /// Lease holders' application_name.
     apps: BTreeMap<i32, String>,
+    /// (key, backend pid) of every grant and want marker of a per-identity cap.
+    grants: Vec<(i64, i32)>,
 }
 
 impl Snapshot {
@@ -124,7 +126,9 @@ impl Snapshot {
         let mut s = Snapshot::default();
         for row in client.query(SNAPSHOT_SQL, &[&i64::from(class)]).await? {
             let (objid, pid, app): (i64, i32, String) = (row.get(0), row.get(1), row.get(2));
-            if objid >= LEASE_BASE {
+            if objid >= grants::GRANT_BASE {
+                s.grants.push((objid, pid));
+            } else if objid >= LEASE_BASE {
                 s.leases
                     .insert(i32::try_from(objid - LEASE_BASE).unwrap_or(i32::MAX), pid);
                 s.apps.insert(pid, app);
@@ -166,6 +170,8 @@ struct Memory {
     quiet_until: Instant,
     /// The address this instance publishes for forwarded CancelRequests.
     addr: Option<String>,
+    /// The grants of per-identity caps this instance holds.
+    grants: grants::Held,
 }
 
 /// Runs the coordination for `cl` until the proxy stops, reconnecting when the connection is
@@ -204,6 +210,9 @@ pub async fn run(cl: Arc<Cluster>, config: Arc<ArcSwap<Config>>, mut phase: watc
 fn lose_all(cl: &Cluster) {
     cl.root.resize(0);
     cl.table.lose();
+    if let Some(g) = cl.grants() {
+        grants::lose(g);
+    }
     let mut v = cl.view();
     v.connected = false;
     cl.set_view(v);
@@ -251,6 +260,7 @@ async fn session(
             .collect(),
         quiet_until: Instant::now() + cl.settings.takeover_delay,
         addr,
+        grants: grants::Held::default(),
     };
     let mut every = tokio::time::interval(cl.settings.rebalance_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -391,6 +401,10 @@ async fn round(cl: &Cluster, client: &Client, mem: &mut Memory) -> Result<(), St
     };
     if moved {
         Cluster::count(&cl.counters.rebalances, 1);
+    }
+    if let Some(g) = cl.grants() {
+        let quiet = Instant::now() < mem.quiet_until;
+        grants::round(g, client, (class, mem.pid), &snap.grants, &mut mem.grants, quiet).await?;
     }
     cl.set_view(View {
         peers,

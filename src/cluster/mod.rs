@@ -12,6 +12,7 @@
 //! transaction.
 
 mod coord;
+pub mod grants;
 pub mod routes;
 pub mod share;
 mod table;
@@ -91,6 +92,8 @@ pub struct Cluster {
     routes: Mutex<routes::Routes>,
     /// Identities with clients waiting now (see [`Cluster::set_weight`]).
     weight: AtomicUsize,
+    /// Admission's per-identity caps, for cluster-wide identity caps (set once by the proxy).
+    grants: OnceLock<Arc<dyn grants::IdentityGrants>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -109,6 +112,7 @@ impl Cluster {
             listen: OnceLock::new(),
             routes: Mutex::default(),
             weight: AtomicUsize::new(0),
+            grants: OnceLock::new(),
             counters: Counters::default(),
         })
     }
@@ -137,6 +141,15 @@ impl Cluster {
     /// weight of this instance's share when several want more than the budget has.
     pub fn set_weight(&self, identities_waiting: usize) {
         self.weight.store(identities_waiting, Ordering::Relaxed);
+    }
+
+    /// Attaches admission, whose identities' cluster-wide caps the coordinator leases.
+    pub fn attach_grants(&self, gate: Arc<dyn grants::IdentityGrants>) {
+        let _ = self.grants.set(gate);
+    }
+
+    fn grants(&self) -> Option<&dyn grants::IdentityGrants> {
+        self.grants.get().map(|g| &**g)
     }
 
     fn weight(&self) -> usize {

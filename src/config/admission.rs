@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// Highest cluster-wide cap of one identity (each of its server connections is a grant, an
+/// advisory lock numbered below this; docs/cluster.md).
+pub const MAX_CLUSTER_GRANTS: u32 = 255;
+
 /// What the lock monitor does with a session that holds a dangerous lock past `max_lock_hold`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -208,6 +212,9 @@ pub struct LimitOverrides {
     pub lock_action: Option<LockAction>,
     /// See [`AdmissionSettings::max_lock_holders`].
     pub max_lock_holders: Option<u32>,
+    /// Server connections the identity may hold across every instance of the `[cluster]`
+    /// (rules only; docs/cluster.md, "Per-identity caps").
+    pub cluster_max_server_connections: Option<u32>,
 }
 
 impl AdmissionSettings {
@@ -227,6 +234,7 @@ impl AdmissionSettings {
             max_lock_hold: Some(self.max_lock_hold),
             lock_action: Some(self.lock_action),
             max_lock_holders: Some(self.max_lock_holders),
+            cluster_max_server_connections: None,
         }
     }
 
@@ -283,6 +291,13 @@ pub fn validate_limits(o: &LimitOverrides) -> Result<(), (String, String)> {
             "min_server_connections",
             max == 0 || min <= max,
             "must not exceed max_server_connections",
+        )?;
+    }
+    if let Some(n) = o.cluster_max_server_connections {
+        check(
+            "cluster_max_server_connections",
+            (1..=MAX_CLUSTER_GRANTS).contains(&n),
+            &format!("must be 1 to {MAX_CLUSTER_GRANTS}"),
         )?;
     }
     if let Some(r) = o.max_connect_rate {
@@ -347,6 +362,9 @@ pub struct IdentityRule {
     pub lock_action: Option<LockAction>,
     /// See `[admission]`.
     pub max_lock_holders: Option<u32>,
+    /// Server connections this rule's identities may hold across every instance of the
+    /// `[cluster]` together (each identity its own; needs `[cluster]`).
+    pub cluster_max_server_connections: Option<u32>,
     /// PostgreSQL settings for this rule's identities, over `[admission] server_settings`.
     pub server_settings: Option<super::ServerSettings>,
 }
@@ -394,6 +412,7 @@ impl Rule {
             max_lock_hold: r.max_lock_hold,
             lock_action: r.lock_action,
             max_lock_holders: r.max_lock_holders,
+            cluster_max_server_connections: r.cluster_max_server_connections,
         };
         validate_limits(&limits)?;
         if let Some(s) = &r.server_settings {

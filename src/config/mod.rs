@@ -26,7 +26,7 @@ use crate::error::{sqlstate, Side, Sided};
 
 pub use admission::{
     cidr_contains, parse_cidr, validate_limits, AdmissionSettings, Headroom, IdentityRule, LimitOverrides, LockAction,
-    Rule,
+    Rule, MAX_CLUSTER_GRANTS,
 };
 pub use budget::{PgLimits, ServerBudget, ServerCap};
 pub use cluster::{ClusterSettings, MAX_CLUSTER_BUDGET};
@@ -507,6 +507,8 @@ impl Config {
         let mut identities = Vec::new();
         for (i, r) in f.identity.into_iter().enumerate() {
             let rule = Rule::new(r).map_err(|(field, reason)| invalid(&format!("identity[{i}].{field}"), reason))?;
+            validate::cluster_cap(&rule, f.cluster.as_ref())
+                .map_err(|reason| invalid(&format!("identity[{i}].cluster_max_server_connections"), reason))?;
             identities.push(rule);
         }
         let tls = Tls::load(&f.tls).map_err(|(field, reason)| invalid(&format!("tls.{field}"), reason))?;

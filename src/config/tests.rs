@@ -333,6 +333,27 @@ fn cluster_settings_parse_validate_and_come_from_flags() {
 }
 
 #[test]
+fn a_cluster_wide_identity_cap_needs_a_cluster_and_fits_its_budget() {
+    let rule = |n: u32| {
+        format!("\n[[identity]]\nname = \"web\"\napplication_name = \"web\"\ncluster_max_server_connections = {n}\n")
+    };
+    let cluster = "\n[cluster]\nname = \"shop\"\nmax_server_connections = 20\n";
+    let c = parse_and_validate(&format!("{MINIMAL}{cluster}{}", rule(5))).unwrap();
+    assert_eq!(c.identities[0].limits.cluster_max_server_connections, Some(5));
+    for (text, why) in [
+        (format!("{MINIMAL}{}", rule(5)), "needs a [cluster]"),
+        (format!("{MINIMAL}{cluster}{}", rule(20)), "below the cluster's"),
+        (format!("{MINIMAL}{cluster}{}", rule(0)), "must be 1 to 255"),
+    ] {
+        let e = parse_and_validate(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("identity[0].cluster_max_server_connections") && e.contains(why),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn max_server_connections_is_a_number_auto_or_a_percentage() {
     let parse = |v: &str| parse_toml("t", &format!("{MINIMAL}\n[pool]\nmax_server_connections = {v}\n"));
     let cap = |v: &str| parse(v).unwrap().pool.max_server_connections;

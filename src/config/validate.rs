@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::types::{self, AuthType, FileConfig, SessionStatePolicy, UserConfig};
-use super::{ConfigError, ScramVerifier, User};
+use super::{ClusterSettings, ConfigError, ScramVerifier, User};
 
 /// Builds the [`ConfigError::Invalid`] for a field of the file being validated.
 pub(super) type Invalid<'a> = dyn Fn(&str, String) -> ConfigError + 'a;
@@ -276,6 +276,22 @@ pub(super) fn http_auth(f: &FileConfig, invalid: &Invalid) -> Result<types::Http
         basic,
         token: h.auth_token.clone(),
     })
+}
+
+/// A rule's cluster-wide cap: only in a `[cluster]`, and below its budget (each instance's
+/// coordination connection takes a slot of it).
+pub(super) fn cluster_cap(rule: &super::Rule, cluster: Option<&ClusterSettings>) -> Result<(), String> {
+    let Some(n) = rule.limits.cluster_max_server_connections else {
+        return Ok(());
+    };
+    match cluster {
+        None => Err("needs a [cluster] (without one, max_server_connections caps the identity)".into()),
+        Some(c) if n >= c.max_server_connections => Err(format!(
+            "must be below the cluster's max_server_connections ({})",
+            c.max_server_connections
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// `[cluster]`: workable values, and a database and user the coordination connection can use.

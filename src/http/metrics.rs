@@ -128,6 +128,11 @@ impl Snapshot {
                 id,
                 f64::from(i.limits.max_servers),
             );
+            if i.limits.cluster_max_servers > 0 {
+                let cap = f64::from(i.limits.cluster_max_servers);
+                self.gauge("pgvalve_identity_cluster_max_server_connections", id, cap);
+                self.gauge("pgvalve_identity_cluster_grants", id, f64::from(i.cluster_grants));
+            }
             self.gauge("pgvalve_identity_login_rate", id, i.login_rate);
             self.gauge("pgvalve_identity_login_rate_baseline", id, i.baseline);
             self.gauge("pgvalve_identity_client_growth_1s", id, i.delta_1s as f64);

@@ -17,7 +17,7 @@ const BUDGET: u32 = 20;
 
 /// One instance on its own runtime (dropping the runtime aborts it: tasks dropped, sockets
 /// closed, nothing cleaned up).
-struct Instance {
+pub(crate) struct Instance {
     proxy: Option<ProxyHandle>,
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -31,7 +31,7 @@ impl Instance {
         Instance::start_with(pg, cluster, |f| f.pool.pool_mode = mode)
     }
 
-    fn start_with(pg: &TestPostgres, cluster: &str, tweak: impl FnOnce(&mut FileConfig)) -> Instance {
+    pub(crate) fn start_with(pg: &TestPostgres, cluster: &str, tweak: impl FnOnce(&mut FileConfig)) -> Instance {
         let mut f = pg.file_config();
         f.locks.enabled = false;
         f.admin.stats_users.push(pg.opts.user.clone());
@@ -55,7 +55,7 @@ impl Instance {
         }
     }
 
-    fn url(&self, pg: &TestPostgres) -> String {
+    pub(crate) fn url(&self, pg: &TestPostgres) -> String {
         let o = &pg.opts;
         let addr = self.proxy.as_ref().expect("running").local_addr();
         format!("postgres://{}:{}@{addr}/{}", o.user, o.password, o.database)
@@ -67,7 +67,12 @@ impl Instance {
         c.root().usage().used
     }
 
-    fn cluster(&self) -> Arc<pgvalve::cluster::Cluster> {
+    /// One identity's SHOW LIMITS row, as admission holds it.
+    pub(crate) fn limits(&self, identity: &str) -> Option<pgvalve::admission::IdentityStatus> {
+        self.proxy.as_ref()?.shared().admission.identity(identity)
+    }
+
+    pub(crate) fn cluster(&self) -> Arc<pgvalve::cluster::Cluster> {
         self.proxy.as_ref().and_then(|p| p.cluster()).expect("in a cluster")
     }
 
@@ -85,7 +90,7 @@ impl Drop for Instance {
     }
 }
 
-async fn start_pg() -> TestPostgres {
+pub(crate) async fn start_pg() -> TestPostgres {
     TestPostgres::start(PgOptions {
         max_connections: 60,
         ..PgOptions::default()
@@ -140,10 +145,9 @@ async fn backends(su: &Client, user: &str) -> Result<i64, tokio_postgres::Error>
         .get(0))
 }
 
-/// `n` clients of `url`, each running short queries until `stop`; counts queries and errors.
+/// `n` clients of `url`, each running `sql` until `stop`; counts queries and errors.
 fn load(
-    url: String,
-    n: usize,
+    (url, n, sql): (String, usize, &'static str),
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
@@ -161,7 +165,7 @@ fn load(
                     }
                 };
                 while !stop.load(Ordering::Relaxed) {
-                    match c.simple_query("SELECT pg_sleep(0.005)").await {
+                    match c.simple_query(sql).await {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             eprintln!("query: {e:?}");
@@ -179,7 +183,7 @@ fn load(
         .collect()
 }
 
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
@@ -188,8 +192,13 @@ struct Load {
 
 impl Load {
     fn start(url: String, n: usize) -> Load {
+        Load::running(url, n, "SELECT pg_sleep(0.005)")
+    }
+
+    /// `n` clients of `url` running `sql` over and over.
+    pub(crate) fn running(url: String, n: usize, sql: &'static str) -> Load {
         let (stop, done, errors) = (Arc::default(), Arc::default(), Arc::default());
-        let tasks = load(url, n, Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
+        let tasks = load((url, n, sql), Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
         Load {
             stop,
             done,
@@ -198,8 +207,13 @@ impl Load {
         }
     }
 
+    /// Queries done so far.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
     /// Stops the clients; (queries done, errors).
-    async fn stop(self) -> (u64, u64) {
+    pub(crate) async fn stop(self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             let _ = t.await;
@@ -208,7 +222,7 @@ impl Load {
     }
 }
 
-async fn all_joined(instances: &[&Instance]) {
+pub(crate) async fn all_joined(instances: &[&Instance]) {
     eventually(Duration::from_secs(10), "every instance joined", || async {
         instances.iter().all(|i| {
             let v = i.proxy.as_ref().and_then(|p| p.cluster()).map(|c| c.view());

@@ -6,6 +6,7 @@ mod auth;
 mod budget;
 mod cli;
 mod cluster;
+mod cluster_caps;
 mod compat;
 mod console;
 mod cores;
