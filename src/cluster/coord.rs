@@ -22,7 +22,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::routes::Routes;
-use super::{grants, share, Cluster, Peer, View};
+use super::{grants, lease, share, Cluster, Peer, View};
 use crate::config::{Config, ServerTls};
 use crate::server::seat::LEASE_BASE;
 use crate::server::ServerStream;
@@ -37,15 +37,6 @@ const RETRY_MAX: Duration = Duration::from_millis(400);
 const SNAPSHOT_SQL: &str = "SELECT l.objid::int8, l.pid, COALESCE(a.application_name, '') \
      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted AND l.classid::int8 = $1::int8";
-/// Takes the lease locks it can of the seats asked for.
-const LOCK_SQL: &str = "SELECT i FROM unnest($1::int4[]) AS t(i) WHERE pg_try_advisory_lock($2::int4, 1000000 + i)";
-/// Of the seats just leased, those someone else also leases (another database) or sits on.
-const CONFLICT_SQL: &str = "SELECT i FROM unnest($1::int4[]) AS t(i) WHERE EXISTS (SELECT 1 FROM pg_locks \
-     WHERE locktype = 'advisory' AND objsubid = 2 AND classid::int8 = $2::int8 \
-     AND (objid::int8 = i OR (objid::int8 = 1000000 + i AND pid <> pg_backend_pid())))";
-/// Gives leases back.
-const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($2::int4, 1000000 + i) FROM unnest($1::int4[]) AS t(i)";
-
 /// What one instance publishes: `pgvalve:<id>:<in use>:<idle>:<waiting>[.<weight>][:<address>]`,
 /// the weight being how many identities have clients waiting there (left out when at most 1),
 /// the address where its listener takes CancelRequests forwarded by the others.
@@ -141,6 +132,16 @@ impl Snapshot {
         Ok(s)
     }
 
+    /// Seats this instance's connections sit on that nobody leases (after a lost
+    /// coordination connection).
+    fn unleased(&self, table: &super::table::Table) -> Vec<i32> {
+        table
+            .unleased_sat()
+            .into_iter()
+            .filter(|i| !self.leases.contains_key(i))
+            .collect()
+    }
+
     /// Seats below `budget` nobody leases or sits on.
     fn free(&self, budget: u32) -> BTreeSet<i32> {
         (0..i32::try_from(budget).unwrap_or(i32::MAX))
@@ -170,8 +171,6 @@ struct Memory {
     quiet_until: Instant,
     /// The address this instance publishes for forwarded CancelRequests.
     addr: Option<String>,
-    /// The grants of per-identity caps this instance holds.
-    grants: grants::Held,
 }
 
 /// Runs the coordination for `cl` until the proxy stops, reconnecting when the connection is
@@ -179,11 +178,13 @@ struct Memory {
 pub async fn run(cl: Arc<Cluster>, config: Arc<ArcSwap<Config>>, mut phase: watch::Receiver<Phase>) {
     let mut delay = Duration::from_millis(25);
     let mut was_up = false;
+    // The grants of per-identity caps: kept across coordination connections.
+    let mut held = grants::Held::default();
     loop {
         let cfg = config.load_full();
         let started = Instant::now();
-        let r = session(&cl, &cfg, &mut phase, &mut was_up).await;
-        lose_all(&cl);
+        let r = session(&cl, &cfg, &mut phase, (&mut was_up, &mut held)).await;
+        lose_all(&cl, &mut held);
         match r {
             Ok(()) => return,
             Err(e) => {
@@ -207,11 +208,11 @@ pub async fn run(cl: Arc<Cluster>, config: Arc<ArcSwap<Config>>, mut phase: watc
 }
 
 /// Every lease is gone: no new connection until the next session leases again.
-fn lose_all(cl: &Cluster) {
+fn lose_all(cl: &Cluster, held: &mut grants::Held) {
     cl.root.resize(0);
     cl.table.lose();
     if let Some(g) = cl.grants() {
-        grants::lose(g);
+        grants::lose(g, held);
     }
     let mut v = cl.view();
     v.connected = false;
@@ -223,7 +224,7 @@ async fn session(
     cl: &Cluster,
     cfg: &Config,
     phase: &mut watch::Receiver<Phase>,
-    was_up: &mut bool,
+    (was_up, held): (&mut bool, &mut grants::Held),
 ) -> Result<(), String> {
     let (client, mut conn, local_ip) = connect(cl, cfg).await?;
     let addr = advertised(cl, local_ip).await;
@@ -243,7 +244,7 @@ async fn session(
     // The coordination connection's own seat (it counts in the budget).
     let snap = Snapshot::take(&client, class).await.map_err(|e| e.to_string())?;
     let free: Vec<i32> = snap.free(cl.settings.max_server_connections).into_iter().collect();
-    if acquire(&client, class, &free, 1).await?.is_empty() {
+    if lease::acquire(&client, class, &free, 1).await?.is_empty() {
         return Err("every slot of the cluster is held; retrying".into());
     }
     cl.table.hold(pid);
@@ -260,13 +261,12 @@ async fn session(
             .collect(),
         quiet_until: Instant::now() + cl.settings.takeover_delay,
         addr,
-        grants: grants::Held::default(),
     };
     let mut every = tokio::time::interval(cl.settings.rebalance_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = every.tick() => round(cl, &client, &mut mem).await?,
+            _ = every.tick() => round(cl, &client, &mut mem, held).await?,
             _ = &mut conn => return Err("the coordination connection closed".into()),
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return Ok(()) },
         }
@@ -315,42 +315,8 @@ async fn connect(cl: &Cluster, cfg: &Config) -> Result<(Client, Conn, Option<IpA
     Ok((client, AbortOnDropHandle::new(tokio::spawn(conn)), ip))
 }
 
-/// Leases up to `n` of the `free` seats (in random order, so instances racing for the same
-/// seats rarely collide); returns those leased.
-async fn acquire(client: &Client, class: i32, free: &[i32], n: usize) -> Result<Vec<i32>, String> {
-    if n == 0 || free.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut want = free.to_vec();
-    fastrand::shuffle(&mut want);
-    want.truncate(n);
-    let e = |e: tokio_postgres::Error| e.to_string();
-    let got: Vec<i32> = client
-        .query(LOCK_SQL, &[&want, &class])
-        .await
-        .map_err(e)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if got.is_empty() {
-        return Ok(got);
-    }
-    let bad: BTreeSet<i32> = client
-        .query(CONFLICT_SQL, &[&got, &i64::from(class)])
-        .await
-        .map_err(e)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !bad.is_empty() {
-        let bad: Vec<i32> = bad.iter().copied().collect();
-        client.query(UNLOCK_SQL, &[&bad, &class]).await.map_err(e)?;
-    }
-    Ok(got.into_iter().filter(|i| !bad.contains(i)).collect())
-}
-
 /// One round: publish, look, move seats.
-async fn round(cl: &Cluster, client: &Client, mem: &mut Memory) -> Result<(), String> {
+async fn round(cl: &Cluster, client: &Client, mem: &mut Memory, held: &mut grants::Held) -> Result<(), String> {
     let class = cl.settings.lock_class();
     let budget = cl.settings.max_server_connections;
     let me = Published {
@@ -368,6 +334,7 @@ async fn round(cl: &Cluster, client: &Client, mem: &mut Memory) -> Result<(), St
     }
     let snap = Snapshot::take(client, class).await.map_err(|e| e.to_string())?;
     watch_peers(cl, &snap, mem);
+    lease::adopt(cl, client, snap.unleased(&cl.table)).await?;
     let free = snap.free(budget);
     let takeable: Vec<i32> = if Instant::now() >= mem.quiet_until {
         free.intersection(&mem.free).copied().collect()
@@ -382,7 +349,7 @@ async fn round(cl: &Cluster, client: &Client, mem: &mut Memory) -> Result<(), St
     let goal = targets.get(mine).copied().unwrap_or(1).saturating_sub(1);
     let leased = cl.table.leased();
     let moved = if goal > leased {
-        let got = acquire(client, class, &takeable, goal - leased).await?;
+        let got = lease::acquire(client, class, &takeable, goal - leased).await?;
         for i in &got {
             cl.table.lease(*i);
             cl.root.grow();
@@ -404,7 +371,7 @@ async fn round(cl: &Cluster, client: &Client, mem: &mut Memory) -> Result<(), St
     }
     if let Some(g) = cl.grants() {
         let quiet = Instant::now() < mem.quiet_until;
-        grants::round(g, client, (class, mem.pid), &snap.grants, &mut mem.grants, quiet).await?;
+        grants::round(g, client, (class, mem.pid), &snap.grants, held, quiet).await?;
     }
     cl.set_view(View {
         peers,
@@ -436,7 +403,7 @@ async fn release(cl: &Cluster, client: &Client, excess: usize, short: usize) -> 
     }
     let class = cl.settings.lock_class();
     client
-        .query(UNLOCK_SQL, &[&gone, &class])
+        .query(lease::UNLOCK_SQL, &[&gone, &class])
         .await
         .map_err(|e| e.to_string())?;
     Cluster::count(&cl.counters.released, gone.len());

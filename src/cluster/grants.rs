@@ -113,9 +113,10 @@ pub struct Plan {
     pub take: Vec<i32>,
 }
 
-/// This round's plan for one identity: `mine` the grants this instance (backend `me`) holds,
-/// `quiet` whether an instance was seen gone within `takeover_delay` (nothing is taken).
-pub fn plan(me: i32, w: &Want, mine: &BTreeSet<i32>, seen: &Seen, quiet: bool) -> Plan {
+/// This round's plan for one identity: `mine` the grants this instance (backend `me`) holds
+/// and those it lost with its last coordination connection, `quiet` whether an instance was
+/// seen gone within `takeover_delay` (then only its own lost grants are taken back).
+pub fn plan(me: i32, w: &Want, (mine, lost): (&BTreeSet<i32>, &BTreeSet<i32>), seen: &Seen, quiet: bool) -> Plan {
     let max = w.max as usize;
     let valid = mine.iter().filter(|k| (**k as usize) < max).count();
     let need = (w.in_use as usize + w.waiting as usize).min(max);
@@ -148,15 +149,23 @@ pub fn plan(me: i32, w: &Want, mine: &BTreeSet<i32>, seen: &Seen, quiet: bool) -
         // Nobody else is short: what it holds stays (its next transactions find it there).
         target = target.max(valid);
     }
+    // Server connections in use beyond its grants (its coordination connection was lost, and
+    // every grant with it) are covered first, by the very grants it lost when they are free:
+    // those, and only those, it takes back even while an instance is seen gone (everyone
+    // else leaves them alone for takeover_delay after seeing its old connection gone).
+    let cover = (w.in_use as usize).min(max);
     let taken: BTreeSet<i32> = seen.held.values().flatten().chain(mine).copied().collect();
-    let take = if target > valid && !quiet {
-        let mut free: Vec<i32> = (0..w.max as i32).filter(|k| !taken.contains(k)).collect();
-        fastrand::shuffle(&mut free);
-        free.truncate(target - valid);
-        free
+    let free = |k: &i32| (*k as usize) < max && !taken.contains(k);
+    let mut take: Vec<i32> = lost.iter().copied().filter(free).collect();
+    let goal = if quiet {
+        cover.min(valid + take.len())
     } else {
-        Vec::new()
+        let mut others: Vec<i32> = (0..w.max as i32).filter(|k| free(k) && !lost.contains(k)).collect();
+        fastrand::shuffle(&mut others);
+        take.extend(others);
+        target.max(cover)
     };
+    take.truncate(goal.saturating_sub(valid));
     let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
     Plan {
         cap: n(target.min(valid)),
@@ -174,16 +183,32 @@ pub fn to_release(mine: &BTreeSet<i32>, max: u32, cap: u32, in_use: u32) -> Vec<
     order.into_iter().take(mine.len().saturating_sub(keep)).collect()
 }
 
-/// What this instance holds of each capped identity (lost with the coordination connection).
+/// What this instance holds of one capped identity.
+#[derive(Debug, Default)]
+struct Mine {
+    /// Grants held on the coordination connection.
+    ks: BTreeSet<i32>,
+    /// Grants held on the previous one, lost with it, while connections they covered remain.
+    lost: BTreeSet<i32>,
+    /// Whether it holds the want marker.
+    wanting: bool,
+}
+
+/// What this instance holds of each capped identity. Kept across coordination connections:
+/// when one is lost its grants become `lost` (see [`plan`]).
 #[derive(Debug, Default)]
 pub struct Held {
-    ids: BTreeMap<Arc<str>, (BTreeSet<i32>, bool)>,
+    ids: BTreeMap<Arc<str>, Mine>,
 }
 
 impl Held {
-    /// Grants held in total (for the view).
-    pub fn count(&self) -> usize {
-        self.ids.values().map(|(ks, _)| ks.len()).sum()
+    /// The coordination connection is lost, and every grant and want marker with it.
+    pub fn lose(&mut self) {
+        for m in self.ids.values_mut() {
+            let ks = std::mem::take(&mut m.ks);
+            m.lost.extend(ks);
+            m.wanting = false;
+        }
     }
 }
 
@@ -206,10 +231,10 @@ pub async fn round(
         .cloned()
         .collect();
     for id in gone {
-        let (ks, want) = held.ids.remove(&id).unwrap_or_default();
-        let ks: Vec<i32> = ks.into_iter().collect();
+        let m = held.ids.remove(&id).unwrap_or_default();
+        let ks: Vec<i32> = m.ks.into_iter().collect();
         unlock(client, class, base(&id), &ks).await?;
-        if want {
+        if m.wanting {
             client
                 .query(UNWANT_SQL, &[&class, &(base(&id) + WANT)])
                 .await
@@ -218,23 +243,27 @@ pub async fn round(
     }
     for w in &wants {
         let b = base(&w.identity);
-        let (mine, wanting) = held.ids.entry(w.identity.clone()).or_default();
-        let p = plan(me, w, mine, seen.get(&b).unwrap_or(&Seen::default()), quiet);
+        let m = held.ids.entry(w.identity.clone()).or_default();
+        let p = plan(me, w, (&m.ks, &m.lost), seen.get(&b).unwrap_or(&Seen::default()), quiet);
         let in_use = gate.set(&w.identity, p.cap);
-        let back = to_release(mine, w.max, p.cap, in_use);
+        let back = to_release(&m.ks, w.max, p.cap, in_use);
         unlock(client, class, b, &back).await?;
         for k in &back {
-            mine.remove(k);
+            m.ks.remove(k);
         }
         let got = take(client, class, b, &p.take).await?;
-        mine.extend(&got);
-        let valid = mine.iter().filter(|k| (**k as u32) < w.max).count() as u32;
+        m.ks.extend(&got);
+        let valid = m.ks.iter().filter(|k| (**k as u32) < w.max).count() as u32;
+        if valid >= in_use {
+            // Covered again: what was lost is nobody's concern of this instance any more.
+            m.lost.clear();
+        }
         gate.set(&w.identity, p.target.min(valid));
         let want = w.in_use + w.waiting > valid;
-        if want != *wanting {
+        if want != m.wanting {
             let sql = if want { WANT_SQL } else { UNWANT_SQL };
             client.query(sql, &[&class, &(b + WANT)]).await.map_err(text)?;
-            *wanting = want;
+            m.wanting = want;
         }
     }
     Ok(())
@@ -279,7 +308,8 @@ async fn take(client: &Client, class: i32, base: i32, ks: &[i32]) -> Result<Vec<
 
 /// Every capped identity may hold nothing here (the coordination connection is lost, and
 /// every grant with it).
-pub fn lose(gate: &dyn IdentityGrants) {
+pub fn lose(gate: &dyn IdentityGrants, held: &mut Held) {
+    held.lose();
     for w in gate.wants() {
         gate.set(&w.identity, 0);
     }

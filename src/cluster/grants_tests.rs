@@ -30,13 +30,19 @@ fn keys_of_an_identity_stay_in_their_range() {
 
 #[test]
 fn alone_it_takes_what_it_needs_and_keeps_it() {
-    let p = plan(1, &want(5, 0, 3), &set(&[]), &Seen::default(), false);
+    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), false);
     assert_eq!((p.cap, p.target, p.take.len()), (0, 3, 3));
     // Idle again with three held and nobody else wanting: they stay.
-    let p = plan(1, &want(5, 0, 0), &set(&[0, 1, 2]), &Seen::default(), false);
+    let p = plan(
+        1,
+        &want(5, 0, 0),
+        (&set(&[0, 1, 2]), &set(&[])),
+        &Seen::default(),
+        false,
+    );
     assert_eq!((p.cap, p.take.len()), (3, 0));
     // Quiet after an instance left: nothing is taken.
-    let p = plan(1, &want(5, 0, 3), &set(&[]), &Seen::default(), true);
+    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), true);
     assert_eq!((p.cap, p.take.len()), (0, 0));
 }
 
@@ -46,10 +52,10 @@ fn a_wanting_peer_gets_an_equal_share_and_the_free_ones_are_not_taken_twice() {
     seen.held.insert(2, set(&[0, 1]));
     seen.wanters.insert(2);
     // Me: five in use, cap 5; the peer holds two and wants more: shares 3 / 2... me above.
-    let p = plan(1, &want(5, 3, 4), &set(&[2, 3, 4]), &seen, false);
+    let p = plan(1, &want(5, 3, 4), (&set(&[2, 3, 4]), &set(&[])), &seen, false);
     assert_eq!((p.cap, p.target), (3, 3), "max-min: I keep my three");
     assert!(p.take.is_empty());
-    let p = plan(1, &want(6, 4, 4), &set(&[2, 3, 4, 5]), &seen, false);
+    let p = plan(1, &want(6, 4, 4), (&set(&[2, 3, 4, 5]), &set(&[])), &seen, false);
     assert_eq!((p.cap, p.target), (3, 3), "lowered to an equal share");
     assert_eq!(
         to_release(&set(&[2, 3, 4, 5]), 6, 3, 4),
@@ -58,15 +64,40 @@ fn a_wanting_peer_gets_an_equal_share_and_the_free_ones_are_not_taken_twice() {
     );
     assert_eq!(to_release(&set(&[2, 3, 4, 5]), 6, 3, 3), vec![5]);
     // The free ones are those nobody holds.
-    let p = plan(1, &want(6, 0, 9), &set(&[]), &seen, false);
+    let p = plan(1, &want(6, 0, 9), (&set(&[]), &set(&[])), &seen, false);
     assert_eq!(p.target, 3);
     assert!(p.take.iter().all(|k| (2..6).contains(k)), "{:?}", p.take);
 }
 
 #[test]
+fn connections_left_from_a_lost_connection_are_covered_by_their_own_grants_first() {
+    let mut seen = Seen::default();
+    seen.held.insert(2, set(&[0, 1]));
+    seen.wanters.insert(2);
+    // Rejoined with two in use and nothing held; grants 3 and 4 were its own; another
+    // instance was seen gone just now (its grants, 2 say, are left alone).
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, true);
+    assert_eq!((p.cap, p.take.len()), (0, 2), "{p:?}");
+    assert!(p.take.iter().all(|k| [3, 4].contains(k)), "{p:?}");
+    // One of its own was taken meanwhile: only the other comes back while quiet.
+    seen.held.insert(3, set(&[4]));
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, true);
+    assert_eq!(p.take, vec![3]);
+    // Not quiet: its own first, then any free one.
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, false);
+    assert_eq!(p.take, vec![3, 2]);
+}
+
+#[test]
 fn grants_beyond_a_lowered_cap_go_first() {
     assert_eq!(to_release(&set(&[0, 7, 8]), 5, 1, 0), vec![8, 7]);
-    let p = plan(1, &want(5, 2, 0), &set(&[0, 7, 8]), &Seen::default(), false);
+    let p = plan(
+        1,
+        &want(5, 2, 0),
+        (&set(&[0, 7, 8]), &set(&[])),
+        &Seen::default(),
+        false,
+    );
     assert_eq!(p.cap, 1, "grants above the cap do not count");
 }
 
@@ -74,7 +105,8 @@ fn grants_beyond_a_lowered_cap_go_first() {
 /// admission's counts, random transactions, rounds, killed coordination connections, crashes
 /// and rejoins; after every step the cap is checked. The one approximation of
 /// docs/cluster.md is modelled: transactions running when an instance notices its
-/// coordination connection gone (or crashes) finish; they are counted apart ("orphans").
+/// coordination connection gone (or crashes) finish; they are counted apart ("orphans")
+/// until the instance covers them with grants again (its own lost ones, taken back first).
 mod sim {
     use super::*;
 
@@ -95,6 +127,8 @@ mod sim {
         session: u32,
         dropped_at: Option<u64>,
         mine: BTreeSet<i32>,
+        /// Grants of its previous coordination connection (taken back first).
+        lost: BTreeSet<i32>,
         wanting: bool,
         cap: u32,
         in_use: u32,
@@ -114,10 +148,12 @@ mod sim {
         wanters: BTreeSet<u32>,
         live: BTreeSet<u32>,
         is: Vec<Inst>,
+        /// Statements of crashed processes still running.
+        dead: u32,
     }
 
     impl World {
-        fn join(&mut self, i: usize) {
+        fn join(&mut self, i: usize, lost: BTreeSet<i32>) {
             self.next_session += 1;
             let s = self.next_session;
             self.live.insert(s);
@@ -128,6 +164,7 @@ mod sim {
                 session: s,
                 in_use: inst.in_use,
                 orphans: inst.orphans,
+                lost,
                 waiting: inst.waiting,
                 quiet_until: now + TAKEOVER,
                 last_round: now,
@@ -166,7 +203,7 @@ mod sim {
                 in_use: inst.in_use,
                 waiting: inst.waiting,
             };
-            let p = plan(s as i32, &w, &inst.mine, &seen, now < inst.quiet_until);
+            let p = plan(s as i32, &w, (&inst.mine, &inst.lost), &seen, now < inst.quiet_until);
             inst.cap = p.cap;
             for k in to_release(&inst.mine, MAX, p.cap, inst.in_use) {
                 inst.mine.remove(&k);
@@ -181,6 +218,11 @@ mod sim {
             }
             let inst = &mut self.is[i];
             inst.cap = p.target.min(inst.mine.len() as u32);
+            if inst.mine.len() as u32 >= inst.in_use {
+                // Covered by grants again (it took its own back after rejoining).
+                inst.orphans = 0;
+                inst.lost.clear();
+            }
             inst.wanting = inst.in_use + inst.waiting > inst.mine.len() as u32;
             if inst.wanting {
                 self.wanters.insert(s);
@@ -207,7 +249,8 @@ mod sim {
                 if inst.up && inst.dropped_at.is_some_and(|d| self.now >= d + NOTICE) {
                     inst.orphans = inst.in_use;
                     inst.cap = 0;
-                    self.join(i);
+                    let lost = std::mem::take(&mut inst.mine);
+                    self.join(i, lost);
                 }
                 if self.is[i].up && self.now >= self.is[i].last_round + ROUND {
                     self.round(i);
@@ -220,26 +263,29 @@ mod sim {
                     self.is[i].waiting += 1;
                     self.admit(i);
                 }
-                60..=89 if self.is[i].in_use > 0 => {
+                60..=64 if self.dead > 0 => self.dead -= 1,
+                60..=85 if self.is[i].in_use > 0 => {
                     let inst = &mut self.is[i];
                     inst.in_use -= 1;
                     inst.orphans = inst.orphans.saturating_sub(1);
                     self.admit(i);
                 }
-                90..=93 if self.is[i].dropped_at.is_none() => {
+                86..=95 if self.is[i].dropped_at.is_none() => {
                     // pg_terminate_backend on its coordination connection.
                     let s = self.is[i].session;
                     self.drop_session(s);
                     self.is[i].dropped_at = Some(self.now);
                 }
-                94..=95 if self.is[i].up => {
+                96..=97 if self.is[i].up => {
                     // Crash: its sessions end; statements already running finish.
                     let s = self.is[i].session;
                     self.drop_session(s);
                     let inst = &mut self.is[i];
-                    (inst.up, inst.orphans, inst.waiting, inst.cap) = (false, inst.in_use, 0, 0);
+                    // Its statements still running finish on PostgreSQL's side, nobody's now.
+                    self.dead += inst.in_use;
+                    (inst.up, inst.in_use, inst.orphans, inst.waiting, inst.cap) = (false, 0, 0, 0, 0);
                 }
-                96..=99 if !self.is[i].up => self.join(i),
+                98..=99 if !self.is[i].up => self.join(i, BTreeSet::new()),
                 _ => {}
             }
         }
@@ -280,9 +326,10 @@ mod sim {
                 wanters: BTreeSet::new(),
                 live: BTreeSet::new(),
                 is: (0..INSTANCES).map(|_| Inst::default()).collect(),
+                dead: 0,
             };
             for i in 0..INSTANCES {
-                w.join(i);
+                w.join(i, BTreeSet::new());
             }
             for _ in 0..STEPS {
                 w.step();

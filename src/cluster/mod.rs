@@ -13,6 +13,7 @@
 
 mod coord;
 pub mod grants;
+mod lease;
 pub mod routes;
 pub mod share;
 mod table;

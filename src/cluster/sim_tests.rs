@@ -152,6 +152,14 @@ impl World {
         };
         inst.prev_free = free;
         let sat: BTreeSet<usize> = inst.conns.values().copied().collect();
+        // Seats its connections sit on from before a lost coordination connection: leased
+        // again when nobody leases them (coord::adopt).
+        for &s in &sat {
+            if !inst.leased.contains(&s) && !self.pg.leases.contains_key(&s) {
+                self.pg.leases.insert(s, me);
+                inst.leased.insert(s);
+            }
+        }
         if inst.leased.len() < inst.want {
             for s in takeable.into_iter().take(inst.want - inst.leased.len()) {
                 // pg_try_advisory_lock, then the conflict check (one database: the lock decides).

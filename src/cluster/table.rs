@@ -71,6 +71,13 @@ impl Table {
         Some(free)
     }
 
+    /// Seats a connection of this instance sits on with no lease of this instance (left from
+    /// a lost coordination connection): the new one leases them again (see `coord::adopt`).
+    pub fn unleased_sat(&self) -> Vec<i32> {
+        let st = self.state();
+        st.assigned.difference(&st.leased).copied().collect()
+    }
+
     /// Slots leased now.
     pub fn leased(&self) -> usize {
         self.state().leased.len()
