@@ -91,6 +91,8 @@ pub(crate) struct CancelRegistry {
     /// While a takeover's predecessor still serves clients: where keys this process does not
     /// know go (they may be those clients').
     predecessor: std::sync::Mutex<Option<ToPredecessor>>,
+    /// Cancel requests for the predecessor dropped because its queue was full.
+    dropped: AtomicU32,
 }
 
 impl Default for CancelRegistry {
@@ -111,6 +113,7 @@ impl CancelRegistry {
             rng,
             cluster: None,
             predecessor: std::sync::Mutex::new(None),
+            dropped: AtomicU32::new(0),
         }
     }
 
@@ -215,8 +218,18 @@ impl CancelRegistry {
     /// flood of forged keys is dropped, not queued).
     fn to_predecessor(&self, pid: i32, secret: &[u8]) -> bool {
         let to = self.predecessor.lock().unwrap_or_else(|p| p.into_inner());
-        to.as_ref()
-            .is_some_and(|tx| tx.try_send((pid, secret.to_vec())).is_ok())
+        match to.as_ref().map(|tx| tx.try_send((pid, secret.to_vec()))) {
+            Some(Ok(())) => true,
+            Some(Err(tokio::sync::mpsc::error::TrySendError::Full(_))) => {
+                // Once per power of two: a flood of forged keys does not flood the log.
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped = n, "takeover: cancel requests for the previous process dropped: its queue is full (a flood of unknown keys?)");
+                }
+                false
+            }
+            Some(Err(_)) | None => false,
+        }
     }
 
     /// None when the key is not this instance's; else whether the cancel went to a server.
@@ -270,6 +283,20 @@ impl Drop for CancelKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unknown_keys_beyond_the_predecessors_queue_are_dropped_and_counted() {
+        let r = CancelRegistry::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        r.set_predecessor(Some(tx));
+        assert!(r.to_predecessor(7, &[1, 2, 3, 4]), "queued");
+        assert!(!r.to_predecessor(8, &[1, 2, 3, 4]), "the queue is full: dropped");
+        assert_eq!(r.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(rx.recv().await, Some((7, vec![1, 2, 3, 4])));
+        r.set_predecessor(None);
+        assert!(!r.to_predecessor(9, &[1, 2, 3, 4]), "no predecessor: a miss");
+        assert_eq!(r.dropped.load(Ordering::Relaxed), 1, "not counted as dropped");
+    }
 
     #[test]
     fn made_up_pids_are_above_every_real_process_id() {
