@@ -115,8 +115,15 @@ pub struct Plan {
 
 /// This round's plan for one identity: `mine` the grants this instance (backend `me`) holds
 /// and those it lost with its last coordination connection, `quiet` whether an instance was
-/// seen gone within `takeover_delay` (then only its own lost grants are taken back).
-pub fn plan(me: i32, w: &Want, (mine, lost): (&BTreeSet<i32>, &BTreeSet<i32>), seen: &Seen, quiet: bool) -> Plan {
+/// seen gone within `takeover_delay` (then only its own lost grants are taken back), `turn`
+/// which instance's turn it is to get the remainder of an even split ([`turn`]).
+pub fn plan(
+    me: i32,
+    w: &Want,
+    (mine, lost): (&BTreeSet<i32>, &BTreeSet<i32>),
+    seen: &Seen,
+    (quiet, turn): (bool, u64),
+) -> Plan {
     let max = w.max as usize;
     let valid = mine.iter().filter(|k| (**k as usize) < max).count();
     let need = (w.in_use as usize + w.waiting as usize).min(max);
@@ -135,15 +142,18 @@ pub fn plan(me: i32, w: &Want, (mine, lost): (&BTreeSet<i32>, &BTreeSet<i32>), s
             .get(p)
             .map_or(0, |ks| ks.iter().filter(|k| (**k as usize) < max).count())
     };
-    // In backend pid order, the same in every instance (the remainder of an even split goes
-    // to the first): a peer that wants is taken to want the whole cap, one that does not to
-    // want what it holds.
-    let mine_at = others.iter().filter(|p| **p < me).count();
+    // In backend pid order, the same in every instance, turned by `turn` (the remainder of
+    // an even split goes to the first, so each gets it in turn): a peer that wants is taken
+    // to want the whole cap, one that does not to want what it holds.
     let mut demands: Vec<usize> = others
         .iter()
         .map(|p| if seen.wanters.contains(p) { max } else { held_by(p) })
         .collect();
-    demands.insert(mine_at, need);
+    let n = others.len() + 1;
+    let shift = usize::try_from(turn % n as u64).unwrap_or(0);
+    demands.insert(others.iter().filter(|p| **p < me).count(), need);
+    demands.rotate_left(shift);
+    let mine_at = (others.iter().filter(|p| **p < me).count() + n - shift) % n;
     let mut target = share::max_min(&demands, max)[mine_at];
     if !others_want {
         // Nobody else is short: what it holds stays (its next transactions find it there).
@@ -172,6 +182,16 @@ pub fn plan(me: i32, w: &Want, (mine, lost): (&BTreeSet<i32>, &BTreeSet<i32>), s
         target: n(target),
         take,
     }
+}
+
+/// Seconds each instance keeps its turn at the remainder of an even split.
+const TURN_SECS: u64 = 10;
+
+/// Whose turn it is now: the same in every instance whose clock is right within seconds (a
+/// moment of disagreement moves a grant twice, nothing more: grants stay exclusive).
+pub fn turn() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_secs() / TURN_SECS)
 }
 
 /// The grants to give back when `in_use` are held under a cap of `cap`: those beyond the cap
@@ -244,7 +264,13 @@ pub async fn round(
     for w in &wants {
         let b = base(&w.identity);
         let m = held.ids.entry(w.identity.clone()).or_default();
-        let p = plan(me, w, (&m.ks, &m.lost), seen.get(&b).unwrap_or(&Seen::default()), quiet);
+        let p = plan(
+            me,
+            w,
+            (&m.ks, &m.lost),
+            seen.get(&b).unwrap_or(&Seen::default()),
+            (quiet, turn()),
+        );
         let in_use = gate.set(&w.identity, p.cap);
         let back = to_release(&m.ks, w.max, p.cap, in_use);
         unlock(client, class, b, &back).await?;

@@ -30,7 +30,7 @@ fn keys_of_an_identity_stay_in_their_range() {
 
 #[test]
 fn alone_it_takes_what_it_needs_and_keeps_it() {
-    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), false);
+    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), (false, 0));
     assert_eq!((p.cap, p.target, p.take.len()), (0, 3, 3));
     // Idle again with three held and nobody else wanting: they stay.
     let p = plan(
@@ -38,11 +38,11 @@ fn alone_it_takes_what_it_needs_and_keeps_it() {
         &want(5, 0, 0),
         (&set(&[0, 1, 2]), &set(&[])),
         &Seen::default(),
-        false,
+        (false, 0),
     );
     assert_eq!((p.cap, p.take.len()), (3, 0));
     // Quiet after an instance left: nothing is taken.
-    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), true);
+    let p = plan(1, &want(5, 0, 3), (&set(&[]), &set(&[])), &Seen::default(), (true, 0));
     assert_eq!((p.cap, p.take.len()), (0, 0));
 }
 
@@ -52,10 +52,10 @@ fn a_wanting_peer_gets_an_equal_share_and_the_free_ones_are_not_taken_twice() {
     seen.held.insert(2, set(&[0, 1]));
     seen.wanters.insert(2);
     // Me: five in use, cap 5; the peer holds two and wants more: shares 3 / 2... me above.
-    let p = plan(1, &want(5, 3, 4), (&set(&[2, 3, 4]), &set(&[])), &seen, false);
+    let p = plan(1, &want(5, 3, 4), (&set(&[2, 3, 4]), &set(&[])), &seen, (false, 0));
     assert_eq!((p.cap, p.target), (3, 3), "max-min: I keep my three");
     assert!(p.take.is_empty());
-    let p = plan(1, &want(6, 4, 4), (&set(&[2, 3, 4, 5]), &set(&[])), &seen, false);
+    let p = plan(1, &want(6, 4, 4), (&set(&[2, 3, 4, 5]), &set(&[])), &seen, (false, 0));
     assert_eq!((p.cap, p.target), (3, 3), "lowered to an equal share");
     assert_eq!(
         to_release(&set(&[2, 3, 4, 5]), 6, 3, 4),
@@ -64,7 +64,7 @@ fn a_wanting_peer_gets_an_equal_share_and_the_free_ones_are_not_taken_twice() {
     );
     assert_eq!(to_release(&set(&[2, 3, 4, 5]), 6, 3, 3), vec![5]);
     // The free ones are those nobody holds.
-    let p = plan(1, &want(6, 0, 9), (&set(&[]), &set(&[])), &seen, false);
+    let p = plan(1, &want(6, 0, 9), (&set(&[]), &set(&[])), &seen, (false, 0));
     assert_eq!(p.target, 3);
     assert!(p.take.iter().all(|k| (2..6).contains(k)), "{:?}", p.take);
 }
@@ -76,16 +76,42 @@ fn connections_left_from_a_lost_connection_are_covered_by_their_own_grants_first
     seen.wanters.insert(2);
     // Rejoined with two in use and nothing held; grants 3 and 4 were its own; another
     // instance was seen gone just now (its grants, 2 say, are left alone).
-    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, true);
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, (true, 0));
     assert_eq!((p.cap, p.take.len()), (0, 2), "{p:?}");
     assert!(p.take.iter().all(|k| [3, 4].contains(k)), "{p:?}");
     // One of its own was taken meanwhile: only the other comes back while quiet.
     seen.held.insert(3, set(&[4]));
-    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, true);
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, (true, 0));
     assert_eq!(p.take, vec![3]);
     // Not quiet: its own first, then any free one.
-    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, false);
+    let p = plan(9, &want(5, 2, 6), (&set(&[]), &set(&[3, 4])), &seen, (false, 0));
     assert_eq!(p.take, vec![3, 2]);
+}
+
+#[test]
+fn the_remainder_of_an_even_split_goes_round_in_turn() {
+    let mut seen = Seen::default();
+    for p in [2, 3] {
+        seen.held.insert(p, set(&[]));
+        seen.wanters.insert(p);
+    }
+    // Three instances want all of 5: each gets 2 in its turn, 1 otherwise; 5 in all.
+    for turn in 0..6u64 {
+        let targets: Vec<u32> = [1, 2, 3]
+            .iter()
+            .map(|&me| {
+                let mut s = seen.clone();
+                s.held.insert(1, set(&[]));
+                s.wanters.insert(1);
+                s.held.remove(&me);
+                s.wanters.remove(&me);
+                plan(me, &want(5, 0, 9), (&set(&[]), &set(&[])), &s, (false, turn)).target
+            })
+            .collect();
+        assert_eq!(targets.iter().sum::<u32>(), 5, "turn {turn}: {targets:?}");
+        assert!(targets.iter().all(|t| (1..=2).contains(t)), "{targets:?}");
+        assert_eq!(targets.iter().filter(|t| **t == 1).count(), 1, "{targets:?}");
+    }
 }
 
 #[test]
@@ -96,7 +122,7 @@ fn grants_beyond_a_lowered_cap_go_first() {
         &want(5, 2, 0),
         (&set(&[0, 7, 8]), &set(&[])),
         &Seen::default(),
-        false,
+        (false, 0),
     );
     assert_eq!(p.cap, 1, "grants above the cap do not count");
 }
@@ -203,7 +229,13 @@ mod sim {
                 in_use: inst.in_use,
                 waiting: inst.waiting,
             };
-            let p = plan(s as i32, &w, (&inst.mine, &inst.lost), &seen, now < inst.quiet_until);
+            let p = plan(
+                s as i32,
+                &w,
+                (&inst.mine, &inst.lost),
+                &seen,
+                (now < inst.quiet_until, now / 50),
+            );
             inst.cap = p.cap;
             for k in to_release(&inst.mine, MAX, p.cap, inst.in_use) {
                 inst.mine.remove(&k);
