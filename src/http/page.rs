@@ -81,6 +81,18 @@ fn num(v: f32) -> String {
     }
 }
 
+/// Server connections against the identity's cap, and its part of a cluster-wide cap.
+fn servers(i: &Identity) -> String {
+    let here = cap(i.server_connections, i.max_server_connections);
+    if i.cluster_max_server_connections == 0 {
+        return here;
+    }
+    format!(
+        "{here} · cluster cap {}: {} here",
+        i.cluster_max_server_connections, i.cluster_grants
+    )
+}
+
 fn cap(n: u32, cap: u32) -> String {
     if cap == 0 {
         format!("{n} <span class=\"muted\">(no cap)</span>")
@@ -123,7 +135,7 @@ fn identity(out: &mut String, i: &Identity) {
 <span>waiting</span><span>{}</span><span>logins/s · growth 10 s</span><span>{:.1} · {:+}</span>\
 <span>queries 1 min · p50 · p99</span><span>{} · {} · {}</span><span>refused</span><span>{}</span></div><div class=\"charts\">",
         cap(i.clients, i.max_client_connections),
-        cap(i.server_connections, i.max_server_connections),
+        servers(i),
         i.waiting,
         i.login_rate,
         i.client_growth_10s,

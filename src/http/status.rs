@@ -49,6 +49,10 @@ pub(crate) struct Identity {
     pub max_client_connections: u32,
     pub server_connections: u32,
     pub max_server_connections: u32,
+    /// Its cap across every instance of the cluster (0: none).
+    pub cluster_max_server_connections: u32,
+    /// This instance's part of that cap now.
+    pub cluster_grants: u32,
     pub waiting: u32,
     pub login_rate: f64,
     pub client_growth_10s: i64,
@@ -196,6 +200,8 @@ impl Status {
                 Identity {
                     max_client_connections: i.limits.max_clients,
                     max_server_connections: i.limits.max_servers,
+                    cluster_max_server_connections: i.limits.cluster_max_servers,
+                    cluster_grants: i.cluster_grants,
                     clients: i.clients,
                     server_connections: i.servers,
                     waiting: i.waiting,

@@ -72,6 +72,11 @@ impl Instance {
         self.proxy.as_ref()?.shared().admission.identity(identity)
     }
 
+    /// Its `[http]` listener's address (when the test gave it one).
+    pub(crate) fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.proxy.as_ref()?.http_addr()
+    }
+
     pub(crate) fn cluster(&self) -> Arc<pgvalve::cluster::Cluster> {
         self.proxy.as_ref().and_then(|p| p.cluster()).expect("in a cluster")
     }

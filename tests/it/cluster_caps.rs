@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pgvalve::config::{IdentityRule, PoolMode};
 
+use crate::admission::http_get;
 use crate::cluster::{all_joined, kill_coordination, start_pg, Instance, Load};
 use crate::support::connect;
 
@@ -42,6 +43,7 @@ async fn cap_holds(mode: PoolMode) {
     let pg = start_pg().await;
     let rule = move |f: &mut pgvalve::config::FileConfig| {
         f.pool.pool_mode = mode;
+        f.http.listen = Some("127.0.0.1:0".into());
         f.identity.push(IdentityRule {
             name: "web".into(),
             application_name: Some("web-*".into()),
@@ -71,6 +73,7 @@ async fn cap_holds(mode: PoolMode) {
     let other = Load::running(other_url, 6, "SELECT pg_sleep(0.02) /* other-free */");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let grants: Vec<u32> = instances.iter().map(web_grants).collect();
+    shown_on_the_status_page(&instances[0]).await;
     // Instance 0's coordination connection is killed under load: its grants go with it, its
     // admission stops at once, the others may take them after takeover_delay, it rejoins.
     kill_coordination(&pg, &instances[0]).await;
@@ -118,6 +121,26 @@ async fn cap_holds(mode: PoolMode) {
         grants.iter().all(|g| *g >= 1),
         "each instance holds a share: {grants:?}"
     );
+}
+
+/// The status page and /status.json show the identity's cluster-wide cap and this
+/// instance's part of it (what SHOW LIMITS says too).
+async fn shown_on_the_status_page(i: &Instance) {
+    let http = i.http_addr().expect("http listener");
+    let (status, body) = http_get(http, "/status.json").await;
+    assert!(status.contains("200"), "{status}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let web = v["identities"]
+        .as_array()
+        .expect("identities")
+        .iter()
+        .find(|x| x["identity"] == "web")
+        .expect("web listed");
+    assert_eq!(web["cluster_max_server_connections"], CAP);
+    let grants = web["cluster_grants"].as_u64().expect("grants");
+    assert!((1..=CAP as u64).contains(&grants), "{web}");
+    let (_, page) = http_get(http, "/").await;
+    assert!(page.contains("cluster cap 5:"), "the page shows it");
 }
 
 /// Samples pg_stat_activity every 2 ms until `stop`: the peaks of statements running at once
