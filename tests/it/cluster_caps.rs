@@ -171,3 +171,54 @@ async fn sample(
 fn web_grants(i: &Instance) -> u32 {
     i.limits("web").map_or(0, |s| s.cluster_grants)
 }
+
+/// A client that waits `queue_timeout` for its instance's part of the cap while another
+/// instance holds all of it is refused with 53300, naming the cluster-wide cap; SHOW LIMITS
+/// counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_kept_out_by_the_cluster_wide_cap_is_refused_naming_it() {
+    let pg = start_pg().await;
+    let rule = |f: &mut pgvalve::config::FileConfig| {
+        f.pool.pool_mode = PoolMode::Session;
+        f.admission.queue_timeout = Some(Duration::from_secs(1));
+        f.identity.push(IdentityRule {
+            name: "web".into(),
+            application_name: Some("web-*".into()),
+            cluster_max_server_connections: Some(1),
+            ..IdentityRule::default()
+        });
+    };
+    let a = Instance::start_with(&pg, "refuse", rule);
+    let b = Instance::start_with(&pg, "refuse", rule);
+    all_joined(&[&a, &b]).await;
+    // A session on instance A holds the identity's only grant (session mode: for its life).
+    let holder = connect(&format!("{}?application_name=web-a", a.url(&pg)))
+        .await
+        .expect("holder connects");
+    holder.simple_query("SELECT 1").await.expect("holder runs");
+    assert_eq!(web_grants(&a), 1);
+    let other = connect(&format!("{}?application_name=web-b", b.url(&pg))).await;
+    let err = match other {
+        Err(e) => e,
+        Ok(c) => c
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("kept out by the cluster-wide cap"),
+    };
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert!(
+        db.message().contains("cluster_max_server_connections=1"),
+        "{}",
+        db.message()
+    );
+    let refused = b
+        .limits("web")
+        .expect("web on B")
+        .counters
+        .refused
+        .get("cluster_cap")
+        .copied();
+    assert_eq!(refused, Some(1));
+    drop(holder);
+}
