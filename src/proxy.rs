@@ -477,22 +477,3 @@ fn hex_nonce() -> String {
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
-
-/// The cluster's coordinator leases admission's cluster-wide identity caps.
-impl crate::cluster::grants::IdentityGrants for crate::admission::Admission {
-    fn wants(&self) -> Vec<crate::cluster::grants::Want> {
-        self.cluster_demand()
-            .into_iter()
-            .map(|d| crate::cluster::grants::Want {
-                identity: d.identity,
-                max: d.max,
-                in_use: d.in_use,
-                waiting: d.waiting,
-            })
-            .collect()
-    }
-
-    fn set(&self, identity: &str, grants: u32) -> u32 {
-        self.set_cluster_grants(identity, grants)
-    }
-}

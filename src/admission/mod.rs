@@ -44,7 +44,7 @@ pub(crate) use surge::SurgeEvent;
 
 use identity::{ClientFacts, Rule};
 use queue::{Due, Request, Scheduler, ShareLimits};
-pub use tick::{ClusterDemand, IdentityStatus};
+pub use tick::IdentityStatus;
 pub use wait::{Acquired, Queued, Waited};
 
 /// Surge episodes kept for SHOW SURGES.

@@ -376,13 +376,17 @@ impl Scheduler {
         self.shares.get(id).map_or(0, |s| s.grants)
     }
 
-    /// Every identity with a cluster-wide cap: (identity, cap, grants held, grants it may
-    /// hold now, clients waiting).
-    pub(crate) fn cluster_shares(&self) -> Vec<(Arc<str>, u32, u32, u32, u32)> {
+    /// Every identity with a cluster-wide cap, as the cluster's coordinator needs it.
+    pub(crate) fn cluster_wants(&self) -> Vec<crate::cluster::grants::Want> {
         self.shares
             .iter()
             .filter(|(_, s)| s.limits.cluster_max > 0)
-            .map(|(k, s)| (k.clone(), s.limits.cluster_max, s.servers, s.grants, s.waiting))
+            .map(|(k, s)| crate::cluster::grants::Want {
+                identity: k.clone(),
+                max: s.limits.cluster_max,
+                in_use: s.servers,
+                waiting: s.waiting,
+            })
             .collect()
     }
 

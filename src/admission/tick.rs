@@ -51,21 +51,6 @@ pub struct IdentityStatus {
     pub counters: Counters,
 }
 
-/// One identity with a cluster-wide cap, as admission holds it now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterDemand {
-    /// The identity.
-    pub identity: Arc<str>,
-    /// Its `cluster_max_server_connections`.
-    pub max: u32,
-    /// Server connections it holds on this instance.
-    pub in_use: u32,
-    /// What it may hold here now.
-    pub grants: u32,
-    /// Its clients waiting here.
-    pub waiting: u32,
-}
-
 impl Admission {
     /// The queue clock: sends queued clients their NOTICE and their timeout when due (see
     /// [`super::queue::Scheduler::sweep`]), then sleeps until the next one is due (a second
@@ -214,29 +199,6 @@ impl Admission {
         st.ids.keys().filter(|id| st.sched.status(id).waiting > 0).count()
     }
 
-    /// Every identity with a cluster-wide cap, as the cluster's coordinator needs it.
-    pub fn cluster_demand(&self) -> Vec<ClusterDemand> {
-        let st = self.state();
-        st.sched
-            .cluster_shares()
-            .into_iter()
-            .map(|(identity, max, in_use, grants, waiting)| ClusterDemand {
-                identity,
-                max,
-                in_use,
-                grants,
-                waiting,
-            })
-            .collect()
-    }
-
-    /// Sets how many of its cluster-wide cap `identity` may hold on this instance; returns
-    /// how many it holds now (never more than before: lowering takes nothing back, what it
-    /// holds above drains as transactions end).
-    pub fn set_cluster_grants(&self, identity: &str, grants: u32) -> u32 {
-        self.state().sched.set_grants(identity, grants)
-    }
-
     /// Every known identity, sorted by name.
     pub fn identities(&self) -> Vec<IdentityStatus> {
         let st = self.state();
@@ -289,5 +251,18 @@ impl Admission {
     /// Surge episodes, oldest first (bounded history).
     pub fn surges(&self) -> Vec<SurgeEvent> {
         self.state().surges.iter().cloned().collect()
+    }
+}
+
+/// The cluster's coordinator leases admission's cluster-wide identity caps through this.
+impl crate::cluster::grants::IdentityGrants for Admission {
+    fn wants(&self) -> Vec<crate::cluster::grants::Want> {
+        self.state().sched.cluster_wants()
+    }
+
+    /// Lowering takes nothing back: what the identity holds above the new number drains as
+    /// its transactions end.
+    fn set(&self, identity: &str, grants: u32) -> u32 {
+        self.state().sched.set_grants(identity, grants)
     }
 }

@@ -401,11 +401,7 @@ async fn release(cl: &Cluster, client: &Client, excess: usize, short: usize) -> 
     if gone.is_empty() {
         return Ok(false);
     }
-    let class = cl.settings.lock_class();
-    client
-        .query(lease::UNLOCK_SQL, &[&gone, &class])
-        .await
-        .map_err(|e| e.to_string())?;
+    lease::unlease(client, cl.settings.lock_class(), &gone).await?;
     Cluster::count(&cl.counters.released, gone.len());
     Ok(true)
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use super::share;
+use super::{lease, share};
 
 /// First key of the grants' range (seats are below `LEASE_BASE` + budget, far under it).
 pub const GRANT_BASE: i64 = 1_000_000_000;
@@ -26,14 +26,7 @@ const WANT: i32 = 255;
 /// Identity hash bits: `GRANT_BASE + 2^22 * 256` stays below `i32::MAX`.
 const HASH_BITS: u32 = 22;
 
-/// Takes the grants it can of those asked for.
-const LOCK_SQL: &str = "SELECT k FROM unnest($1::int4[]) AS t(k) WHERE pg_try_advisory_lock($2::int4, $3::int4 + k)";
-/// Of the grants just taken, those another session also holds (another database).
-const CONFLICT_SQL: &str = "SELECT k FROM unnest($1::int4[]) AS t(k) WHERE EXISTS (SELECT 1 FROM pg_locks \
-     WHERE locktype = 'advisory' AND objsubid = 2 AND classid::int8 = $2::int8 \
-     AND objid::int8 = $3::int8 + k AND pid <> pg_backend_pid())";
-/// Gives grants back.
-const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($2::int4, $3::int4 + k) FROM unnest($1::int4[]) AS t(k)";
+/// The want marker, shared.
 const WANT_SQL: &str = "SELECT pg_try_advisory_lock_shared($1::int4, $2::int4)";
 const UNWANT_SQL: &str = "SELECT pg_advisory_unlock_shared($1::int4, $2::int4)";
 
@@ -253,7 +246,7 @@ pub async fn round(
     for id in gone {
         let m = held.ids.remove(&id).unwrap_or_default();
         let ks: Vec<i32> = m.ks.into_iter().collect();
-        unlock(client, class, base(&id), &ks).await?;
+        lease::unlock(client, (class, base(&id)), &ks).await?;
         if m.wanting {
             client
                 .query(UNWANT_SQL, &[&class, &(base(&id) + WANT)])
@@ -273,11 +266,11 @@ pub async fn round(
         );
         let in_use = gate.set(&w.identity, p.cap);
         let back = to_release(&m.ks, w.max, p.cap, in_use);
-        unlock(client, class, b, &back).await?;
+        lease::unlock(client, (class, b), &back).await?;
         for k in &back {
             m.ks.remove(k);
         }
-        let got = take(client, class, b, &p.take).await?;
+        let got = lease::take(client, (class, b), &p.take, lease::HELD_ELSEWHERE_SQL).await?;
         m.ks.extend(&got);
         let valid = m.ks.iter().filter(|k| (**k as u32) < w.max).count() as u32;
         if valid >= in_use {
@@ -297,39 +290,6 @@ pub async fn round(
 
 fn text(e: tokio_postgres::Error) -> String {
     e.to_string()
-}
-
-async fn unlock(client: &Client, class: i32, base: i32, ks: &[i32]) -> Result<(), String> {
-    if !ks.is_empty() {
-        client.query(UNLOCK_SQL, &[&ks, &class, &base]).await.map_err(text)?;
-    }
-    Ok(())
-}
-
-/// Takes those of `ks` it can: locked, and nobody else holding them.
-async fn take(client: &Client, class: i32, base: i32, ks: &[i32]) -> Result<Vec<i32>, String> {
-    if ks.is_empty() {
-        return Ok(Vec::new());
-    }
-    let got: Vec<i32> = client
-        .query(LOCK_SQL, &[&ks, &class, &base])
-        .await
-        .map_err(text)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if got.is_empty() {
-        return Ok(got);
-    }
-    let bad: Vec<i32> = client
-        .query(CONFLICT_SQL, &[&got, &i64::from(class), &i64::from(base)])
-        .await
-        .map_err(text)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    unlock(client, class, base, &bad).await?;
-    Ok(got.into_iter().filter(|k| !bad.contains(k)).collect())
 }
 
 /// Every capped identity may hold nothing here (the coordination connection is lost, and

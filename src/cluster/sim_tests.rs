@@ -153,7 +153,7 @@ impl World {
         inst.prev_free = free;
         let sat: BTreeSet<usize> = inst.conns.values().copied().collect();
         // Seats its connections sit on from before a lost coordination connection: leased
-        // again when nobody leases them (coord::adopt).
+        // again when nobody leases them (lease::adopt).
         for &s in &sat {
             if !inst.leased.contains(&s) && !self.pg.leases.contains_key(&s) {
                 self.pg.leases.insert(s, me);

@@ -72,7 +72,7 @@ impl Table {
     }
 
     /// Seats a connection of this instance sits on with no lease of this instance (left from
-    /// a lost coordination connection): the new one leases them again (see `coord::adopt`).
+    /// a lost coordination connection): the new one leases them again (see `lease::adopt`).
     pub fn unleased_sat(&self) -> Vec<i32> {
         let st = self.state();
         st.assigned.difference(&st.leased).copied().collect()
