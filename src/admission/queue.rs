@@ -163,21 +163,13 @@ pub struct Scheduler {
     siblings: crate::FastMap<Arc<str>, Arc<[Arc<str>]>>,
     /// Cores each pool has a gate on.
     cores: usize,
-    /// Identities with a reserve (`min_servers` > 0): without any, no reserve is summed.
-    reserving: usize,
 }
 
 impl Scheduler {
     /// Sets an identity's limits (creating its share); queues are re-examined.
     pub fn set_limits(&mut self, id: &Arc<str>, limits: ShareLimits) {
-        let reserves = |l: &ShareLimits| usize::from(l.min_servers > 0);
-        self.reserving += reserves(&limits);
         let changed = match self.shares.get_mut(id) {
-            Some(s) => {
-                let old = std::mem::replace(&mut s.limits, limits);
-                self.reserving -= reserves(&old);
-                old != limits
-            }
+            Some(s) => std::mem::replace(&mut s.limits, limits) != limits,
             None => {
                 self.shares.insert(
                     id.clone(),
@@ -215,24 +207,18 @@ impl Scheduler {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
         }
+        self.know(gate);
         // A core's gate (one of several of a pool) takes its capacity from the pool's lease
         // moves (set_capacity) once it exists: a request may carry a lease read before the
         // last move.
-        let grew = match self.gates.get_mut(gate) {
-            Some(_) if self.siblings.contains_key(gate) => false,
-            Some(g) => {
-                let grew = capacity > g.capacity;
-                g.capacity = capacity;
-                grew
-            }
-            None => {
-                self.know(gate);
-                let g = self.gates.entry(gate.clone()).or_default();
-                g.capacity = capacity;
-                capacity > 0
-            }
-        };
-        if grew {
+        let per_core = self.siblings.contains_key(gate);
+        let fresh = !self.gates.contains_key(gate);
+        let g = self.gates.entry(gate.clone()).or_default();
+        let grew = capacity > g.capacity;
+        if fresh || !per_core {
+            g.capacity = capacity;
+        }
+        if grew && (fresh || !per_core) {
             self.dispatch(gate);
         }
         if self.eligible(gate, id, hold) {
@@ -401,9 +387,6 @@ impl Scheduler {
             return false;
         }
         let free = g.capacity - g.in_use;
-        if self.reserving == 0 {
-            return self.standing(gate, id, s).may_take(hold);
-        }
         let reserved: u32 = g
             .flows
             .iter()
@@ -585,7 +568,6 @@ impl Scheduler {
     pub(crate) fn prune(&mut self, keep: impl Fn(&str) -> bool) {
         let idle = |s: &Share| s.servers == 0 && s.waiting == 0;
         self.shares.retain(|id, s| !idle(s) || keep(id));
-        self.reserving = self.shares.values().filter(|s| s.limits.min_servers > 0).count();
         let shares = &self.shares;
         for g in self.gates.values_mut() {
             g.flows.retain(|id, f| {
