@@ -10,10 +10,13 @@ use pgvalve::admission::queue::{Due, Request, Scheduler, ShareLimits};
 use pgvalve::admission::Hold;
 
 /// Queued now, due in an hour: the benchmark never waits.
-fn far() -> (tokio::time::Instant, Due) {
-    let now = tokio::time::Instant::now();
-    let deadline = now + std::time::Duration::from_secs(3600);
-    (now, Due { notice: None, deadline })
+/// When a queued request is due (asked only if it queues).
+fn far() -> impl FnOnce() -> (tokio::time::Instant, Due) {
+    || {
+        let now = tokio::time::Instant::now();
+        let deadline = now + std::time::Duration::from_secs(3600);
+        (now, Due { notice: None, deadline })
+    }
 }
 
 fn rules(n: usize) -> Vec<Rule> {

@@ -10,6 +10,7 @@
 #   PROTOCOL=prepared benches/instructions.sh            # pgbench -M prepared (or extended)
 #   CONFIG=benches/guardrails.toml benches/instructions.sh  # pgvalve with that config too
 #   SCRIPT=benches/commented.sql benches/instructions.sh    # that pgbench script, not -S
+#   VG_ARGS=--separate-callers=3 KEEP=/tmp/cg benches/instructions.sh  # more valgrind options
 #
 # Needs valgrind (apt-get install valgrind) besides what benches/pgbench.sh needs.
 set -euo pipefail
@@ -22,7 +23,7 @@ source benches/setup.sh
 "$PGBENCH" -i -q -s 10 -h 127.0.0.1 -p "$PGPORT" -U bench bench >/dev/null 2>&1
 CPORT=$(free_port)
 # As benches/setup.sh: no headroom, and one slot more for the lock monitor's connection.
-PGVALVE_HEADROOM=0 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" \
+PGVALVE_HEADROOM=0 valgrind --tool=callgrind ${VG_ARGS:-} --callgrind-out-file="$WORK/cg.out" "${BIN:-$PGVALVE}" run --upstream "$UPSTREAM" \
   --listen "127.0.0.1:$CPORT" --pool-mode "$POOL_MODE" --pool-size "$((POOL_SIZE + 1))" \
   --max-client-connections 5000 --max-server-connections 0 ${CONFIG:+-c "$CONFIG"} >"$WORK/cg.log" 2>&1 &
 VG=$!

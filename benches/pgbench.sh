@@ -17,6 +17,9 @@
 #   NO_PGBOUNCER=1 benches/pgbench.sh       # leave PgBouncer out (fewer runs)
 #   RELAY_FLOOR=1 benches/pgbench.sh        # + "floor": a logic-free C byte relay (needs cc;
 #                                           # RELAY_THREADS loops, default 2), the extra hop alone
+#   RATE=6000 benches/pgbench.sh            # pgbench -R: a fixed offered load, so CPU per
+#                                           # transaction compares at the same tps (each run's
+#                                           # line on stderr splits it into user and kernel)
 #
 # Needs PostgreSQL server binaries and pgbench; PgBouncer is optional (apt-get install pgbouncer).
 # Runs PostgreSQL (and PgBouncer) as the `postgres` user when started as root.
@@ -60,6 +63,7 @@ proxy_pid() {  # target name -> pid of the proxy process (empty for direct)
 # keeps its connections opens none during a run; churn shows here).
 sessions() { "${AS[@]}" "$PSQL" -qXtA -h "$WORK" -p "$PGPORT" -U postgres -d bench -c "SELECT pg_stat_force_next_flush(); SELECT sessions FROM pg_stat_database WHERE datname = 'bench'" 2>/dev/null | tail -1; }
 cpu_ticks() { [[ -n "$1" ]] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+user_ticks() { [[ -n "$1" ]] && awk '{print $14}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # Direct runs first; the proxies after it take turns in each rep (rotated by one), so none is
 # always the one that runs while direct's backends are still exiting. Balanced when REPS is a
 # multiple of the number of proxies.
@@ -71,9 +75,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for t in "${ORDER[@]}"; do
       name=${t%%:*}; port=${t##*:}; mode=$MODE; [[ $name == *@* ]] && mode=${name#*@}
       what=(-S); [[ $mode == script ]] && { what=(-f "$ALSO_SCRIPT"); mode=$MODE; }
-      pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid"); s0=$(sessions)
-      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n "${what[@]}" -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
-      t1=$(cpu_ticks "$pid")
+      pid=$(proxy_pid "$name"); t0=$(cpu_ticks "$pid"); u0=$(user_ticks "$pid"); s0=$(sessions)
+      out=$(timeout $((DURATION + 120)) "$PGBENCH" -n "${what[@]}" -M "$mode" -c "$c" -j 2 -T "$DURATION" ${RATE:+-R "$RATE"} -h 127.0.0.1 -p "$port" -U bench bench 2>&1 || true)
+      t1=$(cpu_ticks "$pid"); u1=$(user_ticks "$pid")
       tps=$(sed -nE 's/^tps = ([0-9.]+).*/\1/p' <<<"$out" | tail -1)
       xacts=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$out" | tail -1)
       # proxy CPU per transaction in microseconds (clock ticks are 1/100 s)
@@ -81,7 +85,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
       [[ -n "$tps" ]] || { echo "run $name c=$c failed: $(tail -2 <<<"$out")" >&2; tps=0; }
       TPS[$name,$c]="${TPS[$name,$c]:-} $tps"
       s1=$(sessions)
-      echo "rep $rep clients $c $name: $tps tps, $((${s1:-0} - ${s0:-0} - 1)) server logins" >&2
+      split=$(awk -v u=$((u1 - u0)) -v d=$((t1 - t0)) -v x="${xacts:-0}" 'BEGIN{if (x>0) printf ", CPU us/tx %.1f (user %.1f, kernel %.1f)", d*10000/x, u*10000/x, (d-u)*10000/x}')
+      echo "rep $rep clients $c $name: $tps tps, $((${s1:-0} - ${s0:-0} - 1)) server logins$split" >&2
     done
   done
 done

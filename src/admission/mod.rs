@@ -26,6 +26,7 @@ use std::time::Duration;
 pub mod headroom;
 pub mod identity;
 pub mod limits;
+mod names;
 pub mod queue;
 pub mod rate;
 mod refusal;
@@ -108,7 +109,7 @@ struct State {
     query_wait_timeout: Duration,
     login_wait: Duration,
     sched: Scheduler,
-    ids: crate::FastMap<Arc<str>, Ident>,
+    ids: names::NameMap<Ident>,
     surges: VecDeque<SurgeEvent>,
     /// When the queue clock looks at the queue next.
     clock_at: Instant,
@@ -371,15 +372,24 @@ impl Admission {
         let id = &member.identity;
         let mut guard = self.state();
         let st = &mut *guard;
-        // When the client would be due, should it have to wait.
-        let now = Instant::now();
-        let timeout = st.ids.get(id).map_or(st.query_wait_timeout, |i| i.limits.queue_timeout);
-        let notice = member.notice_after;
-        let due = Due {
-            notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
-            deadline: now + timeout,
+        // When the client would be due, should it have to wait (worked out only then).
+        let (ids, query_wait_timeout) = (&st.ids, st.query_wait_timeout);
+        let mut queued_at = None;
+        let when = || {
+            let now = Instant::now();
+            let timeout = ids
+                .get(&names::Same(id))
+                .map_or(query_wait_timeout, |i| i.limits.queue_timeout);
+            let notice = member.notice_after;
+            let due = Due {
+                notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
+                deadline: now + timeout,
+            };
+            queued_at = Some((now, timeout, due));
+            (now, due)
         };
-        match st.sched.request(pool, capacity, id, hold, (now, due)) {
+        let asked = st.sched.request(pool, capacity, id, hold, when);
+        match asked {
             Request::Granted => {
                 count(st, id, |c| c.grants += 1);
                 Ok(Acquired::Granted(self.grant(pool, id, hold)))
@@ -395,6 +405,7 @@ impl Admission {
                 Err(r)
             }
             Request::Queued(ticket, rx) => {
+                let (now, timeout, due) = queued_at.expect("invariant: a queued request asked when");
                 if due.next() < st.clock_at {
                     st.clock_at = due.next();
                     self.inner.clock_bell.notify_one();
@@ -525,8 +536,8 @@ pub fn shown(gate: &str) -> &str {
     }
 }
 
-fn count(st: &mut State, id: &str, f: impl FnOnce(&mut Counters)) {
-    if let Some(i) = st.ids.get_mut(id) {
+fn count(st: &mut State, id: &Arc<str>, f: impl FnOnce(&mut Counters)) {
+    if let Some(i) = st.ids.get_mut(&names::Same(id)) {
         f(&mut i.counters);
     }
 }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::headroom::Hold;
 use super::limits::Headroom;
+use super::names::{NameMap, Same};
 
 /// The limits the scheduler needs for one identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +131,7 @@ struct Gate {
     in_use: u32,
     waiting: u32,
     vtime: f64,
-    flows: crate::FastMap<Arc<str>, Flow>,
+    flows: NameMap<Flow>,
 }
 
 /// What [`Scheduler::request`] decided.
@@ -156,11 +157,11 @@ pub struct ShareStatus {
 /// All gates of one proxy.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    gates: crate::FastMap<Arc<str>, Gate>,
-    shares: crate::FastMap<Arc<str>, Share>,
+    gates: NameMap<Gate>,
+    shares: NameMap<Share>,
     next_id: u64,
     /// A pool's gates, one per core (see [`pool_view`]), by each of their names.
-    siblings: crate::FastMap<Arc<str>, Arc<[Arc<str>]>>,
+    siblings: NameMap<Arc<[Arc<str>]>>,
     /// Cores each pool has a gate on.
     cores: usize,
 }
@@ -168,7 +169,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Sets an identity's limits (creating its share); queues are re-examined.
     pub fn set_limits(&mut self, id: &Arc<str>, limits: ShareLimits) {
-        let changed = match self.shares.get_mut(id) {
+        let changed = match self.shares.get_mut(&Same(id)) {
             Some(s) => std::mem::replace(&mut s.limits, limits) != limits,
             None => {
                 self.shares.insert(
@@ -194,16 +195,16 @@ impl Scheduler {
 
     /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate),
     /// to be held as `hold` says; a client that has to wait is queued from and until what
-    /// `when` says: (now, due).
+    /// `when` says: (now, due), asked only then (most grants come at once: no clock read).
     pub fn request(
         &mut self,
         gate: &Arc<str>,
         capacity: u32,
         id: &Arc<str>,
         hold: Hold,
-        when: (Instant, Due),
+        when: impl FnOnce() -> (Instant, Due),
     ) -> Request {
-        if !self.shares.contains_key(id) {
+        if !self.shares.contains_key(&Same(id)) {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
         }
@@ -211,8 +212,8 @@ impl Scheduler {
         // A core's gate (one of several of a pool) takes its capacity from the pool's lease
         // moves (set_capacity) once it exists: a request may carry a lease read before the
         // last move.
-        let per_core = self.siblings.contains_key(gate);
-        let fresh = !self.gates.contains_key(gate);
+        let per_core = self.siblings.contains_key(&Same(gate));
+        let fresh = !self.gates.contains_key(&Same(gate));
         let g = self.gates.entry(gate.clone()).or_default();
         let grew = capacity > g.capacity;
         if fresh || !per_core {
@@ -225,15 +226,15 @@ impl Scheduler {
             self.grant(gate, id, hold);
             return Request::Granted;
         }
-        let share = self.shares.get_mut(id).expect("invariant: inserted above");
+        let share = self.shares.get_mut(&Same(id)).expect("invariant: inserted above");
         if share.limits.max_queue > 0 && share.waiting >= share.limits.max_queue {
             return Request::QueueFull(share.waiting);
         }
         share.waiting += 1;
         self.next_id += 1;
-        let (now, due) = when;
+        let (now, due) = when();
         let (tx, rx) = oneshot::channel();
-        let g = self.gates.get_mut(gate).expect("invariant: created above");
+        let g = self.gates.get_mut(&Same(gate)).expect("invariant: created above");
         g.waiting += 1;
         let vtime = g.vtime;
         let flow = g.flows.entry(id.clone()).or_default();
@@ -265,10 +266,10 @@ impl Scheduler {
     /// Takes a waiter out of its queue. False when it is not there: it was granted meanwhile
     /// (the caller then holds a grant and must use or release it).
     pub fn cancel(&mut self, gate: &Arc<str>, id: &Arc<str>, ticket: u64) -> bool {
-        let Some(g) = self.gates.get_mut(gate) else {
+        let Some(g) = self.gates.get_mut(&Same(gate)) else {
             return false;
         };
-        let Some(flow) = g.flows.get_mut(id) else {
+        let Some(flow) = g.flows.get_mut(&Same(id)) else {
             return false;
         };
         let Some(pos) = flow.waiting.iter().position(|w| w.ticket == ticket) else {
@@ -276,7 +277,7 @@ impl Scheduler {
         };
         flow.waiting.remove(pos);
         g.waiting -= 1;
-        if let Some(s) = self.shares.get_mut(id) {
+        if let Some(s) = self.shares.get_mut(&Same(id)) {
             s.waiting -= 1;
         }
         // One identity fewer waiting may raise the others' shares (headroom).
@@ -286,14 +287,14 @@ impl Scheduler {
 
     /// A session of `id` holding a grant of `gate` pinned it: a long hold from now on.
     pub(crate) fn pin(&mut self, gate: &Arc<str>, id: &Arc<str>) {
-        if let Some(f) = self.gates.get_mut(gate).and_then(|g| g.flows.get_mut(id)) {
+        if let Some(f) = self.gates.get_mut(&Same(gate)).and_then(|g| g.flows.get_mut(&Same(id))) {
             f.long += 1;
         }
     }
 
     /// A pinned session of `id` in `gate` ended (its grant is given back by then).
     pub(crate) fn unpin(&mut self, gate: &Arc<str>, id: &Arc<str>) {
-        if let Some(f) = self.gates.get_mut(gate).and_then(|g| g.flows.get_mut(id)) {
+        if let Some(f) = self.gates.get_mut(&Same(gate)).and_then(|g| g.flows.get_mut(&Same(id))) {
             f.long = f.long.saturating_sub(1);
         }
         self.dispatch(gate);
@@ -301,7 +302,7 @@ impl Scheduler {
 
     /// Gives back a grant taken for `hold` and hands it (or others it unblocks) to waiters.
     pub fn release(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
-        let at_cap = match self.shares.get_mut(id) {
+        let at_cap = match self.shares.get_mut(&Same(id)) {
             Some(s) => {
                 let was = s.capped();
                 s.servers = s.servers.saturating_sub(1);
@@ -309,9 +310,9 @@ impl Scheduler {
             }
             None => false,
         };
-        if let Some(g) = self.gates.get_mut(gate) {
+        if let Some(g) = self.gates.get_mut(&Same(gate)) {
             g.in_use = g.in_use.saturating_sub(1);
-            if let Some(f) = g.flows.get_mut(id) {
+            if let Some(f) = g.flows.get_mut(&Same(id)) {
                 f.in_use = f.in_use.saturating_sub(1);
                 if hold == Hold::Session {
                     f.long = f.long.saturating_sub(1);
@@ -333,7 +334,7 @@ impl Scheduler {
         let gates: Vec<Arc<str>> = self
             .gates
             .iter()
-            .filter(|(k, g)| Some(*k) != except && g.flows.get(id).is_some_and(|f| !f.waiting.is_empty()))
+            .filter(|(k, g)| Some(*k) != except && g.flows.get(&Same(id)).is_some_and(|f| !f.waiting.is_empty()))
             .map(|(k, _)| k.clone())
             .collect();
         for g in gates {
@@ -377,7 +378,7 @@ impl Scheduler {
     }
 
     fn eligible(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> bool {
-        let (Some(g), Some(s)) = (self.gates.get(gate), self.shares.get(id)) else {
+        let (Some(g), Some(s)) = (self.gates.get(&Same(gate)), self.shares.get(&Same(id))) else {
             return false;
         };
         if g.in_use >= g.capacity
@@ -392,7 +393,7 @@ impl Scheduler {
             .iter()
             .filter(|(k, _)| *k != id)
             .filter_map(|(k, f)| {
-                let min = self.shares.get(k)?.limits.min_servers;
+                let min = self.shares.get(&Same(k))?.limits.min_servers;
                 Some(min.saturating_sub(f.in_use))
             })
             .sum();
@@ -402,20 +403,20 @@ impl Scheduler {
     /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,
     /// the headroom in connections).
     pub(crate) fn held_back(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> Option<(u32, u32)> {
-        let s = self.shares.get(id)?;
+        let s = self.shares.get(&Same(id))?;
         let st = self.standing(gate, id, s);
         st.held_back(hold).then_some((st.held, st.headroom))
     }
 
     fn grant(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
-        let weight = match self.shares.get_mut(id) {
+        let weight = match self.shares.get_mut(&Same(id)) {
             Some(s) => {
                 s.servers += 1;
                 f64::from(s.limits.weight)
             }
             None => 1.0,
         };
-        let g = self.gates.get_mut(gate).expect("invariant: gate exists");
+        let g = self.gates.get_mut(&Same(gate)).expect("invariant: gate exists");
         g.in_use += 1;
         let vtime = g.vtime;
         let flow = g.flows.entry(id.clone()).or_default();
@@ -430,17 +431,17 @@ impl Scheduler {
 
     /// The waiting flow that should be served next in `gate`, if any may be.
     fn pick(&self, gate: &Arc<str>) -> Option<Arc<str>> {
-        let g = self.gates.get(gate)?;
+        let g = self.gates.get(&Same(gate))?;
         // A pool with one gate per core: an identity is judged by what it holds in the whole
         // pool, so one served less on one core is served first on the others.
-        let pooled = self.siblings.contains_key(gate);
+        let pooled = self.siblings.contains_key(&Same(gate));
         let mut best: Option<(f64, f64, &Arc<str>)> = None;
         for (id, f) in &g.flows {
             let Some(w) = f.waiting.front() else { continue };
             if !self.eligible(gate, id, w.hold) {
                 continue;
             }
-            let weight = self.shares.get(id).map_or(1.0, |s| f64::from(s.limits.weight));
+            let weight = self.shares.get(&Same(id)).map_or(1.0, |s| f64::from(s.limits.weight));
             let held = if pooled { self.gate_held(gate, id) } else { f.in_use };
             let key = (f64::from(held) / weight, f.pass);
             if best.is_none_or(|(a, b, _)| key < (a, b)) {
@@ -453,16 +454,16 @@ impl Scheduler {
     /// Hands free grants in `gate` to waiters, fairest first.
     pub(crate) fn dispatch(&mut self, gate: &Arc<str>) {
         loop {
-            let Some(g) = self.gates.get(gate) else { return };
+            let Some(g) = self.gates.get(&Same(gate)) else { return };
             if g.waiting == 0 || g.in_use >= g.capacity {
                 return;
             }
             let Some(id) = self.pick(gate) else { return };
-            let g = self.gates.get_mut(gate).expect("invariant: present");
-            let flow = g.flows.get_mut(&id).expect("invariant: picked");
+            let g = self.gates.get_mut(&Same(gate)).expect("invariant: present");
+            let flow = g.flows.get_mut(&Same(&id)).expect("invariant: picked");
             let w = flow.waiting.pop_front().expect("invariant: picked flows wait");
             g.waiting -= 1;
-            if let Some(s) = self.shares.get_mut(&id) {
+            if let Some(s) = self.shares.get_mut(&Same(&id)) {
                 s.waiting -= 1;
             }
             self.grant(gate, &id, w.hold);
@@ -548,7 +549,7 @@ impl Scheduler {
             }
         }
         for (id, n) in left {
-            if let Some(s) = self.shares.get_mut(&id) {
+            if let Some(s) = self.shares.get_mut(&Same(&id)) {
                 s.waiting -= n;
             }
         }
@@ -574,7 +575,7 @@ impl Scheduler {
                 f.in_use > 0
                     || f.long > 0
                     || !f.waiting.is_empty()
-                    || shares.get(id).is_some_and(|s| s.limits.min_servers > 0)
+                    || shares.get(&Same(id)).is_some_and(|s| s.limits.min_servers > 0)
             });
         }
         self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::{Gate, Scheduler, Share};
 use crate::admission::headroom::Standing;
+use crate::admission::names::Same;
 
 impl Scheduler {
     /// Sets how many cores each pool has a gate on (before any gate is made).
@@ -18,9 +19,18 @@ impl Scheduler {
         self.cores = cores;
     }
 
-    /// Registers `gate`'s siblings the first time it is seen.
+    /// Registers `gate`'s siblings the first time it is seen, and makes `gate` (the pool
+    /// part's own name) the one the maps keep for it: a look-up by the very key then compares
+    /// pointers, not the ~30 bytes of the name (siblings not seen yet get a name made here,
+    /// replaced the same way when their part first asks).
     pub(super) fn know(&mut self, gate: &Arc<str>) {
-        if self.cores < 2 || self.siblings.contains_key(gate) {
+        if self.cores < 2 {
+            return;
+        }
+        if let Some((k, _)) = self.siblings.get_key_value(&Same(gate)) {
+            if !Arc::ptr_eq(k, gate) {
+                self.adopt(gate);
+            }
             return;
         }
         let label = crate::admission::shown(gate);
@@ -28,17 +38,40 @@ impl Scheduler {
             return;
         }
         let all: Arc<[Arc<str>]> = (0..self.cores)
-            .map(|k| Arc::from(crate::admission::gate_name(label, k, self.cores)))
+            .map(|k| crate::admission::gate_name(label, k, self.cores))
+            .map(|n| if *n == **gate { gate.clone() } else { Arc::from(n) })
             .collect();
         for g in all.iter() {
             self.siblings.insert(g.clone(), all.clone());
         }
     }
 
+    /// Makes `gate` the key kept for its name in the sibling lists and the gates (a map
+    /// keeps the key it has when an equal one is inserted: hence remove, then insert).
+    fn adopt(&mut self, gate: &Arc<str>) {
+        let Some(all) = self.siblings.get(&Same(gate)).cloned() else {
+            return;
+        };
+        let all: Arc<[Arc<str>]> = all
+            .iter()
+            .map(|n| if **n == **gate { gate.clone() } else { n.clone() })
+            .collect();
+        for g in all.iter() {
+            self.siblings.remove(g);
+            self.siblings.insert(g.clone(), all.clone());
+        }
+        if let Some(g) = self.gates.remove(gate) {
+            self.gates.insert(gate.clone(), g);
+        }
+    }
+
     /// The gates of `gate`'s pool (itself alone with one core).
     fn pool_gates<'a>(&'a self, gate: &'a Arc<str>) -> impl Iterator<Item = &'a Gate> + 'a {
-        let names: &'a [Arc<str>] = self.siblings.get(gate).map_or(std::slice::from_ref(gate), |s| &s[..]);
-        names.iter().filter_map(|n| self.gates.get(n))
+        let names: &'a [Arc<str>] = self
+            .siblings
+            .get(&Same(gate))
+            .map_or(std::slice::from_ref(gate), |s| &s[..]);
+        names.iter().filter_map(|n| self.gates.get(&Same(n)))
     }
 
     /// What the headroom rule looks at for `id` (whose share is `s`) in `gate`'s pool.
@@ -47,7 +80,7 @@ impl Scheduler {
         for g in self.pool_gates(gate) {
             in_use += g.in_use;
             capacity += g.capacity;
-            if let Some(f) = g.flows.get(id) {
+            if let Some(f) = g.flows.get(&Same(id)) {
                 held += f.in_use;
                 long += f.long;
             }
@@ -66,7 +99,7 @@ impl Scheduler {
                 }
             }
             seen.iter()
-                .map(|k| u64::from(self.shares.get(*k).map_or(1, |s| s.limits.weight)))
+                .map(|k| u64::from(self.shares.get(&Same(k)).map_or(1, |s| s.limits.weight)))
                 .sum()
         };
         Standing {
@@ -82,11 +115,11 @@ impl Scheduler {
 
     /// Serves the waiters of `gate`'s siblings that may go now.
     pub(super) fn dispatch_siblings(&mut self, gate: &Arc<str>) {
-        let Some(sib) = self.siblings.get(gate).cloned() else {
+        let Some(sib) = self.siblings.get(&Same(gate)).cloned() else {
             return;
         };
         for g in sib.iter() {
-            if g != gate && self.gates.get(g).is_some_and(|x| x.waiting > 0) {
+            if g != gate && self.gates.get(&Same(g)).is_some_and(|x| x.waiting > 0) {
                 self.dispatch(g);
             }
         }
@@ -96,7 +129,7 @@ impl Scheduler {
     /// by their identity's cap, the lock-holder cap or the headroom rule (which do not
     /// depend on how the pool is split between cores).
     pub(crate) fn gate_demand(&self, gate: &Arc<str>) -> (u32, u32) {
-        let Some(g) = self.gates.get(gate) else {
+        let Some(g) = self.gates.get(&Same(gate)) else {
             return (0, 0);
         };
         let wanting = g
@@ -104,7 +137,7 @@ impl Scheduler {
             .iter()
             .filter_map(|(id, f)| {
                 let w = f.waiting.front()?;
-                let s = self.shares.get(id)?;
+                let s = self.shares.get(&Same(id))?;
                 let l = &s.limits;
                 let capped = (l.max_servers > 0 && s.servers >= l.max_servers)
                     || (l.max_lock_holders > 0 && s.lock_holders >= l.max_lock_holders);
@@ -117,13 +150,13 @@ impl Scheduler {
 
     /// A gate's capacity now (0 when it does not exist).
     pub(crate) fn gate_capacity(&self, gate: &Arc<str>) -> u32 {
-        self.gates.get(gate).map_or(0, |g| g.capacity)
+        self.gates.get(&Same(gate)).map_or(0, |g| g.capacity)
     }
 
     /// Grants an identity holds in a gate's pool.
-    pub(crate) fn gate_held(&self, gate: &Arc<str>, id: &str) -> u32 {
+    pub(crate) fn gate_held(&self, gate: &Arc<str>, id: &Arc<str>) -> u32 {
         self.pool_gates(gate)
-            .filter_map(|g| g.flows.get(id))
+            .filter_map(|g| g.flows.get(&Same(id)))
             .map(|f| f.in_use)
             .sum()
     }

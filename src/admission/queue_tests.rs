@@ -5,15 +5,17 @@ use std::time::Duration;
 use super::*;
 
 /// Queued now, due in an hour (the decisions under test never wait that long).
-fn far() -> (Instant, Due) {
+fn far() -> impl FnOnce() -> (Instant, Due) {
     let now = Instant::now();
-    (
-        now,
-        Due {
-            notice: None,
-            deadline: now + Duration::from_secs(3600),
-        },
-    )
+    move || {
+        (
+            now,
+            Due {
+                notice: None,
+                deadline: now + Duration::from_secs(3600),
+            },
+        )
+    }
 }
 
 fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
@@ -283,7 +285,7 @@ fn sweep_sends_due_notices_and_times_out_only_the_due() {
             notice: (notice > 0).then(|| t0 + secs(notice)),
             deadline: t0 + secs(deadline),
         };
-        (t0, due)
+        move || (t0, due)
     };
     assert!(matches!(
         s.request(&gate, 1, &a, Hold::Transaction, due(0, 100)),

@@ -128,7 +128,7 @@ impl managed::Manager for ServerManager {
                     tracing::debug!(error = %e, "server connection left on its event loop");
                 }
                 // As at a checkout (an idle connection handed over may be long idle).
-                if self.checked_idle(&mut conn).is_ok() {
+                if self.checked_idle(&mut conn, Instant::now()).is_ok() {
                     return Ok(conn);
                 }
             }
@@ -246,16 +246,17 @@ impl ServerManager {
         if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {
             return reject("server_lifetime reached");
         }
-        self.checked_idle(conn).or_else(reject)
+        self.checked_idle(conn, now).or_else(reject)
     }
 
     /// Probes `conn` unless it was used within server_check_delay and no part has seen a
-    /// server failure since (then it is probed whatever server_check_delay says).
-    fn checked_idle(&self, conn: &mut ServerConn) -> Result<(), &'static str> {
+    /// server failure since (then it is probed whatever server_check_delay says). `now`: the
+    /// caller's clock reading (one per checkout).
+    fn checked_idle(&self, conn: &mut ServerConn, now: Instant) -> Result<(), &'static str> {
         let failures = self.incoming.failures();
         let fresh = conn.failures_seen == failures;
         conn.failures_seen = failures;
-        if fresh && Instant::now().saturating_duration_since(conn.idle_since) < self.check_delay {
+        if fresh && now.saturating_duration_since(conn.idle_since) < self.check_delay {
             return Ok(());
         }
         probe(conn)

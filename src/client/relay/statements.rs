@@ -239,7 +239,10 @@ impl<'m> Tracked<'m> {
             if t.on_client(&seen, &f.bytes) == Walk::StopBefore {
                 break; // Terminate: not forwarded
             }
+            // DEALLOCATE ALL / DISCARD ALL matter only when statements are known on either
+            // side (the client's or the server connection's): the scan is skipped otherwise.
             if f.tag == frontend::QUERY
+                && !(self.st.by_name.is_empty() && out.conn.is_empty())
                 && might_deallocate(code_part(query_text(f.tag, &f.bytes[5..])))
                 && read_cstr(&f.bytes[5..]).is_some_and(|(sql, _)| deallocates_all(&sql))
             {
