@@ -1,11 +1,12 @@
 //! `pgvalve top`: the live picture of a running pgvalve in a terminal — per identity its
-//! client and server connections against caps, growth, waiting clients, refusals and lock
-//! holders, sorted by server connections and refreshed every second.
+//! client and server connections against caps (the cluster-wide one too), growth, waiting
+//! clients, refusals and lock holders, sorted by server connections and refreshed every
+//! second.
 //!
 //! A tool beside the proxy (like `loadtest`): it reads a running pgvalve from the outside,
 //! through `/status.json` (`--http`) or the admin console (`--console`), never the library's
 //! internals. Parts: `source` (the two ways in), `view` (the table, keys, drawing; tested with
-//! ratatui's TestBackend).
+//! ratatui's TestBackend, and the binary in a real terminal by tests/it/top_terminal.rs).
 
 mod source;
 mod view;

@@ -22,6 +22,10 @@ pub struct Row {
     pub servers: u64,
     /// Its cap (0: none).
     pub max_servers: u64,
+    /// Its cap across every instance of the cluster (0: none).
+    pub cluster_max: u64,
+    /// Of that cap, what this instance holds now.
+    pub cluster_grants: u64,
     /// Clients waiting for a server connection.
     pub waiting: u64,
     /// Growth of client connections over 10 s.
@@ -129,6 +133,8 @@ pub fn from_json(body: &str) -> anyhow::Result<Snapshot> {
             max_clients: u(&i["max_client_connections"]),
             servers: u(&i["server_connections"]),
             max_servers: u(&i["max_server_connections"]),
+            cluster_max: u(&i["cluster_max_server_connections"]),
+            cluster_grants: u(&i["cluster_grants"]),
             waiting: u(&i["waiting"]),
             growth_10s: i["client_growth_10s"].as_i64().unwrap_or(0),
             login_rate: i["login_rate"].as_f64().unwrap_or(0.0),
@@ -195,6 +201,8 @@ pub fn from_tables(limits: &Table, times: &Table, locks: &Table) -> Vec<Row> {
                 max_clients: n(r, "max_client_connections"),
                 servers: n(r, "server_connections"),
                 max_servers: n(r, "max_server_connections"),
+                cluster_max: n(r, "cluster_max_server_connections"),
+                cluster_grants: n(r, "cluster_grants"),
                 waiting: n(r, "waiting"),
                 growth_10s: r.get("client_growth_10s").and_then(|v| v.parse().ok()).unwrap_or(0),
                 login_rate: r.get("login_rate").and_then(|v| v.parse().ok()).unwrap_or(0.0),

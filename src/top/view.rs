@@ -152,6 +152,16 @@ fn of(n: u64, cap: u64) -> String {
     }
 }
 
+/// An identity's cluster-wide cap as "held here of the cap" ("2 of 5": this instance may
+/// hold 2 of the 5 server connections the cluster allows it); "-" without one.
+fn cluster(r: &Row) -> String {
+    if r.cluster_max == 0 {
+        "-".into()
+    } else {
+        format!("{} of {}", r.cluster_grants, r.cluster_max)
+    }
+}
+
 fn header(app: &App) -> Line<'static> {
     let rows = &app.snapshot.rows;
     let pg = match app.snapshot.postgres {
@@ -196,6 +206,7 @@ pub fn draw(f: &mut Frame<'_>, app: &App) {
         "identity",
         "clients",
         "servers",
+        "cluster",
         "growth 10s",
         "waiting",
         "logins/s",
@@ -224,6 +235,7 @@ pub fn draw(f: &mut Frame<'_>, app: &App) {
             Cell::from(r.identity.clone()),
             Cell::from(of(r.clients, r.max_clients)),
             Cell::from(of(r.servers, r.max_servers)),
+            Cell::from(cluster(r)),
             Cell::from(format!("{:+}", r.growth_10s)),
             Cell::from(r.waiting.to_string()),
             Cell::from(format!("{:.1}", r.login_rate)),
@@ -241,6 +253,7 @@ pub fn draw(f: &mut Frame<'_>, app: &App) {
     let widths = [
         Constraint::Min(16),
         Constraint::Length(10),
+        Constraint::Length(9),
         Constraint::Length(9),
         Constraint::Length(10),
         Constraint::Length(8),
@@ -347,6 +360,29 @@ mod tests {
         key(&mut app, KeyCode::Char('c'));
         assert_eq!(app.rows().len(), 3);
         assert!(!key(&mut app, KeyCode::Char('q')), "q quits");
+    }
+
+    #[test]
+    fn a_cluster_wide_cap_shows_what_this_instance_holds_of_it() {
+        let mut app = App::default();
+        let mut capped = row("reports", 10, 2, 0, false);
+        (capped.cluster_max, capped.cluster_grants) = (5, 2);
+        app.update(Ok(Snapshot {
+            rows: vec![capped, row("web", 1, 1, 0, false)],
+            postgres: Some(true),
+        }));
+        let s = screen(&app);
+        assert!(
+            s.iter().any(|l| l.contains("servers") && l.contains("cluster")),
+            "{s:#?}"
+        );
+        let of = |id: &str| {
+            s.iter()
+                .find(|l| l.contains(id))
+                .unwrap_or_else(|| panic!("{id} in {s:#?}"))
+        };
+        assert!(of("reports").contains("2 of 5"), "{}", of("reports"));
+        assert!(!of("web").contains(" of "), "no cluster cap: {}", of("web"));
     }
 
     #[test]

@@ -38,5 +38,6 @@ mod systemd;
 mod takeover;
 mod timeouts;
 mod tls;
+mod top_terminal;
 mod tracked;
 mod transaction;
