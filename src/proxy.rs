@@ -203,6 +203,7 @@ impl ProxyHandle {
         settled: Arc<std::sync::atomic::AtomicBool>,
     ) -> ProxyHandle {
         let addr = listener.local_addr().unwrap_or(config.listen);
+        open_files_for(&config);
         let (phase_tx, phase, phase_bell) = PhaseSender::new();
         let built = Built::new(config, phase_bell, lent);
         let copies = crate::takeover::predecessor::copies(&listener, http.as_ref());
@@ -476,4 +477,67 @@ fn hex_nonce() -> String {
     let mut b = [0u8; 16];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Lets this process open as many files as its hard limit allows (`ulimit -Hn`; systemd's
+/// `LimitNOFILE`): the usual soft limit of 1,024 is below what `max_client_connections`
+/// clients and their server connections take (each is one descriptor), and a proxy that hits
+/// it refuses clients with "too many open files". Warns when even the hard limit is below
+/// what the configuration may need.
+fn open_files_for(config: &Config) {
+    let Some(hard) = raise_open_files() else {
+        return;
+    };
+    // Clients, server connections, and a margin for listeners, logs and the lock monitor.
+    let need = u64::from(config.proxy.max_client_connections) + u64::from(config.max_server_connections()) + 64;
+    if need > hard {
+        tracing::warn!(
+            limit = hard,
+            max_client_connections = config.proxy.max_client_connections,
+            max_server_connections = config.max_server_connections(),
+            "this process may open {hard} files, fewer than max_client_connections and the server connections may need ({need}): raise it (ulimit -n, or LimitNOFILE in the systemd unit)"
+        );
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as `ulimit -n $(ulimit -Hn)` would
+/// (no privilege needed; process-wide and idempotent, so several proxies in one process do
+/// it alike). The limit in force after, None when there is none.
+fn raise_open_files() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let (soft, hard) = (now.current?, now.maximum?);
+    if soft < hard {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(soft, hard, error = %e, "could not raise the open files limit to its hard limit");
+            return Some(soft);
+        }
+        tracing::debug!(from = soft, to = hard, "open files limit raised to the hard limit");
+    }
+    Some(hard)
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let Some(hard) = getrlimit(Resource::Nofile).maximum else {
+            return; // no hard limit: nothing to raise
+        };
+        // Lowered as a login shell sets it (allowed unprivileged), then raised as the proxy does.
+        let low = Rlimit {
+            current: Some(hard.min(1024)),
+            maximum: Some(hard),
+        };
+        setrlimit(Resource::Nofile, low).expect("lower the soft limit");
+        assert_eq!(super::raise_open_files(), Some(hard));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
+        assert_eq!(super::raise_open_files(), Some(hard), "idempotent");
+    }
 }
