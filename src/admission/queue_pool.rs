@@ -125,12 +125,13 @@ impl Scheduler {
         }
     }
 
-    /// A gate's grants in use, and its waiters more lease would serve: those not held back
-    /// by their identity's cap, the lock-holder cap or the headroom rule (which do not
-    /// depend on how the pool is split between cores).
-    pub(crate) fn gate_demand(&self, gate: &Arc<str>) -> (u32, u32) {
+    /// A gate's grants in use, its waiters more lease would serve (those not held back by
+    /// their identity's cap, the lock-holder cap or the headroom rule, which do not depend
+    /// on how the pool is split between cores), and its grants held long (for whole
+    /// sessions, or pinned: they do not come back at a transaction's end).
+    pub(crate) fn gate_demand(&self, gate: &Arc<str>) -> (u32, u32, u32) {
         let Some(g) = self.gates.get(&Same(gate)) else {
-            return (0, 0);
+            return (0, 0, 0);
         };
         let wanting = g
             .flows
@@ -145,7 +146,8 @@ impl Scheduler {
                 (!capped && !held_back).then_some(f.waiting.len() as u32)
             })
             .sum();
-        (g.in_use, wanting)
+        let long = g.flows.values().map(|f| f.long).sum::<u32>().min(g.in_use);
+        (g.in_use, wanting, long)
     }
 
     /// A gate's capacity now (0 when it does not exist).

@@ -167,10 +167,10 @@ impl Admission {
         (in_use, waiting, st.sched.gate_max_wait(gate))
     }
 
-    /// Grants in use and clients waiting that more capacity would serve, in each of `gates`,
-    /// read under one lock (the pools' lease rebalancing reads every core's gate of a pool
-    /// at once).
-    pub fn gates(&self, gates: &[Arc<str>]) -> Vec<(u32, u32)> {
+    /// Grants in use, clients waiting that more capacity would serve, and grants held long
+    /// (sessions, pinned), in each of `gates`, read under one lock (the pools' lease
+    /// rebalancing reads every core's gate of a pool at once).
+    pub fn gates(&self, gates: &[Arc<str>]) -> Vec<(u32, u32, u32)> {
         let st = self.state();
         gates.iter().map(|g| st.sched.gate_demand(g)).collect()
     }

@@ -18,7 +18,11 @@
 //! connections over at once and its busy ones when they come back ([`Incoming`]); the taking
 //! core takes them (registering their sockets with its own event loop) before it opens new
 //! ones, so connections move with their slots and a pool keeps its connections. Leases never move while every core's waiters are served by its fair part,
-//! so a saturated proxy does not trade connections back and forth.
+//! so a saturated proxy does not trade connections back and forth. A lease may be cut below
+//! what its core has in use when those grants are held for transactions (they come back at
+//! the transaction's end and go to the other core), never below what is held for whole
+//! sessions or pinned: so a split left lopsided while one core's clients came first evens
+//! out even when every connection is always busy.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -105,12 +109,16 @@ impl Shards {
             .gates(&gates)
             .into_iter()
             .zip(&self.pools)
-            .map(|((in_use, waiting), p)| {
+            .map(|((in_use, waiting, long), p)| {
                 let s = p.status();
+                // Grants in use, or connections in use when more (session-mode logins).
+                let conns = s.size.saturating_sub(s.available);
                 Demand {
-                    // Grants in use, or connections in use when more (session-mode logins).
-                    busy: (in_use as usize).max(s.size.saturating_sub(s.available)),
+                    busy: (in_use as usize).max(conns),
                     waiting: waiting as usize + s.waiting,
+                    // What does not come back at a transaction's end: grants held for whole
+                    // sessions or pinned, and connections in use beyond the grants.
+                    held: long as usize + conns.saturating_sub(in_use as usize),
                 }
             })
             .collect();
@@ -333,6 +341,8 @@ pub(crate) struct Demand {
     pub(crate) busy: usize,
     /// Clients waiting.
     pub(crate) waiting: usize,
+    /// Of `busy`, what is held for whole sessions (or pinned): it does not come back soon.
+    pub(crate) held: usize,
 }
 
 /// New leases when a core's clients wait while its fair part of `share` is larger than its
@@ -346,10 +356,11 @@ pub(crate) fn plan(share: usize, leases: &[usize], demand: &[Demand]) -> Option<
     if !needy && !spare && total == share {
         return None;
     }
-    // Everyone's fair part, but no less than it has in use (a connection held for a whole
-    // session, or pinned, does not come back soon: a lease cut below it would leave the
-    // other core's grants without a connection); then what is left to those that hold it
-    // now, then evenly.
+    // Everyone's fair part, but no less than it holds for whole sessions (a connection held
+    // for a session, or pinned, does not come back soon: a lease cut below it would leave
+    // the other core's grants without a connection; one held for a transaction comes back
+    // within it and goes to the core whose lease grew); then what is left to those that
+    // hold it now, then evenly.
     let mut new = keep_in_use(share, fair, leases, demand);
     let mut left = share.saturating_sub(new.iter().sum::<usize>());
     for k in 0..new.len() {
@@ -363,10 +374,11 @@ pub(crate) fn plan(share: usize, leases: &[usize], demand: &[Demand]) -> Option<
     (new != leases).then_some(new)
 }
 
-/// `fair`, raised so no core's lease falls below what it has in use (nor below its lease
-/// now, when that is less), the raise taken back from the cores that would grow most.
+/// `fair`, raised so no core's lease falls below what it holds for whole sessions (nor
+/// below its lease now, when that is less), the raise taken back from the cores that would
+/// grow most.
 fn keep_in_use(share: usize, mut fair: Vec<usize>, leases: &[usize], demand: &[Demand]) -> Vec<usize> {
-    let floor: Vec<usize> = (0..fair.len()).map(|k| leases[k].min(demand[k].busy)).collect();
+    let floor: Vec<usize> = (0..fair.len()).map(|k| leases[k].min(demand[k].held)).collect();
     for k in 0..fair.len() {
         fair[k] = fair[k].max(floor[k]);
     }
@@ -434,8 +446,18 @@ fn water_fill(share: usize, want: &[usize], leases: &[usize]) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    /// Demand whose connections are all held for whole sessions.
     fn d(busy: usize, waiting: usize) -> Demand {
-        Demand { busy, waiting }
+        Demand {
+            busy,
+            waiting,
+            held: busy,
+        }
+    }
+
+    /// Demand whose connections are held for transactions (they come back soon).
+    fn t(busy: usize, waiting: usize) -> Demand {
+        Demand { busy, waiting, held: 0 }
     }
 
     #[test]
@@ -459,6 +481,22 @@ mod tests {
         // Unequal parts even out when both wait, as far as what is in use lets them.
         assert_eq!(plan(20, &[16, 4], &[d(16, 50), d(4, 50)]), None);
         assert_eq!(plan(20, &[16, 4], &[d(9, 50), d(4, 50)]), Some(vec![10, 10]));
+    }
+
+    #[test]
+    fn saturated_cores_even_out_when_their_connections_come_back() {
+        // Transaction mode, both cores' clients waiting: a lopsided split (left by a start
+        // where one core's clients came first) evens out; the busy ones beyond the new lease
+        // go to the other core as their transactions end.
+        assert_eq!(plan(20, &[18, 2], &[t(18, 90), t(2, 108)]), Some(vec![10, 10]));
+        assert_eq!(plan(20, &[10, 10], &[t(18, 90), t(2, 108)]), None, "and stays");
+        // Connections held for sessions still keep their lease.
+        let part = Demand {
+            busy: 18,
+            waiting: 90,
+            held: 15,
+        };
+        assert_eq!(plan(20, &[18, 2], &[part, t(2, 108)]), Some(vec![15, 5]));
     }
 
     #[test]
