@@ -94,6 +94,7 @@ pub(crate) mod error;
 pub mod fuzzing;
 pub(crate) mod http;
 pub mod import;
+pub(crate) mod lease;
 pub(crate) mod listener;
 pub mod loadtest;
 pub mod locks;

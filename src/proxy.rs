@@ -60,8 +60,7 @@ impl Built {
             crate::session_threads::wanted(c.proxy.session_threads, c.proxy.worker_threads)
         };
         let pools = PoolSet::new(live_config.clone(), auth.clone(), gates.clone(), cores, lent);
-        let admission = Admission::new(admission_config, events.clone());
-        admission.set_cores(pools.cores());
+        let admission = Admission::with_cores(admission_config, events.clone(), pools.cores());
         let locks = Arc::new(LockMonitor::default());
         let reloader = Arc::new(Reloader::new(live_config.clone(), pools.clone(), admission.clone()));
         let shutdown_requested = Arc::new(Notify::new());
@@ -412,6 +411,7 @@ async fn lease_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             _ = every.tick() => {
+                shared.admission.exchange();
                 shared.pools.rebalance(&shared.admission);
             }
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },

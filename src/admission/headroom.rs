@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use super::cores::Core;
 use super::{Admission, Member};
 
 /// How long the connection asked for will be held.
@@ -46,6 +47,9 @@ pub(crate) struct Standing {
     pub(crate) others: u64,
     /// The identity's headroom in this pool, in connections.
     pub(crate) headroom: u32,
+    /// With the pool's other gates on other cores (mirrored, a few milliseconds old): the
+    /// free connections of this core's own gates. None: every gate is counted exactly.
+    pub(crate) own_free: Option<u32>,
 }
 
 impl Standing {
@@ -81,6 +85,19 @@ impl Standing {
         held == 0 || f64::from(held) < self.share()
     }
 
+    /// Whether a grant [`Self::may_take`] allows can be given on this core's counts alone:
+    /// the mirrors of other cores' gates may be a few milliseconds old, so near the end of
+    /// the pool a long hold of an identity holding long is decided only when every core's
+    /// state is locked (`admission::cores`, at most a lease period later). Away from the
+    /// end (more free here than the whole headroom), or for an identity holding nothing
+    /// long, the answer does not depend on the other cores.
+    pub(crate) fn decided_here(&self, hold: Hold) -> bool {
+        match self.own_free {
+            None => true,
+            Some(free) => free > self.headroom || self.long_held(hold) == 0,
+        }
+    }
+
     /// True when headroom is what keeps it waiting for `hold`: connections are free, but it
     /// holds more than its share and none but the last `headroom` are left.
     pub(crate) fn held_back(&self, hold: Hold) -> bool {
@@ -93,19 +110,21 @@ impl Standing {
 /// back) the identity holds that connection long.
 #[derive(Debug)]
 pub struct Pinning {
-    admission: Admission,
+    core: Arc<Core>,
     pool: Arc<str>,
     identity: Arc<str>,
     pinned: bool,
 }
 
 impl Admission {
-    /// The pin notice of `member`'s session in `pool` (nothing pinned yet).
-    pub fn pinning(&self, member: &Member, pool: &Arc<str>) -> Pinning {
+    /// The pin notice of `member`'s session in `pool`, a gate of core `core` (nothing pinned
+    /// yet).
+    pub fn pinning(&self, member: &Member, (pool, core): (&Arc<str>, usize)) -> Pinning {
+        let core = self.core(core);
         Pinning {
-            admission: self.clone(),
+            core: core.clone(),
             pool: pool.clone(),
-            identity: member.identity().clone(),
+            identity: member.name_on(core).clone(),
             pinned: false,
         }
     }
@@ -115,7 +134,7 @@ impl Pinning {
     /// The session pinned its server connection (it holds a grant now); once per session.
     pub fn pinned(&mut self) {
         if !std::mem::replace(&mut self.pinned, true) {
-            self.admission.state().sched.pin(&self.pool, &self.identity);
+            self.core.lock().sched.pin(&self.pool, &self.identity);
         }
     }
 }
@@ -123,7 +142,7 @@ impl Pinning {
 impl Drop for Pinning {
     fn drop(&mut self) {
         if self.pinned {
-            self.admission.state().sched.unpin(&self.pool, &self.identity);
+            self.core.lock().sched.unpin(&self.pool, &self.identity);
         }
     }
 }
@@ -141,6 +160,7 @@ mod tests {
             weight: 1,
             others,
             headroom: 4,
+            own_free: None,
         }
     }
 

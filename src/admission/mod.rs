@@ -13,16 +13,21 @@
 //!    its share leaves the last ones of a pool to others ([`headroom`]; a pinned
 //!    transaction-mode session tells it so through its [`Pinning`]).
 //!
-//! All of it is decided under one lock, so limits hold exactly under the multi-threaded
-//! runtime; refusals are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
+//! Logins are decided under admission's lock; grants under the lock of the session's core
+//! ([`cores`]: each core's gates have their own fair queue, and what spans cores, the whole
+//! pool's view and each identity's caps, is exchanged between them every few milliseconds
+//! off the transaction path), so limits hold exactly under several event loops; refusals
+//! are [`Refusal`]s (SQLSTATE 53300). [`Admission::tick`] runs once a second
 //! for surge detection and cleanup; [`Admission::queue_clock`] runs beside it and tells
 //! queued clients when their NOTICE and their timeout are due (one timer for the whole
 //! queue, none per wait); [`Admission::reload`] applies new limits to everyone.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod cores;
 pub mod headroom;
 pub mod identity;
 pub mod limits;
@@ -43,8 +48,9 @@ pub use limits::{AdmissionSettings, Headroom, LimitOverrides, Limits, LockAction
 pub(crate) use refusal::Refusal;
 pub(crate) use surge::SurgeEvent;
 
+use cores::Core;
 use identity::{ClientFacts, Rule};
-use queue::{Due, Request, Scheduler, ShareLimits};
+use queue::{Due, Request, ShareLimits};
 pub use tick::IdentityStatus;
 pub use wait::{Acquired, Queued, Waited};
 
@@ -82,8 +88,8 @@ struct Ident {
     surge: surge::SurgeTrack,
     counters: Counters,
     last_seen: Instant,
-    /// pgvalve_queue_wait_seconds of this identity, from its first wait on.
-    queue_wait: Option<metrics::Histogram>,
+    /// Its clients waiting on every core (for `max_queue` with several cores).
+    queue: Arc<AtomicU32>,
 }
 
 impl Ident {
@@ -97,7 +103,7 @@ impl Ident {
             surge: Default::default(),
             counters: Default::default(),
             last_seen: now,
-            queue_wait: None,
+            queue: Arc::default(),
         }
     }
 }
@@ -108,11 +114,8 @@ struct State {
     rules: Arc<Vec<Rule>>,
     query_wait_timeout: Duration,
     login_wait: Duration,
-    sched: Scheduler,
     ids: names::NameMap<Ident>,
     surges: VecDeque<SurgeEvent>,
-    /// When the queue clock looks at the queue next.
-    clock_at: Instant,
 }
 
 #[derive(Debug)]
@@ -121,6 +124,8 @@ struct Inner {
     clients: Arc<Semaphore>,
     max_clients: u32,
     state: Mutex<State>,
+    /// Each core's part (one with one core).
+    cores: Box<[Arc<Core>]>,
     /// Rung when a client is queued with a due time before the queue clock's next look.
     clock_bell: tokio::sync::Notify,
 }
@@ -168,6 +173,7 @@ fn share_limits(l: &Limits) -> ShareLimits {
         max_queue: l.max_queue,
         max_lock_holders: l.max_lock_holders,
         headroom: l.headroom,
+        queue_timeout: l.queue_timeout,
     }
 }
 
@@ -191,8 +197,9 @@ fn login_rate(l: &Limits, surging: bool, surge_min_rate: f64) -> (f64, u32, bool
 
 impl State {
     /// The identity `facts` fall under, known from now on (its limits resolved at its first
-    /// client, and again only on reload), seen `now`, its limits told to the scheduler.
-    fn identify(&mut self, facts: &ClientFacts<'_>, now: Instant) -> Arc<str> {
+    /// client, and again only on reload), seen `now`, its limits told to every core's
+    /// scheduler.
+    fn identify(&mut self, facts: &ClientFacts<'_>, now: Instant, cores: &[Arc<Core>]) -> Arc<str> {
         let rules = self.rules.clone();
         let (name, rule) = identity::identify_with_rule(&rules, facts);
         let id: Arc<str> = match self.ids.get_key_value(name.as_str()) {
@@ -209,14 +216,34 @@ impl State {
             Ident::first(limits, rule, now)
         });
         ident.last_seen = now;
-        self.sched.set_limits(&id, share_limits(&ident.limits));
+        tell_cores(cores, &id, ident);
         id
     }
 }
 
+/// Tells every core's scheduler `ident`'s limits (each core keeps a name of its own).
+fn tell_cores(cores: &[Arc<Core>], id: &Arc<str>, ident: &Ident) {
+    let limits = share_limits(&ident.limits);
+    for c in cores {
+        let mut c = c.lock();
+        let key = c.sched.share_key(id).unwrap_or_else(|| Arc::from(&**id));
+        c.sched.set_limits(&key, limits);
+        if cores.len() > 1 {
+            c.sched.share_queue(id, &ident.queue);
+        }
+    }
+}
+
 impl Admission {
-    /// Admission under `c`, reporting queue waits to `events`.
+    /// Admission under `c` for a proxy of one core, reporting queue waits to `events`.
     pub fn new(c: AdmissionConfig, events: crate::observe::Events) -> Self {
+        Self::with_cores(c, events, 1)
+    }
+
+    /// Admission under `c` with a fair queue per core of `cores` (each pool has one gate per
+    /// core, see `pool::shards`).
+    pub fn with_cores(c: AdmissionConfig, events: crate::observe::Events, cores: usize) -> Self {
+        let cores = cores.max(1);
         Self {
             inner: Arc::new(Inner {
                 events,
@@ -227,11 +254,10 @@ impl Admission {
                     rules: Arc::new(c.rules),
                     query_wait_timeout: c.query_wait_timeout,
                     login_wait: c.login_wait,
-                    sched: Scheduler::default(),
                     ids: Default::default(),
                     surges: VecDeque::new(),
-                    clock_at: Instant::now(),
                 }),
+                cores: (0..cores).map(|_| Arc::new(Core::new(cores))).collect(),
                 clock_bell: tokio::sync::Notify::new(),
             }),
         }
@@ -273,7 +299,8 @@ impl Admission {
     fn login_now(&self, facts: &ClientFacts<'_>, now: Instant) -> Result<(Member, Duration), Refusal> {
         let mut st = self.state();
         let st = &mut *st;
-        let id = st.identify(facts, now);
+        let id = st.identify(facts, now, &self.inner.cores);
+        self.lease_identity(&id);
         let ident = st.ids.get_mut(&id).expect("invariant: identify made the entry");
         ident.surge.login();
         let l = &ident.limits;
@@ -309,6 +336,7 @@ impl Admission {
             Member {
                 admission: self.clone(),
                 identity: id,
+                local: None,
                 notice_after: ident.limits.queue_notice_after,
             },
             wait,
@@ -342,7 +370,7 @@ impl Admission {
 
     /// A server grant for `pool` (size `pool_size`) for `member`'s identity, to be held as
     /// `hold` says, without waiting: a grant now, or a place in the fair queue that the caller
-    /// waits on ([`Queued::next`]).
+    /// waits on ([`Queued::next`]). The tests' way in: a gate of the first core.
     ///
     /// # Errors
     /// [`Refusal::QueueFull`].
@@ -353,33 +381,32 @@ impl Admission {
         pool_size: u32,
         hold: Hold,
     ) -> Result<Acquired<'a>, Refusal> {
-        self.request_in(member, pool, (pool_size, pool_size), hold)
+        self.request_in(member, (pool, 0), (pool_size, pool_size), hold)
     }
 
-    /// [`Admission::request`] in one core's gate of a pool ([`gate_name`]): `capacity` is the
-    /// core's lease of the pool (what the gate hands out), `pool_size` the pool's (what
-    /// messages name).
+    /// [`Admission::request`] in one core's gate of a pool ([`gate_name`]): the gate and the
+    /// core whose scheduler holds it, `capacity` the core's lease of the pool (what the gate
+    /// hands out), `pool_size` the pool's (what messages name). Locks that core's state only.
     ///
     /// # Errors
     /// [`Refusal::QueueFull`].
     pub fn request_in<'a>(
         &'a self,
         member: &'a Member,
-        pool: &'a Arc<str>,
+        (pool, core): (&'a Arc<str>, usize),
         (capacity, pool_size): (u32, u32),
         hold: Hold,
     ) -> Result<Acquired<'a>, Refusal> {
-        let id = &member.identity;
-        let mut guard = self.state();
+        let core = self.core(core);
+        let id = member.name_on(core);
+        let mut guard = core.lock();
         let st = &mut *guard;
         // When the client would be due, should it have to wait (worked out only then).
-        let (ids, query_wait_timeout) = (&st.ids, st.query_wait_timeout);
         let mut queued_at = None;
+        let sched = &mut st.sched;
+        let timeout = sched.queue_timeout(id);
         let when = || {
             let now = Instant::now();
-            let timeout = ids
-                .get(&names::Same(id))
-                .map_or(query_wait_timeout, |i| i.limits.queue_timeout);
             let notice = member.notice_after;
             let due = Due {
                 notice: (!notice.is_zero() && notice < timeout).then(|| now + notice),
@@ -388,21 +415,20 @@ impl Admission {
             queued_at = Some((now, timeout, due));
             (now, due)
         };
-        let asked = st.sched.request(pool, capacity, id, hold, when);
-        match asked {
+        match sched.request(pool, capacity, id, hold, when) {
             Request::Granted => {
-                count(st, id, |c| c.grants += 1);
-                Ok(Acquired::Granted(self.grant(pool, id, hold)))
+                st.count_grant(id, false);
+                drop(guard);
+                Ok(Acquired::Granted(ServerGrant {
+                    core: core.clone(),
+                    pool: pool.clone(),
+                    identity: id.clone(),
+                    hold,
+                }))
             }
             Request::QueueFull(waiting) => {
-                let max = st.ids.get(id).map_or(0, |i| i.limits.max_queue);
-                let r = Refusal::QueueFull {
-                    identity: id.to_string(),
-                    waiting,
-                    max,
-                };
-                count(st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
-                Err(r)
+                drop(guard);
+                Err(self.queue_full(&member.identity, waiting))
             }
             Request::Queued(ticket, rx) => {
                 let (now, timeout, due) = queued_at.expect("invariant: a queued request asked when");
@@ -413,6 +439,7 @@ impl Admission {
                 drop(guard);
                 Ok(Acquired::Queued(Queued {
                     admission: self,
+                    core,
                     pool,
                     identity: id,
                     ticket,
@@ -427,94 +454,17 @@ impl Admission {
         }
     }
 
-    fn grant(&self, pool: &Arc<str>, identity: &Arc<str>, hold: Hold) -> ServerGrant {
-        ServerGrant {
-            admission: self.clone(),
-            pool: pool.clone(),
-            identity: identity.clone(),
-            hold,
-        }
-    }
-
-    /// A queued request was granted: the grant, with how long it waited.
-    fn finish_wait(&self, q: &mut Queued<'_>) -> (ServerGrant, Duration) {
-        q.armed = false;
-        let (pool, id) = (q.pool, q.identity);
+    /// The refusal of a client whose identity has `max_queue` clients (`waiting`) queued.
+    fn queue_full(&self, id: &Arc<str>, waiting: u32) -> Refusal {
         let mut st = self.state();
-        count(&mut st, id, |c| {
-            c.grants += 1;
-            c.queued += 1;
-        });
-        let waited = q.since.elapsed();
-        if let Some(i) = st.ids.get_mut(id) {
-            let h = i.queue_wait.get_or_insert_with(|| self.inner.events.queue_wait(id));
-            h.record(waited.as_secs_f64());
-        }
-        drop(st);
-        (self.grant(pool, id, q.hold), waited)
-    }
-
-    /// A queued request waited its timeout (the queue clock took it out): the refusal.
-    fn timed_out(&self, q: &mut Queued<'_>) -> Refusal {
-        q.armed = false;
-        let (pool, id) = (q.pool, q.identity);
-        let mut st = self.state();
-        let r = self.timeout_refusal(&st, id, pool, (q.pool_size, q.hold), q.timeout);
+        let max = st.ids.get(&names::Same(id)).map_or(0, |i| i.limits.max_queue);
+        let r = Refusal::QueueFull {
+            identity: id.to_string(),
+            waiting,
+            max,
+        };
         count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
         r
-    }
-
-    fn timeout_refusal(
-        &self,
-        st: &State,
-        id: &Arc<str>,
-        pool: &Arc<str>,
-        (pool_size, hold): (u32, Hold),
-        waited: Duration,
-    ) -> Refusal {
-        let held = st.sched.status(id).servers;
-        let max = st.ids.get(id).map_or(0, |i| i.limits.max_servers);
-        let key = st
-            .ids
-            .get(id)
-            .map_or("query_wait_timeout", |i| i.limits.queue_timeout_key);
-        let cluster = st.ids.get(id).map_or(0, |i| i.limits.cluster_max_servers);
-        if max > 0 && held >= max {
-            Refusal::ServerCap {
-                identity: id.to_string(),
-                held,
-                max,
-                waited,
-                key,
-            }
-        } else if cluster > 0 && held >= st.sched.grants(id) {
-            Refusal::ClusterCap {
-                identity: id.to_string(),
-                held,
-                max: cluster,
-                waited,
-                key,
-            }
-        } else if let Some((held, headroom)) = st.sched.held_back(pool, id, hold) {
-            Refusal::Headroom {
-                identity: id.to_string(),
-                pool: shown(pool).to_string(),
-                pool_size,
-                held,
-                headroom,
-                waited,
-                key,
-            }
-        } else {
-            Refusal::QueueTimeout {
-                identity: id.to_string(),
-                pool: shown(pool).to_string(),
-                pool_size,
-                held: st.sched.gate_held(pool, id),
-                waited,
-                key,
-            }
-        }
     }
 }
 
@@ -525,6 +475,14 @@ pub fn gate_name(label: &str, core: usize, cores: usize) -> String {
         label.to_string()
     } else {
         format!("{label}#{core}")
+    }
+}
+
+/// The core whose scheduler holds `gate` (its `#n`; the first core's for a pool's only gate).
+pub fn gate_core(gate: &str) -> usize {
+    match gate.rfind('#') {
+        Some(i) if gate[..i].ends_with('"') => gate[i + 1..].parse().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -547,6 +505,9 @@ fn count(st: &mut State, id: &Arc<str>, f: impl FnOnce(&mut Counters)) {
 pub struct Member {
     admission: Admission,
     identity: Arc<str>,
+    /// The core the session runs on, and the identity's name as that core's scheduler keeps
+    /// it (see [`Member::settle`]).
+    local: Option<(Arc<Core>, Arc<str>)>,
     notice_after: Duration,
 }
 
@@ -554,6 +515,22 @@ impl Member {
     /// The client's identity.
     pub fn identity(&self) -> &Arc<str> {
         &self.identity
+    }
+
+    /// The session runs on core `core` from now on: its grants there use that core's name
+    /// of its identity (cloning it touches no reference count another core touches).
+    pub fn settle(&mut self, core: usize) {
+        let c = self.admission.core(core).clone();
+        let name = c.lock().local_name(&self.identity);
+        self.local = Some((c, name));
+    }
+
+    /// The identity's name to use in `core`'s scheduler.
+    pub(crate) fn name_on(&self, core: &Arc<Core>) -> &Arc<str> {
+        match &self.local {
+            Some((c, name)) if Arc::ptr_eq(c, core) => name,
+            _ => &self.identity,
+        }
     }
 }
 
@@ -570,7 +547,7 @@ impl Drop for Member {
 /// One server connection's worth of an identity's share in one pool; given back on drop.
 #[derive(Debug)]
 pub struct ServerGrant {
-    admission: Admission,
+    core: Arc<Core>,
     pool: Arc<str>,
     identity: Arc<str>,
     hold: Hold,
@@ -578,10 +555,7 @@ pub struct ServerGrant {
 
 impl Drop for ServerGrant {
     fn drop(&mut self) {
-        self.admission
-            .state()
-            .sched
-            .release(&self.pool, &self.identity, self.hold);
+        self.core.lock().sched.release(&self.pool, &self.identity, self.hold);
     }
 }
 

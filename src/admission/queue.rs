@@ -11,12 +11,15 @@
 //! the `headroom` an identity holding connections long beyond its share must leave free
 //! ([`super::headroom`]).
 //!
-//! Plain data under the admission lock: no I/O, no await; waiters are told by oneshot
+//! One scheduler per core (see `admission::cores`), each holding that core's gates. Plain
+//! data under its core's lock: no I/O, no await; waiters are told by oneshot
 //! ([`Signal`]). A waiter has no timer of its own: [`Scheduler::sweep`], run by admission's
 //! queue clock, sends the queued NOTICE and the timeout when they are due.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -43,6 +46,8 @@ pub struct ShareLimits {
     pub max_lock_holders: u32,
     /// Free grants of a gate it leaves to others while it holds long beyond its share.
     pub headroom: Headroom,
+    /// How long its clients wait in the queue.
+    pub queue_timeout: Duration,
 }
 
 impl Default for ShareLimits {
@@ -56,6 +61,7 @@ impl Default for ShareLimits {
             max_queue: 0,
             max_lock_holders: 0,
             headroom: Headroom::Connections(0),
+            queue_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -69,13 +75,47 @@ struct Share {
     lock_holders: u32,
     /// Of the cluster-wide cap, what this instance may hold now (used when `cluster_max` > 0).
     grants: u32,
+    /// With several cores: this core's part of the identity's caps (see `admission::cores`);
+    /// `u32::MAX` when it has none or the proxy has one core.
+    allow: u32,
+    /// With several cores and a `max_queue`: the identity's clients waiting on every core.
+    queue: Option<Arc<AtomicU32>>,
 }
 
 impl Share {
     /// Whether a cap of its own keeps it from taking another grant.
     fn capped(&self) -> bool {
         let l = &self.limits;
-        (l.max_servers > 0 && self.servers >= l.max_servers) || (l.cluster_max > 0 && self.servers >= self.grants)
+        (l.max_servers > 0 && self.servers >= l.max_servers)
+            || (l.cluster_max > 0 && self.servers >= self.grants)
+            || self.servers >= self.allow
+    }
+
+    /// Whether `max_queue` keeps another client out of the queue: (full, waiting now).
+    fn queue_full(&self) -> (bool, u32) {
+        let waiting = self.queue.as_ref().map_or(self.waiting, |q| q.load(Ordering::Relaxed));
+        let max = self.limits.max_queue;
+        (max > 0 && waiting >= max, waiting)
+    }
+
+    /// A client of it joined the queue: true when the cross-core count counts it.
+    fn enqueue(&mut self) -> bool {
+        self.waiting += 1;
+        match &self.queue {
+            Some(q) if self.limits.max_queue > 0 => {
+                q.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `n` clients of it left the queue, `counted` of them in the cross-core count.
+    fn dequeue(&mut self, n: u32, counted: u32) {
+        self.waiting -= n;
+        if let (Some(q), true) = (&self.queue, counted > 0) {
+            q.fetch_sub(counted, Ordering::Relaxed);
+        }
     }
 }
 
@@ -113,6 +153,8 @@ struct Waiter {
     since: Instant,
     due: Due,
     hold: Hold,
+    /// Counted in its identity's cross-core queue count.
+    counted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -123,6 +165,11 @@ struct Flow {
     waiting: VecDeque<Waiter>,
     /// Virtual time of this flow's next grant.
     pass: f64,
+    /// In a mirror of another core's gate: its clients waiting there.
+    remote_waiting: u32,
+    /// Grants taken for a transaction that pins its session, not pinned yet (they will be
+    /// held long: a core's lease keeps them).
+    pinning: u32,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +179,9 @@ struct Gate {
     waiting: u32,
     vtime: f64,
     flows: NameMap<Flow>,
+    /// Another core's gate of the same pool, as that core last told (see `admission::cores`):
+    /// read for the whole pool's view, never granted from.
+    mirror: bool,
 }
 
 /// What [`Scheduler::request`] decided.
@@ -164,6 +214,9 @@ pub struct Scheduler {
     siblings: NameMap<Arc<[Arc<str>]>>,
     /// Cores each pool has a gate on.
     cores: usize,
+    /// The mirrors are exact now (every core's state is locked while this one decides, see
+    /// `admission::cores`): headroom decisions near the end of a pool may be taken.
+    exact: bool,
 }
 
 impl Scheduler {
@@ -180,6 +233,8 @@ impl Scheduler {
                         waiting: 0,
                         lock_holders: 0,
                         grants: 0,
+                        allow: u32::MAX,
+                        queue: None,
                     },
                 );
                 false
@@ -227,10 +282,10 @@ impl Scheduler {
             return Request::Granted;
         }
         let share = self.shares.get_mut(&Same(id)).expect("invariant: inserted above");
-        if share.limits.max_queue > 0 && share.waiting >= share.limits.max_queue {
-            return Request::QueueFull(share.waiting);
+        if let (true, waiting) = share.queue_full() {
+            return Request::QueueFull(waiting);
         }
-        share.waiting += 1;
+        let counted = share.enqueue();
         self.next_id += 1;
         let (now, due) = when();
         let (tx, rx) = oneshot::channel();
@@ -248,6 +303,7 @@ impl Scheduler {
             since: now,
             due,
             hold,
+            counted,
         });
         Request::Queued(self.next_id, rx)
     }
@@ -275,10 +331,10 @@ impl Scheduler {
         let Some(pos) = flow.waiting.iter().position(|w| w.ticket == ticket) else {
             return false;
         };
-        flow.waiting.remove(pos);
+        let w = flow.waiting.remove(pos).expect("invariant: found above");
         g.waiting -= 1;
         if let Some(s) = self.shares.get_mut(&Same(id)) {
-            s.waiting -= 1;
+            s.dequeue(1, u32::from(w.counted));
         }
         // One identity fewer waiting may raise the others' shares (headroom).
         self.dispatch(gate);
@@ -289,6 +345,7 @@ impl Scheduler {
     pub(crate) fn pin(&mut self, gate: &Arc<str>, id: &Arc<str>) {
         if let Some(f) = self.gates.get_mut(&Same(gate)).and_then(|g| g.flows.get_mut(&Same(id))) {
             f.long += 1;
+            f.pinning = f.pinning.saturating_sub(1);
         }
     }
 
@@ -314,8 +371,10 @@ impl Scheduler {
             g.in_use = g.in_use.saturating_sub(1);
             if let Some(f) = g.flows.get_mut(&Same(id)) {
                 f.in_use = f.in_use.saturating_sub(1);
-                if hold == Hold::Session {
-                    f.long = f.long.saturating_sub(1);
+                match hold {
+                    Hold::Session => f.long = f.long.saturating_sub(1),
+                    Hold::Pin => f.pinning = f.pinning.saturating_sub(1),
+                    Hold::Transaction => {}
                 }
             }
         }
@@ -397,7 +456,8 @@ impl Scheduler {
                 Some(min.saturating_sub(f.in_use))
             })
             .sum();
-        free > reserved && self.standing(gate, id, s).may_take(hold)
+        let st = self.standing(gate, id, s);
+        free > reserved && st.may_take(hold) && st.decided_here(hold)
     }
 
     /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,
@@ -421,8 +481,10 @@ impl Scheduler {
         let vtime = g.vtime;
         let flow = g.flows.entry(id.clone()).or_default();
         flow.in_use += 1;
-        if hold == Hold::Session {
-            flow.long += 1;
+        match hold {
+            Hold::Session => flow.long += 1,
+            Hold::Pin => flow.pinning += 1,
+            Hold::Transaction => {}
         }
         flow.pass = flow.pass.max(vtime);
         g.vtime = flow.pass;
@@ -464,7 +526,7 @@ impl Scheduler {
             let w = flow.waiting.pop_front().expect("invariant: picked flows wait");
             g.waiting -= 1;
             if let Some(s) = self.shares.get_mut(&Same(&id)) {
-                s.waiting -= 1;
+                s.dequeue(1, u32::from(w.counted));
             }
             self.grant(gate, &id, w.hold);
             if w.tx.send(Signal::Granted).is_err() {
@@ -513,77 +575,20 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Sends the NOTICE to waiters whose notice time has come and times out those whose
-    /// deadline has passed (they leave the queue). Returns when the next waiter is due.
-    pub(crate) fn sweep(&mut self, now: Instant) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut left: Vec<(Arc<str>, u32)> = Vec::new();
-        let mut emptier: Vec<Arc<str>> = Vec::new();
-        for (name, g) in self.gates.iter_mut() {
-            for (id, f) in g.flows.iter_mut() {
-                if f.waiting.iter().any(|w| w.due.deadline <= now) {
-                    let before = f.waiting.len();
-                    for w in std::mem::take(&mut f.waiting) {
-                        if w.due.deadline <= now {
-                            let _ = w.tx.send(Signal::TimedOut);
-                        } else {
-                            f.waiting.push_back(w);
-                        }
-                    }
-                    let n = (before - f.waiting.len()) as u32;
-                    g.waiting -= n;
-                    left.push((id.clone(), n));
-                    if emptier.last() != Some(name) {
-                        emptier.push(name.clone());
-                    }
-                }
-                for w in f.waiting.iter_mut() {
-                    if w.due.notice.is_some_and(|at| at <= now) {
-                        w.due.notice = None;
-                        let (tx, rx) = oneshot::channel();
-                        let _ = std::mem::replace(&mut w.tx, tx).send(Signal::Notice(rx));
-                    }
-                    let due = w.due.next();
-                    next = Some(next.map_or(due, |n| n.min(due)));
-                }
-            }
-        }
-        for (id, n) in left {
-            if let Some(s) = self.shares.get_mut(&Same(&id)) {
-                s.waiting -= n;
-            }
-        }
-        // Identities that stopped waiting may raise the others' shares (headroom).
-        for g in emptier {
-            self.dispatch(&g);
-        }
-        next
-    }
-
     /// Grants in use and waiters of a gate.
     pub(crate) fn gate_status(&self, gate: &str) -> (u32, u32) {
         self.gates.get(gate).map_or((0, 0), |g| (g.in_use, g.waiting))
-    }
-
-    /// Forgets identities `keep` rejects once they hold and wait for nothing.
-    pub(crate) fn prune(&mut self, keep: impl Fn(&str) -> bool) {
-        let idle = |s: &Share| s.servers == 0 && s.waiting == 0;
-        self.shares.retain(|id, s| !idle(s) || keep(id));
-        let shares = &self.shares;
-        for g in self.gates.values_mut() {
-            g.flows.retain(|id, f| {
-                f.in_use > 0
-                    || f.long > 0
-                    || !f.waiting.is_empty()
-                    || shares.get(&Same(id)).is_some_and(|s| s.limits.min_servers > 0)
-            });
-        }
-        self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);
     }
 }
 
 #[path = "queue_pool.rs"]
 mod pool_view;
+
+#[path = "queue_cores.rs"]
+mod cores_view;
+
+#[path = "queue_sweep.rs"]
+mod sweep;
 
 #[cfg(test)]
 #[path = "queue_tests.rs"]

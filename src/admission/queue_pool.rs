@@ -4,8 +4,10 @@
 //! (`label#core`, see [`crate::admission::gate_name`]) whose capacity is that core's lease
 //! of the pool: a core's gate hands out no more grants than its lease. But the headroom rule
 //! judges an identity by its share of the whole pool, and refusals name what the identity
-//! holds in the pool; both read the sums over the pool's gates here. With one core a gate is
-//! its own pool and nothing is summed.
+//! holds in the pool; both read the sums over the pool's gates here. A scheduler holds its own
+//! core's gates; the other cores' gates of the pool are mirrors of them ([`super::cores_view`])
+//! a few milliseconds old, so near the end of a pool the rule waits for an exact look
+//! (`Standing::decided_here`). With one core a gate is its own pool and nothing is summed.
 
 use std::sync::Arc;
 
@@ -74,12 +76,19 @@ impl Scheduler {
         names.iter().filter_map(|n| self.gates.get(&Same(n)))
     }
 
-    /// What the headroom rule looks at for `id` (whose share is `s`) in `gate`'s pool.
+    /// What the headroom rule looks at for `id` (whose share is `s`) in `gate`'s pool: all
+    /// of the pool's gates, those of other cores as last mirrored (see `cores_view`).
     pub(super) fn standing(&self, gate: &Arc<str>, id: &Arc<str>, s: &Share) -> Standing {
         let (mut in_use, mut capacity, mut held, mut long) = (0, 0, 0, 0);
+        let (mut own_free, mut mirrored) = (0u32, false);
         for g in self.pool_gates(gate) {
             in_use += g.in_use;
             capacity += g.capacity;
+            if g.mirror {
+                mirrored = true;
+            } else {
+                own_free += g.capacity.saturating_sub(g.in_use);
+            }
             if let Some(f) = g.flows.get(&Same(id)) {
                 held += f.in_use;
                 long += f.long;
@@ -93,7 +102,8 @@ impl Scheduler {
             let mut seen: Vec<&Arc<str>> = Vec::new();
             for g in self.pool_gates(gate) {
                 for (k, f) in &g.flows {
-                    if k != id && (f.in_use > 0 || !f.waiting.is_empty()) && !seen.contains(&k) {
+                    if k != id && (f.in_use > 0 || !f.waiting.is_empty() || f.remote_waiting > 0) && !seen.contains(&k)
+                    {
                         seen.push(k);
                     }
                 }
@@ -109,6 +119,7 @@ impl Scheduler {
             long,
             weight: s.limits.weight,
             others,
+            own_free: (mirrored && !self.exact).then_some(own_free),
             headroom,
         }
     }
@@ -141,12 +152,13 @@ impl Scheduler {
                 let s = self.shares.get(&Same(id))?;
                 let l = &s.limits;
                 let capped = (l.max_servers > 0 && s.servers >= l.max_servers)
+                    || s.servers >= s.allow
                     || (l.max_lock_holders > 0 && s.lock_holders >= l.max_lock_holders);
                 let held_back = self.standing(gate, id, s).held_back(w.hold);
                 (!capped && !held_back).then_some(f.waiting.len() as u32)
             })
             .sum();
-        let long = g.flows.values().map(|f| f.long).sum::<u32>().min(g.in_use);
+        let long = g.flows.values().map(|f| f.long + f.pinning).sum::<u32>().min(g.in_use);
         (g.in_use, wanting, long)
     }
 

@@ -27,6 +27,7 @@ fn limits(max: u32, min: u32, weight: u32, queue: u32) -> ShareLimits {
         max_queue: queue,
         max_lock_holders: 0,
         headroom: Headroom::Connections(0),
+        queue_timeout: Duration::from_secs(120),
     }
 }
 

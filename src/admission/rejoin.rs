@@ -16,12 +16,14 @@ impl Admission {
     pub(crate) fn rejoin(&self, facts: &ClientFacts<'_>) -> Member {
         let mut st = self.state();
         let st = &mut *st;
-        let id = st.identify(facts, Instant::now());
+        let id = st.identify(facts, Instant::now(), &self.inner.cores);
+        self.lease_identity(&id);
         let ident = st.ids.get_mut(&id).expect("invariant: identify made the entry");
         ident.clients += 1;
         Member {
             admission: self.clone(),
             identity: id,
+            local: None,
             notice_after: ident.limits.queue_notice_after,
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::surge::{Change, SurgeEvent};
-use super::{share_limits, Admission, AdmissionConfig, Counters, Limits, SURGE_HISTORY};
+use super::{gate_core, Admission, AdmissionConfig, Counters, Limits, SURGE_HISTORY};
 
 /// The queue clock looks at the queue at least this often.
 const CLOCK_LOOK: Duration = Duration::from_secs(1);
@@ -58,14 +58,16 @@ impl Admission {
     /// the proxy runs it beside [`Self::tick`].
     pub(crate) async fn queue_clock(&self) {
         loop {
-            let at = {
-                let mut st = self.state();
-                let now = Instant::now();
-                let look = now + CLOCK_LOOK;
-                let at = st.sched.sweep(now).map_or(look, |next| next.min(look));
-                st.clock_at = at;
-                at
-            };
+            let now = Instant::now();
+            let mut at = now + CLOCK_LOOK;
+            for c in self.inner.cores.iter() {
+                if let Some(next) = c.lock().sched.sweep(now) {
+                    at = at.min(next);
+                }
+            }
+            for c in self.inner.cores.iter() {
+                c.lock().clock_at = at;
+            }
             // A bell rung since the lock was released is kept (Notify stores one permit).
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
@@ -118,17 +120,31 @@ impl Admission {
                 }
             }
         }
-        let sched = &st.sched;
         st.ids.retain(|id, i| {
-            let s = sched.status(id);
+            let s = self.totals(id);
             i.clients > 0
                 || s.servers > 0
                 || s.waiting > 0
                 || !i.surge.is_quiet()
                 || now.saturating_duration_since(i.last_seen) < FORGET_AFTER
         });
-        let ids = &st.ids;
-        st.sched.prune(|id| ids.get(id).is_some_and(|i| i.clients > 0));
+        for c in self.inner.cores.iter() {
+            let mut c = c.lock();
+            let c = &mut *c;
+            let ids = &mut st.ids;
+            c.sched.prune(|id| ids.get(id).is_some_and(|i| i.clients > 0));
+            // What a core counted of an identity it forgot stays in the identity's counters.
+            let sched = &c.sched;
+            c.tally.retain(|id, t| {
+                let keep = sched.share_key(id).is_some();
+                if let (false, Some(i)) = (keep, ids.get_mut(&**id)) {
+                    i.counters.grants += t.grants;
+                    i.counters.queued += t.queued;
+                }
+                keep
+            });
+            c.waits.retain(|id, _| sched.share_key(id).is_some());
+        }
     }
 
     /// Applies new limits and rules. Connected clients keep their identity; each identity
@@ -153,7 +169,8 @@ impl Admission {
                 &rule.map(|r| r.limits.clone()).unwrap_or_default(),
                 st.query_wait_timeout,
             );
-            st.sched.set_limits(&id, share_limits(&ident.limits));
+            super::tell_cores(&self.inner.cores, &id, ident);
+            self.lease_identity(&id);
         }
         if c.max_clients != self.inner.max_clients {
             tracing::warn!("proxy.max_client_connections changes only on restart");
@@ -162,41 +179,37 @@ impl Admission {
 
     /// A pool's gate: grants in use, waiting clients, the longest wait now.
     pub fn gate(&self, gate: &str) -> (u32, u32, std::time::Duration) {
-        let st = self.state();
+        let st = self.core(gate_core(gate)).lock();
         let (in_use, waiting) = st.sched.gate_status(gate);
         (in_use, waiting, st.sched.gate_max_wait(gate))
     }
 
     /// Grants in use, clients waiting that more capacity would serve, and grants held long
-    /// (sessions, pinned), in each of `gates`, read under one lock (the pools' lease
-    /// rebalancing reads every core's gate of a pool at once).
+    /// (sessions, pinned), in each of `gates` (the pools' lease rebalancing reads every
+    /// core's gate of a pool), each read from its core.
     pub fn gates(&self, gates: &[Arc<str>]) -> Vec<(u32, u32, u32)> {
-        let st = self.state();
-        gates.iter().map(|g| st.sched.gate_demand(g)).collect()
+        gates
+            .iter()
+            .map(|g| self.core(gate_core(g)).lock().sched.gate_demand(g))
+            .collect()
     }
 
-    /// Each pool has one gate per core of `cores` (see `pool::shards`): the headroom rule and
-    /// refusals then look at the pool's gates together.
-    pub fn set_cores(&self, cores: usize) {
-        self.state().sched.set_cores(cores);
-    }
-
-    /// New capacities for gates (the cores' leases of a pool changed), set under one lock,
-    /// the smaller ones first, so the pool's gates never add up to more than the pool;
-    /// waiters are granted what they free.
+    /// New capacities for gates (the cores' leases of a pool changed), the smaller ones
+    /// first; waiters are granted what they free. (A grant beyond a part's lease waits for
+    /// a connection in the part: the pool's budget counts connections, not grants.)
     pub fn resize_gates(&self, gates: &[(Arc<str>, u32)]) {
-        let mut st = self.state();
-        let mut order: Vec<&(Arc<str>, u32)> = gates.iter().collect();
-        order.sort_by_key(|(g, c)| (st.sched.gate_capacity(g) < *c, *c));
-        for (g, c) in order {
-            st.sched.set_capacity(g, *c);
+        let capacity = |g: &Arc<str>| self.core(gate_core(g)).lock().sched.gate_capacity(g);
+        let mut order: Vec<(&Arc<str>, u32, bool)> = gates.iter().map(|(g, c)| (g, *c, capacity(g) < *c)).collect();
+        order.sort_by_key(|(_, c, grows)| (*grows, *c));
+        for (g, c, _) in order {
+            self.core(gate_core(g)).lock().sched.set_capacity(g, c);
         }
     }
 
     /// How many identities have clients waiting for a server connection now.
     pub fn identities_waiting(&self) -> usize {
-        let st = self.state();
-        st.ids.keys().filter(|id| st.sched.status(id).waiting > 0).count()
+        let ids: Vec<Arc<str>> = self.state().ids.keys().cloned().collect();
+        ids.iter().filter(|id| self.totals(id).waiting > 0).count()
     }
 
     /// Every known identity, sorted by name.
@@ -206,7 +219,8 @@ impl Admission {
             .ids
             .iter()
             .map(|(id, i)| {
-                let s = st.sched.status(id);
+                let s = self.totals(id);
+                let (grants, queued) = self.tallies(id);
                 let (login_rate, login_rate_10s, delta_1s, delta_10s, baseline) = i.surge.rates();
                 IdentityStatus {
                     identity: id.to_string(),
@@ -215,14 +229,18 @@ impl Admission {
                     clients: i.clients,
                     servers: s.servers,
                     waiting: s.waiting,
-                    cluster_grants: st.sched.grants(id),
+                    cluster_grants: self.core(0).lock().sched.grants(id),
                     login_rate,
                     login_rate_10s,
                     delta_10s,
                     delta_1s,
                     baseline,
                     surging: i.surge.active(),
-                    counters: i.counters.clone(),
+                    counters: Counters {
+                        grants: i.counters.grants + grants,
+                        queued: i.counters.queued + queued,
+                        ..i.counters.clone()
+                    },
                 }
             })
             .collect();
@@ -245,7 +263,9 @@ impl Admission {
 
     /// The lock monitor's count of sessions holding dangerous locks, per identity.
     pub(crate) fn set_lock_holders(&self, holders: &std::collections::HashMap<String, u32>) {
-        self.state().sched.set_lock_holders(holders);
+        for c in self.inner.cores.iter() {
+            c.lock().sched.set_lock_holders(holders);
+        }
     }
 
     /// Surge episodes, oldest first (bounded history).
@@ -257,12 +277,21 @@ impl Admission {
 /// The cluster's coordinator leases admission's cluster-wide identity caps through this.
 impl crate::cluster::grants::IdentityGrants for Admission {
     fn wants(&self) -> Vec<crate::cluster::grants::Want> {
-        self.state().sched.cluster_wants()
+        let mut wants = self.core(0).lock().sched.cluster_wants();
+        for w in &mut wants {
+            let t = self.totals(&w.identity);
+            (w.in_use, w.waiting) = (t.servers, t.waiting);
+        }
+        wants
     }
 
     /// Lowering takes nothing back: what the identity holds above the new number drains as
     /// its transactions end.
     fn set(&self, identity: &str, grants: u32) -> u32 {
-        self.state().sched.set_grants(identity, grants)
+        for c in self.inner.cores.iter() {
+            c.lock().sched.set_grants(identity, grants);
+        }
+        self.lease_identity(identity);
+        self.totals(identity).servers
     }
 }

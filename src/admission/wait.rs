@@ -12,8 +12,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::cores::Core;
 use super::queue::Signal;
-use super::{Admission, Hold, Refusal, ServerGrant};
+use super::{count, shown, Admission, Hold, Refusal, ServerGrant};
 
 /// What [`Admission::request`] decided.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub enum Waited {
 #[derive(Debug)]
 pub struct Queued<'a> {
     pub(super) admission: &'a Admission,
+    /// The core whose scheduler holds the gate.
+    pub(super) core: &'a Arc<Core>,
     pub(super) pool: &'a Arc<str>,
     pub(super) identity: &'a Arc<str>,
     pub(super) ticket: u64,
@@ -68,7 +71,7 @@ impl Queued<'_> {
     pub async fn next(&mut self) -> Result<Waited, Refusal> {
         match (&mut self.rx).await {
             Ok(Signal::Granted) => {
-                let (g, waited) = self.admission.finish_wait(self);
+                let (g, waited) = self.finish();
                 Ok(Waited::Granted(g, waited))
             }
             Ok(Signal::Notice(rx)) => {
@@ -77,7 +80,7 @@ impl Queued<'_> {
             }
             // Err: the queue dropped the entry without a word, which it never does; no grant
             // came with it either way.
-            Ok(Signal::TimedOut) | Err(_) => Err(self.admission.timed_out(self)),
+            Ok(Signal::TimedOut) | Err(_) => Err(self.timed_out()),
         }
     }
 
@@ -85,10 +88,92 @@ impl Queued<'_> {
     /// identity holds more than its share of the pool for whole sessions): (connections the
     /// identity holds in the pool, the headroom in connections). For the queued NOTICE.
     pub fn held_back(&self) -> Option<(u32, u32)> {
-        self.admission
-            .state()
-            .sched
-            .held_back(self.pool, self.identity, self.hold)
+        self.core.lock().sched.held_back(self.pool, self.identity, self.hold)
+    }
+
+    /// It was granted: the grant, with how long it waited.
+    fn finish(&mut self) -> (ServerGrant, Duration) {
+        self.armed = false;
+        let (id, waited) = (self.identity, self.since.elapsed());
+        let mut st = self.core.lock();
+        st.count_grant(id, true);
+        let events = &self.admission.inner.events;
+        let h = match st.waits.get(&super::names::Same(id)) {
+            Some(h) => h.clone(),
+            None => st
+                .waits
+                .entry(id.clone())
+                .or_insert_with(|| events.queue_wait(id))
+                .clone(),
+        };
+        drop(st);
+        h.record(waited.as_secs_f64());
+        let grant = ServerGrant {
+            core: self.core.clone(),
+            pool: self.pool.clone(),
+            identity: id.clone(),
+            hold: self.hold,
+        };
+        (grant, waited)
+    }
+
+    /// It waited its timeout (the queue clock took it out): the refusal, which names what
+    /// kept it waiting.
+    fn timed_out(&mut self) -> Refusal {
+        self.armed = false;
+        let (pool, id, waited) = (self.pool, self.identity, self.timeout);
+        let (held_back, gate_held, grants) = {
+            let st = self.core.lock();
+            let s = &st.sched;
+            (s.held_back(pool, id, self.hold), s.gate_held(pool, id), s.grants(id))
+        };
+        let held = self.admission.totals(id).servers;
+        let mut st = self.admission.state();
+        let limits = st.ids.get(&**id).map(|i| i.limits.clone());
+        let (max, key, cluster) = limits.map_or((0, "query_wait_timeout", 0), |l| {
+            (l.max_servers, l.queue_timeout_key, l.cluster_max_servers)
+        });
+        let (identity, pool_size) = (id.to_string(), self.pool_size);
+        let r = if max > 0 && held >= max {
+            Refusal::ServerCap {
+                identity,
+                held,
+                max,
+                waited,
+                key,
+            }
+        } else if cluster > 0 && held >= grants {
+            Refusal::ClusterCap {
+                identity,
+                held,
+                max: cluster,
+                waited,
+                key,
+            }
+        } else if let Some((held, headroom)) = held_back {
+            let pool = shown(pool).to_string();
+            Refusal::Headroom {
+                identity,
+                pool,
+                pool_size,
+                held,
+                headroom,
+                waited,
+                key,
+            }
+        } else {
+            let pool = shown(pool).to_string();
+            Refusal::QueueTimeout {
+                identity,
+                pool,
+                pool_size,
+                held: gate_held,
+                waited,
+                key,
+            }
+        };
+        count(&mut st, id, |c| *c.refused.entry(r.reason()).or_default() += 1);
+        r
     }
 }
 
@@ -106,7 +191,7 @@ fn holds_grant(rx: &mut oneshot::Receiver<Signal>) -> bool {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let mut st = self.admission.state();
+            let mut st = self.core.lock();
             // Not in the queue any more: granted (give it straight back) or timed out. Both
             // are decided under this lock, so the signal is in the channel already.
             if !st.sched.cancel(self.pool, self.identity, self.ticket) && holds_grant(&mut self.rx) {

@@ -182,7 +182,7 @@ impl Seat {
         // Most grants come at once: then no timer is made.
         let grant = match shared
             .admission
-            .request_in(&self.member, &pool.manager().gate, (lease, pool_size), hold)?
+            .request_in(&self.member, pool.manager().gate(), (lease, pool_size), hold)?
         {
             Acquired::Granted(g) => g,
             Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
@@ -485,7 +485,7 @@ fn session_mode(
         pinning: (route.pool_mode == PoolMode::Transaction).then(|| {
             shared
                 .admission
-                .pinning(&seat.member, &shared.pools.pool(route, seat.core).manager().gate)
+                .pinning(&seat.member, shared.pools.pool(route, seat.core).manager().gate())
         }),
         statements: (route.pool_mode == PoolMode::Transaction && shared.config().pool.max_prepared_statements > 0)
             .then(|| {
@@ -501,7 +501,16 @@ fn session_mode(
 }
 
 /// A logged-in client's seat on core `core`, registered in the session registry.
-fn seat(shared: &Services, client: &ClientConn, p: &StartupParams, member: Member, route: Route, core: usize) -> Seat {
+fn seat(
+    shared: &Services,
+    client: &ClientConn,
+    p: &StartupParams,
+    mut member: Member,
+    route: Route,
+    core: usize,
+) -> Seat {
+    let core = core.min(shared.pools.cores() - 1);
+    member.settle(core);
     let registered = shared.sessions.register(crate::sessions::SessionClient {
         identity: member.identity().clone(),
         user: route.user.clone(),
@@ -514,7 +523,7 @@ fn seat(shared: &Services, client: &ClientConn, p: &StartupParams, member: Membe
     let label = crate::pool::PoolKey::label(&route.database, &route.user);
     Seat {
         registered,
-        core: core.min(shared.pools.cores() - 1),
+        core,
         pool: label.into(),
         member,
         route,

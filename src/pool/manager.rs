@@ -111,6 +111,8 @@ pub struct ServerManager {
     /// This part's admission gate: the pool's label, and `#core` when the pool has one part
     /// per core.
     pub(crate) gate: Arc<str>,
+    /// The core whose admission scheduler holds the gate (see `admission::cores`).
+    pub(crate) gate_core: usize,
 }
 
 impl managed::Manager for ServerManager {
@@ -149,6 +151,11 @@ impl managed::Manager for ServerManager {
 }
 
 impl ServerManager {
+    /// This part's admission gate and the core whose scheduler holds it.
+    pub(crate) fn gate(&self) -> (&Arc<str>, usize) {
+        (&self.gate, self.gate_core)
+    }
+
     /// The pool's max size: pool_size as configured now, less the slots pgvalve's own
     /// connections to the same database and user hold.
     pub fn size(&self) -> usize {

@@ -63,6 +63,7 @@ pub(super) fn part(
         lease: AtomicUsize::new(share),
         incoming: incoming.clone(),
         give: AtomicUsize::new(0),
+        gate_core: crate::admission::gate_core(&gate),
         gate,
     };
     Pool::builder(manager)

@@ -1,0 +1,236 @@
+//! Admission with two cores: an identity's cap split into allowances that follow demand and
+//! hold exactly, the queue bound across cores, and the whole pool's view through mirrors.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::super::identity::IdentityRule;
+use super::super::*;
+
+fn config(settings: AdmissionSettings) -> AdmissionConfig {
+    AdmissionConfig {
+        max_clients: 10_000,
+        settings,
+        rules: Vec::<IdentityRule>::new()
+            .into_iter()
+            .map(|r| Rule::new(r).unwrap())
+            .collect(),
+        query_wait_timeout: Duration::from_secs(30),
+        login_wait: Duration::from_secs(5),
+    }
+}
+
+fn facts() -> ClientFacts<'static> {
+    ClientFacts {
+        application_name: "web",
+        source: IpAddr::from([10, 0, 0, 1]),
+        user: "app",
+        database: "app",
+    }
+}
+
+/// Two cores, their queue clock running, and each core's gate of one pool.
+fn two_cores(settings: AdmissionSettings) -> (Admission, [Arc<str>; 2]) {
+    let a = Admission::with_cores(config(settings), Default::default(), 2);
+    let clock = a.clone();
+    tokio::spawn(async move { clock.queue_clock().await });
+    let label = "database \"app\" user \"app\"";
+    let gates = [0, 1].map(|k| Arc::from(gate_name(label, k, 2)));
+    (a, gates)
+}
+
+async fn member_on(a: &Admission, core: usize) -> Member {
+    let mut m = a.login(&facts()).await.unwrap();
+    m.settle(core);
+    m
+}
+
+fn capped(max: u32) -> AdmissionSettings {
+    AdmissionSettings {
+        max_server_connections: max,
+        queue_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_load_on_one_core_reaches_the_whole_cap() {
+    let (a, gates) = two_cores(capped(4));
+    let mut members = Vec::new();
+    for _ in 0..6 {
+        members.push(member_on(&a, 1).await);
+    }
+    let mut granted = Vec::new();
+    let mut queued = Vec::new();
+    for m in &members {
+        match a.request_in(m, (&gates[1], 1), (10, 20), Hold::Transaction).unwrap() {
+            Acquired::Granted(g) => granted.push(g),
+            Acquired::Queued(q) => queued.push(q),
+        }
+    }
+    assert_eq!(granted.len(), 2, "the cap split evenly at first: 2 of 4 on each core");
+    a.exchange();
+    let mut more = 0;
+    for q in &mut queued {
+        if let Ok(Ok(Waited::Granted(g, _))) = tokio::time::timeout(Duration::from_millis(1), q.next()).await {
+            granted.push(g);
+            more += 1;
+        }
+    }
+    assert_eq!(more, 2, "the idle core's allowance moved to the waiting one");
+    assert_eq!(a.identity("web").unwrap().servers, 4);
+    // Never beyond the cap, however often the allowances move.
+    for _ in 0..5 {
+        a.exchange();
+    }
+    assert_eq!(a.identity("web").unwrap().servers, 4);
+    assert_eq!(a.identity("web").unwrap().waiting, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cap_of_three_holds_across_cores_while_allowances_move() {
+    let (a, gates) = two_cores(capped(3));
+    let (held, peak) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                a.exchange();
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let (a, gates, held, peak) = (a.clone(), gates.clone(), held.clone(), peak.clone());
+            tokio::spawn(async move {
+                let core = i % 2;
+                let m = member_on(&a, core).await;
+                for _ in 0..40 {
+                    let g = match a
+                        .request_in(&m, (&gates[core], core), (10, 20), Hold::Transaction)
+                        .unwrap()
+                    {
+                        Acquired::Granted(g) => g,
+                        Acquired::Queued(mut q) => loop {
+                            if let Waited::Granted(g, _) = q.next().await.unwrap() {
+                                break g;
+                            }
+                        },
+                    };
+                    peak.fetch_max(held.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    held.fetch_sub(1, Ordering::SeqCst);
+                    drop(g);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    mover.await.unwrap();
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "max_server_connections=3 across two cores"
+    );
+    let s = a.identity("web").unwrap();
+    assert_eq!((s.servers, s.waiting, s.counters.grants), (0, 0, 32 * 40));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_queue_counts_waiters_on_every_core() {
+    let settings = AdmissionSettings {
+        max_queue: 3,
+        ..capped(2)
+    };
+    let (a, gates) = two_cores(settings);
+    let mut members = Vec::new();
+    for k in 0..8 {
+        members.push((member_on(&a, k % 2).await, k % 2));
+    }
+    let (mut granted, mut queued, mut full) = (Vec::new(), Vec::new(), 0);
+    for (m, core) in &members {
+        match a.request_in(m, (&gates[*core], *core), (10, 20), Hold::Transaction) {
+            Ok(Acquired::Granted(g)) => granted.push(g),
+            Ok(Acquired::Queued(q)) => queued.push(q),
+            Err(r) => {
+                assert_eq!(r.reason(), "queue_full");
+                full += 1;
+            }
+        }
+    }
+    assert_eq!((granted.len(), queued.len(), full), (2, 3, 3));
+    drop(queued.pop());
+    let (m, core) = &members[7];
+    assert!(
+        matches!(
+            a.request_in(m, (&gates[*core], *core), (10, 20), Hold::Transaction),
+            Ok(Acquired::Queued(_))
+        ),
+        "a place freed on one core is free for the other"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_core_sees_the_whole_pool_after_an_exchange() {
+    let (a, gates) = two_cores(AdmissionSettings::default());
+    let m0 = member_on(&a, 0).await;
+    let _g: Vec<_> = (0..3)
+        .map(
+            |_| match a.request_in(&m0, (&gates[0], 0), (10, 20), Hold::Session).unwrap() {
+                Acquired::Granted(g) => g,
+                Acquired::Queued(_) => panic!("free grants"),
+            },
+        )
+        .collect();
+    let id = m0.identity().clone();
+    let seen = |a: &Admission| a.core(1).lock().sched.gate_held(&gates[1], &id);
+    assert_eq!(seen(&a), 0, "before the exchange core 1 sees its own gate only");
+    a.exchange();
+    assert_eq!(seen(&a), 3, "core 0's grants, mirrored");
+    drop(_g);
+    a.exchange();
+    assert_eq!(seen(&a), 0, "and their return");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_headroom_holds_exactly_across_cores() {
+    // A pool of 10 split 5 and 5; the default headroom keeps 1 (10%) from an identity that
+    // holds for whole sessions beyond its share.
+    let (a, gates) = two_cores(AdmissionSettings::default());
+    let mut members = Vec::new();
+    for k in 0..12 {
+        members.push((member_on(&a, k % 2).await, k % 2));
+    }
+    let (mut granted, mut queued) = (Vec::new(), Vec::new());
+    for (m, core) in &members {
+        match a.request_in(m, (&gates[*core], *core), (5, 10), Hold::Session).unwrap() {
+            Acquired::Granted(g) => granted.push(g),
+            Acquired::Queued(q) => queued.push(q),
+        }
+    }
+    assert_eq!(
+        granted.len(),
+        8,
+        "each core alone decides while it has more free than the headroom"
+    );
+    for _ in 0..3 {
+        a.exchange();
+    }
+    let mut more = 0;
+    for q in &mut queued {
+        if let Ok(Ok(Waited::Granted(g, _))) = tokio::time::timeout(Duration::from_millis(1), q.next()).await {
+            granted.push(g);
+            more += 1;
+        }
+    }
+    assert_eq!(
+        more, 1,
+        "one more, decided with every core locked: the last one stays free"
+    );
+    assert_eq!(a.identity("web").unwrap().servers, 9);
+}
