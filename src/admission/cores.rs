@@ -56,6 +56,9 @@ impl Core {
     pub(crate) fn new(cores: usize) -> Self {
         let mut sched = Scheduler::default();
         sched.set_cores(cores);
+        if cores > 1 {
+            sched.set_split();
+        }
         Core {
             state: Mutex::new(CoreState {
                 sched,
@@ -134,6 +137,9 @@ impl Admission {
     pub fn exchange(&self) {
         let n = self.inner.cores.len();
         if n < 2 {
+            return;
+        }
+        if !self.inner.cores.iter().any(|c| c.lock().sched.wants_exchange()) {
             return;
         }
         let mut all = self.lock_all();

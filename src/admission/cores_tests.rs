@@ -40,7 +40,15 @@ fn two_cores(settings: AdmissionSettings) -> (Admission, [Arc<str>; 2]) {
 }
 
 async fn member_on(a: &Admission, core: usize) -> Member {
-    let mut m = a.login(&facts()).await.unwrap();
+    member_as(a, "web", core).await
+}
+
+async fn member_as(a: &Admission, app: &str, core: usize) -> Member {
+    let facts = ClientFacts {
+        application_name: app,
+        ..facts()
+    };
+    let mut m = a.login(&facts).await.unwrap();
     m.settle(core);
     m
 }
@@ -176,25 +184,47 @@ async fn max_queue_counts_waiters_on_every_core() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn each_core_sees_the_whole_pool_after_an_exchange() {
+async fn the_fair_pick_counts_grants_on_other_cores() {
     let (a, gates) = two_cores(AdmissionSettings::default());
-    let m0 = member_on(&a, 0).await;
-    let _g: Vec<_> = (0..3)
-        .map(
-            |_| match a.request_in(&m0, (&gates[0], 0), (10, 20), Hold::Session).unwrap() {
-                Acquired::Granted(g) => g,
-                Acquired::Queued(_) => panic!("free grants"),
-            },
-        )
+    let grant = |r: Result<Acquired<'_>, Refusal>| match r.unwrap() {
+        Acquired::Granted(g) => g,
+        Acquired::Queued(_) => panic!("a free grant"),
+    };
+    // "web" holds 3 on core 0; on core 1 (a lease of 1) "other" holds the one grant.
+    let web0 = member_as(&a, "web", 0).await;
+    let _held: Vec<_> = (0..3)
+        .map(|_| grant(a.request_in(&web0, (&gates[0], 0), (10, 11), Hold::Transaction)))
         .collect();
-    let id = m0.identity().clone();
-    let seen = |a: &Admission| a.core(1).lock().sched.gate_held(&gates[1], &id);
-    assert_eq!(seen(&a), 0, "before the exchange core 1 sees its own gate only");
+    let other1 = member_as(&a, "other", 1).await;
+    let first = grant(a.request_in(&other1, (&gates[1], 1), (1, 11), Hold::Transaction));
+    // Both wait on core 1, "web" first.
+    let web1 = member_as(&a, "web", 1).await;
+    let other2 = member_as(&a, "other", 1).await;
+    let Acquired::Queued(mut w) = a.request_in(&web1, (&gates[1], 1), (1, 11), Hold::Transaction).unwrap() else {
+        panic!("core 1 is full")
+    };
+    let Acquired::Queued(mut o) = a
+        .request_in(&other2, (&gates[1], 1), (1, 11), Hold::Transaction)
+        .unwrap()
+    else {
+        panic!("core 1 is full")
+    };
     a.exchange();
-    assert_eq!(seen(&a), 3, "core 0's grants, mirrored");
-    drop(_g);
-    a.exchange();
-    assert_eq!(seen(&a), 0, "and their return");
+    let id = web0.identity().clone();
+    assert_eq!(
+        a.core(1).lock().sched.gate_held(&gates[1], &id),
+        3,
+        "core 0's grants, mirrored"
+    );
+    drop(first);
+    let quick = Duration::from_millis(1);
+    let got = tokio::time::timeout(quick, o.next()).await;
+    assert!(
+        matches!(got, Ok(Ok(Waited::Granted(..)))),
+        "the freed grant goes to the identity holding fewer in the whole pool"
+    );
+    let next = tokio::time::timeout(quick, w.next()).await;
+    assert!(!matches!(next, Ok(Ok(Waited::Granted(..)))), "web waits: {next:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -217,6 +217,10 @@ pub struct Scheduler {
     /// The mirrors are exact now (every core's state is locked while this one decides, see
     /// `admission::cores`): headroom decisions near the end of a pool may be taken.
     exact: bool,
+    /// A waiter was judged on mirrors since the last exact look (see `cores_view`).
+    deferred: std::cell::Cell<bool>,
+    /// One of several cores' schedulers: a pool's other gates are other cores' (mirrored).
+    split: bool,
 }
 
 impl Scheduler {
@@ -457,7 +461,13 @@ impl Scheduler {
             })
             .sum();
         let st = self.standing(gate, id, s);
-        free > reserved && st.may_take(hold) && st.decided_here(hold)
+        let (may, here) = (st.may_take(hold), st.decided_here(hold));
+        if !(may && here) && self.split && self.siblings.contains_key(&Same(gate)) {
+            // Held back by what other cores hold, or judged on mirrors: the next exchange
+            // looks again with every core locked (and the one after, while it waits).
+            self.deferred.set(true);
+        }
+        free > reserved && may && here
     }
 
     /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,

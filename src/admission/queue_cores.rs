@@ -41,6 +41,11 @@ pub(crate) struct AllowDemand {
 }
 
 impl Scheduler {
+    /// Makes this one of several cores' schedulers (see the module docs).
+    pub(crate) fn set_split(&mut self) {
+        self.split = true;
+    }
+
     /// This core's own gates of pools split over cores, for the other cores' mirrors.
     pub(crate) fn snapshots(&self) -> Vec<GateSnap> {
         self.gates
@@ -74,8 +79,21 @@ impl Scheduler {
             self.mirror(snap);
         }
         self.exact = true;
+        self.deferred.set(false);
         self.dispatch_all();
         self.exact = false;
+    }
+
+    /// Whether the next exchange has work here: a waiter the headroom holds back or that was
+    /// judged on mirrors (near a pool's end, see `Standing::decided_here`), or waiters of several identities in one gate (the fair pick reads the
+    /// other cores' grants), or an identity whose cap is split over the cores.
+    pub(crate) fn wants_exchange(&self) -> bool {
+        self.deferred.get()
+            || self
+                .gates
+                .values()
+                .any(|g| !g.mirror && g.waiting > 0 && g.flows.values().filter(|f| !f.waiting.is_empty()).count() > 1)
+            || self.shares.keys().any(|id| self.cap_of(id).is_some())
     }
 
     /// Takes another core's gate as a mirror (a gate of this core's own is never replaced).

@@ -80,13 +80,13 @@ impl Scheduler {
     /// of the pool's gates, those of other cores as last mirrored (see `cores_view`).
     pub(super) fn standing(&self, gate: &Arc<str>, id: &Arc<str>, s: &Share) -> Standing {
         let (mut in_use, mut capacity, mut held, mut long) = (0, 0, 0, 0);
-        let (mut own_free, mut mirrored) = (0u32, false);
+        let mut own_free = 0u32;
         for g in self.pool_gates(gate) {
-            in_use += g.in_use;
+            // A gate holding grants beyond its lease (it shrank under them) has none free;
+            // what it holds beyond does not take another gate's free ones.
+            in_use += g.in_use.min(g.capacity);
             capacity += g.capacity;
-            if g.mirror {
-                mirrored = true;
-            } else {
+            if !g.mirror {
                 own_free += g.capacity.saturating_sub(g.in_use);
             }
             if let Some(f) = g.flows.get(&Same(id)) {
@@ -119,7 +119,9 @@ impl Scheduler {
             long,
             weight: s.limits.weight,
             others,
-            own_free: (mirrored && !self.exact).then_some(own_free),
+            // A pool split over cores' schedulers is judged exactly only with every core
+            // locked (its other gates are mirrors, or not seen yet).
+            own_free: (self.split && !self.exact && self.siblings.contains_key(&Same(gate))).then_some(own_free),
             headroom,
         }
     }

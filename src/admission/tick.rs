@@ -186,11 +186,11 @@ impl Admission {
 
     /// Grants in use, clients waiting that more capacity would serve, and grants held long
     /// (sessions, pinned), in each of `gates` (the pools' lease rebalancing reads every
-    /// core's gate of a pool), each read from its core.
-    pub fn gates(&self, gates: &[Arc<str>]) -> Vec<(u32, u32, u32)> {
+    /// core's gate of a pool), each read from the core holding it.
+    pub fn gates(&self, gates: &[(&Arc<str>, usize)]) -> Vec<(u32, u32, u32)> {
         gates
             .iter()
-            .map(|g| self.core(gate_core(g)).lock().sched.gate_demand(g))
+            .map(|(g, core)| self.core(*core).lock().sched.gate_demand(g))
             .collect()
     }
 

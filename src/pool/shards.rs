@@ -105,7 +105,7 @@ impl Shards {
         if self.pools.len() < 2 {
             return false;
         }
-        let gates: Vec<Arc<str>> = self.pools.iter().map(|p| p.manager().gate.clone()).collect();
+        let gates: Vec<(&Arc<str>, usize)> = self.pools.iter().map(|p| p.manager().gate()).collect();
         let demand: Vec<Demand> = admission
             .gates(&gates)
             .into_iter()
