@@ -12,6 +12,7 @@
 #   PREPARED_AT=128,512 benches/fake_scaling.sh      # -M prepared at these counts (""=none)
 #   FAKE_THREADS=2 benches/fake_scaling.sh           # the fake on 2 threads (default 1 loop)
 #   AUTH=scram benches/fake_scaling.sh               # clients log in with SCRAM (default trust)
+#   BIN=/path/to/other/pgvalve benches/fake_scaling.sh   # another build of pgvalve
 #
 # Each pgvalve runs with benches/fake-server.toml (lock monitor off, auth trust) and
 # --pool-mode transaction --pool-size $POOL_SIZE (20) --worker-threads W. pgbench runs
@@ -40,7 +41,7 @@ PGBENCH=$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null
 
 echo "building pgvalve and the fake server (release)..." >&2
 # One release build of both (`cargo bench` would build the crate again in its own profile).
-PGVALVE="$PWD/target/release/pgvalve"
+PGVALVE="${BIN:-$PWD/target/release/pgvalve}"
 FAKE=$(cargo build --release --quiet --bin pgvalve --bench fake_server --message-format=json |
   python3 -c 'import sys, json
 for line in sys.stdin:

@@ -562,33 +562,6 @@ impl Scheduler {
             }
         }
     }
-
-    /// An identity's grants and waiters.
-    pub fn status(&self, id: &str) -> ShareStatus {
-        self.shares
-            .get(id)
-            .map(|s| ShareStatus {
-                servers: s.servers,
-                waiting: s.waiting,
-            })
-            .unwrap_or_default()
-    }
-
-    /// How long the longest waiter of a gate has waited.
-    pub(crate) fn gate_max_wait(&self, gate: &str) -> std::time::Duration {
-        self.gates
-            .get(gate)
-            .into_iter()
-            .flat_map(|g| g.flows.values())
-            .filter_map(|f| f.waiting.front().map(|w| w.since.elapsed()))
-            .max()
-            .unwrap_or_default()
-    }
-
-    /// Grants in use and waiters of a gate.
-    pub(crate) fn gate_status(&self, gate: &str) -> (u32, u32) {
-        self.gates.get(gate).map_or((0, 0), |g| (g.in_use, g.waiting))
-    }
 }
 
 #[path = "queue_pool.rs"]

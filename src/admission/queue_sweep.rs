@@ -1,5 +1,6 @@
-//! The fair queue's housekeeping: the queue clock's sweep (NOTICEs and timeouts when due)
-//! and forgetting identities that hold and wait for nothing.
+//! The fair queue's housekeeping and snapshots: the queue clock's sweep (NOTICEs and
+//! timeouts when due), forgetting identities that hold and wait for nothing, and what SHOW
+//! commands and metrics read.
 //!
 //! Part of the fair queue ([`super`]), run by admission's queue clock and its tick, off the
 //! transaction path.
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Scheduler, Share, Signal};
+use super::{Scheduler, Share, ShareStatus, Signal};
 use crate::admission::names::Same;
 
 impl Scheduler {
@@ -76,5 +77,32 @@ impl Scheduler {
             });
         }
         self.gates.retain(|_, g| !g.flows.is_empty() || g.in_use > 0);
+    }
+
+    /// An identity's grants and waiters.
+    pub fn status(&self, id: &str) -> ShareStatus {
+        self.shares
+            .get(id)
+            .map(|s| ShareStatus {
+                servers: s.servers,
+                waiting: s.waiting,
+            })
+            .unwrap_or_default()
+    }
+
+    /// How long the longest waiter of a gate has waited.
+    pub(crate) fn gate_max_wait(&self, gate: &str) -> std::time::Duration {
+        self.gates
+            .get(gate)
+            .into_iter()
+            .flat_map(|g| g.flows.values())
+            .filter_map(|f| f.waiting.front().map(|w| w.since.elapsed()))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Grants in use and waiters of a gate.
+    pub(crate) fn gate_status(&self, gate: &str) -> (u32, u32) {
+        self.gates.get(gate).map_or((0, 0), |g| (g.in_use, g.waiting))
     }
 }
