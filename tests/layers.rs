@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom first; a module may use its own layer and those before it.
 const LAYERS: &[&[&str]] = &[
-    &["error", "shutdown"],
+    &["error", "shutdown", "lease"],
     &["protocol"],
     &["config"],
     &["tls", "observe"],
