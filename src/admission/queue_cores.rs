@@ -84,15 +84,17 @@ impl Scheduler {
         self.exact = false;
     }
 
-    /// Whether the next exchange has work here: a waiter the headroom holds back or that was
-    /// judged on mirrors (near a pool's end, see `Standing::decided_here`), or waiters of several identities in one gate (the fair pick reads the
-    /// other cores' grants), or an identity whose cap is split over the cores.
+    /// Whether the next exchange has work here: a waiter judged on mirrors (near a pool's
+    /// end, see `Standing::decided_here`), any waiter in a gate of a pool split over cores
+    /// (the fair pick, the headroom and the lease plan read the other cores' gates: mirrors
+    /// left stale while clients wait could hold them back for good), or an identity whose
+    /// cap is split over the cores.
     pub(crate) fn wants_exchange(&self) -> bool {
         self.deferred.get()
             || self
                 .gates
-                .values()
-                .any(|g| !g.mirror && g.waiting > 0 && g.flows.values().filter(|f| !f.waiting.is_empty()).count() > 1)
+                .iter()
+                .any(|(name, g)| !g.mirror && g.waiting > 0 && self.siblings.contains_key(&Same(name)))
             || self.shares.keys().any(|id| self.cap_of(id).is_some())
     }
 
