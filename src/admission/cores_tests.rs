@@ -53,6 +53,18 @@ async fn member_as(a: &Admission, app: &str, core: usize) -> Member {
     m
 }
 
+/// Moves the grants the queued clients got by now into `granted`; how many.
+async fn collect_granted(queued: &mut [Queued<'_>], granted: &mut Vec<ServerGrant>) -> usize {
+    let mut more = 0;
+    for q in queued {
+        if let Ok(Ok(Waited::Granted(g, _))) = tokio::time::timeout(Duration::from_millis(1), q.next()).await {
+            granted.push(g);
+            more += 1;
+        }
+    }
+    more
+}
+
 fn capped(max: u32) -> AdmissionSettings {
     AdmissionSettings {
         max_server_connections: max,
@@ -78,13 +90,7 @@ async fn all_load_on_one_core_reaches_the_whole_cap() {
     }
     assert_eq!(granted.len(), 2, "the cap split evenly at first: 2 of 4 on each core");
     a.exchange();
-    let mut more = 0;
-    for q in &mut queued {
-        if let Ok(Ok(Waited::Granted(g, _))) = tokio::time::timeout(Duration::from_millis(1), q.next()).await {
-            granted.push(g);
-            more += 1;
-        }
-    }
+    let more = collect_granted(&mut queued, &mut granted).await;
     assert_eq!(more, 2, "the idle core's allowance moved to the waiting one");
     assert_eq!(a.identity("web").unwrap().servers, 4);
     // Never beyond the cap, however often the allowances move.
@@ -251,13 +257,7 @@ async fn the_headroom_holds_exactly_across_cores() {
     for _ in 0..3 {
         a.exchange();
     }
-    let mut more = 0;
-    for q in &mut queued {
-        if let Ok(Ok(Waited::Granted(g, _))) = tokio::time::timeout(Duration::from_millis(1), q.next()).await {
-            granted.push(g);
-            more += 1;
-        }
-    }
+    let more = collect_granted(&mut queued, &mut granted).await;
     assert_eq!(
         more, 1,
         "one more, decided with every core locked: the last one stays free"

@@ -245,10 +245,7 @@ impl Scheduler {
             }
         };
         if changed {
-            let gates: Vec<Arc<str>> = self.gates.keys().cloned().collect();
-            for g in gates {
-                self.dispatch(&g);
-            }
+            self.dispatch_all();
         }
     }
 
@@ -556,10 +553,7 @@ impl Scheduler {
             s.lock_holders = n;
         }
         if freed {
-            let gates: Vec<Arc<str>> = self.gates.keys().cloned().collect();
-            for g in gates {
-                self.dispatch(&g);
-            }
+            self.dispatch_all();
         }
     }
 }

@@ -135,8 +135,9 @@ impl Scheduler {
         g.flows = flows;
     }
 
-    /// Serves the waiters of this core's own gates that may go now (after new mirrors).
-    fn dispatch_all(&mut self) {
+    /// Serves the waiters of this core's own gates that may go now (after new mirrors, new
+    /// limits, fewer lock holders).
+    pub(super) fn dispatch_all(&mut self) {
         let gates: Vec<Arc<str>> = self
             .gates
             .iter()
