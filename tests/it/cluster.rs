@@ -150,9 +150,10 @@ async fn backends(su: &Client, user: &str) -> Result<i64, tokio_postgres::Error>
         .get(0))
 }
 
-/// `n` clients of `url`, each running `sql` until `stop`; counts queries and errors.
+/// `n` clients of `url`, each running `sql` until `stop` (in sessions of `per_session`
+/// queries each, reconnecting, when given); counts queries and errors.
 fn load(
-    (url, n, sql): (String, usize, &'static str),
+    (url, n, sql, per_session): (String, usize, &'static str, Option<u64>),
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
@@ -161,31 +162,49 @@ fn load(
         .map(|_| {
             let (url, stop, done, errors) = (url.clone(), stop.clone(), done.clone(), errors.clone());
             tokio::spawn(async move {
-                let c = match connect(&url).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("connect: {e:?}");
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                };
                 while !stop.load(Ordering::Relaxed) {
-                    match c.simple_query(sql).await {
-                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    let c = match connect(&url).await {
+                        Ok(c) => c,
                         Err(e) => {
-                            eprintln!("query: {e:?}");
+                            eprintln!("connect: {e:?}");
                             errors.fetch_add(1, Ordering::Relaxed);
-                            if c.is_closed() {
-                                return;
-                            }
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            0
+                            return;
                         }
                     };
+                    if !session(&c, sql, per_session, (&stop, &done, &errors)).await {
+                        return;
+                    }
                 }
             })
         })
         .collect()
+}
+
+/// Runs `sql` on `c` until `stop` or `per_session` queries; false when the connection closed.
+async fn session(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    per_session: Option<u64>,
+    (stop, done, errors): (&AtomicBool, &AtomicU64, &AtomicU64),
+) -> bool {
+    let mut ran = 0;
+    while !stop.load(Ordering::Relaxed) && per_session.is_none_or(|n| ran < n) {
+        match c.simple_query(sql).await {
+            Ok(_) => {
+                ran += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("query: {e:?}");
+                errors.fetch_add(1, Ordering::Relaxed);
+                if c.is_closed() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    true
 }
 
 pub(crate) struct Load {
@@ -202,8 +221,15 @@ impl Load {
 
     /// `n` clients of `url` running `sql` over and over.
     pub(crate) fn running(url: String, n: usize, sql: &'static str) -> Load {
+        Load::sessions(url, n, sql, None)
+    }
+
+    /// `n` clients of `url` running `sql` over and over, reconnecting after every
+    /// `per_session` queries when given.
+    pub(crate) fn sessions(url: String, n: usize, sql: &'static str, per_session: Option<u64>) -> Load {
         let (stop, done, errors) = (Arc::default(), Arc::default(), Arc::default());
-        let tasks = load((url, n, sql), Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
+        let run = (url, n, sql, per_session);
+        let tasks = load(run, Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
         Load {
             stop,
             done,
@@ -319,7 +345,15 @@ async fn an_aborted_instance_and_a_killed_coordination_connection_keep_the_budge
     let mut is: Vec<Instance> = (0..3).map(|_| Instance::start(&pg, "crash")).collect();
     all_joined(&is.iter().collect::<Vec<_>>()).await;
     let sampler = Sampler::start(&pg).await;
-    let doomed = Load::start(is[0].url(&pg), 40);
+    // Session mode: a session keeps its seat until it ends and these never end, so the load
+    // that comes first keeps what it took. The doomed instance's 8 sessions come first, then
+    // the survivor's 40 take what is left (the budget less 8 sessions and three coordination
+    // seats), so both hold seats when one dies whatever the rounds' timing.
+    let doomed = Load::start(is[0].url(&pg), 8);
+    eventually(Duration::from_secs(10), "the doomed instance holds slots", || async {
+        is[0].in_use() >= 5
+    })
+    .await;
     let survivor = Load::start(is[1].url(&pg), 40);
     eventually(Duration::from_secs(10), "both loaded instances hold slots", || async {
         is[0].in_use() >= 5 && is[1].in_use() >= 5
@@ -365,7 +399,12 @@ async fn every_instance_rejoins_and_serves_after_postgres_restarts() {
     let pg = start_pg().await;
     let is: Vec<Instance> = (0..3).map(|_| Instance::start(&pg, "restart")).collect();
     all_joined(&is.iter().collect::<Vec<_>>()).await;
-    let loads: Vec<Load> = is.iter().map(|i| Load::start(i.url(&pg), 10)).collect();
+    // Session mode, where a session keeps its seat until it ends and these never end: 5 clients
+    // per instance leave seats for the probes below (the budget less three coordination seats
+    // is 17). With more clients than seats, those still waiting when PostgreSQL goes down take
+    // every seat when it comes back and a probe waits behind them for good, as it would in any
+    // pooler.
+    let loads: Vec<Load> = is.iter().map(|i| Load::start(i.url(&pg), 5)).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.restart().await.expect("restart PostgreSQL");
     let up = Instant::now();

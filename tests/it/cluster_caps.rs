@@ -61,12 +61,16 @@ async fn cap_holds(mode: PoolMode) {
     let stop = Arc::new(AtomicBool::new(false));
     let (peak, other_peak, sampler) = sample(&pg, &stop).await;
     // Ten clients of "web" on every instance, and six of an uncapped identity on the first.
+    // In session mode a session keeps its grant until it ends: the clients reconnect every
+    // ten statements, so grants move to where clients wait (with sessions that never end,
+    // an instance whose clients came after the others took all five would wait for good).
+    let per_session = (mode == PoolMode::Session).then_some(10);
     let web: Vec<_> = instances
         .iter()
         .enumerate()
         .map(|(n, i)| {
             let url = format!("{}?application_name=web-{n}", i.url(&pg));
-            Load::running(url, 10, WEB_SQL)
+            Load::sessions(url, 10, WEB_SQL, per_session)
         })
         .collect();
     let other_url = format!("{}?application_name=other", instances[0].url(&pg));
