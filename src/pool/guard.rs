@@ -89,15 +89,27 @@ impl PooledConn {
 }
 
 /// Back to its pool, or to another core's part when its own lease shrank (see
-/// `pool::shards`).
+/// `pool::shards`): one it still owes, or one its part has no room for now (its lease moved
+/// again meanwhile), which deadpool would close; handed over, the part that took the lease
+/// reuses it instead of logging a new one in.
 fn give_back(obj: Object<ServerManager>) {
     match Object::pool(&obj) {
-        Some(pool) if pool.manager().gives() => {
+        Some(pool) if pool.manager().gives() || over_lease(&pool) => {
             let conn = Object::take(obj);
             pool.manager().incoming.put(conn);
         }
         _ => drop(obj),
     }
+}
+
+/// Whether `pool` is a part of a pool split over cores holding more than its lease.
+fn over_lease(pool: &super::manager::Pool) -> bool {
+    let m = pool.manager();
+    if m.lease() >= m.size() {
+        return false;
+    }
+    let s = pool.status();
+    s.size > s.max_size
 }
 
 /// A claim waits for this connection's slot: it closes rather than going back.

@@ -294,13 +294,19 @@ impl Occupant for ShardsOccupant {
     }
 
     /// Moves an idle connection (of a part holding more than its lease first) to the parts'
-    /// hand-over queue, where the part waiting for a slot takes it (`ServerManager::create`).
+    /// hand-over queue, where the part waiting for a slot takes it (`ServerManager::create`);
+    /// true also when one waits there already.
     fn hand_idle(&self) -> bool {
         let Some(shards) = self.0.upgrade() else {
             return false;
         };
         if shards.pools.len() < 2 {
             return false;
+        }
+        if shards.pools[0].manager().incoming.len() > 0 {
+            // One was handed over already and waits for the part that takes it (closing it
+            // to free its slot would make that part log a new one in).
+            return true;
         }
         for k in over_lease_first(&shards) {
             let mut taken = false;

@@ -103,8 +103,8 @@ pub trait Occupant: Send + Sync {
     fn close_idle(&self) -> bool;
     /// Hands one idle connection, with its slot, to whichever taker of this budget takes
     /// handed-over connections (a pool's parts on other cores); true when one was handed.
-    /// Tried once per wait before anything is closed: a connection that moves spares
-    /// PostgreSQL a close and a login. None by default.
+    /// Tried at each round of a wait before anything is closed: a connection that moves
+    /// spares PostgreSQL a close and a login. None by default.
     fn hand_idle(&self) -> bool {
         false
     }
@@ -433,8 +433,10 @@ impl Budget {
     async fn wait_for(&self, kind: Kind, deadline: Option<Instant>, leaf: Option<&Budget>) -> Result<(), Refused> {
         let _waiting = (kind == Kind::Pool).then(|| Waiting::new(self));
         // A pool taker (of `leaf`, the pool's budget) may get an idle connection of the same
-        // pool handed over instead, whichever budget of its chain is full: asked once.
-        let mut hand_from = leaf;
+        // pool handed over instead, whichever budget of its chain is full: asked each round
+        // before anything is closed (a connection that moves spares PostgreSQL a close and a
+        // login; one is closed only when the pool has none idle to hand over).
+        let hand_from = leaf;
         let grace = Instant::now()
             + if self.seats.is_some() {
                 LEASE_GRACE
@@ -450,10 +452,7 @@ impl Budget {
                 // Full with nothing closing: close an idle connection; its slot comes back
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
-                    // Later rounds close, if the taker still waits.
-                    let handed = hand_from
-                        .take()
-                        .is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
+                    let handed = hand_from.is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
                     if !handed && self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
                     }

@@ -319,9 +319,11 @@ async fn a_closing_slot_counts_as_coming_free() {
     drop(own);
 }
 
-/// A pool's parts: an idle connection handed over (counted) before any is closed.
+/// A pool's parts: idle connections handed over (counted) before any is closed.
 #[derive(Default)]
 struct HandingPool {
+    /// Idle connections it can still hand over.
+    idle: AtomicUsize,
     handed: AtomicUsize,
     closed: AtomicUsize,
 }
@@ -332,21 +334,28 @@ impl Occupant for Arc<HandingPool> {
         false
     }
     fn hand_idle(&self) -> bool {
-        self.handed.fetch_add(1, Ordering::Relaxed);
-        true
+        let had = self.idle.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if had.is_ok() {
+            self.handed.fetch_add(1, Ordering::Relaxed);
+        }
+        had.is_ok()
     }
     fn resize(&self, _: usize) {}
 }
 
 #[tokio::test]
-async fn a_full_pool_budget_hands_an_idle_connection_over_once_before_closing_one() {
+async fn a_full_pool_budget_hands_idle_connections_over_before_closing_one() {
     let b = Budget::new(Scale::Pool, 1, None);
-    let parts = Arc::new(HandingPool::default());
+    let parts = Arc::new(HandingPool {
+        idle: AtomicUsize::new(2),
+        ..HandingPool::default()
+    });
     b.occupy(Box::new(parts.clone()));
     let _held = b.take(SHORT).await.unwrap();
-    // The taker (in the pool, racing the hand-over queue) would take the handed connection;
-    // here nobody does, so after the first round the budget closes as before.
-    assert!(b.take(RETRY + SHORT).await.is_err());
-    assert_eq!(parts.handed.load(Ordering::Relaxed), 1, "handed over once per wait");
-    assert!(parts.closed.load(Ordering::Relaxed) >= 1, "then an idle one is closed");
+    // The taker (in the pool, racing the hand-over queue) would take a handed connection;
+    // here nobody does: each round hands the next idle one over, and only once the pool has
+    // none left to hand does the budget close one.
+    assert!(b.take(3 * RETRY + SHORT).await.is_err());
+    assert_eq!(parts.handed.load(Ordering::Relaxed), 2, "both idle ones handed over");
+    assert!(parts.closed.load(Ordering::Relaxed) >= 1, "then one is closed");
 }

@@ -40,6 +40,12 @@ async fn clients(url: &str, n: usize) -> Vec<Arc<Client>> {
     v
 }
 
+/// The clients of `clients` (see there) on core 0 and on core 1.
+fn by_core(clients: &[Arc<Client>]) -> (Vec<Arc<Client>>, Vec<Arc<Client>>) {
+    let on = |core: usize| clients.iter().skip(core).step_by(2).cloned().collect();
+    (on(0), on(1))
+}
+
 /// Every client runs `rounds` short queries, all at once.
 async fn hammer(clients: &[Arc<Client>], rounds: usize, sleep: f64) {
     let tasks: Vec<_> = clients
@@ -164,9 +170,7 @@ async fn an_identity_cap_holds_across_cores() {
 async fn all_load_on_one_core_reaches_the_whole_pool_and_moves_to_the_other() {
     let s = Setup::new(two_cores(PoolMode::Transaction, 6, 100, false)).await;
     let cs = clients(&s.url(), 12).await;
-    let (core0, core1): (Vec<_>, Vec<_>) = cs.iter().cloned().enumerate().partition(|(i, _)| i % 2 == 0);
-    let core0: Vec<Arc<Client>> = core0.into_iter().map(|(_, c)| c).collect();
-    let core1: Vec<Arc<Client>> = core1.into_iter().map(|(_, c)| c).collect();
+    let (core0, core1) = by_core(&cs);
     let busy = "query LIKE 'SELECT $1::int FROM pg_sleep%' AND state = 'active'";
 
     // Six clients on core 0 at once: the whole pool serves them together.
@@ -196,6 +200,33 @@ async fn all_load_on_one_core_reaches_the_whole_pool_and_moves_to_the_other() {
     assert!(moves2 > moves, "leases moved");
     let backends = peak_while(&s, POOL_BACKENDS, async {}).await;
     assert!(backends <= 6, "never more than pool_size: {backends}");
+}
+
+/// Load that swings from one core to the other moves the pool's leases back and forth under
+/// busy connections: a connection coming back to a part over its lease goes to the part that
+/// took the lease, not closed (PostgreSQL would see a login for every move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_follow_the_leases_between_cores_without_new_logins() {
+    let s = Setup::new(two_cores(PoolMode::Transaction, 8, 100, false)).await;
+    let cs = clients(&s.url(), 16).await;
+    let (core0, core1) = by_core(&cs);
+    let created = || s.proxy.shared().pools.stats().iter().map(|p| p.created).sum::<u64>();
+    for _ in 0..6 {
+        // All of one core's clients and two of the other's, then the other way round.
+        tokio::join!(hammer(&core0, 20, 0.002), hammer(&core1[..2], 20, 0.002));
+        tokio::join!(hammer(&core1, 20, 0.002), hammer(&core0[..2], 20, 0.002));
+    }
+    let (_, moves) = cores(&s).await;
+    let logins = created();
+    eprintln!("{moves} lease moves, {logins} server connections opened for a pool of 8");
+    assert!(moves >= 6, "the leases followed the load ({moves} moves)");
+    // Closing each connection that came back over its part's lease opened 27-32 here (over
+    // 140-180 moves); handed over, 8-10. (A few may still close: deadpool drops an idle one a
+    // shrinking part holds beyond its new size if it came back between the two steps.)
+    assert!(
+        logins <= 14,
+        "{logins} server connections opened for a pool of 8 over {moves} lease moves"
+    );
 }
 
 /// `n` clients named `name-i`, connected one after the other (client i on core i % 2).
