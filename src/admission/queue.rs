@@ -264,18 +264,23 @@ impl Scheduler {
             // Normally set at login; a share is never missing for a caller with a grant.
             self.set_limits(id, ShareLimits::default());
         }
-        self.know(gate);
         // A core's gate (one of several of a pool) takes its capacity from the pool's lease
         // moves (set_capacity) once it exists: a request may carry a lease read before the
         // last move.
-        let per_core = self.siblings.contains_key(&Same(gate));
-        let fresh = !self.gates.contains_key(&Same(gate));
-        let g = self.gates.entry(gate.clone()).or_default();
-        let grew = capacity > g.capacity;
-        if fresh || !per_core {
-            g.capacity = capacity;
-        }
-        if grew && (fresh || !per_core) {
+        let per_core = self.know(gate);
+        let grew = match self.gates.get_mut(&Same(gate)) {
+            Some(_) if per_core => false,
+            Some(g) => std::mem::replace(&mut g.capacity, capacity) < capacity,
+            None => {
+                let g = Gate {
+                    capacity,
+                    ..Gate::default()
+                };
+                self.gates.insert(gate.clone(), g);
+                capacity > 0
+            }
+        };
+        if grew {
             self.dispatch(gate);
         }
         if self.eligible(gate, id, hold) {
@@ -486,7 +491,11 @@ impl Scheduler {
         let g = self.gates.get_mut(&Same(gate)).expect("invariant: gate exists");
         g.in_use += 1;
         let vtime = g.vtime;
-        let flow = g.flows.entry(id.clone()).or_default();
+        // The identity's flow is there but for its first grant in this gate (no name clone).
+        if !g.flows.contains_key(&Same(id)) {
+            g.flows.insert(id.clone(), Flow::default());
+        }
+        let flow = g.flows.get_mut(&Same(id)).expect("invariant: inserted above");
         flow.in_use += 1;
         match hold {
             Hold::Session => flow.long += 1,

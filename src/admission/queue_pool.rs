@@ -24,20 +24,21 @@ impl Scheduler {
     /// Registers `gate`'s siblings the first time it is seen, and makes `gate` (the pool
     /// part's own name) the one the maps keep for it: a look-up by the very key then compares
     /// pointers, not the ~30 bytes of the name (siblings not seen yet get a name made here,
-    /// replaced the same way when their part first asks).
-    pub(super) fn know(&mut self, gate: &Arc<str>) {
+    /// replaced the same way when their part first asks). True when `gate` is one of a
+    /// pool's gates on several cores.
+    pub(super) fn know(&mut self, gate: &Arc<str>) -> bool {
         if self.cores < 2 {
-            return;
+            return false;
         }
         if let Some((k, _)) = self.siblings.get_key_value(&Same(gate)) {
             if !Arc::ptr_eq(k, gate) {
                 self.adopt(gate);
             }
-            return;
+            return true;
         }
         let label = crate::admission::shown(gate);
         if label.len() == gate.len() {
-            return;
+            return false;
         }
         let all: Arc<[Arc<str>]> = (0..self.cores)
             .map(|k| crate::admission::gate_name(label, k, self.cores))
@@ -46,6 +47,7 @@ impl Scheduler {
         for g in all.iter() {
             self.siblings.insert(g.clone(), all.clone());
         }
+        self.siblings.contains_key(&Same(gate))
     }
 
     /// Makes `gate` the key kept for its name in the sibling lists and the gates (a map

@@ -334,7 +334,9 @@ impl Occupant for Arc<HandingPool> {
         false
     }
     fn hand_idle(&self) -> bool {
-        let had = self.idle.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let had = self
+            .idle
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         if had.is_ok() {
             self.handed.fetch_add(1, Ordering::Relaxed);
         }
