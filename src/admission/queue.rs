@@ -373,21 +373,31 @@ impl Scheduler {
             }
             None => false,
         };
-        if let Some(g) = self.gates.get_mut(&Same(gate)) {
-            g.in_use = g.in_use.saturating_sub(1);
-            if let Some(f) = g.flows.get_mut(&Same(id)) {
-                f.in_use = f.in_use.saturating_sub(1);
-                match hold {
-                    Hold::Session => f.long = f.long.saturating_sub(1),
-                    Hold::Pin => f.pinning = f.pinning.saturating_sub(1),
-                    Hold::Transaction => {}
+        let serve = match self.gates.get_mut(&Same(gate)) {
+            Some(g) => {
+                g.in_use = g.in_use.saturating_sub(1);
+                if let Some(f) = g.flows.get_mut(&Same(id)) {
+                    f.in_use = f.in_use.saturating_sub(1);
+                    match hold {
+                        Hold::Session => f.long = f.long.saturating_sub(1),
+                        Hold::Pin => f.pinning = f.pinning.saturating_sub(1),
+                        Hold::Transaction => {}
+                    }
                 }
+                g.waiting > 0 && g.in_use < g.capacity
             }
+            None => false,
+        };
+        if serve {
+            self.dispatch(gate);
         }
-        self.dispatch(gate);
-        // The pool's other gates (one per core): the headroom rule looks at the whole pool,
-        // so what this frees may let their waiters go.
-        self.dispatch_siblings(gate);
+        // The pool's other gates in this scheduler: the headroom rule looks at the whole
+        // pool, so what this frees may let their waiters go. (One core's scheduler of several
+        // holds only its own gate of a pool, the others are mirrors with no waiters here:
+        // their cores look again at the next exchange.)
+        if !self.split {
+            self.dispatch_siblings(gate);
+        }
         if at_cap {
             // The identity was held back by its own cap: its waiters in other gates may go.
             self.dispatch_waiting(id, Some(gate));
