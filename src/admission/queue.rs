@@ -269,8 +269,8 @@ impl Scheduler {
         // last move.
         let per_core = self.know(gate);
         let grew = match self.gates.get_mut(&Same(gate)) {
-            Some(_) if per_core => false,
-            Some(g) => std::mem::replace(&mut g.capacity, capacity) < capacity,
+            Some(g) if !per_core => std::mem::replace(&mut g.capacity, capacity) < capacity,
+            Some(_) => false,
             None => {
                 let g = Gate {
                     capacity,
@@ -391,13 +391,9 @@ impl Scheduler {
         if serve {
             self.dispatch(gate);
         }
-        // The pool's other gates in this scheduler: the headroom rule looks at the whole
-        // pool, so what this frees may let their waiters go. (One core's scheduler of several
-        // holds only its own gate of a pool, the others are mirrors with no waiters here:
-        // their cores look again at the next exchange.)
-        if !self.split {
-            self.dispatch_siblings(gate);
-        }
+        // The pool's other gates: the headroom rule looks at the whole pool, so what this
+        // frees may let their waiters go.
+        self.dispatch_siblings(gate);
         if at_cap {
             // The identity was held back by its own cap: its waiters in other gates may go.
             self.dispatch_waiting(id, Some(gate));

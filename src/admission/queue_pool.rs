@@ -128,8 +128,13 @@ impl Scheduler {
         }
     }
 
-    /// Serves the waiters of `gate`'s siblings that may go now.
+    /// Serves the waiters of `gate`'s siblings that may go now. Nothing to do on one core's
+    /// scheduler of several: it holds only its own gate of a pool, the others are mirrors
+    /// with no waiters here (their cores look again at the next exchange).
     pub(super) fn dispatch_siblings(&mut self, gate: &Arc<str>) {
+        if self.split {
+            return;
+        }
         let Some(sib) = self.siblings.get(&Same(gate)).cloned() else {
             return;
         };

@@ -88,13 +88,12 @@ impl PooledConn {
     }
 }
 
-/// Back to its pool, or to another core's part when its own lease shrank (see
-/// `pool::shards`): one it still owes, or one its part has no room for now (its lease moved
-/// again meanwhile), which deadpool would close; handed over, the part that took the lease
-/// reuses it instead of logging a new one in.
+/// Back to its pool, or to another core's part when its own holds more than its lease (the
+/// lease shrank under busy connections, see `pool::shards`): deadpool would close it;
+/// handed over, the part that took the lease reuses it instead of logging a new one in.
 fn give_back(obj: Object<ServerManager>) {
     match Object::pool(&obj) {
-        Some(pool) if pool.manager().gives() || over_lease(&pool) => {
+        Some(pool) if over_lease(&pool) => {
             let conn = Object::take(obj);
             pool.manager().incoming.put(conn);
         }

@@ -105,9 +105,6 @@ pub struct ServerManager {
     pub(crate) lease: AtomicUsize,
     /// Connections handed over between the pool's parts (shared by them all).
     pub(crate) incoming: Arc<super::shards::Incoming>,
-    /// How many connections this part still gives away when they come back (its lease
-    /// shrank below what it held).
-    pub(crate) give: AtomicUsize,
     /// This part's admission gate: the pool's label, and `#core` when the pool has one part
     /// per core.
     pub(crate) gate: Arc<str>,
@@ -165,15 +162,6 @@ impl ServerManager {
     /// This core's lease of the pool.
     pub(crate) fn lease(&self) -> usize {
         self.lease.load(Ordering::Relaxed)
-    }
-
-    /// Whether a connection coming back should go to another core (see `give`); counts it.
-    pub(crate) fn gives(&self) -> bool {
-        self.give.load(Ordering::Relaxed) > 0
-            && self
-                .give
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
     }
 
     /// A slot of the budget, or None when another part handed a connection over first (while

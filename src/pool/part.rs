@@ -62,7 +62,6 @@ pub(super) fn part(
         size: AtomicUsize::new(share),
         lease: AtomicUsize::new(share),
         incoming: incoming.clone(),
-        give: AtomicUsize::new(0),
         gate_core: crate::admission::gate_core(&gate),
         gate,
     };

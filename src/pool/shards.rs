@@ -179,9 +179,9 @@ impl Shards {
         for conn in moved.removed {
             incoming.put(conn);
         }
+        // The busy ones go over as they come back (`pool::guard`: a part holding more than
+        // its lease hands a returning connection over).
         set_lease(pool, lease);
-        let busy_over = pool.status().size.saturating_sub(lease);
-        pool.manager().give.store(busy_over, Ordering::Relaxed);
     }
 
     fn tell_gates(&self, admission: &Admission) {

@@ -436,7 +436,6 @@ impl Budget {
         // pool handed over instead, whichever budget of its chain is full: asked each round
         // before anything is closed (a connection that moves spares PostgreSQL a close and a
         // login; one is closed only when the pool has none idle to hand over).
-        let hand_from = leaf;
         let grace = Instant::now()
             + if self.seats.is_some() {
                 LEASE_GRACE
@@ -452,7 +451,7 @@ impl Budget {
                 // Full with nothing closing: close an idle connection; its slot comes back
                 // once PostgreSQL has closed it (the wait below is woken then).
                 None => {
-                    let handed = hand_from.is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
+                    let handed = leaf.is_some_and(|l| lock(&l.occupant).as_ref().is_some_and(|o| o.hand_idle()));
                     if !handed && self.state().closing == 0 && Instant::now() >= grace {
                         self.make_room();
                     }
