@@ -274,10 +274,11 @@ pub struct PoolSettings {
     pub server_connect_timeout: Duration,
     /// Run on a server connection before another client gets it ("" = none).
     pub server_reset_query: String,
-    /// Check that a server connection is alive before reuse only when it was idle longer than
-    /// this; "0s" = check every time. Shorter than PgBouncer's 30 s default because pgvalve
-    /// does not watch idle sockets: the check (one non-blocking read) is what notices a
-    /// connection PostgreSQL closed (restart, pg_terminate_backend) before a client gets it.
+    /// Check that a server connection is alive before reuse when it was idle longer than this;
+    /// "0s" = check every time. Within the delay a connection is checked too when its event
+    /// loop saw the socket readable (PostgreSQL closed it: restart, pg_terminate_backend) or
+    /// when another connection of the pool was found dead since its last use. The check is one
+    /// non-blocking read.
     #[serde(with = "humantime_serde")]
     pub server_check_delay: Duration,
     /// While PostgreSQL cannot be reached, connection attempts of a pool are spaced out,

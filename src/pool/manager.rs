@@ -126,8 +126,9 @@ impl managed::Manager for ServerManager {
                 if let Err(e) = conn.stream.rehome() {
                     tracing::debug!(error = %e, "server connection left on its event loop");
                 }
-                // As at a checkout (an idle connection handed over may be long idle).
-                if self.checked_idle(&mut conn, Instant::now()).is_ok() {
+                // Probed whatever its idle time: its new event loop has seen nothing of it yet.
+                conn.failures_seen = self.incoming.failures();
+                if self.probed(&mut conn).is_ok() {
                     return Ok(conn);
                 }
             }
@@ -244,19 +245,33 @@ impl ServerManager {
         self.checked_idle(conn, now).or_else(reject)
     }
 
-    /// Probes `conn` unless it was used within server_check_delay and no part has seen a
-    /// server failure since (then it is probed whatever server_check_delay says). `now`: the
-    /// caller's clock reading (one per checkout).
+    /// Probes `conn` unless it was used within server_check_delay, no part has seen a server
+    /// failure since, and its event loop has not seen it readable (an idle backend the server
+    /// closed or wrote to is, once its event loop has run: after a restart, no stale connection
+    /// waits for server_check_delay). `now`: the caller's clock reading (one per checkout).
     fn checked_idle(&self, conn: &mut ServerConn, now: Instant) -> Result<(), &'static str> {
         let failures = self.incoming.failures();
         let fresh = conn.failures_seen == failures;
         conn.failures_seen = failures;
-        if fresh && now.saturating_duration_since(conn.idle_since) < self.check_delay {
+        let idle = now.saturating_duration_since(conn.idle_since);
+        // Back for less than a millisecond (a busy pool's usual case): read to the end moments
+        // ago, so asking its event loop would cost a lock for nothing.
+        if fresh && idle < self.check_delay && (idle < READINESS_AFTER || !conn.stream.seen_readable()) {
             return Ok(());
         }
-        probe(conn)
+        self.probed(conn)
+    }
+
+    /// [`probe`], and a failed one makes every part probe its idle connections at their next
+    /// use (one backend gone is often all of them: PostgreSQL restarted).
+    fn probed(&self, conn: &mut ServerConn) -> Result<(), &'static str> {
+        probe(conn).inspect_err(|_| self.incoming.server_failed())
     }
 }
+
+/// Idle time after which a checkout asks the connection's event loop whether it saw the
+/// socket readable (see [`ServerManager::checked_idle`]).
+const READINESS_AFTER: Duration = Duration::from_millis(1);
 
 /// An idle backend says nothing: any byte or EOF means it is gone or in trouble.
 fn probe(conn: &mut ServerConn) -> Result<(), &'static str> {

@@ -151,6 +151,20 @@ impl ServerStream {
         }
     }
 
+    /// Whether this stream's event loop has seen it readable since it was last read to the end
+    /// (no system call: tokio's record of the socket's readiness). An idle server connection
+    /// that is readable was closed or written to; false says nothing for a stream registered
+    /// with an event loop too recently for it to have looked.
+    pub(crate) fn seen_readable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ready = match self {
+            ServerStream::Tcp(s) => s.poll_read_ready(&mut cx),
+            ServerStream::Unix(s) => s.poll_read_ready(&mut cx),
+            ServerStream::Tls(s) => s.get_ref().0.poll_read_ready(&mut cx),
+        };
+        ready.is_ready()
+    }
+
     /// Whether the server sent anything on this idle connection (or closed it), asked of the
     /// socket itself: a peek that reads nothing, whatever tokio last saw of its readiness (a
     /// stream just registered on another event loop has seen nothing yet). `Ok(0)`: closed;

@@ -106,10 +106,21 @@ async fn huge_message_header_after_login_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_closed_by_postgresql_are_never_handed_out() {
+    // Idle longer than server_check_delay: probed at checkout.
+    closed_connections_are_found_out(Duration::from_millis(200), Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_closed_by_postgresql_are_found_out_within_server_check_delay() {
+    // Used moments ago, server_check_delay an hour: their event loop saw them closed.
+    closed_connections_are_found_out(Duration::from_secs(3600), Duration::ZERO).await;
+}
+
+async fn closed_connections_are_found_out(check_delay: Duration, idle: Duration) {
     let s = Setup::new(|f| {
         f.pool.pool_mode = pgvalve::config::PoolMode::Transaction;
         f.pool.pool_size = 4;
-        f.pool.server_check_delay = std::time::Duration::from_millis(200);
+        f.pool.server_check_delay = check_delay;
         f.locks.enabled = false;
     })
     .await;
@@ -121,7 +132,7 @@ async fn pooled_connections_closed_by_postgresql_are_never_handed_out() {
     for c in &clients {
         c.batch_execute("COMMIT").await.unwrap();
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(idle).await;
     // An operator (or a restart) ends every idle backend behind pgvalve's back.
     let su = s.pg.superuser().await.unwrap();
     let killed: i64 = su
