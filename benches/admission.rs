@@ -11,8 +11,8 @@ use pgvalve::admission::Hold;
 
 /// Queued now, due in an hour: the benchmark never waits.
 /// When a queued request is due (asked only if it queues).
-fn far() -> impl FnOnce() -> (tokio::time::Instant, Due) {
-    || {
+fn far() -> impl FnOnce(std::time::Duration) -> (tokio::time::Instant, Due) {
+    |_| {
         let now = tokio::time::Instant::now();
         let deadline = now + std::time::Duration::from_secs(3600);
         (now, Due { notice: None, deadline })

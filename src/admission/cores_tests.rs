@@ -264,3 +264,55 @@ async fn the_headroom_holds_exactly_across_cores() {
     );
     assert_eq!(a.identity("web").unwrap().servers, 9);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_of_an_identity_holding_long_on_another_core_keeps_the_headroom() {
+    // A pool of 10 split 5 and 5, headroom 1 (10%). "web" holds core 1's five for whole
+    // sessions; on core 0 its transactions are judged by those (a pinning identity is judged
+    // by all it holds): four go, the last free one is kept for others.
+    let (a, gates) = two_cores(AdmissionSettings::default());
+    // Both cores' gates exist (in the proxy each pool part's does from its first lease).
+    let other = member_as(&a, "other", 0).await;
+    drop(
+        a.request_in(&other, (&gates[0], 0), (5, 10), Hold::Transaction)
+            .unwrap(),
+    );
+    a.exchange();
+    let mut sessions = Vec::new();
+    for _ in 0..5 {
+        sessions.push(member_on(&a, 1).await);
+    }
+    let (mut granted, mut last) = (Vec::new(), Vec::new());
+    for m in &sessions {
+        match a.request_in(m, (&gates[1], 1), (5, 10), Hold::Session).unwrap() {
+            Acquired::Granted(g) => granted.push(g),
+            Acquired::Queued(q) => last.push(q),
+        }
+    }
+    // (Its last one on core 1 is decided with every core locked.)
+    for _ in 0..3 {
+        a.exchange();
+    }
+    collect_granted(&mut last, &mut granted).await;
+    assert_eq!(granted.len(), 5);
+    a.exchange();
+    let m = member_on(&a, 0).await;
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        match a.request_in(&m, (&gates[0], 0), (5, 10), Hold::Transaction).unwrap() {
+            Acquired::Granted(g) => granted.push(g),
+            Acquired::Queued(q) => queued.push(q),
+        }
+    }
+    assert_eq!(granted.len(), 9, "the last free connection of the pool is kept");
+    for _ in 0..3 {
+        a.exchange();
+    }
+    assert_eq!(collect_granted(&mut queued, &mut granted).await, 0, "still kept");
+    // Another identity takes it at once.
+    assert!(matches!(
+        a.request_in(&other, (&gates[0], 0), (5, 10), Hold::Transaction)
+            .unwrap(),
+        Acquired::Granted(_)
+    ));
+}

@@ -404,8 +404,7 @@ impl Admission {
         // When the client would be due, should it have to wait (worked out only then).
         let mut queued_at = None;
         let sched = &mut st.sched;
-        let timeout = sched.queue_timeout(id);
-        let when = || {
+        let when = |timeout: Duration| {
             let now = Instant::now();
             let notice = member.notice_after;
             let due = Due {

@@ -80,6 +80,9 @@ struct Share {
     allow: u32,
     /// With several cores and a `max_queue`: the identity's clients waiting on every core.
     queue: Option<Arc<AtomicU32>>,
+    /// Its grants held long in the other cores' gates, as mirrored (every pool's): while
+    /// this and its own gate's are 0, the headroom rule cannot hold its transactions back.
+    mirrored_long: u32,
 }
 
 impl Share {
@@ -239,6 +242,7 @@ impl Scheduler {
                         grants: 0,
                         allow: u32::MAX,
                         queue: None,
+                        mirrored_long: self.mirrored_long(id),
                     },
                 );
                 false
@@ -251,14 +255,15 @@ impl Scheduler {
 
     /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate),
     /// to be held as `hold` says; a client that has to wait is queued from and until what
-    /// `when` says: (now, due), asked only then (most grants come at once: no clock read).
+    /// `when` says, told the identity's queue timeout: (now, due), asked only then (most
+    /// grants come at once: no clock read).
     pub fn request(
         &mut self,
         gate: &Arc<str>,
         capacity: u32,
         id: &Arc<str>,
         hold: Hold,
-        when: impl FnOnce() -> (Instant, Due),
+        when: impl FnOnce(Duration) -> (Instant, Due),
     ) -> Request {
         if !self.shares.contains_key(&Same(id)) {
             // Normally set at login; a share is never missing for a caller with a grant.
@@ -293,7 +298,7 @@ impl Scheduler {
         }
         let counted = share.enqueue();
         self.next_id += 1;
-        let (now, due) = when();
+        let (now, due) = when(share.limits.queue_timeout);
         let (tx, rx) = oneshot::channel();
         let g = self.gates.get_mut(&Same(gate)).expect("invariant: created above");
         g.waiting += 1;
@@ -468,6 +473,17 @@ impl Scheduler {
                 Some(min.saturating_sub(f.in_use))
             })
             .sum();
+        if free <= reserved {
+            return false;
+        }
+        if hold == Hold::Transaction && s.mirrored_long == 0 && (self.split || self.cores < 2) {
+            // Nothing held long in the pool (its other gates are mirrors, counted in
+            // `mirrored_long`): a transaction is not held back, and a free grant of this
+            // gate is one of the pool's (see `Standing::may_take`, `decided_here`).
+            if g.flows.get(&Same(id)).is_none_or(|f| f.long == 0) {
+                return true;
+            }
+        }
         let st = self.standing(gate, id, s);
         let (may, here) = (st.may_take(hold), st.decided_here(hold));
         if !(may && here) && self.split && self.siblings.contains_key(&Same(gate)) {
@@ -475,7 +491,7 @@ impl Scheduler {
             // looks again with every core locked (and the one after, while it waits).
             self.deferred.set(true);
         }
-        free > reserved && may && here
+        may && here
     }
 
     /// When headroom alone keeps `id` waiting in `gate` for `hold`: (grants it holds there,
@@ -498,10 +514,10 @@ impl Scheduler {
         g.in_use += 1;
         let vtime = g.vtime;
         // The identity's flow is there but for its first grant in this gate (no name clone).
-        if !g.flows.contains_key(&Same(id)) {
-            g.flows.insert(id.clone(), Flow::default());
-        }
-        let flow = g.flows.get_mut(&Same(id)).expect("invariant: inserted above");
+        let flow = match g.flows.get_mut(&Same(id)) {
+            Some(f) => f,
+            None => g.flows.entry(id.clone()).or_default(),
+        };
         flow.in_use += 1;
         match hold {
             Hold::Session => flow.long += 1,
@@ -519,20 +535,31 @@ impl Scheduler {
         // A pool with one gate per core: an identity is judged by what it holds in the whole
         // pool, so one served less on one core is served first on the others.
         let pooled = self.siblings.contains_key(&Same(gate));
+        let key = |id: &Arc<str>, f: &Flow| {
+            let weight = self.shares.get(&Same(id)).map_or(1.0, |s| f64::from(s.limits.weight));
+            let held = if pooled { self.gate_held(gate, id) } else { f.in_use };
+            (f64::from(held) / weight, f.pass)
+        };
+        // The first flow that may go, compared (keys worked out) only once a second one may.
+        let mut first: Option<(&Arc<str>, &Flow)> = None;
         let mut best: Option<(f64, f64, &Arc<str>)> = None;
         for (id, f) in &g.flows {
             let Some(w) = f.waiting.front() else { continue };
             if !self.eligible(gate, id, w.hold) {
                 continue;
             }
-            let weight = self.shares.get(&Same(id)).map_or(1.0, |s| f64::from(s.limits.weight));
-            let held = if pooled { self.gate_held(gate, id) } else { f.in_use };
-            let key = (f64::from(held) / weight, f.pass);
-            if best.is_none_or(|(a, b, _)| key < (a, b)) {
-                best = Some((key.0, key.1, id));
+            if best.is_none() && first.is_none() {
+                first = Some((id, f));
+                continue;
+            }
+            for (id, f) in first.take().into_iter().chain([(id, f)]) {
+                let k = key(id, f);
+                if best.is_none_or(|(a, b, _)| k < (a, b)) {
+                    best = Some((k.0, k.1, id));
+                }
             }
         }
-        best.map(|(_, _, id)| id.clone())
+        first.map(|(id, _)| id).or(best.map(|(_, _, id)| id)).cloned()
     }
 
     /// Hands free grants in `gate` to waiters, fairest first.

@@ -12,10 +12,9 @@
 
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::{Flow, Scheduler, ShareLimits};
-use crate::admission::names::Same;
+use super::{Flow, Gate, Scheduler};
+use crate::admission::names::{NameMap, Same};
 
 /// One core's gate of a pool as that core sees it now.
 #[derive(Debug, Clone)]
@@ -78,6 +77,9 @@ impl Scheduler {
         for snap in snaps {
             self.mirror(snap);
         }
+        for (id, s) in self.shares.iter_mut() {
+            s.mirrored_long = mirrored_long(&self.gates, id);
+        }
         self.exact = true;
         self.deferred.set(false);
         self.dispatch_all();
@@ -135,6 +137,11 @@ impl Scheduler {
         g.flows = flows;
     }
 
+    /// `id`'s grants held long in the mirrors (see `Share::mirrored_long`).
+    pub(super) fn mirrored_long(&self, id: &Arc<str>) -> u32 {
+        mirrored_long(&self.gates, id)
+    }
+
     /// Serves the waiters of this core's own gates that may go now (after new mirrors, new
     /// limits, fewer lock holders).
     pub(super) fn dispatch_all(&mut self) {
@@ -165,13 +172,6 @@ impl Scheduler {
     /// The name this scheduler keeps for identity `id`, if it knows it.
     pub(crate) fn share_key(&self, id: &str) -> Option<Arc<str>> {
         self.shares.get_key_value(id).map(|(k, _)| k.clone())
-    }
-
-    /// How long `id`'s clients wait in the queue.
-    pub(crate) fn queue_timeout(&self, id: &Arc<str>) -> Duration {
-        self.shares
-            .get(&Same(id))
-            .map_or(ShareLimits::default().queue_timeout, |s| s.limits.queue_timeout)
     }
 
     /// Identities known to this core.
@@ -221,4 +221,14 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// `id`'s grants held long in the mirrors among `gates`.
+fn mirrored_long(gates: &NameMap<Gate>, id: &Arc<str>) -> u32 {
+    gates
+        .values()
+        .filter(|g| g.mirror)
+        .filter_map(|g| g.flows.get(&Same(id)))
+        .map(|f| f.long)
+        .sum()
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 use super::*;
 
 /// Queued now, due in an hour (the decisions under test never wait that long).
-fn far() -> impl FnOnce() -> (Instant, Due) {
+fn far() -> impl FnOnce(Duration) -> (Instant, Due) {
     let now = Instant::now();
-    move || {
+    move |_| {
         (
             now,
             Due {
@@ -286,7 +286,7 @@ fn sweep_sends_due_notices_and_times_out_only_the_due() {
             notice: (notice > 0).then(|| t0 + secs(notice)),
             deadline: t0 + secs(deadline),
         };
-        move || (t0, due)
+        move |_| (t0, due)
     };
     assert!(matches!(
         s.request(&gate, 1, &a, Hold::Transaction, due(0, 100)),
