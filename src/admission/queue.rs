@@ -224,11 +224,15 @@ pub struct Scheduler {
     deferred: std::cell::Cell<bool>,
     /// One of several cores' schedulers: a pool's other gates are other cores' (mirrored).
     split: bool,
+    /// Some identity was given `min_server_connections`: a grant then leaves the reserves of
+    /// a gate's other flows free (without any, no grant looks at the other flows).
+    reserves: bool,
 }
 
 impl Scheduler {
     /// Sets an identity's limits (creating its share); queues are re-examined.
     pub fn set_limits(&mut self, id: &Arc<str>, limits: ShareLimits) {
+        self.reserves |= limits.min_servers > 0;
         let changed = match self.shares.get_mut(&Same(id)) {
             Some(s) => std::mem::replace(&mut s.limits, limits) != limits,
             None => {
@@ -464,15 +468,18 @@ impl Scheduler {
             return false;
         }
         let free = g.capacity - g.in_use;
-        let reserved: u32 = g
-            .flows
-            .iter()
-            .filter(|(k, _)| *k != id)
-            .filter_map(|(k, f)| {
-                let min = self.shares.get(&Same(k))?.limits.min_servers;
-                Some(min.saturating_sub(f.in_use))
-            })
-            .sum();
+        let reserved: u32 = if self.reserves {
+            g.flows
+                .iter()
+                .filter(|(k, _)| *k != id)
+                .filter_map(|(k, f)| {
+                    let min = self.shares.get(&Same(k))?.limits.min_servers;
+                    Some(min.saturating_sub(f.in_use))
+                })
+                .sum()
+        } else {
+            0
+        };
         if free <= reserved {
             return false;
         }
