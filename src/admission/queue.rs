@@ -16,7 +16,7 @@
 //! ([`Signal`]). A waiter has no timer of its own: [`Scheduler::sweep`], run by admission's
 //! queue clock, sends the queued NOTICE and the timeout when they are due.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,33 +230,6 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Sets an identity's limits (creating its share); queues are re-examined.
-    pub fn set_limits(&mut self, id: &Arc<str>, limits: ShareLimits) {
-        self.reserves |= limits.min_servers > 0;
-        let changed = match self.shares.get_mut(&Same(id)) {
-            Some(s) => std::mem::replace(&mut s.limits, limits) != limits,
-            None => {
-                self.shares.insert(
-                    id.clone(),
-                    Share {
-                        limits,
-                        servers: 0,
-                        waiting: 0,
-                        lock_holders: 0,
-                        grants: 0,
-                        allow: u32::MAX,
-                        queue: None,
-                        mirrored_long: self.mirrored_long(id),
-                    },
-                );
-                false
-            }
-        };
-        if changed {
-            self.dispatch_all();
-        }
-    }
-
     /// Asks for a grant in `gate` (created with `capacity`, which also updates a known gate),
     /// to be held as `hold` says; a client that has to wait is queued from and until what
     /// `when` says, told the identity's queue timeout: (now, due), asked only then (most
@@ -422,41 +395,6 @@ impl Scheduler {
         }
     }
 
-    /// Sets how many grants of its cluster-wide cap `id` may hold on this instance (from the
-    /// cluster's coordinator); returns how many it holds now. Lowering it takes nothing
-    /// back: what it holds above the new number is given back as its transactions end.
-    pub(crate) fn set_grants(&mut self, id: &str, grants: u32) -> u32 {
-        let Some(key) = self.shares.get_key_value(id).map(|(k, _)| k.clone()) else {
-            return 0;
-        };
-        let s = self.shares.get_mut(&key).expect("invariant: found above");
-        let (raised, servers) = (grants > s.grants, s.servers);
-        s.grants = grants;
-        if raised {
-            self.dispatch_waiting(&key, None);
-        }
-        servers
-    }
-
-    /// What `id` may hold now of its cluster-wide cap.
-    pub(crate) fn grants(&self, id: &str) -> u32 {
-        self.shares.get(id).map_or(0, |s| s.grants)
-    }
-
-    /// Every identity with a cluster-wide cap, as the cluster's coordinator needs it.
-    pub(crate) fn cluster_wants(&self) -> Vec<crate::cluster::grants::Want> {
-        self.shares
-            .iter()
-            .filter(|(_, s)| s.limits.cluster_max > 0)
-            .map(|(k, s)| crate::cluster::grants::Want {
-                identity: k.clone(),
-                max: s.limits.cluster_max,
-                in_use: s.servers,
-                waiting: s.waiting,
-            })
-            .collect()
-    }
-
     fn eligible(&self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) -> bool {
         let (Some(g), Some(s)) = (self.gates.get(&Same(gate)), self.shares.get(&Same(id))) else {
             return false;
@@ -510,35 +448,20 @@ impl Scheduler {
     }
 
     fn grant(&mut self, gate: &Arc<str>, id: &Arc<str>, hold: Hold) {
-        let weight = match self.shares.get_mut(&Same(id)) {
-            Some(s) => {
-                s.servers += 1;
-                f64::from(s.limits.weight)
-            }
-            None => 1.0,
-        };
-        let g = self.gates.get_mut(&Same(gate)).expect("invariant: gate exists");
-        g.in_use += 1;
-        let vtime = g.vtime;
+        let s = self.shares.get_mut(&Same(id));
+        let Gate {
+            in_use, vtime, flows, ..
+        } = self.gates.get_mut(&Same(gate)).expect("invariant: gate exists");
         // The identity's flow is there but for its first grant in this gate (no name clone).
-        let flow = match g.flows.get_mut(&Same(id)) {
+        let flow = match flows.get_mut(&Same(id)) {
             Some(f) => f,
-            None => g.flows.entry(id.clone()).or_default(),
+            None => flows.entry(id.clone()).or_default(),
         };
-        flow.in_use += 1;
-        match hold {
-            Hold::Session => flow.long += 1,
-            Hold::Pin => flow.pinning += 1,
-            Hold::Transaction => {}
-        }
-        flow.pass = flow.pass.max(vtime);
-        g.vtime = flow.pass;
-        flow.pass += 1.0 / weight;
+        count_grant((in_use, vtime), flow, s, hold);
     }
 
     /// The waiting flow that should be served next in `gate`, if any may be.
-    fn pick(&self, gate: &Arc<str>) -> Option<Arc<str>> {
-        let g = self.gates.get(&Same(gate))?;
+    fn pick(&self, gate: &Arc<str>, g: &Gate) -> Option<Arc<str>> {
         // A pool with one gate per core: an identity is judged by what it holds in the whole
         // pool, so one served less on one core is served first on the others.
         let pooled = self.siblings.contains_key(&Same(gate));
@@ -576,39 +499,58 @@ impl Scheduler {
             if g.waiting == 0 || g.in_use >= g.capacity {
                 return;
             }
-            let Some(id) = self.pick(gate) else { return };
+            let Some(id) = self.pick(gate, g) else { return };
+            let mut s = self.shares.get_mut(&Same(&id));
             let g = self.gates.get_mut(&Same(gate)).expect("invariant: present");
-            let flow = g.flows.get_mut(&Same(&id)).expect("invariant: picked");
+            let Gate {
+                in_use,
+                vtime,
+                flows,
+                waiting,
+                ..
+            } = g;
+            let flow = flows.get_mut(&Same(&id)).expect("invariant: picked");
             let w = flow.waiting.pop_front().expect("invariant: picked flows wait");
-            g.waiting -= 1;
-            if let Some(s) = self.shares.get_mut(&Same(&id)) {
+            *waiting -= 1;
+            if let Some(s) = s.as_deref_mut() {
                 s.dequeue(1, u32::from(w.counted));
             }
-            self.grant(gate, &id, w.hold);
+            count_grant((in_use, vtime), flow, s, w.hold);
             if w.tx.send(Signal::Granted).is_err() {
                 // Unreachable while waiters cancel under the lock; never leak a grant.
                 self.release(gate, &id, w.hold);
             }
         }
     }
+}
 
-    /// Sets how many sessions of each identity hold dangerous locks (absent: none); queues
-    /// are re-examined when that frees anyone.
-    pub(crate) fn set_lock_holders(&mut self, holders: &HashMap<String, u32>) {
-        let mut freed = false;
-        for (id, s) in self.shares.iter_mut() {
-            let n = holders.get(&**id).copied().unwrap_or(0);
-            freed |= n < s.lock_holders;
-            s.lock_holders = n;
+/// Counts a grant held as `hold` in a gate (its grants in use and virtual time) to `flow`
+/// (its identity's share `s`): the flow's next grant comes a weight's step later.
+fn count_grant((in_use, vtime): (&mut u32, &mut f64), flow: &mut Flow, s: Option<&mut Share>, hold: Hold) {
+    let weight = match s {
+        Some(s) => {
+            s.servers += 1;
+            f64::from(s.limits.weight)
         }
-        if freed {
-            self.dispatch_all();
-        }
+        None => 1.0,
+    };
+    *in_use += 1;
+    flow.in_use += 1;
+    match hold {
+        Hold::Session => flow.long += 1,
+        Hold::Pin => flow.pinning += 1,
+        Hold::Transaction => {}
     }
+    flow.pass = flow.pass.max(*vtime);
+    *vtime = flow.pass;
+    flow.pass += 1.0 / weight;
 }
 
 #[path = "queue_pool.rs"]
 mod pool_view;
+
+#[path = "queue_told.rs"]
+mod told;
 
 #[path = "queue_cores.rs"]
 mod cores_view;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use std::collections::HashMap;
 
 /// Queued now, due in an hour (the decisions under test never wait that long).
 fn far() -> impl FnOnce(Duration) -> (Instant, Due) {
