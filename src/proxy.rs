@@ -81,6 +81,7 @@ impl Built {
             console: Arc::new(console),
             notify: Arc::default(),
             handoff: Arc::default(),
+            read_buffers: crate::client::ReadBuffers::new(cores),
             live_config,
         });
         Built {

@@ -6,12 +6,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::buffers::Stash;
 use super::SessionError;
 use crate::error::PgError;
 use crate::protocol::frame::{split_frame, Frame};
@@ -99,6 +101,8 @@ pub struct ClientConn {
     pub(crate) wbuf: BytesMut,
     /// Client address.
     pub(crate) peer: SocketAddr,
+    /// Its core's read buffers (see [`ClientConn::wait_idle`]); None: allocated as needed.
+    pub(crate) stash: Option<Arc<Stash>>,
 }
 
 impl ClientConn {
@@ -109,6 +113,7 @@ impl ClientConn {
             rbuf: BytesMut::with_capacity(8192),
             wbuf: BytesMut::new(),
             peer,
+            stash: None,
         }
     }
 
@@ -126,7 +131,8 @@ impl ClientConn {
     }
 
     /// Waits until the client sends something, holding no buffer meanwhile (an idle client
-    /// between transactions costs its socket and task, not 8 KiB of buffer).
+    /// between transactions costs its socket and task, not 8 KiB of buffer): its read buffer
+    /// goes back to its core's stash, and one comes from there when it sends.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -135,9 +141,17 @@ impl ClientConn {
             self.wbuf = BytesMut::new();
         }
         if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
+            let idle = std::mem::take(&mut self.rbuf);
+            match &self.stash {
+                Some(stash) => stash.give(idle),
+                // (Dropped here, not kept in the wait's state.)
+                None => drop(idle),
+            }
             if let ClientStream::Tcp(s) = &self.stream {
                 s.readable().await.map_err(SessionError::ClientGone)?;
+            }
+            if let Some(stash) = &self.stash {
+                self.rbuf = stash.take();
             }
         }
         self.read_more().await

@@ -171,6 +171,7 @@ pub(crate) async fn resume(
 ) {
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, moved.peer);
+    client.stash = Some(shared.read_buffers.of(core));
     client.rbuf.extend_from_slice(&moved.pending);
     let p = StartupParams {
         minor: moved.minor,

@@ -6,6 +6,7 @@
 //! the pool for a server connection, applies the client's parameters on it, and relays.
 
 mod auth;
+mod buffers;
 mod conn;
 mod console;
 mod database_sql;
@@ -31,6 +32,7 @@ use tracing::Instrument;
 
 #[doc(hidden)]
 pub(crate) use auth::scram_exchange;
+pub(crate) use buffers::ReadBuffers;
 pub(crate) use conn::ClientConn;
 pub(crate) use console::{is_console, role, Console, Role};
 pub(crate) use error::SessionError;
@@ -70,6 +72,7 @@ pub(crate) async fn serve(
         return;
     };
     let mut client = ClientConn::new(stream, peer);
+    client.stash = Some(shared.read_buffers.of(core));
     let span = tracing::info_span!(
         "client",
         addr = %peer,

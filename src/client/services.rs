@@ -54,6 +54,8 @@ pub struct Services {
     pub console: Arc<dyn Console>,
     /// Moving idle clients to a takeover's successor (see `takeover`).
     pub(crate) handoff: Arc<super::Handoff>,
+    /// Each core's read buffers for its clients' next transactions.
+    pub(crate) read_buffers: super::buffers::ReadBuffers,
 }
 
 impl Services {
