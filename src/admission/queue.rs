@@ -470,26 +470,21 @@ impl Scheduler {
             let held = if pooled { self.gate_held(gate, id) } else { f.in_use };
             (f64::from(held) / weight, f.pass)
         };
-        // The first flow that may go, compared (keys worked out) only once a second one may.
-        let mut first: Option<(&Arc<str>, &Flow)> = None;
-        let mut best: Option<(f64, f64, &Arc<str>)> = None;
-        for (id, f) in &g.flows {
-            let Some(w) = f.waiting.front() else { continue };
-            if !self.eligible(gate, id, w.hold) {
-                continue;
-            }
-            if best.is_none() && first.is_none() {
-                first = Some((id, f));
-                continue;
-            }
-            for (id, f) in first.take().into_iter().chain([(id, f)]) {
-                let k = key(id, f);
-                if best.is_none_or(|(a, b, _)| k < (a, b)) {
-                    best = Some((k.0, k.1, id));
-                }
-            }
-        }
-        first.map(|(id, _)| id).or(best.map(|(_, _, id)| id)).cloned()
+        let mut may_go = g
+            .flows
+            .iter()
+            .filter(|(id, f)| f.waiting.front().is_some_and(|w| self.eligible(gate, id, w.hold)));
+        let first = may_go.next()?;
+        let Some(second) = may_go.next() else {
+            return Some(first.0.clone());
+        };
+        // Keys are worked out only when two or more may go (ties: the first seen).
+        [first, second]
+            .into_iter()
+            .chain(may_go)
+            .map(|(id, f)| (key(id, f), id))
+            .min_by(|(a, _), (b, _)| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
+            .map(|(_, id)| id.clone())
     }
 
     /// Hands free grants in `gate` to waiters, fairest first.
