@@ -188,7 +188,8 @@ impl Seat {
             .request_in(&self.member, pool.manager().gate(), (lease, pool_size), hold)?
         {
             Acquired::Granted(g) => g,
-            Acquired::Queued(q) => self.queued(client, q, pool_size).await?,
+            // Boxed: a transaction's future is made anew for each, and most grants come at once.
+            Acquired::Queued(q) => Box::pin(self.queued(client, q, pool_size)).await?,
         };
         let server = match shared.pools.checkout(&pool, &self.route, Some(grant)).await {
             Ok(s) => s,

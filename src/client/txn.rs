@@ -275,7 +275,10 @@ async fn transaction(
         server.checkin();
         return Err(e);
     }
-    let end = relay::run_attached(client, &mut server, cx.key, phase, cx.max, mode).await;
+    // Boxed: the relay's state exists only while a server connection is attached (at most
+    // the pool's size at once, so its memory stays warm), and this transaction's future,
+    // made for every transaction and held by every client waiting in the queue, stays small.
+    let end = Box::pin(relay::run_attached(client, &mut server, cx.key, phase, cx.max, mode)).await;
     if let Some(l) = listener {
         l.end(server.pid).await;
     }
@@ -294,7 +297,9 @@ async fn transaction(
             // The client left inside a transaction or a query: cancel, roll back, and
             // reuse the connection if that brings it back to idle soon (else close it).
             if !server.is_clean() {
-                let recovered = server.recover(Duration::from_secs(2)).await;
+                // Boxed, as the read-back in `learn`: rare, and this future is made anew for
+                // every transaction (within the allocator's fast sizes only while small).
+                let recovered = Box::pin(server.recover(Duration::from_secs(2))).await;
                 tracing::debug!(recovered, "client left mid-transaction");
             }
             server.release(cx.reset, Duration::from_secs(5)).await;
@@ -327,7 +332,14 @@ async fn learn(
     let mut dirty = false;
     if let (true, Some(reset_all)) = (idle, mode.readback.take()) {
         let extra = mode.track.as_deref().unwrap_or_default();
-        dirty = tracked::read_back(server, cx.p, extra, reset_all, &mut applied.reported).await?;
+        dirty = Box::pin(tracked::read_back(
+            server,
+            cx.p,
+            extra,
+            reset_all,
+            &mut applied.reported,
+        ))
+        .await?;
         changed = true;
     }
     if changed {

@@ -118,7 +118,22 @@ impl managed::Manager for ServerManager {
     type Type = Box<ServerConn>;
     type Error = ServerError;
 
+    /// Boxed: deadpool keeps the future of `create` inside every checkout's future (an
+    /// enum as large as its largest state), so a checkout that finds an idle connection
+    /// would carry, and every client's transaction copy, the room to open one.
     async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
+        Box::pin(self.create_conn()).await
+    }
+
+    async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<ServerError> {
+        self.check(conn, metrics)
+    }
+}
+
+impl ServerManager {
+    /// A new connection for this part: one another core handed over, or one opened under a
+    /// slot of the budget (see [`managed::Manager::create`]).
+    async fn create_conn(&self) -> Result<Box<ServerConn>, ServerError> {
         let deadline = Instant::now() + self.slot_wait;
         loop {
             // A connection another core handed over comes first (its slot comes with it).
@@ -135,20 +150,12 @@ impl managed::Manager for ServerManager {
             let Some(slot) = self.slot_or_handover(deadline).await? else {
                 continue;
             };
-            // Boxed: connect + TLS + login is a large future, and deadpool keeps it inside
-            // every checkout's future (which every idle client's task is sized for).
-            let mut conn = Box::pin(self.open(slot, deadline)).await.map(Box::new)?;
+            let mut conn = self.open(slot, deadline).await.map(Box::new)?;
             conn.failures_seen = self.incoming.failures();
             return Ok(conn);
         }
     }
 
-    async fn recycle(&self, conn: &mut Box<ServerConn>, metrics: &Metrics) -> RecycleResult<ServerError> {
-        self.check(conn, metrics)
-    }
-}
-
-impl ServerManager {
     /// This part's admission gate and the core whose scheduler holds it.
     pub(crate) fn gate(&self) -> (&Arc<str>, usize) {
         (&self.gate, self.gate_core)

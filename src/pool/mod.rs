@@ -400,8 +400,10 @@ impl PoolSet {
             let wait = pool.manager().slot_wait;
             Box::pin(self.gates.wait_open(&t.host, t.port, &t.dbname, wait)).await;
         }
-        let get = pool.get();
-        tokio::pin!(get);
+        // Boxed: deadpool's checkout future is several hundred bytes, and this one's caller
+        // (a client's transaction) is made anew for every transaction and held by every
+        // client that waits in the queue; the box lives only as long as the checkout.
+        let mut get = Box::pin(pool.get());
         // An idle connection is there at once nearly always: no clock, no timer then.
         let got = match crate::poll_once(get.as_mut()).await {
             Poll::Ready(r) => Ok(r),
