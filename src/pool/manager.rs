@@ -119,8 +119,8 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     /// Boxed: deadpool keeps the future of `create` inside every checkout's future (an
-    /// enum as large as its largest state), so a checkout that finds an idle connection
-    /// would carry, and every client's transaction copy, the room to open one.
+    /// enum as large as its largest state); unboxed, a checkout that finds an idle
+    /// connection would still carry the room to open one, and every transaction copy it.
     async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
         Box::pin(self.create_conn()).await
     }
