@@ -110,7 +110,7 @@ impl ClientConn {
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
         Self {
             stream: ClientStream::Tcp(stream),
-            rbuf: BytesMut::with_capacity(8192),
+            rbuf: BytesMut::with_capacity(super::buffers::SIZE),
             wbuf: BytesMut::new(),
             peer,
             stash: None,
@@ -122,7 +122,7 @@ impl ClientConn {
     /// # Cancel safety
     /// Cancel safe.
     pub(crate) async fn read_more(&mut self) -> Result<(), SessionError> {
-        self.rbuf.reserve(8192);
+        self.rbuf.reserve(super::buffers::SIZE);
         match self.stream.read_buf(&mut self.rbuf).await {
             Ok(0) => Err(SessionError::ClientGone(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => Ok(()),
