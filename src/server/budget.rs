@@ -21,7 +21,6 @@
 //!   life) is refused rather than take a budget's last slot, so pgvalve's own connections
 //!   never take every slot from the clients.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -547,172 +546,20 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A claim registered on every budget of a chain, withdrawn from those still pending when
-/// dropped.
-struct Claim {
-    /// Budgets not yet taken, the root last (taken first).
-    pending: Vec<Arc<Budget>>,
-    hold: Hold,
-}
-
-impl Claim {
-    fn register(chain: Vec<Arc<Budget>>, hold: Hold) -> Result<Claim, Refused> {
-        let lasting = usize::from(hold == Hold::Lasting);
-        for (i, b) in chain.iter().enumerate() {
-            let mut st = b.state();
-            if lasting > 0 && st.limited() && !st.leased && st.lasting + 1 >= st.max {
-                drop(st);
-                let refused = b.refused(true);
-                // Withdraw from the budgets registered so far.
-                drop(Claim {
-                    pending: chain[..i].to_vec(),
-                    hold,
-                });
-                return Err(refused);
-            }
-            st.own += 1;
-            st.lasting += lasting;
-            st.claims += 1;
-            b.short.store(st.short(), Ordering::Relaxed);
-        }
-        // The pools' shares shrink: they open no connection into the slot claimed.
-        for b in &chain {
-            b.tell_share();
-        }
-        Ok(Claim { pending: chain, hold })
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        for b in self.pending.drain(..) {
-            {
-                let mut st = b.state();
-                st.own -= 1;
-                st.lasting -= usize::from(self.hold == Hold::Lasting);
-                st.claims -= 1;
-                b.short.store(st.short(), Ordering::Relaxed);
-            }
-            // Pool takers held back by the claim may go.
-            b.freed.notify_waiters();
-            b.tell_share();
-        }
-    }
-}
-
-/// One slot of a budget and of each budget above it, given back when dropped.
-pub struct Slot {
-    budget: Arc<Budget>,
-    /// Some for pgvalve's own connections.
-    own: Option<Hold>,
-    /// Its connection is closing.
-    closing: bool,
-    /// Dropped after this budget's slot is given back.
-    parent: Option<Box<Slot>>,
-    /// A leased budget's seat, given back before the slot.
-    seat: Option<Seat>,
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot")
-            .field("scale", &self.budget.scale)
-            .field("own", &self.own)
-            .field("parent", &self.parent)
-            .finish()
-    }
-}
-
-impl Slot {
-    /// The seat of the leased budget at the root of this slot's chain, if there is one.
-    pub fn seat(&self) -> Option<&Seat> {
-        self.seat
-            .as_ref()
-            .or_else(|| self.parent.as_ref().and_then(|p| p.seat()))
-    }
-
-    /// A claim waits on one of this slot's budgets that no free slot can serve: a pool
-    /// connection holding this slot should close instead of going back to its pool.
-    pub fn wanted(&self) -> bool {
-        self.budget.short.load(Ordering::Relaxed) || self.parent.as_ref().is_some_and(|p| p.wanted())
-    }
-
-    /// Its connection is closing: the slot will be free soon, so no other connection is
-    /// closed to make room meanwhile, nor asked back for a claim it covers.
-    pub fn closing(&mut self) {
-        if !self.closing {
-            self.closing = true;
-            let mut st = self.budget.state();
-            st.closing += 1;
-            self.budget.short.store(st.short(), Ordering::Relaxed);
-        }
-        if let Some(p) = self.parent.as_mut() {
-            p.closing();
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        drop(self.seat.take());
-        self.budget.give_back(self.own, self.closing);
-    }
-}
-
-/// Every budget of one proxy: `max_server_connections` and one per (database, user) pool.
-#[derive(Debug)]
-pub struct Budgets {
-    server: Arc<Budget>,
-    pools: Mutex<HashMap<(String, String), Arc<Budget>>>,
-}
-
-impl Budgets {
-    /// Budgets under a `max_server_connections` of `max` (0 = unlimited).
-    pub fn new(max: u32) -> Arc<Self> {
-        Self::under(max, None)
-    }
-
-    /// Budgets under a `max_server_connections` of `max` (0 = unlimited), itself under
-    /// `root` (the instance's lease of a cluster) when given.
-    pub fn under(max: u32, root: Option<Arc<Budget>>) -> Arc<Self> {
-        Arc::new(Budgets {
-            server: Budget::new(Scale::Server, max as usize, root),
-            pools: Mutex::default(),
-        })
-    }
-
-    /// The proxy-wide budget (`max_server_connections`).
-    pub fn server(&self) -> &Arc<Budget> {
-        &self.server
-    }
-
-    /// The budget of the (database, user) pool, made with `pool_size` slots the first time
-    /// (a reload resizes it: [`Budget::resize`]).
-    pub fn pool(&self, database: &str, user: &str, pool_size: u32) -> Arc<Budget> {
-        lock(&self.pools)
-            .entry((database.to_string(), user.to_string()))
-            .or_insert_with(|| Budget::new(Scale::Pool, pool_size as usize, Some(self.server.clone())))
-            .clone()
-    }
-
-    /// Every pool budget, with its database and user.
-    pub fn pools(&self) -> Vec<(String, String, Arc<Budget>)> {
-        lock(&self.pools)
-            .iter()
-            .map(|((d, u), b)| (d.clone(), u.clone(), b.clone()))
-            .collect()
-    }
-
-    /// Forgets the pool budgets `keep` says no (a reload unrouted them) once no slot of
-    /// theirs is held.
-    pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
-        lock(&self.pools).retain(|(d, u), b| keep(d, u) || b.usage().used > 0);
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+// A held slot, and a claim waiting for one.
+#[path = "budget_slot.rs"]
+mod slot;
+use slot::Claim;
+pub use slot::Slot;
+
+// Every budget of one proxy.
+#[path = "budget_set.rs"]
+mod set;
+pub use set::Budgets;
 
 // Lending slots to a takeover's successor.
 #[path = "budget_lend.rs"]
