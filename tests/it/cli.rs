@@ -10,6 +10,9 @@ use pgvalve::testkit::{PgOptions, TestPostgres};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgvalve");
+/// Where the binaries these tests start put their takeover control socket: a test that
+/// kills one leaves the file here, not in /tmp.
+const RUNTIME_DIR: &str = env!("CARGO_TARGET_TMPDIR");
 
 #[test]
 fn check_accepts_the_example_and_names_file_and_line_of_errors() {
@@ -49,6 +52,7 @@ async fn quick_start(pg: &TestPostgres, extra: &[&str]) -> (tokio::process::Chil
     let child = tokio::process::Command::new(BIN)
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .args(extra)
+        .env("XDG_RUNTIME_DIR", RUNTIME_DIR)
         .env(
             "PGVALVE_UPSTREAM",
             format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
@@ -261,6 +265,7 @@ async fn secrets_never_reach_logs_debug_output_the_console_or_metrics() {
         .args(["run", "-c"])
         .arg(&path)
         .env("PGVALVE_LOG", "trace")
+        .env("XDG_RUNTIME_DIR", RUNTIME_DIR)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

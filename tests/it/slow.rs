@@ -40,6 +40,7 @@ async fn start(pg: &TestPostgres, dir: &std::path::Path) -> (tokio::process::Chi
     let child = tokio::process::Command::new(BIN)
         .args(["run", "-c"])
         .arg(&path)
+        .env("XDG_RUNTIME_DIR", env!("CARGO_TARGET_TMPDIR"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

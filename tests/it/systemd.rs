@@ -53,6 +53,7 @@ async fn the_binary_notifies_ready_reloading_and_stopping() {
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "-c"])
         .arg(&file)
+        .env("XDG_RUNTIME_DIR", env!("CARGO_TARGET_TMPDIR"))
         .env("NOTIFY_SOCKET", &sock_path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -497,6 +497,7 @@ async fn the_binary_takes_tls_from_the_environment() {
         .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgvalve"))
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .env("XDG_RUNTIME_DIR", env!("CARGO_TARGET_TMPDIR"))
         .env(
             "PGVALVE_UPSTREAM",
             format!("postgres://app:app-secret@127.0.0.1:{}", pg.port()),
