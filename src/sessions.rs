@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use tokio::sync::Notify;
 
 use std::task::Poll;
@@ -60,7 +60,9 @@ impl Verdict {
     pub(crate) async fn wait(&self) -> PgError {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
-            if self.delivered.swap(false, Ordering::AcqRel) {
+            // Read before the swap: polled with every wake of the session, it is almost
+            // never set (a read-modify-write costs more than a read).
+            if self.delivered.load(Ordering::Acquire) && self.delivered.swap(false, Ordering::AcqRel) {
                 if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     return Poll::Ready(*e);
                 }
@@ -80,8 +82,10 @@ pub struct SessionInfo {
     pub client: SessionClient,
     /// When it logged in.
     pub connected: SystemTime,
+    /// The same moment on the monotonic clock: times the session keeps are counted from it.
+    born: Instant,
     backend: AtomicI32,
-    /// When the current backend was assigned (unix ms; 0: none).
+    /// When the current backend was assigned, in µs after `born`, plus one (0: none).
     backend_since: AtomicU64,
     /// The protocol minor version pgvalve speaks with the current backend (SHOW SERVERS).
     backend_minor: AtomicU8,
@@ -176,15 +180,17 @@ impl SessionInfo {
         registry.deadlock_seen.notify_one();
     }
 
-    /// Records the backend serving the session now (0: none).
-    pub(crate) fn set_backend(&self, pid: i32) {
+    /// Records the backend serving the session now, handed to it `at` (a time the caller
+    /// has: a clock reading per transaction costs more than it tells).
+    pub(crate) fn set_backend(&self, pid: i32, at: Instant) {
         self.backend.store(pid, Ordering::Relaxed);
-        if pid != 0 {
-            let ms = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            self.backend_since.store(ms, Ordering::Relaxed);
-        }
+        let us = at.saturating_duration_since(self.born).as_micros() as u64;
+        self.backend_since.store(us.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The session has no backend now.
+    pub(crate) fn no_backend(&self) {
+        self.backend.store(0, Ordering::Relaxed);
     }
 
     /// Records the protocol minor version spoken with the current backend (2: 3.2).
@@ -201,7 +207,7 @@ impl SessionInfo {
     pub(crate) fn backend_since(&self) -> Option<SystemTime> {
         match self.backend_since.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+            us => Some(self.connected + std::time::Duration::from_micros(us - 1)),
         }
     }
 
@@ -390,6 +396,7 @@ impl Sessions {
             id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
             client,
             connected: SystemTime::now(),
+            born: Instant::now(),
             backend: AtomicI32::new(0),
             backend_since: AtomicU64::new(0),
             backend_minor: AtomicU8::new(0),
@@ -480,8 +487,16 @@ mod tests {
         };
         let a = sessions.register(new.clone());
         let b = sessions.register(new);
-        a.info.set_backend(4242);
+        a.info
+            .set_backend(4242, Instant::now() + std::time::Duration::from_secs(60));
         assert_eq!(sessions.by_backend().get(&4242).map(|s| s.id), Some(a.info.id));
+        let since = a
+            .info
+            .backend_since()
+            .unwrap()
+            .duration_since(a.info.connected)
+            .unwrap();
+        assert!((59..=61).contains(&since.as_secs()), "{since:?} after login");
         assert_eq!(sessions.all().len(), 2);
         drop(b);
         assert_eq!(sessions.all().len(), 1);

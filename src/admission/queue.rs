@@ -242,14 +242,17 @@ impl Scheduler {
         hold: Hold,
         when: impl FnOnce(Duration) -> (Instant, Due),
     ) -> Request {
-        if !self.shares.contains_key(&Same(id)) {
-            // Normally set at login; a share is never missing for a caller with a grant.
-            self.set_limits(id, ShareLimits::default());
-        }
         // A core's gate (one of several of a pool) takes its capacity from the pool's lease
         // moves (set_capacity) once it exists: a request may carry a lease read before the
         // last move.
         let per_core = self.know(gate);
+        if self.granted_at_once(gate, capacity, id, hold, per_core) {
+            return Request::Granted;
+        }
+        if !self.shares.contains_key(&Same(id)) {
+            // Normally set at login; a share is never missing for a caller with a grant.
+            self.set_limits(id, ShareLimits::default());
+        }
         let grew = match self.gates.get_mut(&Same(gate)) {
             Some(g) if !per_core => std::mem::replace(&mut g.capacity, capacity) < capacity,
             Some(_) => false,
@@ -294,6 +297,38 @@ impl Scheduler {
             counted,
         });
         Request::Queued(self.next_id, rx)
+    }
+
+    /// The usual request, granted with one look-up each of its gate, share and flow: a
+    /// transaction in a known gate of unchanged capacity with a free grant, of an identity no
+    /// cap holds back and holding nothing long in the pool, with no reserves anywhere (what
+    /// [`Scheduler::eligible`] grants at once). False, with nothing changed, otherwise: the
+    /// caller goes the long way.
+    fn granted_at_once(&mut self, gate: &Arc<str>, capacity: u32, id: &Arc<str>, hold: Hold, per_core: bool) -> bool {
+        if hold != Hold::Transaction || self.reserves || !(self.split || self.cores < 2) {
+            return false;
+        }
+        let (Some(g), Some(s)) = (self.gates.get_mut(&Same(gate)), self.shares.get_mut(&Same(id))) else {
+            return false;
+        };
+        if (!per_core && g.capacity != capacity)
+            || g.in_use >= g.capacity
+            || s.capped()
+            || s.mirrored_long > 0
+            || (s.limits.max_lock_holders > 0 && s.lock_holders >= s.limits.max_lock_holders)
+        {
+            return false;
+        }
+        let Gate {
+            in_use, vtime, flows, ..
+        } = g;
+        let flow = match flows.get_mut(&Same(id)) {
+            Some(f) if f.long > 0 => return false,
+            Some(f) => f,
+            None => flows.entry(id.clone()).or_default(),
+        };
+        count_grant((in_use, vtime), flow, Some(s), hold);
+        true
     }
 
     /// Sets `gate`'s capacity (creating it); waiters get what a larger one frees.

@@ -202,7 +202,7 @@ impl Seat {
             }
             Err(e) => return Err(e.into()),
         };
-        self.registered.info.set_backend(server.pid);
+        self.registered.info.set_backend(server.pid, server.handed_at);
         self.registered.info.set_backend_minor(server.protocol_minor);
         Ok(server)
     }
@@ -260,7 +260,7 @@ impl Seat {
     /// The session gave its server connection back (its transaction is over, so a verdict
     /// that came too late for it is dropped).
     pub(crate) fn checked_in(&self) {
-        self.registered.info.set_backend(0);
+        self.registered.info.no_backend();
         self.registered.info.transaction_over();
     }
 }

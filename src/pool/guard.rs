@@ -66,6 +66,7 @@ impl PooledConn {
                 obj.prepared.clear();
             }
             obj.idle_since = Instant::now();
+            obj.answered_at = None;
             give_back(obj);
         } else {
             discard(obj);
@@ -80,7 +81,7 @@ impl PooledConn {
             return;
         };
         if obj.is_clean() && !wanted(&obj) {
-            obj.idle_since = Instant::now();
+            obj.idle_since = obj.answered_at.take().unwrap_or_else(Instant::now);
             give_back(obj);
         } else {
             discard(obj);

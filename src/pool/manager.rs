@@ -134,10 +134,12 @@ impl ServerManager {
     /// A new connection for this part: one another core handed over, or one opened under a
     /// slot of the budget (see [`managed::Manager::create`]).
     async fn create_conn(&self) -> Result<Box<ServerConn>, ServerError> {
-        let deadline = Instant::now() + self.slot_wait;
+        let started = Instant::now();
+        let deadline = started + self.slot_wait;
         loop {
             // A connection another core handed over comes first (its slot comes with it).
             while let Some(mut conn) = self.incoming.take() {
+                conn.handed_at = started;
                 if let Err(e) = conn.stream.rehome() {
                     tracing::debug!(error = %e, "server connection left on its event loop");
                 }
@@ -246,6 +248,7 @@ impl ServerManager {
             return reject("slot claimed by one of pgvalve's own connections");
         }
         let now = Instant::now();
+        conn.handed_at = now;
         if !self.lifetime.is_zero() && now.saturating_duration_since(metrics.created) > self.lifetime {
             return reject("server_lifetime reached");
         }

@@ -103,6 +103,12 @@ pub struct ServerConn {
     pub broken: bool,
     /// When it last went back to the pool.
     pub(crate) idle_since: Instant,
+    /// When the relay saw it answer everything (ReadyForQuery, nothing due): the time it went
+    /// idle, taken at check-in instead of a clock reading of its own.
+    pub(crate) answered_at: Option<Instant>,
+    /// When it was last handed out (checked at checkout, or opened): the time a client got
+    /// it (SHOW CLIENTS), without a clock reading of its own.
+    pub(crate) handed_at: Instant,
     /// Its slot of its pool's budget (and so of `max_server_connections`), given back when the
     /// connection is dropped.
     pub slot: Option<budget::Slot>,
@@ -172,6 +178,8 @@ async fn open(target: &ServerTarget, addr: &str, minor: u16) -> Result<ServerCon
         status: tags::status::IDLE,
         broken: false,
         idle_since: Instant::now(),
+        answered_at: None,
+        handed_at: Instant::now(),
         slot: None,
         applied: 0,
         prepared: Default::default(),

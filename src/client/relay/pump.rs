@@ -369,6 +369,8 @@ impl<'m> Relay<'m> {
             && self.statements.all_sent();
         let clean = framed && t.pending == 0 && self.s_out.is_empty() && self.s_in.is_empty();
         server.status = if clean { t.status } else { b'?' };
+        // Idle since its last answer: check-in takes that time instead of reading the clock.
+        server.answered_at = if clean { t.answered_at } else { None };
         server.recover = framed.then_some(Recover {
             answers_due: t.pending,
             status: t.status,
