@@ -2,14 +2,17 @@
 # Memory per idle client: IDLE (default 10000) clients log in to pgvalve (transaction pooling,
 # trust auth so the measurement is not a SCRAM benchmark) and stay connected doing nothing;
 # pgvalve's resident memory (VmRSS) before and after gives the cost of one idle client.
-# Then a query through pgvalve proves it still serves.
+# Then a query through pgvalve proves it still serves. Also the CPU pgvalve uses while idle
+# (with one idle client, then with all of them): milliseconds of CPU per second and wakeups
+# (context switches of all its threads) per second, over IDLE_SECS (default 5).
 #
 #   benches/idle_clients.sh
 #   IDLE=20000 benches/idle_clients.sh
+#   BIN=/path/to/other/pgvalve benches/idle_clients.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-IDLE=${IDLE:-10000}
+IDLE=${IDLE:-10000}; IDLE_SECS=${IDLE_SECS:-5}
 POOL_MODE=transaction; POOL_SIZE=10; SERVER_LEG=tcp; MAXC=10
 source benches/setup.sh
 IPORT=$(free_port)
@@ -29,13 +32,31 @@ port = $PGPORT
 [users.bench]
 password = "bench"
 TOML
-"$PGVALVE" run -c "$WORK/idle.toml" >"$WORK/idle.log" 2>&1 &
+"${BIN:-$PGVALVE}" run -c "$WORK/idle.toml" >"$WORK/idle.log" 2>&1 &
 PID=$!; PIDS+=($PID)
 sleep 1
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
-python3 - "$IPORT" "$IDLE" "$PID" <<'PY'
-import asyncio, struct, sys
-port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+python3 - "$IPORT" "$IDLE" "$PID" "$IDLE_SECS" <<'PY'
+import asyncio, glob, os, struct, sys
+port, n, pid, secs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+def cpu():
+    # (CPU seconds, context switches) of the whole process, all threads.
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    ticks = int(f[11]) + int(f[12])
+    switches = 0
+    for st in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            for l in open(st):
+                if "ctxt_switches" in l:  # voluntary and not
+                    switches += int(l.split()[1])
+        except FileNotFoundError:
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK"), switches
+async def idle_cpu():
+    (c0, s0) = cpu()
+    await asyncio.sleep(secs)
+    (c1, s1) = cpu()
+    return (c1 - c0) * 1000 / secs, (s1 - s0) / secs
 def rss():
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmRSS"): return int(l.split()[1])
@@ -64,9 +85,11 @@ async def main():
     await login(warm)
     await asyncio.sleep(1)
     before = rss()
+    idle_ms, idle_sw = await idle_cpu()
     conns = await crowd()
     await asyncio.sleep(2)
     after = rss()
+    crowd_ms, crowd_sw = await idle_cpu()
     # Still serving: a query from the warm client.
     r, w = warm[0]
     q = b"SELECT 1\0"
@@ -94,5 +117,7 @@ async def main():
     print(f"{n} idle clients: pgvalve RSS {before} KiB -> {after} KiB, "
           f"{(after - before) * 1024 / n:.0f} bytes per idle client; still serving: yes; "
           f"after they disconnect: {gone} KiB; with {n} idle clients again: {again} KiB, a third time: {again3} KiB")
+    print(f"pgvalve idle: {idle_ms:.1f} ms CPU and {idle_sw:.0f} context switches per second with one idle client, "
+          f"{crowd_ms:.1f} ms and {crowd_sw:.0f} with {n + 1}")
 asyncio.run(main())
 PY
