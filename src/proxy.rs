@@ -417,7 +417,10 @@ async fn lease_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = shared.admission.client_queued() => {}
+            // Only while idling: while clients wait it looks every 2 ms anyway, and a wake per
+            // queued client would run it hundreds of times more often (a bell rung meanwhile
+            // wakes it once, early, when it idles next).
+            () = shared.admission.client_queued(), if every > LEASE_EVERY => {}
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }
         shared.admission.exchange();
