@@ -34,7 +34,11 @@ password = "bench"
 TOML
 "${BIN:-$PGVALVE}" run -c "$WORK/idle.toml" >"$WORK/idle.log" 2>&1 &
 PID=$!; PIDS+=($PID)
-sleep 1
+# Until it accepts (a BIN that wraps it, say in valgrind, starts slowly).
+for _ in $(seq 1 120); do
+  "$PSQL" -qXtA -h 127.0.0.1 -p "$IPORT" -U bench -c "select 1" bench >/dev/null 2>&1 && break
+  sleep 0.5
+done
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 python3 - "$IPORT" "$IDLE" "$PID" "$IDLE_SECS" <<'PY'
 import asyncio, glob, os, struct, sys
