@@ -94,15 +94,7 @@ impl SessionThreads {
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.spawned.fetch_add(1, Ordering::Relaxed);
-        tracker.spawn_on(
-            async move {
-                match tokio::net::TcpStream::from_std(std) {
-                    Ok(stream) => crate::client::serve(shared, stream, peer, permit, i).await,
-                    Err(e) => tracing::warn!(error = %e, %peer, "cannot register a client socket; closed"),
-                }
-            },
-            &self.handles[i],
-        );
+        tracker.spawn_on(crate::client::serve(shared, std, peer, permit, i), &self.handles[i]);
     }
 
     /// Serves a client moved here from a takeover's predecessor (see
@@ -117,15 +109,7 @@ impl SessionThreads {
     ) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.spawned.fetch_add(1, Ordering::Relaxed);
-        tracker.spawn_on(
-            async move {
-                match tokio::net::TcpStream::from_std(std) {
-                    Ok(stream) => crate::client::resume(shared, stream, moved, permit, i).await,
-                    Err(e) => tracing::warn!(error = %e, "cannot register a moved client socket; closed"),
-                }
-            },
-            &self.handles[i],
-        );
+        tracker.spawn_on(crate::client::resume(shared, std, moved, permit, i), &self.handles[i]);
     }
 
     /// Stops the threads (sessions still on them end) and waits for them to finish.

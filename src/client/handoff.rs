@@ -160,15 +160,58 @@ pub(super) async fn hand_over(
 }
 
 /// Serves a client moved here from a takeover's predecessor, on core `core` (see the module
-/// doc). A client whose database or user is no longer routed, or routed in session mode, is
-/// told so and closed.
-pub(crate) async fn resume(
+/// doc), its socket registered with this event loop first. A client whose database or user
+/// is no longer routed, or routed in session mode, is told so and closed.
+pub(crate) fn resume(
     shared: Arc<Services>,
-    stream: TcpStream,
+    std: std::net::TcpStream,
     moved: MovedState,
     permit: Option<ClientPermit>,
     core: usize,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
+    resume_arrived(Box::new(Arrived {
+        shared,
+        std,
+        moved,
+        permit,
+        core,
+    }))
+}
+
+/// A moved client before its session: boxed, so that the task serving it keeps a pointer
+/// through every await, not the moved state (as `client::entry::Accepted`).
+struct Arrived {
+    shared: Arc<Services>,
+    std: std::net::TcpStream,
+    moved: MovedState,
+    permit: Option<ClientPermit>,
+    core: usize,
+}
+
+async fn resume_arrived(a: Box<Arrived>) {
+    // Boxed: the setting up is freed once the session runs.
+    let Some((shared, mut client, mut t, reported)) = Box::pin(settle(a)).await else {
+        return;
+    };
+    super::serve_txn(&shared, &mut client, &mut t, reported).await;
+}
+
+/// The moved client's connection and session, ready for its next transaction (None: closed).
+async fn settle(a: Box<Arrived>) -> Option<(Arc<Services>, ClientConn, Box<TxnSession>, Reported)> {
+    let Arrived {
+        shared,
+        std,
+        moved,
+        permit,
+        core,
+    } = *a;
+    let stream = match TcpStream::from_std(std) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register a moved client socket; closed");
+            return None;
+        }
+    };
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, moved.peer);
     client.stash = Some(shared.read_buffers.of(core));
@@ -182,12 +225,13 @@ pub(crate) async fn resume(
         Some(r) if r.pool_mode == crate::config::PoolMode::Transaction => r,
         _ => {
             let e = super::SessionError::UnknownDatabase(p.database().to_string());
-            return super::ended(&mut client, &tracing::Span::none(), e).await;
+            super::ended(&mut client, &tracing::Span::none(), e).await;
+            return None;
         }
     };
     let Some(key) = shared.cancels.adopt(moved.pid, &moved.secret) else {
         tracing::warn!(pid = moved.pid, "a moved client's cancel key is taken here; closed");
-        return;
+        return None;
     };
     let member = shared.admission.rejoin(&super::client_facts(&client, &p));
     let seat = super::seat(&shared, &client, &p, member, route, core);
@@ -195,13 +239,13 @@ pub(crate) async fn resume(
     if let Some(st) = mode.statements.as_mut() {
         st.import(moved.statements);
     }
-    let mut t = TxnSession {
+    let t = Box::new(TxnSession {
         key,
         params: p,
         seat,
         mode,
         _permit: permit,
-    };
+    });
     let reported: Reported = moved.reported.into_iter().collect();
-    super::serve_txn(&shared, &mut client, &mut t, reported).await;
+    Some((shared, client, t, reported))
 }

@@ -10,6 +10,7 @@ mod buffers;
 mod conn;
 mod console;
 mod database_sql;
+mod entry;
 mod error;
 mod handoff;
 mod hba;
@@ -23,11 +24,9 @@ mod sql;
 mod tracked;
 mod txn;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 #[doc(hidden)]
@@ -35,6 +34,8 @@ pub(crate) use auth::scram_exchange;
 pub(crate) use buffers::ReadBuffers;
 pub(crate) use conn::ClientConn;
 pub(crate) use console::{is_console, role, Console, Role};
+pub(crate) use entry::serve;
+use entry::{ended, serve_txn};
 pub(crate) use error::SessionError;
 pub(crate) use handoff::{resume, Handoff, Moved, MovedState};
 pub(crate) use params::parse_options;
@@ -57,85 +58,6 @@ use crate::protocol::startup::{InitialPacket, StartupParams};
 use crate::protocol::tags;
 use crate::server::ServerError;
 use crate::shutdown::Phase;
-
-/// Serves one client connection to its end, on core `core`'s event loop (see the listener):
-/// its server connections come from that core's part of its pool.
-pub(crate) async fn serve(
-    shared: Arc<Services>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    permit: Option<ClientPermit>,
-    core: usize,
-) {
-    let _ = stream.set_nodelay(true);
-    let Some(peer) = real_peer(&shared, &mut stream, peer).await else {
-        return;
-    };
-    let mut client = ClientConn::new(stream, peer);
-    client.stash = Some(shared.read_buffers.of(core));
-    let span = tracing::info_span!(
-        "client",
-        addr = %peer,
-        user = tracing::field::Empty,
-        db = tracing::field::Empty,
-        identity = tracing::field::Empty
-    );
-    // The login and session-mode future is boxed: it is freed once a transaction-mode client
-    // is logged in, so an idle client's task holds only what it needs between transactions.
-    let mut t = match Box::pin(session(&shared, &mut client, permit, &span, core)).await {
-        Ok(Some(t)) => t,
-        Ok(None) => return,
-        Err(e) => return Box::pin(ended(&mut client, &span, e)).await,
-    };
-    // Between transactions the session keeps no tracing span (a span costs memory per client
-    // while it lives); an error at the end is logged in a span made again from the seat.
-    drop(span);
-    serve_txn(&shared, &mut client, &mut t, params::Reported::new()).await;
-}
-
-/// Serves a logged-in transaction-mode client (with the tracked parameters it `reported`
-/// so far) to its end.
-async fn serve_txn(shared: &Arc<Services>, client: &mut ClientConn, t: &mut TxnSession, reported: params::Reported) {
-    if let Err(e) = txn::serve(shared, client, t, reported).await {
-        let route = &t.seat.route;
-        let span = tracing::info_span!(
-            "client",
-            addr = %client.peer,
-            user = %route.user,
-            db = %route.database,
-            identity = %t.seat.member.identity()
-        );
-        Box::pin(ended(client, &span, e)).await;
-    }
-}
-
-/// The client's address: the socket's, or behind a trusted load balancer the one its PROXY
-/// header carries (None: the header was refused, logged, and the connection is to be closed).
-async fn real_peer(shared: &Services, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
-    let timeout = {
-        let c = shared.config();
-        let trusted = &c.proxy.proxy_protocol_trusted;
-        (!trusted.is_empty() && trusted.contains(peer.ip())).then_some(c.proxy.client_login_timeout)
-    };
-    let Some(timeout) = timeout else {
-        return Some(peer);
-    };
-    match proxied::client_addr(stream, peer, timeout).await {
-        Ok(addr) => Some(addr),
-        Err(e) => {
-            tracing::info_span!("client", addr = %peer).in_scope(|| e.log());
-            None
-        }
-    }
-}
-
-/// Logs why a session ended and tells the client, if it is still there.
-async fn ended(client: &mut ClientConn, span: &tracing::Span, e: SessionError) {
-    span.in_scope(|| e.log());
-    if let Some(pg) = e.client_error() {
-        client.send_error(&pg).await;
-    }
-}
 
 enum Opening {
     Cancel,

@@ -166,12 +166,9 @@ fn take_in(intake: &Intake, body: Vec<u8>, fds: Vec<std::os::fd::OwnedFd>) {
     match &intake.threads {
         Some(t) => t.spawn_moved(&intake.tracker, shared, std, state, permit),
         None => {
-            intake.tracker.spawn(async move {
-                match tokio::net::TcpStream::from_std(std) {
-                    Ok(s) => crate::client::resume(shared, s, state, permit, 0).await,
-                    Err(e) => tracing::warn!(error = %e, "cannot register a moved client socket; closed"),
-                }
-            });
+            intake
+                .tracker
+                .spawn(crate::client::resume(shared, std, state, permit, 0));
         }
     }
 }
