@@ -127,8 +127,9 @@ pub(crate) struct Local {
     flushed: Instant,
     /// Where the session's query and transaction times go (its identity's, in its pool).
     latency: Option<Arc<super::latency::Cell>>,
-    /// Times not yet folded in.
-    pub latency_pending: super::latency::Tally,
+    /// Times not yet folded in: boxed while there are any (288 bytes that a client which
+    /// has not run a transaction since the last fold, such as an idle one, does not hold).
+    latency_pending: Option<Box<super::latency::Tally>>,
 }
 
 impl Local {
@@ -139,7 +140,7 @@ impl Local {
             pending: Totals::default(),
             flushed: Instant::now(),
             latency: None,
-            latency_pending: Default::default(),
+            latency_pending: None,
         }
     }
 
@@ -157,6 +158,11 @@ impl Local {
         }
     }
 
+    /// Adds the query and transaction times `t`, folded in with the rest.
+    pub(crate) fn add_latency(&mut self, t: &super::latency::Tally) {
+        self.latency_pending.get_or_insert_with(Default::default).add(t);
+    }
+
     fn flush(&mut self, now: Instant) {
         self.counters.add(&self.pending);
         self.pending = Totals::default();
@@ -165,11 +171,8 @@ impl Local {
     }
 
     fn fold_latency(&mut self, now: Instant) {
-        if let Some(c) = self.latency.as_deref() {
-            if !self.latency_pending.is_empty() {
-                c.add(&self.latency_pending, now);
-                self.latency_pending = Default::default();
-            }
+        if let (Some(t), Some(c)) = (self.latency_pending.take(), self.latency.as_deref()) {
+            c.add(&t, now);
         }
     }
 }

@@ -70,7 +70,7 @@ impl Session<'_> {
         }
         t.ends = 0;
         if let Some(l) = self.stats.as_deref_mut() {
-            l.latency_pending.add(&t.latency);
+            l.add_latency(&t.latency);
             t.latency = Default::default();
             l.add(&t.tally, t.answered_at.unwrap_or_else(Instant::now));
             t.tally = Totals::default();
@@ -105,7 +105,9 @@ impl Session<'_> {
         *self.readback = t.readback;
         if let Some(l) = self.stats.as_deref_mut() {
             l.pending.add(&t.tally);
-            l.latency_pending.add(&t.latency);
+            if !t.latency.is_empty() {
+                l.add_latency(&t.latency);
+            }
         }
     }
 }
