@@ -85,13 +85,7 @@ async fn log_in(a: Box<Accepted>) -> Option<(Arc<Services>, ClientConn, Box<TxnS
     } = *a;
     let mut stream = match socket {
         Socket::Here(s) => s,
-        Socket::Moved(std) => match TcpStream::from_std(std) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, %peer, "cannot register a client socket; closed");
-                return None;
-            }
-        },
+        Socket::Moved(std) => registered(std, peer)?,
     };
     let _ = stream.set_nodelay(true);
     let peer = real_peer(&shared, &mut stream, peer).await?;
@@ -111,6 +105,18 @@ async fn log_in(a: Box<Accepted>) -> Option<(Arc<Services>, ClientConn, Box<TxnS
         Ok(None) => None,
         Err(e) => {
             ended(&mut client, &span, e).await;
+            None
+        }
+    }
+}
+
+/// A client socket accepted on another thread (or by a takeover's predecessor), registered
+/// with this event loop; None, logged, when it cannot be (the socket is closed).
+pub(super) fn registered(std: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    match TcpStream::from_std(std) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, %peer, "cannot register a client socket with its event loop; closed");
             None
         }
     }

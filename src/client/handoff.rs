@@ -205,13 +205,7 @@ async fn settle(a: Box<Arrived>) -> Option<(Arc<Services>, ClientConn, Box<TxnSe
         permit,
         core,
     } = *a;
-    let stream = match TcpStream::from_std(std) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot register a moved client socket; closed");
-            return None;
-        }
-    };
+    let stream = super::entry::registered(std, moved.peer)?;
     let _ = stream.set_nodelay(true);
     let mut client = ClientConn::new(stream, moved.peer);
     client.stash = Some(shared.read_buffers.of(core));
