@@ -68,8 +68,28 @@ fn keep_in_use(share: usize, mut fair: Vec<usize>, leases: &[usize], demand: &[D
     fair
 }
 
-/// Leases that add up to `share`, each cut or grown in proportion (after a resize).
-pub(crate) fn fit(share: usize, leases: &[usize]) -> Vec<usize> {
+/// Leases that add up to `share` (after a resize, or a claim of pgvalve's own), where part
+/// `k` has `open[k]` connections open. A cut takes lease no part uses first (the most unused
+/// first), so an idle connection keeps its slot where it is; only what is left is cut, like
+/// a growth, in proportion.
+pub(crate) fn fit(share: usize, leases: &[usize], open: &[usize]) -> Vec<usize> {
+    let mut new = leases.to_vec();
+    let mut total: usize = new.iter().sum();
+    while total > share {
+        let unused = (0..new.len())
+            .filter(|&k| new[k] > open[k])
+            .max_by_key(|&k| (new[k] - open[k], new[k]));
+        match unused {
+            Some(k) => new[k] -= 1,
+            None => break,
+        }
+        total -= 1;
+    }
+    proportional(share, &new)
+}
+
+/// Leases that add up to `share`, each cut or grown in proportion.
+fn proportional(share: usize, leases: &[usize]) -> Vec<usize> {
     let total: usize = leases.iter().sum();
     if total == 0 {
         return even(share, leases.len());
@@ -182,10 +202,23 @@ mod tests {
 
     #[test]
     fn leases_follow_a_new_share() {
-        assert_eq!(fit(10, &[15, 5]), vec![8, 2]);
-        assert_eq!(fit(4, &[0, 0, 0]), vec![2, 1, 1]);
+        assert_eq!(fit(10, &[15, 5], &[15, 5]), vec![8, 2]);
+        assert_eq!(fit(4, &[0, 0, 0], &[0, 0, 0]), vec![2, 1, 1]);
+        assert_eq!(fit(30, &[15, 5], &[0, 0]), vec![23, 7]);
         assert_eq!(plan(30, &[10, 10], &[d(0, 0), d(0, 0)]), Some(vec![15, 15]));
         assert_eq!(even(5, 2), vec![3, 2]);
+    }
+
+    #[test]
+    fn a_smaller_share_takes_unused_lease_first() {
+        // Core 1 holds its one idle connection: the claim's slot comes from core 0's unused
+        // lease, not from core 1's (which would hand the connection over or close it).
+        assert_eq!(fit(3, &[3, 1], &[0, 1]), vec![2, 1]);
+        assert_eq!(fit(2, &[2, 2], &[1, 2]), vec![1, 1]);
+        assert_eq!(fit(10, &[12, 8], &[2, 8]), vec![2, 8]);
+        // Every lease in use: the rest of the cut in proportion.
+        assert_eq!(fit(10, &[15, 5], &[15, 5]), vec![8, 2]);
+        assert_eq!(fit(6, &[6, 6], &[4, 6]), vec![3, 3]);
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl Shards {
         }
         let changed = self.apply_leases(|_, leases| {
             let total: usize = leases.iter().sum();
-            (total != share).then(|| fit(share, leases))
+            let open: Vec<usize> = self.pools.iter().map(|p| p.status().size).collect();
+            (total != share).then(|| fit(share, leases, &open))
         });
         if let (Some(a), Some(_)) = (admission, changed) {
             self.tell_gates(a);
