@@ -397,26 +397,39 @@ async fn reap_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     }
 }
 
-/// How often the pools' per-core leases are looked at (see `pool::shards`): a core whose
-/// clients wait gets lease from another within this and a connection's opening.
+/// How often the pools' per-core leases are looked at while clients wait (see
+/// `pool::shards`): a core whose clients wait gets lease from another within this and a
+/// connection's opening.
 const LEASE_EVERY: Duration = Duration::from_millis(2);
 
+/// How seldom they are looked at while nobody waits: an idle proxy wakes ten times a second
+/// for them, not five hundred (a client queued wakes the loop at once).
+const LEASE_IDLE: Duration = Duration::from_millis(100);
+
 /// Moves the pools' leases between cores to where clients wait, while the proxy runs (only
-/// with several cores).
+/// with several cores): every [`LEASE_EVERY`] while some client waits or a lease moved, else
+/// less and less often, down to every [`LEASE_IDLE`], until a client is queued.
 async fn lease_loop(shared: Arc<Services>, mut phase: watch::Receiver<Phase>) {
     if shared.pools.cores() < 2 {
         return;
     }
-    let mut every = tokio::time::interval(LEASE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut every = LEASE_EVERY;
     loop {
         tokio::select! {
-            _ = every.tick() => {
-                shared.admission.exchange();
-                shared.pools.rebalance(&shared.admission);
-            }
+            () = tokio::time::sleep(every) => {}
+            // Only while idling: while clients wait it looks every 2 ms anyway, and a wake per
+            // queued client would run it hundreds of times more often (a bell rung meanwhile
+            // wakes it once, early, when it idles next).
+            () = shared.admission.client_queued(), if every > LEASE_EVERY => {}
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped { return },
         }
+        shared.admission.exchange();
+        let moved = shared.pools.rebalance(&shared.admission);
+        every = if moved > 0 || shared.admission.anyone_waiting() || shared.pools.anyone_waiting() {
+            LEASE_EVERY
+        } else {
+            (every * 2).min(LEASE_IDLE)
+        };
     }
 }
 

@@ -131,6 +131,16 @@ impl Admission {
         }
     }
 
+    /// Whether a client waits for a grant on any core.
+    pub(crate) fn anyone_waiting(&self) -> bool {
+        self.inner.cores.iter().any(|c| c.lock().sched.waiting_here())
+    }
+
+    /// Until a client is queued on any core (at once when one was since the last call).
+    pub(crate) async fn client_queued(&self) {
+        self.inner.queued_bell.notified().await;
+    }
+
     /// The cores tell each other what spans them (see the module docs): mirrors of their
     /// gates, and the allowances of capped identities moved to where clients wait. Run by
     /// the proxy's lease loop.

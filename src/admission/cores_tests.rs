@@ -101,6 +101,35 @@ async fn all_load_on_one_core_reaches_the_whole_cap() {
     assert_eq!(a.identity("web").unwrap().waiting, 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_queued_client_wakes_the_lease_loop_at_once_and_counts_as_waiting() {
+    let (a, gates) = two_cores(capped(2));
+    let (m1, m2) = (member_on(&a, 1).await, member_on(&a, 1).await);
+    let quiet = |a: &Admission| {
+        let a = a.clone();
+        async move {
+            tokio::time::timeout(Duration::from_millis(1), a.client_queued())
+                .await
+                .is_err()
+        }
+    };
+    assert!(quiet(&a).await, "nobody queued: the loop may sleep");
+    let Acquired::Granted(first) = a.request_in(&m1, (&gates[1], 1), (10, 20), Hold::Transaction).unwrap() else {
+        panic!("the core's allowance of 1 is free");
+    };
+    assert!(!a.anyone_waiting());
+    assert!(quiet(&a).await, "a grant at once rings nothing");
+    let Acquired::Queued(mut q) = a.request_in(&m2, (&gates[1], 1), (10, 20), Hold::Transaction).unwrap() else {
+        panic!("the core's allowance is used up");
+    };
+    assert!(a.anyone_waiting());
+    assert!(!quiet(&a).await, "the queued client woke the loop");
+    assert!(quiet(&a).await, "once");
+    drop(first);
+    assert!(matches!(q.next().await, Ok(Waited::Granted(..))));
+    assert!(!a.anyone_waiting());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cap_of_three_holds_across_cores_while_allowances_move() {
     let (a, gates) = two_cores(capped(3));

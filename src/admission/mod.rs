@@ -128,6 +128,9 @@ struct Inner {
     cores: Box<[Arc<Core>]>,
     /// Rung when a client is queued with a due time before the queue clock's next look.
     clock_bell: tokio::sync::Notify,
+    /// Rung when a client is queued: the proxy's lease loop, idling while nobody waits,
+    /// looks at once.
+    queued_bell: tokio::sync::Notify,
 }
 
 /// Admission control of one proxy (cheap to clone).
@@ -259,6 +262,7 @@ impl Admission {
                 }),
                 cores: (0..cores).map(|_| Arc::new(Core::new(cores))).collect(),
                 clock_bell: tokio::sync::Notify::new(),
+                queued_bell: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -436,6 +440,7 @@ impl Admission {
                     self.inner.clock_bell.notify_one();
                 }
                 drop(guard);
+                self.inner.queued_bell.notify_one();
                 Ok(Acquired::Queued(Queued {
                     admission: self,
                     core,

@@ -86,6 +86,11 @@ impl Scheduler {
         self.exact = false;
     }
 
+    /// Whether a client waits in one of this core's gates (or was judged on mirrors).
+    pub(crate) fn waiting_here(&self) -> bool {
+        self.deferred.get() || self.gates.values().any(|g| !g.mirror && g.waiting > 0)
+    }
+
     /// Whether the next exchange has work here: a waiter judged on mirrors (near a pool's
     /// end, see `Standing::decided_here`), any waiter in a gate of a pool split over cores
     /// (the fair pick, the headroom and the lease plan read the other cores' gates: mirrors

@@ -216,6 +216,13 @@ impl PoolSet {
         }
     }
 
+    /// Whether a checkout waits in any pool's part for a connection.
+    pub(crate) fn anyone_waiting(&self) -> bool {
+        let p = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        p.values()
+            .any(|e| e.shards.pools().iter().any(|p| p.status().waiting > 0))
+    }
+
     /// Moves lease between the cores of every pool where clients wait (see [`shards`]);
     /// returns how many pools changed.
     pub(crate) fn rebalance(&self, admission: &crate::admission::Admission) -> usize {
