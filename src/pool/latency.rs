@@ -9,7 +9,7 @@
 //! `SHOW IDENTITIES`, the status page and `pgvalve top`).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::PoolKey;
@@ -103,16 +103,11 @@ impl Tally {
     }
 }
 
-/// The seconds since the first use in this process (the clock of the last-minute ring).
-fn second(now: Instant) -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    now.saturating_duration_since(*START.get_or_init(Instant::now))
-        .as_secs()
-}
-
 /// One (identity, pool)'s times: totals and the last minute by second.
 #[derive(Debug)]
 pub struct Cell {
+    /// When the cell was made: the origin of the ring's seconds.
+    origin: Instant,
     inner: Mutex<CellInner>,
 }
 
@@ -126,6 +121,7 @@ struct CellInner {
 impl Default for Cell {
     fn default() -> Self {
         Cell {
+            origin: Instant::now(),
             inner: Mutex::new(CellInner {
                 total: Tally::default(),
                 ring: [(u64::MAX, Tally::default()); WINDOW],
@@ -135,9 +131,14 @@ impl Default for Cell {
 }
 
 impl Cell {
+    /// The seconds from the cell's making to `now` (the clock of the last-minute ring).
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs()
+    }
+
     /// Folds in a session's tally at `now`.
     pub fn add(&self, t: &Tally, now: Instant) {
-        let sec = second(now);
+        let sec = self.second(now);
         let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         c.total.add(t);
         let slot = &mut c.ring[(sec % WINDOW as u64) as usize];
@@ -149,7 +150,7 @@ impl Cell {
 
     /// (totals, the last minute's) at `now`.
     pub fn read(&self, now: Instant) -> (Tally, Tally) {
-        let sec = second(now);
+        let sec = self.second(now);
         let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut minute = Tally::default();
         for (s, t) in &c.ring {
