@@ -1,5 +1,5 @@
-//! `pgvalve check --against postgres://...`: whether a configuration's pools fit in what that
-//! PostgreSQL allows.
+//! `pgvalve check [--against postgres://...]`: whether a configuration is valid and whether its
+//! pools fit in what that PostgreSQL allows ([`command`] is the whole subcommand).
 //!
 //! A tool beside the proxy (it runs no proxy). It reads PostgreSQL's limits as the proxy
 //! does for `max_server_connections = "auto"` (`server::sizing`), bounds the server
@@ -7,6 +7,8 @@
 //! own connections (the lock monitor's, auth_query look-ups, LISTEN connections) each hold a
 //! slot of a pool's `pool_size` and of `max_server_connections`, so they are inside that
 //! bound; a `[cluster]`'s coordination connection is one more per instance.
+
+use std::process::ExitCode;
 
 use crate::config::{Config, PgLimits, ServerCap};
 
@@ -118,6 +120,52 @@ pub fn fit(config: &Config, limits: &PgLimits) -> Fit {
 pub async fn against(config: &Config, url: &str) -> Result<Fit, String> {
     let limits = crate::server::sizing::read_url(config, url).await?;
     Ok(fit(config, &limits))
+}
+
+/// `pgvalve check`: validates; with `against`, checks the pools against that PostgreSQL.
+pub async fn command(path: &std::path::Path, against: Option<&str>, strict: bool) -> ExitCode {
+    let c = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgvalve: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    println!(
+        "{}: ok ({} databases, {} users, listen {})",
+        path.display(),
+        c.databases.len(),
+        c.users.len(),
+        c.listen
+    );
+    let Some(url) = against else {
+        if c.pool.max_server_connections.from_postgres() {
+            println!(
+                "max_server_connections = \"{}\": sized from PostgreSQL's max_connections at start and at each reload",
+                c.pool.max_server_connections
+            );
+        }
+        return ExitCode::SUCCESS;
+    };
+    let fit = match self::against(&c, url).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pgvalve check: cannot read PostgreSQL's limits: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    for l in &fit.lines {
+        println!("{l}");
+    }
+    for w in &fit.warnings {
+        println!("warning: {w}");
+    }
+    match (fit.warnings.is_empty(), strict) {
+        (true, _) => println!("ok: the pools fit in what PostgreSQL allows"),
+        (false, true) => return ExitCode::FAILURE,
+        (false, false) => {}
+    }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

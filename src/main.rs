@@ -286,7 +286,7 @@ fn main() -> ExitCode {
                 config,
                 against,
                 strict,
-            } => check(&config, against.as_deref(), strict).await,
+            } => pgvalve::check::command(&config, against.as_deref(), strict).await,
             Cmd::Passwd { password } => passwd(password),
             Cmd::Import { ini, userlist } => import(&ini, userlist.as_deref()),
             Cmd::Loadtest(args) => loadtest_main(*args).await,
@@ -381,52 +381,6 @@ async fn run(config: pgvalve::Config, path: Option<PathBuf>, ov: Overrides, take
             stop.stop_now();
             drain.await;
         }
-    }
-    ExitCode::SUCCESS
-}
-
-/// `pgvalve check`: validates; with `against`, checks the pools against that PostgreSQL.
-async fn check(path: &std::path::Path, against: Option<&str>, strict: bool) -> ExitCode {
-    let c = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pgvalve: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    println!(
-        "{}: ok ({} databases, {} users, listen {})",
-        path.display(),
-        c.databases.len(),
-        c.users.len(),
-        c.listen
-    );
-    let Some(url) = against else {
-        if c.pool.max_server_connections.from_postgres() {
-            println!(
-                "max_server_connections = \"{}\": sized from PostgreSQL's max_connections at start and at each reload",
-                c.pool.max_server_connections
-            );
-        }
-        return ExitCode::SUCCESS;
-    };
-    let fit = match pgvalve::check::against(&c, url).await {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("pgvalve check: cannot read PostgreSQL's limits: {e}");
-            return ExitCode::from(69);
-        }
-    };
-    for l in &fit.lines {
-        println!("{l}");
-    }
-    for w in &fit.warnings {
-        println!("warning: {w}");
-    }
-    match (fit.warnings.is_empty(), strict) {
-        (true, _) => println!("ok: the pools fit in what PostgreSQL allows"),
-        (false, true) => return ExitCode::FAILURE,
-        (false, false) => {}
     }
     ExitCode::SUCCESS
 }
