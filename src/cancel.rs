@@ -285,6 +285,34 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_new_target_waits_for_a_cancel_being_forwarded() {
+        let r = Arc::new(CancelRegistry::new());
+        let key = r.register(None, false);
+        let target = CancelTarget {
+            addr: ServerAddr::Tcp("127.0.0.1:5432".parse().unwrap()),
+            pid: 7,
+            secret: bytes::Bytes::from_static(b"abcd"),
+        };
+        key.set_target(Some(target)).await;
+        let slot = key.slot.clone();
+        // What `cancel_local` holds while it forwards a cancel to the target.
+        let forwarding = slot.lock().await;
+        let key = Arc::new(key);
+        let set = tokio::spawn({
+            let key = key.clone();
+            async move { key.set_target(None).await }
+        });
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!set.is_finished(), "the cancel is still being forwarded");
+        assert_eq!(forwarding.as_ref().map(|t| t.pid), Some(7));
+        drop(forwarding);
+        set.await.unwrap();
+        assert!(slot.lock().await.is_none(), "set once it was forwarded");
+    }
+
+    #[tokio::test]
     async fn unknown_keys_beyond_the_predecessors_queue_are_dropped_and_counted() {
         let r = CancelRegistry::new();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
