@@ -79,7 +79,7 @@ pub(crate) async fn answer(
     seat: &Seat,
     given_pid: i32,
     client: &mut ClientConn,
-    listener: &mut Option<Listener>,
+    listener: &mut Option<Box<Listener>>,
 ) -> Result<bool, SessionError> {
     if client.rbuf.first() != Some(&frontend::QUERY) {
         return Ok(false);
@@ -115,7 +115,7 @@ pub(crate) async fn answer(
         }
     }
     let _ = client.rbuf.split_to(len + 1);
-    let l = listener.get_or_insert_with(|| join(shared, seat, given_pid));
+    let l = listener.get_or_insert_with(|| Box::new(join(shared, seat, given_pid)));
     for op in ops {
         let done = match op {
             Op::Listen(c) => l.listen(&c).await.map(|()| "LISTEN"),
@@ -159,7 +159,7 @@ fn join(shared: &Services, seat: &Seat, given_pid: i32) -> Listener {
 /// The client failed, or its listener was dropped.
 pub(crate) async fn deliver(
     client: &mut ClientConn,
-    listener: &mut Option<Listener>,
+    listener: &mut Option<Box<Listener>>,
     first: Option<bytes::Bytes>,
 ) -> Result<(), SessionError> {
     let Some(l) = listener.as_mut() else {

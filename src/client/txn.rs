@@ -64,7 +64,7 @@ async fn next_request(
     client: &mut ClientConn,
     phase: &mut PhaseWatch,
     seat: &Seat,
-    listener: &mut Option<crate::notify::Listener>,
+    listener: &mut Option<Box<crate::notify::Listener>>,
     (handoff, watch): (&Handoff, Watch),
 ) -> Result<Next, SessionError> {
     loop {
@@ -111,37 +111,37 @@ pub(crate) async fn serve(
         mode,
         ..
     } = t;
-    let (key, p, seat) = (&*key, &*p, &*seat);
-    let reset = shared.config().pool.server_reset_query.clone();
-    let max = shared.config().proxy.max_message_size.0;
+    // The session's parts are reached through `cx` only: each reference is kept once in
+    // this future, which every idle client's task holds.
     let cx = Ctx {
         shared,
-        key,
-        p,
-        seat,
-        reset: &reset,
-        max,
+        key: &*key,
+        p: &*p,
+        seat: &*seat,
     };
     let mut phase = PhaseWatch::new(&shared.phase_bell);
-    let mut applied = Applied::new(shared, seat, client, p, reported);
+    let mut applied = Applied::new(shared, cx.seat, client, cx.p, reported);
     let mut first = true;
+    // Boxed while it exists: most sessions never LISTEN, and the idle loop keeps this.
     let mut listener = None;
     let mut stay = false;
     loop {
         let watch = Watch::of(stay, handoff::movable(client, mode, listener.is_some()));
-        match idle(client, &mut phase, seat, &mut listener, (&shared.handoff, watch)).await? {
+        match idle(client, &mut phase, cx.seat, &mut listener, (&shared.handoff, watch)).await? {
             Next::Terminate => return Ok(()),
             Next::Shutdown => return Err(SessionError::Shutdown),
             Next::Handoff if watch != Watch::Move => return Err(SessionError::Shutdown),
             // Moved away (the session ends here without a word), or here for good.
-            Next::Handoff => match handoff::hand_over(shared, client, (key, p, &*mode), &applied.reported).await {
-                true => return Ok(()),
-                false => stay = true,
-            },
+            Next::Handoff => {
+                match handoff::hand_over(shared, client, (cx.key, cx.p, &*mode), &applied.reported).await {
+                    true => return Ok(()),
+                    false => stay = true,
+                }
+            }
             Next::Request | Next::Notify(_) => {}
         }
         // LISTEN/UNLISTEN alone, outside a transaction: answered here, on no server connection.
-        if listen::answer(shared, seat, mode.given_pid, client, &mut listener).await? {
+        if listen::answer(shared, cx.seat, mode.given_pid, client, &mut listener).await? {
             continue;
         }
         // Re-preparing statements a server already accepted needs no server connection
@@ -196,8 +196,14 @@ struct Ctx<'a> {
     key: &'a CancelKey,
     p: &'a StartupParams,
     seat: &'a Seat,
-    reset: &'a str,
-    max: usize,
+}
+
+impl Ctx<'_> {
+    /// `server_reset_query` as configured now (read when a connection is released, which
+    /// is rare in transaction mode, so a session keeps no copy).
+    fn reset_query(&self) -> String {
+        self.shared.config().pool.server_reset_query.clone()
+    }
 }
 
 /// The client's parameters as they should be on its server connections.
@@ -256,16 +262,17 @@ async fn transaction(
     hold: Hold,
     applied: &mut Applied,
     phase: &mut PhaseWatch,
-    listener: &Option<crate::notify::Listener>,
+    listener: &Option<Box<crate::notify::Listener>>,
 ) -> Result<bool, SessionError> {
     let (shared, seat) = (cx.shared, cx.seat);
-    // Timeouts and server_settings as configured now: a reload applies from the next
-    // transaction on.
-    {
+    // Timeouts, the message size limit and server_settings as configured now: a reload
+    // applies from the next transaction on.
+    let max = {
         let config = shared.config();
         mode.timeouts = relay::Timeouts::from_config(&config);
         applied.follow(&config, client, cx.p);
-    }
+        config.proxy.max_message_size.0
+    };
     let mut server = seat.checkout(shared, client, hold).await?;
     if let Some(l) = listener {
         l.begin(server.pid).await;
@@ -278,13 +285,13 @@ async fn transaction(
     // Boxed: the relay's state exists only while a server connection is attached (at most
     // the pool's size at once, so its memory stays warm), and this transaction's future,
     // made for every transaction and held by every client waiting in the queue, stays small.
-    let end = Box::pin(relay::run_attached(client, &mut server, cx.key, phase, cx.max, mode)).await;
+    let end = Box::pin(relay::run_attached(client, &mut server, cx.key, phase, max, mode)).await;
     if let Some(l) = listener {
         l.end(server.pid).await;
     }
     if let Err(e) = learn(cx, &mut server, mode, applied, matches!(end, Ok(RelayEnd::Idle))).await {
         seat.checked_in();
-        server.release(cx.reset, Duration::from_secs(5)).await;
+        server.release(&cx.reset_query(), Duration::from_secs(5)).await;
         return Err(e);
     }
     seat.checked_in();
@@ -302,13 +309,13 @@ async fn transaction(
                 let recovered = Box::pin(server.recover(Duration::from_secs(2))).await;
                 tracing::debug!(recovered, "client left mid-transaction");
             }
-            server.release(cx.reset, Duration::from_secs(5)).await;
+            server.release(&cx.reset_query(), Duration::from_secs(5)).await;
             Ok(false)
         }
         other => {
             // Server gone, shutdown, a timeout, or the end of a pinned session: reset (or
             // close, when not clean) before anyone else gets the connection.
-            server.release(cx.reset, Duration::from_secs(5)).await;
+            server.release(&cx.reset_query(), Duration::from_secs(5)).await;
             other.map(|_| false)
         }
     }
@@ -356,7 +363,7 @@ async fn idle(
     client: &mut ClientConn,
     phase: &mut PhaseWatch,
     seat: &Seat,
-    listener: &mut Option<crate::notify::Listener>,
+    listener: &mut Option<Box<crate::notify::Listener>>,
     handoff: (&Handoff, Watch),
 ) -> Result<Next, SessionError> {
     let mut first = None;
@@ -371,9 +378,10 @@ async fn idle(
 
 /// The next notification for a listening client, or None once its listener was dropped;
 /// pending while it listens to nothing.
-async fn next_notification(listener: &mut Option<crate::notify::Listener>) -> Option<bytes::Bytes> {
+async fn next_notification(listener: &mut Option<Box<crate::notify::Listener>>) -> Option<bytes::Bytes> {
     match listener {
-        Some(l) => l.next().await,
+        // Boxed: every idle client's task keeps room for this future, listening or not.
+        Some(l) => Box::pin(l.next()).await,
         None => std::future::pending().await,
     }
 }
