@@ -80,7 +80,8 @@ pub(crate) struct Seat {
     /// In the session registry while the session lives.
     registered: crate::sessions::Registered,
     member: Member,
-    route: Route,
+    /// Shared by the sessions with the same route (see `PoolSet::shared_route`).
+    route: Arc<Route>,
     /// The pool's name: `database "d" user "u"`.
     pool: Arc<str>,
     /// The core the session runs on (its pool's part there, see `pool::shards`).
@@ -393,7 +394,6 @@ fn session_mode(
         readback: Default::default(),
         reject: shared.config().pool.session_state == crate::config::SessionStatePolicy::Reject,
         timeouts: relay::Timeouts::from_config(&shared.config()),
-        cancel: None,
         session: Some(seat.registered.info.clone()),
         stats: Some(
             crate::pool::stats::Local::new(seat.stats.clone()).with_latency(
@@ -432,7 +432,7 @@ fn seat(
     client: &ClientConn,
     p: &StartupParams,
     mut member: Member,
-    route: Route,
+    route: Arc<Route>,
     core: usize,
 ) -> Seat {
     let core = core.min(shared.pools.cores() - 1);
@@ -480,6 +480,7 @@ async fn setup(
         .config()
         .route(p.database(), p.user())
         .ok_or_else(|| SessionError::UnknownDatabase(p.database().to_string()))?;
+    let route = shared.pools.shared_route(route);
     messages::auth_ok(&mut client.wbuf);
     client.flush().await?;
 

@@ -17,6 +17,7 @@ pub(crate) mod params;
 mod part;
 pub(crate) mod pause;
 mod report;
+mod routes;
 pub(crate) mod shards;
 pub(crate) mod stats;
 
@@ -150,6 +151,8 @@ pub struct PoolSet {
     pub stats: Arc<Stats>,
     /// Cores (event loops) sessions run on: each pool has one part per core.
     cores: usize,
+    /// The routes sessions hold, shared (see [`PoolSet::shared_route`]).
+    routes: Arc<routes::Routes>,
 }
 
 impl std::fmt::Debug for PoolSet {
@@ -187,7 +190,13 @@ impl PoolSet {
             gates,
             stats: Arc::default(),
             cores: cores.max(1),
+            routes: Arc::default(),
         }
+    }
+
+    /// `route` as one `Arc` shared by every session whose route is equal (see [`routes`]).
+    pub(crate) fn shared_route(&self, route: Route) -> Arc<Route> {
+        self.routes.share(route)
     }
 
     /// How many cores each pool has a part for.

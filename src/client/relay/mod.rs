@@ -80,8 +80,6 @@ pub(crate) struct Mode {
     pub pins: std::sync::Arc<crate::sessions::Pins>,
     /// query_timeout, idle_transaction_timeout, transaction_timeout.
     pub timeouts: Timeouts,
-    /// Where to send a cancel when a query runs past query_timeout.
-    pub cancel: Option<crate::cancel::CancelTarget>,
     /// Transaction mode: make statements that change session state fail instead of pinning.
     pub reject: bool,
     /// Transaction mode: tracked parameters the server reported changed (ParameterStatus),
@@ -150,9 +148,8 @@ pub(crate) async fn run_attached(
         pid: server.pid,
         secret: server.secret.clone(),
     };
-    mode.cancel = Some(target.clone());
-    key.set_target(Some(target)).await;
-    let end = run(client, server, phase, max_client_message, mode).await;
+    key.set_target(Some(target.clone())).await;
+    let end = run(client, server, phase, (max_client_message, &target), mode).await;
     key.set_target(None).await;
     end
 }
@@ -166,7 +163,7 @@ pub(super) async fn run(
     client: &mut ClientConn,
     server: &mut ServerConn,
     phase: &mut PhaseWatch,
-    max_client_message: usize,
+    (max_client_message, cancel): (usize, &crate::cancel::CancelTarget),
     mode: &mut Mode,
 ) -> Result<RelayEnd, SessionError> {
     if matches!(client.stream, ClientStream::Closed) {
@@ -174,7 +171,7 @@ pub(super) async fn run(
         server.recover = None;
         return Ok(RelayEnd::ClientDone);
     }
-    let mut relay = Relay::new(client, server, phase, max_client_message, mode);
+    let mut relay = Relay::new(client, server, phase, (max_client_message, cancel), mode);
     let end = match &mut client.stream {
         ClientStream::Tcp(c) => server_side(c.split(), &mut server.stream, &mut relay).await,
         ClientStream::Tls(c) => {

@@ -74,7 +74,7 @@ impl<'m> Relay<'m> {
         client: &mut ClientConn,
         server: &mut ServerConn,
         phase: &'m mut PhaseWatch,
-        max_client_message: usize,
+        (max_client_message, cancel): (usize, &'m crate::cancel::CancelTarget),
         mode: &'m mut Mode,
     ) -> Self {
         let Mode {
@@ -83,7 +83,6 @@ impl<'m> Relay<'m> {
             who,
             pins,
             timeouts,
-            cancel,
             reject,
             reported,
             track,
@@ -140,7 +139,7 @@ impl<'m> Relay<'m> {
                 pinning: pinning.as_mut(),
             },
             databases,
-            timer: Timer::new(timeouts, cancel.as_ref(), who),
+            timer: Timer::new(timeouts, Some(cancel), who),
             now: phase.now(),
             handoff: handoff.as_deref(),
             phase,
