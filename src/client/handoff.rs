@@ -228,7 +228,7 @@ async fn settle(a: Box<Arrived>) -> Option<(Arc<Services>, ClientConn, Box<TxnSe
         return None;
     };
     let member = shared.admission.rejoin(&super::client_facts(&client, &p));
-    let seat = super::seat(&shared, &client, &p, member, shared.pools.shared_route(route), core);
+    let seat = super::seat(&shared, &client, &p, member, route, core);
     let mut mode = super::session_mode(&shared, &client, &seat, &p, &key);
     if let Some(st) = mode.statements.as_mut() {
         st.import(moved.statements);

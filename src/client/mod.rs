@@ -432,7 +432,7 @@ fn seat(
     client: &ClientConn,
     p: &StartupParams,
     mut member: Member,
-    route: Arc<Route>,
+    route: Route,
     core: usize,
 ) -> Seat {
     let core = core.min(shared.pools.cores() - 1);
@@ -447,6 +447,7 @@ fn seat(
     });
     let stats = shared.pools.stats.counters(&crate::pool::PoolKey::of(&route));
     let label = crate::pool::PoolKey::label(&route.database, &route.user);
+    let route = shared.pools.shared_route(route);
     Seat {
         registered,
         core,
@@ -480,7 +481,6 @@ async fn setup(
         .config()
         .route(p.database(), p.user())
         .ok_or_else(|| SessionError::UnknownDatabase(p.database().to_string()))?;
-    let route = shared.pools.shared_route(route);
     messages::auth_ok(&mut client.wbuf);
     client.flush().await?;
 

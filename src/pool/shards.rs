@@ -135,8 +135,10 @@ impl Shards {
         }
         let changed = self.apply_leases(|_, leases| {
             let total: usize = leases.iter().sum();
-            let open: Vec<usize> = self.pools.iter().map(|p| p.status().size).collect();
-            (total != share).then(|| fit(share, leases, &open))
+            (total != share).then(|| {
+                let open: Vec<usize> = self.pools.iter().map(|p| p.status().size).collect();
+                fit(share, leases, &open)
+            })
         });
         if let (Some(a), Some(_)) = (admission, changed) {
             self.tell_gates(a);
